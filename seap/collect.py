@@ -1,0 +1,308 @@
+"""Collecting activation statistics from a model: the glue between hooks, batches and :mod:`seap.stats`.
+
+For every decoder layer the engine records the input of ``o_proj`` (the concatenated head
+outputs) and of ``down_proj`` (SiLU(gate) * up), over all real tokens of the corpus (padding
+excluded). The result, :class:`ActivationStatistics`, also carries the column norms of
+``o_proj`` and ``down_proj`` and the model geometry, so scores and masks can be computed
+from it alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
+from .errors import ArtifactError, ModelMismatchError, SeapError
+from .geometry import ModelGeometry
+from .hooks import HookManager
+from .io import atomic_directory, atomic_write_json, read_json, sha256_file
+from .models import LoadedModel
+from .stats import ACCUMULATION_DTYPES, ChannelMoments
+
+STATS_FORMAT_VERSION = 1
+STATS_TENSORS = "stats.safetensors"
+STATS_META = "stats.json"
+MODULES = ("attn", "mlp")  # attn: input of o_proj; mlp: input of down_proj
+
+
+@dataclass
+class WeightColumnNorms:
+    """Column statistics of a weight W [out, in]: squared L2 and L1 norms per input column."""
+
+    sq_l2: torch.Tensor
+    l1: torch.Tensor
+    out_features: int
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> WeightColumnNorms:
+        w = weight.detach().to(torch.float64)
+        return cls((w * w).sum(dim=0).cpu(), w.abs().sum(dim=0).cpu(), int(w.shape[0]))
+
+
+@dataclass
+class LayerStatistics:
+    attn: ChannelMoments
+    mlp: ChannelMoments
+    o_proj: WeightColumnNorms
+    down_proj: WeightColumnNorms
+
+
+@dataclass
+class ActivationStatistics:
+    """Per-layer activation moments of one task's corpus on one model."""
+
+    layers: list[LayerStatistics]
+    geometry: ModelGeometry
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["model_fingerprint"])
+
+    @property
+    def task(self) -> str:
+        return str(self.meta["task"])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layers[0].attn.count if self.layers else 0
+
+    # -- persistence ---------------------------------------------------------------
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``stats.safetensors`` + ``stats.json`` into the folder ``path`` atomically."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            for module in MODULES:
+                m: ChannelMoments = getattr(layer, module)
+                prefix = f"layers.{i}.{module}"
+                tensors[f"{prefix}.count"] = torch.tensor([m.count], dtype=torch.int64)
+                tensors[f"{prefix}.mean"] = m.mean.detach().cpu().contiguous()
+                tensors[f"{prefix}.m2"] = m.m2.detach().cpu().contiguous()
+                tensors[f"{prefix}.mean_sq"] = m.mean_sq.detach().cpu().contiguous()
+            for proj in ("o_proj", "down_proj"):
+                norms: WeightColumnNorms = getattr(layer, proj)
+                tensors[f"layers.{i}.{proj}.sq_l2"] = norms.sq_l2.contiguous()
+                tensors[f"layers.{i}.{proj}.l1"] = norms.l1.contiguous()
+                tensors[f"layers.{i}.{proj}.out_features"] = torch.tensor([norms.out_features], dtype=torch.int64)
+        with atomic_directory(path, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp / STATS_TENSORS))
+            meta = {
+                **self.meta,
+                "format": "seap-activation-statistics",
+                "format_version": STATS_FORMAT_VERSION,
+                "geometry": self.geometry.to_dict(),
+                "num_tokens": self.num_tokens,
+                "tensors_sha256": sha256_file(tmp / STATS_TENSORS),
+            }
+            atomic_write_json(tmp / STATS_META, meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationStatistics:
+        """Read and verify a statistics folder (checksum, format version, completeness)."""
+        p = Path(path)
+        meta = read_json(p / STATS_META, "statistics metadata")
+        if meta.get("format") != "seap-activation-statistics":
+            raise ArtifactError(f"{p} is not a SEAP statistics folder", "pass the output folder of `seap stats`")
+        if meta.get("format_version") != STATS_FORMAT_VERSION:
+            raise ArtifactError(
+                f"{p} has statistics format version {meta.get('format_version')}, this SEAP reads {STATS_FORMAT_VERSION}",
+                "re-run `seap stats`",
+            )
+        tensor_file = p / STATS_TENSORS
+        if not tensor_file.is_file() or sha256_file(tensor_file) != meta.get("tensors_sha256"):
+            raise ArtifactError(f"{tensor_file} is missing or corrupt (checksum mismatch)", "re-run `seap stats`")
+        try:
+            t = load_file(str(tensor_file))
+        except SafetensorError as exc:
+            raise ArtifactError(f"{tensor_file} is corrupt ({exc})", "re-run `seap stats`") from exc
+        geometry = ModelGeometry.from_dict(meta["geometry"])
+        layers = []
+        try:
+            for i in range(geometry.num_layers):
+                moments = {
+                    module: ChannelMoments(
+                        int(t[f"layers.{i}.{module}.count"][0]),
+                        t[f"layers.{i}.{module}.mean"],
+                        t[f"layers.{i}.{module}.m2"],
+                        t[f"layers.{i}.{module}.mean_sq"],
+                    )
+                    for module in MODULES
+                }
+                norms = {
+                    proj: WeightColumnNorms(
+                        t[f"layers.{i}.{proj}.sq_l2"], t[f"layers.{i}.{proj}.l1"],
+                        int(t[f"layers.{i}.{proj}.out_features"][0]),
+                    )
+                    for proj in ("o_proj", "down_proj")
+                }
+                layers.append(LayerStatistics(moments["attn"], moments["mlp"], norms["o_proj"], norms["down_proj"]))
+        except KeyError as exc:
+            raise ArtifactError(f"{tensor_file} lacks tensor {exc}", "re-run `seap stats`") from exc
+        drop = {"format", "format_version", "geometry", "tensors_sha256", "num_tokens"}
+        return cls(layers, geometry, {k: v for k, v in meta.items() if k not in drop})
+
+
+def merge_statistics(parts: Sequence[ActivationStatistics], task: str | None = None) -> ActivationStatistics:
+    """Merge statistics of disjoint shards of a corpus; equal to one pass over all of it.
+
+    All parts must come from the same model (fingerprint). Parts of different tasks are
+    refused unless ``task`` names the merged result.
+    """
+    if not parts:
+        raise SeapError("no statistics to merge", "pass at least one statistics folder")
+    fingerprints = {p.fingerprint for p in parts}
+    if len(fingerprints) > 1:
+        raise ModelMismatchError(
+            f"statistics come from different models: {sorted(fingerprints)}",
+            "merge only shards computed on the same base model",
+        )
+    tasks = {p.task for p in parts}
+    if len(tasks) > 1 and task is None:
+        raise SeapError(f"statistics of different tasks {sorted(tasks)}", "pass --task to name the merged result")
+    layers = []
+    for i in range(parts[0].geometry.num_layers):
+        attn = parts[0].layers[i].attn
+        mlp = parts[0].layers[i].mlp
+        for p in parts[1:]:
+            attn = attn.merge(p.layers[i].attn)
+            mlp = mlp.merge(p.layers[i].mlp)
+        first = parts[0].layers[i]
+        layers.append(LayerStatistics(attn, mlp, first.o_proj, first.down_proj))
+    meta = dict(parts[0].meta)
+    meta["task"] = task or parts[0].task
+    meta["num_texts"] = sum(int(p.meta.get("num_texts", 0)) for p in parts)
+    meta["merged_from"] = [{k: p.meta.get(k) for k in ("shard", "corpus_digest", "num_texts")} for p in parts]
+    meta.pop("shard", None)
+    meta["corpus_digest"] = _merged_digest([str(p.meta.get("corpus_digest")) for p in parts])
+    return ActivationStatistics(layers, parts[0].geometry, meta)
+
+
+def _merged_digest(digests: Sequence[str]) -> str:
+    unique = sorted(set(digests))
+    return unique[0] if len(unique) == 1 else "merged:" + ",".join(unique)
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped in batches of similar length (longest first), to minimise padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def tokenize_corpus(tokenizer: Any, texts: Sequence[str], max_tokens: int | None) -> list[list[int]]:
+    """Token ids of each text, truncated to ``max_tokens``; texts that tokenize to nothing are dropped."""
+    kwargs: dict[str, Any] = {"truncation": max_tokens is not None}
+    if max_tokens is not None:
+        kwargs["max_length"] = max_tokens
+    ids = [tokenizer(t, **kwargs)["input_ids"] for t in texts]
+    return [x for x in ids if len(x) > 0]
+
+
+def collect_statistics(
+    loaded: LoadedModel,
+    corpus: CalibrationCorpus,
+    batch_size: int = 8,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    accumulate_dtype: str = "float64",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> ActivationStatistics:
+    """Run the corpus through the model and return per-channel moments for every layer.
+
+    ``shard=(i, n)`` processes only texts ``i, i+n, i+2n, ...``; merging all ``n`` shards
+    with :func:`merge_statistics` equals one pass. Hooks are removed even on error.
+    """
+    if batch_size < 1:
+        raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
+    if max_tokens is not None and max_tokens < 1:
+        raise SeapError(f"max tokens must be at least 1, got {max_tokens}", "pass --max-tokens 1 or more")
+    if accumulate_dtype not in ACCUMULATION_DTYPES:
+        raise SeapError(f"unknown accumulation dtype {accumulate_dtype!r}", f"use one of: {', '.join(ACCUMULATION_DTYPES)}")
+    texts = list(corpus.texts)
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise SeapError(f"invalid shard {index}/{count}", "shards are numbered 0..n-1, e.g. --shard 0/4")
+        texts = texts[index::count]
+    if not texts:
+        raise SeapError(f"task {corpus.task!r} has no calibration texts{' in this shard' if shard else ''}",
+                        "add calibration records, or use fewer shards")
+    model, adapter = loaded.model, loaded.adapter
+    device = next(model.parameters()).device
+    dtype = ACCUMULATION_DTYPES[accumulate_dtype]
+    token_ids = tokenize_corpus(loaded.tokenizer, texts, max_tokens)
+    if not token_ids:
+        raise SeapError(f"task {corpus.task!r}: every text tokenized to zero tokens", "check the corpus texts")
+
+    mods = adapter.all_layer_modules(model)
+    accumulators = [
+        (ChannelMoments.empty(m.o_proj.in_features, dtype, device), ChannelMoments.empty(m.down_proj.in_features, dtype, device))
+        for m in mods
+    ]
+    state: dict[str, torch.Tensor | None] = {"token_mask": None}
+
+    def make_hook(layer: int, which: int) -> Any:
+        def hook(_module: torch.nn.Module, x: torch.Tensor) -> None:
+            mask = state["token_mask"]
+            rows = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+            accumulators[layer][which].update_(rows)
+
+        return hook
+
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    backbone = adapter.backbone(model)
+    start = time.perf_counter()
+    n_tokens = 0
+    with HookManager() as hooks, torch.inference_mode():
+        for i, m in enumerate(mods):
+            hooks.add_input_hook(m.o_proj, make_hook(i, 0))
+            hooks.add_input_hook(m.down_proj, make_hook(i, 1))
+        batches = _batches([len(x) for x in token_ids], batch_size)
+        bar = tqdm(batches, desc=f"statistics [{corpus.task}]", unit="batch", disable=not progress, leave=False)
+        for batch in bar:
+            input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, device)
+            state["token_mask"] = attention_mask.bool()
+            backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            n_tokens += int(attention_mask.sum())
+    elapsed = time.perf_counter() - start
+
+    layers = [
+        LayerStatistics(a.to("cpu"), b.to("cpu"), WeightColumnNorms.of(m.o_proj.weight), WeightColumnNorms.of(m.down_proj.weight))
+        for (a, b), m in zip(accumulators, mods, strict=True)
+    ]
+    meta = {
+        "task": corpus.task,
+        "model_fingerprint": loaded.fingerprint,
+        "model_source": loaded.source,
+        "corpus_digest": corpus.digest(),
+        "num_texts": len(token_ids),
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+        "accumulate_dtype": accumulate_dtype,
+        "shard": list(shard) if shard else None,
+        "seconds": round(elapsed, 3),
+    }
+    counts = {layer.attn.count for layer in layers} | {layer.mlp.count for layer in layers}
+    if counts != {n_tokens}:
+        raise RuntimeError(f"hooks saw {sorted(counts)} tokens, the batches held {n_tokens}: was a layer skipped?")
+    return ActivationStatistics(layers, adapter.geometry(model), meta)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids`` and ``attention_mask`` tensors."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids.to(device), attention_mask.to(device)

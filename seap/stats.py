@@ -1,0 +1,94 @@
+"""Per-channel activation moments: exact, streaming and mergeable (pure tensor code).
+
+For a channel j over N tokens the engine keeps
+
+* ``mean``    mu_j  = (1/N) sum_t a_tj
+* ``m2``      M2_j  = sum_t (a_tj - mu_j)^2         (population variance = M2/N)
+* ``mean_sq`` q_j   = (1/N) sum_t a_tj^2
+
+Batches are folded in with the pairwise update of Chan, Golub and LeVeque (1979), which is
+numerically stable and associative up to rounding, so statistics computed on shards and
+merged equal a single pass over all tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ACCUMULATION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class ChannelMoments:
+    """Count, mean, sum of squared deviations and mean of squares for each channel."""
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+    mean_sq: torch.Tensor
+
+    @classmethod
+    def empty(cls, width: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> ChannelMoments:
+        zeros = torch.zeros(width, dtype=dtype, device=device)
+        return cls(0, zeros.clone(), zeros.clone(), zeros.clone())
+
+    @classmethod
+    def from_samples(cls, samples: torch.Tensor, dtype: torch.dtype = torch.float64) -> ChannelMoments:
+        """Moments of a ``[n_tokens, width]`` tensor (two-pass, exact)."""
+        x = samples.detach().reshape(-1, samples.shape[-1]).to(dtype)
+        n = x.shape[0]
+        if n == 0:
+            return cls.empty(x.shape[1], dtype, x.device)
+        mean = x.mean(dim=0)
+        centred = x - mean
+        return cls(n, mean, (centred * centred).sum(dim=0), (x * x).mean(dim=0))
+
+    @property
+    def width(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance (M2 / N); zero for an empty accumulator."""
+        return self.m2 / max(self.count, 1)
+
+    @property
+    def sample_variance(self) -> torch.Tensor:
+        return self.m2 / max(self.count - 1, 1)
+
+    def merge(self, other: ChannelMoments) -> ChannelMoments:
+        """Moments of the union of both token sets (returns a new object)."""
+        if other.width != self.width:
+            raise ValueError(f"cannot merge moments of width {self.width} and {other.width}")
+        if other.count == 0:
+            return ChannelMoments(self.count, self.mean.clone(), self.m2.clone(), self.mean_sq.clone())
+        if self.count == 0:
+            return ChannelMoments(other.count, other.mean.clone(), other.m2.clone(), other.mean_sq.clone())
+        other_mean = other.mean.to(self.mean)
+        n_a, n_b = self.count, other.count
+        n = n_a + n_b
+        delta = other_mean - self.mean
+        mean = self.mean + delta * (n_b / n)
+        m2 = self.m2 + other.m2.to(self.m2) + delta * delta * (n_a * n_b / n)
+        mean_sq = self.mean_sq + (other.mean_sq.to(self.mean_sq) - self.mean_sq) * (n_b / n)
+        return ChannelMoments(n, mean, m2, mean_sq)
+
+    def update_(self, samples: torch.Tensor) -> None:
+        """Fold a ``[n_tokens, width]`` batch into this accumulator in place."""
+        merged = self.merge(ChannelMoments.from_samples(samples, self.mean.dtype))
+        self.count, self.mean, self.m2, self.mean_sq = merged.count, merged.mean, merged.m2, merged.mean_sq
+
+    def to(self, device: torch.device | str) -> ChannelMoments:
+        return ChannelMoments(self.count, self.mean.to(device), self.m2.to(device), self.mean_sq.to(device))
+
+
+def merge_all(parts: list[ChannelMoments]) -> ChannelMoments:
+    """Merge several accumulators (e.g. one per shard)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.merge(part)
+    return out

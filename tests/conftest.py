@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random models built in code (no hub, no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.helpers import ARCHS, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEAP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "seap-cache"))
+
+
+@pytest.fixture(params=ARCHS)
+def tiny(request: pytest.FixtureRequest):
+    """A LoadedModel for each tiny architecture (Llama MHA, Llama GQA, Qwen2, Mistral)."""
+    return make_tiny_model(request.param)
