@@ -1,0 +1,270 @@
+"""The ``seap`` command line: one subcommand per pipeline stage plus the one-shot ``prune``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import SeapError
+
+STAGES_HELP = """stages (run in this order, or all at once with `seap prune`):
+  corpus       build per-task calibration corpora (knowledge sentences) from task records
+  stats        collect activation statistics of o_proj/down_proj inputs for each task
+  merge-stats  merge statistics of corpus shards (exactly equal to one pass)
+  scores       score heads and MLP channels from statistics
+  masks        allocate per-layer sparsity and build an expert or the general mask
+  apply        prune a model with a mask (soft or hard) and save it
+  prune        one shot: corpus -> stats -> scores -> mask -> hard-pruned model
+tools:
+  info         model fingerprint, architecture and prunable parameters
+  fetch        download and convert a built-in model once (e.g. smollm2-135m)
+"""
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    return index, count
+
+
+def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, default=None if required else "smollm2-135m",
+                   help="hub id (org/name), local HF folder, .gguf file, or alias smollm2-135m")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+
+
+def _add_schedule(p: argparse.ArgumentParser) -> None:
+    from .geometry import GQA_MODES
+
+    p.add_argument("--sparsity", type=float, required=True, help="target fraction of prunable weights to remove, in [0, 1)")
+    p.add_argument("--gqa-mode", default="kv-groups", choices=GQA_MODES,
+                   help="GQA pruning unit: whole key/value groups (default) or the same number of query heads per group")
+    p.add_argument("--k", type=float, default=None, help="logistic steepness (default 1.0)")
+    p.add_argument("--x0", type=float, default=None, help="logistic inflection point in [0, 1] (default 0.3)")
+    p.add_argument("--protect-first", type=int, default=None, help="logistic: first layers kept dense (default 2)")
+    p.add_argument("--protect-last", type=int, default=None, help="logistic: last layers kept dense (default 2)")
+
+
+def _schedule_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts = {"k": args.k, "x0": args.x0, "protect_first": args.protect_first, "protect_last": args.protect_last}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
+    from .pipeline import METHODS
+    from .schedules import SCHEDULES
+    from .scores import SCORES
+
+    parser = argparse.ArgumentParser(
+        prog="seap", description="Sparse Expert Activation Pruning for causal LMs (with Wanda-sp and FLAP baselines).",
+        epilog=STAGES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE")
+
+    p = sub.add_parser("corpus", help="build calibration corpora from task records")
+    p.add_argument("--records", required=True, help="JSON/JSONL task records, or 'builtin' for the starter suite")
+    p.add_argument("--task", action="append", dest="tasks", help="task(s) to keep (default: all in the records)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES_PER_TASK, help="records sampled per task")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="token cap per text, used by `stats`")
+    p.add_argument("--out", required=True, help="corpus JSONL file to write")
+
+    p = sub.add_parser("stats", help="collect activation statistics per task")
+    _add_model(p)
+    p.add_argument("--corpus", required=True, help="corpus JSONL (from `seap corpus`)")
+    p.add_argument("--task", action="append", dest="tasks")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="token cap (default: the corpus's)")
+    p.add_argument("--shard", type=_shard, default=None, help="process shard I of N (I/N), merge with merge-stats")
+    p.add_argument("--accumulate-dtype", default="float64", choices=("float64", "float32"))
+    p.add_argument("--out", required=True, help="folder; one sub-folder per task")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("merge-stats", help="merge statistics of shards")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--task", default=None, help="name of the merged task (needed if the inputs differ)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("scores", help="score heads and channels of one task")
+    p.add_argument("--stats", required=True, help="statistics folder of one task")
+    p.add_argument("--score", default="seap-sf", choices=sorted(SCORES))
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("masks", help="build an expert mask (one scores folder) or the general mask (--general)")
+    p.add_argument("--scores", nargs="+", required=True, help="scores folder(s)")
+    p.add_argument("--schedule", default="logistic", choices=SCHEDULES)
+    _add_schedule(p)
+    p.add_argument("--general", action="store_true", help="combine the tasks' scores into the general mask")
+    p.add_argument("--weight", action="append", help="general-mask weight TASK=W (default: wikitext 3, others 2)")
+    p.add_argument("--bias-compensation-stats", default=None,
+                   help="statistics folder whose means the mask stores for FLAP bias compensation")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("apply", help="prune a model with a mask and save it")
+    _add_model(p)
+    p.add_argument("--mask", required=True)
+    p.add_argument("--mode", default="hard", choices=("hard", "soft"))
+    p.add_argument("--bias-compensation", action="store_true", help="fold removed channels' means into biases")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("prune", help="one shot: calibration file -> hard-pruned model")
+    _add_model(p)
+    p.add_argument("--calib", required=True, help="JSON/JSONL task records (or texts), or 'builtin'")
+    p.add_argument("--task", action="append", dest="tasks", help="prune for this task only (an expert mask)")
+    p.add_argument("--method", default="seap", choices=sorted(METHODS),
+                   help="preset: seap (seap-sf, logistic), wanda-sp (wanda-sp, uniform), flap (flap, flap-adaptive, bias comp.)")
+    p.add_argument("--score", default=None, choices=sorted(SCORES), help="override the method's score")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="override the method's schedule")
+    bias = p.add_mutually_exclusive_group()
+    bias.add_argument("--bias-compensation", dest="bias_compensation", action="store_true", default=None)
+    bias.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
+    _add_schedule(p)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES_PER_TASK, help="calibration records per task")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--weight", action="append", help="general-mask weight TASK=W")
+    p.add_argument("--out", required=True, help="folder for the pruned model")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("info", help="fingerprint and architecture of a model")
+    _add_model(p)
+
+    p = sub.add_parser("fetch", help="download and convert a built-in model")
+    p.add_argument("--model", default="smollm2-135m")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    progress = not args.no_progress
+    cmd = args.command
+    if cmd == "corpus":
+        corpora = pipeline.corpus_stage(args.records, args.out, args.tasks, args.samples, args.seed, args.max_tokens)
+        for task, corpus in corpora.items():
+            print(f"{task}: {len(corpus)} texts  {corpus.digest()[:19]}")
+        print(f"wrote {args.out}")
+    elif cmd == "stats":
+        loaded = _load(args)
+        written = pipeline.stats_stage(loaded, args.corpus, args.out, args.tasks, args.batch_size, args.max_tokens,
+                                       args.shard, args.accumulate_dtype, args.overwrite, progress)
+        for task, path in written.items():
+            print(f"{task}: {path}")
+    elif cmd == "merge-stats":
+        print(pipeline.merge_stats_stage(args.inputs, args.out, args.task, args.overwrite))
+    elif cmd == "scores":
+        print(pipeline.scores_stage(args.stats, args.out, args.score, args.overwrite))
+    elif cmd == "masks":
+        mask = pipeline.mask_stage(args.scores, args.out, args.sparsity, args.schedule, args.general,
+                                   pipeline.parse_weights(args.weight), args.gqa_mode, args.bias_compensation_stats,
+                                   args.overwrite, **_schedule_options(args))
+        print(f"{mask.meta['kind']} mask '{mask.task}': target {mask.meta['target_sparsity']:.4f}, "
+              f"realised {mask.meta['realised_sparsity']:.4f} -> {args.out}")
+    elif cmd == "apply":
+        from .masks import PruningMask
+        from .prune import apply_mask
+        from .pruned import save_pruned
+
+        mask = PruningMask.load(args.mask)
+        loaded = _load(args)
+        pruned = apply_mask(loaded, mask, args.mode, bias_compensation=args.bias_compensation, inplace=True)
+        if args.mode == "hard":
+            save_pruned(pruned, args.out, mask, overwrite=args.overwrite)
+        else:
+            from .io import atomic_directory
+
+            with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+                pruned.model.save_pretrained(tmp)
+                pruned.tokenizer.save_pretrained(tmp)
+        print(f"{args.mode}-pruned with '{mask.task}' (realised sparsity {mask.realised_sparsity():.4f}) -> {args.out}")
+    elif cmd == "prune":
+        result = pipeline.prune(
+            args.model, args.calib, args.sparsity, args.out, method=args.method, score=args.score,
+            schedule=args.schedule, bias_compensation=args.bias_compensation, gqa_mode=args.gqa_mode,
+            tasks=args.tasks, samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
+            batch_size=args.batch_size, weights=pipeline.parse_weights(args.weight), overwrite=args.overwrite,
+            progress=progress, device=args.device, dtype=args.dtype, **_schedule_options(args),
+        )
+        if args.json:
+            print(json.dumps({"out": str(result.out_dir), "target_sparsity": result.target_sparsity,
+                              "realised_sparsity": result.realised_sparsity, "tasks": result.tasks,
+                              "dense_params": result.dense_params, "pruned_params": result.pruned_params,
+                              "timings": result.timings}, indent=2))
+        else:
+            print("\n".join(result.summary_lines()))
+            print(f"load it with: seap.load_pruned({str(result.out_dir)!r})")
+    elif cmd == "info":
+        loaded = _load(args)
+        geo = loaded.adapter.geometry(loaded.model)
+        g0 = geo.layers[0]
+        print(json.dumps({
+            "source": loaded.source, "fingerprint": loaded.fingerprint, "architecture": loaded.adapter.name,
+            "layers": geo.num_layers, "hidden_size": geo.hidden_size, "heads": g0.num_heads, "kv_heads": g0.num_kv_heads,
+            "head_dim": g0.head_dim, "intermediate_size": g0.intermediate_size, "prunable_params": geo.total_params(),
+            "total_params": sum(p.numel() for p in loaded.model.parameters()),
+            "pruned": getattr(loaded.model.config, "seap_pruning", None),
+        }, indent=2))
+    elif cmd == "fetch":
+        from .models import BUILTIN_MODELS, fetch_builtin
+
+        if args.model not in BUILTIN_MODELS:
+            raise SeapError(f"{args.model!r} is not a built-in model", f"built-in models: {', '.join(BUILTIN_MODELS)}")
+        print(fetch_builtin(args.model))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.no_progress or os.environ.get("CI"):
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return run(args)
+    except SeapError as exc:
+        print(f"seap {args.command}: error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"  fix: {exc.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main", "Path"]
