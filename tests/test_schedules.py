@@ -1,0 +1,70 @@
+import warnings
+
+import pytest
+
+from seap.errors import SeapError
+from seap.geometry import LayerGeometry, ModelGeometry
+from seap.schedules import allocate, check_sparsity, logistic_allocation, logistic_shape, uniform_allocation
+
+# SmolLM2-135M-like geometry (30 layers, GQA 9/3 heads, head_dim 64, intermediate 1536)
+SMOL = ModelGeometry(576, tuple(LayerGeometry(9, 3, 64, 1536) for _ in range(30)))
+# Llama-2-7B geometry (MHA 32 heads)
+LLAMA7B = ModelGeometry(4096, tuple(LayerGeometry(32, 32, 128, 11008) for _ in range(32)))
+
+
+@pytest.mark.parametrize("geometry", [SMOL, LLAMA7B], ids=["smollm2", "llama2-7b"])
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.35, 0.5, 0.7])
+@pytest.mark.parametrize("schedule", ["logistic", "uniform"])
+def test_schedules_hit_target_within_half_a_point(geometry, target, schedule) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alloc = allocate(schedule, geometry, target)
+    assert abs(alloc.realised - target) <= 0.005
+    assert alloc.target == target
+
+
+@pytest.mark.parametrize("gqa_mode", ["kv-groups", "query-heads"])
+def test_logistic_protects_layers_and_rises(gqa_mode) -> None:
+    alloc = logistic_allocation(SMOL, 0.5, gqa_mode, k=1.0, x0=0.3, protect_first=2, protect_last=2)
+    ratios = [layer.ratio for layer in alloc.layers]
+    assert ratios[:2] == [0, 0] and ratios[-2:] == [0, 0]
+    active = ratios[2:-2]
+    assert all(a < b for a, b in zip(active, active[1:]))
+    assert abs(alloc.realised - 0.5) <= 0.005
+    assert alloc.params["lambda"] > 0
+
+
+def test_logistic_shape_matches_paper_formula() -> None:
+    import math
+
+    shape = logistic_shape(6, k=1.0, x0=0.3, protect_first=1, protect_last=1)
+    xs = [0, 1 / 3, 2 / 3, 1]
+    assert shape[0] == shape[-1] == 0
+    for s, x in zip(shape[1:-1], xs):
+        assert s == pytest.approx(1 / (1 + math.exp(-(x - 0.3))))
+
+
+def test_uniform_same_ratio_everywhere() -> None:
+    alloc = uniform_allocation(LLAMA7B, 0.2)
+    assert len({layer.ratio for layer in alloc.layers}) == 1
+    assert len({layer.attn_pruned for layer in alloc.layers}) == 1
+
+
+def test_zero_sparsity_prunes_nothing() -> None:
+    alloc = allocate("logistic", SMOL, 0.0)
+    assert alloc.realised == 0 and all(layer.attn_pruned == layer.mlp_pruned == 0 for layer in alloc.layers)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "half"])
+def test_sparsity_outside_range(bad) -> None:
+    with pytest.raises(SeapError, match="sparsity"):
+        check_sparsity(bad)
+
+
+def test_unknown_schedule_and_unreachable_target() -> None:
+    with pytest.raises(SeapError, match="unknown schedule 'zigzag'"):
+        allocate("zigzag", SMOL, 0.5)
+    with pytest.raises(SeapError, match="all 4 layers are protected"):
+        allocate("logistic", ModelGeometry(64, tuple(LayerGeometry(4, 4, 16, 64) for _ in range(4))), 0.5)
+    with pytest.raises(SeapError, match="unreachable"):
+        allocate("logistic", SMOL, 0.95)
