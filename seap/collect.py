@@ -248,13 +248,12 @@ def collect_statistics(
         (ChannelMoments.empty(m.o_proj.in_features, dtype, device), ChannelMoments.empty(m.down_proj.in_features, dtype, device))
         for m in mods
     ]
-    state: dict[str, torch.Tensor | None] = {"token_mask": None}
+    state: dict[str, Any] = {"token_weights": None, "count": 0}
 
     def make_hook(layer: int, which: int) -> Any:
         def hook(_module: torch.nn.Module, x: torch.Tensor) -> None:
-            mask = state["token_mask"]
-            rows = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
-            accumulators[layer][which].update_(rows)
+            batch = ChannelMoments.from_masked(x, state["token_weights"], state["count"], dtype)
+            accumulators[layer][which].update_(batch)
 
         return hook
 
@@ -270,9 +269,12 @@ def collect_statistics(
         bar = tqdm(batches, desc=f"statistics [{corpus.task}]", unit="batch", disable=not progress, leave=False)
         for batch in bar:
             input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, device)
-            state["token_mask"] = attention_mask.bool()
+            count = int(attention_mask.sum())
+            # no padding in this batch (common: batches are sorted by length): plain sums
+            state["token_weights"] = None if count == attention_mask.numel() else attention_mask
+            state["count"] = count
             backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            n_tokens += int(attention_mask.sum())
+            n_tokens += count
     elapsed = time.perf_counter() - start
 
     layers = [

@@ -62,9 +62,10 @@ def test_shards_merge_to_single_pass(tmp_path) -> None:
     for a, b in zip(single.layers, merged.layers):
         for module in ("attn", "mlp"):
             ma, mb = getattr(a, module), getattr(b, module)
-            torch.testing.assert_close(ma.mean, mb.mean, rtol=1e-6, atol=1e-9)
-            torch.testing.assert_close(ma.m2, mb.m2, rtol=1e-6, atol=1e-9)
-            torch.testing.assert_close(ma.mean_sq, mb.mean_sq, rtol=1e-6, atol=1e-9)
+            # batch moments are float32 (merged in float64), so shards agree to float32 rounding
+            torch.testing.assert_close(ma.mean, mb.mean, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(ma.m2, mb.m2, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(ma.mean_sq, mb.mean_sq, rtol=1e-5, atol=1e-8)
 
 
 def test_hooks_removed_when_forward_fails() -> None:

@@ -18,8 +18,8 @@ def mask_for(loaded, sparsity=0.4, schedule="logistic", gqa_mode="kv-groups", **
                       bias_compensation_stats=stats, **opts)
 
 
-def logits(loaded, texts=SENTENCES[:4]):
-    batch = loaded.tokenizer(texts, return_tensors="pt", padding=True)
+def logits(loaded, texts=SENTENCES[:4], tokenizer=None):
+    batch = (tokenizer or loaded.tokenizer)(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         return loaded.model(**batch).logits
 

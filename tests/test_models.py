@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from seap.adapters import get_adapter, supported_model_types
+from seap.errors import SeapError, UnsupportedArchitectureError
+from seap.models import load_model, model_fingerprint, resolve_model_path
+from tests.helpers import make_tiny_model
+
+
+def test_fingerprint_is_stable_and_content_based(tmp_path) -> None:
+    a = make_tiny_model("llama-gqa", seed=3)
+    b = make_tiny_model("llama-gqa", seed=3)
+    c = make_tiny_model("llama-gqa", seed=4)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert a.fingerprint.startswith("sha256:") and len(a.fingerprint) == 71
+    # bf16 copy of a bf16-representable model hashes like its float32 upcast
+    with torch.no_grad():
+        for p in a.model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    fp32 = model_fingerprint(a.model)
+    assert model_fingerprint(a.model.to(torch.bfloat16)) == fp32
+    # a config change that alters the computation changes the fingerprint
+    b.model.config.rms_norm_eps = 1e-3
+    assert model_fingerprint(b.model) != a.fingerprint
+
+
+def test_local_folder_roundtrip(tmp_path) -> None:
+    tiny = make_tiny_model("mistral")
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"), device="cpu")
+    assert loaded.fingerprint == tiny.fingerprint
+    assert loaded.adapter.name == "mistral" and loaded.source.startswith("local:")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path) -> None:
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=10)).save_pretrained(tmp_path / "g")
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        load_model(str(tmp_path / "g"), device="cpu")
+    message = str(err.value)
+    assert "'gpt2'" in message and all(t in message for t in supported_model_types())
+    with pytest.raises(UnsupportedArchitectureError):
+        get_adapter(GPT2Config())
+
+
+def test_bad_model_arguments(tmp_path) -> None:
+    with pytest.raises(SeapError, match="not found"):
+        resolve_model_path("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SeapError, match="without config.json"):
+        resolve_model_path(str(tmp_path / "empty"))
+    with pytest.raises(SeapError, match="GGUF file not found"):
+        resolve_model_path(str(tmp_path / "x.gguf"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(SeapError, match="not a readable GGUF"):
+        resolve_model_path(str(tmp_path / "junk.gguf"))
+    assert resolve_model_path("org/name") == ("org/name", "hub")
+
+
+def test_gguf_of_unsupported_architecture(tmp_path) -> None:
+    import gguf
+
+    path = tmp_path / "tiny-gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2'") as err:
+        load_model(str(path), device="cpu")
+    assert "llama" in str(err.value)
