@@ -280,7 +280,14 @@ def load_model(
     if isinstance(model, str) and is_pruned_dir(model):
         return load_pruned(model, device=device, dtype=dtype)
     location, kind = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SeapError(
+            f"could not read the config of model {model!r}: {str(exc).splitlines()[0][:300]}",
+            "check the id and your access to the Hugging Face hub (HF_TOKEN, HF_HUB_OFFLINE), "
+            "or pass a local folder or .gguf file",
+        ) from exc
     adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
     dev = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}

@@ -229,7 +229,8 @@ def prune(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     corpora = build_corpora(calib, tasks, samples, seed)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    owned = not isinstance(model, LoadedModel)  # a model we loaded ourselves may be pruned in place
+    loaded = load_model(model, device=device, dtype=dtype) if owned else model
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -239,19 +240,16 @@ def prune(
     task_scores = [compute_scores(s, preset.score) for s in stats.values()]
     scores = task_scores[0] if len(task_scores) == 1 else combine_scores(task_scores, weights)
     bias_stats = None
-    if preset.bias_compensation:
-        if len(stats) > 1:
-            raise SeapError("bias compensation needs the statistics of a single task",
-                            "select one task with --task, or drop --bias-compensation")
-        bias_stats = next(iter(stats.values()))
+    if preset.bias_compensation:  # a general mask compensates with the pooled means of all its tasks
+        bias_stats = next(iter(stats.values())) if len(stats) == 1 else merge_statistics(list(stats.values()), "general")
     mask = build_mask(scores, sparsity, preset.schedule, gqa_mode, bias_compensation_stats=bias_stats,
                       base_source=loaded.source, **schedule_options)
     mask.meta["method"] = method
     timings["scores+mask"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pruned = apply_mask(loaded, mask, "hard", bias_compensation=preset.bias_compensation)
+    dense = loaded.adapter.geometry(loaded.model).total_params()
+    pruned = apply_mask(loaded, mask, "hard", bias_compensation=preset.bias_compensation, inplace=owned)
     save_pruned(pruned, out, mask, overwrite=overwrite)
     timings["prune+save"] = time.perf_counter() - t0
-    dense = loaded.adapter.geometry(loaded.model).total_params()
     kept = pruned.adapter.geometry(pruned.model).total_params()
     return PruneResult(out, mask, sparsity, 1 - kept / dense, dense, kept, list(corpora), timings)

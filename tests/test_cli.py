@@ -46,17 +46,19 @@ def test_one_shot_prune(model_dir, calib, tmp_path, capsys) -> None:
     assert pruned.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] == 5
 
 
+@pytest.mark.parametrize("tasks", [["facts"], []], ids=["expert", "general"])
 @pytest.mark.parametrize("method", ["wanda-sp", "flap"])
-def test_baseline_methods(model_dir, calib, tmp_path, method, capsys) -> None:
+def test_baseline_methods(model_dir, calib, tmp_path, method, tasks, capsys) -> None:
     out = tmp_path / method
-    assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), "--task", "facts",
+    task_args = [a for t in tasks for a in ("--task", t)]
+    assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), *task_args,
                  "--method", method, "--sparsity", "0.3", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     mask = PruningMask.load(out / "seap_mask")
     assert mask.meta["score"] == {"wanda-sp": "wanda-sp", "flap": "flap"}[method]
     assert mask.meta["schedule"] == {"wanda-sp": "uniform", "flap": "flap-adaptive"}[method]
     assert mask.has_bias_compensation == (method == "flap")
-    assert summary["tasks"] == ["facts"]
+    assert summary["tasks"] == (tasks or ["chat", "facts"])
 
 
 def test_stage_by_stage_equals_one_shot(model_dir, calib, tmp_path, capsys) -> None:

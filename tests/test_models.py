@@ -74,3 +74,10 @@ def test_gguf_of_unsupported_architecture(tmp_path) -> None:
     with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2'") as err:
         load_model(str(path), device="cpu")
     assert "llama" in str(err.value)
+
+
+def test_unreachable_hub_id_gives_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SeapError, match="could not read the config of model 'no-org/no-model'") as err:
+        load_model("no-org/no-model", device="cpu")
+    assert "local folder" in str(err.value)
