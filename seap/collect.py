@@ -16,21 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .artifacts import ArtifactKind, read_artifact, require, write_artifact
 from .corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
-from .errors import ArtifactError, ModelMismatchError, SeapError
+from .errors import ModelMismatchError, SeapError
 from .geometry import ModelGeometry
 from .hooks import HookManager
-from .io import atomic_directory, atomic_write_json, read_json, sha256_file
 from .models import LoadedModel
 from .stats import ACCUMULATION_DTYPES, ChannelMoments
 
-STATS_FORMAT_VERSION = 1
-STATS_TENSORS = "stats.safetensors"
-STATS_META = "stats.json"
+STATS_ARTIFACT = ArtifactKind("seap-activation-statistics", 1, "stats.safetensors", "stats.json", "re-run `seap stats`")
 MODULES = ("attn", "mlp")  # attn: input of o_proj; mlp: input of down_proj
 
 
@@ -85,71 +81,41 @@ class ActivationStatistics:
                 m: ChannelMoments = getattr(layer, module)
                 prefix = f"layers.{i}.{module}"
                 tensors[f"{prefix}.count"] = torch.tensor([m.count], dtype=torch.int64)
-                tensors[f"{prefix}.mean"] = m.mean.detach().cpu().contiguous()
-                tensors[f"{prefix}.m2"] = m.m2.detach().cpu().contiguous()
-                tensors[f"{prefix}.mean_sq"] = m.mean_sq.detach().cpu().contiguous()
+                tensors[f"{prefix}.mean"] = m.mean
+                tensors[f"{prefix}.m2"] = m.m2
+                tensors[f"{prefix}.mean_sq"] = m.mean_sq
             for proj in ("o_proj", "down_proj"):
                 norms: WeightColumnNorms = getattr(layer, proj)
-                tensors[f"layers.{i}.{proj}.sq_l2"] = norms.sq_l2.contiguous()
-                tensors[f"layers.{i}.{proj}.l1"] = norms.l1.contiguous()
+                tensors[f"layers.{i}.{proj}.sq_l2"] = norms.sq_l2
+                tensors[f"layers.{i}.{proj}.l1"] = norms.l1
                 tensors[f"layers.{i}.{proj}.out_features"] = torch.tensor([norms.out_features], dtype=torch.int64)
-        with atomic_directory(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp / STATS_TENSORS))
-            meta = {
-                **self.meta,
-                "format": "seap-activation-statistics",
-                "format_version": STATS_FORMAT_VERSION,
-                "geometry": self.geometry.to_dict(),
-                "num_tokens": self.num_tokens,
-                "tensors_sha256": sha256_file(tmp / STATS_TENSORS),
-            }
-            atomic_write_json(tmp / STATS_META, meta)
-        return Path(path)
+        meta = {**self.meta, "geometry": self.geometry.to_dict(), "num_tokens": self.num_tokens}
+        return write_artifact(STATS_ARTIFACT, path, tensors, meta, overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationStatistics:
         """Read and verify a statistics folder (checksum, format version, completeness)."""
-        p = Path(path)
-        meta = read_json(p / STATS_META, "statistics metadata")
-        if meta.get("format") != "seap-activation-statistics":
-            raise ArtifactError(f"{p} is not a SEAP statistics folder", "pass the output folder of `seap stats`")
-        if meta.get("format_version") != STATS_FORMAT_VERSION:
-            raise ArtifactError(
-                f"{p} has statistics format version {meta.get('format_version')}, this SEAP reads {STATS_FORMAT_VERSION}",
-                "re-run `seap stats`",
-            )
-        tensor_file = p / STATS_TENSORS
-        if not tensor_file.is_file() or sha256_file(tensor_file) != meta.get("tensors_sha256"):
-            raise ArtifactError(f"{tensor_file} is missing or corrupt (checksum mismatch)", "re-run `seap stats`")
-        try:
-            t = load_file(str(tensor_file))
-        except SafetensorError as exc:
-            raise ArtifactError(f"{tensor_file} is corrupt ({exc})", "re-run `seap stats`") from exc
-        geometry = ModelGeometry.from_dict(meta["geometry"])
+        t, meta = read_artifact(STATS_ARTIFACT, path)
+        geometry = ModelGeometry.from_dict(meta.pop("geometry"))
+        meta.pop("num_tokens", None)
+
+        def get(key: str) -> torch.Tensor:
+            return require(t, key, STATS_ARTIFACT)
+
         layers = []
-        try:
-            for i in range(geometry.num_layers):
-                moments = {
-                    module: ChannelMoments(
-                        int(t[f"layers.{i}.{module}.count"][0]),
-                        t[f"layers.{i}.{module}.mean"],
-                        t[f"layers.{i}.{module}.m2"],
-                        t[f"layers.{i}.{module}.mean_sq"],
-                    )
-                    for module in MODULES
-                }
-                norms = {
-                    proj: WeightColumnNorms(
-                        t[f"layers.{i}.{proj}.sq_l2"], t[f"layers.{i}.{proj}.l1"],
-                        int(t[f"layers.{i}.{proj}.out_features"][0]),
-                    )
-                    for proj in ("o_proj", "down_proj")
-                }
-                layers.append(LayerStatistics(moments["attn"], moments["mlp"], norms["o_proj"], norms["down_proj"]))
-        except KeyError as exc:
-            raise ArtifactError(f"{tensor_file} lacks tensor {exc}", "re-run `seap stats`") from exc
-        drop = {"format", "format_version", "geometry", "tensors_sha256", "num_tokens"}
-        return cls(layers, geometry, {k: v for k, v in meta.items() if k not in drop})
+        for i in range(geometry.num_layers):
+            moments = {
+                module: ChannelMoments(int(get(f"layers.{i}.{module}.count")[0]), get(f"layers.{i}.{module}.mean"),
+                                       get(f"layers.{i}.{module}.m2"), get(f"layers.{i}.{module}.mean_sq"))
+                for module in MODULES
+            }
+            norms = {
+                proj: WeightColumnNorms(get(f"layers.{i}.{proj}.sq_l2"), get(f"layers.{i}.{proj}.l1"),
+                                        int(get(f"layers.{i}.{proj}.out_features")[0]))
+                for proj in ("o_proj", "down_proj")
+            }
+            layers.append(LayerStatistics(moments["attn"], moments["mlp"], norms["o_proj"], norms["down_proj"]))
+        return cls(layers, geometry, meta)
 
 
 def merge_statistics(parts: Sequence[ActivationStatistics], task: str | None = None) -> ActivationStatistics:

@@ -20,20 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .artifacts import ArtifactKind, read_artifact, require, write_artifact
 from .collect import ActivationStatistics
 from .errors import ArtifactError, ModelMismatchError, SeapError
 from .geometry import DEFAULT_GQA_MODE, ModelGeometry, attention_units
-from .io import atomic_directory, atomic_write_json, read_json, sha256_file, short_hash
+from .io import short_hash
 from .schedules import Allocation, allocate
 from .scores import ImportanceScores
 
-MASK_FORMAT_VERSION = 1
-MASK_TENSORS = "mask.safetensors"
-MASK_META = "mask.json"
+MASK_ARTIFACT = ArtifactKind("seap-mask", 1, "mask.safetensors", "mask.json", "rebuild the mask with `seap masks`")
 
 
 @dataclass
@@ -100,57 +97,30 @@ class PruningMask:
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         tensors: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            tensors[f"layers.{i}.heads"] = layer.heads.to(torch.uint8).contiguous()
-            tensors[f"layers.{i}.kv_heads"] = layer.kv_heads.to(torch.uint8).contiguous()
-            tensors[f"layers.{i}.channels"] = layer.channels.to(torch.uint8).contiguous()
+            tensors[f"layers.{i}.heads"] = layer.heads.to(torch.uint8)
+            tensors[f"layers.{i}.kv_heads"] = layer.kv_heads.to(torch.uint8)
+            tensors[f"layers.{i}.channels"] = layer.channels.to(torch.uint8)
             if layer.attn_mean is not None and layer.mlp_mean is not None:
-                tensors[f"layers.{i}.attn_mean"] = layer.attn_mean.to(torch.float32).contiguous()
-                tensors[f"layers.{i}.mlp_mean"] = layer.mlp_mean.to(torch.float32).contiguous()
-        with atomic_directory(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp / MASK_TENSORS))
-            atomic_write_json(tmp / MASK_META, {
-                **self.meta,
-                "format": "seap-mask",
-                "format_version": MASK_FORMAT_VERSION,
-                "geometry": self.geometry.to_dict(),
-                "mask_digest": self.digest(),
-                "bias_compensation": self.has_bias_compensation,
-                "tensors_sha256": sha256_file(tmp / MASK_TENSORS),
-            })
-        return Path(path)
+                tensors[f"layers.{i}.attn_mean"] = layer.attn_mean.to(torch.float32)
+                tensors[f"layers.{i}.mlp_mean"] = layer.mlp_mean.to(torch.float32)
+        meta = {**self.meta, "geometry": self.geometry.to_dict(), "mask_digest": self.digest(),
+                "bias_compensation": self.has_bias_compensation}
+        return write_artifact(MASK_ARTIFACT, path, tensors, meta, overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> PruningMask:
-        p = Path(path)
-        meta = read_json(p / MASK_META, "mask metadata")
-        if meta.get("format") != "seap-mask":
-            raise ArtifactError(f"{p} is not a SEAP mask folder", "pass a folder written by `seap masks` or `seap prune`")
-        if meta.get("format_version") != MASK_FORMAT_VERSION:
-            raise ArtifactError(
-                f"mask {p} has format version {meta.get('format_version')}, this SEAP reads {MASK_FORMAT_VERSION}",
-                "rebuild the mask with this version of SEAP",
-            )
-        tensor_file = p / MASK_TENSORS
-        if not tensor_file.is_file() or sha256_file(tensor_file) != meta.get("tensors_sha256"):
-            raise ArtifactError(f"{tensor_file} is missing or corrupt (checksum mismatch)", "rebuild the mask")
-        try:
-            t = load_file(str(tensor_file))
-        except SafetensorError as exc:
-            raise ArtifactError(f"{tensor_file} is corrupt ({exc})", "rebuild the mask") from exc
-        geometry = ModelGeometry.from_dict(meta["geometry"])
-        layers = []
-        try:
-            for i in range(geometry.num_layers):
-                layers.append(LayerMask(
-                    t[f"layers.{i}.heads"].bool(), t[f"layers.{i}.kv_heads"].bool(), t[f"layers.{i}.channels"].bool(),
-                    t.get(f"layers.{i}.attn_mean"), t.get(f"layers.{i}.mlp_mean"),
-                ))
-        except KeyError as exc:
-            raise ArtifactError(f"{tensor_file} lacks tensor {exc}", "rebuild the mask") from exc
-        mask = cls(layers, geometry, {k: v for k, v in meta.items() if k not in {"format", "format_version", "geometry", "tensors_sha256"}})
+        """Read a mask folder, verifying its checksum, digest and GQA layout."""
+        t, meta = read_artifact(MASK_ARTIFACT, path)
+        geometry = ModelGeometry.from_dict(meta.pop("geometry"))
+        layers = [
+            LayerMask(*(require(t, f"layers.{i}.{name}", MASK_ARTIFACT).bool() for name in ("heads", "kv_heads", "channels")),
+                      t.get(f"layers.{i}.attn_mean"), t.get(f"layers.{i}.mlp_mean"))
+            for i in range(geometry.num_layers)
+        ]
+        mask = cls(layers, geometry, meta)
         validate_mask(mask)
         if meta.get("mask_digest") and meta["mask_digest"] != mask.digest():
-            raise ArtifactError(f"mask {p} does not match its recorded digest", "rebuild the mask")
+            raise ArtifactError(f"mask {path} does not match its recorded digest", MASK_ARTIFACT.remake)
         return mask
 
 
@@ -261,13 +231,4 @@ def full_mask(geometry: ModelGeometry, fingerprint: str) -> PruningMask:
                                           "realised_sparsity": 0.0})
 
 
-def check_mask_against_geometry(mask: PruningMask, geometry: ModelGeometry) -> None:
-    if mask.geometry != geometry:
-        raise ModelMismatchError("the mask's layer shapes differ from the model's", "apply the mask to its own base model")
-
-
-def short(fingerprint: str) -> str:
-    return short_hash(fingerprint)
-
-
-__all__ = ["LayerMask", "PruningMask", "build_mask", "full_mask", "select_units", "validate_mask", "SeapError"]
+__all__ = ["LayerMask", "PruningMask", "build_mask", "full_mask", "select_units", "validate_mask"]

@@ -130,8 +130,3 @@ def apply_mask(
         "bias_compensation": bias_compensation,
     }
     return LoadedModel(model, loaded.tokenizer, adapter, f"{loaded.source}+mask:{mask.task}", model_fingerprint(model))
-
-
-def count_prunable_params(loaded: LoadedModel) -> int:
-    """Weights of q/k/v/o/gate/up/down that the model actually holds (hard-pruned counts less)."""
-    return loaded.adapter.geometry(loaded.model).total_params()

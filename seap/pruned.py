@@ -108,23 +108,22 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
     layers = adapter.decoder_layers(model)
     if len(info["layers"]) != len(layers):
         raise ArtifactError(f"{p}: config lists {len(info['layers'])} layers, the model has {len(layers)}", "re-save it")
-    for i, (layer, sizes) in enumerate(zip(layers, info["layers"], strict=True)):
+    hidden = config.hidden_size
+    for layer, sizes in zip(layers, info["layers"], strict=True):
         mods = adapter.layer_modules(layer)
         heads, kv, inter = sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["intermediate_size"]
         prefix = _module_prefix(model, layer)
-        hidden = config.hidden_size
-
-        def has_bias(name: str) -> bool:
-            return f"{prefix}.{name}.bias" in state
-
+        bias = {name: f"{prefix}.{name}.bias" in state for name in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
         attn, mlp = mods.attention, mods.mlp
-        attn.q_proj = _resize_linear(mods.q_proj, hidden, heads * head_dim, has_bias("self_attn.q_proj"))
-        attn.k_proj = _resize_linear(mods.k_proj, hidden, kv * head_dim, has_bias("self_attn.k_proj"))
-        attn.v_proj = _resize_linear(mods.v_proj, hidden, kv * head_dim, has_bias("self_attn.v_proj"))
-        attn.o_proj = _resize_linear(mods.o_proj, heads * head_dim, hidden, has_bias("self_attn.o_proj"))
-        mlp.gate_proj = _resize_linear(mods.gate_proj, hidden, inter, has_bias("mlp.gate_proj"))
-        mlp.up_proj = _resize_linear(mods.up_proj, hidden, inter, has_bias("mlp.up_proj"))
-        mlp.down_proj = _resize_linear(mods.down_proj, inter, hidden, has_bias("mlp.down_proj"))
+        attn.q_proj = _resize_linear(mods.q_proj, hidden, heads * head_dim, bias["self_attn.q_proj"])
+        attn.k_proj = _resize_linear(mods.k_proj, hidden, kv * head_dim, bias["self_attn.k_proj"])
+        attn.v_proj = _resize_linear(mods.v_proj, hidden, kv * head_dim, bias["self_attn.v_proj"])
+        attn.o_proj = _resize_linear(mods.o_proj, heads * head_dim, hidden, bias["self_attn.o_proj"])
+        mlp.gate_proj = _resize_linear(mods.gate_proj, hidden, inter, bias["mlp.gate_proj"])
+        mlp.up_proj = _resize_linear(mods.up_proj, hidden, inter, bias["mlp.up_proj"])
+        mlp.down_proj = _resize_linear(mods.down_proj, inter, hidden, bias["mlp.down_proj"])
         mods = adapter.layer_modules(layer)
         adapter.set_attention_width(mods, heads, kv)
         adapter.set_mlp_width(mods, inter)

@@ -27,16 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from .artifacts import ArtifactKind, read_artifact, require, write_artifact
 from .collect import ActivationStatistics, WeightColumnNorms
-from .errors import ArtifactError, ModelMismatchError, SeapError
+from .errors import ModelMismatchError, SeapError
 from .geometry import ModelGeometry
-from .io import atomic_directory, atomic_write_json, read_json, sha256_file
 from .stats import ChannelMoments
 
-SCORES_FORMAT_VERSION = 1
+SCORES_ARTIFACT = ArtifactKind("seap-importance-scores", 1, "scores.safetensors", "scores.json", "re-run `seap scores`")
 
 
 @dataclass(frozen=True)
@@ -112,40 +110,20 @@ class ImportanceScores:
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         tensors = {}
         for i, layer in enumerate(self.layers):
-            tensors[f"layers.{i}.attn_channels"] = layer.attn_channels.contiguous()
-            tensors[f"layers.{i}.heads"] = layer.heads.contiguous()
-            tensors[f"layers.{i}.channels"] = layer.channels.contiguous()
-        with atomic_directory(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp / "scores.safetensors"))
-            atomic_write_json(tmp / "scores.json", {
-                **self.meta,
-                "format": "seap-importance-scores",
-                "format_version": SCORES_FORMAT_VERSION,
-                "geometry": self.geometry.to_dict(),
-                "tensors_sha256": sha256_file(tmp / "scores.safetensors"),
-            })
-        return Path(path)
+            tensors[f"layers.{i}.attn_channels"] = layer.attn_channels
+            tensors[f"layers.{i}.heads"] = layer.heads
+            tensors[f"layers.{i}.channels"] = layer.channels
+        return write_artifact(SCORES_ARTIFACT, path, tensors, {**self.meta, "geometry": self.geometry.to_dict()}, overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> ImportanceScores:
-        p = Path(path)
-        meta = read_json(p / "scores.json", "scores metadata")
-        if meta.get("format") != "seap-importance-scores" or meta.get("format_version") != SCORES_FORMAT_VERSION:
-            raise ArtifactError(f"{p} is not a SEAP scores folder of format {SCORES_FORMAT_VERSION}", "re-run `seap scores`")
-        tensor_file = p / "scores.safetensors"
-        if not tensor_file.is_file() or sha256_file(tensor_file) != meta.get("tensors_sha256"):
-            raise ArtifactError(f"{tensor_file} is missing or corrupt (checksum mismatch)", "re-run `seap scores`")
-        try:
-            t = load_file(str(tensor_file))
-        except SafetensorError as exc:
-            raise ArtifactError(f"{tensor_file} is corrupt ({exc})", "re-run `seap scores`") from exc
-        geometry = ModelGeometry.from_dict(meta["geometry"])
+        t, meta = read_artifact(SCORES_ARTIFACT, path)
+        geometry = ModelGeometry.from_dict(meta.pop("geometry"))
         layers = [
-            LayerScores(t[f"layers.{i}.attn_channels"], t[f"layers.{i}.heads"], t[f"layers.{i}.channels"])
+            LayerScores(*(require(t, f"layers.{i}.{name}", SCORES_ARTIFACT) for name in ("attn_channels", "heads", "channels")))
             for i in range(geometry.num_layers)
         ]
-        drop = {"format", "format_version", "geometry", "tensors_sha256"}
-        return cls(layers, geometry, {k: v for k, v in meta.items() if k not in drop})
+        return cls(layers, geometry, meta)
 
 
 def aggregate_heads(channel_scores: torch.Tensor, head_dim: int, how: str) -> tuple[torch.Tensor, torch.Tensor]:

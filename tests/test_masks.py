@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from seap.collect import collect_statistics
 from seap.corpus import build_corpus

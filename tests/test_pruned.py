@@ -8,7 +8,6 @@ from seap.masks import PruningMask
 from seap.models import load_model
 from seap.prune import apply_mask
 from seap.pruned import load_pruned, save_pruned
-from tests.helpers import SENTENCES
 from tests.test_prune import logits, mask_for
 
 
