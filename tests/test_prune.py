@@ -74,3 +74,12 @@ def test_bad_mode_and_double_pruning() -> None:
     pruned.fingerprint = loaded.fingerprint  # even with a forged fingerprint it refuses
     with pytest.raises(SeapError, match="already pruned"):
         apply_mask(pruned, mask, "hard")
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attention_implementations(attn_implementation) -> None:
+    loaded = make_tiny_model("llama-gqa")
+    loaded.model.set_attn_implementation(attn_implementation)
+    mask = mask_for(loaded, 0.5)
+    torch.testing.assert_close(logits(apply_mask(loaded, mask, "soft")), logits(apply_mask(loaded, mask, "hard")),
+                               atol=1e-4, rtol=0)
