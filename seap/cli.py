@@ -160,7 +160,7 @@ def _load(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from . import pipeline
 
-    progress = not args.no_progress
+    progress = not (args.no_progress or os.environ.get("CI"))  # no bars in CI logs
     cmd = args.command
     if cmd == "corpus":
         corpora = pipeline.corpus_stage(args.records, args.out, args.tasks, args.samples, args.seed, args.max_tokens)
@@ -245,8 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("seap").setLevel(logging.INFO)  # one-time steps (download, conversion) say what they do
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.no_progress or os.environ.get("CI"):
-        os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
