@@ -87,6 +87,17 @@ def _prune_layer(mods: LayerModules, mask: LayerMask, head_dim: int, hard: bool,
     return replacements
 
 
+def share_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are the original tensors.
+
+    Pruning then replaces the pruned linear layers of the copy with new, smaller ones, so
+    an expert costs only its own pruned layers: embeddings, norms and the LM head stay
+    shared with the base model, which is never modified.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def apply_mask(
     loaded: LoadedModel,
     mask: PruningMask,
@@ -94,7 +105,12 @@ def apply_mask(
     bias_compensation: bool = False,
     inplace: bool = False,
 ) -> LoadedModel:
-    """Return the model pruned by ``mask`` (a deep copy unless ``inplace``).
+    """Return the model pruned by ``mask``.
+
+    Unless ``inplace``, the base model is left untouched: the result is a structural copy
+    that shares the base's unpruned tensors (embeddings, norms, LM head) and owns new
+    pruned q/k/v/o/gate/up/down layers (:func:`share_copy`), so several experts of one base
+    cost little memory.
 
     The mask must have been built on this model (same fingerprint). The result records
     the mask in ``model.config.seap_pruning`` and gets its own fingerprint.
@@ -104,7 +120,7 @@ def apply_mask(
     mask.check_model(loaded.fingerprint)
     if getattr(loaded.model.config, "seap_pruning", None):
         raise SeapError("this model is already pruned", "apply masks to the dense base model")
-    model = loaded.model if inplace else copy.deepcopy(loaded.model)
+    model = loaded.model if inplace else share_copy(loaded.model)
     adapter = loaded.adapter
     head_dim = adapter.head_dim(model.config)
     hard = mode == "hard"

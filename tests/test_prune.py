@@ -83,3 +83,12 @@ def test_attention_implementations(attn_implementation) -> None:
     mask = mask_for(loaded, 0.5)
     torch.testing.assert_close(logits(apply_mask(loaded, mask, "soft")), logits(apply_mask(loaded, mask, "hard")),
                                atol=1e-4, rtol=0)
+
+
+def test_experts_share_unpruned_tensors_with_base() -> None:
+    loaded = make_tiny_model("llama-gqa")
+    hard = apply_mask(loaded, mask_for(loaded), "hard")
+    assert hard.model.model.embed_tokens.weight is loaded.model.model.embed_tokens.weight
+    assert hard.model.lm_head.weight is loaded.model.lm_head.weight
+    base_q = loaded.model.model.layers[3].self_attn.q_proj
+    assert hard.model.model.layers[3].self_attn.q_proj is not base_q
