@@ -20,6 +20,10 @@ STAGES_HELP = """stages (run in this order, or all at once with `seap prune`):
   masks        allocate per-layer sparsity and build an expert or the general mask
   apply        prune a model with a mask (soft or hard) and save it
   prune        one shot: corpus -> stats -> scores -> mask -> hard-pruned model
+  eval         compare dense, SEAP expert/general/routed, Wanda-sp and FLAP on tasks (Table 1, plot)
+  bench        prefill and decode speed of dense against pruned models
+  router       train the task router on the tasks' training prompts
+  route        generate with routed experts (router + expert masks + general mask)
 tools:
   info         model fingerprint, architecture and prunable parameters
   fetch        download and convert a built-in model once (e.g. smollm2-135m)
@@ -51,6 +55,13 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x0", type=float, default=None, help="logistic inflection point in [0, 1] (default 0.3)")
     p.add_argument("--protect-first", type=int, default=None, help="logistic: first layers kept dense (default 2)")
     p.add_argument("--protect-last", type=int, default=None, help="logistic: last layers kept dense (default 2)")
+
+
+def _add_tasks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", nargs="+", default=["capitals", "antonyms", "arithmetic", "sentiment", "categories"],
+                   help="task names, optionally with a source prefix (hub:, local:, jsonl:, starter:); "
+                        "default: the built-in starter suite")
+    p.add_argument("--data-dir", default=None, help="folder of local tasks (e.g. ../shared/benchmarks)")
 
 
 def _schedule_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,6 +154,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    from .experiment import ALL_METHODS, DEFAULT_METHODS
+
+    p = sub.add_parser("eval", help="evaluate methods x sparsities on tasks; writes JSON, Markdown and a plot")
+    _add_model(p)
+    _add_tasks(p)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5])
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS)
+    p.add_argument("--limit", type=int, default=None, help="at most this many evaluation items per task")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--metric", default="acc", choices=("acc", "acc_norm", "paper"),
+                   help="metric of the table (paper: acc_norm for OBQA/HellaSwag/PIQA/ARC-c, acc elsewhere)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES_PER_TASK, help="calibration records per task")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--score", default="seap-sf", choices=sorted(SCORES), help="SEAP's score")
+    p.add_argument("--router-threshold", type=float, default=0.5)
+    p.add_argument("--router-layer", type=int, default=0)
+    p.add_argument("--perplexity", action="store_true", help="also WikiText-2 perplexity (needs --data-dir)")
+    p.add_argument("--perplexity-windows", type=int, default=40)
+    p.add_argument("--bench", action="store_true", help="also measure speed of the task-agnostic masks")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="folder for results.json, results.md, the plot and artifacts")
+
+    p = sub.add_parser("bench", help="prefill/decode tokens per second, dense vs pruned, in one run")
+    _add_model(p)
+    p.add_argument("--pruned", nargs="*", default=[], help="pruned model folders")
+    p.add_argument("--mask", nargs="*", default=[], help="masks applied (hard) to --model")
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--prefill-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", required=True, help="JSON file to write")
+
+    p = sub.add_parser("router", help="train the task router")
+    _add_model(p)
+    _add_tasks(p)
+    p.add_argument("--prompts", type=int, default=500, help="training prompts per task (balanced to the smallest)")
+    p.add_argument("--layer", type=int, default=0, help="0: input embeddings; k: hidden state after layer k")
+    p.add_argument("--threshold", type=float, default=0.5, help="below this confidence, use the general mask")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("route", help="generate with the expert the router picks for each prompt")
+    _add_model(p)
+    p.add_argument("--router", required=True)
+    p.add_argument("--experts", nargs="+", required=True, help="expert mask folders (one per router task)")
+    p.add_argument("--general", default=None, help="general mask folder (the low-confidence fallback)")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
     p = sub.add_parser("info", help="fingerprint and architecture of a model")
     _add_model(p)
 
@@ -216,6 +279,72 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("\n".join(result.summary_lines()))
             print(f"load it with: seap.load_pruned({str(result.out_dir)!r})")
+    elif cmd == "eval":
+        from .experiment import Experiment, ExperimentConfig, save_results
+
+        config = ExperimentConfig(
+            model=args.model, tasks=args.tasks, data_dir=args.data_dir, sparsities=args.sparsities,
+            methods=args.methods, limit=args.limit, num_fewshot=args.num_fewshot, samples=args.samples, seed=args.seed,
+            max_tokens=args.max_tokens, seap_score=args.score, router_threshold=args.router_threshold,
+            router_layer=args.router_layer, perplexity=args.perplexity, perplexity_windows=args.perplexity_windows,
+            bench=args.bench, metric=args.metric, eval_batch_size=args.eval_batch_size, device=args.device,
+            dtype=args.dtype,
+        )
+        results = Experiment(config, args.out, progress=progress).run()
+        paths = save_results(results, args.out)
+        from .report import table1
+
+        print(table1(results))
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+    elif cmd == "bench":
+        from .bench import benchmark
+        from .io import atomic_write_json
+        from .masks import PruningMask
+        from .prune import apply_mask
+        from .pruned import load_pruned
+
+        dense = _load(args)
+        models = {"dense": dense}
+        for path in args.pruned:
+            models[f"pruned:{path}"] = load_pruned(path, device=args.device, dtype=args.dtype)
+        for path in args.mask:
+            models[f"mask:{path}"] = apply_mask(dense, PruningMask.load(path), "hard")
+        if len(models) < 2:
+            raise SeapError("nothing to compare with the dense model", "pass --pruned DIR or --mask DIR")
+        result = benchmark(models, args.prefill_batch, args.prefill_tokens, args.decode_tokens, repeats=args.repeats)
+        atomic_write_json(args.out, result)
+        for name, m in result["models"].items():
+            print(f"{name}: realised {m['realised_sparsity']:.3f}  prefill {m['prefill_tokens_per_s']:.0f} tok/s "
+                  f"(x{m['prefill_speedup']:.2f})  decode {m['decode_tokens_per_s']:.1f} tok/s (x{m['decode_speedup']:.2f})")
+        print(f"wrote {args.out}")
+    elif cmd == "router":
+        from .evaluation import training_prompts
+        from .router import train_router
+        from .tasks import TaskRegistry
+
+        registry = TaskRegistry(args.data_dir)
+        specs = registry.resolve(args.tasks)
+        loaded = _load(args)
+        router = train_router(loaded, training_prompts(registry, specs, args.prompts, args.seed), args.layer,
+                              seed=args.seed, threshold=args.threshold)
+        router.save(args.out, overwrite=args.overwrite)
+        print(f"held-out accuracy {router.meta['heldout_accuracy']:.3f} on {router.meta['n_heldout']} prompts")
+        for task, acc in router.meta["heldout_accuracy_per_task"].items():
+            print(f"  {task}: {acc:.3f}")
+        print(f"wrote {args.out}")
+    elif cmd == "route":
+        from .masks import PruningMask
+        from .router import Router
+        from .routing import ExpertBank, RoutedModel
+
+        router = Router.load(args.router)
+        experts = {m.task: m for m in (PruningMask.load(p) for p in args.experts)}
+        general = PruningMask.load(args.general) if args.general else None
+        loaded = _load(args)
+        routed = RoutedModel(ExpertBank(loaded, experts, general), router, args.threshold if general else None)
+        for item in routed.generate(args.prompt, args.max_new_tokens):
+            print(json.dumps(item, ensure_ascii=False))
     elif cmd == "info":
         loaded = _load(args)
         geo = loaded.adapter.geometry(loaded.model)

@@ -143,7 +143,7 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
         raise ArtifactError(f"{p}: the weights do not match the fingerprint recorded at save time", "re-save the pruned model")
     tokenizer: Any = None
     if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(p)))
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(p), config=config))
     return LoadedModel(model, tokenizer, adapter, f"pruned:{p}", fingerprint)
 
 

@@ -1,0 +1,351 @@
+"""The comparison the paper's Table 1 reports: dense, SEAP expert/general, Wanda-sp and FLAP,
+at several sparsities, plus routed inference, perplexity and speed, in one run.
+
+Calibration (train splits) per method:
+
+* ``seap-expert``: each task's own corpus and scores; each task is evaluated with its own
+  expert (oracle task identity, as in the paper's tables).
+* ``seap-general``: SEAP-gen, the weighted sum of the tasks' scores.
+* ``wanda-sp``, ``flap`` and their ``+logistic`` variants: task-agnostic baselines, scored on
+  the pooled statistics of all tasks' corpora, with their original allocation (uniform;
+  FLAP's adaptive allocation with bias compensation) or SEAP's logistic schedule.
+* ``seap-routed``: the router picks an expert per input, falling back to the general mask
+  below the confidence threshold; its accuracy includes routing errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .collect import ActivationStatistics, collect_statistics, merge_statistics
+from .corpus import build_corpus, write_corpus
+from .errors import SeapError
+from .masks import PruningMask, build_mask
+from .models import LoadedModel, load_model
+from .prune import apply_mask
+from .schedules import check_sparsity
+from .scores import combine_scores, compute_scores, get_score
+
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class Variant:
+    score: str
+    schedule: str
+    bias_compensation: bool
+    calibration: str  # "task" (expert), "general" (weighted task scores) or "pooled" (merged statistics)
+
+
+VARIANTS: dict[str, Variant] = {
+    "seap-expert": Variant("seap-sf", "logistic", False, "task"),
+    "seap-general": Variant("seap-sf", "logistic", False, "general"),
+    "wanda-sp": Variant("wanda-sp", "uniform", False, "pooled"),
+    "wanda-sp+logistic": Variant("wanda-sp", "logistic", False, "pooled"),
+    "flap": Variant("flap", "flap-adaptive", True, "pooled"),
+    "flap+logistic": Variant("flap", "logistic", True, "pooled"),
+}
+ROUTED = "seap-routed"
+ALL_METHODS = (*VARIANTS, ROUTED)
+DEFAULT_METHODS = ("seap-expert", "seap-general", "wanda-sp", "flap")
+
+
+@dataclass
+class ExperimentConfig:
+    model: str = "smollm2-135m"
+    tasks: list[str] = field(default_factory=lambda: ["capitals", "antonyms", "arithmetic", "sentiment", "categories"])
+    data_dir: str | None = None
+    sparsities: list[float] = field(default_factory=lambda: [0.2, 0.5])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    limit: int | None = None
+    num_fewshot: int = 0
+    samples: int = 200
+    seed: int = 42
+    max_tokens: int = 512
+    stats_batch_size: int = 8
+    eval_batch_size: int = 16
+    seap_score: str = "seap-sf"
+    gqa_mode: str = "kv-groups"
+    router_threshold: float = 0.5
+    router_layer: int = 0
+    router_prompts: int = 500
+    perplexity: bool = False
+    perplexity_windows: int | None = 40
+    bench: bool = False
+    bench_repeats: int = 5
+    metric: str = "acc"  # acc, acc_norm or paper
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        for s in self.sparsities:
+            check_sparsity(s)
+            if s == 0:
+                raise SeapError("sparsity 0 is the dense model, which is always evaluated", "drop 0 from --sparsities")
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown:
+            raise SeapError(f"unknown method(s) {unknown}", f"methods: {', '.join(ALL_METHODS)}")
+        get_score(self.seap_score)
+        if self.metric not in ("acc", "acc_norm", "paper"):
+            raise SeapError(f"unknown metric {self.metric!r}", "use acc, acc_norm or paper")
+        if self.limit is not None and self.limit < 1:
+            raise SeapError(f"limit must be at least 1, got {self.limit}", "pass --limit 1 or more")
+        if ROUTED in self.methods and len(self.tasks) < 2:
+            raise SeapError("routing needs at least two tasks", "add tasks or drop seap-routed")
+
+
+PAPER_ACC_NORM = {"openbookqa", "hellaswag", "piqa", "arc_challenge"}
+
+
+def metric_for(task: str, metric: str) -> str:
+    if metric == "paper":  # the mix that matches the paper's dense numbers (method notes §9)
+        return "acc_norm" if task in PAPER_ACC_NORM else "acc"
+    return metric
+
+
+class Experiment:
+    """Runs an :class:`ExperimentConfig`, keeping artifacts under ``out_dir/artifacts``."""
+
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+                 loaded: LoadedModel | None = None) -> None:
+        from .tasks import TaskRegistry
+
+        config.validate()
+        self.config = config
+        self.out = Path(out_dir)
+        self.art = self.out / "artifacts"
+        self.progress = progress
+        self.registry = TaskRegistry(config.data_dir, self.out / "tasks")
+        self.specs = self.registry.resolve(config.tasks)
+        not_mc = [s.name for s in self.specs if s.kind != "multiple_choice"]
+        if not_mc:
+            raise SeapError(f"task(s) {not_mc} are not multiple-choice tasks",
+                            "use multiple-choice tasks; WikiText-2 perplexity is reported with --perplexity")
+        self._loaded = loaded
+        self.log: list[str] = []
+
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            self._loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
+        return self._loaded
+
+    def say(self, message: str) -> None:
+        self.log.append(message)
+        if self.progress:
+            print(f"[seap eval] {message}", flush=True)
+
+    # -- calibration -----------------------------------------------------------------
+    def statistics(self) -> dict[str, ActivationStatistics]:
+        c = self.config
+        corpora = {s.name: build_corpus(s.calibration_records(), s.name, c.samples, c.seed, source=s.source)
+                   for s in self.specs}
+        write_corpus(self.art / "corpus.jsonl", corpora, c.max_tokens)
+        stats = {}
+        for task, corpus in corpora.items():
+            path = self.art / "stats" / task
+            cached = None
+            if path.is_dir():
+                try:
+                    cached = ActivationStatistics.load(path)
+                except SeapError:
+                    cached = None
+            if (cached is not None and cached.fingerprint == self.loaded.fingerprint
+                    and cached.meta.get("corpus_digest") == corpus.digest() and cached.meta.get("max_tokens") == c.max_tokens):
+                stats[task] = cached
+                continue
+            self.say(f"statistics for {task} ({len(corpus)} texts)")
+            stats[task] = collect_statistics(self.loaded, corpus, c.stats_batch_size, c.max_tokens, progress=self.progress)
+            stats[task].save(path, overwrite=True)
+        return stats
+
+    def masks(self, stats: dict[str, ActivationStatistics]) -> dict[tuple[str, float], dict[str, PruningMask]]:
+        """Masks per (method, sparsity): ``{task: mask}`` for experts, ``{"general": mask}`` otherwise."""
+        c = self.config
+        pooled = merge_statistics(list(stats.values()), "pooled") if len(stats) > 1 else next(iter(stats.values()))
+        scores_cache: dict[tuple[str, str], Any] = {}
+
+        def scores(score: str, task: str) -> Any:
+            if (score, task) not in scores_cache:
+                scores_cache[(score, task)] = compute_scores(pooled if task == "pooled" else stats[task], score)
+            return scores_cache[(score, task)]
+
+        needed = {m for m in c.methods if m in VARIANTS}
+        if ROUTED in c.methods:
+            needed |= {"seap-expert", "seap-general"}
+        out: dict[tuple[str, float], dict[str, PruningMask]] = {}
+        for method in sorted(needed):
+            v = VARIANTS[method]
+            score = c.seap_score if method.startswith("seap") else v.score
+            for sparsity in c.sparsities:
+                masks: dict[str, PruningMask] = {}
+                if v.calibration == "task":
+                    for task in stats:
+                        masks[task] = build_mask(scores(score, task), sparsity, v.schedule, c.gqa_mode,
+                                                 bias_compensation_stats=stats[task] if v.bias_compensation else None)
+                elif v.calibration == "general":
+                    combined = combine_scores([scores(score, t) for t in stats])
+                    masks["general"] = build_mask(combined, sparsity, v.schedule, c.gqa_mode)
+                else:
+                    masks["general"] = build_mask(scores(score, "pooled"), sparsity, v.schedule, c.gqa_mode,
+                                                  bias_compensation_stats=pooled if v.bias_compensation else None)
+                for name, mask in masks.items():
+                    mask.meta["method"] = method
+                    mask.save(self.art / "masks" / f"{method}-{sparsity:g}" / name, overwrite=True)
+                out[(method, sparsity)] = masks
+        return out
+
+    # -- evaluation ------------------------------------------------------------------
+    def _evaluate(self, model: LoadedModel, specs: Sequence[Any]) -> dict[str, Any]:
+        from .evaluation import evaluate
+
+        c = self.config
+        return evaluate(model, self.registry, specs, c.limit, c.num_fewshot, c.eval_batch_size)
+
+    def _row(self, method: str, sparsity: float, realised: float, tasks: dict[str, Any], seconds: float,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        row = {"method": method, "sparsity": sparsity, "realised_sparsity": realised, "tasks": tasks,
+               "average": self._average(tasks), "seconds": round(seconds, 1)}
+        row.update(extra or {})
+        return row
+
+    def _average(self, tasks: dict[str, Any]) -> dict[str, float]:
+        avg = {}
+        for metric in ("acc", "acc_norm"):
+            values = [t[metric] for t in tasks.values() if metric in t]
+            if values:
+                avg[metric] = sum(values) / len(values)
+        values = [t[metric_for(name, self.config.metric)] for name, t in tasks.items()]
+        avg["table"] = sum(values) / len(values)
+        return avg
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        started = time.perf_counter()
+        self.say(f"model {c.model}")
+        base = self.loaded
+        stats = self.statistics()
+        masks = self.masks(stats)
+        rows = []
+        t0 = time.perf_counter()
+        self.say("evaluating the dense model")
+        dense = self._evaluate(base, self.specs)
+        rows.append(self._row(DENSE, 0.0, 0.0, dense["tasks"], time.perf_counter() - t0))
+        meta = {k: dense[k] for k in ("lm_eval_version", "data_fingerprint", "limit", "num_fewshot")}
+        for (method, sparsity), group in sorted(masks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if method not in c.methods:
+                continue
+            v = VARIANTS[method]
+            t0 = time.perf_counter()
+            self.say(f"evaluating {method} at {sparsity:g}")
+            if v.calibration == "task":
+                tasks = {}
+                for spec in self.specs:
+                    expert = apply_mask(base, group[spec.name], "hard", bias_compensation=v.bias_compensation)
+                    tasks.update(self._evaluate(expert, [spec])["tasks"])
+                realised = sum(m.realised_sparsity() for m in group.values()) / len(group)
+            else:
+                model = apply_mask(base, group["general"], "hard", bias_compensation=v.bias_compensation)
+                tasks = self._evaluate(model, self.specs)["tasks"]
+                realised = group["general"].realised_sparsity()
+            rows.append(self._row(method, sparsity, realised, tasks, time.perf_counter() - t0))
+        router_info = None
+        if ROUTED in c.methods:
+            router_info, routed_rows = self.routed(masks)
+            rows.extend(routed_rows)
+        results: dict[str, Any] = {
+            "config": asdict(c),
+            "model_fingerprint": base.fingerprint,
+            **meta,
+            "tasks": [s.describe() for s in self.specs],
+            "metric": c.metric,
+            "rows": rows,
+            "router": router_info,
+        }
+        if c.perplexity:
+            results["perplexity"] = self.perplexities(masks)
+        if c.bench:
+            results["speed"] = self.speed(masks)
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        return results
+
+    def routed(self, masks: dict[tuple[str, float], dict[str, PruningMask]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        from .evaluation import evaluate_lm, training_prompts
+        from .router import train_router
+        from .routing import ExpertBank, RoutedModel, make_routed_lm, routing_summary
+
+        c = self.config
+        self.say("training the router")
+        prompts = training_prompts(self.registry, self.specs, c.router_prompts, c.seed)
+        router = train_router(self.loaded, prompts, c.router_layer, seed=c.seed, threshold=c.router_threshold)
+        router.save(self.art / "router", overwrite=True)
+        info = {k: router.meta[k] for k in ("heldout_accuracy", "heldout_accuracy_per_task", "n_train", "n_heldout",
+                                           "threshold", "confusion")}
+        info["tasks"] = router.tasks
+        info["feature_layer"] = router.feature_layer
+        rows = []
+        task_of = {s.lm_eval_task: s.name for s in self.specs}
+        for sparsity in c.sparsities:
+            bank = ExpertBank(self.loaded, masks[("seap-expert", sparsity)], masks[("seap-general", sparsity)]["general"])
+            routed = RoutedModel(bank, router)
+            lm = make_routed_lm(routed, task_of, c.eval_batch_size)
+            self.say(f"evaluating seap-routed at {sparsity:g}")
+            t0 = time.perf_counter()
+            result = evaluate_lm(lm, self.registry, self.specs, c.limit, c.num_fewshot)
+            seconds = time.perf_counter() - t0
+            summary = routing_summary(lm.log, [s.name for s in self.specs])
+            realised = sum(m.realised_sparsity() for m in bank.masks.values()) / len(bank.masks)
+            rows.append(self._row(ROUTED, sparsity, realised, result["tasks"], seconds, {
+                "routing": summary,
+                "router_seconds": round(routed.routing_seconds, 3),
+                "router_overhead": routed.routing_seconds / seconds,
+                "materialisations": bank.materialisations,
+            }))
+        return info, rows
+
+    def perplexities(self, masks: dict[tuple[str, float], dict[str, PruningMask]]) -> dict[str, Any]:
+        from .evaluation import wikitext_perplexity
+
+        c = self.config
+        if not c.data_dir:
+            raise SeapError("--perplexity needs WikiText-2 under --data-dir", "pass --data-dir with wikitext/")
+        self.say("WikiText-2 perplexity")
+        out = {"dense": wikitext_perplexity(self.loaded, c.data_dir, max_windows=c.perplexity_windows,
+                                            progress=self.progress)}
+        for (method, sparsity), group in masks.items():
+            if method not in c.methods or "general" not in group:
+                continue
+            model = apply_mask(self.loaded, group["general"], "hard", bias_compensation=VARIANTS[method].bias_compensation)
+            out[f"{method}@{sparsity:g}"] = wikitext_perplexity(model, c.data_dir, max_windows=c.perplexity_windows,
+                                                               progress=self.progress)
+        return out
+
+    def speed(self, masks: dict[tuple[str, float], dict[str, PruningMask]]) -> dict[str, Any]:
+        from .bench import benchmark
+
+        c = self.config
+        models = {"dense": self.loaded}
+        for (method, sparsity), group in sorted(masks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if method in c.methods and "general" in group:
+                models[f"{method}@{sparsity:g}"] = apply_mask(self.loaded, group["general"], "hard",
+                                                               bias_compensation=VARIANTS[method].bias_compensation)
+        self.say(f"speed benchmark of {len(models)} models")
+        return benchmark(models, repeats=c.bench_repeats)
+
+
+def save_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write results.json, results.md (Table 1 layout) and accuracy_vs_sparsity.png."""
+    from .io import atomic_write_text
+    from .report import accuracy_plot, markdown_report
+
+    out = Path(out_dir)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_sparsity.png"}
+    atomic_write_text(paths["json"], json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(paths["markdown"], markdown_report(results))
+    accuracy_plot(results, paths["plot"])
+    return paths
