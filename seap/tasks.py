@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .corpus import detect_schema, read_records
+from .corpus import read_records
 from .errors import SeapError
 from .io import atomic_write_text
 from .starter import STARTER_TASKS, starter_records
@@ -131,13 +131,12 @@ def _check_schema(path: Path, task: str, expected: Sequence[str] | None) -> int:
     """Validate every record of a JSONL file against the task's schema; returns the count."""
     records = read_records(path)
     for i, record in enumerate(records, start=1):
-        schema = detect_schema(record) if expected is None else None
         if expected is not None and not set(expected) <= set(record):
             raise SeapError(
                 f"{path}, record {i}: fields {sorted(record)} do not match task {task!r} (needs {list(expected)})",
                 "fix the file, or check that it belongs to this task",
             )
-        if expected is None and schema != "multiple_choice":
+        if expected is None and not {"question", "choices", "answer"} <= set(record):
             raise SeapError(
                 f"{path}, record {i}: not a multiple-choice record (fields {sorted(record)})",
                 'use {"question": "...", "choices": ["...", "..."], "answer": <index>}',

@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from seap.errors import SeapError
+from seap.evaluation import evaluate, perplexity, training_prompts
+from seap.prune import apply_mask
+from seap.tasks import TaskRegistry
+from tests.helpers import SENTENCES, make_tiny_model
+from tests.helpers_tasks import make_task_dir
+from tests.test_prune import mask_for
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return TaskRegistry(make_task_dir(root / "data"), root / "work")
+
+
+def test_in_memory_evaluation_dense_soft_hard(registry) -> None:
+    loaded = make_tiny_model("llama-gqa")
+    specs = registry.resolve(["geo", "life"])
+    dense = evaluate(loaded, registry, specs, limit=8, batch_size=4)
+    assert set(dense["tasks"]) == {"geo", "life"}
+    for task in dense["tasks"].values():
+        assert task["n"] == 8 and task["num_fewshot"] == 0
+        assert 0 <= task["acc"] <= 1 and 0 <= task["acc_norm"] <= 1
+    assert dense["lm_eval_version"] == "0.4.13" and dense["data_fingerprint"].startswith("sha256:")
+    mask = mask_for(loaded, 0.4)
+    soft = evaluate(apply_mask(loaded, mask, "soft"), registry, specs, limit=8, batch_size=4)
+    hard = evaluate(apply_mask(loaded, mask, "hard"), registry, specs, limit=8, batch_size=4)
+    for task in ("geo", "life"):  # same logits, same answers
+        assert soft["tasks"][task]["acc"] == hard["tasks"][task]["acc"]
+    assert hard["model_fingerprint"] != dense["model_fingerprint"]
+
+
+def test_evaluation_on_a_starter_task() -> None:
+    reg = TaskRegistry()
+    loaded = make_tiny_model("qwen2")
+    result = evaluate(loaded, reg, reg.resolve(["sentiment"]), limit=6)
+    assert result["tasks"]["sentiment"]["n"] == 6 and result["tasks"]["sentiment"]["source"] == "starter"
+
+
+def test_bad_evaluation_arguments(registry) -> None:
+    loaded = make_tiny_model("llama-gqa")
+    with pytest.raises(SeapError, match="limit must be at least 1"):
+        evaluate(loaded, registry, registry.resolve(["geo"]), limit=0)
+    with pytest.raises(SeapError, match="not multiple-choice"):
+        evaluate(loaded, registry, registry.resolve(["hub:wikitext"]))
+
+
+def test_perplexity_matches_direct_computation() -> None:
+    loaded = make_tiny_model("llama-mha")
+    text = " ".join(SENTENCES * 3)
+    result = perplexity(loaded, text, context_length=16, stride=16, progress=False)
+    ids = torch.tensor(loaded.tokenizer(text)["input_ids"])
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 16):
+            window = ids[start : start + 16]
+            if len(window) < 2:
+                continue
+            logits = loaded.model(input_ids=window[None]).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+            count += len(window) - 1
+    assert result["tokens_scored"] == count
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    strided = perplexity(loaded, text, context_length=16, stride=8, progress=False)
+    assert strided["tokens_scored"] == len(ids) - 1  # overlapping windows score every token once
+
+
+def test_training_prompts_come_from_train_split(registry) -> None:
+    specs = registry.resolve(["geo", "life"])
+    prompts = training_prompts(registry, specs, per_task=10, seed=0)
+    train_questions = {r["question"] for r in specs[0].calibration_records()}
+    assert len(prompts["geo"]) == 10 and set(prompts["geo"]) <= train_questions
