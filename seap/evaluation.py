@@ -9,8 +9,8 @@ the lm-eval version and a fingerprint of the evaluation data.
 from __future__ import annotations
 
 import hashlib
-import os
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
