@@ -73,11 +73,20 @@ def evaluate_lm(
         raise SeapError("no tasks to evaluate", "name at least one task")
     by_lm_name = {s.lm_eval_task: s for s in specs}
     start = time.perf_counter()
-    raw = simple_evaluate(
-        model=lm, tasks=list(by_lm_name), task_manager=registry.task_manager(), num_fewshot=num_fewshot,
-        limit=limit, log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
-        torch_random_seed=0, fewshot_random_seed=0,
-    )
+    try:
+        raw = simple_evaluate(
+            model=lm, tasks=list(by_lm_name), task_manager=registry.task_manager(), num_fewshot=num_fewshot,
+            limit=limit, log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+            torch_random_seed=0, fewshot_random_seed=0,
+        )
+    except (ConnectionError, OSError) as exc:
+        hub = [s.name for s in specs if s.source == "hub"]
+        if not hub:
+            raise
+        raise SeapError(
+            f"could not load hub task(s) {hub}: {str(exc).splitlines()[0][:200]}",
+            "the Hugging Face hub is unreachable: pass a local copy with --data-dir (local:NAME)",
+        ) from exc
     elapsed = time.perf_counter() - start
     tasks: dict[str, Any] = {}
     for lm_name, spec in by_lm_name.items():

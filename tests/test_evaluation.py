@@ -75,3 +75,11 @@ def test_training_prompts_come_from_train_split(registry) -> None:
     prompts = training_prompts(registry, specs, per_task=10, seed=0)
     train_questions = {r["question"] for r in specs[0].calibration_records()}
     assert len(prompts["geo"]) == 10 and set(prompts["geo"]) <= train_questions
+
+
+def test_unreachable_hub_task_gives_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    reg = TaskRegistry()
+    with pytest.raises(SeapError, match="could not load hub task"):
+        evaluate(make_tiny_model("llama-gqa"), reg, reg.resolve(["hub:piqa"]), limit=2)
