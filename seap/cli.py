@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
             bench=args.bench, metric=args.metric, eval_batch_size=args.eval_batch_size, device=args.device,
             dtype=args.dtype,
         )
-        results = Experiment(config, args.out, progress=progress).run()
+        results = Experiment(config, args.out, progress=progress, verbose=True).run()
         paths = save_results(results, args.out)
         from .report import table1
 

@@ -112,7 +112,7 @@ class Experiment:
     """Runs an :class:`ExperimentConfig`, keeping artifacts under ``out_dir/artifacts``."""
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, progress: bool = True,
-                 loaded: LoadedModel | None = None) -> None:
+                 loaded: LoadedModel | None = None, verbose: bool | None = None) -> None:
         from .tasks import TaskRegistry
 
         config.validate()
@@ -120,6 +120,7 @@ class Experiment:
         self.out = Path(out_dir)
         self.art = self.out / "artifacts"
         self.progress = progress
+        self.verbose = progress if verbose is None else verbose
         self.registry = TaskRegistry(config.data_dir, self.out / "tasks")
         self.specs = self.registry.resolve(config.tasks)
         not_mc = [s.name for s in self.specs if s.kind != "multiple_choice"]
@@ -137,7 +138,7 @@ class Experiment:
 
     def say(self, message: str) -> None:
         self.log.append(message)
-        if self.progress:
+        if self.verbose:
             print(f"[seap eval] {message}", flush=True)
 
     # -- calibration -----------------------------------------------------------------

@@ -99,7 +99,8 @@ def accuracy_plot(results: dict[str, Any], path: str | Path) -> Path:
     if dense:
         ax.axhline(dense["average"]["table"] * 100, color="gray", linestyle=":", label="dense")
     ax.set_xlabel("target sparsity (%)")
-    ax.set_ylabel(f"average {results.get('metric', 'acc')} (%)")
+    metric = results.get("metric", "acc")
+    ax.set_ylabel("average accuracy, paper's acc/acc_norm mix (%)" if metric == "paper" else f"average {metric} (%)")
     ax.set_title(f"{results['config']['model']}: accuracy vs sparsity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
