@@ -45,6 +45,13 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"data {str(results.get('data_fingerprint', ''))[:19]}; model {str(results.get('model_fingerprint', ''))[:19]}.",
         "",
         table1(results),
+        "Averages of both lm-eval metrics (x100):",
+        "",
+        "| Ratio | Method | acc | acc_norm |",
+        "|---|---|---:|---:|",
+        *[f"| {r['sparsity'] * 100:.0f}% | {r['method']} | {r['average'].get('acc', float('nan')) * 100:.2f} | "
+          f"{r['average'].get('acc_norm', float('nan')) * 100:.2f} |" for r in sorted(results["rows"], key=_order)],
+        "",
     ]
     if results.get("router"):
         r = results["router"]
