@@ -19,7 +19,6 @@ from typing import Any
 
 from .errors import ArtifactError, SeapError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

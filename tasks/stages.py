@@ -1,0 +1,211 @@
+"""Prefect tasks for the pipeline stages.
+
+Each task calls the same library function as the CLI and the DVC stages, takes and returns
+only paths and content hashes (an :class:`ArtifactRef`), and is cached on the *content* of
+its inputs: the cache key hashes the stage name, its parameters, the files it reads and the
+source of the library modules it runs (:func:`seap.contenthash.stage_key`). A second run
+with the same inputs is served from the cache in any process; changing one parameter
+re-runs only the stages that depend on it.
+
+Outputs are content-addressed: a stage writes ``<workdir>/<stage>/<key>/`` atomically, so
+an interrupted run leaves no partial output, a restarted run resumes from the finished
+stages, and concurrent runs with the same inputs agree on one result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypedDict
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from seap.contenthash import stage_key, tree_digest
+from seap.errors import SeapError
+from seap.io import atomic_directory
+
+RETRIES = 2  # transient I/O (network filesystems, object stores)
+CACHE_EXPIRATION = timedelta(days=90)
+
+
+class ArtifactRef(TypedDict):
+    """What tasks pass around: where an artifact is and the hash of its content."""
+
+    path: str
+    digest: str
+
+
+def ref(path: str | Path) -> ArtifactRef:
+    return {"path": str(path), "digest": tree_digest(path)}
+
+
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "corpus": ("seap.corpus", "seap.starter", "seap.pipeline"),
+    "statistics": ("seap.collect", "seap.stats", "seap.hooks", "seap.corpus", "seap.adapters.base"),
+    "merge-statistics": ("seap.collect", "seap.stats"),
+    "scores": ("seap.scores", "seap.collect"),
+    "masks": ("seap.masks", "seap.schedules", "seap.geometry", "seap.scores"),
+    "prune": ("seap.prune", "seap.pruned", "seap.masks"),
+}
+
+
+def _digest_of(value: Any) -> Any:
+    """Replace artifact refs (and lists of them) by their content digests."""
+    if isinstance(value, dict) and set(value) == {"path", "digest"}:
+        return value["digest"]
+    if isinstance(value, (list, tuple)):
+        return [_digest_of(v) for v in value]
+    return value
+
+
+def content_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """A Prefect ``cache_key_fn``: stage + parameters (refs by content) + stage code."""
+
+    def key_fn(_ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
+        params = {k: _digest_of(v) for k, v in parameters.items() if k not in ("workdir", "progress")}
+        return stage_key(stage, params, modules=STAGE_MODULES[stage])
+
+    return key_fn
+
+
+def _output_dir(workdir: str, stage: str, parameters: dict[str, Any]) -> Path:
+    return Path(workdir) / stage / content_key(stage)(None, parameters)  # type: ignore[arg-type]
+
+
+def _produce(out: Path, build: Callable[[Path], Any]) -> ArtifactRef:
+    """Build ``out`` once: reuse a finished one, tolerate a concurrent writer of the same key."""
+    if out.exists():
+        return ref(out)
+    try:
+        build(out)
+    except SeapError as exc:
+        if out.exists() and "already exists" in exc.problem:  # a concurrent run finished it first
+            return ref(out)
+        raise
+    except OSError:
+        if out.exists():
+            return ref(out)
+        raise
+    return ref(out)
+
+
+def retry_transient(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry I/O failures only; a bad input (SeapError) fails at once."""
+    try:
+        state.result()
+    except SeapError:
+        return False
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is a bug or bad input: do not retry
+        return False
+    return False
+
+
+def _stage_task(stage: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+    return task(name=stage, cache_key_fn=content_key(stage), cache_expiration=CACHE_EXPIRATION,
+                persist_result=True, retries=RETRIES, retry_delay_seconds=2, retry_condition_fn=retry_transient,
+                **kwargs)
+
+
+def _check(*refs: ArtifactRef) -> None:
+    for r in refs:
+        if not Path(r["path"]).exists():
+            raise SeapError(f"input {r['path']} of this stage is missing (deleted after it was cached?)",
+                            "re-run with PREFECT_TASKS_REFRESH_CACHE=true, or restore the work folder")
+
+
+@task(name="model", retries=RETRIES, retry_delay_seconds=2, retry_condition_fn=retry_transient)
+def resolve_model(model: str) -> ArtifactRef:
+    """A local folder for the model (fetching/converting a built-in or GGUF model once)."""
+    from seap.models import resolve_model_path
+
+    location, kind = resolve_model_path(model)
+    if kind == "hub":
+        return {"path": str(location), "digest": f"hub:{location}"}
+    return ref(location)
+
+
+@_stage_task("corpus")
+def build_corpus(source: str | ArtifactRef, task_name: str | None, samples: int | None, seed: int, max_tokens: int,
+                 workdir: str) -> ArtifactRef:
+    """``source`` is ``"builtin"`` or the ref of a records file (so its content is in the key)."""
+    from seap.pipeline import corpus_stage
+
+    out = _output_dir(workdir, "corpus", {"source": source, "task_name": task_name, "samples": samples, "seed": seed,
+                                          "max_tokens": max_tokens})
+    path = source if isinstance(source, str) else source["path"]
+
+    def build(o: Path) -> None:
+        with atomic_directory(o) as tmp:
+            corpus_stage(path, tmp / "corpus.jsonl", [task_name] if task_name else None, samples, seed, max_tokens)
+
+    return _produce(out, build)
+
+
+@_stage_task("statistics")
+def collect_statistics(model: ArtifactRef, corpus: ArtifactRef, batch_size: int, workdir: str,
+                       progress: bool = False) -> ArtifactRef:
+    from seap.models import load_model
+    from seap.pipeline import stats_stage
+
+    _check(corpus)
+    out = _output_dir(workdir, "statistics", {"model": model, "corpus": corpus, "batch_size": batch_size})
+
+    def build(o: Path) -> None:
+        loaded = load_model(model["path"])
+        with atomic_directory(o) as tmp:
+            stats_stage(loaded, Path(corpus["path"]) / "corpus.jsonl", tmp, batch_size=batch_size, progress=progress)
+
+    return _produce(out, build)
+
+
+@_stage_task("scores")
+def compute_scores(statistics: ArtifactRef, task_name: str, score: str, workdir: str) -> ArtifactRef:
+    from seap.pipeline import scores_stage
+
+    _check(statistics)
+    out = _output_dir(workdir, "scores", {"statistics": statistics, "task_name": task_name, "score": score})
+    return _produce(out, lambda o: scores_stage(Path(statistics["path"]) / task_name, o, score))
+
+
+@_stage_task("masks")
+def build_mask(scores: list[ArtifactRef], sparsity: float, schedule: str, general: bool, gqa_mode: str,
+               workdir: str, bias_statistics: ArtifactRef | None = None, bias_task: str | None = None) -> ArtifactRef:
+    from seap.pipeline import mask_stage
+
+    _check(*scores)
+    params = {"scores": scores, "sparsity": sparsity, "schedule": schedule, "general": general, "gqa_mode": gqa_mode,
+              "bias_statistics": bias_statistics, "bias_task": bias_task}
+    out = _output_dir(workdir, "masks", params)
+    bias_dir = Path(bias_statistics["path"]) / bias_task if bias_statistics and bias_task else None
+    return _produce(out, lambda o: mask_stage([s["path"] for s in scores], o, sparsity, schedule, general,
+                                              gqa_mode=gqa_mode, bias_stats_dir=bias_dir))
+
+
+@_stage_task("prune")
+def prune_model(model: ArtifactRef, mask: ArtifactRef, bias_compensation: bool, workdir: str) -> ArtifactRef:
+    from seap.masks import PruningMask
+    from seap.models import load_model
+    from seap.prune import apply_mask
+    from seap.pruned import save_pruned
+
+    _check(mask)
+    out = _output_dir(workdir, "prune", {"model": model, "mask": mask, "bias_compensation": bias_compensation})
+
+    def build(o: Path) -> None:
+        m = PruningMask.load(mask["path"])
+        save_pruned(apply_mask(load_model(model["path"]), m, "hard", bias_compensation, inplace=True), o, m)
+
+    return _produce(out, build)
+
+
+def default_workdir() -> str:
+    return os.environ.get("SEAP_WORK_DIR", str(Path("runs") / "work"))
+
+
+__all__: Sequence[str] = ["ArtifactRef", "build_corpus", "build_mask", "collect_statistics", "compute_scores",
+                          "prune_model", "resolve_model", "default_workdir"]
