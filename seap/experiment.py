@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,49 @@ def metric_for(task: str, metric: str) -> str:
     if metric == "paper":  # the mix that matches the paper's dense numbers (method notes §9)
         return "acc_norm" if task in PAPER_ACC_NORM else "acc"
     return metric
+
+
+def average(tasks: dict[str, Any], metric: str) -> dict[str, float]:
+    """Mean acc and acc_norm over tasks, and ``table``: the mean of the report's metric."""
+    avg = {}
+    for name in ("acc", "acc_norm"):
+        values = [t[name] for t in tasks.values() if name in t]
+        if values:
+            avg[name] = sum(values) / len(values)
+    values = [t[metric_for(task, metric)] for task, t in tasks.items()]
+    avg["table"] = sum(values) / len(values)
+    return avg
+
+
+def evaluate_masks(base: LoadedModel, registry: Any, specs: Sequence[Any], method: str, sparsity: float,
+                   masks: Mapping[str, PruningMask] | None, bias_compensation: bool = False, limit: int | None = None,
+                   num_fewshot: int = 0, batch_size: int = 16, metric: str = "acc") -> dict[str, Any]:
+    """One row of the table: the dense model (no masks), one general mask on all tasks, or
+    one expert mask per task, each task evaluated with its own expert."""
+    from .evaluation import evaluate
+
+    start = time.perf_counter()
+    meta: dict[str, Any] = {}
+    if not masks:
+        result = evaluate(base, registry, specs, limit, num_fewshot, batch_size)
+        tasks, realised, meta = result["tasks"], 0.0, result
+    elif set(masks) == {"general"}:
+        model = apply_mask(base, masks["general"], "hard", bias_compensation=bias_compensation)
+        result = evaluate(model, registry, specs, limit, num_fewshot, batch_size)
+        tasks, realised, meta = result["tasks"], masks["general"].realised_sparsity(), result
+    else:
+        missing = [s.name for s in specs if s.name not in masks]
+        if missing:
+            raise SeapError(f"no expert mask for task(s) {missing}", "build an expert mask for every evaluated task")
+        tasks = {}
+        for spec in specs:
+            expert = apply_mask(base, masks[spec.name], "hard", bias_compensation=bias_compensation)
+            meta = evaluate(expert, registry, [spec], limit, num_fewshot, batch_size)
+            tasks.update(meta["tasks"])
+        realised = sum(masks[s.name].realised_sparsity() for s in specs) / len(specs)
+    return {"method": method, "sparsity": sparsity, "realised_sparsity": realised, "tasks": tasks,
+            "average": average(tasks, metric), "seconds": round(time.perf_counter() - start, 1),
+            "lm_eval_version": meta.get("lm_eval_version"), "num_fewshot": num_fewshot, "limit": limit}
 
 
 class Experiment:
@@ -202,28 +245,12 @@ class Experiment:
         return out
 
     # -- evaluation ------------------------------------------------------------------
-    def _evaluate(self, model: LoadedModel, specs: Sequence[Any]) -> dict[str, Any]:
-        from .evaluation import evaluate
-
-        c = self.config
-        return evaluate(model, self.registry, specs, c.limit, c.num_fewshot, c.eval_batch_size)
-
     def _row(self, method: str, sparsity: float, realised: float, tasks: dict[str, Any], seconds: float,
              extra: dict[str, Any] | None = None) -> dict[str, Any]:
         row = {"method": method, "sparsity": sparsity, "realised_sparsity": realised, "tasks": tasks,
-               "average": self._average(tasks), "seconds": round(seconds, 1)}
+               "average": average(tasks, self.config.metric), "seconds": round(seconds, 1)}
         row.update(extra or {})
         return row
-
-    def _average(self, tasks: dict[str, Any]) -> dict[str, float]:
-        avg = {}
-        for metric in ("acc", "acc_norm"):
-            values = [t[metric] for t in tasks.values() if metric in t]
-            if values:
-                avg[metric] = sum(values) / len(values)
-        values = [t[metric_for(name, self.config.metric)] for name, t in tasks.items()]
-        avg["table"] = sum(values) / len(values)
-        return avg
 
     def run(self) -> dict[str, Any]:
         c = self.config
@@ -232,29 +259,19 @@ class Experiment:
         base = self.loaded
         stats = self.statistics()
         masks = self.masks(stats)
-        rows = []
-        t0 = time.perf_counter()
+        from .evaluation import data_fingerprint, lm_eval_version
+
+        opts = {"limit": c.limit, "num_fewshot": c.num_fewshot, "batch_size": c.eval_batch_size, "metric": c.metric}
         self.say("evaluating the dense model")
-        dense = self._evaluate(base, self.specs)
-        rows.append(self._row(DENSE, 0.0, 0.0, dense["tasks"], time.perf_counter() - t0))
-        meta = {k: dense[k] for k in ("lm_eval_version", "data_fingerprint", "limit", "num_fewshot")}
+        rows = [evaluate_masks(base, self.registry, self.specs, DENSE, 0.0, None, **opts)]
+        meta = {"lm_eval_version": lm_eval_version(), "data_fingerprint": data_fingerprint(self.specs, c.limit, c.num_fewshot),
+                "limit": c.limit, "num_fewshot": c.num_fewshot}
         for (method, sparsity), group in sorted(masks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             if method not in c.methods:
                 continue
-            v = VARIANTS[method]
-            t0 = time.perf_counter()
             self.say(f"evaluating {method} at {sparsity:g}")
-            if v.calibration == "task":
-                tasks = {}
-                for spec in self.specs:
-                    expert = apply_mask(base, group[spec.name], "hard", bias_compensation=v.bias_compensation)
-                    tasks.update(self._evaluate(expert, [spec])["tasks"])
-                realised = sum(m.realised_sparsity() for m in group.values()) / len(group)
-            else:
-                model = apply_mask(base, group["general"], "hard", bias_compensation=v.bias_compensation)
-                tasks = self._evaluate(model, self.specs)["tasks"]
-                realised = group["general"].realised_sparsity()
-            rows.append(self._row(method, sparsity, realised, tasks, time.perf_counter() - t0))
+            rows.append(evaluate_masks(base, self.registry, self.specs, method, sparsity, group,
+                                       VARIANTS[method].bias_compensation, **opts))
         router_info = None
         if ROUTED in c.methods:
             router_info, routed_rows = self.routed(masks)
