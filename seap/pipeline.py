@@ -253,3 +253,56 @@ def prune(
     timings["prune+save"] = time.perf_counter() - t0
     kept = pruned.adapter.geometry(pruned.model).total_params()
     return PruneResult(out, mask, sparsity, 1 - kept / dense, dense, kept, list(corpora), timings)
+
+
+# ---------------------------------------------------------------------------------------
+# task-registry stages (the pipeline's corpus and evaluation steps)
+
+
+def task_corpus_stage(tasks: Sequence[str], out: str | Path, data_dir: str | Path | None = None,
+                      samples: int | None = DEFAULT_SAMPLES_PER_TASK, seed: int = DEFAULT_SEED,
+                      max_tokens: int | None = DEFAULT_MAX_TOKENS, work_dir: str | Path | None = None,
+                      ) -> dict[str, CalibrationCorpus]:
+    """Calibration corpora of registry tasks (their train splits) written to one corpus file."""
+    from .corpus import build_corpus
+    from .tasks import TaskRegistry
+
+    registry = TaskRegistry(data_dir, work_dir)
+    specs = registry.resolve(list(tasks))
+    corpora = {s.name: build_corpus(s.calibration_records(), s.name, samples, seed, source=s.source) for s in specs}
+    write_corpus(out, corpora, max_tokens=max_tokens)
+    return corpora
+
+
+def evaluate_stage(
+    model: str | LoadedModel,
+    tasks: Sequence[str],
+    out: str | Path,
+    method: str = "dense",
+    sparsity: float = 0.0,
+    masks: Mapping[str, str | Path] | None = None,
+    bias_compensation: bool = False,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 16,
+    metric: str = "acc",
+    work_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate one table row and write it as JSON: the dense model (no ``masks``), a general
+    mask (``{"general": dir}``) on every task, or experts (``{task: dir}``), each on its task."""
+    from .experiment import evaluate_masks
+    from .io import atomic_write_json
+    from .masks import PruningMask
+    from .tasks import TaskRegistry
+
+    registry = TaskRegistry(data_dir, work_dir)
+    specs = registry.resolve(list(tasks))
+    loaded_masks = {name: PruningMask.load(path) for name, path in (masks or {}).items()}
+    loaded = load_model(model) if isinstance(model, str) else model
+    row = evaluate_masks(loaded, registry, specs, method, sparsity, loaded_masks, bias_compensation, limit,
+                         num_fewshot, batch_size, metric)
+    row["model_fingerprint"] = loaded.fingerprint
+    row["masks"] = {name: m.digest() for name, m in loaded_masks.items()}
+    atomic_write_json(out, row)
+    return row
