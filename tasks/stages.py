@@ -44,6 +44,8 @@ def ref(path: str | Path) -> ArtifactRef:
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "corpus": ("seap.corpus", "seap.starter", "seap.pipeline"),
+    "task-corpus": ("seap.corpus", "seap.starter", "seap.tasks", "seap.pipeline"),
+    "evaluate": ("seap.evaluation", "seap.experiment", "seap.tasks", "seap.prune", "seap.masks", "seap.pipeline"),
     "statistics": ("seap.collect", "seap.stats", "seap.hooks", "seap.corpus", "seap.adapters.base"),
     "merge-statistics": ("seap.collect", "seap.stats"),
     "scores": ("seap.scores", "seap.collect"),
@@ -203,9 +205,63 @@ def prune_model(model: ArtifactRef, mask: ArtifactRef, bias_compensation: bool, 
     return _produce(out, build)
 
 
+@_stage_task("task-corpus")
+def build_task_corpus(tasks: list[str], data: ArtifactRef | None, samples: int | None, seed: int, max_tokens: int,
+                      workdir: str) -> ArtifactRef:
+    """Calibration corpus of registry tasks (train splits); ``data`` is the ref of the data folder."""
+    from seap.pipeline import task_corpus_stage
+
+    out = _output_dir(workdir, "task-corpus", {"tasks": tasks, "data": data, "samples": samples, "seed": seed,
+                                               "max_tokens": max_tokens})
+
+    def build(o: Path) -> None:
+        with atomic_directory(o) as tmp:
+            task_corpus_stage(tasks, tmp / "corpus.jsonl", data["path"] if data else None, samples, seed, max_tokens,
+                              Path(workdir) / "task-files")
+
+    return _produce(out, build)
+
+
+@_stage_task("merge-statistics")
+def merge_task_statistics(statistics: ArtifactRef, tasks: list[str], workdir: str) -> ArtifactRef:
+    """The pooled statistics of several tasks (what the task-agnostic baselines calibrate on)."""
+    from seap.pipeline import merge_stats_stage
+
+    _check(statistics)
+    out = _output_dir(workdir, "merge-statistics", {"statistics": statistics, "tasks": tasks})
+    def build(o: Path) -> None:  # laid out like `statistics`: one sub-folder, "pooled"
+        with atomic_directory(o) as tmp:
+            merge_stats_stage([Path(statistics["path"]) / t for t in tasks], tmp / "pooled", "pooled")
+
+    return _produce(out, build)
+
+
+@_stage_task("evaluate")
+def evaluate_row(model: ArtifactRef, tasks: list[str], data: ArtifactRef | None, method: str, sparsity: float,
+                 masks: dict[str, ArtifactRef], bias_compensation: bool, limit: int | None, metric: str,
+                 workdir: str) -> ArtifactRef:
+    """One row of the results table as JSON (dense, a general mask, or per-task experts)."""
+    from seap.models import load_model
+    from seap.pipeline import evaluate_stage
+
+    _check(*masks.values())
+    out = _output_dir(workdir, "evaluate", {"model": model, "tasks": tasks, "data": data, "method": method,
+                                            "sparsity": sparsity, "masks": masks,
+                                            "bias_compensation": bias_compensation, "limit": limit, "metric": metric})
+
+    def build(o: Path) -> None:
+        with atomic_directory(o) as tmp:
+            evaluate_stage(load_model(model["path"]), tasks, tmp / "row.json", method, sparsity,
+                           {k: v["path"] for k, v in masks.items()}, bias_compensation, data["path"] if data else None,
+                           limit, metric=metric, work_dir=Path(workdir) / "task-files")
+
+    return _produce(out, build)
+
+
 def default_workdir() -> str:
     return os.environ.get("SEAP_WORK_DIR", str(Path("runs") / "work"))
 
 
-__all__: Sequence[str] = ["ArtifactRef", "build_corpus", "build_mask", "collect_statistics", "compute_scores",
-                          "prune_model", "resolve_model", "default_workdir"]
+__all__: Sequence[str] = ["ArtifactRef", "build_corpus", "build_mask", "build_task_corpus", "collect_statistics",
+                          "compute_scores", "default_workdir", "evaluate_row", "merge_task_statistics", "prune_model",
+                          "resolve_model"]

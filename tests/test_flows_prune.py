@@ -76,3 +76,25 @@ def test_invalid_parameters_fail_before_work(prefect_env, tmp_path) -> None:
     with pytest.raises(SeapError, match="sparsity"):
         prune_flow(sparsity=1.5, workdir=str(tmp_path / "work"))
     assert not (tmp_path / "work").exists()
+
+
+def test_pipeline_flow_end_to_end_and_cached(prefect_env, tmp_path) -> None:
+    from flows.pipeline import seap_pipeline
+
+    tiny = make_tiny_model("llama-gqa")
+    tiny.model.save_pretrained(tmp_path / "base")
+    tiny.tokenizer.save_pretrained(tmp_path / "base")
+    from tests.helpers_tasks import make_task_dir
+
+    data = make_task_dir(tmp_path / "data")
+    kwargs = dict(model=str(tmp_path / "base"), tasks=["geo", "life"], sparsities=[0.2], baselines=["wanda-sp", "flap"],
+                  eval_limit=4, data_dir=str(data), samples=20, schedule="uniform", workdir=str(tmp_path / "work"),
+                  out=str(tmp_path / "out"))
+    first = seap_pipeline(return_state=True, **kwargs)
+    assert (tmp_path / "out" / "results.md").is_file()
+    table = (tmp_path / "out" / "results.md").read_text()
+    for method in ("dense", "seap-expert", "seap-general", "wanda-sp", "flap"):
+        assert f"| {method} |" in table
+    assert first.is_completed()
+    second = task_states(seap_pipeline(return_state=True, **kwargs))
+    assert all(state == "Cached" for name, state in second.items() if not name.startswith("model")), second
