@@ -151,6 +151,42 @@ def evaluate_masks(base: LoadedModel, registry: Any, specs: Sequence[Any], metho
             "lm_eval_version": meta.get("lm_eval_version"), "num_fewshot": num_fewshot, "limit": limit}
 
 
+def router_info(router: Any) -> dict[str, Any]:
+    """What the report shows of a router: held-out accuracy (overall, per task), confusion, setup."""
+    info = {k: router.meta[k] for k in ("heldout_accuracy", "heldout_accuracy_per_task", "n_train", "n_heldout",
+                                       "threshold", "confusion")}
+    info["tasks"] = router.tasks
+    info["feature_layer"] = router.feature_layer
+    return info
+
+
+def evaluate_routed(base: LoadedModel, registry: Any, specs: Sequence[Any], sparsity: float,
+                    experts: Mapping[str, PruningMask], general: PruningMask | None, router: Any,
+                    limit: int | None = None, num_fewshot: int = 0, batch_size: int = 16, metric: str = "acc",
+                    threshold: float | None = None) -> dict[str, Any]:
+    """The ``seap-routed`` row: the router picks an expert per document (falling back to the
+    general mask below its threshold); accuracy includes routing errors."""
+    from .evaluation import evaluate_lm
+    from .routing import ExpertBank, RoutedModel, make_routed_lm, routing_summary
+
+    router.check_model(base.fingerprint)
+    router.check_tasks([s.name for s in specs])
+    bank = ExpertBank(base, experts, general)
+    routed = RoutedModel(bank, router, threshold)
+    lm = make_routed_lm(routed, {s.lm_eval_task: s.name for s in specs}, batch_size)
+    start = time.perf_counter()
+    result = evaluate_lm(lm, registry, specs, limit, num_fewshot)
+    seconds = time.perf_counter() - start
+    realised = sum(m.realised_sparsity() for m in bank.masks.values()) / len(bank.masks)
+    tasks = result["tasks"]
+    return {"method": ROUTED, "sparsity": sparsity, "realised_sparsity": realised, "tasks": tasks,
+            "average": average(tasks, metric), "seconds": round(seconds, 1),
+            "lm_eval_version": result.get("lm_eval_version"), "num_fewshot": num_fewshot, "limit": limit,
+            "routing": routing_summary(lm.log, [s.name for s in specs]),
+            "router_seconds": round(routed.routing_seconds, 3), "router_overhead": routed.routing_seconds / seconds,
+            "materialisations": bank.materialisations}
+
+
 class Experiment:
     """Runs an :class:`ExperimentConfig`, keeping artifacts under ``out_dir/artifacts``."""
 
@@ -293,37 +329,21 @@ class Experiment:
         return results
 
     def routed(self, masks: dict[tuple[str, float], dict[str, PruningMask]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        from .evaluation import evaluate_lm, training_prompts
+        from .evaluation import training_prompts
         from .router import train_router
-        from .routing import ExpertBank, RoutedModel, make_routed_lm, routing_summary
 
         c = self.config
         self.say("training the router")
         prompts = training_prompts(self.registry, self.specs, c.router_prompts, c.seed)
         router = train_router(self.loaded, prompts, c.router_layer, seed=c.seed, threshold=c.router_threshold)
         router.save(self.art / "router", overwrite=True)
-        info = {k: router.meta[k] for k in ("heldout_accuracy", "heldout_accuracy_per_task", "n_train", "n_heldout",
-                                           "threshold", "confusion")}
-        info["tasks"] = router.tasks
-        info["feature_layer"] = router.feature_layer
+        info = router_info(router)
         rows = []
-        task_of = {s.lm_eval_task: s.name for s in self.specs}
         for sparsity in c.sparsities:
-            bank = ExpertBank(self.loaded, masks[("seap-expert", sparsity)], masks[("seap-general", sparsity)]["general"])
-            routed = RoutedModel(bank, router)
-            lm = make_routed_lm(routed, task_of, c.eval_batch_size)
             self.say(f"evaluating seap-routed at {sparsity:g}")
-            t0 = time.perf_counter()
-            result = evaluate_lm(lm, self.registry, self.specs, c.limit, c.num_fewshot)
-            seconds = time.perf_counter() - t0
-            summary = routing_summary(lm.log, [s.name for s in self.specs])
-            realised = sum(m.realised_sparsity() for m in bank.masks.values()) / len(bank.masks)
-            rows.append(self._row(ROUTED, sparsity, realised, result["tasks"], seconds, {
-                "routing": summary,
-                "router_seconds": round(routed.routing_seconds, 3),
-                "router_overhead": routed.routing_seconds / seconds,
-                "materialisations": bank.materialisations,
-            }))
+            rows.append(evaluate_routed(self.loaded, self.registry, self.specs, sparsity,
+                                        masks[("seap-expert", sparsity)], masks[("seap-general", sparsity)]["general"],
+                                        router, c.limit, c.num_fewshot, c.eval_batch_size, c.metric))
         return info, rows
 
     def perplexities(self, masks: dict[tuple[str, float], dict[str, PruningMask]]) -> dict[str, Any]:
@@ -356,14 +376,49 @@ class Experiment:
         return benchmark(models, repeats=c.bench_repeats)
 
 
+def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """Flat numbers per row (``method@sparsity``): average and per-task accuracy, retention
+    against dense, realised sparsity and speed-ups; what DVC tracks as metrics."""
+    dense = next((r for r in results["rows"] if r["method"] == DENSE), None)
+    metric = results.get("metric", "acc")
+    speed = (results.get("speed") or {}).get("models", {})
+    out: dict[str, Any] = {}
+    for row in results["rows"]:
+        name = DENSE if row["method"] == DENSE else f"{row['method']}@{row['sparsity']:g}"
+        entry: dict[str, Any] = {"average": row["average"]["table"], "realised_sparsity": row["realised_sparsity"]}
+        for task, values in row["tasks"].items():
+            value = values.get(metric_for(task, metric))
+            entry[task] = value
+            if dense and value is not None:
+                reference = dense["tasks"].get(task, {}).get(metric_for(task, metric))
+                if reference:
+                    entry[f"{task}_retention"] = value / reference
+        if dense and dense["average"]["table"]:
+            entry["retention"] = row["average"]["table"] / dense["average"]["table"]
+        bench = speed.get(name) or next((v for k, v in sorted(speed.items()) if k.startswith(f"{name}:")), None)
+        if bench:
+            entry["prefill_speedup"] = bench["prefill_speedup"]
+            entry["decode_speedup"] = bench["decode_speedup"]
+        out[name] = entry
+    return out
+
+
 def save_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write results.json, results.md (Table 1 layout) and accuracy_vs_sparsity.png."""
+    """Write results.json, results.md (Table 1 layout), accuracy_vs_sparsity.png, plus the
+    flat metrics.json and accuracy.csv (average accuracy per method and sparsity) for DVC."""
     from .io import atomic_write_text
     from .report import accuracy_plot, markdown_report
 
     out = Path(out_dir)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_sparsity.png"}
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_sparsity.png",
+             "metrics": out / "metrics.json", "csv": out / "accuracy.csv"}
     atomic_write_text(paths["json"], json.dumps(results, indent=2, default=str) + "\n")
     atomic_write_text(paths["markdown"], markdown_report(results))
     accuracy_plot(results, paths["plot"])
+    atomic_write_text(paths["metrics"], json.dumps(flat_metrics(results), indent=2, sort_keys=True) + "\n")
+    lines = ["method,sparsity,average,realised_sparsity"]
+    for row in sorted(results["rows"], key=lambda r: (r["method"], r["sparsity"])):
+        lines.append(f"{row['method']},{row['sparsity'] * 100:g},{row['average']['table'] * 100:.4f},"
+                     f"{row['realised_sparsity'] * 100:.4f}")
+    atomic_write_text(paths["csv"], "\n".join(lines) + "\n")
     return paths

@@ -306,3 +306,129 @@ def evaluate_stage(
     row["masks"] = {name: m.digest() for name, m in loaded_masks.items()}
     atomic_write_json(out, row)
     return row
+
+
+def _registry(data_dir: str | Path | None, work_dir: str | Path | None, tasks: Sequence[str]) -> tuple[Any, list[Any]]:
+    from .tasks import TaskRegistry
+
+    registry = TaskRegistry(data_dir, work_dir)
+    return registry, registry.resolve(list(tasks))
+
+
+def router_stage(model: str | LoadedModel, tasks: Sequence[str], out: str | Path, data_dir: str | Path | None = None,
+                 prompts_per_task: int = 500, feature_layer: int = 0, seed: int = DEFAULT_SEED, threshold: float = 0.5,
+                 work_dir: str | Path | None = None, overwrite: bool = False) -> Any:
+    """Train the task router on the tasks' training prompts and save it (tensors + JSON)."""
+    from .evaluation import training_prompts
+    from .router import train_router
+
+    registry, specs = _registry(data_dir, work_dir, tasks)
+    loaded = load_model(model) if isinstance(model, str) else model
+    router = train_router(loaded, training_prompts(registry, specs, prompts_per_task, seed), feature_layer, seed=seed,
+                          threshold=threshold)
+    router.save(out, overwrite=overwrite)
+    return router
+
+
+def routed_evaluate_stage(model: str | LoadedModel, tasks: Sequence[str], out: str | Path, sparsity: float,
+                          experts: Mapping[str, str | Path], general: str | Path | None, router: str | Path,
+                          data_dir: str | Path | None = None, limit: int | None = None, num_fewshot: int = 0,
+                          batch_size: int = 16, metric: str = "acc", threshold: float | None = None,
+                          work_dir: str | Path | None = None) -> dict[str, Any]:
+    """The ``seap-routed`` row (router picks the expert per input) written as JSON."""
+    from .experiment import evaluate_routed, router_info
+    from .io import atomic_write_json
+    from .router import Router
+
+    registry, specs = _registry(data_dir, work_dir, tasks)
+    loaded_router = Router.load(router)
+    expert_masks = {name: PruningMask.load(path) for name, path in experts.items()}
+    general_mask = PruningMask.load(general) if general else None
+    loaded = load_model(model) if isinstance(model, str) else model
+    row = evaluate_routed(loaded, registry, specs, sparsity, expert_masks, general_mask, loaded_router, limit,
+                          num_fewshot, batch_size, metric, threshold)
+    row["model_fingerprint"] = loaded.fingerprint
+    row["masks"] = {name: m.digest() for name, m in expert_masks.items()}
+    if general_mask is not None:
+        row["masks"]["general"] = general_mask.digest()
+    row["router"] = router_info(loaded_router)
+    atomic_write_json(out, row)
+    return row
+
+
+def shape_signature(mask: PruningMask) -> tuple[tuple[int, int, int], ...]:
+    """Per-layer kept (heads, kv heads, channels): masks with equal signatures run at the same speed."""
+    return tuple((g.num_heads, g.num_kv_heads, g.intermediate_size) for g in mask.kept_geometry().layers)
+
+
+def bench_stage(model: str | LoadedModel, masks: Mapping[str, str | Path], out: str | Path,
+                bias_compensation: Mapping[str, bool] | None = None, repeats: int = 3,
+                prefill_batch_size: int = 8, prefill_tokens: int = 128, decode_tokens: int = 64) -> dict[str, Any]:
+    """Dense against every mask's hard-pruned model, in one run on the same prompts.
+
+    Masks that prune to the same per-layer shapes (for example the experts and the general
+    mask of one logistic schedule) are timed once; the others reuse that measurement and say so
+    (``same_shapes_as``).
+    """
+    from .bench import benchmark
+    from .io import atomic_write_json
+
+    loaded = load_model(model) if isinstance(model, str) else model
+    loaded_masks = {name: PruningMask.load(path) for name, path in masks.items()}
+    representative: dict[tuple[Any, ...], str] = {}
+    alias: dict[str, str] = {}
+    for name, mask in loaded_masks.items():
+        rep = representative.setdefault(shape_signature(mask), name)
+        alias[name] = rep
+    comp = dict(bias_compensation or {})
+    models = {"dense": loaded}
+    for name in dict.fromkeys(alias.values()):
+        models[name] = apply_mask(loaded, loaded_masks[name], "hard", bias_compensation=comp.get(name, False))
+    result = benchmark(models, prefill_batch_size, prefill_tokens, decode_tokens, repeats=repeats)
+    for name, rep in alias.items():
+        if name != rep:
+            result["models"][name] = {**result["models"][rep], "same_shapes_as": rep}
+    atomic_write_json(out, result)
+    return result
+
+
+def summary_stage(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, config: Mapping[str, Any],
+                  tasks: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None,
+                  metric: str = "acc", num_fewshot: int = 0, router: str | Path | None = None,
+                  speed: Mapping[str, Any] | None = None, work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Assemble evaluated rows into the results (Table 1 layout, plot, JSON) and save them."""
+    from .evaluation import data_fingerprint, lm_eval_version
+    from .experiment import router_info, save_results
+    from .router import Router
+
+    _, specs = _registry(data_dir, work_dir, tasks)
+    results: dict[str, Any] = {
+        "config": dict(config),
+        "model_fingerprint": next((r.get("model_fingerprint") for r in rows if r.get("model_fingerprint")), None),
+        "lm_eval_version": lm_eval_version(),
+        "data_fingerprint": data_fingerprint(specs, limit, num_fewshot),
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "tasks": [s.describe() for s in specs],
+        "metric": metric,
+        "rows": [dict(r) for r in rows],
+        "router": router_info(Router.load(router)) if router else None,
+    }
+    if speed:
+        results["speed"] = dict(speed)
+    save_results(results, out_dir)
+    return results
+
+
+def register_stage(results: str | Path | Mapping[str, Any], masks: Mapping[str, Mapping[str, str | Path]],
+                   registry_dir: str | Path, router: str | Path | None = None, score: str = DEFAULT_SCORE,
+                   schedule: str = DEFAULT_SCHEDULE) -> list[dict[str, Any]]:
+    """Register every SEAP expert, general mask and routed bundle of a run in the local
+    registry folder (the MLflow registry takes the same records); returns what was written."""
+    from .io import read_json
+    from .registry import expert_records, register_locally
+
+    data = read_json(results, "results file") if isinstance(results, (str, Path)) else results
+    records = expert_records(data, masks, router, score, schedule)
+    written = register_locally(records, registry_dir)
+    return [{"name": r.name, "version": p.name, "path": str(p), "tags": r.tags} for r, p in zip(records, written)]

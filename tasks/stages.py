@@ -15,13 +15,15 @@ stages, and concurrent runs with the same inputs agree on one result.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 from prefect import task
 from prefect.context import TaskRunContext
+from typing_extensions import TypedDict  # pydantic validates flow parameters typed with it on Python < 3.12
 
 from seap.contenthash import stage_key, tree_digest
 from seap.errors import SeapError
@@ -42,10 +44,16 @@ def ref(path: str | Path) -> ArtifactRef:
     return {"path": str(path), "digest": tree_digest(path)}
 
 
+_EVAL = ("seap.evaluation", "seap.experiment", "seap.tasks", "seap.prune", "seap.masks", "seap.pipeline")
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "corpus": ("seap.corpus", "seap.starter", "seap.pipeline"),
     "task-corpus": ("seap.corpus", "seap.starter", "seap.tasks", "seap.pipeline"),
-    "evaluate": ("seap.evaluation", "seap.experiment", "seap.tasks", "seap.prune", "seap.masks", "seap.pipeline"),
+    "evaluate": _EVAL,
+    "router": ("seap.router", "seap.evaluation", "seap.tasks", "seap.pipeline"),
+    "evaluate-routed": (*_EVAL, "seap.router", "seap.routing"),
+    "bench": ("seap.bench", "seap.prune", "seap.masks", "seap.pipeline"),
+    "statistics-shard": ("seap.collect", "seap.stats", "seap.hooks", "seap.corpus", "seap.adapters.base"),
+    "merge-shards": ("seap.collect", "seap.stats"),
     "statistics": ("seap.collect", "seap.stats", "seap.hooks", "seap.corpus", "seap.adapters.base"),
     "merge-statistics": ("seap.collect", "seap.stats"),
     "scores": ("seap.scores", "seap.collect"),
@@ -113,6 +121,23 @@ def _stage_task(stage: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any
                 **kwargs)
 
 
+_MODEL_CACHE: dict[str, Any] = {}
+_MODEL_LOCK = threading.Lock()
+
+
+def cached_model(model: ArtifactRef) -> Any:
+    """The loaded base model, kept once per process (keyed by its content digest), so the
+    stages of one run do not reload it from disk. Stages never modify it in place."""
+    from seap.models import load_model
+
+    with _MODEL_LOCK:
+        loaded = _MODEL_CACHE.get(model["digest"])
+        if loaded is None:
+            _MODEL_CACHE.clear()  # one base model at a time
+            loaded = _MODEL_CACHE[model["digest"]] = load_model(model["path"])
+        return loaded
+
+
 def _check(*refs: ArtifactRef) -> None:
     for r in refs:
         if not Path(r["path"]).exists():
@@ -151,14 +176,13 @@ def build_corpus(source: str | ArtifactRef, task_name: str | None, samples: int 
 @_stage_task("statistics")
 def collect_statistics(model: ArtifactRef, corpus: ArtifactRef, batch_size: int, workdir: str,
                        progress: bool = False) -> ArtifactRef:
-    from seap.models import load_model
     from seap.pipeline import stats_stage
 
     _check(corpus)
     out = _output_dir(workdir, "statistics", {"model": model, "corpus": corpus, "batch_size": batch_size})
 
     def build(o: Path) -> None:
-        loaded = load_model(model["path"])
+        loaded = cached_model(model)
         with atomic_directory(o) as tmp:
             stats_stage(loaded, Path(corpus["path"]) / "corpus.jsonl", tmp, batch_size=batch_size, progress=progress)
 
@@ -191,7 +215,6 @@ def build_mask(scores: list[ArtifactRef], sparsity: float, schedule: str, genera
 @_stage_task("prune")
 def prune_model(model: ArtifactRef, mask: ArtifactRef, bias_compensation: bool, workdir: str) -> ArtifactRef:
     from seap.masks import PruningMask
-    from seap.models import load_model
     from seap.prune import apply_mask
     from seap.pruned import save_pruned
 
@@ -200,7 +223,7 @@ def prune_model(model: ArtifactRef, mask: ArtifactRef, bias_compensation: bool, 
 
     def build(o: Path) -> None:
         m = PruningMask.load(mask["path"])
-        save_pruned(apply_mask(load_model(model["path"]), m, "hard", bias_compensation, inplace=True), o, m)
+        save_pruned(apply_mask(cached_model(model), m, "hard", bias_compensation), o, m)
 
     return _produce(out, build)
 
@@ -241,7 +264,6 @@ def evaluate_row(model: ArtifactRef, tasks: list[str], data: ArtifactRef | None,
                  masks: dict[str, ArtifactRef], bias_compensation: bool, limit: int | None, metric: str,
                  workdir: str) -> ArtifactRef:
     """One row of the results table as JSON (dense, a general mask, or per-task experts)."""
-    from seap.models import load_model
     from seap.pipeline import evaluate_stage
 
     _check(*masks.values())
@@ -251,17 +273,117 @@ def evaluate_row(model: ArtifactRef, tasks: list[str], data: ArtifactRef | None,
 
     def build(o: Path) -> None:
         with atomic_directory(o) as tmp:
-            evaluate_stage(load_model(model["path"]), tasks, tmp / "row.json", method, sparsity,
+            evaluate_stage(cached_model(model), tasks, tmp / "row.json", method, sparsity,
                            {k: v["path"] for k, v in masks.items()}, bias_compensation, data["path"] if data else None,
                            limit, metric=metric, work_dir=Path(workdir) / "task-files")
 
     return _produce(out, build)
 
 
+@_stage_task("statistics-shard")
+def collect_statistics_shard(model: ArtifactRef, corpus: ArtifactRef, shard: int, shards: int, batch_size: int,
+                             workdir: str) -> ArtifactRef:
+    """Statistics of shard ``shard`` of ``shards`` of every task's corpus (for a Dask cluster)."""
+    from seap.pipeline import stats_stage
+
+    _check(corpus)
+    out = _output_dir(workdir, "statistics-shard", {"model": model, "corpus": corpus, "shard": shard,
+                                                    "shards": shards, "batch_size": batch_size})
+
+    def build(o: Path) -> None:
+        loaded = cached_model(model)
+        with atomic_directory(o) as tmp:
+            stats_stage(loaded, Path(corpus["path"]) / "corpus.jsonl", tmp, batch_size=batch_size,
+                        shard=(shard, shards), progress=False)
+
+    return _produce(out, build)
+
+
+@_stage_task("merge-shards")
+def merge_statistics_shards(shards: list[ArtifactRef], tasks: list[str], workdir: str) -> ArtifactRef:
+    """Merge shard statistics per task exactly, laid out like ``collect_statistics``'s output."""
+    from seap.pipeline import merge_stats_stage
+
+    _check(*shards)
+    out = _output_dir(workdir, "merge-shards", {"shards": shards, "tasks": tasks})
+
+    def build(o: Path) -> None:
+        with atomic_directory(o) as tmp:
+            for t in tasks:
+                merge_stats_stage([Path(s["path"]) / t for s in shards], tmp / t, t)
+
+    return _produce(out, build)
+
+
+@_stage_task("router")
+def train_router(model: ArtifactRef, tasks: list[str], data: ArtifactRef | None, prompts_per_task: int,
+                 feature_layer: int, seed: int, threshold: float, workdir: str) -> ArtifactRef:
+    """The task router (layer-``feature_layer`` mean-pooled features, logistic regression)."""
+    from seap.pipeline import router_stage
+
+    out = _output_dir(workdir, "router", {"model": model, "tasks": tasks, "data": data, "prompts": prompts_per_task,
+                                          "feature_layer": feature_layer, "seed": seed, "threshold": threshold})
+    return _produce(out, lambda o: router_stage(cached_model(model), tasks, o, data["path"] if data else None,
+                                                prompts_per_task, feature_layer, seed, threshold,
+                                                Path(workdir) / "task-files"))
+
+
+@_stage_task("evaluate-routed")
+def evaluate_routed_row(model: ArtifactRef, tasks: list[str], data: ArtifactRef | None, sparsity: float,
+                        experts: dict[str, ArtifactRef], general: ArtifactRef | None, router: ArtifactRef,
+                        limit: int | None, metric: str, workdir: str) -> ArtifactRef:
+    """The ``seap-routed`` row: routing errors included."""
+    from seap.pipeline import routed_evaluate_stage
+
+    _check(router, *experts.values(), *([general] if general else []))
+    out = _output_dir(workdir, "evaluate-routed", {"model": model, "tasks": tasks, "data": data, "sparsity": sparsity,
+                                                   "experts": experts, "general": general, "router": router,
+                                                   "limit": limit, "metric": metric})
+
+    def build(o: Path) -> None:
+        with atomic_directory(o) as tmp:
+            routed_evaluate_stage(cached_model(model), tasks, tmp / "row.json", sparsity,
+                                  {k: v["path"] for k, v in experts.items()}, general["path"] if general else None,
+                                  router["path"], data["path"] if data else None, limit, metric=metric,
+                                  work_dir=Path(workdir) / "task-files")
+
+    return _produce(out, build)
+
+
+@_stage_task("bench")
+def bench_masks(model: ArtifactRef, masks: dict[str, ArtifactRef], bias_compensation: dict[str, bool], repeats: int,
+                workdir: str) -> ArtifactRef:
+    """Dense against every mask's hard-pruned model in one run (prefill and decode tokens/s)."""
+    from seap.pipeline import bench_stage
+
+    _check(*masks.values())
+    out = _output_dir(workdir, "bench", {"model": model, "masks": masks, "bias_compensation": bias_compensation,
+                                         "repeats": repeats})
+
+    def build(o: Path) -> None:
+        with atomic_directory(o) as tmp:
+            bench_stage(cached_model(model), {k: v["path"] for k, v in masks.items()}, tmp / "bench.json",
+                        bias_compensation, repeats)
+
+    return _produce(out, build)
+
+
+@task(name="register", retries=RETRIES, retry_delay_seconds=2, retry_condition_fn=retry_transient)
+def register_experts(results: str, masks: dict[str, dict[str, ArtifactRef]], router: ArtifactRef | None,
+                     registry_dir: str, score: str, schedule: str) -> list[dict[str, Any]]:
+    """Register every SEAP expert, general mask and routed bundle (local registry folder;
+    idempotent, so it is not cached: a record already there is kept as it is)."""
+    from seap.pipeline import register_stage
+
+    return register_stage(results, {k: {n: r["path"] for n, r in g.items()} for k, g in masks.items()}, registry_dir,
+                          router["path"] if router else None, score, schedule)
+
+
 def default_workdir() -> str:
     return os.environ.get("SEAP_WORK_DIR", str(Path("runs") / "work"))
 
 
-__all__: Sequence[str] = ["ArtifactRef", "build_corpus", "build_mask", "build_task_corpus", "collect_statistics",
-                          "compute_scores", "default_workdir", "evaluate_row", "merge_task_statistics", "prune_model",
-                          "resolve_model"]
+__all__: Sequence[str] = ["ArtifactRef", "bench_masks", "build_corpus", "build_mask", "build_task_corpus",
+                          "cached_model", "collect_statistics", "collect_statistics_shard", "compute_scores",
+                          "default_workdir", "evaluate_routed_row", "evaluate_row", "merge_statistics_shards",
+                          "merge_task_statistics", "prune_model", "register_experts", "resolve_model", "train_router"]

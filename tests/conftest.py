@@ -28,3 +28,22 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 def tiny(request: pytest.FixtureRequest):
     """A LoadedModel for each tiny architecture (Llama MHA, Llama GQA, Qwen2, Mistral)."""
     return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory):
+    """One temporary Prefect server for the whole session (the real engine), state in tmp."""
+    root = tmp_path_factory.mktemp("prefect")
+    env = {"PREFECT_HOME": str(root / "home"), "PREFECT_LOCAL_STORAGE_PATH": str(root / "results"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,32 @@
+"""Helpers for flow tests on the real Prefect engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.helpers import make_tiny_model
+from tests.helpers_tasks import make_task_dir
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """Task-run name -> final state name of one flow run (subflows included by name)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def stage_of(task_run_name: str) -> str:
+    """``masks-3a1`` -> ``masks``; ``evaluate-routed-0f2`` -> ``evaluate-routed``."""
+    return task_run_name.rsplit("-", 1)[0]
+
+
+def tiny_project(root: Path, arch: str = "llama-gqa") -> tuple[Path, Path]:
+    """A saved tiny random model and a two-task data folder."""
+    tiny = make_tiny_model(arch)
+    tiny.model.save_pretrained(root / "base")
+    tiny.tokenizer.save_pretrained(root / "base")
+    return root / "base", make_task_dir(root / "data")

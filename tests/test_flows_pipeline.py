@@ -1,0 +1,114 @@
+"""The pipeline flows on the real Prefect engine: one temporary server for the session,
+results and work folders in tmp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers_flows import stage_of, task_states, tiny_project
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pipeline_kwargs(tmp_path: Path, **overrides) -> dict:
+    base, data = tiny_project(tmp_path) if not (tmp_path / "base").exists() else (tmp_path / "base", tmp_path / "data")
+    kwargs = dict(model=str(base), tasks=["geo", "life"], sparsities=[0.2], baselines=["wanda-sp", "flap"],
+                  eval_limit=4, data_dir=str(data), samples=20, schedule="uniform", bench_repeats=1,
+                  workdir=str(tmp_path / "work"), out=str(tmp_path / "out"), registry_dir=str(tmp_path / "registry"))
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_env, tmp_path_factory):
+    """One complete pipeline run (router, bench and registration included), shared by tests."""
+    from flows.pipeline import seap_pipeline
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    kwargs = pipeline_kwargs(tmp)
+    state = seap_pipeline(return_state=True, **kwargs)
+    return tmp, kwargs, state
+
+
+def test_pipeline_completes_with_table_router_speed_and_registry(first_run) -> None:
+    from seap.registry import read_local_registry
+
+    tmp, kwargs, state = first_run
+    assert state.is_completed()
+    table = (tmp / "out" / "results.md").read_text()
+    for method in ("dense", "seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap"):
+        assert f"| {method} |" in table
+    assert "## Router" in table and "## Speed" in table
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    assert {"dense", "seap-expert@0.2", "seap-general@0.2", "seap-routed@0.2"} <= set(metrics)
+    assert metrics["seap-general@0.2"]["prefill_speedup"] > 0
+    records = read_local_registry(tmp / "registry")
+    kinds = sorted((r.kind, r.task) for r in records)
+    assert kinds == [("expert", "geo"), ("expert", "life"), ("general", "general"), ("routed", "routed")]
+    for record in records:
+        assert record.base_fingerprint and record.tags["sparsity"] == "0.2"
+        assert "accuracy" in record.metrics and "prefill_speedup" in record.metrics
+        for mask in record.masks.values():
+            assert Path(mask).is_dir()
+    routed = next(r for r in records if r.kind == "routed")
+    assert set(routed.masks) == {"geo", "life", "general"} and Path(routed.router).is_dir()
+
+
+def test_second_run_is_served_from_cache(first_run) -> None:
+    from flows.pipeline import seap_pipeline
+
+    tmp, kwargs, _ = first_run
+    before = {p.name for p in (tmp / "registry").glob("*/*")}
+    states = task_states(seap_pipeline(return_state=True, **kwargs))
+    cached = {n: s for n, s in states.items() if stage_of(n) not in ("model", "register")}
+    assert {stage_of(n) for n in cached} >= {"task-corpus", "statistics", "scores", "masks", "evaluate", "router",
+                                             "evaluate-routed", "bench"}
+    assert all(s == "Cached" for s in cached.values()), cached
+    assert {p.name for p in (tmp / "registry").glob("*/*")} == before  # registering again adds nothing
+
+
+def test_changed_sparsity_reruns_only_masks_and_downstream(first_run) -> None:
+    from flows.pipeline import seap_pipeline
+
+    tmp, kwargs, _ = first_run
+    states = task_states(seap_pipeline(return_state=True, **{**kwargs, "sparsities": [0.3]}))
+    for name, state in states.items():
+        stage = stage_of(name)
+        if stage in ("task-corpus", "statistics", "merge-statistics", "scores", "router"):
+            assert state == "Cached", (name, state)
+        if stage in ("masks", "evaluate-routed", "bench"):
+            assert state == "Completed", (name, state)
+    evaluate = [s for n, s in states.items() if stage_of(n) == "evaluate"]
+    assert sorted(evaluate) == ["Cached"] + ["Completed"] * (len(evaluate) - 1)  # dense is reused
+
+
+def test_invalid_parameters_fail_before_any_work(prefect_env, tmp_path) -> None:
+    from flows.pipeline import seap_pipeline
+    from seap.errors import SeapError
+
+    kwargs = pipeline_kwargs(tmp_path)
+    for override, name in (({"sparsities": [1.5]}, "sparsities"), ({"tasks": ["geo", "nope"]}, "tasks"),
+                           ({"schedule": "cosine"}, "schedule"), ({"baselines": ["magnitude"]}, "baselines"),
+                           ({"eval_limit": 0}, "eval_limit"), ({"dask_workers": 2}, "stats_shards")):
+        with pytest.raises(SeapError, match=f"parameter {name}"):
+            seap_pipeline(**{**kwargs, **override})
+    assert not (tmp_path / "work" / "statistics").exists() and not (tmp_path / "out").exists()
+
+
+def test_evaluate_and_router_flows(first_run, tmp_path) -> None:
+    from flows.evaluate import evaluate_flow
+    from flows.router import router_flow
+
+    tmp, kwargs, state = first_run
+    masks = state.result()["masks"]
+    result = evaluate_flow(model=kwargs["model"], masks=[masks["seap-general@0.2"]["general"]], tasks=["geo", "life"],
+                           eval_limit=4, data_dir=kwargs["data_dir"], workdir=kwargs["workdir"],
+                           out=str(tmp_path / "eval"))
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| dense |" in table and "| seap-general |" in table and len(result["rows"]) == 2
+    routed = router_flow(model=kwargs["model"], tasks=["geo", "life"], data_dir=kwargs["data_dir"],
+                         workdir=kwargs["workdir"])
+    assert set(routed["per_task"]) == {"geo", "life"} and 0 <= routed["heldout_accuracy"] <= 1
