@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -81,6 +82,37 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
         ) from exc
 
 
+_HOST = socket.gethostname().replace("-", "_")[:32]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporaries of ``target`` left by killed processes on this host.
+
+    A temporary is ``.<name>.tmp-<host>-<pid>-<random>``; it is stale when its process is
+    gone. Temporaries of live processes (a concurrent run) and of other hosts are kept.
+    """
+    target = Path(target)
+    removed = []
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        parts = tmp.name.rsplit(".tmp-", 1)[-1].split("-")
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+            continue
+        if not _pid_alive(int(parts[1])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Build a directory in a temporary sibling and move it to ``path`` on success.
@@ -96,7 +128,8 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
     if target.exists() and not target.is_dir():
         raise SeapError(f"output {target} exists and is not a directory", "choose another path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(target)
+    tmp = target.parent / f".{target.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp

@@ -4,7 +4,8 @@ Each task calls the same library function as the CLI and the DVC stages, takes a
 only paths and content hashes (an :class:`ArtifactRef`), and is cached on the *content* of
 its inputs: the cache key hashes the stage name, its parameters, the files it reads and the
 source of the library modules it runs (:func:`seap.contenthash.stage_key`). A second run
-with the same inputs is served from the cache in any process; changing one parameter
+with the same inputs and work folder is served from the cache in any process (each work folder
+has its own cache, so a hit never points into another one); changing one parameter
 re-runs only the stages that depend on it.
 
 Outputs are content-addressed: a stage writes ``<workdir>/<stage>/<key>/`` atomically, so
@@ -76,6 +77,8 @@ def content_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
 
     def key_fn(_ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
         params = {k: _digest_of(v) for k, v in parameters.items() if k not in ("workdir", "progress")}
+        if parameters.get("workdir"):  # each work folder has its own cache: a hit never points into another one
+            params["workdir"] = str(Path(parameters["workdir"]).resolve())
         return stage_key(stage, params, modules=STAGE_MODULES[stage])
 
     return key_fn

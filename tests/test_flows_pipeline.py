@@ -4,6 +4,11 @@ results and work folders in tmp."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,7 +79,8 @@ def test_changed_sparsity_reruns_only_masks_and_downstream(first_run) -> None:
     from flows.pipeline import seap_pipeline
 
     tmp, kwargs, _ = first_run
-    states = task_states(seap_pipeline(return_state=True, **{**kwargs, "sparsities": [0.3]}))
+    states = task_states(seap_pipeline(return_state=True, **{**kwargs, "sparsities": [0.3], "out": str(tmp / "out-0.3"),
+                                                             "registry_dir": str(tmp / "registry-0.3")}))
     for name, state in states.items():
         stage = stage_of(name)
         if stage in ("task-corpus", "statistics", "merge-statistics", "scores", "router"):
@@ -112,3 +118,92 @@ def test_evaluate_and_router_flows(first_run, tmp_path) -> None:
     routed = router_flow(model=kwargs["model"], tasks=["geo", "life"], data_dir=kwargs["data_dir"],
                          workdir=kwargs["workdir"])
     assert set(routed["per_task"]) == {"geo", "life"} and 0 <= routed["heldout_accuracy"] <= 1
+
+
+def _mask_tensors(path: str) -> list:
+    from seap.masks import PruningMask
+
+    mask = PruningMask.load(path)
+    return [(m.heads.tolist(), m.kv_heads.tolist(), m.channels.tolist()) for m in mask.layers]
+
+
+def test_sharded_statistics_on_a_local_dask_cluster_give_the_same_masks(first_run, tmp_path, monkeypatch) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import seap_pipeline
+
+    tmp, kwargs, state = first_run
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask worker processes report to the same server
+    sharded = seap_pipeline(**{**kwargs, "stats_shards": 2, "dask_workers": 2, "router": False, "bench": False,
+                               "workdir": str(tmp_path / "work"), "out": str(tmp_path / "out"),
+                               "registry_dir": str(tmp_path / "registry")})
+    single = state.result()["masks"]
+    for group, masks in sharded["masks"].items():
+        for name, path in masks.items():
+            assert _mask_tensors(path) == _mask_tensors(single[group][name]), (group, name)
+    assert list((tmp_path / "work" / "statistics-shard").iterdir()).__len__() == 2
+
+
+def _cli_args(kwargs: dict) -> list[str]:
+    args = [sys.executable, "-m", "flows.pipeline", "--model", kwargs["model"], "--tasks", *kwargs["tasks"],
+            "--sparsities", *map(str, kwargs["sparsities"]), "--baselines", *kwargs["baselines"],
+            "--eval-limit", str(kwargs["eval_limit"]), "--data-dir", kwargs["data_dir"], "--samples",
+            str(kwargs["samples"]), "--schedule", kwargs["schedule"], "--bench-repeats", str(kwargs["bench_repeats"]),
+            "--workdir", kwargs["workdir"], "--out", kwargs["out"], "--registry-dir", kwargs["registry_dir"]]
+    return args
+
+
+def _subprocess_env() -> dict:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+
+
+def _rows(out: Path) -> list:
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    return sorted((r["method"], r["sparsity"], json.dumps(r["tasks"], sort_keys=True)) for r in rows)
+
+
+def test_killed_run_resumes_from_completed_steps(first_run, tmp_path) -> None:
+    from flows.pipeline import seap_pipeline
+
+    tmp, kwargs, _ = first_run
+    kwargs = {**kwargs, "workdir": str(tmp_path / "work"), "out": str(tmp_path / "out"),
+              "registry_dir": str(tmp_path / "registry")}
+    proc = subprocess.Popen(_cli_args(kwargs), cwd=ROOT, env=_subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    statistics = tmp_path / "work" / "statistics"
+    deadline = time.monotonic() + 300
+    while not (statistics.is_dir() and any(statistics.iterdir())) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the statistics stage never started"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # killed in the middle of (or right after) the statistics
+    proc.wait()
+    assert not (tmp_path / "out" / "results.json").exists()
+    for stage_dir in (tmp_path / "work").iterdir():  # every finished output is complete
+        for out in stage_dir.iterdir():
+            if not out.name.startswith("."):
+                assert any(out.iterdir()), out
+
+    states = task_states(seap_pipeline(return_state=True, **kwargs))
+    assert states[next(n for n in states if stage_of(n) == "task-corpus")] == "Cached"  # finished before the kill
+    assert _rows(tmp_path / "out") == _rows(tmp / "out")  # same results as an uninterrupted run
+    assert not [p for p in (tmp_path / "work").rglob(".*.tmp-*")]  # the killed run's temporaries are gone
+
+
+def test_two_concurrent_runs_on_one_workspace(prefect_env, tmp_path) -> None:
+    kwargs = pipeline_kwargs(tmp_path)
+    procs = []
+    for i in range(2):
+        args = _cli_args({**kwargs, "out": str(tmp_path / f"out{i}")})
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=_subprocess_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+    assert _rows(tmp_path / "out0") == _rows(tmp_path / "out1")
+    from seap.registry import read_local_registry
+
+    records = read_local_registry(tmp_path / "registry")
+    assert len(records) == 4  # both runs registered the same four versions, once
+    assert not [p for p in (tmp_path / "work").rglob(".*.tmp-*")]
