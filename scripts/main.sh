@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The main job: set everything up, then prune the embedded default model (SmolLM2-135M-Instruct)
-# to 50% with the general SEAP mask of the built-in starter calibration suite, and print the summary.
-#   SEAP_SPARSITY   target sparsity (default 0.5)
-#   SEAP_OUT        output folder (default runs/smollm2-135m-seap-general)
+# The main job: set everything up, then run the full SEAP pipeline (Prefect flow `seap_pipeline`)
+# on the embedded default: SmolLM2-135M-Instruct and the built-in starter suite, at 20% and 50%,
+# SEAP experts and general mask, Wanda-sp and FLAP, router and routed evaluation, speed bench,
+# and registration of every expert. Every stage is cached on its inputs: a second run takes
+# seconds. No Prefect server is needed (a temporary one is started); set PREFECT_API_URL to
+# report to yours. Extra arguments go to the flow (`python -m flows.pipeline --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1
-exec .venv/bin/seap prune --model smollm2-135m --calib builtin \
-  --sparsity "${SEAP_SPARSITY:-0.5}" --out "${SEAP_OUT:-runs/smollm2-135m-seap-general}" --overwrite
+export TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}"
+export PREFECT_LOGGING_LEVEL="${PREFECT_LOGGING_LEVEL:-INFO}"
+exec .venv/bin/python -m flows.pipeline --model smollm2-135m --sparsities 0.2 0.5 \
+  --workdir runs/work --out runs/pipeline --registry-dir runs/registry "$@"

@@ -138,6 +138,10 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
         raise
     old = None
     if target.exists():
+        if not overwrite:  # created meanwhile by a concurrent writer: keep theirs, never replace it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SeapError(f"output {target} already exists (written concurrently)",
+                            "choose another path, or pass --overwrite")
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
     try:

@@ -1,0 +1,50 @@
+"""Atomic outputs: nothing half-written, nothing of a concurrent writer replaced."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from seap.errors import SeapError
+from seap.io import atomic_directory, remove_stale_temporaries
+
+
+def test_failed_build_leaves_nothing(tmp_path) -> None:
+    with pytest.raises(RuntimeError), atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_writer_is_never_replaced(tmp_path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(SeapError, match="already exists"), atomic_directory(target) as tmp:
+        (tmp / "mine").write_text("mine")
+        target.mkdir()  # another process finished first
+        (target / "theirs").write_text("theirs")
+    assert [p.name for p in target.iterdir()] == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_swaps_only_when_complete(tmp_path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new"]
+
+
+def test_temporaries_of_killed_processes_are_removed(tmp_path) -> None:
+    target = tmp_path / "out"
+    code = ("import os, sys; from seap.io import atomic_directory\n"
+            "with atomic_directory(sys.argv[1]) as tmp:\n    (tmp / 'half').write_text('x'); os._exit(9)\n")
+    subprocess.run([sys.executable, "-c", code, str(target)], check=False)
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(stale) == 1  # what a SIGKILL leaves behind
+    with atomic_directory(tmp_path / "other") as tmp:  # a live temporary of another output is kept
+        assert remove_stale_temporaries(target) == stale
+        assert tmp.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
