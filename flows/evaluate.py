@@ -66,7 +66,7 @@ def evaluate_flow(
     loaded_rows = [json.loads((Path(r["path"]) / "row.json").read_text()) for r in rows]
     results = summary_stage(loaded_rows, p.out, {"model": p.model, "masks": masks or []}, p.tasks, p.data_dir,
                             p.eval_limit, p.metric, work_dir=Path(work) / "task-files")
-    _publish(markdown_report(results))
+    _publish(markdown_report(results), p.out)
     print(f"results table: {Path(p.out) / 'results.md'}")
     return {"results": str(Path(p.out) / "results.json"), "rows": [r["path"] for r in rows]}
 

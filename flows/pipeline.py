@@ -149,13 +149,27 @@ class PipelineParams:
         return self.registry_dir or str(Path(self.work).parent / "registry")
 
 
-def _publish(markdown: str) -> None:
+def _publish(markdown: str, out: str | Path | None = None) -> None:
+    """The summary as Prefect artifacts: Markdown (Table 1, router, speed, with the accuracy
+    plot embedded) under the key ``seap-results`` and the flat metrics as a table."""
     try:
-        from prefect.artifacts import create_markdown_artifact
+        import base64
 
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        plot = Path(out) / "accuracy_vs_sparsity.png" if out else None
+        if plot is not None and plot.is_file():
+            encoded = base64.b64encode(plot.read_bytes()).decode()
+            markdown += f"\n![average accuracy against sparsity](data:image/png;base64,{encoded})\n"
         create_markdown_artifact(markdown=markdown, key="seap-results", description="SEAP results (Table 1 layout)")
+        metrics_file = Path(out) / "metrics.json" if out else None
+        if metrics_file is not None and metrics_file.is_file():
+            metrics = json.loads(metrics_file.read_text())
+            rows = [{"row": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}}
+                    for name, values in metrics.items()]
+            create_table_artifact(table=rows, key="seap-metrics", description="SEAP metrics per method and sparsity")
     except Exception as exc:  # noqa: BLE001 - the summary is also on disk; never fail the run for the UI
-        print(f"could not publish the Prefect artifact: {exc}")
+        print(f"could not publish the Prefect artifacts: {exc}")
 
 
 def dask_task_runner(workers: int = 2, address: str | None = None) -> Any:
@@ -194,8 +208,7 @@ def where_to_look(out: str, registry: str) -> list[str]:
              f"plot:          {Path(out) / 'accuracy_vs_sparsity.png'}", f"registry:      {registry}"]
     api = os.environ.get("PREFECT_API_URL")
     lines.append(f"Prefect UI:    {api.removesuffix('/api') if api else 'run `prefect server start` and open http://127.0.0.1:4200 (this run used a temporary server)'}")
-    tracking = os.environ.get("MLFLOW_TRACKING_URI")
-    lines.append(f"MLflow UI:     {tracking if tracking and tracking.startswith('http') else 'mlflow ui --backend-store-uri sqlite:///mlruns.db, then http://127.0.0.1:5000'}")
+    lines.append(f"MLflow UI:     not yet: the records MLflow will hold (tags, metrics, masks) are in {registry}")
     return lines
 
 
@@ -287,7 +300,7 @@ def seap_pipeline(
     results = summary_stage(loaded_rows, p.out, config, tasks_, p.data_dir, limit, metric_,
                             router=router_ref["path"] if router_ref else None, speed=speed,
                             work_dir=Path(work) / "task-files")
-    _publish(markdown_report(results))
+    _publish(markdown_report(results), p.out)
     registered = register_experts(str(Path(p.out) / "results.json"), masks, router_ref, p.registry, p.score,
                                   p.schedule)
     print(f"registered {len(registered)} expert versions in {p.registry}")

@@ -11,5 +11,7 @@ bash scripts/setup.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}"
 export PREFECT_LOGGING_LEVEL="${PREFECT_LOGGING_LEVEL:-INFO}"
+# Prefect's cache records live beside the stage outputs (runs/work), so both move together
+export PREFECT_LOCAL_STORAGE_PATH="${PREFECT_LOCAL_STORAGE_PATH:-$PWD/runs/prefect-results}"
 exec .venv/bin/python -m flows.pipeline --model smollm2-135m --sparsities 0.2 0.5 \
   --workdir runs/work --out runs/pipeline --registry-dir runs/registry "$@"

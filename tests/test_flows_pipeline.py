@@ -47,6 +47,11 @@ def test_pipeline_completes_with_table_router_speed_and_registry(first_run) -> N
     for method in ("dense", "seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap"):
         assert f"| {method} |" in table
     assert "## Router" in table and "## Speed" in table
+    from prefect.artifacts import Artifact
+
+    published = Artifact.get("seap-results")
+    assert published is not None and "| seap-expert |" in published.data and "data:image/png;base64," in published.data
+    assert Artifact.get("seap-metrics") is not None
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
     assert {"dense", "seap-expert@0.2", "seap-general@0.2", "seap-routed@0.2"} <= set(metrics)
     assert metrics["seap-general@0.2"]["prefill_speedup"] > 0
