@@ -24,7 +24,9 @@ STAGES_HELP = """stages (run in this order, or all at once with `seap prune`):
   bench        prefill and decode speed of dense against pruned models
   router       train the task router on the tasks' training prompts
   route        generate with routed experts (router + expert masks + general mask)
+  stage        run one stage of the DVC pipeline (dvc.yaml) with the parameters of params.yaml
 tools:
+  export-starter  write the built-in starter suite as a jsonl task folder (e.g. the DVC data folder)
   info         model fingerprint, architecture and prunable parameters
   fetch        download and convert a built-in model once (e.g. smollm2-135m)
 """
@@ -206,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
 
+    from .project import PARAMS_FILE, STAGES
+
+    p = sub.add_parser("stage", help="run one stage of the DVC pipeline (dvc.yaml) with params.yaml")
+    p.add_argument("name", choices=list(STAGES), help="the stage, as named in dvc.yaml")
+    p.add_argument("--params", default=str(PARAMS_FILE), help="parameters file (default: params.yaml)")
+    p.add_argument("--root", default=".", help="project root the stage paths are relative to (default: .)")
+
+    p = sub.add_parser("export-starter", help="write the built-in starter suite as a jsonl task folder")
+    p.add_argument("--out", required=True, help="folder to write: OUT/<task>/train.jsonl and validation.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="starter-suite seed (0: the suite of starter: tasks)")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("info", help="fingerprint and architecture of a model")
     _add_model(p)
 
@@ -345,6 +359,17 @@ def run(args: argparse.Namespace) -> int:
         routed = RoutedModel(ExpertBank(loaded, experts, general), router, args.threshold if general else None)
         for item in routed.generate(args.prompt, args.max_new_tokens):
             print(json.dumps(item, ensure_ascii=False))
+    elif cmd == "stage":
+        from .project import run_stage
+
+        run_stage(args.name, args.params, args.root, progress=progress)
+    elif cmd == "export-starter":
+        from .project import export_starter
+
+        counts = export_starter(args.out, args.seed, overwrite=args.overwrite)
+        for rel, n in counts.items():
+            print(f"{rel}: {n} records")
+        print(f"wrote {args.out}")
     elif cmd == "info":
         loaded = _load(args)
         geo = loaded.adapter.geometry(loaded.model)

@@ -285,11 +285,17 @@ class TaskRegistry:
             atomic_write_text(path, text)
 
     def task_manager(self) -> Any:
-        """An lm-eval TaskManager that knows the generated YAMLs."""
+        """An lm-eval TaskManager that knows the generated YAMLs.
+
+        lm-eval's own task index (thousands of YAMLs, seconds to build in every process) is
+        only included when a resolved task needs it: ``hub`` tasks, and ``local`` ones, whose
+        YAMLs include lm-eval's. ``jsonl`` and ``starter`` YAMLs are self-contained.
+        """
         from lm_eval.tasks import TaskManager
 
         self.yaml_dir.mkdir(parents=True, exist_ok=True)
-        return TaskManager(include_path=str(self.yaml_dir))
+        self_contained = bool(self.specs) and all(s.source in ("jsonl", "starter") for s in self.specs.values())
+        return TaskManager(include_path=str(self.yaml_dir), include_defaults=not self_contained)
 
 
 def resolve_tasks(names: Sequence[str], data_dir: str | Path | None = None) -> tuple[TaskRegistry, list[TaskSpec]]:

@@ -1,0 +1,135 @@
+"""The repository's dvc.yaml on the real DVC, in a temporary git repository with a tiny model:
+a full ``dvc repro``, a second one that runs nothing, a sparsity change that re-runs only the
+masks and what follows; and the data pushed to and pulled from an S3 remote (moto's server)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers_dvc import (
+    copy_pipeline,
+    dvc,
+    dvc_env,
+    init_repo,
+    stages_in,
+    tiny_params,
+    tree_bytes,
+    write_params,
+)
+from tests.helpers_flows import tiny_project
+from tests.helpers_tasks import make_task_dir
+
+ALL_STAGES = {"model", "corpus", "statistics", "scores", "masks", "evaluate-dense", "evaluate", "router",
+              "evaluate-routed", "bench", "report", "register"}
+UPSTREAM_OF_MASKS = {"model", "corpus", "statistics", "scores", "evaluate-dense", "router"}
+MASKS_AND_DOWNSTREAM = {"masks", "evaluate", "evaluate-routed", "bench", "report", "register"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
+    """A DVC project (the real dvc.yaml) with a tiny model, two tasks in data/ tracked by
+    data.dvc, and one complete ``dvc repro``; returns (repo, env, output of the repro)."""
+    tmp = tmp_path_factory.mktemp("dvc")
+    env = dvc_env(pycache=tmp / "pycache")
+    model, data = tiny_project(tmp)
+    repo = init_repo(tmp / "repo", env)
+    copy_pipeline(repo)
+    shutil.copytree(data, repo / "data")
+    write_params(repo, tiny_params(model, ["geo", "life"], [0.2]))
+    dvc(repo, env, "add", "data")
+    return repo, env, dvc(repo, env, "repro")
+
+
+def test_repro_runs_every_stage_and_writes_the_outputs(project) -> None:
+    repo, _, output = project
+    assert stages_in(output)["ran"] == ALL_STAGES, output[-3000:]
+    assert (repo / "dvc.lock").is_file()
+    model = json.loads((repo / "work" / "model.json").read_text())
+    assert model["fingerprint"].startswith("sha256:") and model["kind"] == "local"
+    for name in ("results.md", "results.json", "metrics.json", "accuracy.csv", "accuracy_vs_sparsity.png"):
+        assert (repo / "results" / name).is_file(), name
+    table = (repo / "results" / "results.md").read_text()
+    for method in ("dense", "seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap"):
+        assert f"| {method} |" in table
+    metrics = json.loads((repo / "results" / "metrics.json").read_text())
+    assert {"dense", "seap-expert@0.2", "seap-general@0.2", "seap-routed@0.2", "wanda-sp@0.2", "flap@0.2"} <= set(metrics)
+    assert metrics["seap-general@0.2"]["prefill_speedup"] > 0
+    index = json.loads((repo / "work" / "masks" / "index.json").read_text())
+    assert [g["key"] for g in index["groups"]] == ["seap-expert@0.2", "seap-general@0.2", "wanda-sp@0.2", "flap@0.2"]
+    assert (repo / "work" / "masks" / "seap-expert" / "0.2" / "geo" / "mask.json").is_file()
+    records = sorted(p.parent.parent.name for p in (repo / "registry").glob("*/*/record.json"))
+    assert len(records) == 4 and any(name.endswith("-routed") for name in records)
+    assert (repo / "results" / "accuracy.csv").read_text().startswith("method,sparsity,average")
+
+
+def test_second_repro_runs_nothing_and_status_is_clean(project) -> None:
+    repo, env, _ = project
+    output = dvc(repo, env, "repro")
+    stages = stages_in(output)
+    assert stages["ran"] == set() and stages["restored"] == set(), output[-3000:]
+    assert stages["skipped"] == ALL_STAGES
+    assert "up to date" in dvc(repo, env, "status")
+
+
+def test_metrics_and_plots_are_readable_by_dvc(project) -> None:
+    repo, env, _ = project
+    shown = dvc(repo, env, "metrics", "show", "--json")
+    assert "seap-general@0.2" in shown
+    out = repo / "plots-html"
+    dvc(repo, env, "plots", "show", "--out", str(out))
+    assert (out / "index.html").is_file()
+
+
+def test_changed_sparsity_reruns_only_masks_and_downstream(project) -> None:
+    repo, env, _ = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["masks"]["sparsities"] = [0.3]
+    write_params(repo, params)
+    output = dvc(repo, env, "repro")
+    stages = stages_in(output)
+    assert stages["ran"] == MASKS_AND_DOWNSTREAM, output[-3000:]
+    assert stages["skipped"] == UPSTREAM_OF_MASKS
+    metrics = json.loads((repo / "results" / "metrics.json").read_text())
+    assert "seap-general@0.3" in metrics and "seap-general@0.2" not in metrics
+    tags = [json.loads(p.read_text())["tags"]["sparsity"] for p in (repo / "registry").glob("*/*/record.json")]
+    assert sorted(set(tags)) == ["0.2", "0.3"]  # the registry keeps earlier versions (persist: true)
+
+
+def test_data_push_and_pull_through_an_s3_remote(tmp_path: Path) -> None:
+    """``dvc push`` to an S3 bucket (moto's server on loopback, endpointurl), then ``dvc pull``
+    restores data/ byte for byte with an empty cache; credentials only from the environment."""
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}
+        env = dvc_env(**creds)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            env.pop(key, None)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="seap-data")
+        repo = init_repo(tmp_path / "repo", env)
+        make_task_dir(repo / "data")
+        before = tree_bytes(repo / "data")
+        dvc(repo, env, "add", "data")
+        dvc(repo, env, "remote", "add", "s3", "s3://seap-data/dvc")
+        dvc(repo, env, "remote", "modify", "s3", "endpointurl", endpoint)
+        config = (repo / ".dvc" / "config").read_text()
+        assert "testing" not in config  # no credentials in the committed config
+        dvc(repo, env, "push", "-r", "s3")
+        shutil.rmtree(repo / "data")
+        shutil.rmtree(repo / ".dvc" / "cache")
+        dvc(repo, env, "pull", "-r", "s3")
+        assert tree_bytes(repo / "data") == before
+        assert "in sync" in dvc(repo, env, "status", "-r", "s3", "--cloud")
+    finally:
+        server.stop()
