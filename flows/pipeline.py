@@ -46,7 +46,6 @@ from tasks.stages import (
 )
 
 DEFAULT_TASKS = ["capitals", "antonyms", "arithmetic", "sentiment", "categories"]
-BASELINES = ("wanda-sp", "wanda-sp+logistic", "flap", "flap+logistic")
 
 
 @dataclass
@@ -82,38 +81,16 @@ class PipelineParams:
 
     def validate(self) -> None:
         """Raise a :class:`SeapError` naming the first invalid parameter."""
-        from seap.geometry import check_gqa_mode
-        from seap.schedules import check_schedule, check_sparsity
-        from seap.scores import get_score
+        from seap.pipeline import check_pipeline_options
 
         def bad(name: str, problem: str, fix: str) -> SeapError:
             return SeapError(f"parameter {name}: {problem}", fix)
 
         if not self.model:
             raise bad("model", "is empty", "pass a hub id, a local folder, a .gguf file or smollm2-135m")
-        if not self.tasks:
-            raise bad("tasks", "no tasks given", "pass at least one task")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise bad("tasks", f"duplicates in {self.tasks}", "list each task once")
-        if not self.sparsities:
-            raise bad("sparsities", "no sparsity given", "pass e.g. [0.2, 0.5]")
-        for s in self.sparsities:
-            try:
-                check_sparsity(s)
-            except SeapError as exc:
-                raise bad("sparsities", exc.problem, exc.fix) from None
-            if s == 0:
-                raise bad("sparsities", "0 is the dense model, which is always evaluated", "drop 0")
-        for name, check in (("score", get_score), ("schedule", check_schedule), ("gqa_mode", check_gqa_mode)):
-            try:
-                check(getattr(self, name))
-            except SeapError as exc:
-                raise bad(name, exc.problem, exc.fix) from None
-        unknown = [b for b in self.baselines if b not in BASELINES]
-        if unknown:
-            raise bad("baselines", f"unknown baseline(s) {unknown}", f"use any of: {', '.join(BASELINES)}")
-        if self.metric not in ("acc", "acc_norm", "paper"):
-            raise bad("metric", f"unknown metric {self.metric!r}", "use acc, acc_norm or paper")
+        check_pipeline_options({}, tasks=self.tasks, sparsities=self.sparsities, score=self.score,
+                               schedule=self.schedule, gqa_mode=self.gqa_mode, baselines=self.baselines,
+                               metric=self.metric, router=self.router, router_threshold=self.router_threshold)
         for name in ("eval_limit", "samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -122,10 +99,6 @@ class PipelineParams:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "seed" else 1):
                 raise bad(name, f"must be a positive integer, got {value!r}", "pass a whole number")
-        if self.router and len(self.tasks) < 2:
-            raise bad("router", "a router needs at least two tasks", "add tasks, or pass router=false")
-        if not 0 <= self.router_threshold <= 1:
-            raise bad("router_threshold", f"must be in [0, 1], got {self.router_threshold}", "e.g. 0.5")
         if self.dask_workers < 0:
             raise bad("dask_workers", f"must be 0 (no Dask) or more, got {self.dask_workers}", "e.g. 2")
         if (self.dask_workers or self.dask_address) and self.stats_shards < 2:

@@ -52,6 +52,8 @@ VARIANTS: dict[str, Variant] = {
 }
 ROUTED = "seap-routed"
 ALL_METHODS = (*VARIANTS, ROUTED)
+BASELINES = tuple(name for name, v in VARIANTS.items() if v.calibration == "pooled")  # task-agnostic baselines
+REPORT_METRICS = ("acc", "acc_norm", "paper")  # "paper": acc_norm where the paper reports it (metric_for)
 DEFAULT_METHODS = ("seap-expert", "seap-general", "wanda-sp", "flap")
 
 
@@ -91,7 +93,7 @@ class ExperimentConfig:
         if unknown:
             raise SeapError(f"unknown method(s) {unknown}", f"methods: {', '.join(ALL_METHODS)}")
         get_score(self.seap_score)
-        if self.metric not in ("acc", "acc_norm", "paper"):
+        if self.metric not in REPORT_METRICS:
             raise SeapError(f"unknown metric {self.metric!r}", "use acc, acc_norm or paper")
         if self.limit is not None and self.limit < 1:
             raise SeapError(f"limit must be at least 1, got {self.limit}", "pass --limit 1 or more")

@@ -67,6 +67,66 @@ def resolve_method(method: str, score: str | None, schedule: str | None, bias_co
     return resolved
 
 
+def check_pipeline_options(
+    names: Mapping[str, str],
+    *,
+    tasks: Sequence[str],
+    sparsities: Sequence[float],
+    score: str,
+    schedule: str,
+    gqa_mode: str,
+    baselines: Sequence[str],
+    metric: str,
+    router: bool,
+    router_threshold: float,
+) -> None:
+    """The checks every pipeline front end (Prefect flow, DVC params) makes before any work.
+
+    ``names`` maps each option to the name the user wrote (``"sparsities"`` for the flow,
+    ``"masks.sparsities"`` for params.yaml); the error says ``parameter <name>: ...``.
+    Task names are compared without their source prefix (``jsonl:geo`` and ``geo`` are one task).
+    """
+    from .experiment import BASELINES, REPORT_METRICS
+    from .geometry import check_gqa_mode
+
+    def bad(option: str, problem: str, fix: str | None) -> SeapError:
+        return SeapError(f"parameter {names.get(option, option)}: {problem}", fix)
+
+    def delegate(option: str, check: Any, value: Any) -> None:
+        try:
+            check(value)
+        except SeapError as exc:
+            raise bad(option, exc.problem, exc.fix) from None
+
+    if not tasks:
+        raise bad("tasks", "no tasks given", "list at least one task")
+    stripped = [t.rpartition(":")[2] for t in tasks]
+    if len(set(stripped)) != len(stripped):
+        raise bad("tasks", f"a task is named twice: {list(tasks)}", "list each task once")
+    if not sparsities:
+        raise bad("sparsities", "no sparsity given", "e.g. [0.2, 0.5]")
+    for s in sparsities:
+        delegate("sparsities", check_sparsity, s)
+        if s == 0:
+            raise bad("sparsities", "0 is the dense model, which is always evaluated", "drop 0")
+    if len({f"{s:g}" for s in sparsities}) != len(sparsities):
+        raise bad("sparsities", f"a sparsity is listed twice: {list(sparsities)}", "list each sparsity once")
+    delegate("score", get_score, score)
+    delegate("schedule", check_schedule, schedule)
+    delegate("gqa_mode", check_gqa_mode, gqa_mode)
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise bad("baselines", f"unknown baseline(s) {unknown}", f"use any of: {', '.join(BASELINES)}")
+    if len(set(baselines)) != len(baselines):
+        raise bad("baselines", "a baseline is listed twice", "list each baseline once")
+    if metric not in REPORT_METRICS:
+        raise bad("metric", f"unknown metric {metric!r}", f"use one of: {', '.join(REPORT_METRICS)}")
+    if not 0 <= router_threshold <= 1:
+        raise bad("router_threshold", f"must be in [0, 1], got {router_threshold}", "e.g. 0.5")
+    if router and len(tasks) < 2:
+        raise bad("router", "a router needs at least two tasks", f"add tasks, or turn {names.get('router', 'router')} off")
+
+
 def load_calibration_records(source: str) -> list[dict[str, Any]]:
     """Records from a JSON/JSONL file, or the built-in starter suite for ``"builtin"``."""
     if source == BUILTIN_CALIBRATION:

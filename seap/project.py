@@ -39,7 +39,6 @@ the same whatever the parameters.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import tempfile
@@ -53,7 +52,6 @@ from .io import atomic_directory, atomic_write_json, read_json
 
 PARAMS_FILE = Path("params.yaml")
 DEFAULT_TASKS = ["capitals", "antonyms", "arithmetic", "sentiment", "categories"]
-METRICS = ("acc", "acc_norm", "paper")
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "model": {"name": "smollm2-135m", "device": "auto", "dtype": "auto"},
@@ -164,50 +162,22 @@ def merge_defaults(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _check_semantics(p: dict[str, dict[str, Any]]) -> None:
-    """The checks beyond types: known names, ranges, consistency."""
-    from .experiment import VARIANTS
-    from .geometry import check_gqa_mode
-    from .schedules import check_schedule, check_sparsity
-    from .scores import get_score
-
-    def delegate(name: str, check: Callable[[Any], Any], value: Any) -> None:
-        try:
-            check(value)
-        except SeapError as exc:
-            raise _bad(name, exc.problem, exc.fix) from None
+    """The checks beyond types: known names, ranges, consistency (shared with the Prefect flow)."""
+    from .pipeline import check_pipeline_options
 
     if p["model"]["dtype"] not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
         raise _bad("model.dtype", f"unknown dtype {p['model']['dtype']!r}", "use auto, float32, bfloat16 or float16")
-    tasks = p["data"]["tasks"]
-    if not tasks:
-        raise _bad("data.tasks", "no tasks given", "list at least one task folder of data.dir")
-    names = [task_name(t) for t in tasks]
-    if len(set(names)) != len(names):
-        raise _bad("data.tasks", f"a task is named twice: {tasks}", "list each task once")
-    delegate("scores.score", get_score, p["scores"]["score"])
-    sparsities = p["masks"]["sparsities"]
-    if not sparsities:
-        raise _bad("masks.sparsities", "no sparsity given", "e.g. [0.2, 0.5]")
-    for s in sparsities:
-        delegate("masks.sparsities", check_sparsity, s)
-        if s == 0:
-            raise _bad("masks.sparsities", "0 is the dense model, which is always evaluated", "drop 0")
-    if len({f"{s:g}" for s in sparsities}) != len(sparsities):
-        raise _bad("masks.sparsities", f"a sparsity is listed twice: {sparsities}", "list each sparsity once")
-    delegate("masks.schedule", check_schedule, p["masks"]["schedule"])
-    delegate("masks.gqa_mode", check_gqa_mode, p["masks"]["gqa_mode"])
-    allowed = baseline_methods(VARIANTS)
-    unknown = [b for b in p["masks"]["baselines"] if b not in allowed]
-    if unknown:
-        raise _bad("masks.baselines", f"unknown baseline(s) {unknown}", f"use any of: {', '.join(allowed)}")
-    if len(set(p["masks"]["baselines"])) != len(p["masks"]["baselines"]):
-        raise _bad("masks.baselines", "a baseline is listed twice", "list each baseline once")
-    if p["evaluate"]["metric"] not in METRICS:
-        raise _bad("evaluate.metric", f"unknown metric {p['evaluate']['metric']!r}", f"use one of: {', '.join(METRICS)}")
-    if not 0 <= p["router"]["threshold"] <= 1:
-        raise _bad("router.threshold", f"must be in [0, 1], got {p['router']['threshold']}", "e.g. 0.5")
-    if p["router"]["enabled"] and len(tasks) < 2:
-        raise _bad("router.enabled", "a router needs at least two tasks", "add tasks, or set router.enabled: false")
+    m = p["masks"]
+    check_pipeline_options(PARAMETER_NAMES, tasks=p["data"]["tasks"], sparsities=m["sparsities"],
+                           score=p["scores"]["score"], schedule=m["schedule"], gqa_mode=m["gqa_mode"],
+                           baselines=m["baselines"], metric=p["evaluate"]["metric"], router=p["router"]["enabled"],
+                           router_threshold=p["router"]["threshold"])
+
+
+# the flow's option names -> where they are in params.yaml
+PARAMETER_NAMES = {"tasks": "data.tasks", "sparsities": "masks.sparsities", "score": "scores.score",
+                   "schedule": "masks.schedule", "gqa_mode": "masks.gqa_mode", "baselines": "masks.baselines",
+                   "metric": "evaluate.metric", "router": "router.enabled", "router_threshold": "router.threshold"}
 
 
 def validate_params(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -239,11 +209,6 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, dict[str, Any]]:
         return validate_params(raw)
     except SeapError as exc:
         raise SeapError(f"{p}: {exc.problem}", exc.fix) from None
-
-
-def baseline_methods(variants: Mapping[str, Any]) -> list[str]:
-    """The baselines a project may list: the variants calibrated on pooled statistics."""
-    return [name for name, v in variants.items() if v.calibration == "pooled"]
 
 
 def task_name(task: str) -> str:
@@ -393,7 +358,7 @@ def stage_statistics(p: Project) -> None:
 
 def stage_scores(p: Project) -> None:
     """SEAP scores per task; the baselines' scores of the pooled statistics."""
-    from .experiment import VARIANTS
+    from .experiment import BASELINES, VARIANTS
     from .pipeline import scores_stage
 
     stats = p.require(STATISTICS)
@@ -402,7 +367,7 @@ def stage_scores(p: Project) -> None:
     with atomic_directory(p.path(SCORES), overwrite=True) as tmp:
         for task in p.task_names:
             scores_stage(stats / task, tmp / task, score)
-    baseline_scores = sorted({VARIANTS[b].score for b in baseline_methods(VARIANTS)})
+    baseline_scores = sorted({VARIANTS[b].score for b in BASELINES})
     with atomic_directory(p.path(POOLED_SCORES), overwrite=True) as tmp:
         for name in baseline_scores:
             scores_stage(pooled, tmp / name, name)
@@ -643,24 +608,13 @@ def run_stage(name: str, params_file: str | Path = PARAMS_FILE, root: str | Path
 # the starter suite as a data folder
 
 
-def starter_files(seed: int = 0, tasks: Sequence[str] | None = None) -> dict[str, str]:
-    """``{"<task>/train.jsonl": text, "<task>/validation.jsonl": text}`` of the starter suite:
-    the same bytes the task registry writes for ``starter:`` tasks."""
-    from .starter import STARTER_TASKS, starter_records
-
-    files = {}
-    for task in tasks or list(STARTER_TASKS):
-        for split, file in (("calibration", "train.jsonl"), ("evaluation", "validation.jsonl")):
-            records = starter_records(task, split, seed)
-            files[f"{task}/{file}"] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    return files
-
-
 def export_starter(out: str | Path, seed: int = 0, tasks: Sequence[str] | None = None,
                    overwrite: bool = False) -> dict[str, int]:
     """Write the built-in starter suite as a ``jsonl`` task folder (``OUT/<task>/train.jsonl`` and
     ``validation.jsonl``, records ``{"question", "choices", "answer"}``), atomically and
     deterministically; returns the record count per file."""
+    from .starter import starter_files
+
     files = starter_files(seed, tasks)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         for rel, text in files.items():
@@ -670,5 +624,5 @@ def export_starter(out: str | Path, seed: int = 0, tasks: Sequence[str] | None =
     return {rel: text.count("\n") for rel, text in files.items()}
 
 
-__all__ = ["DEFAULT_PARAMS", "STAGES", "Project", "export_starter", "load_params", "run_stage", "starter_files",
+__all__ = ["DEFAULT_PARAMS", "STAGES", "Project", "export_starter", "load_params", "run_stage",
            "validate_params"]

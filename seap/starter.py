@@ -9,7 +9,7 @@ Records use the generic schema ``{"question", "choices", "answer"}``.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import SeapError
@@ -212,3 +212,19 @@ def starter_calibration_records(tasks: list[str] | None = None, seed: int = 0) -
     for task in tasks or list(STARTER_TASKS):
         out.extend({"task": task, **r} for r in starter_records(task, "calibration", seed))
     return out
+
+
+STARTER_FILES = (("calibration", "train.jsonl"), ("evaluation", "validation.jsonl"))
+
+
+def starter_files(seed: int = 0, tasks: Sequence[str] | None = None) -> dict[str, str]:
+    """``{"<task>/train.jsonl": text, "<task>/validation.jsonl": text}``: the starter suite as
+    a ``jsonl`` task folder (sorted-key JSON lines), byte for byte what ``starter:`` tasks use."""
+    import json
+
+    files = {}
+    for task in tasks or list(STARTER_TASKS):
+        for split, file in STARTER_FILES:
+            files[f"{task}/{file}"] = "".join(json.dumps(r, sort_keys=True) + "\n"
+                                              for r in starter_records(task, split, seed))
+    return files

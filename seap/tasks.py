@@ -31,7 +31,7 @@ from typing import Any
 from .corpus import read_records
 from .errors import SeapError
 from .io import atomic_write_text
-from .starter import STARTER_TASKS, starter_records
+from .starter import STARTER_TASKS, starter_files
 
 SOURCES = ("hub", "local", "jsonl", "starter")
 
@@ -270,12 +270,12 @@ class TaskRegistry:
     def _starter(self, task: str) -> TaskSpec:
         if task not in STARTER_TASKS:
             raise SeapError(f"unknown starter task {task!r}", f"starter tasks: {', '.join(STARTER_TASKS)}")
-        folder = self.work_dir / "starter" / f"seed{self.starter_seed}" / task
-        for split, file in (("calibration", "train.jsonl"), ("evaluation", "validation.jsonl")):
-            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in starter_records(task, split, self.starter_seed))
-            path = folder / file
+        root = self.work_dir / "starter" / f"seed{self.starter_seed}"
+        for rel, text in starter_files(self.starter_seed, [task]).items():
+            path = root / rel
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 atomic_write_text(path, text)
+        folder = root / task
         return self._jsonl(task, folder, source="starter")
 
     def _write_yaml(self, name: str, config: dict[str, Any]) -> None:
