@@ -44,6 +44,7 @@ from tasks.stages import (
     resolve_model,
     train_router,
 )
+from tasks.tracking import register_in_mlflow
 
 DEFAULT_TASKS = ["capitals", "antonyms", "arithmetic", "sentiment", "categories"]
 
@@ -78,6 +79,9 @@ class PipelineParams:
     workdir: str | None = None
     out: str = "runs/pipeline"
     registry_dir: str | None = None
+    mlflow: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "seap"
 
     def validate(self) -> None:
         """Raise a :class:`SeapError` naming the first invalid parameter."""
@@ -104,6 +108,9 @@ class PipelineParams:
         if (self.dask_workers or self.dask_address) and self.stats_shards < 2:
             raise bad("stats_shards", "a Dask cluster needs the statistics split into shards",
                       "pass stats_shards >= 2 (e.g. the number of workers)")
+        if self.tracking_uri is not None and "://" not in self.tracking_uri:
+            raise bad("tracking_uri", f"{self.tracking_uri!r} is not a URI",
+                      "e.g. http://mlflow.internal:5000 or sqlite:///runs/mlflow/mlflow.db")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise bad("data_dir", f"{self.data_dir} is not a folder", "pass a folder of task data")
         from seap.tasks import TaskRegistry
@@ -120,6 +127,20 @@ class PipelineParams:
     @property
     def registry(self) -> str:
         return self.registry_dir or str(Path(self.work).parent / "registry")
+
+    @property
+    def mlflow_dir(self) -> str:
+        """The local MLflow store (sqlite + artifacts) used when no tracking URI is set."""
+        return str(Path(self.work).parent / "mlflow")
+
+    @property
+    def resolved_tracking_uri(self) -> str | None:
+        if not self.mlflow:
+            return None
+        import os
+
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+            f"sqlite:///{(Path(self.mlflow_dir) / 'mlflow.db').resolve()}"
 
 
 def _publish(markdown: str, out: str | Path | None = None) -> None:
@@ -173,7 +194,7 @@ def statistics_step(p: PipelineParams, model: ArtifactRef, corpus: ArtifactRef) 
     return sub(model, corpus, p.tasks, p.stats_shards, p.stats_batch_size, str(Path(p.work).resolve()))
 
 
-def where_to_look(out: str, registry: str) -> list[str]:
+def where_to_look(out: str, registry: str, tracking_uri: str | None = None) -> list[str]:
     """The closing lines: results, plots, registry and the UIs."""
     import os
 
@@ -181,7 +202,12 @@ def where_to_look(out: str, registry: str) -> list[str]:
              f"plot:          {Path(out) / 'accuracy_vs_sparsity.png'}", f"registry:      {registry}"]
     api = os.environ.get("PREFECT_API_URL")
     lines.append(f"Prefect UI:    {api.removesuffix('/api') if api else 'run `prefect server start` and open http://127.0.0.1:4200 (this run used a temporary server)'}")
-    lines.append(f"MLflow UI:     not yet: the records MLflow will hold (tags, metrics, masks) are in {registry}")
+    if tracking_uri is None:
+        lines.append("MLflow:        off (--no-mlflow); register later with `seap register --results OUT --registry DIR`")
+    elif tracking_uri.startswith(("http://", "https://")):
+        lines.append(f"MLflow UI:     {tracking_uri}")
+    else:
+        lines.append(f"MLflow UI:     .venv/bin/mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")
     return lines
 
 
@@ -209,6 +235,9 @@ def seap_pipeline(
     workdir: str | None = None,
     out: str = "runs/pipeline",
     registry_dir: str | None = None,
+    mlflow: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str = "seap",
 ) -> dict[str, Any]:
     """Experts and general masks (SEAP) plus baselines at each sparsity, evaluated on the tasks,
     with the router, routed evaluation, speed and registration."""
@@ -218,7 +247,8 @@ def seap_pipeline(
                        bench=bench, bench_repeats=bench_repeats, eval_limit=eval_limit, data_dir=data_dir,
                        samples=samples, seed=seed, max_tokens=max_tokens, metric=metric, gqa_mode=gqa_mode,
                        stats_shards=stats_shards, dask_workers=dask_workers, dask_address=dask_address,
-                       workdir=workdir, out=out, registry_dir=registry_dir)
+                       workdir=workdir, out=out, registry_dir=registry_dir, mlflow=mlflow,
+                       tracking_uri=tracking_uri, experiment=experiment)
     p.validate()  # every parameter is checked before any heavy work
     started = time.perf_counter()
     work, tasks_ = p.work, p.tasks
@@ -269,7 +299,9 @@ def seap_pipeline(
     from seap.report import markdown_report
 
     loaded_rows = [json.loads((Path(r["path"]) / "row.json").read_text()) for r in rows]
-    config = {k: v for k, v in p.__dict__.items()}
+    from seap.io import redact_uri
+
+    config = {k: redact_uri(v) if k == "tracking_uri" and v else v for k, v in p.__dict__.items()}
     results = summary_stage(loaded_rows, p.out, config, tasks_, p.data_dir, limit, metric_,
                             router=router_ref["path"] if router_ref else None, speed=speed,
                             work_dir=Path(work) / "task-files")
@@ -277,12 +309,21 @@ def seap_pipeline(
     registered = register_experts(str(Path(p.out) / "results.json"), masks, router_ref, p.registry, p.score,
                                   p.schedule)
     print(f"registered {len(registered)} expert versions in {p.registry}")
+    tracked = None
+    if p.mlflow:
+        from prefect.runtime import flow_run
+
+        tracked = register_in_mlflow(p.out, [r["path"] for r in registered], config, p.tracking_uri, p.mlflow_dir,
+                                     p.experiment, flow_run.get_id())
+        created = sum(v["created"] for v in tracked["versions"])
+        print(f"MLflow run {tracked['run_id']} ({tracked['tracking_uri']}): {len(tracked['versions'])} versions, "
+              f"{created} new")
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s")
-    for line in where_to_look(p.out, p.registry):
+    for line in where_to_look(p.out, p.registry, p.resolved_tracking_uri):
         print(line)
     return {"results": str(Path(p.out) / "results.json"), "rows": [r["path"] for r in rows],
             "masks": {k: {n: r["path"] for n, r in g.items()} for k, g in masks.items()},
-            "router": router_ref["path"] if router_ref else None, "registered": registered}
+            "router": router_ref["path"] if router_ref else None, "registered": registered, "mlflow": tracked}
 
 
 def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
@@ -307,6 +348,11 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--registry-dir", default=None)
     parser.add_argument("--out", default="runs/pipeline")
+    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false",
+                        help="register in the local registry folder only")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite beside --workdir)")
+    parser.add_argument("--experiment", default="seap", help="MLflow experiment of the pipeline runs")
     return vars(parser.parse_args(argv))
 
 

@@ -25,6 +25,11 @@ STAGES_HELP = """stages (run in this order, or all at once with `seap prune`):
   router       train the task router on the tasks' training prompts
   route        generate with routed experts (router + expert masks + general mask)
   stage        run one stage of the DVC pipeline (dvc.yaml) with the parameters of params.yaml
+registry (MLflow; tracking URI from --tracking-uri, $MLFLOW_TRACKING_URI or runs/mlflow/mlflow.db):
+  register     track a pipeline run and register its experts as MLflow model versions
+  promote      move a version to candidate, staging or production (gated by mlflow/promotion.yaml)
+  rollback     put the previous production version back
+  models       search registered versions by name and tags
 tools:
   export-starter  write the built-in starter suite as a jsonl task folder (e.g. the DVC data folder)
   info         model fingerprint, architecture and prunable parameters
@@ -220,6 +225,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="starter-suite seed (0: the suite of starter: tasks)")
     p.add_argument("--overwrite", action="store_true")
 
+    def _tracking(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in --mlflow-dir)")
+        p.add_argument("--mlflow-dir", default="runs/mlflow", help="local MLflow store when no URI is set")
+
+    p = sub.add_parser("register", help="track a pipeline run in MLflow and register its experts")
+    p.add_argument("--results", required=True, help="the pipeline's results folder (results.json, results.md...)")
+    p.add_argument("--registry", required=True, help="the local registry folder the pipeline wrote")
+    p.add_argument("--experiment", default="seap")
+    _tracking(p)
+    p = sub.add_parser("promote", help="promote a registered version (candidate -> staging -> production)")
+    p.add_argument("name", help="registered model, e.g. seap-smollm2-135m-capitals")
+    p.add_argument("version", help="version number")
+    p.add_argument("--to", dest="stage", required=True, choices=["candidate", "staging", "production"])
+    p.add_argument("--policy", default=None, help="promotion gates (default: mlflow/promotion.yaml)")
+    p.add_argument("--no-verify-base", dest="verify_base", action="store_false",
+                   help="skip loading the base model to check its fingerprint (the bundle is still checked)")
+    _tracking(p)
+    p = sub.add_parser("rollback", help="put the previous production version of a registered model back")
+    p.add_argument("name")
+    _tracking(p)
+    p = sub.add_parser("models", help="list registered versions (filter by name and tags)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--filter", default="", help="MLflow filter, e.g. \"tags.task = 'capitals'\"")
+    p.add_argument("--json", action="store_true")
+    _tracking(p)
+
     p = sub.add_parser("info", help="fingerprint and architecture of a model")
     _add_model(p)
 
@@ -370,6 +402,23 @@ def run(args: argparse.Namespace) -> int:
         for rel, n in counts.items():
             print(f"{rel}: {n} records")
         print(f"wrote {args.out}")
+    elif cmd in ("register", "promote", "rollback", "models"):
+        from .extensions import mlflow_registry
+
+        reg = mlflow_registry()
+        if cmd == "register":
+            out = reg.register_results(args.results, registry_dir=args.registry, tracking_uri=args.tracking_uri,
+                                       local_dir=args.mlflow_dir, experiment=args.experiment, progress=progress)
+            print(reg.main_json(out))
+            return 0
+        reg.connect(args.tracking_uri, args.mlflow_dir)
+        if cmd == "promote":
+            print(reg.main_json(reg.promote(args.name, args.version, args.stage, args.policy, args.verify_base)))
+        elif cmd == "rollback":
+            print(reg.main_json(reg.rollback(args.name)))
+        else:
+            rows = reg.search(args.filter, args.name)
+            print(reg.main_json(rows) if args.json else reg.format_versions(rows))
     elif cmd == "info":
         loaded = _load(args)
         geo = loaded.adapter.geometry(loaded.model)

@@ -155,6 +155,13 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
         shutil.rmtree(old, ignore_errors=True)
 
 
+def redact_uri(text: str) -> str:
+    """``text`` with the credentials of any URI in it hidden (``postgresql://u:p@h`` -> ``postgresql://***@h``)."""
+    import re
+
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", str(text))
+
+
 def short_hash(digest: str, n: int = 12) -> str:
     """A short display form of a hex digest (``sha256:`` prefix removed)."""
     return digest.split(":", 1)[-1][:n]

@@ -71,14 +71,19 @@ class ExpertRecord:
         tags = {"task": self.task, "kind": self.kind, "method": self.method, "sparsity": f"{self.sparsity:g}",
                 "realised_sparsity": f"{self.realised_sparsity:.4f}", "score": self.score,
                 "schedule": self.schedule, "base_model": self.base_model, "base_fingerprint": self.base_fingerprint}
-        for key in ("accuracy", "retention", "min_retention", "prefill_speedup", "decode_speedup"):
-            if key in self.metrics:
-                tags[key] = f"{self.metrics[key]:.4f}"
+        tags["tasks"] = ",".join(self.evaluated_tasks)
+        for key, value in sorted(self.metrics.items()):  # headline and per-task numbers, searchable
+            tags[key] = f"{value:.4f}"
         if self.lm_eval_version:
             tags["lm_eval_version"] = self.lm_eval_version
         if self.data_fingerprint:
             tags["data_fingerprint"] = self.data_fingerprint
         return tags
+
+    @property
+    def evaluated_tasks(self) -> list[str]:
+        """The tasks this version was evaluated on (its own task, or every task of a general mask or bundle)."""
+        return sorted(k[len("acc_"):] for k in self.metrics if k.startswith("acc_"))
 
     def version_key(self) -> str:
         from .contenthash import tree_digest
@@ -207,18 +212,21 @@ def register_locally(records: Sequence[ExpertRecord], root: str | Path) -> list[
     return [write_local_record(r, root) for r in records]
 
 
+def read_local_record(folder: str | Path) -> ExpertRecord:
+    """One record folder, with mask and router paths resolved to its stored copies."""
+    path = Path(folder) / RECORD_FILE
+    data = read_json(path, "registry record")
+    record = ExpertRecord.from_json(data)
+    record.masks = {k: str(path.parent / v) for k, v in record.masks.items()}
+    if record.router:
+        record.router = str(path.parent / record.router)
+    return record
+
+
 def read_local_registry(root: str | Path) -> list[ExpertRecord]:
     """All records under ``root``, with mask and router paths resolved to their stored copies."""
-    records = []
-    for path in sorted(Path(root).glob(f"*/*/{RECORD_FILE}")):
-        data = read_json(path, "registry record")
-        record = ExpertRecord.from_json(data)
-        record.masks = {k: str(path.parent / v) for k, v in record.masks.items()}
-        if record.router:
-            record.router = str(path.parent / record.router)
-        records.append(record)
-    return records
+    return [read_local_record(path.parent) for path in sorted(Path(root).glob(f"*/*/{RECORD_FILE}"))]
 
 
-__all__ = ["ExpertRecord", "expert_records", "model_slug", "read_local_registry", "register_locally",
+__all__ = ["ExpertRecord", "expert_records", "model_slug", "read_local_record", "read_local_registry", "register_locally",
            "registered_name", "write_local_record"]

@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own servers and local stores
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 from tests.helpers import ARCHS, make_tiny_model  # noqa: E402
 
