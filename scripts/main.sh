@@ -2,9 +2,10 @@
 # The main job: set everything up, then run the full SEAP pipeline (Prefect flow `seap_pipeline`)
 # on the embedded default: SmolLM2-135M-Instruct and the built-in starter suite, at 20% and 50%,
 # SEAP experts and general mask, Wanda-sp and FLAP, router and routed evaluation, speed bench,
-# and registration of every expert. Every stage is cached on its inputs: a second run takes
-# seconds. No Prefect server is needed (a temporary one is started); set PREFECT_API_URL to
-# report to yours. Extra arguments go to the flow (`python -m flows.pipeline --help`).
+# and registration of every expert: a local registry folder plus an MLflow run and one model
+# version per expert (sqlite in runs/mlflow, or the server in MLFLOW_TRACKING_URI). Every
+# stage is cached on its inputs: a second run takes seconds. No Prefect server is needed (a
+# temporary one is started); set PREFECT_API_URL to report to yours. Extra arguments go to the flow (`python -m flows.pipeline --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -28,7 +28,9 @@ but ``dvc.yaml`` names the keys it tracks, so DVC wants them present):
   ``batch_size``.
 * ``router``: ``enabled``, ``prompts_per_task``, ``feature_layer``, ``threshold``.
 * ``bench``: ``enabled``, ``repeats``.
-* ``register``: ``dir`` (the local registry folder).
+* ``register``: ``dir`` (the local registry folder), ``mlflow`` (also track the run and register
+  the experts in MLflow), ``tracking_uri`` (``null``: ``$MLFLOW_TRACKING_URI``, else a local
+  sqlite store in ``mlflow_dir``), ``experiment``.
 
 Every stage writes its outputs atomically (a temporary sibling renamed into place), so an
 interrupted stage leaves nothing half-written, and replaces the outputs of an earlier run.
@@ -63,7 +65,8 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "evaluate": {"limit": None, "metric": "acc", "batch_size": 16},
     "router": {"enabled": True, "prompts_per_task": 500, "feature_layer": 0, "threshold": 0.5},
     "bench": {"enabled": True, "repeats": 3},
-    "register": {"dir": "registry"},
+    "register": {"dir": "registry", "mlflow": True, "tracking_uri": None, "mlflow_dir": "runs/mlflow",
+                 "experiment": "seap"},
 }
 
 # what each key must be: "str", "bool", "int>=0", "int>=1", "int>=1|null", "number", "str-list", "number-list"
@@ -76,7 +79,7 @@ KINDS: dict[str, dict[str, str]] = {
     "evaluate": {"limit": "int>=1|null", "metric": "str", "batch_size": "int>=1"},
     "router": {"enabled": "bool", "prompts_per_task": "int>=1", "feature_layer": "int>=0", "threshold": "number"},
     "bench": {"enabled": "bool", "repeats": "int>=1"},
-    "register": {"dir": "str"},
+    "register": {"dir": "str", "mlflow": "bool", "tracking_uri": "str|null", "mlflow_dir": "str", "experiment": "str"},
 }
 
 # output locations, relative to the project root; dvc.yaml names the same paths
@@ -574,6 +577,19 @@ def stage_register(p: Project) -> None:
         _say(f"{record['name']} {record['version']}: {record['tags']['kind']} {record['tags']['task']} "
              f"@{record['tags']['sparsity']}")
     _say(f"{len(written)} expert versions in {registry}")
+    cfg = p.params["register"]
+    if cfg["mlflow"]:
+        from .extensions import mlflow_registry
+        from .registry import read_local_record
+
+        params = {f"{section}.{key}": value for section, values in p.params.items() if isinstance(values, dict)
+                  for key, value in values.items()}
+        tracked = mlflow_registry().register_results(
+            p.path(RESULTS), [read_local_record(r["path"]) for r in written], tracking_uri=cfg["tracking_uri"],
+            local_dir=p.path(cfg["mlflow_dir"]), experiment=cfg["experiment"], params=params, progress=False)
+        created = sum(v["created"] for v in tracked["versions"])
+        _say(f"MLflow run {tracked['run_id']} ({tracked['tracking_uri']}): {len(tracked['versions'])} versions, "
+             f"{created} new")
 
 
 STAGES: dict[str, Callable[[Project], None]] = {

@@ -65,6 +65,7 @@ def copy_pipeline(repo: Path) -> None:
     shutil.copy2(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy2(ROOT / ".dvcignore", repo / ".dvcignore")
     shutil.copytree(ROOT / "seap", repo / "seap", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(ROOT / "mlflow", repo / "mlflow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "server"))
 
 
 def tiny_params(model: Path, tasks: list[str], sparsities: list[float], **sections: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +81,8 @@ def tiny_params(model: Path, tasks: list[str], sparsities: list[float], **sectio
         "evaluate": {"limit": 4, "metric": "acc", "batch_size": 16},
         "router": {"enabled": True, "prompts_per_task": 500, "feature_layer": 0, "threshold": 0.5},
         "bench": {"enabled": True, "repeats": 1},
-        "register": {"dir": "registry"},
+        "register": {"dir": "registry", "mlflow": True, "tracking_uri": None, "mlflow_dir": "runs/mlflow",
+                     "experiment": "seap"},
     }
     for name, values in sections.items():
         params[name] = {**params[name], **values}

@@ -65,6 +65,12 @@ def test_repro_runs_every_stage_and_writes_the_outputs(project) -> None:
     records = sorted(p.parent.parent.name for p in (repo / "registry").glob("*/*/record.json"))
     assert len(records) == 4 and any(name.endswith("-routed") for name in records)
     assert (repo / "results" / "accuracy.csv").read_text().startswith("method,sparsity,average")
+    # the register stage also tracked the run and registered the 4 versions in the local MLflow store
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{repo / 'runs' / 'mlflow' / 'mlflow.db'}"
+    versions = MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("tags.sparsity = '0.2'")
+    assert len(versions) == 4 and "MLflow run" in output
 
 
 def test_second_repro_runs_nothing_and_status_is_clean(project) -> None:

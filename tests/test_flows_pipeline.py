@@ -73,11 +73,33 @@ def test_second_run_is_served_from_cache(first_run) -> None:
     tmp, kwargs, _ = first_run
     before = {p.name for p in (tmp / "registry").glob("*/*")}
     states = task_states(seap_pipeline(return_state=True, **kwargs))
-    cached = {n: s for n, s in states.items() if stage_of(n) not in ("model", "register")}
+    cached = {n: s for n, s in states.items() if stage_of(n) not in ("model", "register", "mlflow-register")}
     assert {stage_of(n) for n in cached} >= {"task-corpus", "statistics", "scores", "masks", "evaluate", "router",
                                              "evaluate-routed", "bench"}
     assert all(s == "Cached" for s in cached.values()), cached
     assert {p.name for p in (tmp / "registry").glob("*/*")} == before  # registering again adds nothing
+    assert states and all(s == "Completed" for n, s in states.items() if stage_of(n) == "mlflow-register")
+
+
+def test_embedded_mlflow_store_holds_the_run_and_one_version_per_expert(first_run) -> None:
+    """No server: the flow tracked its runs in sqlite beside the work folder; the cached second
+    run made a second MLflow run but no new version."""
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+
+    tmp, kwargs, state = first_run
+    db = tmp / "mlflow" / "mlflow.db"
+    assert db.is_file() and (tmp / "mlflow" / "artifacts").is_dir()
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    versions = client.search_model_versions("tags.sparsity = '0.2'")
+    assert sorted((v.name, int(v.version)) for v in versions) == [
+        ("seap-base-general", 1), ("seap-base-geo", 1), ("seap-base-life", 1), ("seap-base-routed", 1)]
+    runs = client.search_runs([client.get_experiment_by_name("seap").experiment_id])
+    assert len(runs) >= 2 and all(r.info.status == "FINISHED" for r in runs)
+    first = state.result()["mlflow"]
+    assert first["tracking_uri"] == f"sqlite:///{db}" and all(v["created"] for v in first["versions"])
 
 
 def test_changed_sparsity_reruns_only_masks_and_downstream(first_run) -> None:
