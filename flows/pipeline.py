@@ -135,12 +135,9 @@ class PipelineParams:
 
     @property
     def resolved_tracking_uri(self) -> str | None:
-        if not self.mlflow:
-            return None
-        import os
+        from seap.registry import resolve_tracking_uri
 
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-            f"sqlite:///{(Path(self.mlflow_dir) / 'mlflow.db').resolve()}"
+        return resolve_tracking_uri(self.tracking_uri, self.mlflow_dir) if self.mlflow else None
 
 
 def _publish(markdown: str, out: str | Path | None = None) -> None:

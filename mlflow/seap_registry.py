@@ -49,6 +49,7 @@ from seap.promotion import (
     load_policy,
     metrics_from_tags,
 )
+from seap.registry import resolve_tracking_uri
 
 MODEL_FILE = Path(__file__).resolve().parent / "seap_model.py"
 SEAP_PACKAGE = Path(__file__).resolve().parents[1] / "seap"
@@ -75,14 +76,6 @@ def redact(uri: str) -> str:
     return redact_uri(uri)
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None, local_dir: str | Path | None = None) -> str:
-    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a local sqlite database in
-    ``local_dir`` (default ``runs/mlflow``): the embedded default, no server to start."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    folder = Path(local_dir or "runs/mlflow").resolve()
-    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def _local_artifact_location(uri: str) -> str | None:
@@ -411,10 +404,14 @@ def _downloaded_bundle(mv: Any) -> Iterator[Path]:
 def verify_version(name: str, version: int | str, verify_base: bool = True) -> dict[str, Any]:
     """Check that a version's bundle, its tags and (optionally) its base model agree on the
     base-model fingerprint; raise :class:`ModelMismatchError` otherwise."""
+    return _verify(get_version(name, version), verify_base)
+
+
+def _verify(mv: Any, verify_base: bool) -> dict[str, Any]:
     from seap.bundle import load_base, read_bundle
     from seap.io import short_hash
 
-    mv = get_version(name, version)
+    name = mv.name
     with _downloaded_bundle(mv) as path:
         bundle = read_bundle(path)
         tagged = (mv.tags or {}).get("base_fingerprint")
@@ -445,14 +442,15 @@ def promote(name: str, version: int | str, stage: str, policy: str | Path | None
     if stage != "candidate":
         tags = mv.tags or {}
         tasks = [t for t in tags.get("tasks", "").split(",") if t]
-        failures = gate_failures(load_policy(policy).gate(stage), metrics_from_tags(tags), tasks, current)
+        rules = load_policy(policy)
+        failures = gate_failures(rules.gate(stage), metrics_from_tags(tags), tasks, current)
         if failures:
             with contextlib.suppress(MlflowException):
                 client.set_model_version_tag(name, version, "last_refusal", f"{stage}: " + "; ".join(failures))
             raise PromotionRefusedError(
                 f"promotion of {name} v{version} to {stage} refused:\n  - " + "\n  - ".join(failures),
-                f"promote a version that passes, or change the gate in {load_policy(policy).source}")
-    verify_version(name, version, verify_base=verify_base and stage != "candidate")
+                f"promote a version that passes, or change the gate in {rules.source}")
+    _verify(mv, verify_base=verify_base and stage != "candidate")
     previous = _holder(name, stage)
     client.set_registered_model_alias(name, stage, version)
     for other in STAGES:

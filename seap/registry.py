@@ -212,6 +212,17 @@ def register_locally(records: Sequence[ExpertRecord], root: str | Path) -> list[
     return [write_local_record(r, root) for r in records]
 
 
+def resolve_tracking_uri(tracking_uri: str | None = None, local_dir: str | Path | None = None) -> str:
+    """Where MLflow records go: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a local
+    sqlite database in ``local_dir`` (default ``runs/mlflow``): the embedded default, no server."""
+    import os
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(local_dir or 'runs/mlflow').resolve() / 'mlflow.db'}"
+
+
 def read_local_record(folder: str | Path) -> ExpertRecord:
     """One record folder, with mask and router paths resolved to its stored copies."""
     path = Path(folder) / RECORD_FILE
@@ -229,4 +240,4 @@ def read_local_registry(root: str | Path) -> list[ExpertRecord]:
 
 
 __all__ = ["ExpertRecord", "expert_records", "model_slug", "read_local_record", "read_local_registry", "register_locally",
-           "registered_name", "write_local_record"]
+           "registered_name", "resolve_tracking_uri", "write_local_record"]

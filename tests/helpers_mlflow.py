@@ -53,6 +53,19 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
+def serving(cmd: list[str], env: dict[str, str], port: int, health: str, timeout: float, log: Path) -> Iterator[str]:
+    """Run a server in its own session, wait for ``health`` to answer, yield its URL, stop it."""
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + health, timeout, proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@contextmanager
 def moto_s3(bucket: str = "seap-mlflow") -> Iterator[str]:
     """moto's S3 server on loopback with ``bucket`` created; yields the endpoint URL."""
     import boto3
@@ -94,16 +107,9 @@ def mlflow_server(state: Path, s3_endpoint: str, bucket: str = "seap-mlflow") ->
            "MLFLOW_PORT": str(port), "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts",
            "MLFLOW_BIN": str(BIN / "mlflow"), "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = state / "server.log"
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(["bash", str(ROOT / "mlflow" / "server" / "serve.sh")], env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/health", 120, proc, log)
+    with serving(["bash", str(ROOT / "mlflow" / "server" / "serve.sh")], env, port, "/health", 120,
+                 state / "server.log") as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @contextmanager
@@ -111,13 +117,7 @@ def model_server(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]:
     """`mlflow models serve` of a registered model in the current environment."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    with open(log, "w") as handle:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/ping", 180, proc, log)
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
+           "-p", str(port)]
+    with serving(cmd, env, port, "/ping", 180, log) as url:
         yield url
-    finally:
-        stop(proc)
