@@ -25,10 +25,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from seap.collect import _batches, collect_statistics, pad_batch, tokenize_corpus
-from seap.corpus import CalibrationCorpus
-from seap.models import load_model
-from seap.pipeline import build_corpora
+from seap.model.calibration import _batches, collect_statistics, pad_batch, tokenize_corpus
+from seap.data.corpus import CalibrationCorpus
+from seap.model.loading import load_model
+from seap.run.stages import build_corpora
 
 
 class PeakRSS:

@@ -33,7 +33,7 @@ def evaluate_flow(
     out: str = "runs/evaluate",
 ) -> dict[str, Any]:
     """Each mask (a general mask, or an expert evaluated on its own task) and the dense model."""
-    from seap.masks import PruningMask
+    from seap.maths.masks import PruningMask
 
     p = PipelineParams(model=model, tasks=list(tasks or DEFAULT_TASKS), eval_limit=eval_limit, data_dir=data_dir,
                        metric=metric, router=False, workdir=workdir, out=out, baselines=[])
@@ -60,8 +60,8 @@ def evaluate_flow(
             row_tasks, group = p.tasks, {"general": ref(path)}
         rows.append(evaluate_row(model_ref, row_tasks, data, method, sparsity, group, bias_compensation,
                                  p.eval_limit, p.metric, work))
-    from seap.pipeline import summary_stage
-    from seap.report import markdown_report
+    from seap.run.stages import summary_stage
+    from seap.evaluation.report import markdown_report
 
     loaded_rows = [json.loads((Path(r["path"]) / "row.json").read_text()) for r in rows]
     results = summary_stage(loaded_rows, p.out, {"model": p.model, "masks": masks or []}, p.tasks, p.data_dir,

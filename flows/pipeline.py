@@ -1,16 +1,13 @@
-"""``seap_pipeline``: a base model and tasks through corpus, statistics, scores, masks,
-evaluation, router, speed and registration; every stage a content-cached Prefect task.
+"""``seap_pipeline``: the plan of a run configuration, one cached Prefect task per job.
 
     python -m flows.pipeline --model smollm2-135m --sparsities 0.2 0.5 --out runs/pipeline
 
-Fans out per task (statistics, scores, expert masks) and per sparsity (masks, evaluation
-rows), publishes the Table 1 summary as a Prefect artifact and in ``out``, and registers
-every SEAP expert, general mask and routed bundle (in the local registry folder, and in
-MLflow when the registry is configured).
-
-Statistics of large corpora can be split into shards (``stats_shards``) that run on a Dask
-cluster (``dask_workers`` for a local cluster, ``dask_address`` for an existing one) through
-Prefect's Dask task runner, and are merged exactly.
+The flow's parameters are the fields of :class:`seap.run.config.RunConfig` (same names, same
+defaults, read from there), validated before any work. It walks the plan of
+:func:`seap.run.plan.make_plan`, the same plan ``seap eval`` and the DVC stages walk, running
+each job as the task of its stage (:mod:`tasks.stages`), then publishes the results in ``out``
+and as Prefect artifacts. Statistics split into shards (``stats_shards``) can run on a Dask
+cluster (``dask_workers`` for a local one, ``dask_address`` for an existing one).
 """
 
 from __future__ import annotations
@@ -18,129 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from seap.errors import SeapError
-from seap.experiment import VARIANTS
-from tasks.stages import (
-    ArtifactRef,
-    bench_masks,
-    build_mask,
-    build_task_corpus,
-    collect_statistics,
-    collect_statistics_shard,
-    compute_scores,
-    default_workdir,
-    evaluate_routed_row,
-    evaluate_row,
-    merge_statistics_shards,
-    merge_task_statistics,
-    ref,
-    register_experts,
-    resolve_model,
-    train_router,
-)
-from tasks.tracking import register_in_mlflow
+from seap.run.config import RunConfig, add_arguments
+from seap.run.execute import JobEvent, Ref, publish_results, resolve_inputs
+from seap.run.plan import Job, Plan, make_plan
+from tasks.stages import job_task
 
-DEFAULT_TASKS = ["capitals", "antonyms", "arithmetic", "sentiment", "categories"]
+_D = RunConfig()  # the defaults: the flow's signature reads them, it holds none of its own
+_VIEW: list[Callable[[JobEvent], None]] = []  # the console view of `python -m flows.pipeline`, if any
 
 
-@dataclass
-class PipelineParams:
-    """Every parameter of the pipeline, checked before any heavy work starts."""
-
-    model: str = "smollm2-135m"
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    sparsities: list[float] = field(default_factory=lambda: [0.2, 0.5])
-    score: str = "seap-sf"
-    schedule: str = "logistic"
-    baselines: list[str] = field(default_factory=lambda: ["wanda-sp", "flap"])
-    router: bool = True
-    bench: bool = True
-    bench_repeats: int = 3
-    eval_limit: int | None = None
-    data_dir: str | None = None
-    samples: int | None = 200
-    seed: int = 42
-    max_tokens: int = 512
-    metric: str = "acc"
-    gqa_mode: str = "kv-groups"
-    router_prompts: int = 500
-    router_layer: int = 0
-    router_threshold: float = 0.5
-    stats_batch_size: int = 8
-    stats_shards: int = 1
-    dask_workers: int = 0
-    dask_address: str | None = None
-    workdir: str | None = None
-    out: str = "runs/pipeline"
-    registry_dir: str | None = None
-    mlflow: bool = True
-    tracking_uri: str | None = None
-    experiment: str = "seap"
-
-    def validate(self) -> None:
-        """Raise a :class:`SeapError` naming the first invalid parameter."""
-        from seap.pipeline import check_pipeline_options
-
-        def bad(name: str, problem: str, fix: str) -> SeapError:
-            return SeapError(f"parameter {name}: {problem}", fix)
-
-        if not self.model:
-            raise bad("model", "is empty", "pass a hub id, a local folder, a .gguf file or smollm2-135m")
-        check_pipeline_options({}, tasks=self.tasks, sparsities=self.sparsities, score=self.score,
-                               schedule=self.schedule, gqa_mode=self.gqa_mode, baselines=self.baselines,
-                               metric=self.metric, router=self.router, router_threshold=self.router_threshold)
-        for name in ("eval_limit", "samples"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise bad(name, f"must be a positive integer or null, got {value!r}", "e.g. 200, or null for all")
-        for name in ("seed", "max_tokens", "bench_repeats", "router_prompts", "stats_batch_size", "stats_shards"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise bad(name, f"must be a positive integer, got {value!r}", "pass a whole number")
-        if self.dask_workers < 0:
-            raise bad("dask_workers", f"must be 0 (no Dask) or more, got {self.dask_workers}", "e.g. 2")
-        if (self.dask_workers or self.dask_address) and self.stats_shards < 2:
-            raise bad("stats_shards", "a Dask cluster needs the statistics split into shards",
-                      "pass stats_shards >= 2 (e.g. the number of workers)")
-        if self.tracking_uri is not None and "://" not in self.tracking_uri:
-            raise bad("tracking_uri", f"{self.tracking_uri!r} is not a URI",
-                      "e.g. http://mlflow.internal:5000 or sqlite:///runs/mlflow/mlflow.db")
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            raise bad("data_dir", f"{self.data_dir} is not a folder", "pass a folder of task data")
-        from seap.tasks import TaskRegistry
-
-        try:  # unknown tasks and missing splits fail here, before any model is loaded
-            TaskRegistry(self.data_dir, Path(self.work) / "task-files").resolve(self.tasks)
-        except SeapError as exc:
-            raise bad("tasks", exc.problem, exc.fix) from None
-
-    @property
-    def work(self) -> str:
-        return self.workdir or default_workdir()
-
-    @property
-    def registry(self) -> str:
-        return self.registry_dir or str(Path(self.work).parent / "registry")
-
-    @property
-    def mlflow_dir(self) -> str:
-        """The local MLflow store (sqlite + artifacts) used when no tracking URI is set."""
-        return str(Path(self.work).parent / "mlflow")
-
-    @property
-    def resolved_tracking_uri(self) -> str | None:
-        from seap.registry import resolve_tracking_uri
-
-        return resolve_tracking_uri(self.tracking_uri, self.mlflow_dir) if self.mlflow else None
-
-
-def _publish(markdown: str, out: str | Path | None = None) -> None:
+def _publish_artifacts(markdown: str, out: str | Path) -> None:
     """The summary as Prefect artifacts: Markdown (Table 1, router, speed, with the accuracy
     plot embedded) under the key ``seap-results`` and the flat metrics as a table."""
     try:
@@ -148,13 +38,13 @@ def _publish(markdown: str, out: str | Path | None = None) -> None:
 
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-        plot = Path(out) / "accuracy_vs_sparsity.png" if out else None
-        if plot is not None and plot.is_file():
+        plot = Path(out) / "accuracy_vs_sparsity.png"
+        if plot.is_file():
             encoded = base64.b64encode(plot.read_bytes()).decode()
             markdown += f"\n![average accuracy against sparsity](data:image/png;base64,{encoded})\n"
         create_markdown_artifact(markdown=markdown, key="seap-results", description="SEAP results (Table 1 layout)")
-        metrics_file = Path(out) / "metrics.json" if out else None
-        if metrics_file is not None and metrics_file.is_file():
+        metrics_file = Path(out) / "metrics.json"
+        if metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
             rows = [{"row": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}}
                     for name, values in metrics.items()]
@@ -175,187 +65,193 @@ def dask_task_runner(workers: int = 2, address: str | None = None) -> Any:
 
 
 @flow(name="seap-sharded-statistics", log_prints=True)
-def sharded_statistics(model: ArtifactRef, corpus: ArtifactRef, tasks: list[str], shards: int, batch_size: int,
-                       workdir: str) -> ArtifactRef:
-    """Statistics in ``shards`` parts submitted to the flow's task runner, merged exactly."""
-    futures = [collect_statistics_shard.submit(model, corpus, i, shards, batch_size, workdir) for i in range(shards)]
-    return merge_statistics_shards([f.result() for f in futures], tasks, workdir)
+def sharded_statistics(jobs: list[dict[str, Any]], inputs: list[dict[str, Any]], workdir: str) -> list[Ref]:
+    """Statistics shards submitted to the flow's task runner (merged by the next job)."""
+    futures = [job_task(Job.from_dict(j)).submit(j, i, workdir) for j, i in zip(jobs, inputs, strict=True)]
+    return [f.result() for f in futures]
 
 
-def statistics_step(p: PipelineParams, model: ArtifactRef, corpus: ArtifactRef) -> ArtifactRef:
-    if p.stats_shards <= 1:
-        return collect_statistics(model, corpus, p.stats_batch_size, p.work)
-    sub = sharded_statistics
-    if p.dask_workers or p.dask_address:
-        sub = sharded_statistics.with_options(task_runner=dask_task_runner(p.dask_workers or 2, p.dask_address))
-    return sub(model, corpus, p.tasks, p.stats_shards, p.stats_batch_size, str(Path(p.work).resolve()))
+def run_plan(plan: Plan, flow_run_id: str | None = None) -> dict[str, Ref]:
+    """Run every job of ``plan`` as a Prefect task; returns job key -> output reference."""
+    c = plan.config
+    workdir = str(Path(c.workdir).resolve())
+    outputs: dict[str, Ref] = {}
+    shards = [j for j in plan.jobs if j.stage == "statistics" and j.name.startswith("shard-")]
+    total = len(plan.jobs)
+    for index, job in enumerate(plan.jobs, 1):
+        if job.key in outputs:
+            continue
+        _notify(JobEvent(job, index, total, "running"))
+        start = time.perf_counter()
+        if shards and job is shards[0]:
+            runner = sharded_statistics
+            if c.dask_workers or c.dask_address:
+                runner = sharded_statistics.with_options(
+                    task_runner=dask_task_runner(c.dask_workers or 2, c.dask_address))
+            refs = runner([j.to_dict() for j in shards], [resolve_inputs(j, outputs) for j in shards], workdir)
+            outputs.update({j.key: r for j, r in zip(shards, refs, strict=True)})
+            continue
+        if job.stage == "register":
+            job = _with_run_params(job, c, flow_run_id)
+        state = job_task(job)(job.to_dict(), resolve_inputs(job, outputs), workdir, return_state=True)
+        outputs[job.key] = state.result()
+        cached = state.name == "Cached"
+        _notify(JobEvent(job, index, total, "cached" if cached else "done", time.perf_counter() - start,
+                         outputs[job.key]["path"]))
+    return outputs
 
 
-def where_to_look(out: str, registry: str, tracking_uri: str | None = None) -> list[str]:
+def _notify(event: JobEvent) -> None:
+    for view in _VIEW:
+        view(event)
+
+
+def _with_run_params(job: Job, config: RunConfig, flow_run_id: str | None) -> Job:
+    from seap.io import redact_uri
+
+    params = {k: redact_uri(v) if k == "tracking_uri" and v else v for k, v in config.to_dict().items()}
+    tags = {"prefect_flow_run_id": flow_run_id} if flow_run_id else {}
+    return Job(job.stage, job.name, job.inputs, {**job.params, "run_params": params, "run_tags": tags}, job.row)
+
+
+def where_to_look(config: RunConfig) -> list[str]:
     """The closing lines: results, plots, registry and the UIs."""
     import os
 
-    lines = [f"results table: {Path(out) / 'results.md'}", f"results JSON:  {Path(out) / 'results.json'}",
-             f"plot:          {Path(out) / 'accuracy_vs_sparsity.png'}", f"registry:      {registry}"]
+    from seap.registry.records import resolve_tracking_uri
+
+    out = Path(config.out)
+    lines = [f"results table: {out / 'results.md'}", f"results JSON:  {out / 'results.json'}",
+             f"plot:          {out / 'accuracy_vs_sparsity.png'}", f"registry:      {config.registry}"]
     api = os.environ.get("PREFECT_API_URL")
-    lines.append(f"Prefect UI:    {api.removesuffix('/api') if api else 'run `prefect server start` and open http://127.0.0.1:4200 (this run used a temporary server)'}")
-    if tracking_uri is None:
+    lines.append("Prefect UI:    " + (api.removesuffix("/api") if api else
+                                      "run `prefect server start` and open http://127.0.0.1:4200 "
+                                      "(this run used a temporary server)"))
+    if not config.mlflow:
         lines.append("MLflow:        off (--no-mlflow); register later with `seap register --results OUT --registry DIR`")
-    elif tracking_uri.startswith(("http://", "https://")):
-        lines.append(f"MLflow UI:     {tracking_uri}")
     else:
-        lines.append(f"MLflow UI:     .venv/bin/mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")
+        uri = resolve_tracking_uri(config.tracking_uri, config.mlflow_store)
+        if uri.startswith(("http://", "https://")):
+            lines.append(f"MLflow UI:     {uri}")
+        else:
+            lines.append(f"MLflow UI:     .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
     return lines
 
 
 @flow(name="seap-pipeline", log_prints=True)
 def seap_pipeline(
-    model: str = "smollm2-135m",
-    tasks: list[str] | None = None,
-    sparsities: list[float] | None = None,
-    score: str = "seap-sf",
-    schedule: str = "logistic",
-    baselines: list[str] | None = None,
-    router: bool = True,
-    bench: bool = True,
-    eval_limit: int | None = None,
-    data_dir: str | None = None,
-    samples: int | None = 200,
-    seed: int = 42,
-    max_tokens: int = 512,
-    metric: str = "acc",
-    gqa_mode: str = "kv-groups",
-    bench_repeats: int = 3,
-    stats_shards: int = 1,
-    dask_workers: int = 0,
-    dask_address: str | None = None,
-    workdir: str | None = None,
-    out: str = "runs/pipeline",
-    registry_dir: str | None = None,
-    mlflow: bool = True,
-    tracking_uri: str | None = None,
-    experiment: str = "seap",
+    model: str = _D.model,
+    device: str = _D.device,
+    dtype: str = _D.dtype,
+    tasks: list[str] = _D.tasks,
+    data_dir: str | None = _D.data_dir,
+    samples: int | None = _D.samples,
+    seed: int = _D.seed,
+    max_tokens: int = _D.max_tokens,
+    stats_batch_size: int = _D.stats_batch_size,
+    stats_shards: int = _D.stats_shards,
+    dask_workers: int = _D.dask_workers,
+    dask_address: str | None = _D.dask_address,
+    methods: list[str] = _D.methods,
+    sparsities: list[float] = _D.sparsities,
+    score: str = _D.score,
+    schedule: str = _D.schedule,
+    schedule_k: float | None = _D.schedule_k,
+    schedule_x0: float | None = _D.schedule_x0,
+    protect_first: int | None = _D.protect_first,
+    protect_last: int | None = _D.protect_last,
+    gqa_mode: str = _D.gqa_mode,
+    limit: int | None = _D.limit,
+    num_fewshot: int = _D.num_fewshot,
+    metric: str = _D.metric,
+    eval_batch_size: int = _D.eval_batch_size,
+    perplexity: bool = _D.perplexity,
+    perplexity_windows: int | None = _D.perplexity_windows,
+    router_prompts: int = _D.router_prompts,
+    router_layer: int = _D.router_layer,
+    router_threshold: float = _D.router_threshold,
+    bench: bool = _D.bench,
+    bench_repeats: int = _D.bench_repeats,
+    workdir: str = _D.workdir,
+    out: str = _D.out,
+    registry_dir: str | None = _D.registry_dir,
+    mlflow: bool = _D.mlflow,
+    tracking_uri: str | None = _D.tracking_uri,
+    mlflow_dir: str | None = _D.mlflow_dir,
+    experiment: str = _D.experiment,
 ) -> dict[str, Any]:
-    """Experts and general masks (SEAP) plus baselines at each sparsity, evaluated on the tasks,
-    with the router, routed evaluation, speed and registration."""
-    p = PipelineParams(model=model, tasks=list(tasks or DEFAULT_TASKS), sparsities=list(sparsities or [0.2, 0.5]),
-                       score=score, schedule=schedule,
-                       baselines=list(["wanda-sp", "flap"] if baselines is None else baselines), router=router,
-                       bench=bench, bench_repeats=bench_repeats, eval_limit=eval_limit, data_dir=data_dir,
-                       samples=samples, seed=seed, max_tokens=max_tokens, metric=metric, gqa_mode=gqa_mode,
-                       stats_shards=stats_shards, dask_workers=dask_workers, dask_address=dask_address,
-                       workdir=workdir, out=out, registry_dir=registry_dir, mlflow=mlflow,
-                       tracking_uri=tracking_uri, experiment=experiment)
-    p.validate()  # every parameter is checked before any heavy work
+    """Dense, SEAP experts, general mask and routed inference, and the baselines, at each
+    sparsity: the plan of the run configuration, every job a cached task."""
+    from prefect.runtime import flow_run
+
+    from seap.evaluation.report import markdown_report
+
+    config = RunConfig.from_mapping(dict(locals()), front="flow").validate()  # every parameter, before any work
     started = time.perf_counter()
-    work, tasks_ = p.work, p.tasks
-    data = ref(p.data_dir) if p.data_dir else None
-    model_ref = resolve_model(p.model)
-    corpus = build_task_corpus(tasks_, data, p.samples, p.seed, p.max_tokens, work)
-    stats = statistics_step(p, model_ref, corpus)
-    pooled = merge_task_statistics(stats, tasks_, work) if p.baselines else None
-    seap_scores = {t: compute_scores(stats, t, p.score, work) for t in tasks_}
-
-    limit, metric_ = p.eval_limit, p.metric
-    rows = [evaluate_row(model_ref, tasks_, data, "dense", 0.0, {}, False, limit, metric_, work)]
-    masks: dict[str, dict[str, ArtifactRef]] = {}
-    bias: dict[str, bool] = {}
-    for sparsity in p.sparsities:
-        experts = {t: build_mask([seap_scores[t]], sparsity, p.schedule, False, p.gqa_mode, work) for t in tasks_}
-        masks[f"seap-expert@{sparsity:g}"] = experts
-        rows.append(evaluate_row(model_ref, tasks_, data, "seap-expert", sparsity, experts, False, limit, metric_, work))
-        general = build_mask(list(seap_scores.values()), sparsity, p.schedule, True, p.gqa_mode, work)
-        masks[f"seap-general@{sparsity:g}"] = {"general": general}
-        rows.append(evaluate_row(model_ref, tasks_, data, "seap-general", sparsity, {"general": general}, False,
-                                 limit, metric_, work))
-        for method in p.baselines:
-            v = VARIANTS[method]
-            base_scores = compute_scores(pooled, "pooled", v.score, work)
-            mask = build_mask([base_scores], sparsity, v.schedule, False, p.gqa_mode, work,
-                              pooled if v.bias_compensation else None, "pooled" if v.bias_compensation else None)
-            masks[f"{method}@{sparsity:g}"] = {"general": mask}
-            bias[f"{method}@{sparsity:g}:general"] = v.bias_compensation
-            rows.append(evaluate_row(model_ref, tasks_, data, method, sparsity, {"general": mask},
-                                     v.bias_compensation, limit, metric_, work))
-
-    router_ref = None
-    if p.router:
-        router_ref = train_router(model_ref, tasks_, data, p.router_prompts, p.router_layer, p.seed,
-                                  p.router_threshold, work)
-        for sparsity in p.sparsities:
-            rows.append(evaluate_routed_row(model_ref, tasks_, data, sparsity, masks[f"seap-expert@{sparsity:g}"],
-                                            masks[f"seap-general@{sparsity:g}"]["general"], router_ref, limit,
-                                            metric_, work))
-    speed = None
-    if p.bench:
-        flat = {f"{key}:{name}": r for key, group in masks.items() for name, r in group.items()}
-        speed_ref = bench_masks(model_ref, flat, {k: bias.get(k, False) for k in flat}, p.bench_repeats, work)
-        speed = json.loads((Path(speed_ref["path"]) / "bench.json").read_text())
-
-    from seap.pipeline import summary_stage
-    from seap.report import markdown_report
-
-    loaded_rows = [json.loads((Path(r["path"]) / "row.json").read_text()) for r in rows]
-    from seap.io import redact_uri
-
-    config = {k: redact_uri(v) if k == "tracking_uri" and v else v for k, v in p.__dict__.items()}
-    results = summary_stage(loaded_rows, p.out, config, tasks_, p.data_dir, limit, metric_,
-                            router=router_ref["path"] if router_ref else None, speed=speed,
-                            work_dir=Path(work) / "task-files")
-    _publish(markdown_report(results), p.out)
-    registered = register_experts(str(Path(p.out) / "results.json"), masks, router_ref, p.registry, p.score,
-                                  p.schedule)
-    print(f"registered {len(registered)} expert versions in {p.registry}")
-    tracked = None
-    if p.mlflow:
-        from prefect.runtime import flow_run
-
-        tracked = register_in_mlflow(p.out, [r["path"] for r in registered], config, p.tracking_uri, p.mlflow_dir,
-                                     p.experiment, flow_run.get_id())
-        created = sum(v["created"] for v in tracked["versions"])
-        print(f"MLflow run {tracked['run_id']} ({tracked['tracking_uri']}): {len(tracked['versions'])} versions, "
-              f"{created} new")
+    plan = make_plan(config)
+    outputs = run_plan(plan, flow_run.get_id())
+    publish_results(outputs["report"]["path"], config.out)
+    results = json.loads((Path(config.out) / "results.json").read_text(encoding="utf-8"))
+    _publish_artifacts(markdown_report(results), config.out)
+    registered = json.loads((Path(outputs["register"]["path"]) / "registered.json").read_text(encoding="utf-8"))
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s")
-    for line in where_to_look(p.out, p.registry, p.resolved_tracking_uri):
+    for line in where_to_look(config):
         print(line)
-    return {"results": str(Path(p.out) / "results.json"), "rows": [r["path"] for r in rows],
-            "masks": {k: {n: r["path"] for n, r in g.items()} for k, g in masks.items()},
-            "router": router_ref["path"] if router_ref else None, "registered": registered, "mlflow": tracked}
+    groups = plan.mask_groups()
+    return {"results": str(Path(config.out) / "results.json"),
+            "rows": [outputs[j.key]["path"] for j in plan.jobs if j.row],
+            "masks": {row: {name: outputs[key]["path"] for name, key in group.items()} for row, group in groups.items()},
+            "router": outputs["router"]["path"] if "router" in outputs else None,
+            "registered": registered["registered"], "mlflow": registered["mlflow"]}
 
 
-def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="Run the cached SEAP pipeline flow (no server needed).")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", nargs="+", default=None)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=None)
-    parser.add_argument("--score", default="seap-sf")
-    parser.add_argument("--schedule", default="logistic")
-    parser.add_argument("--baselines", nargs="*", default=None)
-    parser.add_argument("--no-router", dest="router", action="store_false")
-    parser.add_argument("--no-bench", dest="bench", action="store_false")
-    parser.add_argument("--eval-limit", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--metric", default="acc")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--bench-repeats", type=int, default=3)
-    parser.add_argument("--stats-shards", type=int, default=1)
-    parser.add_argument("--dask-workers", type=int, default=0)
-    parser.add_argument("--dask-address", default=None)
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--registry-dir", default=None)
-    parser.add_argument("--out", default="runs/pipeline")
-    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false",
-                        help="register in the local registry folder only")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite beside --workdir)")
-    parser.add_argument("--experiment", default="seap", help="MLflow experiment of the pipeline runs")
-    return vars(parser.parse_args(argv))
+def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.pipeline",
+        description="Run the cached SEAP pipeline flow (no server needed). Every option is a field of the run "
+                    "configuration; options left out keep its defaults.")
+    add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="show library output instead of the log file")
+    args = parser.parse_args(argv)
+    config = RunConfig.from_cli(args)
+    return config.to_dict(), args
 
 
-def main(argv: list[str] | None = None) -> None:
-    seap_pipeline(**parse_args(argv))
+def summary(result: dict[str, Any], config: RunConfig) -> list[str]:
+    """What the main job ends with: Table 1, the router and speed lines, and where to look."""
+    from seap.evaluation.report import table1
+
+    results = json.loads(Path(result["results"]).read_text(encoding="utf-8"))
+    lines = ["", table1(results).rstrip()]
+    if results.get("router"):
+        lines.append(f"router: held-out accuracy {results['router']['heldout_accuracy'] * 100:.1f}%")
+    speed = (results.get("speed") or {}).get("models", {})
+    for name, m in speed.items():
+        if name != "dense" and "same_shapes_as" not in m:
+            lines.append(f"speed {name}: prefill x{m['prefill_speedup']:.2f}, decode x{m['decode_speedup']:.2f} "
+                         f"(realised {m['realised_sparsity'] * 100:.1f}%)")
+    mlflow_run = result.get("mlflow")
+    lines.append(f"registered {len(result['registered'])} expert versions in {config.registry}"
+                 + (f"; MLflow run {mlflow_run['run_id']}" if mlflow_run else ""))
+    return lines + [""] + where_to_look(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The main job's entry point: a readable progress view, library output in a log file."""
+    from seap.errors import SeapError
+    from seap.run.progress import run_with_view
+
+    try:
+        params, args = parse_args(argv)
+        config = RunConfig.from_mapping(params, front="cli").validate()
+    except SeapError as exc:
+        print(f"error: {exc.problem}")
+        if exc.fix:
+            print(f"  fix: {exc.fix}")
+        return 2
+    return run_with_view(config, lambda: seap_pipeline(**params), lambda r: summary(r, config), "pipeline",
+                         verbose=args.verbose, views=_VIEW)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -13,10 +13,10 @@ from typing import Any
 
 from prefect import flow
 
-from seap.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
-from seap.geometry import check_gqa_mode
-from seap.pipeline import resolve_method
-from seap.schedules import check_sparsity
+from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
+from seap.maths.geometry import check_gqa_mode
+from seap.run.stages import resolve_method
+from seap.maths.schedules import check_sparsity
 from tasks.stages import (
     build_corpus,
     build_mask,
@@ -50,7 +50,7 @@ def prune_flow(
     preset = resolve_method(method, None, None, None)
     work = workdir or default_workdir()
 
-    from seap.pipeline import build_corpora
+    from seap.run.stages import build_corpora
 
     tasks = [task] if task else sorted(build_corpora(calib, None, samples, seed))
     model_ref = resolve_model(model)

@@ -26,7 +26,7 @@ def router_flow(
     seed: int = 42,
     workdir: str | None = None,
 ) -> dict[str, Any]:
-    from seap.router import Router
+    from seap.evaluation.router import Router
 
     p = PipelineParams(model=model, tasks=list(tasks or DEFAULT_TASKS), data_dir=data_dir, router=True,
                        router_prompts=prompts_per_task, router_layer=feature_layer, router_threshold=threshold,

@@ -33,7 +33,7 @@ class SeapExpertModel(PythonModel):
     """A pruned expert (or routed bundle) rebuilt from its masks and the referenced base model."""
 
     def load_context(self, context: Any) -> None:
-        from seap.bundle import load_bundle
+        from seap.registry.bundle import load_bundle
 
         self.model = load_bundle(context.artifacts["bundle"], device=os.environ.get("SEAP_DEVICE", "auto"))
 

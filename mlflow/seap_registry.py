@@ -1,6 +1,6 @@
 """MLflow side of SEAP: track pipeline runs, register experts, promote, roll back, search.
 
-Loaded by path (``seap.extensions.mlflow_registry()``), since this folder has no
+Loaded by path (``seap.registry.mlflow_code.mlflow_registry()``), since this folder has no
 ``__init__.py`` and must never shadow the installed ``mlflow`` package. The ``seap``
 library itself never imports MLflow; the CLI (``seap register|promote|rollback|models``),
 the Prefect task ``mlflow-register`` and the DVC ``register`` stage call the functions here.
@@ -40,7 +40,7 @@ from mlflow.tracking import MlflowClient
 
 import mlflow
 from seap.errors import ModelMismatchError, SeapError
-from seap.promotion import (
+from seap.registry.promotion import (
     ARCHIVED,
     LEGACY_STAGES,
     STAGES,
@@ -49,7 +49,7 @@ from seap.promotion import (
     load_policy,
     metrics_from_tags,
 )
-from seap.registry import resolve_tracking_uri
+from seap.registry.records import resolve_tracking_uri
 
 MODEL_FILE = Path(__file__).resolve().parent / "seap_model.py"
 SEAP_PACKAGE = Path(__file__).resolve().parents[1] / "seap"
@@ -158,28 +158,22 @@ def _metric_key(*parts: str) -> str:
 
 
 def run_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """Flat MLflow metrics of a pipeline's results: per row (``seap-expert_0.2``) the average,
-    realised sparsity, retention, speed-ups, and per task acc, acc_norm and retention."""
-    from seap.experiment import flat_metrics, metric_for
+    """Flat MLflow metrics of a pipeline's results: per row (``seap-expert_0.2``) every number of
+    :func:`seap.evaluation.metrics.flat_metrics` (average, realised sparsity, retention, speed-ups,
+    per task accuracy and margin), plus per task both lm-eval metrics."""
+    from seap.evaluation.metrics import LM_EVAL_METRICS, flat_metrics, row_name
 
     flat = flat_metrics(dict(results))
-    metric = results.get("metric", "acc")
-    dense = next((r for r in results["rows"] if r["method"] == "dense"), None)
     out: dict[str, float] = {}
     for row in results["rows"]:
-        name = "dense" if row["method"] == "dense" else f"{row['method']}_{row['sparsity']:g}"
-        entry = flat.get("dense" if row["method"] == "dense" else f"{row['method']}@{row['sparsity']:g}", {})
-        for key in ("average", "realised_sparsity", "retention", "prefill_speedup", "decode_speedup"):
-            if isinstance(entry.get(key), (int, float)):
-                out[_metric_key(name, key)] = float(entry[key])
+        name = row_name(row).replace("@", "_")
+        for key, value in flat.get(row_name(row), {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[_metric_key(name, key)] = float(value)
         for task, values in row["tasks"].items():
-            for key in ("acc", "acc_norm"):
+            for key in LM_EVAL_METRICS:
                 if isinstance(values.get(key), (int, float)):
                     out[_metric_key(name, task, key)] = float(values[key])
-            value = values.get(metric_for(task, metric))
-            reference = dense["tasks"].get(task, {}).get(metric_for(task, metric)) if dense else None
-            if isinstance(value, (int, float)) and reference:
-                out[_metric_key(name, task, "retention")] = float(value) / float(reference)
     router = results.get("router") or {}
     for key in ("heldout_accuracy", "accuracy"):
         if isinstance(router.get(key), (int, float)):
@@ -265,12 +259,12 @@ def find_version(name: str, version_key: str) -> Any | None:
 
 
 def register_record(record: Any, run_id: str | None = None) -> dict[str, Any]:
-    """Register one :class:`seap.registry.ExpertRecord` as a version of ``record.name``.
+    """Register one :class:`seap.registry.records.ExpertRecord` as a version of ``record.name``.
 
     The version's model is ``mlflow/seap_model.py`` with the bundle as its only artifact. A
     record registered before (same ``version_key``) is returned as is.
     """
-    from seap.bundle import write_bundle
+    from seap.registry.bundle import write_bundle
 
     key = record.version_key()
     existing = find_version(record.name, key)
@@ -307,7 +301,7 @@ def register_results(results_dir: str | Path, records: Sequence[Any] | None = No
                      tags: Mapping[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Track one pipeline run and register its experts: the one call the flow, the DVC stage
     and ``seap register`` make. ``records`` (or every record in ``registry_dir``) are registered."""
-    from seap.registry import read_local_registry
+    from seap.registry.records import read_local_registry
 
     uri = connect(tracking_uri, local_dir)
     if records is None:
@@ -408,7 +402,7 @@ def verify_version(name: str, version: int | str, verify_base: bool = True) -> d
 
 
 def _verify(mv: Any, verify_base: bool) -> dict[str, Any]:
-    from seap.bundle import load_base, read_bundle
+    from seap.registry.bundle import load_base, read_bundle
     from seap.io import short_hash
 
     name = mv.name

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ArtifactError
-from .io import atomic_directory, atomic_write_json, read_json, sha256_file
+from seap.errors import ArtifactError
+from seap.io import atomic_directory, atomic_write_json, read_json, sha256_file
 
 _RESERVED = ("format", "format_version", "tensors_sha256")
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import SeapError
+from seap.errors import SeapError
 
 STAGES_HELP = """stages (run in this order, or all at once with `seap prune`):
   corpus       build per-task calibration corpora (knowledge sentences) from task records
@@ -53,7 +53,7 @@ def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_schedule(p: argparse.ArgumentParser) -> None:
-    from .geometry import GQA_MODES
+    from seap.maths.geometry import GQA_MODES
 
     p.add_argument("--sparsity", type=float, required=True, help="target fraction of prunable weights to remove, in [0, 1)")
     p.add_argument("--gqa-mode", default="kv-groups", choices=GQA_MODES,
@@ -77,10 +77,10 @@ def _schedule_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
-    from .pipeline import METHODS
-    from .schedules import SCHEDULES
-    from .scores import SCORES
+    from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
+    from seap.run.stages import METHODS
+    from seap.maths.schedules import SCHEDULES
+    from seap.maths.scores import SCORES
 
     parser = argparse.ArgumentParser(
         prog="seap", description="Sparse Expert Activation Pruning for causal LMs (with Wanda-sp and FLAP baselines).",
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    from .experiment import ALL_METHODS, DEFAULT_METHODS
+    from seap.run.experiment import ALL_METHODS, DEFAULT_METHODS
 
     p = sub.add_parser("eval", help="evaluate methods x sparsities on tasks; writes JSON, Markdown and a plot")
     _add_model(p)
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
 
-    from .project import PARAMS_FILE, STAGES
+    from seap.run.dvc import PARAMS_FILE, STAGES
 
     p = sub.add_parser("stage", help="run one stage of the DVC pipeline (dvc.yaml) with params.yaml")
     p.add_argument("name", choices=list(STAGES), help="the stage, as named in dvc.yaml")
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .models import load_model
+    from seap.model.loading import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
@@ -293,9 +293,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{mask.meta['kind']} mask '{mask.task}': target {mask.meta['target_sparsity']:.4f}, "
               f"realised {mask.meta['realised_sparsity']:.4f} -> {args.out}")
     elif cmd == "apply":
-        from .masks import PruningMask
-        from .prune import apply_mask
-        from .pruned import save_pruned
+        from seap.maths.masks import PruningMask
+        from seap.model.surgery import apply_mask
+        from seap.model.checkpoint import save_pruned
 
         mask = PruningMask.load(args.mask)
         loaded = _load(args)
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         if args.mode == "hard":
             save_pruned(pruned, args.out, mask, overwrite=args.overwrite)
         else:
-            from .io import atomic_directory
+            from seap.io import atomic_directory
 
             with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
                 pruned.model.save_pretrained(tmp)
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(result.summary_lines()))
             print(f"load it with: seap.load_pruned({str(result.out_dir)!r})")
     elif cmd == "eval":
-        from .experiment import Experiment, ExperimentConfig, save_results
+        from seap.run.experiment import Experiment, ExperimentConfig, save_results
 
         config = ExperimentConfig(
             model=args.model, tasks=args.tasks, data_dir=args.data_dir, sparsities=args.sparsities,
@@ -338,17 +338,17 @@ def run(args: argparse.Namespace) -> int:
         )
         results = Experiment(config, args.out, progress=progress, verbose=True).run()
         paths = save_results(results, args.out)
-        from .report import table1
+        from seap.evaluation.report import table1
 
         print(table1(results))
         for kind, path in paths.items():
             print(f"{kind}: {path}")
     elif cmd == "bench":
-        from .bench import benchmark
-        from .io import atomic_write_json
-        from .masks import PruningMask
-        from .prune import apply_mask
-        from .pruned import load_pruned
+        from seap.evaluation.speed import benchmark
+        from seap.io import atomic_write_json
+        from seap.maths.masks import PruningMask
+        from seap.model.surgery import apply_mask
+        from seap.model.checkpoint import load_pruned
 
         dense = _load(args)
         models = {"dense": dense}
@@ -365,11 +365,11 @@ def run(args: argparse.Namespace) -> int:
                   f"(x{m['prefill_speedup']:.2f})  decode {m['decode_tokens_per_s']:.1f} tok/s (x{m['decode_speedup']:.2f})")
         print(f"wrote {args.out}")
     elif cmd == "router":
-        from .evaluation import training_prompts
-        from .router import train_router
-        from .tasks import TaskRegistry
+        from seap.evaluation.harness import training_prompts
+        from seap.evaluation.router import train_router
+        from seap.data.catalogue import TaskCatalogue
 
-        registry = TaskRegistry(args.data_dir)
+        registry = TaskCatalogue(args.data_dir)
         specs = registry.resolve(args.tasks)
         loaded = _load(args)
         router = train_router(loaded, training_prompts(registry, specs, args.prompts, args.seed), args.layer,
@@ -380,9 +380,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {task}: {acc:.3f}")
         print(f"wrote {args.out}")
     elif cmd == "route":
-        from .masks import PruningMask
-        from .router import Router
-        from .routing import ExpertBank, RoutedModel
+        from seap.maths.masks import PruningMask
+        from seap.evaluation.router import Router
+        from seap.evaluation.routed import ExpertBank, RoutedModel
 
         router = Router.load(args.router)
         experts = {m.task: m for m in (PruningMask.load(p) for p in args.experts)}
@@ -392,18 +392,18 @@ def run(args: argparse.Namespace) -> int:
         for item in routed.generate(args.prompt, args.max_new_tokens):
             print(json.dumps(item, ensure_ascii=False))
     elif cmd == "stage":
-        from .project import run_stage
+        from seap.run.dvc import run_stage
 
         run_stage(args.name, args.params, args.root, progress=progress)
     elif cmd == "export-starter":
-        from .project import export_starter
+        from seap.run.dvc import export_starter
 
         counts = export_starter(args.out, args.seed, overwrite=args.overwrite)
         for rel, n in counts.items():
             print(f"{rel}: {n} records")
         print(f"wrote {args.out}")
     elif cmd in ("register", "promote", "rollback", "models"):
-        from .extensions import mlflow_registry
+        from seap.registry.mlflow_code import mlflow_registry
 
         reg = mlflow_registry()
         if cmd == "register":
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
             "pruned": getattr(loaded.model.config, "seap_pruning", None),
         }, indent=2))
     elif cmd == "fetch":
-        from .models import BUILTIN_MODELS, fetch_builtin
+        from seap.model.loading import BUILTIN_MODELS, fetch_builtin
 
         if args.model not in BUILTIN_MODELS:
             raise SeapError(f"{args.model!r} is not a built-in model", f"built-in models: {', '.join(BUILTIN_MODELS)}")

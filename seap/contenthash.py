@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .io import canonical_json, sha256_file
+from seap.io import canonical_json, sha256_file
 
 
 def tree_digest(path: str | Path) -> str:
@@ -43,7 +43,7 @@ def _module_digest(module: str) -> str:
 
 
 def code_digest(modules: Iterable[str]) -> str:
-    """Hash of the source of the given modules (e.g. ``["seap.collect", "seap.stats"]``)."""
+    """Hash of the source of the given modules (e.g. ``["seap.model.calibration", "seap.maths.moments"]``)."""
     h = hashlib.sha256()
     for module in sorted(set(modules)):
         h.update(f"{module}:{_module_digest(module)}".encode())

@@ -14,11 +14,11 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, SeapError
+from seap.errors import ArtifactError, SeapError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -153,6 +153,37 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def build_once(path: str | os.PathLike[str], build: Callable[[Path], None]) -> bool:
+    """Create the folder ``path`` once: ``build(out)`` fills a fresh folder ``out`` (which it
+    creates) inside a temporary sibling, then ``out`` is renamed to ``path``.
+
+    An existing ``path`` is never replaced: if a concurrent writer finished it first, this
+    build is discarded and ``False`` is returned (same inputs, same content). On error nothing
+    is left behind. Temporaries of killed processes are removed first.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
+    tmp = target.parent / f".{target.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        out = tmp / "out"
+        build(out)
+        if not out.exists():
+            raise SeapError(f"nothing was written for {target}", "this is a bug: the stage wrote no output")
+        if target.exists():
+            return False
+        try:
+            os.rename(out, target)
+        except OSError:
+            if target.exists():  # lost the race to a concurrent writer
+                return False
+            raise
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def redact_uri(text: str) -> str:

@@ -1,1 +1,1 @@
-"""Prefect tasks: one per pipeline stage, each a thin wrapper over a ``seap.pipeline`` function."""
+"""Prefect tasks: one per pipeline stage, each a thin wrapper over a ``seap.run.stages`` function."""

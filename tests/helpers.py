@@ -14,7 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from seap.models import LoadedModel, wrap_model
+from seap.model.loaded import LoadedModel, wrap_model
 
 ARCHS = ("llama-mha", "llama-gqa", "qwen2", "mistral")
 

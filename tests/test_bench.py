@@ -1,8 +1,8 @@
 import json
 
-from seap.bench import benchmark
+from seap.evaluation.speed import benchmark
 from seap.cli import main
-from seap.prune import apply_mask
+from seap.model.surgery import apply_mask
 from tests.helpers import make_tiny_model
 from tests.test_prune import mask_for
 

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from seap.bundle import load_bundle, read_bundle, write_bundle
+from seap.registry.bundle import load_bundle, read_bundle, write_bundle
 from seap.errors import ModelMismatchError
-from seap.masks import build_mask
-from seap.prune import apply_mask
-from seap.registry import ExpertRecord
+from seap.maths.masks import build_mask
+from seap.model.surgery import apply_mask
+from seap.registry.records import ExpertRecord
 from tests.helpers import make_tiny_model
 
 
@@ -20,7 +20,7 @@ def saved(tmp_path):
     tiny = make_tiny_model("llama-gqa")
     tiny.model.save_pretrained(tmp_path / "base")
     tiny.tokenizer.save_pretrained(tmp_path / "base")
-    from seap.models import load_model
+    from seap.model.loading import load_model
 
     base = load_model(str(tmp_path / "base"), device="cpu")
     from tests.test_masks import scores_for

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from seap.cli import main
-from seap.masks import PruningMask
-from seap.pruned import load_pruned
+from seap.maths.masks import PruningMask
+from seap.model.checkpoint import load_pruned
 from tests.helpers import SENTENCES, make_tiny_model
 
 
@@ -86,7 +86,7 @@ def test_sharded_stats_cli(model_dir, calib, tmp_path) -> None:
         assert main(["--no-progress", "stats", "--model", str(model_dir), "--corpus", str(d / "c.jsonl"),
                      "--shard", f"{i}/2", "--out", str(d / f"shard{i}")]) == 0
     assert main(["merge-stats", str(d / "shard0" / "facts"), str(d / "shard1" / "facts"), "--out", str(d / "merged")]) == 0
-    from seap.collect import ActivationStatistics
+    from seap.maths.statistics import ActivationStatistics
 
     assert ActivationStatistics.load(d / "merged").meta["num_texts"] == 6
 

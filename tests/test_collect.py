@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from seap.collect import ActivationStatistics, collect_statistics, merge_statistics
-from seap.corpus import build_corpus
+from seap.maths.statistics import ActivationStatistics, merge_statistics
+from seap.model.calibration import collect_statistics
+from seap.data.corpus import build_corpus
 from seap.errors import ArtifactError, ModelMismatchError, SeapError
-from seap.hooks import HookManager, count_hooks
+from seap.model.hooks import HookManager, count_hooks
 from tests.helpers import SENTENCES, make_tiny_model
 
 

@@ -20,11 +20,11 @@ def test_tree_digest_tracks_content_not_time(tmp_path) -> None:
 def test_stage_key_changes_with_params_inputs_and_code(tmp_path) -> None:
     f = tmp_path / "in.jsonl"
     f.write_text("1")
-    key = stage_key("masks", {"sparsity": 0.2}, {"scores": f}, ["seap.masks"])
-    assert key == stage_key("masks", {"sparsity": 0.2}, {"scores": f}, ["seap.masks"])
+    key = stage_key("masks", {"sparsity": 0.2}, {"scores": f}, ["seap.maths.masks"])
+    assert key == stage_key("masks", {"sparsity": 0.2}, {"scores": f}, ["seap.maths.masks"])
     assert key.startswith("masks-")
-    assert key != stage_key("masks", {"sparsity": 0.5}, {"scores": f}, ["seap.masks"])
-    assert key != stage_key("masks", {"sparsity": 0.2}, {"scores": f}, ["seap.masks", "seap.schedules"])
+    assert key != stage_key("masks", {"sparsity": 0.5}, {"scores": f}, ["seap.maths.masks"])
+    assert key != stage_key("masks", {"sparsity": 0.2}, {"scores": f}, ["seap.maths.masks", "seap.maths.schedules"])
     f.write_text("2")
-    assert key != stage_key("masks", {"sparsity": 0.2}, {"scores": f}, ["seap.masks"])
-    assert code_digest(["seap.stats"]) != code_digest(["seap.collect"])
+    assert key != stage_key("masks", {"sparsity": 0.2}, {"scores": f}, ["seap.maths.masks"])
+    assert code_digest(["seap.maths.moments"]) != code_digest(["seap.model.calibration"])

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from seap.corpus import build_corpus, knowledge_sentence, read_corpus, read_records, write_corpus
+from seap.data.corpus import build_corpus, knowledge_sentence, read_corpus, read_records, write_corpus
 from seap.errors import SeapError
-from seap.pipeline import build_corpora
-from seap.starter import STARTER_TASKS, starter_records
+from seap.run.stages import build_corpora
+from seap.data.starter import STARTER_TASKS, starter_records
 
 
 @pytest.mark.parametrize("record, expected", [

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from seap.errors import SeapError
-from seap.evaluation import evaluate, perplexity, training_prompts
-from seap.prune import apply_mask
-from seap.tasks import TaskRegistry
+from seap.evaluation.harness import evaluate, perplexity, training_prompts
+from seap.model.surgery import apply_mask
+from seap.data.catalogue import TaskCatalogue
 from tests.helpers import SENTENCES, make_tiny_model
 from tests.helpers_tasks import make_task_dir
 from tests.test_prune import mask_for
@@ -15,7 +15,7 @@ from tests.test_prune import mask_for
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    return TaskRegistry(make_task_dir(root / "data"), root / "work")
+    return TaskCatalogue(make_task_dir(root / "data"), root / "work")
 
 
 def test_in_memory_evaluation_dense_soft_hard(registry) -> None:
@@ -36,7 +36,7 @@ def test_in_memory_evaluation_dense_soft_hard(registry) -> None:
 
 
 def test_evaluation_on_a_starter_task() -> None:
-    reg = TaskRegistry()
+    reg = TaskCatalogue()
     loaded = make_tiny_model("qwen2")
     result = evaluate(loaded, reg, reg.resolve(["sentiment"]), limit=6)
     assert result["tasks"]["sentiment"]["n"] == 6 and result["tasks"]["sentiment"]["source"] == "starter"
@@ -80,6 +80,6 @@ def test_training_prompts_come_from_train_split(registry) -> None:
 def test_unreachable_hub_task_gives_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    reg = TaskRegistry()
+    reg = TaskCatalogue()
     with pytest.raises(SeapError, match="could not load hub task"):
         evaluate(make_tiny_model("llama-gqa"), reg, reg.resolve(["hub:piqa"]), limit=2)

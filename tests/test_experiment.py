@@ -4,7 +4,7 @@ import pytest
 
 from seap.cli import main
 from seap.errors import SeapError
-from seap.experiment import ALL_METHODS, Experiment, ExperimentConfig, save_results
+from seap.run.experiment import ALL_METHODS, Experiment, ExperimentConfig, save_results
 from tests.helpers import make_tiny_model
 from tests.helpers_tasks import make_task_dir
 

@@ -39,7 +39,7 @@ def first_run(prefect_env, tmp_path_factory):
 
 
 def test_pipeline_completes_with_table_router_speed_and_registry(first_run) -> None:
-    from seap.registry import read_local_registry
+    from seap.registry.records import read_local_registry
 
     tmp, kwargs, state = first_run
     assert state.is_completed()
@@ -148,7 +148,7 @@ def test_evaluate_and_router_flows(first_run, tmp_path) -> None:
 
 
 def _mask_tensors(path: str) -> list:
-    from seap.masks import PruningMask
+    from seap.maths.masks import PruningMask
 
     mask = PruningMask.load(path)
     return [(m.heads.tolist(), m.kv_heads.tolist(), m.channels.tolist()) for m in mask.layers]
@@ -229,7 +229,7 @@ def test_two_concurrent_runs_on_one_workspace(prefect_env, tmp_path) -> None:
     for p, output in zip(procs, outputs):
         assert p.returncode == 0, output[-3000:]
     assert _rows(tmp_path / "out0") == _rows(tmp_path / "out1")
-    from seap.registry import read_local_registry
+    from seap.registry.records import read_local_registry
 
     records = read_local_registry(tmp_path / "registry")
     assert len(records) == 4  # both runs registered the same four versions, once

@@ -12,7 +12,7 @@ from tests.helpers_flows import task_states
 
 def test_prune_flow_caches_across_runs_and_reruns_only_downstream(prefect_env, tmp_path) -> None:
     from flows.prune import prune_flow
-    from seap.pruned import load_pruned
+    from seap.model.checkpoint import load_pruned
 
     tiny = make_tiny_model("llama-gqa")
     tiny.model.save_pretrained(tmp_path / "base")

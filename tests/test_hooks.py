@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from seap.hooks import HookManager, count_hooks
+from seap.model.hooks import HookManager, count_hooks
 
 
 def test_hooks_removed_after_success_and_error() -> None:

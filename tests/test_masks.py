@@ -1,10 +1,10 @@
 import pytest
 
-from seap.collect import collect_statistics
-from seap.corpus import build_corpus
+from seap.model.calibration import collect_statistics
+from seap.data.corpus import build_corpus
 from seap.errors import ArtifactError, ModelMismatchError, SeapError
-from seap.masks import PruningMask, build_mask
-from seap.scores import combine_scores, compute_scores
+from seap.maths.masks import PruningMask, build_mask
+from seap.maths.scores import combine_scores, compute_scores
 from tests.helpers import SENTENCES, make_tiny_model
 
 

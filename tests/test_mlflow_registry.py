@@ -56,7 +56,7 @@ def registered(stack, prefect_env, tmp_path_factory):
 
 @pytest.fixture()
 def reg(stack):
-    from seap.extensions import mlflow_registry
+    from seap.registry.mlflow_code import mlflow_registry
 
     module = mlflow_registry()
     module.connect(stack[0])
@@ -122,7 +122,7 @@ def test_versions_hold_small_bundles_in_s3_with_searchable_tags(registered, reg,
 
 
 def test_registering_the_same_records_again_creates_no_version(registered, reg) -> None:
-    from seap.registry import read_local_registry
+    from seap.registry.records import read_local_registry
 
     tmp, _ = registered
     out = reg.register_results(tmp / "out-0.2", read_local_registry(tmp / "registry-0.2"), progress=False)
@@ -143,7 +143,7 @@ def test_two_concurrent_registrations_give_two_consistent_versions(registered, r
         versions = reg.search(name=name)
         assert sorted(v["version"] for v in versions) == [1, 2, 3]
         assert sorted(v["tags"]["sparsity"] for v in versions) == ["0.2", "0.3", "0.4"]
-    from seap.bundle import read_bundle
+    from seap.registry.bundle import read_bundle
 
     for v in reg.search(name="seap-base-life"):  # each version's bundle is its own, complete
         mv = reg.get_version("seap-base-life", v["version"])
@@ -211,7 +211,7 @@ def test_missing_versions_and_fingerprint_mismatches_fail_clearly(registered, re
     from mlflow.tracking import MlflowClient
 
     from seap.errors import ModelMismatchError, SeapError
-    from seap.registry import read_local_registry
+    from seap.registry.records import read_local_registry
     from tests.helpers import make_tiny_model
 
     tmp, _ = registered
@@ -240,8 +240,8 @@ def test_missing_versions_and_fingerprint_mismatches_fail_clearly(registered, re
 
 def test_load_by_alias_rebuilds_the_pruned_expert(registered, reg) -> None:
     import mlflow
-    from seap.bundle import load_bundle
-    from seap.registry import read_local_registry
+    from seap.registry.bundle import load_bundle
+    from seap.registry.records import read_local_registry
 
     tmp, _ = registered
     name = "seap-base-routed"
@@ -252,7 +252,7 @@ def test_load_by_alias_rebuilds_the_pruned_expert(registered, reg) -> None:
     assert list(out.columns) == ["text", "expert", "confidence"] and len(out) == 2
     assert set(out["expert"]) <= {"geo", "life", "general"}
     # the same as the bundle loaded locally from the pipeline's own record
-    from seap.bundle import write_bundle
+    from seap.registry.bundle import write_bundle
 
     record = next(r for r in read_local_registry(tmp / "registry-0.2") if r.kind == "routed")
     local = load_bundle(write_bundle(record, tmp / "local-bundle"), device="cpu")
@@ -290,7 +290,7 @@ def test_cli_promote_models_and_rollback(registered, stack) -> None:
 
 def test_unreachable_server_retries_then_fails_keeping_local_results(registered, prefect_env) -> None:
     from flows.pipeline import seap_pipeline
-    from seap.registry import read_local_registry
+    from seap.registry.records import read_local_registry
 
     tmp, _ = registered
     dead = f"http://127.0.0.1:{free_port()}"

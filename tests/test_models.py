@@ -3,9 +3,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from seap.adapters import get_adapter, supported_model_types
+from seap.model.adapters import get_adapter, supported_model_types
 from seap.errors import SeapError, UnsupportedArchitectureError
-from seap.models import load_model, model_fingerprint, resolve_model_path
+from seap.model.loaded import model_fingerprint
+from seap.model.loading import load_model, resolve_model_path
 from tests.helpers import make_tiny_model
 
 

@@ -1,6 +1,6 @@
 import json
 
-from seap.pipeline import evaluate_stage, mask_stage, scores_stage, stats_stage, task_corpus_stage
+from seap.run.stages import evaluate_stage, mask_stage, scores_stage, stats_stage, task_corpus_stage
 from tests.helpers import make_tiny_model
 from tests.helpers_tasks import make_task_dir
 

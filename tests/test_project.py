@@ -1,4 +1,4 @@
-"""seap.project: params.yaml validation (before any model is loaded), the stage runner and the
+"""seap.run.dvc: params.yaml validation (before any model is loaded), the stage runner and the
 starter-suite export that the DVC pipeline uses."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import yaml
 
 from seap.cli import main
 from seap.errors import SeapError
-from seap.project import DEFAULT_PARAMS, export_starter, load_params, run_stage, validate_params
+from seap.run.dvc import DEFAULT_PARAMS, export_starter, load_params, run_stage, validate_params
 from tests.helpers_dvc import ROOT, tiny_params, write_params
 from tests.helpers_flows import tiny_project
 
@@ -19,13 +19,13 @@ from tests.helpers_flows import tiny_project
 @pytest.fixture
 def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to resolve or load a model fails the test."""
-    import seap.models
+    import seap.model.loading
 
     def forbidden(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the parameters were validated")
 
-    monkeypatch.setattr(seap.models, "load_model", forbidden)
-    monkeypatch.setattr(seap.models, "resolve_model_path", forbidden)
+    monkeypatch.setattr(seap.model.loading, "load_model", forbidden)
+    monkeypatch.setattr(seap.model.loading, "resolve_model_path", forbidden)
 
 
 def _params_file(tmp_path: Path, **sections) -> Path:
@@ -136,8 +136,8 @@ def test_disabled_router_and_bench_write_explicit_outputs(tmp_path) -> None:
 
 
 def test_export_starter_is_deterministic_and_matches_the_starter_tasks(tmp_path) -> None:
-    from seap.starter import STARTER_TASKS, starter_records
-    from seap.tasks import TaskRegistry
+    from seap.data.starter import STARTER_TASKS, starter_records
+    from seap.data.catalogue import TaskCatalogue
 
     assert main(["export-starter", "--out", str(tmp_path / "a")]) == 0
     export_starter(tmp_path / "b")
@@ -148,7 +148,7 @@ def test_export_starter_is_deterministic_and_matches_the_starter_tasks(tmp_path)
     first = json.loads((tmp_path / "a" / "capitals" / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"question", "choices", "answer"}
     assert first == starter_records("capitals", "calibration")[0]
-    registry = TaskRegistry(tmp_path / "a", tmp_path / "task-files")
+    registry = TaskCatalogue(tmp_path / "a", tmp_path / "task-files")
     jsonl, starter = registry.resolve(["jsonl:sentiment", "starter:arithmetic"])
     assert jsonl.eval_file.read_bytes() == (tmp_path / "a" / "sentiment" / "validation.jsonl").read_bytes()
     assert starter.train_file.read_bytes() == (tmp_path / "a" / "arithmetic" / "train.jsonl").read_bytes()

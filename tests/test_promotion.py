@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from seap.errors import SeapError
-from seap.promotion import (
+from seap.registry.promotion import (
     DEFAULT_POLICY_FILE,
     check_transition,
     gate_failures,

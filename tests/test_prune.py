@@ -1,17 +1,17 @@
 import pytest
 import torch
 
-from seap.collect import collect_statistics
-from seap.corpus import build_corpus
+from seap.model.calibration import collect_statistics
+from seap.data.corpus import build_corpus
 from seap.errors import ModelMismatchError, SeapError
-from seap.masks import build_mask
-from seap.prune import apply_mask
+from seap.maths.masks import build_mask
+from seap.model.surgery import apply_mask
 from tests.helpers import SENTENCES, make_tiny_model
 
 
 def mask_for(loaded, sparsity=0.4, schedule="logistic", gqa_mode="kv-groups", **kw):
     stats = collect_statistics(loaded, build_corpus([{"text": t} for t in SENTENCES], "toy", None), progress=False)
-    from seap.scores import compute_scores
+    from seap.maths.scores import compute_scores
 
     opts = {"protect_first": 1, "protect_last": 1} if schedule == "logistic" else {}
     return build_mask(compute_scores(stats, kw.pop("score", "seap-sf")), sparsity, schedule, gqa_mode,

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from seap.errors import ArtifactError, SeapError
-from seap.masks import PruningMask
-from seap.models import load_model
-from seap.prune import apply_mask
-from seap.pruned import load_pruned, save_pruned
+from seap.maths.masks import PruningMask
+from seap.model.loading import load_model
+from seap.model.surgery import apply_mask
+from seap.model.checkpoint import load_pruned, save_pruned
 from tests.test_prune import logits, mask_for
 
 

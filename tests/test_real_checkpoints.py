@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from seap.masks import PruningMask
-from seap.models import load_model
-from seap.pipeline import prune
-from seap.prune import apply_mask
-from seap.pruned import load_pruned
+from seap.maths.masks import PruningMask
+from seap.model.loading import load_model
+from seap.run.stages import prune
+from seap.model.surgery import apply_mask
+from seap.model.checkpoint import load_pruned
 
 SHARED = Path(os.environ.get("SEAP_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 STORIES = SHARED / "models" / "stories260K-hf"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seap.errors import ArtifactError, ModelMismatchError, SeapError
-from seap.router import Router, featurize, train_router
+from seap.evaluation.router import Router, featurize, train_router
 from tests.helpers import make_tiny_model
 from tests.helpers_tasks import GEO, LIFE
 

@@ -1,12 +1,12 @@
 import pytest
 
 from seap.errors import ModelMismatchError, SeapError
-from seap.evaluation import evaluate_lm
-from seap.masks import build_mask
-from seap.router import train_router
-from seap.routing import GENERAL, ExpertBank, RoutedModel, make_routed_lm, routing_summary
-from seap.scores import combine_scores, compute_scores
-from seap.tasks import TaskRegistry
+from seap.evaluation.harness import evaluate_lm
+from seap.maths.masks import build_mask
+from seap.evaluation.router import train_router
+from seap.evaluation.routed import GENERAL, ExpertBank, RoutedModel, make_routed_lm, routing_summary
+from seap.maths.scores import combine_scores, compute_scores
+from seap.data.catalogue import TaskCatalogue
 from tests.helpers import make_tiny_model
 from tests.helpers_tasks import make_task_dir
 from tests.test_router import toy_prompts
@@ -14,8 +14,8 @@ from tests.test_router import toy_prompts
 
 @pytest.fixture(scope="module")
 def setup():
-    from seap.collect import collect_statistics
-    from seap.corpus import build_corpus
+    from seap.model.calibration import collect_statistics
+    from seap.data.corpus import build_corpus
 
     loaded = make_tiny_model("llama-gqa")
     prompts = toy_prompts()
@@ -67,7 +67,7 @@ def test_router_for_other_model_or_tasks_is_refused(setup) -> None:
 
 def test_routed_lm_eval_includes_routing(setup, tmp_path) -> None:
     loaded, experts, general, router = setup
-    registry = TaskRegistry(make_task_dir(tmp_path / "data"), tmp_path / "work")
+    registry = TaskCatalogue(make_task_dir(tmp_path / "data"), tmp_path / "work")
     specs = registry.resolve(["geo", "life"])
     routed = RoutedModel(ExpertBank(loaded, experts, general), router)
     lm = make_routed_lm(routed, {s.lm_eval_task: s.name for s in specs}, batch_size=4)

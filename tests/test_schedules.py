@@ -3,8 +3,8 @@ import warnings
 import pytest
 
 from seap.errors import SeapError
-from seap.geometry import LayerGeometry, ModelGeometry
-from seap.schedules import allocate, check_sparsity, logistic_allocation, logistic_shape, uniform_allocation
+from seap.maths.geometry import LayerGeometry, ModelGeometry
+from seap.maths.schedules import allocate, check_sparsity, logistic_allocation, logistic_shape, uniform_allocation
 
 # SmolLM2-135M-like geometry (30 layers, GQA 9/3 heads, head_dim 64, intermediate 1536)
 SMOL = ModelGeometry(576, tuple(LayerGeometry(9, 3, 64, 1536) for _ in range(30)))

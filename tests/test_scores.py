@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from seap.collect import LayerStatistics, WeightColumnNorms
+from seap.maths.statistics import LayerStatistics, WeightColumnNorms
 from seap.errors import SeapError
-from seap.scores import SCORES, aggregate_heads, combine_scores, compute_scores, general_weights
-from seap.stats import ChannelMoments
+from seap.maths.scores import SCORES, aggregate_heads, combine_scores, compute_scores, general_weights
+from seap.maths.moments import ChannelMoments
 
 
 def fake_stats(seed=0):
     """ActivationStatistics-like object with known numbers (2 heads x 2 dims, 3 channels)."""
-    from seap.collect import ActivationStatistics
-    from seap.geometry import LayerGeometry, ModelGeometry
+    from seap.maths.statistics import ActivationStatistics
+    from seap.maths.geometry import LayerGeometry, ModelGeometry
 
     g = torch.Generator().manual_seed(seed)
     attn = ChannelMoments.from_samples(torch.randn(50, 4, generator=g, dtype=torch.float64))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from seap.stats import ChannelMoments, merge_all
+from seap.maths.moments import ChannelMoments, merge_all
 
 
 def reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -3,13 +3,13 @@ import json
 import pytest
 
 from seap.errors import SeapError
-from seap.tasks import TaskRegistry
+from seap.data.catalogue import TaskCatalogue
 from tests.helpers_tasks import make_piqa_dir, make_task_dir, write_jsonl
 
 
 def test_resolution_of_each_source(tmp_path) -> None:
     data = make_piqa_dir(make_task_dir(tmp_path / "data"))
-    reg = TaskRegistry(data, tmp_path / "work")
+    reg = TaskCatalogue(data, tmp_path / "work")
     specs = {s.name: s for s in reg.resolve(["capitals", "geo", "piqa", "hub:boolq", "jsonl:life"])}
     assert specs["capitals"].source == "starter" and specs["geo"].source == "jsonl"
     assert specs["piqa"].source == "local" and specs["piqa"].eval_split == "validation"
@@ -26,7 +26,7 @@ def test_resolution_of_each_source(tmp_path) -> None:
 def test_local_task_uses_lm_eval_prompts(tmp_path) -> None:
     from lm_eval.tasks import get_task_dict
 
-    reg = TaskRegistry(make_piqa_dir(tmp_path / "data"), tmp_path / "work")
+    reg = TaskCatalogue(make_piqa_dir(tmp_path / "data"), tmp_path / "work")
     spec = reg.resolve_one("local:piqa")
     task = get_task_dict([spec.lm_eval_task], reg.task_manager())[spec.lm_eval_task]
     doc = next(iter(task.validation_docs()))
@@ -50,13 +50,13 @@ def test_bad_task_input(tmp_path, setup, name, message) -> None:
     data = make_piqa_dir(make_task_dir(tmp_path / "data"))
     setup(data)
     with pytest.raises(SeapError, match=message):
-        TaskRegistry(data, tmp_path / "work").resolve([name])
+        TaskCatalogue(data, tmp_path / "work").resolve([name])
 
 
 def test_duplicate_and_missing_data_dir(tmp_path) -> None:
     with pytest.raises(SeapError, match="named twice"):
-        TaskRegistry(None, tmp_path).resolve(["capitals", "starter:capitals"])
+        TaskCatalogue(None, tmp_path).resolve(["capitals", "starter:capitals"])
     with pytest.raises(SeapError, match="does not exist"):
-        TaskRegistry(tmp_path / "nope", tmp_path)
+        TaskCatalogue(tmp_path / "nope", tmp_path)
     with pytest.raises(SeapError, match="needs a data folder"):
-        TaskRegistry(None, tmp_path).resolve(["local:piqa"])
+        TaskCatalogue(None, tmp_path).resolve(["local:piqa"])

@@ -1,0 +1,140 @@
+"""Reports in the layout of the paper's Table 1, the accuracy-against-sparsity plot, and the
+result files a run publishes (:func:`save_results`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from seap.evaluation.metrics import flat_metrics, metric_for
+from seap.io import atomic_write_bytes, atomic_write_text
+
+METHOD_ORDER = ("dense", "wanda-sp", "wanda-sp+logistic", "flap", "flap+logistic", "seap-general", "seap-expert",
+                "seap-routed")
+
+
+def _order(row: dict[str, Any]) -> tuple[float, int, str]:
+    m = row["method"]
+    return (row["sparsity"], METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m)
+
+
+def table1(results: dict[str, Any]) -> str:
+    """Markdown table: sparsity x method rows, task columns and the average (metric x 100)."""
+    metric = results.get("metric", "acc")
+    tasks = [t["name"] for t in results["tasks"]]
+    header = ["Ratio", "Method", *tasks, "Avg", "Realised"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(tasks) + 2)) + "|"]
+    for row in sorted(results["rows"], key=_order):
+        cells = [f"{row['sparsity'] * 100:.0f}%", row["method"]]
+        for task in tasks:
+            value = row["tasks"].get(task, {}).get(metric_for(task, metric))
+            cells.append("–" if value is None else f"{value * 100:.2f}")
+        cells.append(f"**{row['average']['table'] * 100:.2f}**")
+        cells.append(f"{row['realised_sparsity'] * 100:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    parts = [
+        f"# SEAP evaluation: {cfg['model']}",
+        "",
+        f"Metric: `{results.get('metric', 'acc')}` (x100); {results.get('num_fewshot', 0)}-shot; "
+        f"limit {results.get('limit') or 'none'} items per task; lm-eval {results.get('lm_eval_version')}; "
+        f"data {str(results.get('data_fingerprint', ''))[:19]}; model {str(results.get('model_fingerprint', ''))[:19]}.",
+        "",
+        table1(results),
+        "Averages of both lm-eval metrics (x100):",
+        "",
+        "| Ratio | Method | acc | acc_norm |",
+        "|---|---|---:|---:|",
+        *[f"| {r['sparsity'] * 100:.0f}% | {r['method']} | {r['average'].get('acc', float('nan')) * 100:.2f} | "
+          f"{r['average'].get('acc_norm', float('nan')) * 100:.2f} |" for r in sorted(results["rows"], key=_order)],
+        "",
+    ]
+    if results.get("router"):
+        r = results["router"]
+        parts += ["## Router", "",
+                  f"Held-out accuracy {r['heldout_accuracy'] * 100:.1f}% ({r['n_heldout']} prompts, layer "
+                  f"{r['feature_layer']} features, threshold {r['threshold']}).", "",
+                  "| task | held-out accuracy |", "|---|---:|",
+                  *[f"| {t} | {a * 100:.1f}% |" for t, a in r["heldout_accuracy_per_task"].items()], ""]
+        for row in results["rows"]:
+            if row["method"] == "seap-routed":
+                s = row["routing"]
+                parts.append(f"Routed at {row['sparsity']:g}: routing accuracy {s['routing_accuracy'] * 100:.1f}%, "
+                             f"fallback to general {s['fallback_rate'] * 100:.1f}%, router time "
+                             f"{row['router_seconds']:.2f} s = {row['router_overhead'] * 100:.2f}% of evaluation time.")
+        parts.append("")
+    if results.get("perplexity"):
+        parts += ["## WikiText-2 perplexity", "", "| model | perplexity | tokens |", "|---|---:|---:|"]
+        for name, p in results["perplexity"].items():
+            parts.append(f"| {name} | {p['perplexity']:.2f} | {p['tokens_scored']} |")
+        first = next(iter(results["perplexity"].values()))
+        parts += ["", f"Protocol: context {first['context_length']}, stride {first['stride']}. {first['protocol']}", ""]
+    if results.get("speed"):
+        sp = results["speed"]
+        parts += ["## Speed", "", f"{sp['setup']['prefill']}; {sp['setup']['decode']}; median of "
+                  f"{sp['setup']['repeats']} on {sp['setup']['device']} ({sp['setup']['torch_threads']} threads).", "",
+                  "| model | realised | prefill tok/s | x dense | decode tok/s | x dense |", "|---|---:|---:|---:|---:|---:|"]
+        for name, m in sp["models"].items():
+            parts.append(f"| {name} | {m['realised_sparsity'] * 100:.1f}% | {m['prefill_tokens_per_s']:.0f} | "
+                         f"{m['prefill_speedup']:.2f} | {m['decode_tokens_per_s']:.1f} | {m['decode_speedup']:.2f} |")
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+def accuracy_plot(results: dict[str, Any], path: str | Path) -> Path:
+    """Average accuracy against target sparsity, one line per method (dense at 0)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((r for r in results["rows"] if r["method"] == "dense"), None)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    methods = sorted({r["method"] for r in results["rows"]} - {"dense"},
+                     key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+    for method in methods:
+        rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["sparsity"])
+        xs = [0.0] + [r["sparsity"] * 100 for r in rows] if dense else [r["sparsity"] * 100 for r in rows]
+        ys = ([dense["average"]["table"] * 100] if dense else []) + [r["average"]["table"] * 100 for r in rows]
+        ax.plot(xs, ys, marker="o", label=method)
+    if dense:
+        ax.axhline(dense["average"]["table"] * 100, color="gray", linestyle=":", label="dense")
+    ax.set_xlabel("target sparsity (%)")
+    metric = results.get("metric", "acc")
+    ax.set_ylabel("average accuracy, paper's acc/acc_norm mix (%)" if metric == "paper" else f"average {metric} (%)")
+    ax.set_title(f"{results['config']['model']}: accuracy vs sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+RESULT_FILES = ("results.json", "results.md", "accuracy_vs_sparsity.png", "metrics.json", "accuracy.csv")
+
+
+def save_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write results.json, results.md (Table 1 layout), accuracy_vs_sparsity.png, plus the
+    flat metrics.json and accuracy.csv (average accuracy per method and sparsity) for DVC."""
+    out = Path(out_dir)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_sparsity.png",
+             "metrics": out / "metrics.json", "csv": out / "accuracy.csv"}
+    atomic_write_text(paths["json"], json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(paths["markdown"], markdown_report(results))
+    accuracy_plot(results, paths["plot"])
+    atomic_write_text(paths["metrics"], json.dumps(flat_metrics(results), indent=2, sort_keys=True) + "\n")
+    lines = ["method,sparsity,average,realised_sparsity"]
+    for row in sorted(results["rows"], key=lambda r: (r["method"], r["sparsity"])):
+        lines.append(f"{row['method']},{row['sparsity'] * 100:g},{row['average']['table'] * 100:.4f},"
+                     f"{row['realised_sparsity'] * 100:.4f}")
+    atomic_write_text(paths["csv"], "\n".join(lines) + "\n")
+    return paths

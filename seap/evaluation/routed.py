@@ -1,0 +1,209 @@
+"""Routed inference: the router picks an expert mask per input, falling back to the general mask.
+
+The base model is loaded once. :class:`ExpertBank` derives each expert from its mask on
+demand (sharing the base's unpruned tensors) and keeps a small LRU cache of materialised
+experts, so switching never reloads anything from disk. :class:`RoutedLM` plugs the bank
+and the router into lm-eval: every document is routed on its own prompt text (never on
+its task label), so the accuracy it reports includes routing errors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from seap.errors import SeapError
+from seap.maths.masks import PruningMask
+from seap.model.loaded import LoadedModel
+from seap.model.surgery import apply_mask
+from seap.evaluation.router import Router, RoutingDecision
+
+GENERAL = "general"
+
+
+class ExpertBank:
+    """Experts derived from one base model and their masks, with an LRU cache."""
+
+    def __init__(self, base: LoadedModel, experts: Mapping[str, PruningMask], general: PruningMask | None = None,
+                 cache_size: int = 2, mode: str = "hard") -> None:
+        if cache_size < 1:
+            raise SeapError(f"cache size must be at least 1, got {cache_size}", "pass --cache-size 1 or more")
+        self.base = base
+        self.masks: dict[str, PruningMask] = dict(experts)
+        if general is not None:
+            self.masks[GENERAL] = general
+        for name, mask in self.masks.items():
+            try:
+                mask.check_model(base.fingerprint)
+            except SeapError as exc:
+                raise type(exc)(f"expert {name!r}: {exc.problem}", exc.fix) from None
+        self.cache_size = cache_size
+        self.mode = mode
+        self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.materialisations: dict[str, int] = {name: 0 for name in self.masks}
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(n for n in self.masks if n != GENERAL)
+
+    def get(self, name: str) -> LoadedModel:
+        """The materialised expert ``name`` (derived from the in-memory base on a cache miss)."""
+        if name not in self.masks:
+            raise SeapError(f"no expert {name!r}", f"experts: {', '.join(self.masks)}")
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        expert = apply_mask(self.base, self.masks[name], self.mode)
+        self.materialisations[name] += 1
+        self._cache[name] = expert
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return expert
+
+
+def _common_prefix(texts: Sequence[str]) -> str:
+    return os.path.commonprefix(list(texts)) if len(texts) > 1 else texts[0]
+
+
+class RoutedModel:
+    """Router + expert bank: pick an expert per input and run it."""
+
+    def __init__(self, bank: ExpertBank, router: Router, threshold: float | None = None) -> None:
+        router.check_model(bank.base.fingerprint)
+        router.check_tasks(bank.tasks)
+        if threshold is not None and GENERAL not in bank.masks:
+            raise SeapError("a confidence threshold needs a general mask to fall back to", "pass the general mask")
+        self.bank, self.router = bank, router
+        self.threshold = router.threshold if threshold is None else threshold
+        self.routing_seconds = 0.0
+
+    def choose(self, texts: Sequence[str]) -> list[RoutingDecision]:
+        start = time.perf_counter()
+        decisions = self.router.route(self.bank.base, texts, self.threshold)
+        if GENERAL not in self.bank.masks:  # no fallback: always the top expert
+            decisions = [RoutingDecision(d.predicted, d.predicted, d.confidence) for d in decisions]
+        self.routing_seconds += time.perf_counter() - start
+        return decisions
+
+    def expert_for(self, decision: RoutingDecision) -> str:
+        return decision.task if decision.task is not None else GENERAL
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any) -> list[dict[str, Any]]:
+        """Greedy generation, each prompt with its routed expert."""
+        import torch
+
+        out = []
+        for prompt, decision in zip(prompts, self.choose(prompts), strict=True):
+            name = self.expert_for(decision)
+            expert = self.bank.get(name)
+            batch = expert.tokenizer([prompt], return_tensors="pt").to(next(expert.model.parameters()).device)
+            with torch.inference_mode():
+                ids = expert.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                            pad_token_id=expert.tokenizer.pad_token_id, **kwargs)
+            text = expert.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.append({"prompt": prompt, "expert": name, "confidence": decision.confidence, "text": text})
+        return out
+
+
+def make_routed_lm(routed: RoutedModel, task_of: Mapping[str, str], batch_size: int = 16,
+                   known: Mapping[tuple[str, int], Sequence[Sequence[Any]]] | None = None) -> Any:
+    """An lm-eval ``LM`` that routes each document; ``task_of`` maps lm-eval task names to task names.
+
+    ``known`` holds, per ``(task, doc_id)``, the responses of that task's own expert (from its
+    evaluation row, one ``[loglikelihood, is_greedy]`` per choice): a document the router
+    sends to its own task's expert is answered from them instead of being computed again,
+    since that expert would compute the same numbers. Every document is still routed.
+    """
+    reuse = dict(known or {})
+    from lm_eval.api.model import LM
+
+    from seap.evaluation.harness import hflm
+
+    class RoutedLM(LM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log: list[dict[str, Any]] = []
+            self.reused = 0  # documents answered from the own expert's stored responses
+            self._lms: dict[int, Any] = {}
+
+        def _lm_for(self, name: str) -> Any:
+            expert = routed.bank.get(name)
+            key = id(expert.model)
+            if key not in self._lms:
+                self._lms = {k: v for k, v in self._lms.items() if k in {id(m.model) for m in routed.bank._cache.values()}}
+                self._lms[key] = hflm(expert, batch_size)
+            return self._lms[key]
+
+        def _dispatch(self, requests: list[Any], method: str) -> list[Any]:
+            docs: dict[tuple[str, int], list[int]] = {}
+            for i, req in enumerate(requests):
+                docs.setdefault((req.task_name, req.doc_id), []).append(i)
+            keys = list(docs)
+            texts = [_common_prefix([requests[i].args[0] for i in docs[k]]) for k in keys]
+            decisions = routed.choose(texts)
+            groups: dict[str, list[int]] = {}
+            for key, decision in zip(keys, decisions, strict=True):
+                expert = routed.expert_for(decision)
+                groups.setdefault(expert, []).extend(docs[key])
+                self.log.append({"task": task_of.get(key[0], key[0]), "doc_id": key[1], "expert": expert,
+                                 "predicted": decision.predicted, "confidence": decision.confidence})
+            results: list[Any] = [None] * len(requests)
+            if method == "loglikelihood" and reuse:
+                answered: set[int] = set()
+                for key, decision in zip(keys, decisions, strict=True):
+                    task = task_of.get(key[0], key[0])
+                    stored = reuse.get((task, key[1]))
+                    idxs = docs[key]
+                    if routed.expert_for(decision) != task or stored is None or len(stored) != len(idxs):
+                        continue
+                    for i in idxs:
+                        ll, greedy = stored[requests[i].idx]
+                        results[i] = (float(ll), bool(greedy))
+                    self.reused += 1
+                    answered.update(idxs)
+                groups = {e: [i for i in idxs if i not in answered] for e, idxs in groups.items()}
+            for expert, idxs in groups.items():
+                if not idxs:
+                    continue
+                outs = getattr(self._lm_for(expert), method)([requests[i] for i in idxs])
+                for i, o in zip(idxs, outs, strict=True):
+                    results[i] = o
+            return results
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "loglikelihood")
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "loglikelihood_rolling")
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "generate_until")
+
+    return RoutedLM()
+
+
+def routing_summary(log: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    """Routing accuracy per task (own expert chosen), fallback rate, and where documents went."""
+    per_task: dict[str, Any] = {}
+    for task in tasks:
+        rows = [r for r in log if r["task"] == task]
+        if not rows:
+            continue
+        per_task[task] = {
+            "docs": len(rows),
+            "routed_to_own_expert": sum(r["expert"] == task for r in rows) / len(rows),
+            "predicted_own_task": sum(r["predicted"] == task for r in rows) / len(rows),
+            "fallback_to_general": sum(r["expert"] == GENERAL for r in rows) / len(rows),
+            "experts": {e: sum(r["expert"] == e for r in rows) for e in sorted({r["expert"] for r in rows})},
+        }
+    n = len(log)
+    return {
+        "docs": n,
+        "routing_accuracy": sum(r["predicted"] == r["task"] for r in log) / n if n else None,
+        "own_expert_rate": sum(r["expert"] == r["task"] for r in log) / n if n else None,
+        "fallback_rate": sum(r["expert"] == GENERAL for r in log) / n if n else None,
+        "per_task": per_task,
+    }

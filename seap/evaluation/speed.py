@@ -1,0 +1,134 @@
+"""Speed: dense against pruned models in one run, on the same prompts.
+
+* **prefill**: a batch of ``prefill_batch`` prompts of exactly ``prefill_tokens`` tokens,
+  one forward pass that returns only the next-token logits (what ``generate`` does before
+  decoding); tokens/s = batch x tokens / time.
+* **decode**: batch 1, greedy, ``decode_tokens`` new tokens with the KV cache; the time of
+  a 1-token generation (the prefill) is subtracted, so tokens/s counts generated tokens only.
+
+Every repeat runs all models back to back (interleaved) and the median is reported, with
+each model's ratio to the first (the dense model).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from seap.errors import SeapError
+from seap.model.loaded import LoadedModel
+
+DEFAULT_PROMPTS = (
+    "The history of the city begins with a small settlement on the river, where traders from the north and the "
+    "south met to exchange grain, salt and cloth. Over the centuries the market grew into a town with walls, a "
+    "cathedral and a university, and its scholars became known across the continent for their work on astronomy, "
+    "medicine and law. Today the old quarter attracts visitors from all over the world, who come to see the narrow "
+    "streets, the painted houses and the great clock in the main square, which has marked the hours since the "
+    "fifteenth century and still draws a crowd every day at noon."
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prefill_batch(tokenizer: Any, batch: int, tokens: int, prompts: Sequence[str] = (DEFAULT_PROMPTS,)) -> torch.Tensor:
+    """``[batch, tokens]`` ids cut from the prompts (repeated as needed), different rows per prompt offset."""
+    ids: list[int] = []
+    while len(ids) < tokens + batch:
+        for p in prompts:
+            ids.extend(tokenizer(p)["input_ids"])
+    return torch.tensor([ids[i : i + tokens] for i in range(batch)], dtype=torch.long)
+
+
+def time_prefill(loaded: LoadedModel, input_ids: torch.Tensor) -> float:
+    device = next(loaded.model.parameters()).device
+    ids = input_ids.to(device)
+    with torch.inference_mode():
+        _sync(device)
+        start = time.perf_counter()
+        loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        _sync(device)
+    return time.perf_counter() - start
+
+
+def time_generate(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int) -> float:
+    device = next(loaded.model.parameters()).device
+    ids = input_ids.to(device)
+    with torch.inference_mode():
+        _sync(device)
+        start = time.perf_counter()
+        out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+        _sync(device)
+    if out.shape[1] != ids.shape[1] + new_tokens:
+        raise RuntimeError("generate() stopped early")
+    return time.perf_counter() - start
+
+
+def benchmark(
+    models: Mapping[str, LoadedModel],
+    prefill_batch_size: int = 8,
+    prefill_tokens: int = 128,
+    decode_tokens: int = 64,
+    decode_prompt_tokens: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    prompts: Sequence[str] = (DEFAULT_PROMPTS,),
+) -> dict[str, Any]:
+    """Median prefill and decode tokens/s of each model, and ratios to the first one."""
+    if not models:
+        raise SeapError("nothing to benchmark", "pass at least one model")
+    if min(prefill_batch_size, prefill_tokens, decode_tokens, repeats) < 1 or decode_tokens < 2:
+        raise SeapError("benchmark sizes must be positive (decode_tokens >= 2)", "check the bench options")
+    first = next(iter(models.values()))
+    prefill_ids = prefill_batch(first.tokenizer, prefill_batch_size, prefill_tokens, prompts)
+    decode_ids = prefill_batch(first.tokenizer, 1, decode_prompt_tokens, prompts)
+    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
+    for round_ in range(warmup + repeats):
+        for name, loaded in models.items():
+            prefill = time_prefill(loaded, prefill_ids)
+            gen_one = time_generate(loaded, decode_ids, 1)
+            gen_all = time_generate(loaded, decode_ids, decode_tokens)
+            if round_ >= warmup:
+                times[name]["prefill"].append(prefill)
+                times[name]["decode"].append(max(gen_all - gen_one, 1e-9))
+    results: dict[str, Any] = {}
+    base = None
+    for name, t in times.items():
+        prefill_tps = prefill_batch_size * prefill_tokens / statistics.median(t["prefill"])
+        decode_tps = (decode_tokens - 1) / statistics.median(t["decode"])
+        loaded = models[name]
+        results[name] = {
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode_tps,
+            "prefill_seconds": t["prefill"],
+            "decode_seconds": t["decode"],
+            "params": sum(p.numel() for p in loaded.model.parameters()),
+            "prunable_params": loaded.adapter.geometry(loaded.model).total_params(),
+            "realised_sparsity": (getattr(loaded.model.config, "seap_pruning", None) or {}).get("realised_sparsity", 0.0),
+        }
+        if base is None:
+            base = results[name]
+        results[name]["prefill_speedup"] = prefill_tps / base["prefill_tokens_per_s"]
+        results[name]["decode_speedup"] = decode_tps / base["decode_tokens_per_s"]
+    device = next(first.model.parameters()).device
+    return {
+        "models": results,
+        "reference": next(iter(models)),
+        "setup": {
+            "prefill": f"batch {prefill_batch_size} x {prefill_tokens} tokens, next-token logits only",
+            "decode": f"batch 1, greedy, {decode_tokens} new tokens after a {decode_prompt_tokens}-token prompt, "
+                      "prefill time subtracted",
+            "repeats": repeats, "warmup": warmup, "statistic": "median",
+            "device": str(device), "dtype": str(next(first.model.parameters()).dtype),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+        },
+    }

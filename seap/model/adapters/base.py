@@ -1,0 +1,94 @@
+"""The architecture adapter interface: everything the engine needs to know about a model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from seap.maths.geometry import LayerGeometry, ModelGeometry
+
+
+@dataclass
+class LayerModules:
+    """The linear layers the engine reads and rewrites in one decoder layer."""
+
+    attention: nn.Module
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+    mlp: nn.Module
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Linear
+
+
+class ArchitectureAdapter:
+    """Knows one model family's module names, head layout and GQA grouping.
+
+    Subclasses set ``model_types`` (the Hugging Face ``config.model_type`` values they
+    serve) and override what differs from the Llama layout.
+    """
+
+    name: ClassVar[str] = "base"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    gguf_architectures: ClassVar[tuple[str, ...]] = ()
+
+    # -- module access -------------------------------------------------------------
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The decoder stack without the LM head (``model.model`` for HF causal LMs)."""
+        return model.model  # type: ignore[return-value]
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.backbone(model).layers)  # type: ignore[arg-type]
+
+    def layer_modules(self, layer: nn.Module) -> LayerModules:
+        attn = layer.self_attn  # type: ignore[attr-defined]
+        mlp = layer.mlp  # type: ignore[attr-defined]
+        return LayerModules(
+            attention=attn,
+            q_proj=attn.q_proj,
+            k_proj=attn.k_proj,
+            v_proj=attn.v_proj,
+            o_proj=attn.o_proj,
+            mlp=mlp,
+            gate_proj=mlp.gate_proj,
+            up_proj=mlp.up_proj,
+            down_proj=mlp.down_proj,
+        )
+
+    def all_layer_modules(self, model: nn.Module) -> list[LayerModules]:
+        return [self.layer_modules(layer) for layer in self.decoder_layers(model)]
+
+    # -- geometry ------------------------------------------------------------------
+    def head_dim(self, config: Any) -> int:
+        head_dim = getattr(config, "head_dim", None)
+        return int(head_dim) if head_dim else int(config.hidden_size // config.num_attention_heads)
+
+    def geometry(self, model: nn.Module) -> ModelGeometry:
+        """Read the widths from the live modules (pruned layers differ from the config)."""
+        config = model.config  # type: ignore[attr-defined]
+        head_dim = self.head_dim(config)
+        layers = []
+        for mods in self.all_layer_modules(model):
+            num_heads = mods.q_proj.out_features // head_dim
+            num_kv = mods.k_proj.out_features // head_dim
+            layers.append(LayerGeometry(num_heads, num_kv, head_dim, mods.gate_proj.out_features))
+        return ModelGeometry(int(config.hidden_size), tuple(layers))
+
+    def set_attention_width(self, mods: LayerModules, num_heads: int, num_kv_heads: int) -> None:
+        """Update the attention module's bookkeeping after its projections were resized."""
+        attn = mods.attention
+        attn.num_key_value_groups = num_heads // num_kv_heads  # type: ignore[assignment]
+        for attr, value in (("num_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
+
+    def set_mlp_width(self, mods: LayerModules, intermediate_size: int) -> None:
+        if hasattr(mods.mlp, "intermediate_size"):
+            mods.mlp.intermediate_size = intermediate_size  # type: ignore[assignment]
+
+    def describe(self) -> str:
+        return f"{self.name} ({', '.join(self.model_types)})"

@@ -1,0 +1,11 @@
+"""Mistral: Llama layout with GQA and an explicit ``head_dim`` (sliding-window attention is untouched)."""
+
+from __future__ import annotations
+
+from seap.model.adapters.base import ArchitectureAdapter
+
+
+class MistralAdapter(ArchitectureAdapter):
+    name = "mistral"
+    model_types = ("mistral",)
+    gguf_architectures = ("mistral",)

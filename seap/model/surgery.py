@@ -1,0 +1,148 @@
+"""Applying a mask to a model: soft (zeroing) or hard (physical slicing), with optional
+FLAP-style bias compensation.
+
+* **soft**: the rows of q/k/v (and their biases) of removed heads, the rows of gate/up of
+  removed channels, and the matching input columns of o_proj/down_proj are set to zero.
+  Shapes are unchanged; the output equals the hard-pruned model's up to rounding.
+* **hard**: q/k/v rows, o_proj columns, gate/up rows and down_proj columns are sliced
+  away, so every layer can have its own width (heads, key/value heads, intermediate size).
+* **bias compensation** (FLAP): the removed channels' mean contribution is folded into a
+  bias of o_proj / down_proj: ``b += W[:, removed] @ mean[removed]``. Needs a mask built
+  with calibration means (``--bias-compensation`` at mask time).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from seap.model.adapters import ArchitectureAdapter, LayerModules
+from seap.errors import SeapError
+from seap.maths.masks import LayerMask, PruningMask
+from seap.model.loaded import LoadedModel, model_fingerprint
+
+MODES = ("soft", "hard")
+
+
+def _head_rows(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return keep_heads.repeat_interleave(head_dim)
+
+
+def _replace_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    out.train(like.training)
+    return out
+
+
+def _compensation(linear: nn.Linear, removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """W[:, removed] @ mean[removed], computed in float64."""
+    w = linear.weight.detach().to(torch.float64)
+    m = mean.to(device=w.device, dtype=torch.float64)
+    return w[:, removed] @ m[removed]
+
+
+def _prune_layer(mods: LayerModules, mask: LayerMask, head_dim: int, hard: bool, bias_compensation: bool,
+                 adapter: ArchitectureAdapter) -> dict[str, nn.Linear]:
+    """Returns replacement modules by attribute path (``self_attn.o_proj`` ...)."""
+    device = mods.q_proj.weight.device
+    q_rows = _head_rows(mask.heads, head_dim).to(device)
+    kv_rows = _head_rows(mask.kv_heads, head_dim).to(device)
+    ch = mask.channels.to(device)
+    replacements: dict[str, nn.Linear] = {}
+
+    o_bias = mods.o_proj.bias.detach().clone() if mods.o_proj.bias is not None else None
+    down_bias = mods.down_proj.bias.detach().clone() if mods.down_proj.bias is not None else None
+    if bias_compensation:
+        if mask.attn_mean is None or mask.mlp_mean is None:
+            raise SeapError("this mask carries no calibration means", "rebuild it with --bias-compensation")
+        comp_o = _compensation(mods.o_proj, ~q_rows, mask.attn_mean).to(mods.o_proj.weight.dtype)
+        comp_d = _compensation(mods.down_proj, ~ch, mask.mlp_mean).to(mods.down_proj.weight.dtype)
+        o_bias = comp_o if o_bias is None else o_bias + comp_o
+        down_bias = comp_d if down_bias is None else down_bias + comp_d
+
+    def rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+        w = linear.weight.detach()
+        b = linear.bias.detach() if linear.bias is not None else None
+        if hard:
+            return _replace_linear(w[keep], b[keep] if b is not None else None, linear)
+        return _replace_linear(w * keep[:, None].to(w.dtype), b * keep.to(b.dtype) if b is not None else None, linear)
+
+    def cols(linear: nn.Linear, keep: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+        w = linear.weight.detach()
+        return _replace_linear(w[:, keep] if hard else w * keep[None, :].to(w.dtype), bias, linear)
+
+    replacements["q_proj"] = rows(mods.q_proj, q_rows)
+    replacements["k_proj"] = rows(mods.k_proj, kv_rows)
+    replacements["v_proj"] = rows(mods.v_proj, kv_rows)
+    replacements["o_proj"] = cols(mods.o_proj, q_rows, o_bias)
+    replacements["gate_proj"] = rows(mods.gate_proj, ch)
+    replacements["up_proj"] = rows(mods.up_proj, ch)
+    replacements["down_proj"] = cols(mods.down_proj, ch, down_bias)
+    return replacements
+
+
+def share_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are the original tensors.
+
+    Pruning then replaces the pruned linear layers of the copy with new, smaller ones, so
+    an expert costs only its own pruned layers: embeddings, norms and the LM head stay
+    shared with the base model, which is never modified.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def apply_mask(
+    loaded: LoadedModel,
+    mask: PruningMask,
+    mode: str = "hard",
+    bias_compensation: bool = False,
+    inplace: bool = False,
+) -> LoadedModel:
+    """Return the model pruned by ``mask``.
+
+    Unless ``inplace``, the base model is left untouched: the result is a structural copy
+    that shares the base's unpruned tensors (embeddings, norms, LM head) and owns new
+    pruned q/k/v/o/gate/up/down layers (:func:`share_copy`), so several experts of one base
+    cost little memory.
+
+    The mask must have been built on this model (same fingerprint). The result records
+    the mask in ``model.config.seap_pruning`` and gets its own fingerprint.
+    """
+    if mode not in MODES:
+        raise SeapError(f"unknown pruning mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    mask.check_model(loaded.fingerprint)
+    if getattr(loaded.model.config, "seap_pruning", None):
+        raise SeapError("this model is already pruned", "apply masks to the dense base model")
+    model = loaded.model if inplace else share_copy(loaded.model)
+    adapter = loaded.adapter
+    head_dim = adapter.head_dim(model.config)
+    hard = mode == "hard"
+    with torch.no_grad():
+        for layer, layer_mask in zip(adapter.decoder_layers(model), mask.layers, strict=True):
+            mods = adapter.layer_modules(layer)
+            for name, new in _prune_layer(mods, layer_mask, head_dim, hard, bias_compensation, adapter).items():
+                parent = mods.attention if name in ("q_proj", "k_proj", "v_proj", "o_proj") else mods.mlp
+                setattr(parent, name, new)
+            if hard:
+                mods = adapter.layer_modules(layer)
+                adapter.set_attention_width(mods, int(layer_mask.heads.sum()), int(layer_mask.kv_heads.sum()))
+                adapter.set_mlp_width(mods, int(layer_mask.channels.sum()))
+    model.config.seap_pruning = {
+        "mode": mode,
+        "base_fingerprint": mask.base_fingerprint,
+        "mask_digest": mask.digest(),
+        "task": mask.task,
+        "score": mask.meta.get("score"),
+        "schedule": mask.meta.get("schedule"),
+        "target_sparsity": mask.meta.get("target_sparsity"),
+        "realised_sparsity": mask.realised_sparsity(),
+        "bias_compensation": bias_compensation,
+    }
+    return LoadedModel(model, loaded.tokenizer, adapter, f"{loaded.source}+mask:{mask.task}", model_fingerprint(model))

@@ -1,0 +1,443 @@
+"""The run configuration: the one home of every default and every validation rule.
+
+:class:`RunConfig` is what the planner reads. Every front door builds one and nothing else
+holds a default:
+
+* the CLI (``seap eval``, ``python -m flows.pipeline``): option ``--<name>`` with ``-`` for ``_``
+  (booleans: ``--<name>`` / ``--no-<name>``), see :func:`add_arguments`;
+* ``params.yaml`` (the DVC stages): ``<section>.<key>`` as listed in :data:`OPTIONS`;
+* the Prefect flow: parameter ``<name>``, the field's own name.
+
+Unknown or misspelt keys are errors that name the key, and every error names the option the
+way its front door spells it (``--sparsities``, ``masks.sparsities`` or ``sparsities``).
+This module imports neither torch nor any model code, so reading a configuration is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from seap.errors import SeapError
+from seap.run.methods import DEFAULT_METHODS, METHODS, ROUTED_EXPERTS
+
+Front = Literal["cli", "params", "flow", "python"]
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_TASKS = ("capitals", "antonyms", "arithmetic", "sentiment", "categories")  # the built-in starter suite
+DEFAULT_SPARSITIES = (0.2, 0.5)
+REPORT_METRICS = ("acc", "acc_norm", "paper")  # "paper": acc_norm where the paper reports it
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+SCHEDULES = ("logistic", "uniform", "flap-adaptive")  # checked again by seap.maths.schedules
+GQA_MODES = ("kv-groups", "query-heads")
+
+
+@dataclass(frozen=True)
+class Option:
+    """Where a :class:`RunConfig` field lives in ``params.yaml`` and how it is checked."""
+
+    section: str | None  # params.yaml section; None: not in params.yaml (a DVC stage fixes it)
+    key: str
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+
+def _opt(default: Any, section: str | None, key: str, help: str, **checks: Any) -> Any:
+    option = Option(section, key, help, **checks)
+    if isinstance(default, (list, tuple)):
+        value = list(default)
+        return field(default_factory=lambda: list(value), metadata={"option": option})
+    return field(default=default, metadata={"option": option})
+
+
+@dataclass
+class RunConfig:
+    """Every parameter of a pipeline run. Build with :meth:`from_mapping`, :meth:`from_params`
+    or :meth:`from_cli`; :meth:`validate` checks all of it before any model is loaded."""
+
+    # -- model ----------------------------------------------------------------------------
+    model: str = _opt(DEFAULT_MODEL, "model", "name",
+                      "hub id (org/name), local HF folder, .gguf file, or the alias smollm2-135m")
+    device: str = _opt("auto", "model", "device", "auto (cuda if available), cpu, cuda, cuda:1 ...")
+    dtype: str = _opt("auto", "model", "dtype", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16",
+                      choices=DTYPES)
+    # -- data -----------------------------------------------------------------------------
+    tasks: list[str] = _opt(DEFAULT_TASKS, "data", "tasks",
+                            "task names, optionally with a source prefix (hub:, local:, jsonl:, starter:); "
+                            "default: the built-in starter suite")
+    data_dir: str | None = _opt(None, "data", "dir", "folder of local tasks (DIR/<task>/train.jsonl ...)")
+    samples: int | None = _opt(200, "data", "samples", "calibration records per task (null: all)", minimum=1)
+    seed: int = _opt(42, "data", "seed", "seed of the calibration sample and the router", minimum=0)
+    max_tokens: int = _opt(512, "data", "max_tokens", "token cap per calibration text", minimum=1)
+    # -- statistics -----------------------------------------------------------------------
+    stats_batch_size: int = _opt(8, "statistics", "batch_size", "texts per forward pass", minimum=1)
+    stats_shards: int = _opt(1, "statistics", "shards", "split each corpus into this many shards, merged exactly",
+                             minimum=1)
+    dask_workers: int = _opt(0, None, "dask_workers", "run statistics shards on a local Dask cluster of this size",
+                             minimum=0)
+    dask_address: str | None = _opt(None, None, "dask_address", "run statistics shards on this Dask scheduler")
+    # -- masks ----------------------------------------------------------------------------
+    methods: list[str] = _opt(DEFAULT_METHODS, "masks", "methods",
+                              f"rows to build and evaluate: any of {', '.join(METHODS)}", choices=tuple(METHODS))
+    sparsities: list[float] = _opt(DEFAULT_SPARSITIES, "masks", "sparsities",
+                                   "target fractions of prunable weights removed", minimum=0, maximum=0.99)
+    score: str = _opt("seap-sf", "masks", "score", "SEAP's score (the baselines keep their own)")
+    schedule: str = _opt("logistic", "masks", "schedule", "SEAP's schedule: logistic, uniform or flap-adaptive",
+                         choices=SCHEDULES)
+    schedule_k: float | None = _opt(None, "masks", "schedule_k", "logistic steepness (null: 1.0)", minimum=0)
+    schedule_x0: float | None = _opt(None, "masks", "schedule_x0", "logistic inflection point (null: 0.3)",
+                                     minimum=0, maximum=1)
+    protect_first: int | None = _opt(None, "masks", "protect_first", "logistic: first layers kept dense (null: 2)",
+                                     minimum=0)
+    protect_last: int | None = _opt(None, "masks", "protect_last", "logistic: last layers kept dense (null: 2)",
+                                    minimum=0)
+    gqa_mode: str = _opt("kv-groups", "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
+                         choices=GQA_MODES)
+    # -- evaluation -----------------------------------------------------------------------
+    limit: int | None = _opt(None, "evaluate", "limit", "evaluation items per task (null: all)", minimum=1)
+    num_fewshot: int = _opt(0, "evaluate", "num_fewshot", "few-shot examples per item", minimum=0)
+    metric: str = _opt("acc", "evaluate", "metric",
+                       "metric of the table: acc, acc_norm, or paper (acc_norm where the paper reports it)",
+                       choices=REPORT_METRICS)
+    eval_batch_size: int = _opt(16, "evaluate", "batch_size", "lm-eval batch size", minimum=1)
+    perplexity: bool = _opt(False, "evaluate", "perplexity",
+                            "also WikiText-2 perplexity of dense and each general mask (needs data_dir with wikitext/)")
+    perplexity_windows: int | None = _opt(40, "evaluate", "perplexity_windows", "windows of 512 tokens (null: all)",
+                                          minimum=1)
+    # -- router ---------------------------------------------------------------------------
+    router_prompts: int = _opt(500, "router", "prompts_per_task", "router training prompts per task", minimum=1)
+    router_layer: int = _opt(0, "router", "feature_layer", "0: input embeddings; k: hidden state after layer k",
+                             minimum=0)
+    router_threshold: float = _opt(0.5, "router", "threshold", "below this confidence the general mask is used",
+                                   minimum=0, maximum=1)
+    # -- speed ----------------------------------------------------------------------------
+    bench: bool = _opt(True, "bench", "enabled", "measure prefill and decode speed of dense and each pruned shape")
+    bench_repeats: int = _opt(3, "bench", "repeats", "timed repeats (the median is reported)", minimum=1)
+    # -- outputs and registration ---------------------------------------------------------
+    workdir: str = _opt("runs/work", None, "workdir", "stage outputs (content-addressed, cached)")
+    out: str = _opt("runs/pipeline", None, "out", "results table, JSON, metrics, plot")
+    registry_dir: str | None = _opt(None, "register", "dir", "the local expert registry (null: beside workdir)")
+    mlflow: bool = _opt(True, "register", "mlflow", "also track the run and register the experts in MLflow")
+    tracking_uri: str | None = _opt(None, "register", "tracking_uri",
+                                    "MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite in mlflow_dir)")
+    mlflow_dir: str | None = _opt(None, "register", "mlflow_dir", "local MLflow store (null: beside workdir)")
+    experiment: str = _opt("seap", "register", "experiment", "MLflow experiment of the pipeline runs")
+
+    # -- building -------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], front: Front = "python") -> RunConfig:
+        """A configuration from field names (flow parameters, Python). Names left out keep their
+        defaults; an unknown name is an error that names it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SeapError(f"unknown parameter(s) {unknown}", f"parameters are: {', '.join(sorted(names))}")
+        config = cls(**dict(values))
+        config._front = front  # type: ignore[attr-defined]
+        return config
+
+    @classmethod
+    def from_params(cls, raw: Any, source: str = "params.yaml") -> RunConfig:
+        """A configuration from a ``params.yaml`` mapping of sections; unknown sections and keys
+        are errors naming them."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise SeapError(f"{source} must be a mapping of sections", f"sections: {', '.join(param_sections())}")
+        by_key = {(o.section, o.key): name for name, o in options().items() if o.section}
+        sections = param_sections()
+        values: dict[str, Any] = {}
+        for section, content in raw.items():
+            if section not in sections:
+                raise SeapError(f"parameter {section}: unknown section", f"sections are: {', '.join(sections)}")
+            if content is None:
+                continue
+            if not isinstance(content, Mapping):
+                raise SeapError(f"parameter {section}: must be a mapping of keys, got {content!r}",
+                                f"keys of {section}: {', '.join(sections[section])}")
+            for key, value in content.items():
+                if (section, key) not in by_key:
+                    raise SeapError(f"parameter {section}.{key}: unknown key",
+                                    f"keys of {section}: {', '.join(sections[section])}")
+                values[by_key[(section, key)]] = value
+        config = cls(**values)
+        config._front = "params"  # type: ignore[attr-defined]
+        return config
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> RunConfig:
+        """A configuration from options added by :func:`add_arguments` (unset options keep defaults)."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if getattr(args, f.name, _UNSET) is not _UNSET}
+        config = cls(**values)
+        config._front = "cli"  # type: ignore[attr-defined]
+        return config
+
+    def replace(self, **changes: Any) -> RunConfig:
+        new = dataclasses.replace(self, **changes)
+        new._front = self.front  # type: ignore[attr-defined]
+        return new
+
+    # -- naming ---------------------------------------------------------------------------
+    @property
+    def front(self) -> Front:
+        return getattr(self, "_front", "python")
+
+    def spell(self, name: str) -> str:
+        """How this configuration's front door spells option ``name``."""
+        return option_name(name, self.front)
+
+    def bad(self, name: str, problem: str, fix: str | None) -> SeapError:
+        return SeapError(f"parameter {self.spell(name)}: {problem}", fix)
+
+    # -- derived locations ----------------------------------------------------------------
+    @property
+    def registry(self) -> str:
+        return self.registry_dir or str(Path(self.workdir).parent / "registry")
+
+    @property
+    def mlflow_store(self) -> str:
+        return self.mlflow_dir or str(Path(self.workdir).parent / "mlflow")
+
+    @property
+    def task_names(self) -> list[str]:
+        """Tasks as rows and masks name them (``jsonl:geo`` -> ``geo``)."""
+        return [task_name(t) for t in self.tasks]
+
+    @property
+    def schedule_options(self) -> dict[str, Any]:
+        """Options of the logistic schedule that differ from its defaults."""
+        opts = {"k": self.schedule_k, "x0": self.schedule_x0, "protect_first": self.protect_first,
+                "protect_last": self.protect_last}
+        return {k: v for k, v in opts.items() if v is not None}
+
+    @property
+    def routed(self) -> bool:
+        return "seap-routed" in self.methods
+
+    def to_dict(self) -> dict[str, Any]:
+        """Field name -> value; what results.json records as the run's configuration."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # -- validation -----------------------------------------------------------------------
+    def validate(self, check_data: bool = True) -> RunConfig:
+        """Check every option (types, ranges, names, consistency) and, with ``check_data``, that
+        the tasks resolve in the data folder; loads no model. Returns ``self``."""
+        for f in dataclasses.fields(self):
+            _check_type(self, f.name, getattr(self, f.name), str(f.type), f.metadata["option"])
+        if not self.model.strip():
+            raise self.bad("model", "is empty", "pass a hub id, a local folder, a .gguf file or smollm2-135m")
+        if not self.tasks:
+            raise self.bad("tasks", "no tasks given", "list at least one task")
+        names = self.task_names
+        if len(set(names)) != len(names):
+            raise self.bad("tasks", f"a task is named twice: {list(self.tasks)}", "list each task once")
+        if not self.sparsities:
+            raise self.bad("sparsities", "no sparsity given", "e.g. [0.2, 0.5]")
+        if any(s == 0 for s in self.sparsities):
+            raise self.bad("sparsities", "0 is the dense model, which is always evaluated", "drop 0")
+        if len({f"{s:g}" for s in self.sparsities}) != len(self.sparsities):
+            raise self.bad("sparsities", f"a sparsity is listed twice: {list(self.sparsities)}",
+                           "list each sparsity once")
+        if not self.methods:
+            raise self.bad("methods", "no method given", f"e.g. {' '.join(DEFAULT_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise self.bad("methods", f"a method is listed twice: {list(self.methods)}", "list each method once")
+        if self.routed and len(self.tasks) < 2:
+            raise self.bad("methods", "seap-routed needs at least two tasks to route between",
+                           "add tasks, or drop seap-routed")
+        if (self.dask_workers or self.dask_address) and self.stats_shards < 2:
+            raise self.bad("stats_shards", "a Dask cluster needs the statistics split into shards",
+                           "set stats_shards >= 2 (e.g. the number of workers)")
+        if self.tracking_uri is not None and "://" not in self.tracking_uri:
+            raise self.bad("tracking_uri", f"{self.tracking_uri!r} is not a URI",
+                           "e.g. http://mlflow.internal:5000 or sqlite:///runs/mlflow/mlflow.db")
+        if self.perplexity and not self.data_dir:
+            raise self.bad("perplexity", "WikiText-2 perplexity needs a data folder with wikitext/",
+                           f"set {self.spell('data_dir')} (e.g. ../shared/benchmarks), or turn perplexity off")
+        self._check_names()
+        if check_data:
+            self.check_tasks()
+        return self
+
+    def _check_names(self) -> None:
+        """Names the engine owns (scores, schedules): checked against its tables."""
+        from seap.maths.schedules import check_schedule
+        from seap.maths.scores import get_score
+
+        for name, check in (("score", get_score), ("schedule", check_schedule)):
+            try:
+                check(getattr(self, name))
+            except SeapError as exc:
+                raise self.bad(name, exc.problem, exc.fix) from None
+
+    def check_tasks(self, work_dir: str | Path | None = None) -> list[Any]:
+        """Resolve the tasks (files present, records well-formed) before any model loads."""
+        from seap.data.catalogue import TaskCatalogue
+
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            fix = ("run `dvc pull data.dvc` (or `seap export-starter --out data`), or fix data.dir"
+                   if self.front == "params" else "pass a folder of task data")
+            raise self.bad("data_dir", f"{self.data_dir} is not a folder", fix)
+        try:
+            specs = TaskCatalogue(self.data_dir, work_dir or Path(self.workdir) / "task-files").resolve(self.tasks)
+        except SeapError as exc:
+            raise self.bad("tasks", exc.problem, exc.fix) from None
+        not_mc = [s.name for s in specs if s.kind != "multiple_choice"]
+        if not_mc:
+            raise self.bad("tasks", f"task(s) {not_mc} are not multiple-choice tasks",
+                           "use multiple-choice tasks; WikiText-2 perplexity is the `perplexity` option")
+        return specs
+
+
+_UNSET = object()
+
+
+def task_name(task: str) -> str:
+    """``jsonl:capitals`` / ``capitals`` -> ``capitals`` (the name rows and masks use)."""
+    return task.rpartition(":")[2]
+
+
+def options() -> dict[str, Option]:
+    """Field name -> :class:`Option`, in declaration order."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(RunConfig)}
+
+
+def param_sections() -> dict[str, list[str]]:
+    """``params.yaml`` section -> its keys, in declaration order."""
+    sections: dict[str, list[str]] = {}
+    for o in options().values():
+        if o.section:
+            sections.setdefault(o.section, []).append(o.key)
+    return sections
+
+
+def option_name(name: str, front: Front) -> str:
+    """How a front door spells field ``name``: ``--stats-batch-size``, ``statistics.batch_size``
+    or ``stats_batch_size``."""
+    option = options().get(name)
+    if front == "cli":
+        return "--" + name.replace("_", "-")
+    if front == "params" and option is not None and option.section:
+        return f"{option.section}.{option.key}"
+    return name
+
+
+def default_params() -> dict[str, dict[str, Any]]:
+    """The defaults as a ``params.yaml`` mapping (what a fresh project starts from)."""
+    config = RunConfig()
+    out: dict[str, dict[str, Any]] = {}
+    for name, o in options().items():
+        if o.section:
+            out.setdefault(o.section, {})[o.key] = getattr(config, name)
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (_is_int, "a whole number"),
+    "float": (_is_number, "a number"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v), "a list of names"),
+    "list[float]": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers"),
+}
+
+
+def _check_type(config: RunConfig, name: str, value: Any, annotation: str, option: Option) -> None:
+    nullable = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if nullable:
+            return
+        raise config.bad(name, "must not be null", f"set it, or leave it out for the default ({option.help})")
+    check, wanted = _TYPES[base]
+    if not check(value):
+        if nullable:
+            wanted += " or null"
+        raise config.bad(name, f"must be {wanted}, got {value!r}", option.help)
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if option.minimum is not None and _is_number(item) and item < option.minimum:
+            raise config.bad(name, f"must be at least {option.minimum:g}, got {item!r}", option.help)
+        if option.maximum is not None and _is_number(item) and item > option.maximum:
+            raise config.bad(name, f"must be at most {option.maximum:g}, got {item!r}", option.help)
+        if option.choices is not None and isinstance(item, str) and item not in option.choices:
+            raise config.bad(name, f"unknown value {item!r}", f"use {'any' if isinstance(value, list) else 'one'} "
+                             f"of: {', '.join(option.choices)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One ``--option`` per configuration field (booleans as ``--x`` / ``--no-x``); options left
+    out keep the configuration's default (it is not repeated here)."""
+    for f in dataclasses.fields(RunConfig):
+        if f.name in skip:
+            continue
+        o: Option = f.metadata["option"]
+        flag = "--" + f.name.replace("_", "-")
+        annotation = str(f.type)
+        where = f" [params.yaml: {o.section}.{o.key}]" if o.section else ""
+        default = getattr(RunConfig(), f.name)
+        help_text = f"{o.help} (default: {default}){where}".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": _UNSET, "help": help_text}
+        if annotation == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        base = annotation.removesuffix(" | None")
+        convert = {"str": str, "int": _int_or_null, "float": _float_or_null, "list[str]": str,
+                   "list[float]": float}[base]
+        if base.startswith("list["):
+            kwargs["nargs"] = "+"
+        parser.add_argument(flag, type=convert, metavar=o.key.upper(), **kwargs)
+
+
+def _int_or_null(text: str) -> int | None:
+    if text.lower() in ("null", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or null, got {text!r}") from None
+
+
+def _float_or_null(text: str) -> float | None:
+    if text.lower() in ("null", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or null, got {text!r}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> RunConfig:
+    """Read and validate a ``params.yaml`` (the DVC front door)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SeapError(f"parameters file {p} not found", "create it (see params.yaml in the repository)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SeapError(f"{p} is not valid YAML ({str(exc).splitlines()[0]})", "fix the file") from exc
+    try:
+        return RunConfig.from_params(raw, str(p)).validate(check_data=False)
+    except SeapError as exc:
+        raise SeapError(f"{p}: {exc.problem}", exc.fix) from None
+
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_TASKS", "Option", "REPORT_METRICS", "ROUTED_EXPERTS", "RunConfig",
+           "add_arguments", "default_params", "load_params", "option_name", "options", "param_sections", "task_name"]

@@ -1,0 +1,180 @@
+"""Running a plan: content-addressed, cached job outputs under a work folder.
+
+A job's output lives in ``<workdir>/<stage>/<key>/``, where the key hashes the stage, the
+job's parameters (a data folder by its content), the content of every input and the source
+of the modules the stage runs (:data:`seap.run.plan.STAGES`). Equal keys mean equal
+outputs, so a finished output is reused by any later run, in any process, and a run
+killed half-way resumes from the jobs it finished. Outputs are built in a temporary
+sibling and renamed into place; a concurrent run with the same inputs agrees on one result.
+Stages that must always run (``model``: its digest is what later keys depend on;
+``register``: idempotent) store their output under the digest of what they wrote.
+
+:func:`execute` walks a whole plan in one process (``seap eval``); the Prefect flow calls
+:func:`run_cached` once per job inside a task, with the same keys and folders.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seap.contenthash import stage_key, tree_digest
+from seap.io import build_once
+from seap.run.plan import STAGES, Job, Plan
+from seap.run.stages import StageContext, run_job
+
+Ref = dict[str, str]  # {"path": ..., "digest": ...}: where an output is and the hash of its content
+
+
+def ref(path: str | Path) -> Ref:
+    """The reference of an existing output folder (or file)."""
+    return {"path": str(path), "digest": tree_digest(path)}
+
+
+def resolve_inputs(job: Job, refs: Mapping[str, Ref]) -> dict[str, Any]:
+    """``job.inputs`` with every job key replaced by that job's output reference."""
+
+    def one(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return refs[value]
+        if isinstance(value, Mapping):
+            return {k: one(v) for k, v in value.items()}
+        return [one(v) for v in value]
+
+    return {role: one(value) for role, value in job.inputs.items()}
+
+
+def _paths(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, Mapping) and set(value) == {"path", "digest"}:
+        return Path(value["path"])
+    if isinstance(value, Mapping):
+        return {k: _paths(v) for k, v in value.items()}
+    return [_paths(v) for v in value]
+
+
+def _digests(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, Mapping) and set(value) == {"path", "digest"}:
+        return value["digest"]
+    if isinstance(value, Mapping):
+        return {k: _digests(v) for k, v in value.items()}
+    return [_digests(v) for v in value]
+
+
+def content_key(job: Job, inputs: Mapping[str, Any], workdir: str | Path) -> str:
+    """The cache key of ``job`` with resolved ``inputs`` (references): stage, parameters (a data
+    folder by content), input contents, stage code, and the work folder (each work folder has
+    its own cache, so a hit never points into another one)."""
+    params = dict(job.params)
+    if params.get("data_dir"):
+        params["data_dir"] = {"path": str(params["data_dir"]), "digest": tree_digest(params["data_dir"])}
+    material = {"job": job.key, "params": params, "inputs": _digests(dict(inputs)),
+                "workdir": str(Path(workdir).resolve())}
+    return stage_key(job.stage, material, modules=STAGES[job.stage].modules)
+
+
+def run_cached(job: Job, inputs: Mapping[str, Any], workdir: str | Path, ctx: StageContext) -> tuple[Ref, bool]:
+    """The output of ``job``: reused when its key's folder exists, built otherwise. Returns the
+    reference and whether it was reused (``True``: cached)."""
+    stage_dir = Path(workdir) / job.stage
+    paths = {role: _paths(value) for role, value in inputs.items()}
+    if not STAGES[job.stage].cached:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=stage_dir, prefix=".unkeyed-") as tmp:
+            out = Path(tmp) / "out"
+            run_job(job, paths, out, ctx)
+            final = stage_dir / f"{job.stage}-{tree_digest(out)[:24]}"
+            if not final.exists():
+                try:
+                    os.rename(out, final)
+                except OSError:
+                    if not final.exists():
+                        raise
+        return ref(final), False
+    out = stage_dir / content_key(job, inputs, workdir)
+    if out.exists():
+        return ref(out), True
+    build_once(out, lambda o: run_job(job, paths, o, ctx))
+    return ref(out), False
+
+
+@dataclass
+class JobEvent:
+    """What a progress view is told about each job."""
+
+    job: Job
+    index: int  # 1-based position in the plan
+    total: int
+    state: str  # "running", "done", "cached"
+    seconds: float = 0.0
+    output: str | None = None  # the output folder, once done or cached
+
+
+@dataclass
+class Execution:
+    """The outputs of a plan run: job key -> reference, and which jobs were cached."""
+
+    plan: Plan
+    outputs: dict[str, Ref] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def path(self, key: str) -> Path:
+        return Path(self.outputs[key]["path"])
+
+
+def execute(plan: Plan, ctx: StageContext | None = None,
+            on_event: Callable[[JobEvent], None] | None = None) -> Execution:
+    """Run every job of ``plan`` in order in this process, reusing finished outputs."""
+    c = plan.config
+    workdir = Path(c.workdir)
+    ctx = ctx or StageContext(workdir / "task-files")
+    done = Execution(plan)
+    total = len(plan.jobs)
+    for index, job in enumerate(plan.jobs, 1):
+        if on_event:
+            on_event(JobEvent(job, index, total, "running"))
+        start = time.perf_counter()
+        out, cached = run_cached(job, resolve_inputs(job, done.outputs), workdir, ctx)
+        done.outputs[job.key] = out
+        done.seconds[job.key] = time.perf_counter() - start
+        if cached:
+            done.cached.add(job.key)
+        if on_event:
+            on_event(JobEvent(job, index, total, "cached" if cached else "done", done.seconds[job.key], out["path"]))
+    return done
+
+
+
+
+def publish_results(report_dir: str | Path, out: str | Path) -> dict[str, Path]:
+    """Copy the report's files (results.json, results.md, the plot, metrics.json, accuracy.csv)
+    into ``out``: all of them are written first, then renamed in, so ``out`` never mixes runs."""
+    import shutil
+
+    from seap.evaluation.report import RESULT_FILES
+
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    with tempfile.TemporaryDirectory(prefix=".results-", dir=target) as tmp:
+        for name in RESULT_FILES:
+            shutil.copy2(Path(report_dir) / name, Path(tmp) / name)
+        for name in RESULT_FILES:
+            os.replace(Path(tmp) / name, target / name)
+            paths[name] = target / name
+    return paths
+
+
+__all__ = ["Execution", "JobEvent", "Ref", "content_key", "execute", "publish_results", "ref", "resolve_inputs",
+           "run_cached"]

@@ -1,0 +1,109 @@
+"""The method table: every row a run can produce, each one typed entry.
+
+A method says how its masks are calibrated and built; the planner (:mod:`seap.run.plan`)
+turns it into jobs and nothing else decides what a method means. Adding a method is one
+entry here plus its pure functions (a score in :mod:`seap.maths.scores`, a schedule in
+:mod:`seap.maths.schedules`).
+
+Calibration, per method:
+
+* ``task``: one mask per task, from that task's own statistics and scores (a SEAP *expert*);
+  each task is evaluated with its own expert (oracle task identity, as in the paper's tables).
+* ``general``: one mask from the weighted sum of the tasks' scores (SEAP-gen).
+* ``pooled``: one mask from the statistics of all tasks' corpora merged (the task-agnostic
+  baselines Wanda-sp and FLAP, with their original allocation or SEAP's logistic schedule).
+* ``routed``: no masks of its own; the router picks one of the ``task`` method's experts per
+  input, falling back to the ``general`` method's mask below its confidence threshold.
+
+Bias compensation (FLAP) is a property of the method, stored in each mask it builds (the
+calibration means travel with the mask), so applying a mask always does what its method says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from seap.errors import SeapError
+
+Calibration = Literal["task", "general", "pooled", "routed"]
+SEAP_SCORE = "seap-sf"  # the default SEAP score (paper's s_F); the run's `score` option overrides it
+SEAP_SCHEDULE = "logistic"  # the default SEAP schedule; the run's `schedule` option overrides it
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row kind of the results table.
+
+    ``score`` and ``schedule`` of ``None`` mean "the run's SEAP score / schedule" (the
+    ``score`` and ``schedule`` options), so the SEAP rows follow the configuration while
+    each baseline keeps its own.
+    """
+
+    name: str
+    calibration: Calibration
+    description: str
+    score: str | None = None
+    schedule: str | None = None
+    bias_compensation: bool = False
+    schedule_options: Mapping[str, Any] = field(default_factory=dict)
+    family: Literal["seap", "baseline"] = "baseline"
+
+    def resolved_score(self, run_score: str) -> str:
+        return self.score or run_score
+
+    def resolved_schedule(self, run_schedule: str) -> str:
+        return self.schedule or run_schedule
+
+    @property
+    def builds_masks(self) -> bool:
+        return self.calibration != "routed"
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("seap-expert", "task", "SEAP: one expert per task, from its own activations", family="seap"),
+        Method("seap-general", "general", "SEAP-gen: one mask from the weighted sum of task scores", family="seap"),
+        Method("seap-routed", "routed", "router picks the task's expert per input (general mask below threshold)",
+               family="seap"),
+        Method("wanda-sp", "pooled", "Wanda-sp: |W| x ||X||, uniform sparsity", score="wanda-sp", schedule="uniform"),
+        Method("wanda-sp+logistic", "pooled", "Wanda-sp score with SEAP's logistic schedule", score="wanda-sp",
+               schedule="logistic"),
+        Method("flap", "pooled", "FLAP: fluctuation score, adaptive allocation, bias compensation", score="flap",
+               schedule="flap-adaptive", bias_compensation=True),
+        Method("flap+logistic", "pooled", "FLAP score and bias compensation with SEAP's logistic schedule",
+               score="flap", schedule="logistic", bias_compensation=True),
+    )
+}
+DENSE = "dense"  # the unpruned row every table starts with (not a method: nothing to build)
+ROUTED_EXPERTS = "seap-expert"  # where the routed row takes its experts ...
+ROUTED_FALLBACK = "seap-general"  # ... and its low-confidence fallback
+DEFAULT_METHODS = ("seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap")
+BASELINES = tuple(name for name, m in METHODS.items() if m.family == "baseline")
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; a :class:`SeapError` listing the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SeapError(f"unknown method {name!r}", f"use any of: {', '.join(METHODS)}") from None
+
+
+def methods_to_build(names: list[str] | tuple[str, ...]) -> list[Method]:
+    """The methods whose masks a run builds: the requested ones, plus the experts and general
+    mask the routed row needs, in table order."""
+    wanted = set(names)
+    if "seap-routed" in wanted:
+        wanted |= {ROUTED_EXPERTS, ROUTED_FALLBACK}
+    return [m for name, m in METHODS.items() if name in wanted and m.builds_masks]
+
+
+def row_key(method: str, sparsity: float) -> str:
+    """``"<method>@<sparsity:g>"``: the one key of a table row (dense: ``"dense"``)."""
+    return DENSE if method == DENSE else f"{method}@{sparsity:g}"
+
+
+__all__ = ["BASELINES", "DEFAULT_METHODS", "DENSE", "METHODS", "Method", "get_method", "methods_to_build", "row_key"]

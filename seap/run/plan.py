@@ -1,0 +1,360 @@
+"""The planner: a :class:`~seap.run.config.RunConfig` in, the list of jobs out.
+
+Every front door walks this one plan: ``seap eval`` (:mod:`seap.run.execute`), the DVC stages
+(:mod:`seap.run.dvc`, one ``dvc.yaml`` stage per :data:`STAGES` entry) and the Prefect flow
+(``flows/pipeline.py``, one task per job). None of them decides what to build.
+
+A job is one unit of work with a stable key ``<stage>/<name>`` (``masks/seap-expert@0.2/capitals``),
+the keys of the jobs whose outputs it reads (``inputs``, by role) and the parameters it needs
+(``params``, plain JSON). Jobs come in dependency order. The stage table says, per stage,
+which library modules it runs (the DVC dependencies and the Prefect cache-key sources are
+both generated from it) and which configuration options it reads (the DVC ``params``).
+
+    model -> corpus -> statistics -> scores -> masks -> evaluate ------------\\
+        \\-> evaluate-dense ---------------------------------------------> report -> register
+        \\-> router -> evaluate-routed (experts, general, expert row) -------/
+                                     bench, perplexity (masks) ----------/
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from seap.errors import SeapError
+from seap.run.config import RunConfig
+from seap.run.methods import (
+    DENSE,
+    METHODS,
+    ROUTED_EXPERTS,
+    ROUTED_FALLBACK,
+    Method,
+    methods_to_build,
+    row_key,
+)
+
+GENERAL = "general"  # the mask name of a method with one mask for all tasks
+POOLED = "pooled"  # the statistics (and scores) of all tasks' corpora merged
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One kind of job: what it runs and what it reads.
+
+    ``modules``: the ``seap`` modules whose source the stage runs (a change re-runs it);
+    ``options``: the :class:`RunConfig` fields its jobs read; ``upstream``: the stages whose
+    outputs it may read; ``cached``: whether a finished output is reused (registration is
+    idempotent instead, and always runs).
+    """
+
+    name: str
+    description: str
+    modules: tuple[str, ...]
+    options: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+    cached: bool = True
+
+
+_EVAL = ("seap.evaluation.harness", "seap.evaluation.metrics", "seap.data.catalogue", "seap.model.surgery",
+         "seap.maths.masks")
+_BASE = ("seap.run.stages", "seap.model.loading", "seap.model.loaded", "seap.model.adapters")
+_EVAL_OPTIONS = ("tasks", "data_dir", "limit", "num_fewshot", "metric", "eval_batch_size")
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("model", "resolve the base model (fetch or convert once) and record its content digest",
+              ("seap.run.stages", "seap.model.loading"), ("model", "device", "dtype"), cached=False),
+        Stage("corpus", "calibration corpora of the tasks' train splits",
+              ("seap.run.stages", "seap.data.corpus", "seap.data.starter", "seap.data.catalogue"),
+              ("tasks", "data_dir", "samples", "seed", "max_tokens")),
+        Stage("statistics", "activation statistics per task (and pooled over all tasks, for the baselines)",
+              (*_BASE, "seap.model.calibration", "seap.model.hooks", "seap.maths.moments", "seap.maths.statistics",
+               "seap.data.corpus"),
+              ("stats_batch_size", "stats_shards", "methods"), ("model", "corpus")),
+        Stage("scores", "importance scores of heads and channels",
+              ("seap.run.stages", "seap.maths.scores", "seap.maths.statistics"),
+              ("score", "methods"), ("statistics",)),
+        Stage("masks", "per-layer sparsity and one mask per expert, general mask and baseline",
+              ("seap.run.stages", "seap.maths.masks", "seap.maths.schedules", "seap.maths.geometry",
+               "seap.maths.scores", "seap.maths.statistics"),
+              ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
+               "gqa_mode"), ("scores", "statistics")),
+        Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
+              _EVAL_OPTIONS, ("model",)),
+        Stage("evaluate", "one row per method and sparsity (experts: each task with its own)", (*_BASE, *_EVAL),
+              _EVAL_OPTIONS, ("model", "masks")),
+        Stage("router", "the task router on the tasks' training prompts",
+              (*_BASE, "seap.evaluation.router", "seap.evaluation.harness", "seap.data.catalogue",
+               "seap.model.calibration"),
+              ("tasks", "data_dir", "seed", "router_prompts", "router_layer", "router_threshold", "methods"),
+              ("model",)),
+        Stage("evaluate-routed", "the routed row: the router's expert per input (reusing the expert row where "
+              "the router picks the task's own expert)",
+              (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed"),
+              (*_EVAL_OPTIONS, "router_threshold"), ("model", "masks", "router", "evaluate")),
+        Stage("perplexity", "WikiText-2 perplexity of dense and each general mask",
+              (*_BASE, "seap.evaluation.harness", "seap.model.surgery", "seap.maths.masks"),
+              ("perplexity", "perplexity_windows", "data_dir"), ("model", "masks")),
+        Stage("bench", "prefill and decode speed of dense and each distinct pruned shape",
+              (*_BASE, "seap.evaluation.speed", "seap.model.surgery", "seap.maths.masks"),
+              ("bench", "bench_repeats"), ("model", "masks")),
+        Stage("report", "Table 1, results.json, metrics, CSV and plot",
+              ("seap.run.stages", "seap.evaluation.report", "seap.evaluation.metrics", "seap.evaluation.harness",
+               "seap.data.catalogue"),
+              ("metric", "tasks", "data_dir", "limit", "num_fewshot"),
+              ("evaluate-dense", "evaluate", "evaluate-routed", "router", "bench", "perplexity")),
+        Stage("register", "every SEAP expert, general mask and routed bundle in the local registry and MLflow",
+              ("seap.run.stages", "seap.registry.records", "seap.evaluation.metrics"),
+              ("registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment"),
+              ("report", "masks", "router"), cached=False),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: ``stage`` + ``name`` (unique), the jobs it reads, its parameters."""
+
+    stage: str
+    name: str = ""
+    inputs: Mapping[str, Any] = field(default_factory=dict)  # role -> job key, list of keys, or {name: key}
+    params: Mapping[str, Any] = field(default_factory=dict)
+    row: str | None = None  # the table row this job evaluates, if any
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}/{self.name}" if self.name else self.stage
+
+    def input_keys(self) -> list[str]:
+        """Every job key this job reads, in a stable order."""
+        keys: list[str] = []
+        for value in self.inputs.values():
+            keys.extend(_keys(value))
+        return keys
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "name": self.name, "inputs": dict(self.inputs), "params": dict(self.params),
+                "row": self.row}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Job:
+        return cls(data["stage"], data.get("name", ""), data.get("inputs", {}), data.get("params", {}),
+                   data.get("row"))
+
+
+def _keys(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    values = value.values() if isinstance(value, Mapping) else value
+    return [key for v in values for key in _keys(v)]
+
+
+@dataclass
+class Plan:
+    """The jobs of one run, in dependency order, and the configuration they came from."""
+
+    config: RunConfig
+    jobs: list[Job]
+
+    def __iter__(self) -> Iterable[Job]:  # type: ignore[override]
+        return iter(self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def get(self, key: str) -> Job:
+        for job in self.jobs:
+            if job.key == key:
+                return job
+        raise KeyError(key)
+
+    def of_stage(self, stage: str) -> list[Job]:
+        return [j for j in self.jobs if j.stage == stage]
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages this plan uses, in :data:`STAGES` order."""
+        used = {j.stage for j in self.jobs}
+        return [s for s in STAGES if s in used]
+
+    @property
+    def rows(self) -> list[str]:
+        """The table rows it evaluates, in report order."""
+        return [j.row for j in self.jobs if j.row]
+
+    def mask_groups(self) -> dict[str, dict[str, str]]:
+        """Row key -> {mask name: job key} of every mask group (what registration and bench read)."""
+        groups: dict[str, dict[str, str]] = {}
+        for j in self.of_stage("masks"):
+            groups.setdefault(j.params["row"], {})[j.params["mask"]] = j.key
+        return groups
+
+
+def make_plan(config: RunConfig) -> Plan:
+    """The jobs for ``config``, in dependency order (``config`` is validated first)."""
+    c = config
+    c.validate(check_data=False)
+    tasks = c.task_names
+    methods = methods_to_build(c.methods)
+    pooled = any(m.calibration == "pooled" for m in methods)
+    jobs: list[Job] = []
+    add = jobs.append
+
+    add(Job("model", params={"model": c.model, "device": c.device, "dtype": c.dtype}))
+    add(Job("corpus", params={"tasks": list(c.tasks), "data_dir": c.data_dir, "samples": c.samples, "seed": c.seed,
+                              "max_tokens": c.max_tokens}))
+    # statistics: one pass per task, or shards merged exactly
+    if c.stats_shards > 1:
+        shards = [f"statistics/shard-{i}-of-{c.stats_shards}" for i in range(c.stats_shards)]
+        for i, key in enumerate(shards):
+            add(Job("statistics", key.split("/", 1)[1], {"model": "model", "corpus": "corpus"},
+                    {"batch_size": c.stats_batch_size, "shard": [i, c.stats_shards], "tasks": tasks}))
+        add(Job("statistics", "tasks", {"shards": shards}, {"tasks": tasks}))
+    else:
+        add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
+                {"batch_size": c.stats_batch_size, "tasks": tasks}))
+    if pooled:
+        add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, {"tasks": tasks}))
+
+    # scores: SEAP's per task; each pooled method's score on the pooled statistics
+    score_keys: dict[tuple[str, str], str] = {}
+    for m in methods:
+        score = m.resolved_score(c.score)
+        for source in ([POOLED] if m.calibration == "pooled" else tasks):
+            if (score, source) not in score_keys:
+                job = Job("scores", f"{score}/{source}",
+                          {"statistics": "statistics/pooled" if source == POOLED else "statistics/tasks"},
+                          {"score": score, "task": source})
+                add(job)
+                score_keys[(score, source)] = job.key
+
+    # masks and their rows
+    mask_jobs: dict[str, dict[str, str]] = {}
+    for sparsity in c.sparsities:
+        for m in methods:
+            row = row_key(m.name, sparsity)
+            common = {"sparsity": sparsity, "method": m.name, "row": row, "schedule": m.resolved_schedule(c.schedule),
+                      "schedule_options": {**c.schedule_options, **m.schedule_options}, "gqa_mode": c.gqa_mode,
+                      "bias_compensation": m.bias_compensation, "score": m.resolved_score(c.score)}
+            group: dict[str, str] = {}
+            for name, inputs in _mask_inputs(m, c, tasks, score_keys):
+                job = Job("masks", f"{row}/{name}", inputs, {**common, "mask": name, "kind": _kind(m)})
+                add(job)
+                group[name] = job.key
+            mask_jobs[row] = group
+
+    # evaluation rows: dense, then per sparsity in method-table order
+    evaluation = {"tasks": list(c.tasks), "data_dir": c.data_dir, "limit": c.limit, "num_fewshot": c.num_fewshot,
+                  "metric": c.metric, "batch_size": c.eval_batch_size}
+    rows: dict[str, str] = {}
+    dense = Job("evaluate-dense", DENSE, {"model": "model"}, {**evaluation, "method": DENSE, "sparsity": 0.0},
+                row=DENSE)
+    add(dense)
+    rows[DENSE] = dense.key
+    for sparsity in c.sparsities:
+        for m in methods:
+            if m.name not in c.methods:
+                continue  # built only for the routed row
+            row = row_key(m.name, sparsity)
+            job = Job("evaluate", row, {"model": "model", "masks": mask_jobs[row]},
+                      {**evaluation, "method": m.name, "sparsity": sparsity, "per_task": m.calibration == "task"},
+                      row=row)
+            add(job)
+            rows[row] = job.key
+
+    if c.routed:
+        add(Job("router", "", {"model": "model"},
+                {"tasks": list(c.tasks), "data_dir": c.data_dir, "prompts_per_task": c.router_prompts,
+                 "feature_layer": c.router_layer, "seed": c.seed, "threshold": c.router_threshold}))
+        for sparsity in c.sparsities:
+            row = row_key("seap-routed", sparsity)
+            experts = row_key(ROUTED_EXPERTS, sparsity)
+            inputs: dict[str, Any] = {"model": "model", "router": "router", "experts": mask_jobs[experts],
+                                      "general": mask_jobs[row_key(ROUTED_FALLBACK, sparsity)][GENERAL]}
+            if experts in rows:  # the expert row's per-item results are reused where routing agrees
+                inputs["expert_row"] = rows[experts]
+            job = Job("evaluate-routed", row, inputs,
+                      {**evaluation, "method": "seap-routed", "sparsity": sparsity, "threshold": c.router_threshold},
+                      row=row)
+            add(job)
+            rows[row] = job.key
+
+    perplexity: list[str] = []
+    if c.perplexity:
+        targets = {DENSE: None} | {row: group[GENERAL] for row, group in mask_jobs.items()
+                                   if GENERAL in group and row.split("@")[0] in c.methods}
+        for row, mask in targets.items():
+            job = Job("perplexity", row, {"model": "model", "mask": mask},
+                      {"data_dir": c.data_dir, "windows": c.perplexity_windows, "row": row})
+            add(job)
+            perplexity.append(job.key)
+
+    bench = None
+    if c.bench:
+        flat = {f"{row}:{name}": key for row, group in mask_jobs.items() for name, key in group.items()}
+        job = Job("bench", "", {"model": "model", "masks": flat}, {"repeats": c.bench_repeats})
+        add(job)
+        bench = job.key
+
+    report = Job("report", "", {"rows": rows, "router": "router" if c.routed else None, "bench": bench,
+                                "perplexity": perplexity},
+                 {"metric": c.metric, "tasks": list(c.tasks), "data_dir": c.data_dir, "limit": c.limit,
+                  "num_fewshot": c.num_fewshot, "config": recorded_config(c)})
+    add(report)
+    seap_groups = {row: group for row, group in mask_jobs.items()
+                   if row.split("@")[0] in (ROUTED_EXPERTS, ROUTED_FALLBACK)}
+    add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
+            {"score": c.score, "schedule": c.schedule, "registry_dir": c.registry, "mlflow": c.mlflow,
+             "tracking_uri": c.tracking_uri, "mlflow_dir": c.mlflow_store, "experiment": c.experiment}))
+    plan = Plan(c, jobs)
+    check_plan(plan)
+    return plan
+
+
+def recorded_config(config: RunConfig) -> dict[str, Any]:
+    """The configuration as results record it (credentials in the tracking URI hidden)."""
+    from seap.io import redact_uri
+
+    return {k: redact_uri(v) if k == "tracking_uri" and v else v for k, v in config.to_dict().items()}
+
+
+def _kind(m: Method) -> str:
+    return "expert" if m.calibration == "task" else GENERAL
+
+
+def _mask_inputs(m: Method, c: RunConfig, tasks: list[str],
+                 score_keys: Mapping[tuple[str, str], str]) -> list[tuple[str, dict[str, Any]]]:
+    """(mask name, inputs) of each mask a method builds at one sparsity."""
+    score = m.resolved_score(c.score)
+    if m.calibration == "task":
+        return [(t, {"scores": [score_keys[(score, t)]],
+                     **({"bias_statistics": "statistics/tasks"} if m.bias_compensation else {})}) for t in tasks]
+    if m.calibration == "general":
+        return [(GENERAL, {"scores": [score_keys[(score, t)] for t in tasks],
+                           **({"bias_statistics": "statistics/pooled"} if m.bias_compensation else {})})]
+    return [(GENERAL, {"scores": [score_keys[(score, POOLED)]],
+                       **({"bias_statistics": "statistics/pooled"} if m.bias_compensation else {})})]
+
+
+def check_plan(plan: Plan) -> None:
+    """Keys unique, inputs planned before their readers, and every input from an upstream stage."""
+    seen: dict[str, Job] = {}
+    for job in plan.jobs:
+        if job.stage not in STAGES:
+            raise SeapError(f"plan: unknown stage {job.stage!r}", "add it to seap.run.plan.STAGES")
+        if job.key in seen:
+            raise SeapError(f"plan: job {job.key} planned twice", "give each job a unique name")
+        for key in job.input_keys():
+            if key not in seen:
+                raise SeapError(f"plan: {job.key} reads {key}, which is not planned before it", "reorder the plan")
+            upstream = seen[key].stage
+            if upstream != job.stage and upstream not in STAGES[job.stage].upstream:
+                raise SeapError(f"plan: {job.key} reads {key} of stage {upstream}, not upstream of {job.stage}",
+                                f"add {upstream} to STAGES[{job.stage!r}].upstream")
+        seen[job.key] = job
+
+
+__all__ = ["GENERAL", "Job", "METHODS", "POOLED", "Plan", "STAGES", "Stage", "check_plan", "make_plan"]

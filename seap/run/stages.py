@@ -1,0 +1,347 @@
+"""One function per stage of the plan (:data:`seap.run.plan.STAGES`).
+
+Every front door runs these: the local executor behind ``seap eval`` and the Prefect flow
+(:mod:`seap.run.execute`) and the DVC stages (:mod:`seap.run.dvc`). A stage function gets
+its job (parameters), the output folders of the jobs it reads (by role) and a folder to
+create and fill (``out``, which does not exist yet; the caller renames it into place, so
+nothing is ever half-written). It reads nothing else: what a job computes is decided by its
+parameters and inputs alone, which is what makes the content-addressed cache correct.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seap.errors import SeapError
+from seap.io import atomic_write_json, read_json
+from seap.run.plan import GENERAL, POOLED, Job
+
+MODEL_RECORD = "model.json"
+CORPUS_FILE = "corpus.jsonl"
+ROW_FILE = "row.json"
+ITEMS_FILE = "items.json"
+BENCH_FILE = "bench.json"
+PERPLEXITY_FILE = "perplexity.json"
+REGISTERED_FILE = "registered.json"
+
+
+@dataclass
+class StageContext:
+    """What stage functions share within one process: the loaded base model (kept once, keyed
+    by its content digest, never modified in place), where lm-eval task files go, and whether
+    to draw progress bars."""
+
+    task_files: Path
+    progress: bool = False
+    say: Callable[[str], None] = print
+    _models: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def base(self, model_dir: Path) -> Any:
+        """The base model recorded by a ``model`` job (loaded once per process)."""
+        from seap.model.loading import load_model
+
+        record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
+        with self._lock:
+            loaded = self._models.get(record["digest"])
+            if loaded is None:
+                self._models.clear()  # one base model at a time
+                loaded = self._models[record["digest"]] = load_model(record["location"], device=record["device"],
+                                                                     dtype=record["dtype"])
+            return loaded
+
+    def catalogue(self, data_dir: str | None) -> Any:
+        from seap.data.catalogue import TaskCatalogue
+
+        return TaskCatalogue(data_dir, self.task_files)
+
+
+Inputs = Mapping[str, Any]  # role -> Path, list of Paths, or {name: Path}
+StageFunction = Callable[[Job, Inputs, Path, StageContext], None]
+
+
+def model(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Resolve the base model (fetch or convert once); record where it is and a digest of its files."""
+    from seap.contenthash import tree_digest
+    from seap.model.loading import resolve_model_path
+
+    p = job.params
+    location, kind = resolve_model_path(p["model"])
+    digest = f"hub:{location}" if kind == "hub" else tree_digest(location)
+    out.mkdir(parents=True)
+    atomic_write_json(out / MODEL_RECORD, {"name": p["model"], "location": str(location), "kind": kind,
+                                           "device": p["device"], "dtype": p["dtype"], "digest": digest})
+
+
+def corpus(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Calibration corpora of the tasks' train splits, in one corpus file."""
+    from seap.data.corpus import build_corpus, write_corpus
+
+    p = job.params
+    specs = ctx.catalogue(p["data_dir"]).resolve(p["tasks"])
+    corpora = {s.name: build_corpus(s.calibration_records(), s.name, p["samples"], p["seed"], source=s.source)
+               for s in specs}
+    out.mkdir(parents=True)
+    write_corpus(out / CORPUS_FILE, corpora, max_tokens=p["max_tokens"])
+    ctx.say(", ".join(f"{t}: {len(c)} texts" for t, c in corpora.items()))
+
+
+def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Per-task statistics (``out/<task>/``): one pass, one shard of one, or shards merged; or
+    the pooled merge of all tasks (``out`` itself)."""
+    from seap.data.corpus import DEFAULT_MAX_TOKENS, read_corpus
+    from seap.maths.statistics import ActivationStatistics, merge_statistics
+    from seap.model.calibration import collect_statistics
+
+    p = job.params
+    if job.name == POOLED:
+        merged = merge_statistics([ActivationStatistics.load(Path(inputs["statistics"]) / t) for t in p["tasks"]],
+                                  POOLED)
+        merged.save(out)
+        return
+    out.mkdir(parents=True)
+    if "shards" in inputs:
+        for t in p["tasks"]:
+            merge_statistics([ActivationStatistics.load(Path(s) / t) for s in inputs["shards"]], t).save(out / t)
+        return
+    corpora, header = read_corpus(Path(inputs["corpus"]) / CORPUS_FILE)
+    missing = [t for t in p["tasks"] if t not in corpora]
+    if missing:
+        raise SeapError(f"task(s) {missing} are not in the corpus", f"it holds: {', '.join(corpora)}")
+    loaded = ctx.base(inputs["model"])
+    shard = tuple(p["shard"]) if p.get("shard") else None
+    for t in p["tasks"]:
+        stats = collect_statistics(loaded, corpora[t], p["batch_size"], header.get("max_tokens", DEFAULT_MAX_TOKENS),
+                                   shard=shard, progress=ctx.progress)  # type: ignore[arg-type]
+        stats.save(out / t)
+
+
+def scores(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """One task's scores (or the pooled statistics' scores)."""
+    from seap.run.commands import make_scores
+
+    folder = Path(inputs["statistics"])
+    task = job.params["task"]
+    make_scores(folder if task == POOLED else folder / task, out, job.params["score"])
+
+
+def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """One mask: an expert (one task's scores), the general mask (the tasks' scores combined) or a
+    pooled method's mask; bias-compensation means stored in it when its method compensates."""
+    from seap.run.commands import make_mask
+
+    p = job.params
+    bias = inputs.get("bias_statistics")
+    if bias is not None and p["kind"] == "expert":
+        bias = Path(bias) / p["mask"]
+    make_mask(inputs["scores"], out, p["sparsity"], p["schedule"], general=len(inputs["scores"]) > 1,
+              gqa_mode=p["gqa_mode"], bias_stats_dir=bias, method=p["method"], **p["schedule_options"])
+
+
+def _load_masks(paths: Mapping[str, Any]) -> dict[str, Any]:
+    from seap.maths.masks import PruningMask
+
+    return {name: PruningMask.load(path) for name, path in paths.items()}
+
+
+def _write_row(out: Path, row: dict[str, Any], items: Mapping[str, Any]) -> None:
+    out.mkdir(parents=True)
+    atomic_write_json(out / ROW_FILE, row)
+    atomic_write_json(out / ITEMS_FILE, items)
+
+
+def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """One row: dense, a general mask on every task, or each task with its own expert."""
+    from seap.evaluation.rows import evaluate_masks
+
+    p = job.params
+    catalogue = ctx.catalogue(p["data_dir"])
+    specs = catalogue.resolve(p["tasks"])
+    loaded_masks = _load_masks(inputs.get("masks") or {})
+    loaded = ctx.base(inputs["model"])
+    row, items = evaluate_masks(loaded, catalogue, specs, p["method"], p["sparsity"], loaded_masks, p["limit"],
+                                p["num_fewshot"], p["batch_size"], p["metric"])
+    row["model_fingerprint"] = loaded.fingerprint
+    row["masks"] = {name: m.digest() for name, m in loaded_masks.items()}
+    _write_row(out, row, items)
+    ctx.say(f"{job.row}: average {row['average']['table'] * 100:.2f}")
+
+
+def router(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """The task router, trained on the tasks' training prompts."""
+    from seap.evaluation.harness import training_prompts
+    from seap.evaluation.router import train_router
+
+    p = job.params
+    catalogue = ctx.catalogue(p["data_dir"])
+    specs = catalogue.resolve(p["tasks"])
+    loaded = ctx.base(inputs["model"])
+    trained = train_router(loaded, training_prompts(catalogue, specs, p["prompts_per_task"], p["seed"]),
+                           p["feature_layer"], seed=p["seed"], threshold=p["threshold"])
+    trained.save(out)
+    ctx.say(f"router: held-out accuracy {trained.meta['heldout_accuracy']:.3f}")
+
+
+def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """The routed row (router + experts + general fallback); documents routed to their own
+    task's expert reuse the expert row's per-item results."""
+    from seap.evaluation.router import Router
+    from seap.evaluation.rows import evaluate_routed as routed_row
+    from seap.evaluation.rows import router_info
+    from seap.maths.masks import PruningMask
+
+    p = job.params
+    catalogue = ctx.catalogue(p["data_dir"])
+    specs = catalogue.resolve(p["tasks"])
+    trained = Router.load(inputs["router"])
+    experts = _load_masks(inputs["experts"])
+    general = PruningMask.load(inputs["general"]) if inputs.get("general") else None
+    expert_items = read_json(Path(inputs["expert_row"]) / ITEMS_FILE, "expert row items") \
+        if inputs.get("expert_row") else None
+    loaded = ctx.base(inputs["model"])
+    row, items = routed_row(loaded, catalogue, specs, p["sparsity"], experts, general, trained, p["limit"],
+                            p["num_fewshot"], p["batch_size"], p["metric"], p["threshold"], expert_items)
+    row["model_fingerprint"] = loaded.fingerprint
+    row["masks"] = {name: m.digest() for name, m in experts.items()}
+    if general is not None:
+        row["masks"][GENERAL] = general.digest()
+    row["router"] = router_info(trained)
+    _write_row(out, row, items)
+    ctx.say(f"{job.row}: average {row['average']['table'] * 100:.2f} "
+            f"({row['reused_documents']} of {row['routing']['docs']} documents reused from the expert row)")
+
+
+def perplexity(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """WikiText-2 perplexity of the dense model or of one general mask."""
+    from seap.evaluation.harness import wikitext_perplexity
+    from seap.maths.masks import PruningMask
+    from seap.model.surgery import apply_mask
+
+    p = job.params
+    loaded = ctx.base(inputs["model"])
+    if inputs.get("mask"):
+        loaded = apply_mask(loaded, PruningMask.load(inputs["mask"]), "hard")
+    result = wikitext_perplexity(loaded, p["data_dir"], max_windows=p["windows"], progress=ctx.progress)
+    out.mkdir(parents=True)
+    atomic_write_json(out / PERPLEXITY_FILE, {"row": p["row"], **result})
+
+
+def bench(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Dense against every mask's hard-pruned model, in one run on the same prompts. Masks that
+    prune to the same per-layer shapes are timed once (``same_shapes_as``)."""
+    from seap.evaluation.speed import benchmark
+    from seap.model.surgery import apply_mask
+
+    loaded = ctx.base(inputs["model"])
+    loaded_masks = _load_masks(inputs["masks"])
+    representative: dict[tuple[Any, ...], str] = {}
+    alias = {name: representative.setdefault(shape_signature(mask), name) for name, mask in loaded_masks.items()}
+    models = {"dense": loaded}
+    for name in dict.fromkeys(alias.values()):
+        models[name] = apply_mask(loaded, loaded_masks[name], "hard")
+    result = benchmark(models, repeats=job.params["repeats"])
+    for name, rep in alias.items():
+        if name != rep:
+            result["models"][name] = {**result["models"][rep], "same_shapes_as": rep}
+    out.mkdir(parents=True)
+    atomic_write_json(out / BENCH_FILE, result)
+    ctx.say(f"speed of dense and {len(models) - 1} distinct pruned shapes ({len(loaded_masks)} masks)")
+
+
+def shape_signature(mask: Any) -> tuple[tuple[int, int, int], ...]:
+    """Per-layer kept (heads, kv heads, channels): masks with equal signatures run at the same speed."""
+    return tuple((g.num_heads, g.num_kv_heads, g.intermediate_size) for g in mask.kept_geometry().layers)
+
+
+def report(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Assemble the rows into the results (Table 1, results.json, metrics.json, CSV, plot)."""
+    from seap.evaluation.harness import data_fingerprint, lm_eval_version
+    from seap.evaluation.report import save_results
+    from seap.evaluation.router import Router
+    from seap.evaluation.rows import router_info
+
+    p = job.params
+    specs = ctx.catalogue(p["data_dir"]).resolve(p["tasks"])
+    rows = [read_json(Path(path) / ROW_FILE, "result row") for path in inputs["rows"].values()]
+    results: dict[str, Any] = {
+        "config": dict(p.get("config") or {}),
+        "model_fingerprint": next((r.get("model_fingerprint") for r in rows if r.get("model_fingerprint")), None),
+        "lm_eval_version": lm_eval_version(),
+        "data_fingerprint": data_fingerprint(specs, p["limit"], p["num_fewshot"]),
+        "limit": p["limit"],
+        "num_fewshot": p["num_fewshot"],
+        "tasks": [s.describe() for s in specs],
+        "metric": p["metric"],
+        "rows": rows,
+        "router": router_info(Router.load(inputs["router"])) if inputs.get("router") else None,
+    }
+    if inputs.get("bench"):
+        results["speed"] = read_json(Path(inputs["bench"]) / BENCH_FILE, "speed benchmark")
+    if inputs.get("perplexity"):
+        ppl = [read_json(Path(path) / PERPLEXITY_FILE, "perplexity") for path in inputs["perplexity"]]
+        results["perplexity"] = {entry.pop("row"): entry for entry in ppl}
+    out.mkdir(parents=True)
+    save_results(results, out)
+
+
+def register(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Every SEAP expert, general mask and routed bundle in the local registry folder, then (when
+    enabled) one MLflow run with the results and one model version per record. Idempotent: a
+    record registered before is kept as it is."""
+    from seap.registry.records import expert_records, read_local_record, register_locally
+
+    p = job.params
+    report_dir = Path(inputs["report"])
+    results = read_json(report_dir / "results.json", "results file")
+    groups = {row: {name: str(path) for name, path in group.items()} for row, group in inputs["masks"].items()}
+    router_dir = str(inputs["router"]) if inputs.get("router") else None
+    records = expert_records(results, groups, router_dir, p["score"], p["schedule"])
+    written = register_locally(records, p["registry_dir"])
+    registered = [{"name": r.name, "version": w.name, "path": str(w), "tags": r.tags} for r, w in zip(records, written)]
+    ctx.say(f"registered {len(registered)} expert versions in {p['registry_dir']}")
+    tracked = None
+    if p["mlflow"]:
+        from seap.registry.mlflow_code import mlflow_registry
+
+        tracked = mlflow_registry().register_results(
+            report_dir, [read_local_record(r["path"]) for r in registered], tracking_uri=p["tracking_uri"],
+            local_dir=p["mlflow_dir"], experiment=p["experiment"], params=p.get("run_params") or {},
+            tags=p.get("run_tags") or {}, progress=False)
+        created = sum(v["created"] for v in tracked["versions"])
+        ctx.say(f"MLflow run {tracked['run_id']} ({tracked['tracking_uri']}): {len(tracked['versions'])} versions, "
+                f"{created} new")
+    out.mkdir(parents=True)
+    atomic_write_json(out / REGISTERED_FILE, {"registered": registered, "mlflow": tracked})
+
+
+STAGE_FUNCTIONS: dict[str, StageFunction] = {
+    "model": model,
+    "corpus": corpus,
+    "statistics": statistics,
+    "scores": scores,
+    "masks": masks,
+    "evaluate-dense": evaluate,
+    "evaluate": evaluate,
+    "router": router,
+    "evaluate-routed": evaluate_routed,
+    "perplexity": perplexity,
+    "bench": bench,
+    "report": report,
+    "register": register,
+}
+
+
+def run_job(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Run ``job`` into ``out`` (a folder that does not exist yet)."""
+    try:
+        function = STAGE_FUNCTIONS[job.stage]
+    except KeyError:
+        raise SeapError(f"no function for stage {job.stage!r}", "add it to seap.run.stages.STAGE_FUNCTIONS") from None
+    function(job, inputs, out, ctx)
+
+
+__all__ = ["STAGE_FUNCTIONS", "StageContext", "run_job", "shape_signature"]
