@@ -28,7 +28,7 @@ import torch
 from seap.model.calibration import _batches, collect_statistics, pad_batch, tokenize_corpus
 from seap.data.corpus import CalibrationCorpus
 from seap.model.loading import load_model
-from seap.run.stages import build_corpora
+from seap.run.commands import build_corpora
 
 
 class PeakRSS:

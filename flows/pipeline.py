@@ -71,11 +71,12 @@ def sharded_statistics(jobs: list[dict[str, Any]], inputs: list[dict[str, Any]],
     return [f.result() for f in futures]
 
 
-def run_plan(plan: Plan, flow_run_id: str | None = None) -> dict[str, Ref]:
-    """Run every job of ``plan`` as a Prefect task; returns job key -> output reference."""
+def run_plan(plan: Plan, flow_run_id: str | None = None, given: dict[str, Ref] | None = None) -> dict[str, Ref]:
+    """Run every job of ``plan`` as a Prefect task; returns job key -> output reference.
+    ``given``: references of outputs supplied from outside (existing masks)."""
     c = plan.config
     workdir = str(Path(c.workdir).resolve())
-    outputs: dict[str, Ref] = {}
+    outputs: dict[str, Ref] = dict(given or {})
     shards = [j for j in plan.jobs if j.stage == "statistics" and j.name.startswith("shard-")]
     total = len(plan.jobs)
     for index, job in enumerate(plan.jobs, 1):

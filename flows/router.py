@@ -1,5 +1,5 @@
-"""``router_flow``: router training only (cached like every stage), printing the held-out
-accuracy per task.
+"""``router_flow``: router training only, the router job of the plan (cached like every job),
+printing the held-out accuracy per task.
 
     python -m flows.router --model smollm2-135m --tasks capitals antonyms arithmetic
 """
@@ -11,48 +11,47 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import DEFAULT_TASKS, PipelineParams
-from tasks.stages import default_workdir, ref, resolve_model, train_router
+from flows.pipeline import _D, run_plan
+from seap.run.config import RunConfig
+from seap.run.plan import make_plan
 
 
 @flow(name="seap-router", log_prints=True)
 def router_flow(
-    model: str = "smollm2-135m",
-    tasks: list[str] | None = None,
-    data_dir: str | None = None,
-    prompts_per_task: int = 500,
-    feature_layer: int = 0,
-    threshold: float = 0.5,
-    seed: int = 42,
-    workdir: str | None = None,
+    model: str = _D.model,
+    tasks: list[str] = _D.tasks,
+    data_dir: str | None = _D.data_dir,
+    router_prompts: int = _D.router_prompts,
+    router_layer: int = _D.router_layer,
+    router_threshold: float = _D.router_threshold,
+    seed: int = _D.seed,
+    workdir: str = _D.workdir,
 ) -> dict[str, Any]:
     from seap.evaluation.router import Router
 
-    p = PipelineParams(model=model, tasks=list(tasks or DEFAULT_TASKS), data_dir=data_dir, router=True,
-                       router_prompts=prompts_per_task, router_layer=feature_layer, router_threshold=threshold,
-                       seed=seed, workdir=workdir, baselines=[])
-    p.validate()
-    data = ref(p.data_dir) if p.data_dir else None
-    router_ref = train_router(resolve_model(p.model), p.tasks, data, p.router_prompts, p.router_layer, p.seed,
-                              p.router_threshold, p.work)
-    router = Router.load(router_ref["path"])
-    print(f"router: {router_ref['path']}")
+    config = RunConfig.from_mapping(
+        {"model": model, "tasks": tasks, "data_dir": data_dir, "router_prompts": router_prompts,
+         "router_layer": router_layer, "router_threshold": router_threshold, "seed": seed, "workdir": workdir,
+         "methods": ["seap-routed"]}, front="flow").validate()
+    outputs = run_plan(make_plan(config).upstream_of(["router"]))
+    router = Router.load(outputs["router"]["path"])
+    print(f"router: {outputs['router']['path']}")
     print(f"held-out accuracy {router.meta['heldout_accuracy']:.3f} on {router.meta['n_heldout']} prompts")
     for task, acc in router.meta["heldout_accuracy_per_task"].items():
         print(f"  {task}: {acc:.3f}")
-    return {"router": router_ref, "heldout_accuracy": router.meta["heldout_accuracy"],
+    return {"router": outputs["router"], "heldout_accuracy": router.meta["heldout_accuracy"],
             "per_task": router.meta["heldout_accuracy_per_task"]}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the task router (cached).")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", nargs="+", default=None)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--prompts-per-task", type=int, default=500)
-    parser.add_argument("--feature-layer", type=int, default=0)
-    parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--workdir", default=default_workdir())
+    parser.add_argument("--model", default=_D.model)
+    parser.add_argument("--tasks", nargs="+", default=_D.tasks)
+    parser.add_argument("--data-dir", default=_D.data_dir)
+    parser.add_argument("--router-prompts", type=int, default=_D.router_prompts)
+    parser.add_argument("--router-layer", type=int, default=_D.router_layer)
+    parser.add_argument("--router-threshold", type=float, default=_D.router_threshold)
+    parser.add_argument("--workdir", default=_D.workdir)
     router_flow(**vars(parser.parse_args(argv)))
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from seap.model.adapters import adapter_for_model_type
+from seap.model.adapters.base import PROJECTIONS
 from seap.errors import ArtifactError, SeapError
 from seap.io import atomic_directory, atomic_write_json, read_json
 from seap.maths.masks import PruningMask
@@ -113,20 +114,13 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
         mods = adapter.layer_modules(layer)
         heads, kv, inter = sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["intermediate_size"]
         prefix = _module_prefix(model, layer)
-        bias = {name: f"{prefix}.{name}.bias" in state for name in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-        attn, mlp = mods.attention, mods.mlp
-        attn.q_proj = _resize_linear(mods.q_proj, hidden, heads * head_dim, bias["self_attn.q_proj"])
-        attn.k_proj = _resize_linear(mods.k_proj, hidden, kv * head_dim, bias["self_attn.k_proj"])
-        attn.v_proj = _resize_linear(mods.v_proj, hidden, kv * head_dim, bias["self_attn.v_proj"])
-        attn.o_proj = _resize_linear(mods.o_proj, heads * head_dim, hidden, bias["self_attn.o_proj"])
-        mlp.gate_proj = _resize_linear(mods.gate_proj, hidden, inter, bias["mlp.gate_proj"])
-        mlp.up_proj = _resize_linear(mods.up_proj, hidden, inter, bias["mlp.up_proj"])
-        mlp.down_proj = _resize_linear(mods.down_proj, inter, hidden, bias["mlp.down_proj"])
-        mods = adapter.layer_modules(layer)
-        adapter.set_attention_width(mods, heads, kv)
-        adapter.set_mlp_width(mods, inter)
+        bias = {name: f"{prefix}.{adapter.projection_path(name)}.bias" in state for name in PROJECTIONS}
+        shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
+                  "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
+                  "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+        adapter.set_projections(layer, {name: _resize_linear(getattr(mods, name), *shapes[name], bias[name])
+                                        for name in PROJECTIONS})
+        adapter.set_widths(layer, heads, kv, inter)
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()

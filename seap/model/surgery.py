@@ -49,7 +49,7 @@ def _compensation(linear: nn.Linear, removed: torch.Tensor, mean: torch.Tensor) 
 
 def _prune_layer(mods: LayerModules, mask: LayerMask, head_dim: int, hard: bool, bias_compensation: bool,
                  adapter: ArchitectureAdapter) -> dict[str, nn.Linear]:
-    """Returns replacement modules by attribute path (``self_attn.o_proj`` ...)."""
+    """Replacement projections by logical name (``q_proj`` ... ``down_proj``); the adapter puts them in place."""
     device = mods.q_proj.weight.device
     q_rows = _head_rows(mask.heads, head_dim).to(device)
     kv_rows = _head_rows(mask.kv_heads, head_dim).to(device)
@@ -102,10 +102,14 @@ def apply_mask(
     loaded: LoadedModel,
     mask: PruningMask,
     mode: str = "hard",
-    bias_compensation: bool = False,
+    bias_compensation: bool | None = None,
     inplace: bool = False,
 ) -> LoadedModel:
     """Return the model pruned by ``mask``.
+
+    Bias compensation (FLAP) is a property of the mask: a mask built with calibration means
+    (its method compensates) is applied with it. ``bias_compensation=False`` turns it off,
+    ``True`` requires it (a mask without means is an error).
 
     Unless ``inplace``, the base model is left untouched: the result is a structural copy
     that shares the base's unpruned tensors (embeddings, norms, LM head) and owns new
@@ -120,6 +124,8 @@ def apply_mask(
     mask.check_model(loaded.fingerprint)
     if getattr(loaded.model.config, "seap_pruning", None):
         raise SeapError("this model is already pruned", "apply masks to the dense base model")
+    if bias_compensation is None:
+        bias_compensation = mask.has_bias_compensation
     model = loaded.model if inplace else share_copy(loaded.model)
     adapter = loaded.adapter
     head_dim = adapter.head_dim(model.config)
@@ -127,13 +133,10 @@ def apply_mask(
     with torch.no_grad():
         for layer, layer_mask in zip(adapter.decoder_layers(model), mask.layers, strict=True):
             mods = adapter.layer_modules(layer)
-            for name, new in _prune_layer(mods, layer_mask, head_dim, hard, bias_compensation, adapter).items():
-                parent = mods.attention if name in ("q_proj", "k_proj", "v_proj", "o_proj") else mods.mlp
-                setattr(parent, name, new)
+            adapter.set_projections(layer, _prune_layer(mods, layer_mask, head_dim, hard, bias_compensation, adapter))
             if hard:
-                mods = adapter.layer_modules(layer)
-                adapter.set_attention_width(mods, int(layer_mask.heads.sum()), int(layer_mask.kv_heads.sum()))
-                adapter.set_mlp_width(mods, int(layer_mask.channels.sum()))
+                adapter.set_widths(layer, int(layer_mask.heads.sum()), int(layer_mask.kv_heads.sum()),
+                                   int(layer_mask.channels.sum()))
     model.config.seap_pruning = {
         "mode": mode,
         "base_fingerprint": mask.base_fingerprint,

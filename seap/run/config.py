@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from seap.errors import SeapError
-from seap.run.methods import DEFAULT_METHODS, METHODS, ROUTED_EXPERTS
+from seap.maths.geometry import DEFAULT_GQA_MODE, GQA_MODES
+from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
+from seap.run.methods import DEFAULT_METHODS, METHODS, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE
 
 Front = Literal["cli", "params", "flow", "python"]
 DEFAULT_MODEL = "smollm2-135m"
@@ -32,8 +34,6 @@ DEFAULT_TASKS = ("capitals", "antonyms", "arithmetic", "sentiment", "categories"
 DEFAULT_SPARSITIES = (0.2, 0.5)
 REPORT_METRICS = ("acc", "acc_norm", "paper")  # "paper": acc_norm where the paper reports it
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-SCHEDULES = ("logistic", "uniform", "flap-adaptive")  # checked again by seap.maths.schedules
-GQA_MODES = ("kv-groups", "query-heads")
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,9 @@ class RunConfig:
                             "task names, optionally with a source prefix (hub:, local:, jsonl:, starter:); "
                             "default: the built-in starter suite")
     data_dir: str | None = _opt(None, "data", "dir", "folder of local tasks (DIR/<task>/train.jsonl ...)")
-    samples: int | None = _opt(200, "data", "samples", "calibration records per task (null: all)", minimum=1)
-    seed: int = _opt(42, "data", "seed", "seed of the calibration sample and the router", minimum=0)
-    max_tokens: int = _opt(512, "data", "max_tokens", "token cap per calibration text", minimum=1)
+    samples: int | None = _opt(DEFAULT_SAMPLES_PER_TASK, "data", "samples", "calibration records per task (null: all)", minimum=1)
+    seed: int = _opt(DEFAULT_SEED, "data", "seed", "seed of the calibration sample and the router", minimum=0)
+    max_tokens: int = _opt(DEFAULT_MAX_TOKENS, "data", "max_tokens", "token cap per calibration text", minimum=1)
     # -- statistics -----------------------------------------------------------------------
     stats_batch_size: int = _opt(8, "statistics", "batch_size", "texts per forward pass", minimum=1)
     stats_shards: int = _opt(1, "statistics", "shards", "split each corpus into this many shards, merged exactly",
@@ -87,9 +87,8 @@ class RunConfig:
                               f"rows to build and evaluate: any of {', '.join(METHODS)}", choices=tuple(METHODS))
     sparsities: list[float] = _opt(DEFAULT_SPARSITIES, "masks", "sparsities",
                                    "target fractions of prunable weights removed", minimum=0, maximum=0.99)
-    score: str = _opt("seap-sf", "masks", "score", "SEAP's score (the baselines keep their own)")
-    schedule: str = _opt("logistic", "masks", "schedule", "SEAP's schedule: logistic, uniform or flap-adaptive",
-                         choices=SCHEDULES)
+    score: str = _opt(SEAP_SCORE, "masks", "score", "SEAP's score (the baselines keep their own)")
+    schedule: str = _opt(SEAP_SCHEDULE, "masks", "schedule", "SEAP's schedule: logistic, uniform or flap-adaptive")
     schedule_k: float | None = _opt(None, "masks", "schedule_k", "logistic steepness (null: 1.0)", minimum=0)
     schedule_x0: float | None = _opt(None, "masks", "schedule_x0", "logistic inflection point (null: 0.3)",
                                      minimum=0, maximum=1)
@@ -97,7 +96,7 @@ class RunConfig:
                                      minimum=0)
     protect_last: int | None = _opt(None, "masks", "protect_last", "logistic: last layers kept dense (null: 2)",
                                     minimum=0)
-    gqa_mode: str = _opt("kv-groups", "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
+    gqa_mode: str = _opt(DEFAULT_GQA_MODE, "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
                          choices=GQA_MODES)
     # -- evaluation -----------------------------------------------------------------------
     limit: int | None = _opt(None, "evaluate", "limit", "evaluation items per task (null: all)", minimum=1)

@@ -158,6 +158,7 @@ class Plan:
 
     config: RunConfig
     jobs: list[Job]
+    given: frozenset[str] = frozenset()  # keys of outputs supplied from outside (existing masks)
 
     def __iter__(self) -> Iterable[Job]:  # type: ignore[override]
         return iter(self.jobs)
@@ -184,6 +185,14 @@ class Plan:
     def rows(self) -> list[str]:
         """The table rows it evaluates, in report order."""
         return [j.row for j in self.jobs if j.row]
+
+    def upstream_of(self, keys: Iterable[str]) -> Plan:
+        """The sub-plan that produces ``keys``: those jobs and everything they read, in order."""
+        wanted = set(keys)
+        for job in reversed(self.jobs):
+            if job.key in wanted:
+                wanted.update(job.input_keys())
+        return Plan(self.config, [j for j in self.jobs if j.key in wanted], self.given)
 
     def mask_groups(self) -> dict[str, dict[str, str]]:
         """Row key -> {mask name: job key} of every mask group (what registration and bench read)."""
@@ -339,9 +348,40 @@ def _mask_inputs(m: Method, c: RunConfig, tasks: list[str],
                        **({"bias_statistics": "statistics/pooled"} if m.bias_compensation else {})})]
 
 
+def make_evaluation_plan(config: RunConfig, masks: Mapping[str, Mapping[str, Any]]) -> Plan:
+    """Evaluate existing masks: the dense row, one row per mask, and the report.
+
+    ``masks`` maps a row key to ``{"method", "sparsity", "mask": name, "tasks": [...]}``; each
+    mask's output is supplied from outside under the key ``masks/<row>/<name>`` (an expert is
+    evaluated on its own task only)."""
+    c = config
+    c.validate(check_data=False)
+    evaluation = {"data_dir": c.data_dir, "limit": c.limit, "num_fewshot": c.num_fewshot, "metric": c.metric,
+                  "batch_size": c.eval_batch_size}
+    jobs = [Job("model", params={"model": c.model, "device": c.device, "dtype": c.dtype}),
+            Job("evaluate-dense", DENSE, {"model": "model"},
+                {**evaluation, "tasks": list(c.tasks), "method": DENSE, "sparsity": 0.0}, row=DENSE)]
+    rows = {DENSE: f"evaluate-dense/{DENSE}"}
+    given = set()
+    for row, spec in masks.items():
+        key = f"masks/{row}/{spec['mask']}"
+        given.add(key)
+        job = Job("evaluate", row, {"model": "model", "masks": {spec["mask"]: key}},
+                  {**evaluation, "tasks": list(spec["tasks"]), "method": spec["method"], "sparsity": spec["sparsity"],
+                   "per_task": spec["mask"] != GENERAL}, row=row)
+        jobs.append(job)
+        rows[row] = job.key
+    jobs.append(Job("report", "", {"rows": rows, "router": None, "bench": None, "perplexity": []},
+                    {"metric": c.metric, "tasks": list(c.tasks), "data_dir": c.data_dir, "limit": c.limit,
+                     "num_fewshot": c.num_fewshot, "config": recorded_config(c)}))
+    plan = Plan(c, jobs, frozenset(given))
+    check_plan(plan)
+    return plan
+
+
 def check_plan(plan: Plan) -> None:
     """Keys unique, inputs planned before their readers, and every input from an upstream stage."""
-    seen: dict[str, Job] = {}
+    seen: dict[str, Job] = {k: Job(k.split("/")[0], k.partition("/")[2]) for k in plan.given}
     for job in plan.jobs:
         if job.stage not in STAGES:
             raise SeapError(f"plan: unknown stage {job.stage!r}", "add it to seap.run.plan.STAGES")
@@ -357,4 +397,5 @@ def check_plan(plan: Plan) -> None:
         seen[job.key] = job
 
 
-__all__ = ["GENERAL", "Job", "METHODS", "POOLED", "Plan", "STAGES", "Stage", "check_plan", "make_plan"]
+__all__ = ["GENERAL", "Job", "METHODS", "POOLED", "Plan", "STAGES", "Stage", "check_plan", "make_evaluation_plan",
+           "make_plan"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,8 +26,15 @@ class LayerModules:
     down_proj: nn.Linear
 
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = (*ATTENTION_PROJECTIONS, *MLP_PROJECTIONS)  # the logical names the engine uses
+
+
 class ArchitectureAdapter:
-    """Knows one model family's module names, head layout and GQA grouping.
+    """Knows one model family's module names, head layout and GQA grouping, and owns every read
+    and write of its module tree: the engine names projections by their logical names
+    (:data:`PROJECTIONS`) and never touches a module attribute itself.
 
     Subclasses set ``model_types`` (the Hugging Face ``config.model_type`` values they
     serve) and override what differs from the Llama layout.
@@ -77,6 +85,25 @@ class ArchitectureAdapter:
             num_kv = mods.k_proj.out_features // head_dim
             layers.append(LayerGeometry(num_heads, num_kv, head_dim, mods.gate_proj.out_features))
         return ModelGeometry(int(config.hidden_size), tuple(layers))
+
+    # -- writes --------------------------------------------------------------------
+    def projection_path(self, name: str) -> str:
+        """The module path of projection ``name`` inside a decoder layer (``self_attn.q_proj``)."""
+        return ("self_attn." if name in ATTENTION_PROJECTIONS else "mlp.") + name
+
+    def set_projections(self, layer: nn.Module, modules: Mapping[str, nn.Linear]) -> None:
+        """Put new projection modules (by logical name) into a decoder layer."""
+        mods = self.layer_modules(layer)
+        for name, module in modules.items():
+            if name not in PROJECTIONS:
+                raise KeyError(f"unknown projection {name!r}")
+            setattr(mods.attention if name in ATTENTION_PROJECTIONS else mods.mlp, name, module)
+
+    def set_widths(self, layer: nn.Module, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
+        """Update a decoder layer's bookkeeping after its projections were resized."""
+        mods = self.layer_modules(layer)
+        self.set_attention_width(mods, num_heads, num_kv_heads)
+        self.set_mlp_width(mods, intermediate_size)
 
     def set_attention_width(self, mods: LayerModules, num_heads: int, num_kv_heads: int) -> None:
         """Update the attention module's bookkeeping after its projections were resized."""

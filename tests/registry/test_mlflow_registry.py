@@ -18,7 +18,7 @@ import yaml
 from tests.helpers_flows import tiny_project
 from tests.helpers_mlflow import S3_KEYS, free_port, mlflow_server, model_server, moto_s3, s3_objects
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["seap-base-general", "seap-base-geo", "seap-base-life", "seap-base-routed"]
 
 

@@ -23,7 +23,7 @@ def saved(tmp_path):
     from seap.model.loading import load_model
 
     base = load_model(str(tmp_path / "base"), device="cpu")
-    from tests.test_masks import scores_for
+    from tests.maths.test_masks import scores_for
 
     mask = build_mask(scores_for(base, task="geo")[1], 0.5, "uniform")
     mask.save(tmp_path / "mask")

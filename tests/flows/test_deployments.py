@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers_flows import tiny_project
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -11,11 +11,11 @@ import torch
 
 from seap.maths.masks import PruningMask
 from seap.model.loading import load_model
-from seap.run.stages import prune
+from seap.run.commands import prune
 from seap.model.surgery import apply_mask
 from seap.model.checkpoint import load_pruned
 
-SHARED = Path(os.environ.get("SEAP_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(os.environ.get("SEAP_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
 STORIES = SHARED / "models" / "stories260K-hf"
 
 

@@ -9,7 +9,7 @@ from seap.maths.scores import combine_scores, compute_scores
 from seap.data.catalogue import TaskCatalogue
 from tests.helpers import make_tiny_model
 from tests.helpers_tasks import make_task_dir
-from tests.test_router import toy_prompts
+from tests.evaluation.test_router import toy_prompts
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from seap.model.surgery import apply_mask
 from seap.data.catalogue import TaskCatalogue
 from tests.helpers import SENTENCES, make_tiny_model
 from tests.helpers_tasks import make_task_dir
-from tests.test_prune import mask_for
+from tests.model.test_surgery import mask_for
 
 
 @pytest.fixture(scope="module")

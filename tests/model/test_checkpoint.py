@@ -8,7 +8,7 @@ from seap.maths.masks import PruningMask
 from seap.model.loading import load_model
 from seap.model.surgery import apply_mask
 from seap.model.checkpoint import load_pruned, save_pruned
-from tests.test_prune import logits, mask_for
+from tests.model.test_surgery import logits, mask_for
 
 
 @pytest.mark.parametrize("bias_compensation", [False, True])

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers_flows import stage_of, task_states, tiny_project
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pipeline_kwargs(tmp_path: Path, **overrides) -> dict:

@@ -4,7 +4,7 @@ from seap.evaluation.speed import benchmark
 from seap.cli import main
 from seap.model.surgery import apply_mask
 from tests.helpers import make_tiny_model
-from tests.test_prune import mask_for
+from tests.model.test_surgery import mask_for
 
 
 def test_benchmark_reports_both_models_and_ratios() -> None:
