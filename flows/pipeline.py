@@ -183,11 +183,11 @@ def seap_pipeline(
 ) -> dict[str, Any]:
     """Dense, SEAP experts, general mask and routed inference, and the baselines, at each
     sparsity: the plan of the run configuration, every job a cached task."""
+    config = RunConfig.from_mapping(dict(locals()), front="flow").validate()  # every parameter, before any work
     from prefect.runtime import flow_run
 
     from seap.evaluation.report import markdown_report
 
-    config = RunConfig.from_mapping(dict(locals()), front="flow").validate()  # every parameter, before any work
     started = time.perf_counter()
     plan = make_plan(config)
     outputs = run_plan(plan, flow_run.get_id())

@@ -351,10 +351,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     _model(p)
     p.add_argument("--pruned", nargs="*", default=[], help="pruned model folders")
     p.add_argument("--mask", nargs="*", default=[], help="masks applied (hard, as each mask says) to --model")
-    p.add_argument("--prefill-batch", type=int, default=8)
-    p.add_argument("--prefill-tokens", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prefill-batch", type=int, default=None, help="prompts per prefill batch (default 8)")
+    p.add_argument("--prefill-tokens", type=int, default=None, help="tokens per prompt (default 128)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="greedy tokens generated (default 32)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5)")
     p.add_argument("--out", required=True, help="JSON file to write")
 
 
@@ -373,7 +373,9 @@ def _bench(args: argparse.Namespace) -> int:
         models[f"mask:{path}"] = apply_mask(dense, PruningMask.load(path), "hard")
     if len(models) < 2:
         raise SeapError("nothing to compare with the dense model", "pass --pruned DIR or --mask DIR")
-    result = benchmark(models, args.prefill_batch, args.prefill_tokens, args.decode_tokens, repeats=args.repeats)
+    sizes = {"prefill_batch_size": args.prefill_batch, "prefill_tokens": args.prefill_tokens,
+             "decode_tokens": args.decode_tokens, "repeats": args.repeats}
+    result = benchmark(models, **{k: v for k, v in sizes.items() if v is not None})
     atomic_write_json(args.out, result)
     for name, m in result["models"].items():
         print(f"{name}: realised {m['realised_sparsity']:.3f}  prefill {m['prefill_tokens_per_s']:.0f} tok/s "

@@ -1,1 +1,1 @@
-"""Prefect tasks: one per pipeline stage, each a thin wrapper over a ``seap.run.stages`` function."""
+"""Prefect tasks: the one task that runs a job of the plan (``tasks.stages``), named after its stage."""

@@ -69,21 +69,22 @@ def copy_pipeline(repo: Path) -> None:
 
 
 def tiny_params(model: Path, tasks: list[str], sparsities: list[float], **sections: dict[str, Any]) -> dict[str, Any]:
-    """A params.yaml for a tiny model: small corpora, 4 evaluation items, one bench repeat, and
-    the uniform schedule (tiny models have too few layers for the logistic one)."""
-    params: dict[str, Any] = {
+    """A complete params.yaml (DVC wants every key a stage tracks) for a tiny model: small corpora,
+    4 evaluation items, one bench repeat, and the uniform schedule (tiny models have too few
+    layers for the logistic one)."""
+    from seap.run.config import default_params
+
+    params = default_params()
+    overrides: dict[str, dict[str, Any]] = {
         "model": {"name": str(model), "device": "cpu", "dtype": "float32"},
-        "data": {"dir": "data", "tasks": tasks, "samples": 20, "seed": 42, "max_tokens": 512},
-        "statistics": {"batch_size": 8},
-        "scores": {"score": "seap-sf"},
-        "masks": {"sparsities": sparsities, "schedule": "uniform", "gqa_mode": "kv-groups",
-                  "baselines": ["wanda-sp", "flap"]},
-        "evaluate": {"limit": 4, "metric": "acc", "batch_size": 16},
-        "router": {"enabled": True, "prompts_per_task": 500, "feature_layer": 0, "threshold": 0.5},
-        "bench": {"enabled": True, "repeats": 1},
-        "register": {"dir": "registry", "mlflow": True, "tracking_uri": None, "mlflow_dir": "runs/mlflow",
-                     "experiment": "seap"},
+        "data": {"dir": "data", "tasks": tasks, "samples": 20},
+        "masks": {"sparsities": sparsities, "schedule": "uniform"},
+        "evaluate": {"limit": 4},
+        "bench": {"repeats": 1},
+        "register": {"dir": "registry", "mlflow_dir": "runs/mlflow"},
     }
+    for name, values in {**overrides}.items():
+        params[name].update(values)
     for name, values in sections.items():
         params[name] = {**params[name], **values}
     return params

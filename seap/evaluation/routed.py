@@ -108,7 +108,7 @@ class RoutedModel:
         return out
 
 
-def make_routed_lm(routed: RoutedModel, task_of: Mapping[str, str], batch_size: int = 16,
+def make_routed_lm(routed: RoutedModel, task_of: Mapping[str, str], batch_size: int = 64,
                    known: Mapping[tuple[str, int], Sequence[Sequence[Any]]] | None = None) -> Any:
     """An lm-eval ``LM`` that routes each document; ``task_of`` maps lm-eval task names to task names.
 

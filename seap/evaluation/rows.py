@@ -15,6 +15,7 @@ from typing import Any
 
 from seap.data.catalogue import TaskCatalogue, TaskSpec
 from seap.errors import SeapError
+from seap.evaluation.harness import DEFAULT_EVAL_BATCH_SIZE
 from seap.evaluation.metrics import average
 from seap.maths.masks import PruningMask
 from seap.model.loaded import LoadedModel
@@ -23,7 +24,7 @@ from seap.model.surgery import apply_mask
 
 def evaluate_masks(base: LoadedModel, catalogue: TaskCatalogue, specs: Sequence[TaskSpec], method: str,
                    sparsity: float, masks: Mapping[str, PruningMask] | None, limit: int | None = None,
-                   num_fewshot: int = 0, batch_size: int = 16, metric: str = "acc",
+                   num_fewshot: int = 0, batch_size: int = DEFAULT_EVAL_BATCH_SIZE, metric: str = "acc",
                    ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """One row and its per-item results: the dense model (no masks), one general mask on all
     tasks (``{"general": mask}``), or one expert per task (``{task: mask}``)."""
@@ -67,7 +68,7 @@ def router_info(router: Any) -> dict[str, Any]:
 
 def evaluate_routed(base: LoadedModel, catalogue: TaskCatalogue, specs: Sequence[TaskSpec], sparsity: float,
                     experts: Mapping[str, PruningMask], general: PruningMask | None, router: Any,
-                    limit: int | None = None, num_fewshot: int = 0, batch_size: int = 16, metric: str = "acc",
+                    limit: int | None = None, num_fewshot: int = 0, batch_size: int = DEFAULT_EVAL_BATCH_SIZE, metric: str = "acc",
                     threshold: float | None = None,
                     expert_items: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                     ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:

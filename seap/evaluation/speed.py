@@ -76,7 +76,7 @@ def benchmark(
     models: Mapping[str, LoadedModel],
     prefill_batch_size: int = 8,
     prefill_tokens: int = 128,
-    decode_tokens: int = 64,
+    decode_tokens: int = 32,
     decode_prompt_tokens: int = 32,
     repeats: int = 5,
     warmup: int = 1,

@@ -75,7 +75,7 @@ def _resolve(job: Job, root: Path, building: Path, stage: str) -> dict[str, Any]
 
 def run_stage(name: str, params_file: str | Path = PARAMS_FILE, root: str | Path = ".", progress: bool = False) -> None:
     """Run the jobs of stage ``name`` of the plan of ``params_file`` (validated first)."""
-    from seap.run.stages import StageContext, run_job
+    from seap.run.stages import StageContext, run_job, verify_model_record
 
     if name not in STAGES:
         raise SeapError(f"unknown stage {name!r}", f"stages: {', '.join(STAGES)}")
@@ -89,6 +89,8 @@ def run_stage(name: str, params_file: str | Path = PARAMS_FILE, root: str | Path
         except SeapError as exc:
             raise SeapError(f"{params_file}: {exc.problem}", exc.fix) from None
     ctx = StageContext(root / WORK / "task-files", progress=progress, say=_say)
+    if jobs and "model" in STAGES[name].upstream:
+        verify_model_record(job_path("model", root))
     if name == "register":
         jobs = [_with_run_params(j, config) for j in jobs]
     if name == "report":

@@ -33,7 +33,7 @@ class RunView:
 
     def __init__(self, plan: Plan, stream: TextIO | None = None, live: bool | None = None) -> None:
         self.plan = plan
-        self.stream = stream or sys.__stdout__ or sys.stdout
+        self.stream = stream or sys.stdout
         self.live = self.stream.isatty() and not os.environ.get("CI") if live is None else live
         self.stages = plan.stages
         self.rows = set(plan.rows)
@@ -124,7 +124,7 @@ def _clock(seconds: float) -> str:
 def quiet_libraries(log_file: str | Path) -> Iterator[Path]:
     """Send library output to ``log_file`` for the duration: Python warnings, every logging
     handler that writes to the console, and anything printed to ``sys.stdout`` / ``sys.stderr``
-    (per-request progress bars). The run's own view writes to ``sys.__stdout__``."""
+    (per-request progress bars). The run's own view keeps the stream it was given before."""
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     log = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed below
@@ -137,7 +137,10 @@ def quiet_libraries(log_file: str | Path) -> Iterator[Path]:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 stream = getattr(handler, "stream", None)
                 if stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-                    swapped.append((handler, handler.setStream(log)))
+                    try:
+                        swapped.append((handler, handler.setStream(log)))
+                    except AttributeError:  # a handler whose stream is fixed (logging's last resort)
+                        continue
     file_handler = logging.StreamHandler(log)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_handler)
@@ -193,7 +196,7 @@ def run_with_view(config: Any, run: Any, summary: Any, name: str, verbose: bool 
     from seap.errors import SeapError
     from seap.run.plan import make_plan
 
-    out = sys.__stdout__ or sys.stdout
+    out = sys.stdout  # captured before the library output is redirected
     plan = make_plan(config)
     view = RunView(plan, out)
     if views is not None:

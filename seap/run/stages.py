@@ -77,6 +77,19 @@ def model(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
                                            "device": p["device"], "dtype": p["dtype"], "digest": digest})
 
 
+def verify_model_record(model_dir: Path) -> None:
+    """Refuse a model record whose model changed since it was written (a local folder or file
+    edited in place): its content digest no longer matches."""
+    from seap.contenthash import tree_digest
+
+    record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
+    if record["kind"] == "hub":
+        return
+    if not Path(record["location"]).exists() or tree_digest(record["location"]) != record["digest"]:
+        raise SeapError(f"model {record['name']!r} is not the one the `model` stage recorded (its files changed)",
+                        "re-run the model stage and everything after it: `dvc repro -f -s model && dvc repro`")
+
+
 def corpus(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """Calibration corpora of the tasks' train splits, in one corpus file."""
     from seap.data.corpus import build_corpus, write_corpus
@@ -344,4 +357,4 @@ def run_job(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     function(job, inputs, out, ctx)
 
 
-__all__ = ["STAGE_FUNCTIONS", "StageContext", "run_job", "shape_signature"]
+__all__ = ["STAGE_FUNCTIONS", "StageContext", "run_job", "shape_signature", "verify_model_record"]

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def pipeline_kwargs(tmp_path: Path, **overrides) -> dict:
     base, data = tiny_project(tmp_path) if not (tmp_path / "base").exists() else (tmp_path / "base", tmp_path / "data")
-    kwargs = dict(model=str(base), tasks=["geo", "life"], sparsities=[0.2], baselines=["wanda-sp", "flap"],
-                  eval_limit=4, data_dir=str(data), samples=20, schedule="uniform", bench_repeats=1,
+    kwargs = dict(model=str(base), tasks=["geo", "life"], sparsities=[0.2],
+                  methods=["seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap"],
+                  limit=4, data_dir=str(data), samples=20, schedule="uniform", bench_repeats=1,
                   workdir=str(tmp_path / "work"), out=str(tmp_path / "out"), registry_dir=str(tmp_path / "registry"))
     kwargs.update(overrides)
     return kwargs
@@ -74,11 +75,11 @@ def test_second_run_is_served_from_cache(first_run) -> None:
     before = {p.name for p in (tmp / "registry").glob("*/*")}
     states = task_states(seap_pipeline(return_state=True, **kwargs))
     cached = {n: s for n, s in states.items() if stage_of(n) not in ("model", "register", "mlflow-register")}
-    assert {stage_of(n) for n in cached} >= {"task-corpus", "statistics", "scores", "masks", "evaluate", "router",
-                                             "evaluate-routed", "bench"}
+    assert {stage_of(n) for n in cached} >= {"corpus", "statistics", "scores", "masks", "evaluate-dense", "evaluate",
+                                             "router", "evaluate-routed", "bench", "report"}
     assert all(s == "Cached" for s in cached.values()), cached
     assert {p.name for p in (tmp / "registry").glob("*/*")} == before  # registering again adds nothing
-    assert states and all(s == "Completed" for n, s in states.items() if stage_of(n) == "mlflow-register")
+    assert states and all(s == "Completed" for n, s in states.items() if stage_of(n) == "register")
 
 
 def test_embedded_mlflow_store_holds_the_run_and_one_version_per_expert(first_run) -> None:
@@ -110,12 +111,10 @@ def test_changed_sparsity_reruns_only_masks_and_downstream(first_run) -> None:
                                                              "registry_dir": str(tmp / "registry-0.3")}))
     for name, state in states.items():
         stage = stage_of(name)
-        if stage in ("task-corpus", "statistics", "merge-statistics", "scores", "router"):
-            assert state == "Cached", (name, state)
-        if stage in ("masks", "evaluate-routed", "bench"):
+        if stage in ("corpus", "statistics", "scores", "router", "evaluate-dense"):
+            assert state == "Cached", (name, state)  # dense is reused
+        if stage in ("masks", "evaluate", "evaluate-routed", "bench"):
             assert state == "Completed", (name, state)
-    evaluate = [s for n, s in states.items() if stage_of(n) == "evaluate"]
-    assert sorted(evaluate) == ["Cached"] + ["Completed"] * (len(evaluate) - 1)  # dense is reused
 
 
 def test_invalid_parameters_fail_before_any_work(prefect_env, tmp_path) -> None:
@@ -124,8 +123,8 @@ def test_invalid_parameters_fail_before_any_work(prefect_env, tmp_path) -> None:
 
     kwargs = pipeline_kwargs(tmp_path)
     for override, name in (({"sparsities": [1.5]}, "sparsities"), ({"tasks": ["geo", "nope"]}, "tasks"),
-                           ({"schedule": "cosine"}, "schedule"), ({"baselines": ["magnitude"]}, "baselines"),
-                           ({"eval_limit": 0}, "eval_limit"), ({"dask_workers": 2}, "stats_shards")):
+                           ({"schedule": "cosine"}, "schedule"), ({"methods": ["magnitude"]}, "methods"),
+                           ({"limit": 0}, "limit"), ({"dask_workers": 2}, "stats_shards")):
         with pytest.raises(SeapError, match=f"parameter {name}"):
             seap_pipeline(**{**kwargs, **override})
     assert not (tmp_path / "work" / "statistics").exists() and not (tmp_path / "out").exists()
@@ -137,11 +136,18 @@ def test_evaluate_and_router_flows(first_run, tmp_path) -> None:
 
     tmp, kwargs, state = first_run
     masks = state.result()["masks"]
-    result = evaluate_flow(model=kwargs["model"], masks=[masks["seap-general@0.2"]["general"]], tasks=["geo", "life"],
-                           eval_limit=4, data_dir=kwargs["data_dir"], workdir=kwargs["workdir"],
+    result = evaluate_flow(model=kwargs["model"], masks=[masks["seap-general@0.2"]["general"], masks["flap@0.2"]["general"],
+                                                         masks["seap-expert@0.2"]["geo"]],
+                           tasks=["geo", "life"], limit=4, data_dir=kwargs["data_dir"], workdir=kwargs["workdir"],
                            out=str(tmp_path / "eval"))
     table = (tmp_path / "eval" / "results.md").read_text()
-    assert "| dense |" in table and "| seap-general |" in table and len(result["rows"]) == 2
+    assert "| dense |" in table and "| seap-general |" in table and "| flap |" in table and len(result["rows"]) == 4
+    # the same masks give the pipeline's rows: FLAP is evaluated with the bias compensation its mask carries
+    evaluated = {(r["method"], r["sparsity"]): r["tasks"] for r in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]}
+    pipeline = {(r["method"], r["sparsity"]): r["tasks"] for r in json.loads((tmp / "out" / "results.json").read_text())["rows"]}
+    for key in (("dense", 0.0), ("seap-general", 0.2), ("flap", 0.2)):
+        assert evaluated[key] == pipeline[key], key
+    assert evaluated[("seap-expert", 0.2)]["geo"] == pipeline[("seap-expert", 0.2)]["geo"]
     routed = router_flow(model=kwargs["model"], tasks=["geo", "life"], data_dir=kwargs["data_dir"],
                          workdir=kwargs["workdir"])
     assert set(routed["per_task"]) == {"geo", "life"} and 0 <= routed["heldout_accuracy"] <= 1
@@ -161,20 +167,22 @@ def test_sharded_statistics_on_a_local_dask_cluster_give_the_same_masks(first_ru
 
     tmp, kwargs, state = first_run
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask worker processes report to the same server
-    sharded = seap_pipeline(**{**kwargs, "stats_shards": 2, "dask_workers": 2, "router": False, "bench": False,
+    sharded = seap_pipeline(**{**kwargs, "stats_shards": 2, "dask_workers": 2,
+                               "methods": ["seap-expert", "seap-general", "wanda-sp", "flap"], "bench": False,
                                "workdir": str(tmp_path / "work"), "out": str(tmp_path / "out"),
                                "registry_dir": str(tmp_path / "registry")})
     single = state.result()["masks"]
     for group, masks in sharded["masks"].items():
         for name, path in masks.items():
             assert _mask_tensors(path) == _mask_tensors(single[group][name]), (group, name)
-    assert list((tmp_path / "work" / "statistics-shard").iterdir()).__len__() == 2
+    shards = [p for p in (tmp_path / "work" / "statistics").iterdir() if not p.name.startswith(".")]
+    assert len(shards) == 2 + 1 + 1  # two shards, their merge, the pooled statistics
 
 
 def _cli_args(kwargs: dict) -> list[str]:
     args = [sys.executable, "-m", "flows.pipeline", "--model", kwargs["model"], "--tasks", *kwargs["tasks"],
-            "--sparsities", *map(str, kwargs["sparsities"]), "--baselines", *kwargs["baselines"],
-            "--eval-limit", str(kwargs["eval_limit"]), "--data-dir", kwargs["data_dir"], "--samples",
+            "--sparsities", *map(str, kwargs["sparsities"]), "--methods", *kwargs["methods"],
+            "--limit", str(kwargs["limit"]), "--data-dir", kwargs["data_dir"], "--samples",
             str(kwargs["samples"]), "--schedule", kwargs["schedule"], "--bench-repeats", str(kwargs["bench_repeats"]),
             "--workdir", kwargs["workdir"], "--out", kwargs["out"], "--registry-dir", kwargs["registry_dir"]]
     return args
@@ -201,7 +209,7 @@ def test_killed_run_resumes_from_completed_steps(first_run, tmp_path) -> None:
                             stderr=subprocess.DEVNULL, start_new_session=True)
     statistics = tmp_path / "work" / "statistics"
     deadline = time.monotonic() + 300
-    while not (statistics.is_dir() and any(statistics.iterdir())) and proc.poll() is None:
+    while not (statistics.is_dir() and any(statistics.iterdir())) and proc.poll() is None:  # a temporary appears
         assert time.monotonic() < deadline, "the statistics stage never started"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # killed in the middle of (or right after) the statistics
@@ -213,7 +221,7 @@ def test_killed_run_resumes_from_completed_steps(first_run, tmp_path) -> None:
                 assert any(out.iterdir()), out
 
     states = task_states(seap_pipeline(return_state=True, **kwargs))
-    assert states[next(n for n in states if stage_of(n) == "task-corpus")] == "Cached"  # finished before the kill
+    assert states[next(n for n in states if stage_of(n) == "corpus")] == "Cached"  # finished before the kill
     assert _rows(tmp_path / "out") == _rows(tmp / "out")  # same results as an uninterrupted run
     assert not [p for p in (tmp_path / "work").rglob(".*.tmp-*")]  # the killed run's temporaries are gone
 

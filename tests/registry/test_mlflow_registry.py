@@ -23,7 +23,8 @@ NAMES = ["seap-base-general", "seap-base-geo", "seap-base-life", "seap-base-rout
 
 
 def flow_kwargs(tmp: Path, sparsity: float, **overrides) -> dict:
-    kwargs = dict(model=str(tmp / "base"), tasks=["geo", "life"], sparsities=[sparsity], baselines=[], eval_limit=4,
+    kwargs = dict(model=str(tmp / "base"), tasks=["geo", "life"], sparsities=[sparsity],
+                  methods=["seap-expert", "seap-general", "seap-routed"], limit=4,
                   data_dir=str(tmp / "data"), samples=20, schedule="uniform", bench_repeats=1,
                   workdir=str(tmp / "work"), out=str(tmp / f"out-{sparsity:g}"),
                   registry_dir=str(tmp / f"registry-{sparsity:g}"))
@@ -89,7 +90,7 @@ def test_pipeline_run_is_tracked_with_params_metrics_report_and_fingerprints(reg
     assert run.info.status == "FINISHED"
     assert run.data.params["sparsities"] == "0.2" and run.data.params["tasks"] == "geo,life"
     metrics = run.data.metrics
-    for key in ("dense/geo/acc", "dense/geo/acc_norm", "seap-expert_0.2/geo/acc", "seap-expert_0.2/geo/retention",
+    for key in ("dense/geo/acc", "dense/geo/acc_norm", "seap-expert_0.2/geo/acc", "seap-expert_0.2/retention_geo",
                 "seap-general_0.2/prefill_speedup", "seap-general_0.2/realised_sparsity", "seap-routed_0.2/average"):
         assert key in metrics, key
     tags = run.data.tags

@@ -1,5 +1,6 @@
-"""seap.run.dvc: params.yaml validation (before any model is loaded), the stage runner and the
-starter-suite export that the DVC pipeline uses."""
+"""The run configuration (seap.run.config) through its front doors: params.yaml (validated before
+any model is loaded, as the DVC stages read it), the CLI and flow names; the DVC stage runner and
+the starter-suite export that the DVC pipeline uses."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import yaml
 
 from seap.cli import main
 from seap.errors import SeapError
-from seap.run.dvc import DEFAULT_PARAMS, export_starter, load_params, run_stage, validate_params
+from seap.data.starter import export_starter
+from seap.run.config import RunConfig, default_params, load_params, option_name, options, param_sections
+from seap.run.dvc import run_stage
 from tests.helpers_dvc import ROOT, tiny_params, write_params
 from tests.helpers_flows import tiny_project
 
@@ -37,11 +40,14 @@ def _params_file(tmp_path: Path, **sections) -> Path:
 
 def test_repository_params_are_valid_and_complete() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(raw) == set(DEFAULT_PARAMS)
-    for section, keys in DEFAULT_PARAMS.items():
-        assert set(raw[section]) == set(keys), section
-    params = load_params(ROOT / "params.yaml")
-    assert params["masks"]["sparsities"] == [0.2, 0.5] and params["model"]["name"] == "smollm2-135m"
+    assert {s: set(k) for s, k in raw.items()} == {s: set(k) for s, k in param_sections().items()}
+    config = load_params(ROOT / "params.yaml")
+    assert config.sparsities == [0.2, 0.5] and config.model == "smollm2-135m"
+    defaults = default_params()
+    for section, keys in raw.items():  # the repository's params.yaml differs from the defaults only in locations
+        for key, value in keys.items():
+            if (section, key) not in {("data", "dir"), ("register", "dir"), ("register", "mlflow_dir")}:
+                assert value == defaults[section][key], (section, key)
 
 
 @pytest.mark.parametrize(("sections", "named"), [
@@ -49,13 +55,14 @@ def test_repository_params_are_valid_and_complete() -> None:
     ({"masks": {"sparsities": [0.0]}}, "masks.sparsities"),
     ({"masks": {"sparsities": "0.5"}}, "masks.sparsities"),
     ({"masks": {"sparsity": 0.5}}, "masks.sparsity"),
-    ({"scores": {"score": "magnitude-of-dreams"}}, "scores.score"),
+    ({"masks": {"score": "magnitude-of-dreams"}}, "masks.score"),
     ({"masks": {"schedule": "cosine"}}, "masks.schedule"),
-    ({"masks": {"baselines": ["sparsegpt"]}}, "masks.baselines"),
+    ({"masks": {"methods": ["sparsegpt"]}}, "masks.methods"),
+    ({"masks": {"methods": []}}, "masks.methods"),
     ({"evaluate": {"limit": 0}}, "evaluate.limit"),
     ({"evaluate": {"metric": "f1"}}, "evaluate.metric"),
     ({"router": {"threshold": 2}}, "router.threshold"),
-    ({"router": {"enabled": "yes"}}, "router.enabled"),
+    ({"router": {"enabled": True}}, "router.enabled"),
     ({"bench": {"repeats": True}}, "bench.repeats"),
     ({"data": {"tasks": []}}, "data.tasks"),
     ({"data": {"tasks": ["geo", "jsonl:geo"]}}, "data.tasks"),
@@ -77,16 +84,56 @@ def test_unknown_section_is_named(tmp_path, no_model_loading) -> None:
         run_stage("model", params_file, tmp_path)
 
 
-def test_router_needs_two_tasks_unless_disabled() -> None:
-    with pytest.raises(SeapError, match="router.enabled"):
-        validate_params({"data": {"tasks": ["capitals"]}})
-    assert validate_params({"data": {"tasks": ["capitals"]}, "router": {"enabled": False}})["router"]["enabled"] is False
+def test_routing_needs_two_tasks() -> None:
+    with pytest.raises(SeapError, match="parameter masks.methods: seap-routed needs at least two tasks"):
+        RunConfig.from_params({"data": {"tasks": ["capitals"]}}).validate(check_data=False)
+    config = RunConfig.from_params({"data": {"tasks": ["capitals"]}, "masks": {"methods": ["seap-expert"]}})
+    assert config.validate(check_data=False).routed is False
 
 
 def test_defaults_fill_missing_keys() -> None:
-    params = validate_params({"masks": {"sparsities": [0.3]}})
-    assert params["masks"]["sparsities"] == [0.3] and params["masks"]["schedule"] == "logistic"
-    assert params["evaluate"]["limit"] is None
+    config = RunConfig.from_params({"masks": {"sparsities": [0.3]}}).validate(check_data=False)
+    assert config.sparsities == [0.3] and config.schedule == "logistic" and config.limit is None
+
+
+def test_each_front_door_names_the_option_its_own_way() -> None:
+    """One mapping: the field name is the flow parameter, --field-name the CLI flag, section.key
+    the params.yaml key; an error names the option as the user wrote it."""
+    assert option_name("stats_batch_size", "cli") == "--stats-batch-size"
+    assert option_name("stats_batch_size", "params") == "statistics.batch_size"
+    assert option_name("stats_batch_size", "flow") == "stats_batch_size"
+    for front, spelled in (("cli", "--sparsities"), ("params", "masks.sparsities"), ("flow", "sparsities")):
+        with pytest.raises(SeapError, match=f"parameter {spelled}: must be at most"):
+            RunConfig.from_mapping({"sparsities": [1.5]}, front=front).validate(check_data=False)
+    with pytest.raises(SeapError, match=r"unknown parameter\(s\) \['sparsity'\]"):
+        RunConfig.from_mapping({"sparsity": 0.5})
+    keys = [(o.section, o.key) for o in options().values() if o.section]
+    assert len(keys) == len(set(keys))  # no two fields share a params.yaml key
+
+
+def test_flow_parameters_are_the_configuration_fields() -> None:
+    import inspect
+
+    from flows.pipeline import seap_pipeline
+
+    params = inspect.signature(seap_pipeline.fn).parameters
+    assert list(params) == list(options())
+    defaults = RunConfig()
+    for name, param in params.items():
+        assert param.default == getattr(defaults, name), name  # read from RunConfig, not repeated
+
+
+def test_cli_flags_are_the_configuration_fields() -> None:
+    import argparse
+
+    from seap.run.config import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--sparsities", "0.3", "0.4", "--no-bench", "--limit", "null", "--methods", "flap"])
+    config = RunConfig.from_cli(args)
+    assert config.sparsities == [0.3, 0.4] and config.bench is False and config.limit is None
+    assert config.methods == ["flap"] and config.tasks == RunConfig().tasks
 
 
 def test_unknown_stage_and_missing_params_file(tmp_path) -> None:
@@ -110,29 +157,29 @@ def test_stage_cli_reports_errors_with_a_fix(tmp_path, capsys, no_model_loading)
     assert "parameter masks.sparsities" in err and "fix:" in err
 
 
-def test_model_and_corpus_stages_and_the_fingerprint_check(tmp_path) -> None:
+def test_model_and_corpus_stages_and_the_model_check(tmp_path) -> None:
     model, data = tiny_project(tmp_path)
     write_params(tmp_path, tiny_params(model, ["geo", "life"], [0.2]))
     run_stage("model", tmp_path / "params.yaml", tmp_path)
-    info = json.loads((tmp_path / "work" / "model.json").read_text())
-    assert info["name"] == str(model) and info["fingerprint"].startswith("sha256:")
-    assert str(tmp_path) not in json.dumps({k: v for k, v in info.items() if k not in ("name", "source")})
+    record_file = tmp_path / "work" / "model" / "output" / "model.json"
+    info = json.loads(record_file.read_text())
+    assert info["name"] == str(model) and len(info["digest"]) == 64
     run_stage("corpus", tmp_path / "params.yaml", tmp_path)
-    header = json.loads((tmp_path / "work" / "corpus.jsonl").read_text().splitlines()[0])
+    header = json.loads((tmp_path / "work" / "corpus" / "output" / "corpus.jsonl").read_text().splitlines()[0])
     assert set(header["tasks"]) == {"geo", "life"} and header["max_tokens"] == 512
-    info["fingerprint"] = "sha256:" + "0" * 64  # as if the model folder changed after the model stage
-    (tmp_path / "work" / "model.json").write_text(json.dumps(info))
+    info["digest"] = "0" * 64  # as if the model folder changed after the model stage
+    record_file.write_text(json.dumps(info))
     with pytest.raises(SeapError, match="not the one the `model` stage recorded"):
         run_stage("statistics", tmp_path / "params.yaml", tmp_path)
     assert not (tmp_path / "work" / "statistics").exists()
 
 
-def test_disabled_router_and_bench_write_explicit_outputs(tmp_path) -> None:
-    params_file = _params_file(tmp_path, router={"enabled": False}, bench={"enabled": False})
+def test_stages_without_jobs_write_explicit_outputs(tmp_path) -> None:
+    params_file = _params_file(tmp_path, masks={"methods": ["seap-expert", "wanda-sp"]}, bench={"enabled": False})
     run_stage("router", params_file, tmp_path)
     run_stage("bench", params_file, tmp_path)
     assert json.loads((tmp_path / "work" / "router" / "disabled.json").read_text())["enabled"] is False
-    assert json.loads((tmp_path / "work" / "bench.json").read_text())["enabled"] is False
+    assert json.loads((tmp_path / "work" / "bench" / "disabled.json").read_text())["enabled"] is False
 
 
 def test_export_starter_is_deterministic_and_matches_the_starter_tasks(tmp_path) -> None:

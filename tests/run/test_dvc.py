@@ -1,6 +1,8 @@
 """The repository's dvc.yaml on the real DVC, in a temporary git repository with a tiny model:
-a full ``dvc repro``, a second one that runs nothing, a sparsity change that re-runs only the
-masks and what follows; and the data pushed to and pulled from an S3 remote (moto's server)."""
+a full ``dvc repro``, a second one that runs nothing, the same rows as ``seap eval`` and the
+Prefect flow with the same parameters, a sparsity change that re-runs only the masks and what
+follows; the committed dvc.yaml is the one the stage table generates; and the data pushed to
+and pulled from an S3 remote (moto's server)."""
 
 from __future__ import annotations
 
@@ -25,9 +27,30 @@ from tests.helpers_flows import tiny_project
 from tests.helpers_tasks import make_task_dir
 
 ALL_STAGES = {"model", "corpus", "statistics", "scores", "masks", "evaluate-dense", "evaluate", "router",
-              "evaluate-routed", "bench", "report", "register"}
+              "evaluate-routed", "perplexity", "bench", "report", "register"}
 UPSTREAM_OF_MASKS = {"model", "corpus", "statistics", "scores", "evaluate-dense", "router"}
-MASKS_AND_DOWNSTREAM = {"masks", "evaluate", "evaluate-routed", "bench", "report", "register"}
+MASKS_AND_DOWNSTREAM = {"masks", "evaluate", "evaluate-routed", "perplexity", "bench", "report", "register"}
+ROOT = Path(__file__).resolve().parents[2]
+VOLATILE = {"seconds", "router_seconds", "router_overhead"}  # timings differ from run to run
+
+
+def comparable(results_file: Path) -> list[dict]:
+    rows = json.loads(results_file.read_text())["rows"]
+    return sorted(({k: v for k, v in r.items() if k not in VOLATILE} for r in rows),
+                  key=lambda r: (r["method"], r["sparsity"]))
+
+
+def test_committed_dvc_yaml_is_generated_from_the_stage_table() -> None:
+    from seap.run.dvc import dvc_yaml
+    from seap.run.plan import STAGES
+
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "regenerate it: python -m seap.run.dvc > dvc.yaml"
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGES)
+    for name, stage in STAGES.items():  # the same module list as the Prefect cache keys
+        deps = set(stages[name]["deps"])
+        for module in stage.modules:
+            assert any(d.startswith(module.replace(".", "/")) for d in deps), (name, module)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +72,8 @@ def test_repro_runs_every_stage_and_writes_the_outputs(project) -> None:
     repo, _, output = project
     assert stages_in(output)["ran"] == ALL_STAGES, output[-3000:]
     assert (repo / "dvc.lock").is_file()
-    model = json.loads((repo / "work" / "model.json").read_text())
-    assert model["fingerprint"].startswith("sha256:") and model["kind"] == "local"
+    model = json.loads((repo / "work" / "model" / "output" / "model.json").read_text())
+    assert len(model["digest"]) == 64 and model["kind"] == "local"
     for name in ("results.md", "results.json", "metrics.json", "accuracy.csv", "accuracy_vs_sparsity.png"):
         assert (repo / "results" / name).is_file(), name
     table = (repo / "results" / "results.md").read_text()
@@ -59,9 +82,9 @@ def test_repro_runs_every_stage_and_writes_the_outputs(project) -> None:
     metrics = json.loads((repo / "results" / "metrics.json").read_text())
     assert {"dense", "seap-expert@0.2", "seap-general@0.2", "seap-routed@0.2", "wanda-sp@0.2", "flap@0.2"} <= set(metrics)
     assert metrics["seap-general@0.2"]["prefill_speedup"] > 0
-    index = json.loads((repo / "work" / "masks" / "index.json").read_text())
-    assert [g["key"] for g in index["groups"]] == ["seap-expert@0.2", "seap-general@0.2", "wanda-sp@0.2", "flap@0.2"]
-    assert (repo / "work" / "masks" / "seap-expert" / "0.2" / "geo" / "mask.json").is_file()
+    groups = sorted(p.name for p in (repo / "work" / "masks").iterdir())
+    assert groups == ["flap@0.2", "seap-expert@0.2", "seap-general@0.2", "wanda-sp@0.2"]
+    assert (repo / "work" / "masks" / "seap-expert@0.2" / "geo" / "mask.json").is_file()
     records = sorted(p.parent.parent.name for p in (repo / "registry").glob("*/*/record.json"))
     assert len(records) == 4 and any(name.endswith("-routed") for name in records)
     assert (repo / "results" / "accuracy.csv").read_text().startswith("method,sparsity,average")
@@ -89,6 +112,30 @@ def test_metrics_and_plots_are_readable_by_dvc(project) -> None:
     out = repo / "plots-html"
     dvc(repo, env, "plots", "show", "--out", str(out))
     assert (out / "index.html").is_file()
+
+
+def test_seap_eval_and_the_flow_give_the_rows_of_dvc_repro(project, prefect_env) -> None:
+    """The three front doors walk one plan: same parameters, identical rows (every metric of
+    every task, realised sparsity, mask digests, routing)."""
+    from flows.pipeline import seap_pipeline
+    from seap.cli import main
+    from seap.run.dvc import project_config
+
+    repo, _, _ = project
+    config = project_config(repo / "params.yaml", repo)
+    shared = {k: v for k, v in config.to_dict().items() if k not in ("workdir", "out", "registry_dir", "mlflow_dir")}
+    tmp = repo.parent / "front-doors"
+    shared["mlflow"] = False
+    seap_pipeline(**shared, workdir=str(tmp / "flow-work"), out=str(tmp / "flow"), registry_dir=str(tmp / "flow-reg"))
+    args = ["eval", "--model", config.model, "--tasks", *config.tasks, "--data-dir", str(config.data_dir),
+            "--samples", str(config.samples), "--sparsities", *map(str, config.sparsities), "--limit", str(config.limit),
+            "--schedule", config.schedule, "--bench-repeats", str(config.bench_repeats), "--no-mlflow",
+            "--workdir", str(tmp / "eval-work"), "--out", str(tmp / "eval"), "--registry-dir", str(tmp / "eval-reg")]
+    assert main(args) == 0
+    dvc_rows = comparable(repo / "results" / "results.json")
+    assert comparable(tmp / "flow" / "results.json") == dvc_rows
+    assert comparable(tmp / "eval" / "results.json") == dvc_rows
+    assert len(dvc_rows) == 6
 
 
 def test_changed_sparsity_reruns_only_masks_and_downstream(project) -> None:

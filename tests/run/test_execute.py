@@ -1,60 +1,148 @@
+"""The plan run in one process (``seap eval``): every row on a tiny model, content-addressed
+caching and resume, the routed row's reuse of the expert row, and checks before any work."""
+
+from __future__ import annotations
+
 import json
+from pathlib import Path
 
 import pytest
 
 from seap.cli import main
 from seap.errors import SeapError
-from seap.run.experiment import ALL_METHODS, Experiment, ExperimentConfig, save_results
-from tests.helpers import make_tiny_model
-from tests.helpers_tasks import make_task_dir
+from seap.run.config import RunConfig
+from seap.run.execute import execute
+from seap.run.methods import METHODS
+from seap.run.plan import make_plan
+from tests.helpers_flows import tiny_project
 
 
-def test_full_comparison_on_a_tiny_model(tmp_path) -> None:
-    data = make_task_dir(tmp_path / "data")
-    config = ExperimentConfig(model="tiny", tasks=["geo", "life"], data_dir=str(data), sparsities=[0.3],
-                              methods=list(ALL_METHODS), limit=6, samples=20, bench=True, bench_repeats=1)
-    results = Experiment(config, tmp_path / "out", progress=False, loaded=make_tiny_model("llama-gqa")).run()
-    methods = {(r["method"], r["sparsity"]) for r in results["rows"]}
-    assert ("dense", 0.0) in methods and all((m, 0.3) in methods for m in ALL_METHODS)
+def tiny_config(root: Path, **changes) -> RunConfig:
+    base, data = (root / "base", root / "data") if (root / "base").exists() else tiny_project(root)
+    values = dict(model=str(base), tasks=["geo", "life"], data_dir=str(data), sparsities=[0.3], limit=6, samples=20,
+                  schedule="uniform", bench_repeats=1, workdir=str(root / "work"), out=str(root / "out"),
+                  registry_dir=str(root / "registry"), mlflow=False)
+    values.update(changes)
+    return RunConfig(**values).validate()
+
+
+@pytest.fixture(scope="module")
+def every_method(tmp_path_factory):
+    """One run of the plan with every method of the table."""
+    root = tmp_path_factory.mktemp("every-method")
+    config = tiny_config(root, methods=list(METHODS))
+    return root, config, execute(make_plan(config))
+
+
+def test_every_method_of_the_table_is_a_row(every_method) -> None:
+    root, config, done = every_method
+    results = json.loads((done.path("report") / "results.json").read_text())
+    rows = {(r["method"], r["sparsity"]) for r in results["rows"]}
+    assert rows == {("dense", 0.0)} | {(m, 0.3) for m in METHODS}
     for row in results["rows"]:
         assert set(row["tasks"]) == {"geo", "life"} and 0 <= row["average"]["table"] <= 1
+        assert all(0 < t["chance"] < 1 for t in row["tasks"].values())
     routed = next(r for r in results["rows"] if r["method"] == "seap-routed")
     assert routed["routing"]["docs"] == 12 and 0 <= routed["router_overhead"] < 1
     assert results["router"]["heldout_accuracy"] >= 0.8
-    assert set(results["speed"]["models"]) >= {"dense", "seap-general@0.3", "flap@0.3"}
-    paths = save_results(results, tmp_path / "out")
-    table = paths["markdown"].read_text()
-    assert "| Ratio | Method | geo | life | Avg | Realised |" in table and "seap-expert" in table
-    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
-    assert json.loads(paths["json"].read_text())["lm_eval_version"] == "0.4.13"
-    # experts were calibrated per task, baselines on the pooled corpus
-    assert (tmp_path / "out" / "artifacts" / "masks" / "seap-expert-0.3" / "geo" / "mask.json").is_file()
-    assert (tmp_path / "out" / "artifacts" / "masks" / "flap-0.3" / "general" / "mask.json").is_file()
+    assert {"dense", "seap-general@0.3:general", "flap@0.3:general"} <= set(results["speed"]["models"])
+    assert (done.path("report") / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    # experts calibrated per task, baselines on the pooled statistics; FLAP's masks carry their means
+    from seap.maths.masks import PruningMask
+
+    assert PruningMask.load(done.path("masks/flap@0.3/general")).has_bias_compensation
+    assert not PruningMask.load(done.path("masks/seap-expert@0.3/geo")).has_bias_compensation
+    assert PruningMask.load(done.path("masks/seap-expert@0.3/geo")).task == "geo"
+
+
+def test_a_second_run_reuses_every_output_and_a_changed_option_reruns_only_what_depends_on_it(every_method) -> None:
+    root, config, first = every_method
+    again = execute(make_plan(config))
+    always = {"model", "register"}
+    assert again.cached == {k for k in again.outputs if k not in always}
+    assert {k: v["path"] for k, v in again.outputs.items() if k not in always} == \
+        {k: v["path"] for k, v in first.outputs.items() if k not in always}
+    changed = execute(make_plan(config.replace(limit=5)))
+    rerun = {k.split("/")[0] for k in changed.outputs if k not in changed.cached} - always
+    assert rerun == {"evaluate-dense", "evaluate", "evaluate-routed", "report"}
+
+
+def test_an_interrupted_run_resumes_from_its_finished_jobs(tmp_path, monkeypatch) -> None:
+    import seap.run.stages as stages
+
+    config = tiny_config(tmp_path, methods=["seap-expert", "wanda-sp"], bench=False)
+    real = stages.STAGE_FUNCTIONS["evaluate"]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "evaluate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        execute(make_plan(config))
+    assert not list((tmp_path / "work").glob("evaluate/*")) and not list((tmp_path / "work").rglob(".*.tmp-*"))
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "evaluate", real)
+    done = execute(make_plan(config))
+    assert {"corpus", "statistics/tasks", "masks/seap-expert@0.3/geo", "evaluate-dense/dense"} <= done.cached
+    assert "evaluate/seap-expert@0.3" not in done.cached
+
+
+def test_routed_row_reuse_equals_evaluating_every_document(every_method) -> None:
+    """Documents routed to their own expert are answered from the expert row: the routed row is
+    the same as evaluating every document through the routed model."""
+    from seap.data.catalogue import TaskCatalogue
+    from seap.evaluation.router import Router
+    from seap.evaluation.rows import evaluate_routed
+    from seap.maths.masks import PruningMask
+    from seap.model.loading import load_model
+
+    root, config, done = every_method
+    catalogue = TaskCatalogue(config.data_dir, root / "task-files")
+    specs = catalogue.resolve(config.tasks)
+    base = load_model(config.model)
+    experts = {t: PruningMask.load(done.path(f"masks/seap-expert@0.3/{t}")) for t in ("geo", "life")}
+    general = PruningMask.load(done.path("masks/seap-general@0.3/general"))
+    router = Router.load(done.path("router"))
+    items = json.loads((done.path("evaluate/seap-expert@0.3") / "items.json").read_text())
+    reused, _ = evaluate_routed(base, catalogue, specs, 0.3, experts, general, router, limit=6, expert_items=items)
+    full, _ = evaluate_routed(base, catalogue, specs, 0.3, experts, general, router, limit=6)
+    assert reused["reused_documents"] > 0 and full["reused_documents"] == 0
+    for task in ("geo", "life"):
+        for metric in ("acc", "acc_norm"):
+            assert reused["tasks"][task][metric] == pytest.approx(full["tasks"][task][metric], abs=1e-12)
+    assert reused["routing"] == full["routing"]
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"sparsities": [1.2]}, "outside"),
+    ({"sparsities": [1.2]}, "parameter sparsities: must be at most"),
     ({"sparsities": [0.0]}, "dense model"),
-    ({"methods": ["magic"]}, "unknown method"),
-    ({"metric": "f1"}, "unknown metric"),
-    ({"limit": 0}, "limit must be"),
-    ({"tasks": ["nosuchtask"]}, "unknown task"),
-    ({"tasks": ["hub:wikitext"]}, "not multiple-choice"),
+    ({"methods": ["magic"]}, "parameter methods: unknown value 'magic'"),
+    ({"metric": "f1"}, "parameter metric: unknown value"),
+    ({"limit": 0}, "parameter limit: must be at least 1"),
+    ({"tasks": ["nosuchtask"], "methods": ["seap-expert"]}, "parameter tasks:"),
+    ({"tasks": ["hub:wikitext"], "methods": ["seap-expert"]}, "not multiple-choice"),
+    ({"perplexity": True}, "parameter perplexity: WikiText-2"),
 ])
-def test_invalid_configs_fail_before_loading(tmp_path, change, message) -> None:
-    config = ExperimentConfig(model="never-loaded/model", **change)
+def test_invalid_configs_fail_before_any_work(tmp_path, change, message) -> None:
     with pytest.raises(SeapError, match=message):
-        Experiment(config, tmp_path / "out", progress=False)
+        RunConfig(model="never-loaded/model", workdir=str(tmp_path / "w"), **change).validate()
+    assert not (tmp_path / "w").exists()
 
 
-def test_eval_cli(tmp_path, capsys) -> None:
-    data = make_task_dir(tmp_path / "data")
-    tiny = make_tiny_model("qwen2")
-    tiny.model.save_pretrained(tmp_path / "base")
-    tiny.tokenizer.save_pretrained(tmp_path / "base")
-    code = main(["--no-progress", "eval", "--model", str(tmp_path / "base"), "--tasks", "geo", "life", "--data-dir",
-                 str(data), "--sparsities", "0.2", "--methods", "seap-expert", "wanda-sp", "--limit", "5",
-                 "--samples", "15", "--out", str(tmp_path / "out")])
+def test_eval_cli_prints_the_table_and_names_the_log(tmp_path, capsys) -> None:
+    base, data = tiny_project(tmp_path, "qwen2")
+    code = main(["eval", "--model", str(base), "--tasks", "geo", "life", "--data-dir", str(data),
+                 "--sparsities", "0.2", "--methods", "seap-expert", "wanda-sp", "--limit", "5", "--samples", "15",
+                 "--schedule", "uniform", "--no-bench", "--no-mlflow", "--workdir", str(tmp_path / "work"),
+                 "--out", str(tmp_path / "out"), "--registry-dir", str(tmp_path / "registry")])
     out = capsys.readouterr().out
     assert code == 0 and "| 20% | seap-expert |" in out and "results.md" in out
+    log = next((tmp_path / "logs").glob("eval-*.log"))
+    assert f"log: {log}" in out
+    assert "Running loglikelihood requests" not in out and "Running loglikelihood requests" in log.read_text()
     assert (tmp_path / "out" / "accuracy_vs_sparsity.png").is_file()
+
+
+def test_eval_cli_bad_option_is_one_clear_line(tmp_path, capsys) -> None:
+    assert main(["eval", "--model", "x", "--sparsities", "1.5", "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "parameter --sparsities: must be at most 0.99" in err and "Traceback" not in err

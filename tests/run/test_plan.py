@@ -1,0 +1,92 @@
+"""The planner: one configuration in, the jobs every front door runs, with stable keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seap.errors import SeapError
+from seap.run.config import RunConfig
+from seap.run.methods import BASELINES, DEFAULT_METHODS, METHODS
+from seap.run.plan import STAGES, Job, Plan, check_plan, make_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_plan_has_todays_rows_and_stable_keys() -> None:
+    plan = make_plan(RunConfig())
+    assert plan.rows == ["dense", *(f"{m}@{s:g}" for s in (0.2, 0.5) for m in ("seap-expert", "seap-general",
+                                                                                 "wanda-sp", "flap")),
+                         "seap-routed@0.2", "seap-routed@0.5"]
+    keys = [j.key for j in plan.jobs]
+    assert len(keys) == len(set(keys)) and keys == [j.key for j in make_plan(RunConfig()).jobs]
+    assert "masks/seap-expert@0.2/capitals" in keys and "masks/flap@0.5/general" in keys
+    routed = plan.get("evaluate-routed/seap-routed@0.5")
+    assert routed.inputs["expert_row"] == "evaluate/seap-expert@0.5"
+    assert routed.inputs["general"] == "masks/seap-general@0.5/general"
+    # registration takes the SEAP masks only; the bench every mask
+    assert set(plan.get("register").inputs["masks"]) == {f"{m}@{s}" for m in ("seap-expert", "seap-general")
+                                                         for s in ("0.2", "0.5")}
+    assert len(plan.get("bench").inputs["masks"]) == 2 * (5 + 1 + 2)
+
+
+def test_method_entries_decide_calibration_and_bias_compensation() -> None:
+    plan = make_plan(RunConfig(methods=list(METHODS), sparsities=[0.3]))
+    for name, method in METHODS.items():
+        masks = [j for j in plan.of_stage("masks") if j.params["method"] == name]
+        if method.calibration == "routed":
+            assert not masks
+            continue
+        assert all(j.params["bias_compensation"] == method.bias_compensation for j in masks)
+        assert all(("bias_statistics" in j.inputs) == method.bias_compensation for j in masks)
+        if method.calibration == "task":
+            assert sorted(j.params["mask"] for j in masks) == sorted(RunConfig().task_names)
+        else:
+            assert [j.params["mask"] for j in masks] == ["general"]
+        if method.calibration == "pooled":
+            assert all(j.inputs["scores"] == [f"scores/{method.score}/pooled"] for j in masks)
+
+
+def test_no_pooled_statistics_without_a_baseline_and_routing_adds_its_masks() -> None:
+    plan = make_plan(RunConfig(methods=["seap-routed"]))
+    assert "statistics/pooled" not in [j.key for j in plan.jobs]
+    assert {j.params["method"] for j in plan.of_stage("masks")} == {"seap-expert", "seap-general"}
+    assert plan.rows == ["dense", "seap-routed@0.2", "seap-routed@0.5"]
+    assert "expert_row" not in plan.get("evaluate-routed/seap-routed@0.2").inputs  # no expert row to reuse
+    assert set(BASELINES) == {"wanda-sp", "wanda-sp+logistic", "flap", "flap+logistic"}
+    assert set(DEFAULT_METHODS) <= set(METHODS)
+
+
+def test_sharded_statistics_are_merged_by_a_job_of_their_own() -> None:
+    plan = make_plan(RunConfig(stats_shards=3))
+    shards = [j.key for j in plan.of_stage("statistics") if j.name.startswith("shard-")]
+    assert shards == [f"statistics/shard-{i}-of-3" for i in range(3)]
+    assert plan.get("statistics/tasks").inputs == {"shards": shards}
+
+
+def test_upstream_of_keeps_what_a_job_reads() -> None:
+    sub = make_plan(RunConfig()).upstream_of(["router"])
+    assert [j.key for j in sub.jobs] == ["model", "router"]
+
+
+def test_check_plan_refuses_unplanned_inputs_and_stages_out_of_order() -> None:
+    config = RunConfig()
+    with pytest.raises(SeapError, match="not planned before it"):
+        check_plan(Plan(config, [Job("scores", "x", {"statistics": "statistics/tasks"})]))
+    with pytest.raises(SeapError, match="not upstream of corpus"):
+        check_plan(Plan(config, [Job("model"), Job("corpus", "", {"model": "model"})]))
+    with pytest.raises(SeapError, match="planned twice"):
+        check_plan(Plan(config, [Job("model"), Job("model")]))
+
+
+def test_every_stage_has_a_function_and_its_modules_exist() -> None:
+    from seap.run.stages import STAGE_FUNCTIONS
+
+    assert set(STAGES) == set(STAGE_FUNCTIONS)
+    for stage in STAGES.values():
+        for module in stage.modules:
+            path = ROOT / Path(*module.split("."))
+            assert path.is_dir() or path.with_suffix(".py").is_file(), (stage.name, module)
+        for option in stage.options:
+            assert hasattr(RunConfig(), option), (stage.name, option)
