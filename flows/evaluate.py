@@ -18,7 +18,7 @@ from prefect import flow
 from flows.pipeline import _D, _publish_artifacts, run_plan
 from seap.errors import SeapError
 from seap.run.config import RunConfig
-from seap.run.execute import publish_results, ref
+from seap.run.execute import ref
 from seap.run.methods import row_key
 from seap.run.plan import GENERAL, make_evaluation_plan
 
@@ -65,8 +65,7 @@ def evaluate_flow(
     if not masks:
         raise SeapError("parameter masks: nothing to evaluate", "pass one or more mask folders")
     rows, given = mask_rows(list(masks), list(config.tasks))
-    outputs = run_plan(make_evaluation_plan(config, rows), given=given)
-    publish_results(outputs["report"]["path"], config.out)
+    outputs = run_plan(make_evaluation_plan(config, rows), given=given)  # publishes the results to `out`
     from seap.evaluation.report import markdown_report
 
     results = json.loads((Path(config.out) / "results.json").read_text(encoding="utf-8"))

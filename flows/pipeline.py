@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow
 
 from seap.run.config import RunConfig, add_arguments
-from seap.run.execute import JobEvent, Ref, publish_results, resolve_inputs
+from seap.run.execute import JobEvent, Ref, after_job, resolve_inputs
 from seap.run.plan import Job, Plan, make_plan
 from tasks.stages import job_task
 
@@ -96,6 +96,7 @@ def run_plan(plan: Plan, flow_run_id: str | None = None, given: dict[str, Ref] |
             job = _with_run_params(job, c, flow_run_id)
         state = job_task(job)(job.to_dict(), resolve_inputs(job, outputs), workdir, return_state=True)
         outputs[job.key] = state.result()
+        after_job(job, outputs[job.key], c)
         cached = state.name == "Cached"
         _notify(JobEvent(job, index, total, "cached" if cached else "done", time.perf_counter() - start,
                          outputs[job.key]["path"]))
@@ -190,8 +191,7 @@ def seap_pipeline(
 
     started = time.perf_counter()
     plan = make_plan(config)
-    outputs = run_plan(plan, flow_run.get_id())
-    publish_results(outputs["report"]["path"], config.out)
+    outputs = run_plan(plan, flow_run.get_id())  # publishes the results to `out` right after the report
     results = json.loads((Path(config.out) / "results.json").read_text(encoding="utf-8"))
     _publish_artifacts(markdown_report(results), config.out)
     registered = json.loads((Path(outputs["register"]["path"]) / "registered.json").read_text(encoding="utf-8"))

@@ -285,7 +285,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from seap.run.execute import execute, publish_results
+    from seap.run.execute import execute
     from seap.run.plan import make_plan
     from seap.run.progress import RunView, run_with_view
     from seap.run.stages import StageContext
@@ -297,15 +297,17 @@ def _eval(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         plan = make_plan(config)
-        done = execute(plan, StageContext(Path(config.workdir) / "task-files", progress=False),
-                       on_event=lambda e: [v(e) for v in views])
-        return publish_results(done.path("report"), config.out)
+        execute(plan, StageContext(Path(config.workdir) / "task-files", progress=False),
+                on_event=lambda e: [v(e) for v in views])  # publishes the results to --out after the report
 
-    def summary(paths: dict[str, Any]) -> list[str]:
-        from seap.evaluation.report import table1
+    def summary(_: Any) -> list[str]:
+        from pathlib import Path
 
-        results = json.loads(paths["results.json"].read_text(encoding="utf-8"))
-        return ["", table1(results).rstrip(), "", *(f"{name}: {path}" for name, path in paths.items())]
+        from seap.evaluation.report import RESULT_FILES, table1
+
+        out = Path(config.out)
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        return ["", table1(results).rstrip(), "", *(f"{name}: {out / name}" for name in RESULT_FILES)]
 
     return run_with_view(config, run, summary, "eval", verbose=args.verbose, views=views)
 

@@ -147,6 +147,7 @@ def execute(plan: Plan, ctx: StageContext | None = None,
         start = time.perf_counter()
         out, cached = run_cached(job, resolve_inputs(job, done.outputs), workdir, ctx)
         done.outputs[job.key] = out
+        after_job(job, out, c)
         done.seconds[job.key] = time.perf_counter() - start
         if cached:
             done.cached.add(job.key)
@@ -155,6 +156,13 @@ def execute(plan: Plan, ctx: StageContext | None = None,
     return done
 
 
+
+
+def after_job(job: Job, out: Ref, config: Any) -> None:
+    """What every executor does once a job is finished: the report is published to the run's
+    ``out`` at once, so the results are there even if registration fails afterwards."""
+    if job.stage == "report" and getattr(config, "out", None):
+        publish_results(out["path"], config.out)
 
 
 def publish_results(report_dir: str | Path, out: str | Path) -> dict[str, Path]:
@@ -176,5 +184,6 @@ def publish_results(report_dir: str | Path, out: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["Execution", "JobEvent", "Ref", "content_key", "execute", "publish_results", "ref", "resolve_inputs",
+__all__ = ["Execution", "JobEvent", "Ref", "after_job", "content_key", "execute", "publish_results", "ref",
+           "resolve_inputs",
            "run_cached"]

@@ -130,6 +130,7 @@ def quiet_libraries(log_file: str | Path) -> Iterator[Path]:
     log = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed below
     log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} =====\n")
     swapped: list[tuple[logging.StreamHandler[Any], Any]] = []
+    consoles: list[tuple[Any, Any]] = []
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                         if isinstance(lg, logging.Logger)]
     for logger in loggers:
@@ -141,6 +142,10 @@ def quiet_libraries(log_file: str | Path) -> Iterator[Path]:
                         swapped.append((handler, handler.setStream(log)))
                     except AttributeError:  # a handler whose stream is fixed (logging's last resort)
                         continue
+                    console = getattr(handler, "console", None)  # rich-based handlers (Prefect's) keep their own
+                    if console is not None and hasattr(console, "file"):
+                        consoles.append((console, console.file))
+                        console.file = log
     file_handler = logging.StreamHandler(log)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_handler)
@@ -159,6 +164,8 @@ def quiet_libraries(log_file: str | Path) -> Iterator[Path]:
             logging.getLogger().removeHandler(file_handler)
             for handler, stream in swapped:
                 handler.setStream(stream)
+            for console, file in consoles:
+                console.file = file
             log.close()
 
 
