@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from seap.errors import SeapError
+from seap.run.config import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
-BUILTIN_CALIBRATION = "builtin"
 SCORE_NAMES = ("seap-sf", "seap-sw-paper", "seap-sw-code", "wanda-sp", "flap")  # checked against seap.maths.scores
 SCHEDULE_NAMES = ("logistic", "uniform", "flap-adaptive")  # checked against seap.maths.schedules
 
@@ -155,7 +154,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _scores_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", required=True, help="statistics folder of one task")
-    p.add_argument("--score", default="seap-sf", choices=SCORE_NAMES)
+    p.add_argument("--score", default=SCORE_NAMES[0], choices=SCORE_NAMES, help="default: seap-sf")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 

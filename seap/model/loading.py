@@ -55,7 +55,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         licence="Apache-2.0",
     )
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:

@@ -28,6 +28,8 @@ from typing import Any
 from seap.errors import SeapError
 from seap.evaluation.metrics import retention, speed_of, task_accuracy
 from seap.io import atomic_directory, canonical_json, read_json
+from seap.maths.schedules import DEFAULT_SCHEDULE
+from seap.maths.scores import DEFAULT_SCORE
 
 RECORD_FILE = "record.json"
 RECORD_VERSION = 1
@@ -104,7 +106,7 @@ class ExpertRecord:
 
 
 def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, str | Path]],
-                   router: str | Path | None = None, score: str = "seap-sf", schedule: str = "logistic",
+                   router: str | Path | None = None, score: str = DEFAULT_SCORE, schedule: str = DEFAULT_SCHEDULE,
                    methods: Sequence[str] = ("seap-expert", "seap-general")) -> list[ExpertRecord]:
     """Records for the SEAP experts and general masks (and a routed bundle per sparsity when a
     router and routed rows exist) of a pipeline's results.
