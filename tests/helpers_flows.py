@@ -9,14 +9,21 @@ from tests.helpers_tasks import make_task_dir
 
 
 def task_states(flow_state) -> dict[str, str]:
-    """Task-run name -> final state name of one flow run (subflows included by name)."""
+    """Task-run name -> final state name of one flow run (subflows included by name). Task-run
+    states reach the API asynchronously: wait (up to 60 s) until every run has one."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     flow_run_id = flow_state.state_details.flow_run_id
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return {r.name: r.state.name if r.state is not None else "Unknown" for r in runs}
+            time.sleep(0.5)
 
 
 def stage_of(task_run_name: str) -> str:
