@@ -25,6 +25,9 @@ def dvc_env(pycache: Path | None = None, **extra: str) -> dict[str, str]:
     analytics, no network for Hugging Face. With ``pycache`` the stages share compiled bytecode
     in that folder (each stage is a new Python process) without writing into the venv."""
     env = dict(os.environ)
+    # a tracking URI set by an earlier test (mlflow.set_tracking_uri exports it) must not leak in:
+    # params.yaml leaves tracking_uri null, so the register stage uses the project's local store
+    env.pop("MLFLOW_TRACKING_URI", None)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update({"DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", "CI": "1", "NO_PROXY": "127.0.0.1,localhost",
