@@ -23,7 +23,7 @@ from prefect import flow
 
 from seap.run.config import RunConfig, add_arguments
 from seap.run.execute import JobEvent, Ref, after_job, resolve_inputs
-from seap.run.plan import Job, Plan, make_plan
+from seap.run.plan import Job, Plan, make_plan, recorded_config
 from tasks.stages import job_task
 
 _D = RunConfig()  # the defaults: the flow's signature reads them, it holds none of its own
@@ -109,11 +109,9 @@ def _notify(event: JobEvent) -> None:
 
 
 def _with_run_params(job: Job, config: RunConfig, flow_run_id: str | None) -> Job:
-    from seap.io import redact_uri
-
-    params = {k: redact_uri(v) if k == "tracking_uri" and v else v for k, v in config.to_dict().items()}
     tags = {"prefect_flow_run_id": flow_run_id} if flow_run_id else {}
-    return Job(job.stage, job.name, job.inputs, {**job.params, "run_params": params, "run_tags": tags}, job.row)
+    return Job(job.stage, job.name, job.inputs,
+               {**job.params, "run_params": recorded_config(config), "run_tags": tags}, job.row)
 
 
 def where_to_look(config: RunConfig) -> list[str]:

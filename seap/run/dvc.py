@@ -25,7 +25,7 @@ from typing import Any
 from seap.errors import SeapError
 from seap.io import atomic_directory, atomic_write_json
 from seap.run.config import RunConfig, load_params, options
-from seap.run.plan import STAGES, Job, Plan, make_plan
+from seap.run.plan import STAGES, Job, Plan, make_plan, recorded_config
 
 PARAMS_FILE = Path("params.yaml")
 WORK = Path("work")
@@ -118,10 +118,7 @@ def _run_report(job: Job, root: Path, ctx: Any) -> None:
 
 
 def _with_run_params(job: Job, config: RunConfig) -> Job:
-    from seap.io import redact_uri
-
-    params = {k: redact_uri(v) if k == "tracking_uri" and v else v for k, v in config.to_dict().items()}
-    return Job(job.stage, job.name, job.inputs, {**job.params, "run_params": params}, job.row)
+    return Job(job.stage, job.name, job.inputs, {**job.params, "run_params": recorded_config(config)}, job.row)
 
 
 def _say(message: str) -> None:
