@@ -8,20 +8,30 @@ from tests.helpers import make_tiny_model
 from tests.helpers_tasks import make_task_dir
 
 
-def task_states(flow_state) -> dict[str, str]:
-    """Task-run name -> final state name of one flow run (subflows included by name). Task-run
-    states reach the API asynchronously: wait (up to 60 s) until every run has one."""
+def planned_tasks(kwargs: dict) -> int:
+    """How many task runs the pipeline flow makes for ``kwargs``: one per job of its plan."""
+    from seap.run.config import RunConfig
+    from seap.run.plan import make_plan
+
+    return len(make_plan(RunConfig.from_mapping(kwargs)))
+
+
+def task_states(flow_state, expected: int) -> dict[str, str]:
+    """Task-run name -> final state name of one flow run (subflows included by name). Task runs
+    and their states reach the API asynchronously: wait (up to 120 s) until ``expected`` runs
+    exist and every one has a final state."""
     import time
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     flow_run_id = flow_state.state_details.flow_run_id
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            done = len(runs) >= expected and all(r.state is not None and r.state.is_final() for r in runs)
+            if done or time.monotonic() > deadline:
                 return {r.name: r.state.name if r.state is not None else "Unknown" for r in runs}
             time.sleep(0.5)
 

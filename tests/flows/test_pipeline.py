@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_flows import stage_of, task_states, tiny_project
+from tests.helpers_flows import planned_tasks, stage_of, task_states, tiny_project
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +73,7 @@ def test_second_run_is_served_from_cache(first_run) -> None:
 
     tmp, kwargs, _ = first_run
     before = {p.name for p in (tmp / "registry").glob("*/*")}
-    states = task_states(seap_pipeline(return_state=True, **kwargs))
+    states = task_states(seap_pipeline(return_state=True, **kwargs), planned_tasks(kwargs))
     cached = {n: s for n, s in states.items() if stage_of(n) not in ("model", "register", "mlflow-register")}
     assert {stage_of(n) for n in cached} >= {"corpus", "statistics", "scores", "masks", "evaluate-dense", "evaluate",
                                              "router", "evaluate-routed", "bench", "report"}
@@ -107,8 +107,8 @@ def test_changed_sparsity_reruns_only_masks_and_downstream(first_run) -> None:
     from flows.pipeline import seap_pipeline
 
     tmp, kwargs, _ = first_run
-    states = task_states(seap_pipeline(return_state=True, **{**kwargs, "sparsities": [0.3], "out": str(tmp / "out-0.3"),
-                                                             "registry_dir": str(tmp / "registry-0.3")}))
+    changed = {**kwargs, "sparsities": [0.3], "out": str(tmp / "out-0.3"), "registry_dir": str(tmp / "registry-0.3")}
+    states = task_states(seap_pipeline(return_state=True, **changed), planned_tasks(changed))
     for name, state in states.items():
         stage = stage_of(name)
         if stage in ("corpus", "statistics", "scores", "router", "evaluate-dense"):
@@ -220,7 +220,7 @@ def test_killed_run_resumes_from_completed_steps(first_run, tmp_path) -> None:
             if not out.name.startswith("."):
                 assert any(out.iterdir()), out
 
-    states = task_states(seap_pipeline(return_state=True, **kwargs))
+    states = task_states(seap_pipeline(return_state=True, **kwargs), planned_tasks(kwargs))
     assert states[next(n for n in states if stage_of(n) == "corpus")] == "Cached"  # finished before the kill
     assert _rows(tmp_path / "out") == _rows(tmp / "out")  # same results as an uninterrupted run
     assert not [p for p in (tmp_path / "work").rglob(".*.tmp-*")]  # the killed run's temporaries are gone
