@@ -258,7 +258,7 @@ class TaskCatalogue:
             "task": name, "dataset_path": "json", "dataset_name": None,
             "dataset_kwargs": {"data_files": {"train": str(train), eval_split: str(eval_file)}},
             "training_split": "train", f"{eval_split}_split": eval_split, "output_type": "multiple_choice",
-            "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "answer",
+            "doc_to_text": "question", "doc_to_choice": "choices", "doc_to_target": "answer",
             "target_delimiter": " ",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],

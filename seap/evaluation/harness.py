@@ -48,14 +48,20 @@ def data_fingerprint(specs: Sequence[TaskSpec], limit: int | None, num_fewshot: 
     return "sha256:" + h.hexdigest()
 
 
-def hflm(loaded: LoadedModel, batch_size: int = DEFAULT_EVAL_BATCH_SIZE, max_length: int | None = None) -> Any:
-    """lm-eval's HFLM around a model object (no save/reload)."""
-    from lm_eval.models.huggingface import HFLM
+def hflm(loaded: LoadedModel, batch_size: int = DEFAULT_EVAL_BATCH_SIZE, max_length: int | None = None,
+         shared_context: bool = True) -> Any:
+    """lm-eval's HFLM around a model object (no save/reload). With ``shared_context`` (the
+    default), the multiple-choice loglikelihoods score each shared context once
+    (:class:`seap.evaluation.loglikelihood.SharedContextHFLM`: the same numbers, fewer tokens)."""
+    if shared_context:
+        from seap.evaluation.loglikelihood import SharedContextHFLM as lm_class
+    else:
+        from lm_eval.models.huggingface import HFLM as lm_class
 
     kwargs: dict[str, Any] = {"pretrained": loaded.model, "tokenizer": loaded.tokenizer, "batch_size": batch_size}
     if max_length:
         kwargs["max_length"] = max_length
-    return HFLM(**kwargs)
+    return lm_class(**kwargs)
 
 
 def evaluate_lm(
