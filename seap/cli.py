@@ -352,7 +352,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     _model(p)
     p.add_argument("--pruned", nargs="*", default=[], help="pruned model folders")
     p.add_argument("--mask", nargs="*", default=[], help="masks applied (hard, as each mask says) to --model")
-    p.add_argument("--prefill-batch", type=int, default=None, help="prompts per prefill batch (default 8)")
+    p.add_argument("--prefill-batch", type=int, default=None, help="prompts per prefill batch (default 4)")
     p.add_argument("--prefill-tokens", type=int, default=None, help="tokens per prompt (default 128)")
     p.add_argument("--decode-tokens", type=int, default=None, help="greedy tokens generated (default 32)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5)")

@@ -25,7 +25,7 @@ from seap.io import sha256_file
 from seap.model.loaded import LoadedModel
 from seap.data.catalogue import TaskCatalogue, TaskSpec
 
-DEFAULT_EVAL_BATCH_SIZE = 64  # same results as 16 (loglikelihoods within 2e-5, same accuracies)
+DEFAULT_EVAL_BATCH_SIZE = 64  # packed rows per forward (SharedContextHFLM); sequences for plain HFLM
 METRICS = ("acc", "acc_norm")
 
 

@@ -74,7 +74,7 @@ def time_generate(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int)
 
 def benchmark(
     models: Mapping[str, LoadedModel],
-    prefill_batch_size: int = 8,
+    prefill_batch_size: int = 4,
     prefill_tokens: int = 128,
     decode_tokens: int = 32,
     decode_prompt_tokens: int = 32,

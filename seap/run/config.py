@@ -104,7 +104,8 @@ class RunConfig:
     metric: str = _opt("acc", "evaluate", "metric",
                        "metric of the table: acc, acc_norm, or paper (acc_norm where the paper reports it)",
                        choices=REPORT_METRICS)
-    eval_batch_size: int = _opt(64, "evaluate", "batch_size", "lm-eval batch size (64 gives the same results as 16)",
+    eval_batch_size: int = _opt(64, "evaluate", "batch_size",
+                                "evaluation batch: packed rows of 256 tokens (lm-eval sequences where not packed)",
                                 minimum=1)
     perplexity: bool = _opt(False, "evaluate", "perplexity",
                             "also WikiText-2 perplexity of dense and each general mask (needs data_dir with wikitext/)")

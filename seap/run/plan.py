@@ -56,8 +56,8 @@ class Stage:
     cached: bool = True
 
 
-_EVAL = ("seap.evaluation.harness", "seap.evaluation.metrics", "seap.data.catalogue", "seap.model.surgery",
-         "seap.maths.masks")
+_EVAL = ("seap.evaluation.rows", "seap.evaluation.harness", "seap.evaluation.loglikelihood", "seap.evaluation.metrics",
+         "seap.data.catalogue", "seap.model.surgery", "seap.maths.masks")
 _BASE = ("seap.run.stages", "seap.model.loading", "seap.model.loaded", "seap.model.adapters")
 _EVAL_OPTIONS = ("tasks", "data_dir", "limit", "num_fewshot", "metric", "eval_batch_size")
 STAGES: dict[str, Stage] = {
