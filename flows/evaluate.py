@@ -17,7 +17,7 @@ from prefect import flow
 
 from flows.pipeline import _D, _publish_artifacts, run_plan
 from seap.errors import SeapError
-from seap.run.config import RunConfig
+from seap.run.config import RunConfig, add_arguments, given_arguments
 from seap.run.execute import ref
 from seap.run.methods import row_key
 from seap.run.plan import GENERAL, make_evaluation_plan
@@ -48,6 +48,10 @@ def mask_rows(paths: list[str], tasks: list[str]) -> tuple[dict[str, dict[str, A
     return rows, refs
 
 
+EVALUATE_OPTIONS = ("model", "tasks", "data_dir", "limit", "metric", "workdir")  # the flow's RunConfig fields
+EVALUATE_OUT = "runs/evaluate"
+
+
 @flow(name="seap-evaluate", log_prints=True)
 def evaluate_flow(
     masks: list[str] | None = None,
@@ -57,11 +61,11 @@ def evaluate_flow(
     limit: int | None = _D.limit,
     metric: str = _D.metric,
     workdir: str = _D.workdir,
-    out: str = "runs/evaluate",
+    out: str = EVALUATE_OUT,
 ) -> dict[str, Any]:
     """The dense model and each mask (a general mask on every task, an expert on its own)."""
-    config = RunConfig.from_mapping({"model": model, "tasks": tasks, "data_dir": data_dir, "limit": limit,
-                                     "metric": metric, "workdir": workdir, "out": out}, front="flow").validate()
+    given = {name: value for name, value in locals().items() if name in EVALUATE_OPTIONS}
+    config = RunConfig.from_mapping({**given, "out": out}, front="flow").validate()
     if not masks:
         raise SeapError("parameter masks: nothing to evaluate", "pass one or more mask folders")
     rows, given = mask_rows(list(masks), list(config.tasks))
@@ -78,14 +82,10 @@ def evaluate_flow(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate existing masks (cached per row).")
     parser.add_argument("--masks", nargs="+", required=True, help="mask folders")
-    parser.add_argument("--model", default=_D.model)
-    parser.add_argument("--tasks", nargs="+", default=_D.tasks)
-    parser.add_argument("--data-dir", default=_D.data_dir)
-    parser.add_argument("--limit", type=int, default=_D.limit)
-    parser.add_argument("--metric", default=_D.metric)
-    parser.add_argument("--workdir", default=_D.workdir)
-    parser.add_argument("--out", default="runs/evaluate")
-    evaluate_flow(**vars(parser.parse_args(argv)))
+    parser.add_argument("--out", default=EVALUATE_OUT, help=f"results folder (default: {EVALUATE_OUT})")
+    add_arguments(parser, only=EVALUATE_OPTIONS)
+    args = parser.parse_args(argv)
+    evaluate_flow(masks=args.masks, out=args.out, **given_arguments(args))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import _D, run_plan
-from seap.run.config import RunConfig
+from seap.run.config import RunConfig, add_arguments, given_arguments
 from seap.run.plan import make_plan
+
+
+ROUTER_OPTIONS = ("model", "tasks", "data_dir", "router_prompts", "router_layer", "router_threshold", "seed",
+                  "workdir")  # the flow's parameters: RunConfig fields
 
 
 @flow(name="seap-router", log_prints=True)
@@ -27,12 +31,10 @@ def router_flow(
     seed: int = _D.seed,
     workdir: str = _D.workdir,
 ) -> dict[str, Any]:
+    given = {name: value for name, value in locals().items() if name in ROUTER_OPTIONS}
+    config = RunConfig.from_mapping({**given, "methods": ["seap-routed"]}, front="flow").validate()
     from seap.evaluation.router import Router
 
-    config = RunConfig.from_mapping(
-        {"model": model, "tasks": tasks, "data_dir": data_dir, "router_prompts": router_prompts,
-         "router_layer": router_layer, "router_threshold": router_threshold, "seed": seed, "workdir": workdir,
-         "methods": ["seap-routed"]}, front="flow").validate()
     outputs = run_plan(make_plan(config).upstream_of(["router"]))
     router = Router.load(outputs["router"]["path"])
     print(f"router: {outputs['router']['path']}")
@@ -45,14 +47,8 @@ def router_flow(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the task router (cached).")
-    parser.add_argument("--model", default=_D.model)
-    parser.add_argument("--tasks", nargs="+", default=_D.tasks)
-    parser.add_argument("--data-dir", default=_D.data_dir)
-    parser.add_argument("--router-prompts", type=int, default=_D.router_prompts)
-    parser.add_argument("--router-layer", type=int, default=_D.router_layer)
-    parser.add_argument("--router-threshold", type=float, default=_D.router_threshold)
-    parser.add_argument("--workdir", default=_D.workdir)
-    router_flow(**vars(parser.parse_args(argv)))
+    add_arguments(parser, only=ROUTER_OPTIONS)
+    router_flow(**given_arguments(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

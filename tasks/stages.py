@@ -22,7 +22,7 @@ from prefect.context import TaskRunContext
 
 from seap.errors import SeapError
 from seap.run.execute import Ref, content_key, run_cached
-from seap.run.plan import STAGES, Job
+from seap.run.plan import STAGES, Job, input_leaves
 from seap.run.stages import StageContext
 
 RETRIES = 2  # transient I/O (network filesystems, object stores)
@@ -78,17 +78,8 @@ def job_task(job: Job) -> Any:
 
 
 def _check(inputs: Mapping[str, Any]) -> None:
-    def paths(value: Any) -> list[str]:
-        if value is None:
-            return []
-        if isinstance(value, Mapping) and set(value) == {"path", "digest"}:
-            return [value["path"]]
-        if isinstance(value, Mapping):
-            return [p for v in value.values() for p in paths(v)]
-        return [p for v in value for p in paths(v)]
-
     for role, value in inputs.items():
-        for path in paths(value):
+        for path in (ref["path"] for ref in input_leaves(value)):
             if not Path(path).exists():
                 raise SeapError(f"input {path} ({role}) is missing (deleted after it was cached?)",
                                 "re-run with PREFECT_TASKS_REFRESH_CACHE=true, or restore the work folder")

@@ -174,9 +174,7 @@ class RunConfig:
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> RunConfig:
         """A configuration from options added by :func:`add_arguments` (unset options keep defaults)."""
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                  if getattr(args, f.name, _UNSET) is not _UNSET}
-        config = cls(**values)
+        config = cls(**given_arguments(args))
         config._front = "cli"  # type: ignore[attr-defined]
         return config
 
@@ -381,11 +379,18 @@ def _check_type(config: RunConfig, name: str, value: Any, annotation: str, optio
                              f"of: {', '.join(option.choices)}")
 
 
-def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    """One ``--option`` per configuration field (booleans as ``--x`` / ``--no-x``); options left
-    out keep the configuration's default (it is not repeated here)."""
+def given_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration fields given on a command line parsed with :func:`add_arguments`."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+            if getattr(args, f.name, _UNSET) is not _UNSET}
+
+
+def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
+                  only: Sequence[str] | None = None) -> None:
+    """One ``--option`` per configuration field (or per field in ``only``; booleans as ``--x`` /
+    ``--no-x``); options left out keep the configuration's default (it is not repeated here)."""
     for f in dataclasses.fields(RunConfig):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         o: Option = f.metadata["option"]
         flag = "--" + f.name.replace("_", "-")
@@ -405,22 +410,22 @@ def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> 
         parser.add_argument(flag, type=convert, metavar=o.key.upper(), **kwargs)
 
 
-def _int_or_null(text: str) -> int | None:
-    if text.lower() in ("null", "none"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or null, got {text!r}") from None
+def _or_null(kind: type, what: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, or None for ``null``/``none``."""
+
+    def convert(text: str) -> Any:
+        if text.lower() in ("null", "none"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or null, got {text!r}") from None
+
+    return convert
 
 
-def _float_or_null(text: str) -> float | None:
-    if text.lower() in ("null", "none"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or null, got {text!r}") from None
+_int_or_null = _or_null(int, "a whole number")
+_float_or_null = _or_null(float, "a number")
 
 
 def load_params(path: str | Path = "params.yaml") -> RunConfig:

@@ -25,7 +25,7 @@ from typing import Any
 from seap.errors import SeapError
 from seap.io import atomic_directory, atomic_write_json
 from seap.run.config import RunConfig, load_params, options
-from seap.run.plan import STAGES, Job, Plan, make_plan, recorded_config
+from seap.run.plan import STAGES, Job, Plan, make_plan, map_inputs, recorded_config
 
 PARAMS_FILE = Path("params.yaml")
 WORK = Path("work")
@@ -55,22 +55,16 @@ def job_path(job_or_key: Job | str, root: Path) -> Path:
 
 
 def _resolve(job: Job, root: Path, building: Path, stage: str) -> dict[str, Any]:
-    def one(value: Any) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            key_stage, _, name = value.partition("/")
-            if key_stage == stage:  # built earlier in this stage run
-                return building / (name or UNNAMED)
-            path = job_path(value, root)
-            if not path.exists():
-                raise SeapError(f"input {path} is missing", "run the upstream stages first: `dvc repro`")
-            return path
-        if isinstance(value, dict):
-            return {k: one(v) for k, v in value.items()}
-        return [one(v) for v in value]
+    def one(key: str) -> Path:
+        key_stage, _, name = key.partition("/")
+        if key_stage == stage:  # built earlier in this stage run
+            return building / (name or UNNAMED)
+        path = job_path(key, root)
+        if not path.exists():
+            raise SeapError(f"input {path} is missing", "run the upstream stages first: `dvc repro`")
+        return path
 
-    return {role: one(value) for role, value in job.inputs.items()}
+    return {role: map_inputs(value, one) for role, value in job.inputs.items()}
 
 
 def run_stage(name: str, params_file: str | Path = PARAMS_FILE, root: str | Path = ".", progress: bool = False) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from seap.contenthash import stage_key, tree_digest
 from seap.io import build_once
-from seap.run.plan import STAGES, Job, Plan
+from seap.run.plan import STAGES, Job, Plan, map_inputs
 from seap.run.stages import StageContext, run_job
 
 Ref = dict[str, str]  # {"path": ..., "digest": ...}: where an output is and the hash of its content
@@ -39,36 +39,7 @@ def ref(path: str | Path) -> Ref:
 def resolve_inputs(job: Job, refs: Mapping[str, Ref]) -> dict[str, Any]:
     """``job.inputs`` with every job key replaced by that job's output reference."""
 
-    def one(value: Any) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            return refs[value]
-        if isinstance(value, Mapping):
-            return {k: one(v) for k, v in value.items()}
-        return [one(v) for v in value]
-
-    return {role: one(value) for role, value in job.inputs.items()}
-
-
-def _paths(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, Mapping) and set(value) == {"path", "digest"}:
-        return Path(value["path"])
-    if isinstance(value, Mapping):
-        return {k: _paths(v) for k, v in value.items()}
-    return [_paths(v) for v in value]
-
-
-def _digests(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, Mapping) and set(value) == {"path", "digest"}:
-        return value["digest"]
-    if isinstance(value, Mapping):
-        return {k: _digests(v) for k, v in value.items()}
-    return [_digests(v) for v in value]
+    return {role: map_inputs(value, refs.__getitem__) for role, value in job.inputs.items()}
 
 
 def content_key(job: Job, inputs: Mapping[str, Any], workdir: str | Path) -> str:
@@ -78,7 +49,7 @@ def content_key(job: Job, inputs: Mapping[str, Any], workdir: str | Path) -> str
     params = dict(job.params)
     if params.get("data_dir"):
         params["data_dir"] = {"path": str(params["data_dir"]), "digest": tree_digest(params["data_dir"])}
-    material = {"job": job.key, "params": params, "inputs": _digests(dict(inputs)),
+    material = {"job": job.key, "params": params, "inputs": {role: map_inputs(v, lambda ref: ref["digest"]) for role, v in inputs.items()},
                 "workdir": str(Path(workdir).resolve())}
     return stage_key(job.stage, material, modules=STAGES[job.stage].modules)
 
@@ -87,7 +58,7 @@ def run_cached(job: Job, inputs: Mapping[str, Any], workdir: str | Path, ctx: St
     """The output of ``job``: reused when its key's folder exists, built otherwise. Returns the
     reference and whether it was reused (``True``: cached)."""
     stage_dir = Path(workdir) / job.stage
-    paths = {role: _paths(value) for role, value in inputs.items()}
+    paths = {role: map_inputs(value, lambda ref: Path(ref["path"])) for role, value in inputs.items()}
     if not STAGES[job.stage].cached:
         stage_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=stage_dir, prefix=".unkeyed-") as tmp:

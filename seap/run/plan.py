@@ -18,7 +18,7 @@ both generated from it) and which configuration options it reads (the DVC ``para
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,30 @@ STAGES: dict[str, Stage] = {
               ("report", "masks", "router"), cached=False),
     )
 }
+
+
+def is_reference(value: Any) -> bool:
+    """A resolved input: ``{"path": ..., "digest": ...}`` (a job's output folder and its content)."""
+    return isinstance(value, Mapping) and set(value) == {"path", "digest"}
+
+
+def map_inputs(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` (one role of a job's inputs) with ``leaf`` applied to each job key (a string)
+    or resolved reference in it, keeping its nesting (mappings, lists) and ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str) or is_reference(value):
+        return leaf(value)
+    if isinstance(value, Mapping):
+        return {k: map_inputs(v, leaf) for k, v in value.items()}
+    return [map_inputs(v, leaf) for v in value]
+
+
+def input_leaves(value: Any) -> list[Any]:
+    """The job keys or references in ``value``, in order."""
+    found: list[Any] = []
+    map_inputs(value, found.append)
+    return found
 
 
 @dataclass(frozen=True)

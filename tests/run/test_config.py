@@ -123,6 +123,26 @@ def test_flow_parameters_are_the_configuration_fields() -> None:
         assert param.default == getattr(defaults, name), name  # read from RunConfig, not repeated
 
 
+def test_partial_flows_take_configuration_fields_with_its_defaults() -> None:
+    import argparse
+    import inspect
+
+    from flows.evaluate import EVALUATE_OPTIONS, evaluate_flow
+    from flows.evaluate import main as evaluate_main  # noqa: F401  (importable)
+    from flows.router import ROUTER_OPTIONS, router_flow
+    from seap.run.config import add_arguments, given_arguments
+
+    defaults = RunConfig()
+    for flow_fn, fields, extra in ((evaluate_flow, EVALUATE_OPTIONS, {"masks", "out"}), (router_flow, ROUTER_OPTIONS, set())):
+        params = inspect.signature(flow_fn.fn).parameters
+        assert set(params) == set(fields) | extra
+        for name in fields:
+            assert params[name].default == getattr(defaults, name), name
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, only=fields)
+        assert given_arguments(parser.parse_args(["--model", "m"])) == {"model": "m"}  # others: the flow's defaults
+
+
 def test_cli_flags_are_the_configuration_fields() -> None:
     import argparse
 

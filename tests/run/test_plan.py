@@ -90,3 +90,14 @@ def test_every_stage_has_a_function_and_its_modules_exist() -> None:
             assert path.is_dir() or path.with_suffix(".py").is_file(), (stage.name, module)
         for option in stage.options:
             assert hasattr(RunConfig(), option), (stage.name, option)
+
+
+def test_map_inputs_keeps_the_nesting_and_visits_every_reference() -> None:
+    from seap.run.plan import input_leaves, map_inputs
+
+    inputs = {"model": "model", "masks": {"geo": "masks/x/geo", "general": None}, "rows": ["evaluate/a", "evaluate/b"]}
+    assert {r: map_inputs(v, str.upper) for r, v in inputs.items()} == {
+        "model": "MODEL", "masks": {"geo": "MASKS/X/GEO", "general": None}, "rows": ["EVALUATE/A", "EVALUATE/B"]}
+    resolved = {"masks": {"geo": {"path": "/w/geo", "digest": "d1"}}, "rows": [{"path": "/w/a", "digest": "d2"}]}
+    assert [ref["digest"] for v in resolved.values() for ref in input_leaves(v)] == ["d1", "d2"]
+    assert map_inputs(resolved["rows"], lambda ref: ref["path"]) == ["/w/a"]
