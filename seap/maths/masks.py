@@ -6,6 +6,10 @@ are kept. On disk it is a folder (like a PEFT adapter) with
 * ``mask.safetensors``: ``layers.{i}.heads`` [H], ``layers.{i}.kv_heads`` [KV] and
   ``layers.{i}.channels`` [I] as uint8 keep-flags, and, when the mask carries FLAP bias
   compensation, ``layers.{i}.attn_mean`` / ``layers.{i}.mlp_mean`` (calibration means);
+  a *reconstructed* mask also carries the refitted weights of the kept input columns of
+  ``o_proj`` and ``down_proj`` (``layers.{i}.o_weight`` [hidden, kept heads x head_dim],
+  ``layers.{i}.down_weight`` [hidden, kept channels], and ``o_bias`` / ``down_bias`` when the
+  refit has a bias term), see :mod:`seap.maths.reconstruction`;
 * ``mask.json``: the base model fingerprint, task, score, schedule and its parameters,
   target and realised sparsity overall and per layer, and the checksum of the tensors.
 
@@ -40,6 +44,10 @@ class LayerMask:
     channels: torch.Tensor  # bool [intermediate_size]
     attn_mean: torch.Tensor | None = None  # [num_heads * head_dim], for bias compensation
     mlp_mean: torch.Tensor | None = None  # [intermediate_size]
+    refit: dict[str, torch.Tensor] | None = None  # o_weight, down_weight (+ o_bias, down_bias): reconstruction
+
+
+REFIT_TENSORS = ("o_weight", "down_weight", "o_bias", "down_bias")
 
 
 @dataclass
@@ -62,6 +70,11 @@ class PruningMask:
     def has_bias_compensation(self) -> bool:
         return all(layer.attn_mean is not None and layer.mlp_mean is not None for layer in self.layers)
 
+    @property
+    def is_reconstructed(self) -> bool:
+        """Whether the mask carries refitted ``o_proj`` / ``down_proj`` weights (every layer)."""
+        return bool(self.layers) and all(layer.refit is not None for layer in self.layers)
+
     def kept_geometry(self) -> ModelGeometry:
         from seap.maths.geometry import LayerGeometry
 
@@ -81,6 +94,10 @@ class PruningMask:
         for layer in self.layers:
             for t in (layer.heads, layer.kv_heads, layer.channels):
                 h.update(t.to(torch.uint8).numpy().tobytes())
+            for name in REFIT_TENSORS if layer.refit is not None else ():  # a refitted expert is another model
+                if name in layer.refit:
+                    h.update(name.encode())
+                    h.update(layer.refit[name].detach().to(torch.float32).contiguous().numpy().tobytes())
         return "sha256:" + h.hexdigest()
 
     def check_model(self, fingerprint: str) -> None:
@@ -103,6 +120,8 @@ class PruningMask:
             if layer.attn_mean is not None and layer.mlp_mean is not None:
                 tensors[f"layers.{i}.attn_mean"] = layer.attn_mean.to(torch.float32)
                 tensors[f"layers.{i}.mlp_mean"] = layer.mlp_mean.to(torch.float32)
+            for name, t in (layer.refit or {}).items():
+                tensors[f"layers.{i}.{name}"] = t.contiguous()
         meta = {**self.meta, "geometry": self.geometry.to_dict(), "mask_digest": self.digest(),
                 "bias_compensation": self.has_bias_compensation}
         return write_artifact(MASK_ARTIFACT, path, tensors, meta, overwrite)
@@ -114,7 +133,8 @@ class PruningMask:
         geometry = ModelGeometry.from_dict(meta.pop("geometry"))
         layers = [
             LayerMask(*(require(t, f"layers.{i}.{name}", MASK_ARTIFACT).bool() for name in ("heads", "kv_heads", "channels")),
-                      t.get(f"layers.{i}.attn_mean"), t.get(f"layers.{i}.mlp_mean"))
+                      t.get(f"layers.{i}.attn_mean"), t.get(f"layers.{i}.mlp_mean"),
+                      {n: t[f"layers.{i}.{n}"] for n in REFIT_TENSORS if f"layers.{i}.{n}" in t} or None)
             for i in range(geometry.num_layers)
         ]
         mask = cls(layers, geometry, meta)
@@ -133,6 +153,8 @@ def validate_mask(mask: PruningMask) -> None:
             raise ArtifactError(f"mask layer {i} has shapes that do not match its geometry", "rebuild the mask")
         if not m.heads.any() or not m.kv_heads.any() or not m.channels.any():
             raise ArtifactError(f"mask layer {i} removes a whole attention or MLP block", "rebuild the mask")
+        if m.refit is not None:
+            _check_refit(i, m, g, mask.geometry.hidden_size)
         per_group = m.heads.reshape(g.num_kv_heads, g.group_size).sum(dim=1)
         kept_groups = per_group[m.kv_heads]
         if (per_group[~m.kv_heads] != 0).any() or (kept_groups != kept_groups[0]).any():
@@ -140,6 +162,25 @@ def validate_mask(mask: PruningMask) -> None:
                 f"mask layer {i} is not a valid GQA layout (kept query heads per key/value group: {per_group.tolist()})",
                 "rebuild the mask",
             )
+
+
+def _check_refit(i: int, m: LayerMask, g: Any, hidden: int) -> None:
+    """Refitted weights must match the kept widths of their layer (else the file is corrupt)."""
+    kept_attn = int(m.heads.sum()) * g.head_dim
+    kept_mlp = int(m.channels.sum())
+    expected = {"o_weight": (hidden, kept_attn), "down_weight": (hidden, kept_mlp), "o_bias": (hidden,),
+                "down_bias": (hidden,)}
+    refit = m.refit or {}
+    missing = {"o_weight", "down_weight"} - set(refit)
+    if missing:
+        raise ArtifactError(f"mask layer {i}: refitted weights {sorted(missing)} are missing", "rebuild the mask")
+    for name, t in refit.items():
+        if name not in expected or tuple(t.shape) != expected[name]:
+            raise ArtifactError(
+                f"mask layer {i}: refitted {name} has shape {tuple(t.shape)}, the mask keeps {expected.get(name)}",
+                "rebuild the reconstructed mask from the same mask and statistics")
+        if not torch.isfinite(t).all():
+            raise ArtifactError(f"mask layer {i}: refitted {name} holds NaN or infinite values", "rebuild the mask")
 
 
 def _lowest(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -231,4 +272,4 @@ def full_mask(geometry: ModelGeometry, fingerprint: str) -> PruningMask:
                                           "realised_sparsity": 0.0})
 
 
-__all__ = ["LayerMask", "PruningMask", "build_mask", "full_mask", "select_units", "validate_mask"]
+__all__ = ["REFIT_TENSORS", "LayerMask", "PruningMask", "build_mask", "full_mask", "select_units", "validate_mask"]

@@ -127,3 +127,72 @@ def merge_all(parts: list[ChannelMoments]) -> ChannelMoments:
     for part in parts[1:]:
         out = out.merge(part)
     return out
+
+
+@dataclass
+class SecondMoments:
+    """Uncentred second moments of a layer input over N tokens: ``sum_t x_t x_t^T`` and
+    ``sum_t x_t`` (float64), so ``G = gram / count`` and ``mu = total / count``.
+
+    Plain sums are exact to merge (shards add), and float64 accumulation keeps them precise over
+    millions of tokens (the rounding of float32 sums grows with their number). What
+    reconstruction needs (``../docs/reconstruction.md``): ``G``, and the centred covariance
+    ``C = G - mu mu^T`` when the fit has a bias term.
+    """
+
+    count: int
+    gram: torch.Tensor  # [width, width]
+    total: torch.Tensor  # [width]
+
+    @classmethod
+    def empty(cls, width: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> SecondMoments:
+        return cls(0, torch.zeros(width, width, dtype=dtype, device=device), torch.zeros(width, dtype=dtype, device=device))
+
+    @classmethod
+    def from_masked(cls, activations: torch.Tensor, token_weights: torch.Tensor | None, count: int,
+                    dtype: torch.dtype = torch.float64) -> SecondMoments:
+        """Second moments over the real tokens of a ``[..., width]`` batch (``token_weights``
+        1.0 for real tokens, 0.0 for padding; ``count`` their sum). Like the moments, one batch
+        is summed in float32 (float64 for float64 input), and batches are added in ``dtype``."""
+        flat = activations.detach().reshape(-1, activations.shape[-1])
+        flat = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+        if token_weights is not None:
+            flat = flat * token_weights.reshape(-1, 1).to(flat.dtype)  # padding rows become zero
+        return cls(count, (flat.T @ flat).to(dtype), flat.sum(dim=0).to(dtype))
+
+    @property
+    def width(self) -> int:
+        return int(self.total.shape[0])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """``G = (1/N) sum_t x_t x_t^T``."""
+        return self.gram / max(self.count, 1)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Centred (population) covariance ``G - mu mu^T``."""
+        mu = self.mean
+        return self.second_moment - torch.outer(mu, mu)
+
+    def merge(self, other: SecondMoments) -> SecondMoments:
+        """Second moments of the union of both token sets (returns a new object)."""
+        if other.width != self.width:
+            raise ValueError(f"cannot merge second moments of width {self.width} and {other.width}")
+        return SecondMoments(self.count + other.count, self.gram + other.gram.to(self.gram),
+                             self.total + other.total.to(self.total))
+
+    def to(self, device: torch.device | str) -> SecondMoments:
+        return SecondMoments(self.count, self.gram.to(device), self.total.to(device))
+
+    def update_(self, batch: SecondMoments) -> None:
+        """Fold a batch's second moments into this accumulator in place."""
+        if batch.width != self.width:
+            raise ValueError(f"cannot merge second moments of width {self.width} and {batch.width}")
+        self.count += batch.count
+        self.gram += batch.gram.to(self.gram)
+        self.total += batch.total.to(self.total)

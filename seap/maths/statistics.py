@@ -20,7 +20,7 @@ import torch
 from seap.artifacts import ArtifactKind, read_artifact, require, write_artifact
 from seap.errors import ModelMismatchError, SeapError
 from seap.maths.geometry import ModelGeometry
-from seap.maths.moments import ChannelMoments
+from seap.maths.moments import ChannelMoments, SecondMoments
 
 STATS_ARTIFACT = ArtifactKind("seap-activation-statistics", 1, "stats.safetensors", "stats.json", "re-run `seap stats`")
 MODULES = ("attn", "mlp")  # attn: input of o_proj; mlp: input of down_proj
@@ -42,10 +42,20 @@ class WeightColumnNorms:
 
 @dataclass
 class LayerStatistics:
+    """One decoder layer: moments of the ``o_proj`` input (``attn``) and the ``down_proj``
+    input (``mlp``), both projections' column norms, and (collected only when reconstruction
+    asks for them) the second moments of both inputs."""
+
     attn: ChannelMoments
     mlp: ChannelMoments
     o_proj: WeightColumnNorms
     down_proj: WeightColumnNorms
+    attn_second: SecondMoments | None = None
+    mlp_second: SecondMoments | None = None
+
+    def second(self, module: str) -> SecondMoments | None:
+        """The second moments of ``module`` (``"attn"`` or ``"mlp"``), if collected."""
+        return self.attn_second if module == "attn" else self.mlp_second
 
 
 @dataclass
@@ -68,6 +78,12 @@ class ActivationStatistics:
     def num_tokens(self) -> int:
         return self.layers[0].attn.count if self.layers else 0
 
+    @property
+    def has_second_moments(self) -> bool:
+        """Whether every layer carries the second moments reconstruction needs."""
+        return bool(self.layers) and all(layer.attn_second is not None and layer.mlp_second is not None
+                                         for layer in self.layers)
+
     # -- persistence ---------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``stats.safetensors`` + ``stats.json`` into the folder ``path`` atomically."""
@@ -80,6 +96,10 @@ class ActivationStatistics:
                 tensors[f"{prefix}.mean"] = m.mean
                 tensors[f"{prefix}.m2"] = m.m2
                 tensors[f"{prefix}.mean_sq"] = m.mean_sq
+                second = layer.second(module)
+                if second is not None:
+                    tensors[f"{prefix}.gram"] = second.gram
+                    tensors[f"{prefix}.total"] = second.total
             for proj in ("o_proj", "down_proj"):
                 norms: WeightColumnNorms = getattr(layer, proj)
                 tensors[f"layers.{i}.{proj}.sq_l2"] = norms.sq_l2
@@ -110,7 +130,11 @@ class ActivationStatistics:
                                         int(get(f"layers.{i}.{proj}.out_features")[0]))
                 for proj in ("o_proj", "down_proj")
             }
-            layers.append(LayerStatistics(moments["attn"], moments["mlp"], norms["o_proj"], norms["down_proj"]))
+            second = {module: SecondMoments(moments[module].count, t[f"layers.{i}.{module}.gram"],
+                                            t[f"layers.{i}.{module}.total"])
+                      if f"layers.{i}.{module}.gram" in t else None for module in MODULES}
+            layers.append(LayerStatistics(moments["attn"], moments["mlp"], norms["o_proj"], norms["down_proj"],
+                                          second["attn"], second["mlp"]))
         return cls(layers, geometry, meta)
 
 
@@ -139,7 +163,16 @@ def merge_statistics(parts: Sequence[ActivationStatistics], task: str | None = N
             attn = attn.merge(p.layers[i].attn)
             mlp = mlp.merge(p.layers[i].mlp)
         first = parts[0].layers[i]
-        layers.append(LayerStatistics(attn, mlp, first.o_proj, first.down_proj))
+        seconds: dict[str, SecondMoments | None] = {}
+        for module in MODULES:
+            found = [p.layers[i].second(module) for p in parts]
+            merged = None
+            if all(f is not None for f in found):  # kept only when every shard has them
+                merged = found[0]
+                for f in found[1:]:
+                    merged = merged.merge(f)  # type: ignore[union-attr]
+            seconds[module] = merged
+        layers.append(LayerStatistics(attn, mlp, first.o_proj, first.down_proj, seconds["attn"], seconds["mlp"]))
     meta = dict(parts[0].meta)
     meta["task"] = task or parts[0].task
     meta["num_texts"] = sum(int(p.meta.get("num_texts", 0)) for p in parts)

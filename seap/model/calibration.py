@@ -23,8 +23,32 @@ from seap.errors import ModelMismatchError, SeapError
 from seap.maths.geometry import ModelGeometry
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel
-from seap.maths.moments import ACCUMULATION_DTYPES, ChannelMoments
+from seap.maths.moments import ACCUMULATION_DTYPES, ChannelMoments, SecondMoments
 from seap.maths.statistics import ActivationStatistics, LayerStatistics, WeightColumnNorms
+
+DEFAULT_SECOND_MOMENT_BUDGET = 4 * 2**30  # bytes of second-moment accumulators on the device at once
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the last layer a pass needs has been seen (the rest is skipped)."""
+
+
+def second_moment_groups(widths: Sequence[tuple[int, int]], budget: int, itemsize: int = 8) -> list[list[int]]:
+    """Consecutive layers whose second-moment accumulators (``width^2`` each, for the ``o_proj``
+    and ``down_proj`` inputs of a layer) fit in ``budget`` bytes together; one pass each (a
+    layer larger than the budget gets a pass of its own)."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, (attn, mlp) in enumerate(widths):
+        size = (attn * attn + mlp * mlp) * itemsize
+        if groups and used + size <= budget:
+            groups[-1].append(i)
+            used += size
+        else:
+            groups.append([i])
+            used = size
+    return groups
+
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped in batches of similar length (longest first), to minimise padding."""
@@ -49,11 +73,19 @@ def collect_statistics(
     accumulate_dtype: str = "float64",
     shard: tuple[int, int] | None = None,
     progress: bool = True,
+    second_moments: bool = False,
+    second_moment_budget: int = DEFAULT_SECOND_MOMENT_BUDGET,
 ) -> ActivationStatistics:
     """Run the corpus through the model and return per-channel moments for every layer.
 
     ``shard=(i, n)`` processes only texts ``i, i+n, i+2n, ...``; merging all ``n`` shards
     with :func:`merge_statistics` equals one pass. Hooks are removed even on error.
+
+    With ``second_moments`` (what reconstruction needs), every layer also gets the second
+    moments of both inputs (:class:`SecondMoments`, in the accumulation dtype). The first pass
+    collects them with the moments for as many layers as fit in ``second_moment_budget``
+    bytes of accumulators; each further group of layers takes one more pass that stops after
+    its last layer, and each group is moved to the CPU before the next starts.
     """
     if batch_size < 1:
         raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
@@ -82,38 +114,64 @@ def collect_statistics(
         (ChannelMoments.empty(m.o_proj.in_features, dtype, device), ChannelMoments.empty(m.down_proj.in_features, dtype, device))
         for m in mods
     ]
+    groups = (second_moment_groups([(m.o_proj.in_features, m.down_proj.in_features) for m in mods],
+                                   second_moment_budget, torch.finfo(dtype).bits // 8) if second_moments else [[]])
+    seconds: list[list[SecondMoments | None]] = [[None, None] for _ in mods]
     state: dict[str, Any] = {"token_weights": None, "count": 0}
-
-    def make_hook(layer: int, which: int) -> Any:
-        def hook(_module: torch.nn.Module, x: torch.Tensor) -> None:
-            batch = ChannelMoments.from_masked(x, state["token_weights"], state["count"], dtype)
-            accumulators[layer][which].update_(batch)
-
-        return hook
-
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     backbone = adapter.backbone(model)
+    batches = _batches([len(x) for x in token_ids], batch_size)
     start = time.perf_counter()
     n_tokens = 0
-    with HookManager() as hooks, torch.inference_mode():
-        for i, m in enumerate(mods):
-            hooks.add_input_hook(m.o_proj, make_hook(i, 0))
-            hooks.add_input_hook(m.down_proj, make_hook(i, 1))
-        batches = _batches([len(x) for x in token_ids], batch_size)
-        bar = tqdm(batches, desc=f"statistics [{corpus.task}]", unit="batch", disable=not progress, leave=False)
-        for batch in bar:
-            input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, device)
-            count = int(attention_mask.sum())
-            # no padding in this batch (common: batches are sorted by length): plain sums
-            state["token_weights"] = None if count == attention_mask.numel() else attention_mask
-            state["count"] = count
-            backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            n_tokens += count
+    for pass_index, group in enumerate(groups):
+        first_pass = pass_index == 0
+        wanted = set(group)
+        for i in group:
+            seconds[i] = [SecondMoments.empty(mods[i].o_proj.in_features, dtype, device),
+                          SecondMoments.empty(mods[i].down_proj.in_features, dtype, device)]
+
+        def make_hook(layer: int, which: int, moments: bool, second: bool, stop: bool) -> Any:
+            def hook(_module: torch.nn.Module, x: torch.Tensor) -> None:
+                if moments:
+                    batch = ChannelMoments.from_masked(x, state["token_weights"], state["count"], dtype)
+                    accumulators[layer][which].update_(batch)
+                if second:
+                    acc = seconds[layer][which]
+                    assert acc is not None
+                    acc.update_(SecondMoments.from_masked(x, state["token_weights"], state["count"], dtype))
+                if stop:
+                    raise _StopForward
+
+            return hook
+
+        last = max(group) if (group and not first_pass) else None
+        with HookManager() as hooks, torch.inference_mode():
+            for i, m in enumerate(mods):
+                if first_pass or i in wanted:
+                    hooks.add_input_hook(m.o_proj, make_hook(i, 0, first_pass, i in wanted, False))
+                    hooks.add_input_hook(m.down_proj, make_hook(i, 1, first_pass, i in wanted, i == last))
+            label = f"statistics [{corpus.task}]" + (f" pass {pass_index + 1}/{len(groups)}" if len(groups) > 1 else "")
+            bar = tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False)
+            for batch in bar:
+                input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, device)
+                count = int(attention_mask.sum())
+                # no padding in this batch (common: batches are sorted by length): plain sums
+                state["token_weights"] = None if count == attention_mask.numel() else attention_mask
+                state["count"] = count
+                try:
+                    backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                except _StopForward:
+                    pass
+                if first_pass:
+                    n_tokens += count
+        for i in group:  # off the device before the next group's accumulators
+            seconds[i] = [acc.to("cpu") if acc is not None else None for acc in seconds[i]]
     elapsed = time.perf_counter() - start
 
     layers = [
-        LayerStatistics(a.to("cpu"), b.to("cpu"), WeightColumnNorms.of(m.o_proj.weight), WeightColumnNorms.of(m.down_proj.weight))
-        for (a, b), m in zip(accumulators, mods, strict=True)
+        LayerStatistics(a.to("cpu"), b.to("cpu"), WeightColumnNorms.of(m.o_proj.weight), WeightColumnNorms.of(m.down_proj.weight),
+                        second[0], second[1])
+        for (a, b), m, second in zip(accumulators, mods, seconds, strict=True)
     ]
     meta = {
         "task": corpus.task,
@@ -127,6 +185,8 @@ def collect_statistics(
         "shard": list(shard) if shard else None,
         "seconds": round(elapsed, 3),
     }
+    if second_moments:  # (absent otherwise: statistics without them stay byte for byte as before)
+        meta["second_moments"] = {"passes": len(groups), "budget_bytes": second_moment_budget}
     counts = {layer.attn.count for layer in layers} | {layer.mlp.count for layer in layers}
     if counts != {n_tokens}:
         raise RuntimeError(f"hooks saw {sorted(counts)} tokens, the batches held {n_tokens}: was a layer skipped?")

@@ -9,6 +9,9 @@ FLAP-style bias compensation.
 * **bias compensation** (FLAP): the removed channels' mean contribution is folded into a
   bias of o_proj / down_proj: ``b += W[:, removed] @ mean[removed]``. Needs a mask built
   with calibration means (``--bias-compensation`` at mask time).
+* **reconstruction**: a reconstructed mask carries refitted weights for the kept input
+  columns of o_proj / down_proj (and a bias, if its refit has one), which replace the plain
+  slice (:func:`reconstruct_mask`); soft mode places them in the dense-shaped weight.
 """
 
 from __future__ import annotations
@@ -73,17 +76,28 @@ def _prune_layer(mods: LayerModules, mask: LayerMask, head_dim: int, hard: bool,
             return _replace_linear(w[keep], b[keep] if b is not None else None, linear)
         return _replace_linear(w * keep[:, None].to(w.dtype), b * keep.to(b.dtype) if b is not None else None, linear)
 
-    def cols(linear: nn.Linear, keep: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    def cols(linear: nn.Linear, keep: torch.Tensor, bias: torch.Tensor | None, name: str) -> nn.Linear:
         w = linear.weight.detach()
-        return _replace_linear(w[:, keep] if hard else w * keep[None, :].to(w.dtype), bias, linear)
+        if mask.refit is None:
+            return _replace_linear(w[:, keep] if hard else w * keep[None, :].to(w.dtype), bias, linear)
+        kept = mask.refit[f"{name}_weight"].to(device=w.device, dtype=w.dtype)
+        refit_bias = mask.refit.get(f"{name}_bias")
+        if refit_bias is not None:
+            refit_bias = refit_bias.to(device=w.device, dtype=w.dtype)
+            bias = refit_bias if bias is None else bias + refit_bias
+        if hard:
+            return _replace_linear(kept, bias, linear)
+        full = torch.zeros_like(w)
+        full[:, keep] = kept
+        return _replace_linear(full, bias, linear)
 
     replacements["q_proj"] = rows(mods.q_proj, q_rows)
     replacements["k_proj"] = rows(mods.k_proj, kv_rows)
     replacements["v_proj"] = rows(mods.v_proj, kv_rows)
-    replacements["o_proj"] = cols(mods.o_proj, q_rows, o_bias)
+    replacements["o_proj"] = cols(mods.o_proj, q_rows, o_bias, "o")
     replacements["gate_proj"] = rows(mods.gate_proj, ch)
     replacements["up_proj"] = rows(mods.up_proj, ch)
-    replacements["down_proj"] = cols(mods.down_proj, ch, down_bias)
+    replacements["down_proj"] = cols(mods.down_proj, ch, down_bias, "down")
     return replacements
 
 
@@ -125,7 +139,10 @@ def apply_mask(
     if getattr(loaded.model.config, "seap_pruning", None):
         raise SeapError("this model is already pruned", "apply masks to the dense base model")
     if bias_compensation is None:
-        bias_compensation = mask.has_bias_compensation
+        bias_compensation = mask.has_bias_compensation and not mask.is_reconstructed
+    if bias_compensation and mask.is_reconstructed:
+        raise SeapError("this mask is reconstructed: its refit already replaces bias compensation",
+                        "apply it without --bias-compensation")
     model = loaded.model if inplace else share_copy(loaded.model)
     adapter = loaded.adapter
     head_dim = adapter.head_dim(model.config)
@@ -148,4 +165,6 @@ def apply_mask(
         "realised_sparsity": mask.realised_sparsity(),
         "bias_compensation": bias_compensation,
     }
+    if mask.is_reconstructed:
+        model.config.seap_pruning["reconstruction"] = mask.meta.get("reconstruction")
     return LoadedModel(model, loaded.tokenizer, adapter, f"{loaded.source}+mask:{mask.task}", model_fingerprint(model))

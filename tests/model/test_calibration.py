@@ -113,3 +113,37 @@ def test_bad_arguments() -> None:
         collect_statistics(loaded, corpus(), batch_size=0, progress=False)
     with pytest.raises(SeapError, match="shard"):
         collect_statistics(loaded, corpus(), shard=(3, 3), progress=False)
+
+
+def test_second_moments_equal_direct_computation_in_one_pass_or_several(tmp_path) -> None:
+    loaded = make_tiny_model("llama-gqa")
+    c = corpus()
+    ref = direct_inputs(loaded, c.texts)
+    plain = collect_statistics(loaded, c, batch_size=5, progress=False)
+    assert not plain.has_second_moments and "second_moments" not in plain.meta
+    one = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True)
+    per_layer = (64 * 64 + 96 * 96) * 8  # this model's accumulators of one layer, in bytes
+    several = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True,
+                                 second_moment_budget=2 * per_layer)  # two layers per pass: 3 passes
+    assert one.meta["second_moments"]["passes"] == 1 and several.meta["second_moments"]["passes"] == 3
+    assert one.has_second_moments and several.has_second_moments
+    for i, (a, b) in enumerate(zip(one.layers, several.layers, strict=True)):
+        for module in ("attn", "mlp"):
+            x = torch.from_numpy(ref[(i, module)])
+            sa, sb = a.second(module), b.second(module)
+            assert sa.count == sb.count == x.shape[0] == getattr(a, module).count
+            torch.testing.assert_close(sa.gram, x.T @ x, rtol=1e-4, atol=1e-5)  # padding excluded
+            torch.testing.assert_close(sb.gram, sa.gram)
+            torch.testing.assert_close(sa.total, x.sum(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.attn.mean, b.attn.mean)  # the moments are unchanged by passes
+    assert count_hooks(loaded.model) == 0
+    shards = [collect_statistics(loaded, c, batch_size=3, shard=(i, 2), progress=False, second_moments=True)
+              for i in range(2)]
+    for i, s in enumerate(shards):
+        s.save(tmp_path / f"s{i}")
+    merged = merge_statistics([ActivationStatistics.load(tmp_path / f"s{i}") for i in range(2)])
+    for a, b in zip(one.layers, merged.layers, strict=True):
+        torch.testing.assert_close(b.mlp_second.gram, a.mlp_second.gram, rtol=1e-5, atol=1e-6)
+        assert b.mlp_second.count == a.mlp_second.count
+    mixed = merge_statistics([shards[0], plain])  # a shard without them: the merge has none
+    assert not mixed.has_second_moments

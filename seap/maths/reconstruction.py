@@ -1,0 +1,123 @@
+"""Training-free reconstruction: refit a layer that lost input channels, in closed form (pure).
+
+A mask removes input channels of the attention output projection and the MLP down
+projection. With the layer ``y = W x`` (``W``: ``[d_out, d_in]``), the kept channels ``S``
+and the second moments of its input on calibration tokens (:class:`SecondMoments`), the
+refit solves, for new weights ``W'`` (``[d_out, |S|]``) and optionally a bias ``b``::
+
+    minimise  E_t || W x_t - (W' x_t[S] + b) ||^2  +  lambda || W' - P ||^2
+
+where the prior ``P`` is the plain slice ``W[:, S]`` (``prior="slice"``: a strong
+regulariser falls back to plain slicing) or zero (``prior="zero"``: the plain ridge, which a
+strong regulariser drives towards a dead layer). ``lambda = alpha * mean(diag(G[S, S]))``.
+Without a bias (``G`` the uncentred second moment)::
+
+    W' = (W G[:, S] + lambda P) (G[S, S] + lambda I)^-1
+
+With a bias, the same with the centred covariance ``C`` in place of ``G``, and
+``b = W mu - W' mu[S]``. One Cholesky factorisation of the ``|S| x |S|`` system serves every
+output row; everything is computed in float64. FLAP's bias compensation (``W' = W[:, S]``,
+``b = W[:, ~S] mu[~S]``) is the special case ``lambda -> infinity`` with a bias. See
+``docs/reconstruction.md`` of the method notes for the derivation and the choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seap.maths.moments import SecondMoments
+
+PRIORS = ("slice", "zero")
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    """How a layer is refitted: relative regularisation ``alpha``, the ``prior`` the
+    regulariser pulls towards, and whether a bias term is fitted."""
+
+    alpha: float = 1e-2
+    prior: str = "slice"
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prior not in PRIORS:
+            raise ValueError(f"unknown prior {self.prior!r}; choose one of {', '.join(PRIORS)}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be at least 0, got {self.alpha}")
+
+
+@dataclass
+class Refit:
+    """Refitted weights of the kept input columns (``[d_out, |S|]``) and the bias (or None)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    damping: float
+
+
+def _moment_matrix(moments: SecondMoments, centred: bool) -> torch.Tensor:
+    return moments.covariance if centred else moments.second_moment
+
+
+def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor,
+                options: RefitOptions = RefitOptions()) -> Refit:
+    """The closed-form refit of ``weight`` (``[d_out, d_in]``) to its kept input columns
+    ``keep`` (indices) on the inputs summarised by ``moments``; returned in ``weight``'s dtype."""
+    if moments.width != weight.shape[1]:
+        raise ValueError(f"moments of width {moments.width} for a layer with {weight.shape[1]} inputs")
+    if moments.count == 0:
+        raise ValueError("no calibration tokens: cannot refit")
+    keep = keep.to(torch.long).cpu()
+    w = weight.detach().to(torch.float64).cpu()
+    g = _moment_matrix(moments, options.bias).to(torch.float64).cpu()
+    g_ss = g[keep][:, keep]
+    damping = options.alpha * float(g_ss.diagonal().mean()) if keep.numel() else 0.0
+    rhs = w @ g[:, keep]  # [d_out, k]
+    if options.prior == "slice":
+        rhs = rhs + damping * w[:, keep]
+    system = g_ss + damping * torch.eye(keep.numel(), dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:  # singular (too few tokens, no damping): least squares on the symmetric system
+        new = torch.linalg.lstsq(system, rhs.T).solution.T
+    else:
+        new = torch.cholesky_solve(rhs.T, factor).T
+    bias = None
+    if options.bias:
+        mu = moments.mean.to(torch.float64).cpu()
+        bias = (w @ mu - new @ mu[keep]).to(weight.dtype)
+    return Refit(new.to(weight.dtype), bias, damping)
+
+
+def output_error(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor, new_weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> float:
+    """``E_t || W x_t - (W' x_t[S] + b) ||^2`` over the tokens of ``moments``, from the moments
+    alone (no samples): ``tr(D G D^T) - 2 b^T D mu + ||b||^2`` with ``D = W - W'`` (``W'``
+    placed at the kept columns)."""
+    w = weight.detach().to(torch.float64).cpu()
+    delta = w.clone()
+    delta[:, keep.to(torch.long).cpu()] -= new_weight.detach().to(torch.float64).cpu()
+    g = moments.second_moment.to(torch.float64).cpu()
+    error = float(torch.einsum("ij,jk,ik->", delta, g, delta))
+    if bias is not None:
+        b = bias.detach().to(torch.float64).cpu()
+        error += float(b @ b) - 2.0 * float(b @ (delta @ moments.mean.to(torch.float64).cpu()))
+    return max(error, 0.0)
+
+
+def output_energy(weight: torch.Tensor, moments: SecondMoments) -> float:
+    """``E_t || W x_t ||^2``: what :func:`output_error` is relative to."""
+    w = weight.detach().to(torch.float64).cpu()
+    return float(torch.einsum("ij,jk,ik->", w, moments.second_moment.to(torch.float64).cpu(), w))
+
+
+def compensation_bias(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias compensation: the removed columns' mean contribution ``W[:, ~S] mu[~S]``."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[keep.to(torch.long).cpu()] = False
+    w = weight.detach().to(torch.float64).cpu()
+    return (w[:, removed] @ moments.mean.to(torch.float64).cpu()[removed]).to(weight.dtype)
+
+
+__all__ = ["PRIORS", "Refit", "RefitOptions", "compensation_bias", "output_energy", "output_error", "refit_layer"]

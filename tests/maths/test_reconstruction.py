@@ -1,0 +1,106 @@
+"""Closed-form refitting and the second moments it reads (pure tensors, no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seap.maths.moments import SecondMoments
+from seap.maths.reconstruction import (RefitOptions, compensation_bias, output_energy, output_error,
+                                       refit_layer)
+
+
+def _inputs(n: int = 400, width: int = 12, seed: int = 0) -> torch.Tensor:
+    """Correlated inputs with a non-zero mean (what a refit can exploit)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    mix = torch.randn(4, width, generator=g, dtype=torch.float64)
+    return base @ mix + 0.3 * torch.randn(n, width, generator=g, dtype=torch.float64) + 0.5
+
+
+def _weight(d_out: int = 6, width: int = 12) -> torch.Tensor:
+    return torch.randn(d_out, width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _sample_error(w, x, keep, new, bias=None) -> float:
+    y = x @ w.T
+    fit = x[:, keep] @ new.T + (bias if bias is not None else 0)
+    return float(((y - fit) ** 2).sum(dim=1).mean())
+
+
+def test_second_moments_merge_exactly_and_exclude_padding() -> None:
+    x = _inputs()
+    whole = SecondMoments.from_masked(x, None, x.shape[0])
+    parts = [SecondMoments.from_masked(x[i:i + 97], None, len(x[i:i + 97])) for i in range(0, len(x), 97)]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part)
+    assert merged.count == whole.count
+    torch.testing.assert_close(merged.gram, whole.gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(merged.second_moment, x.T @ x / len(x))
+    torch.testing.assert_close(merged.covariance, torch.cov(x.T, correction=0))
+    padded = torch.cat([x[:10], torch.full((5, x.shape[1]), 99.0, dtype=torch.float64)])
+    weights = torch.cat([torch.ones(10), torch.zeros(5)])
+    masked = SecondMoments.from_masked(padded, weights, 10)
+    torch.testing.assert_close(masked.gram, x[:10].T @ x[:10])
+    acc = SecondMoments.empty(x.shape[1])
+    acc.update_(whole)
+    assert acc.count == whole.count
+    with pytest.raises(ValueError, match="width"):
+        whole.merge(SecondMoments.empty(3))
+
+
+@pytest.mark.parametrize("options", [RefitOptions(alpha=0.0), RefitOptions(alpha=1e-2), RefitOptions(alpha=1e-2, bias=True),
+                                     RefitOptions(alpha=1.0, prior="slice")])
+def test_refit_never_worse_than_slicing_and_exact_when_nothing_is_pruned(options: RefitOptions) -> None:
+    x, w = _inputs(), _weight()
+    moments = SecondMoments.from_masked(x, None, len(x))
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    refit = refit_layer(w, moments, keep, options)
+    sliced = output_error(w, moments, keep, w[:, keep])
+    assert refit.weight.shape == (6, 7)
+    error = output_error(w, moments, keep, refit.weight, refit.bias)
+    assert error <= sliced + 1e-9
+    assert error == pytest.approx(_sample_error(w, x, keep, refit.weight, refit.bias), rel=1e-6, abs=1e-9)
+    everything = torch.arange(12)
+    full = refit_layer(w, moments, everything, options)
+    torch.testing.assert_close(full.weight, w, rtol=1e-6, atol=1e-6)
+    assert output_error(w, moments, everything, full.weight, full.bias) < 1e-10
+
+
+def test_unregularised_refit_is_least_squares_and_bias_beats_compensation() -> None:
+    x, w = _inputs(), _weight()
+    moments = SecondMoments.from_masked(x, None, len(x))
+    keep = torch.tensor([1, 4, 6, 9])
+    refit = refit_layer(w, moments, keep, RefitOptions(alpha=0.0))
+    direct = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
+    torch.testing.assert_close(refit.weight, direct, rtol=1e-6, atol=1e-8)
+    flap = compensation_bias(w, moments, keep)
+    with_bias = refit_layer(w, moments, keep, RefitOptions(alpha=1e-3, bias=True))
+    flap_error = output_error(w, moments, keep, w[:, keep], flap)
+    assert output_error(w, moments, keep, with_bias.weight, with_bias.bias) <= flap_error
+    assert flap_error <= output_error(w, moments, keep, w[:, keep])  # the mean alone already helps
+    assert output_energy(w, moments) == pytest.approx(float(((x @ w.T) ** 2).sum(1).mean()))
+
+
+def test_the_slice_prior_falls_back_to_slicing_and_the_zero_prior_to_nothing() -> None:
+    x, w = _inputs(), _weight()
+    moments = SecondMoments.from_masked(x, None, len(x))
+    keep = torch.tensor([0, 1, 2, 3, 4, 5])
+    strong_slice = refit_layer(w, moments, keep, RefitOptions(alpha=1e6, prior="slice"))
+    strong_zero = refit_layer(w, moments, keep, RefitOptions(alpha=1e6, prior="zero"))
+    torch.testing.assert_close(strong_slice.weight, w[:, keep], rtol=1e-4, atol=1e-4)
+    assert strong_zero.weight.abs().max() < 1e-4
+
+
+def test_bad_refit_input() -> None:
+    x, w = _inputs(), _weight()
+    with pytest.raises(ValueError, match="width"):
+        refit_layer(w, SecondMoments.from_masked(x[:, :5], None, len(x)), torch.tensor([0]))
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        refit_layer(w, SecondMoments.empty(12), torch.tensor([0]))
+    with pytest.raises(ValueError, match="unknown prior"):
+        RefitOptions(prior="ones")
+    few = SecondMoments.from_masked(x[:3], None, 3)  # fewer tokens than kept columns, no damping: still solved
+    refit = refit_layer(w, few, torch.arange(8), RefitOptions(alpha=0.0))
+    assert torch.isfinite(refit.weight).all()
