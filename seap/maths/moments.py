@@ -196,3 +196,48 @@ class SecondMoments:
         self.count += batch.count
         self.gram += batch.gram.to(self.gram)
         self.total += batch.total.to(self.total)
+
+
+class SecondMomentAccumulator:
+    """Streaming :class:`SecondMoments` with blocked summation: batches are added in float32
+    (``addmm`` into one buffer; float64 for float64 input) until ``block_tokens`` tokens, then
+    the block is folded into the ``dtype`` (float64) totals. Folding a large matrix into
+    float64 after every small batch costs more than the product itself; within a block the
+    float32 rounding stays that of a few thousand terms."""
+
+    def __init__(self, width: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                 block_tokens: int = 4096) -> None:
+        self.totals = SecondMoments.empty(width, dtype, device)
+        self.block_tokens = block_tokens
+        self._gram: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._pending = 0
+
+    def add(self, activations: torch.Tensor, token_weights: torch.Tensor | None, count: int) -> None:
+        """Add the real tokens of a ``[..., width]`` batch (see :meth:`SecondMoments.from_masked`)."""
+        flat = activations.detach().reshape(-1, activations.shape[-1])
+        flat = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+        if token_weights is not None:
+            flat = flat * token_weights.reshape(-1, 1).to(flat.dtype)
+        if self._gram is None or self._gram.dtype != flat.dtype:
+            self.flush()
+            self._gram = torch.zeros(flat.shape[1], flat.shape[1], dtype=flat.dtype, device=flat.device)
+            self._sum = torch.zeros(flat.shape[1], dtype=flat.dtype, device=flat.device)
+        self._gram.addmm_(flat.T, flat)
+        self._sum += flat.sum(dim=0)
+        self._pending += count
+        if self._pending >= self.block_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the current block into the totals."""
+        if self._gram is not None and self._sum is not None and self._pending:
+            self.totals.update_(SecondMoments(self._pending, self._gram.to(self.totals.gram.dtype),
+                                              self._sum.to(self.totals.total.dtype)))
+        self._gram = self._sum = None  # a new block buffer on the next add (may run outside inference mode)
+        self._pending = 0
+
+    def result(self) -> SecondMoments:
+        """The second moments of every token added so far."""
+        self.flush()
+        return self.totals

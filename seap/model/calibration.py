@@ -23,7 +23,7 @@ from seap.errors import ModelMismatchError, SeapError
 from seap.maths.geometry import ModelGeometry
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel
-from seap.maths.moments import ACCUMULATION_DTYPES, ChannelMoments, SecondMoments
+from seap.maths.moments import ACCUMULATION_DTYPES, ChannelMoments, SecondMomentAccumulator, SecondMoments
 from seap.maths.statistics import ActivationStatistics, LayerStatistics, WeightColumnNorms
 
 DEFAULT_SECOND_MOMENT_BUDGET = 4 * 2**30  # bytes of second-moment accumulators on the device at once
@@ -33,7 +33,7 @@ class _StopForward(Exception):
     """Raised by a hook once the last layer a pass needs has been seen (the rest is skipped)."""
 
 
-def second_moment_groups(widths: Sequence[tuple[int, int]], budget: int, itemsize: int = 8) -> list[list[int]]:
+def second_moment_groups(widths: Sequence[tuple[int, int]], budget: int, itemsize: int = 12) -> list[list[int]]:
     """Consecutive layers whose second-moment accumulators (``width^2`` each, for the ``o_proj``
     and ``down_proj`` inputs of a layer) fit in ``budget`` bytes together; one pass each (a
     layer larger than the budget gets a pass of its own)."""
@@ -114,9 +114,11 @@ def collect_statistics(
         (ChannelMoments.empty(m.o_proj.in_features, dtype, device), ChannelMoments.empty(m.down_proj.in_features, dtype, device))
         for m in mods
     ]
+    itemsize = torch.finfo(dtype).bits // 8 + 4  # the totals and a float32 block buffer
     groups = (second_moment_groups([(m.o_proj.in_features, m.down_proj.in_features) for m in mods],
-                                   second_moment_budget, torch.finfo(dtype).bits // 8) if second_moments else [[]])
+                                   second_moment_budget, itemsize) if second_moments else [[]])
     seconds: list[list[SecondMoments | None]] = [[None, None] for _ in mods]
+    pending: dict[tuple[int, int], SecondMomentAccumulator] = {}
     state: dict[str, Any] = {"token_weights": None, "count": 0}
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     backbone = adapter.backbone(model)
@@ -127,8 +129,8 @@ def collect_statistics(
         first_pass = pass_index == 0
         wanted = set(group)
         for i in group:
-            seconds[i] = [SecondMoments.empty(mods[i].o_proj.in_features, dtype, device),
-                          SecondMoments.empty(mods[i].down_proj.in_features, dtype, device)]
+            pending[(i, 0)] = SecondMomentAccumulator(mods[i].o_proj.in_features, dtype, device)
+            pending[(i, 1)] = SecondMomentAccumulator(mods[i].down_proj.in_features, dtype, device)
 
         def make_hook(layer: int, which: int, moments: bool, second: bool, stop: bool) -> Any:
             def hook(_module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -136,9 +138,7 @@ def collect_statistics(
                     batch = ChannelMoments.from_masked(x, state["token_weights"], state["count"], dtype)
                     accumulators[layer][which].update_(batch)
                 if second:
-                    acc = seconds[layer][which]
-                    assert acc is not None
-                    acc.update_(SecondMoments.from_masked(x, state["token_weights"], state["count"], dtype))
+                    pending[(layer, which)].add(x, state["token_weights"], state["count"])
                 if stop:
                     raise _StopForward
 
@@ -165,7 +165,7 @@ def collect_statistics(
                 if first_pass:
                     n_tokens += count
         for i in group:  # off the device before the next group's accumulators
-            seconds[i] = [acc.to("cpu") if acc is not None else None for acc in seconds[i]]
+            seconds[i] = [pending.pop((i, which)).result().to("cpu") for which in (0, 1)]
     elapsed = time.perf_counter() - start
 
     layers = [

@@ -104,3 +104,17 @@ def test_bad_refit_input() -> None:
     few = SecondMoments.from_masked(x[:3], None, 3)  # fewer tokens than kept columns, no damping: still solved
     refit = refit_layer(w, few, torch.arange(8), RefitOptions(alpha=0.0))
     assert torch.isfinite(refit.weight).all()
+
+
+def test_blocked_accumulation_equals_one_sum() -> None:
+    from seap.maths.moments import SecondMomentAccumulator
+
+    x = _inputs(n=1000).to(torch.float32)
+    acc = SecondMomentAccumulator(x.shape[1], block_tokens=64)
+    for start in range(0, len(x), 37):  # batches that do not line up with the blocks
+        acc.add(x[start:start + 37], None, len(x[start:start + 37]))
+    result = acc.result()
+    exact = x.double()
+    assert result.count == 1000 and result.gram.dtype == torch.float64
+    torch.testing.assert_close(result.gram, exact.T @ exact, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(result.total, exact.sum(0), rtol=1e-6, atol=1e-4)

@@ -122,7 +122,7 @@ def test_second_moments_equal_direct_computation_in_one_pass_or_several(tmp_path
     plain = collect_statistics(loaded, c, batch_size=5, progress=False)
     assert not plain.has_second_moments and "second_moments" not in plain.meta
     one = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True)
-    per_layer = (64 * 64 + 96 * 96) * 8  # this model's accumulators of one layer, in bytes
+    per_layer = (64 * 64 + 96 * 96) * 12  # this model's accumulators of one layer (float64 totals + float32 block)
     several = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True,
                                  second_moment_budget=2 * per_layer)  # two layers per pass: 3 passes
     assert one.meta["second_moments"]["passes"] == 1 and several.meta["second_moments"]["passes"] == 3
