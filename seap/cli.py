@@ -67,6 +67,22 @@ def _schedule_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if v is not None}
 
 
+def _refit(p: argparse.ArgumentParser) -> None:
+    """``--reconstruct`` / ``--no-reconstruct`` and the refit options, as the run configuration defines them."""
+    from seap.run.config import add_arguments
+
+    add_arguments(p, only=("reconstruct", "refit_alpha", "refit_prior", "refit_bias"))
+
+
+def _refit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The refit options given (left out: :class:`RefitOptions` defaults)."""
+    from seap.run.config import given_arguments
+
+    given = given_arguments(args)
+    opts = {"alpha": given.get("refit_alpha"), "prior": given.get("refit_prior"), "bias": given.get("refit_bias")}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
 def _tasks(p: argparse.ArgumentParser) -> None:
     from seap.run.config import DEFAULT_TASKS
 
@@ -124,6 +140,9 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="token cap (default: the corpus's)")
     p.add_argument("--shard", type=_shard, default=None, help="process shard I of N (I/N), merge with merge-stats")
     p.add_argument("--accumulate-dtype", default="float64", choices=("float64", "float32"))
+    p.add_argument("--second-moments", action="store_true",
+                   help="also the second-moment matrices of o_proj/down_proj inputs (what `masks --reconstruct` "
+                        "needs; about 2 x (hidden^2 + intermediate^2) x 8 bytes per layer on disk)")
     p.add_argument("--out", required=True, help="folder; one sub-folder per task")
     p.add_argument("--overwrite", action="store_true")
 
@@ -132,7 +151,8 @@ def _stats(args: argparse.Namespace) -> int:
     from seap.run.commands import make_statistics
 
     written = make_statistics(_load(args), args.corpus, args.out, args.tasks, args.batch_size, args.max_tokens,
-                              args.shard, args.accumulate_dtype, args.overwrite, _progress(args))
+                              args.shard, args.accumulate_dtype, args.overwrite, _progress(args),
+                              second_moments=args.second_moments)
     for task, path in written.items():
         print(f"{task}: {path}")
     return 0
@@ -174,6 +194,12 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight", action="append", help="general-mask weight TASK=W (default: wikitext 3, others 2)")
     p.add_argument("--bias-compensation-stats", default=None,
                    help="statistics folder whose means the mask stores, so applying it adds FLAP's bias compensation")
+    _refit(p)
+    p.add_argument("--refit-stats", default=None,
+                   help="with --reconstruct: statistics with second moments to refit on (`seap stats "
+                        "--second-moments`; an expert's own task, or the tasks merged)")
+    _model(p, required=False)
+    p.set_defaults(model=None)  # with --reconstruct: the base the statistics came from
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -181,9 +207,17 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
 def _masks(args: argparse.Namespace) -> int:
     from seap.run.commands import make_mask, parse_weights
 
+    refit: dict[str, Any] = {}
+    if getattr(args, "reconstruct", False) is True:
+        if not args.refit_stats or not args.model:
+            raise SeapError("--reconstruct needs the base model and the statistics to refit on",
+                            "pass --model (the base) and --refit-stats DIR (from `seap stats --second-moments`)")
+        refit = {"refit_model": _load(args), "refit_stats_dir": args.refit_stats,
+                 "refit_options": _refit_options(args)}
     mask = make_mask(args.scores, args.out, args.sparsity, args.schedule, args.general, parse_weights(args.weight),
-                     args.gqa_mode, args.bias_compensation_stats, args.overwrite, **_schedule_options(args))
-    print(f"{mask.meta['kind']} mask '{mask.task}': target {mask.meta['target_sparsity']:.4f}, "
+                     args.gqa_mode, args.bias_compensation_stats, args.overwrite, **refit, **_schedule_options(args))
+    done = " (reconstructed)" if mask.is_reconstructed else ""
+    print(f"{mask.meta['kind']} mask '{mask.task}'{done}: target {mask.meta['target_sparsity']:.4f}, "
           f"realised {mask.meta['realised_sparsity']:.4f} -> {args.out}")
     return 0
 
@@ -235,6 +269,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     bias = p.add_mutually_exclusive_group()
     bias.add_argument("--bias-compensation", dest="bias_compensation", action="store_true", default=None)
     bias.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
+    _refit(p)
     _schedule(p)
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES_PER_TASK, help="calibration records per task")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -254,7 +289,9 @@ def _prune(args: argparse.Namespace) -> int:
         schedule=args.schedule, bias_compensation=args.bias_compensation, gqa_mode=args.gqa_mode,
         tasks=args.tasks, samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
         batch_size=args.batch_size, weights=parse_weights(args.weight), overwrite=args.overwrite,
-        progress=_progress(args), device=args.device, dtype=args.dtype, **_schedule_options(args),
+        progress=_progress(args), device=args.device, dtype=args.dtype,
+        reconstruct=getattr(args, "reconstruct", False) is True, refit_options=_refit_options(args),
+        **_schedule_options(args),
     )
     if args.json:
         print(json.dumps({"out": str(result.out_dir), "target_sparsity": result.target_sparsity,

@@ -122,3 +122,48 @@ def test_foreign_mask_and_empty_calib(model_dir, calib, tmp_path, capsys) -> Non
     empty.write_text("")
     code = main(["prune", "--model", str(model_dir), "--calib", str(empty), "--sparsity", "0.3", "--out", str(tmp_path / "n2")])
     assert code == 2 and "holds no records" in capsys.readouterr().err
+
+
+def test_reconstructed_stage_by_stage_equals_one_shot(model_dir, calib, tmp_path, capsys) -> None:
+    d = tmp_path
+    refit = ["--reconstruct", "--refit-alpha", "0.05"]
+    schedule = ["--sparsity", "0.4", "--protect-first", "1", "--protect-last", "1"]
+    assert main(["--no-progress", "corpus", "--records", str(calib), "--out", str(d / "corpus.jsonl")]) == 0
+    assert main(["--no-progress", "stats", "--model", str(model_dir), "--corpus", str(d / "corpus.jsonl"),
+                 "--second-moments", "--out", str(d / "stats")]) == 0
+    for task in ("facts", "chat"):
+        assert main(["scores", "--stats", str(d / "stats" / task), "--out", str(d / "scores" / task)]) == 0
+    assert main(["merge-stats", str(d / "stats" / "facts"), str(d / "stats" / "chat"), "--task", "pooled",
+                 "--out", str(d / "pooled")]) == 0
+    scores = [str(d / "scores" / "facts"), str(d / "scores" / "chat")]
+    assert main(["masks", "--scores", *scores, "--general", *schedule, *refit, "--model", str(model_dir),
+                 "--refit-stats", str(d / "pooled"), "--out", str(d / "mask")]) == 0
+    assert "(reconstructed)" in capsys.readouterr().out
+    mask = PruningMask.load(d / "mask")
+    assert mask.is_reconstructed and mask.meta["reconstruction"]["alpha"] == 0.05
+    assert main(["apply", "--model", str(model_dir), "--mask", str(d / "mask"), "--out", str(d / "staged")]) == 0
+    assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), *schedule, *refit,
+                 "--out", str(d / "oneshot")]) == 0
+    a, b = load_pruned(d / "staged"), load_pruned(d / "oneshot")
+    assert b.model.config.seap_pruning["reconstruction"]["alpha"] == 0.05
+    ids = a.tokenizer(SENTENCES[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(**ids).logits, b.model(**ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_reconstruction_needs_second_moments_and_excludes_bias_compensation(model_dir, calib, tmp_path,
+                                                                            capsys) -> None:
+    d = tmp_path
+    assert main(["--no-progress", "corpus", "--records", str(calib), "--out", str(d / "corpus.jsonl")]) == 0
+    assert main(["--no-progress", "stats", "--model", str(model_dir), "--corpus", str(d / "corpus.jsonl"),
+                 "--task", "facts", "--out", str(d / "stats")]) == 0
+    assert main(["scores", "--stats", str(d / "stats" / "facts"), "--out", str(d / "scores")]) == 0
+    capsys.readouterr()
+    base = ["masks", "--scores", str(d / "scores"), "--sparsity", "0.3", "--out", str(d / "mask")]
+    assert main([*base, "--reconstruct"]) == 2
+    assert "--reconstruct needs the base model" in capsys.readouterr().err
+    assert main([*base, "--reconstruct", "--model", str(model_dir), "--refit-stats", str(d / "stats" / "facts")]) == 2
+    assert "have no second moments" in capsys.readouterr().err and not (d / "mask").exists()
+    assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), "--method", "flap",
+                 "--sparsity", "0.3", "--reconstruct", "--bias-compensation", "--out", str(d / "p")]) == 2
+    assert "reconstruction replaces bias compensation" in capsys.readouterr().err and not (d / "p").exists()

@@ -89,8 +89,10 @@ def make_corpus(source: str, out: str | Path, tasks: Sequence[str] | None = None
 
 def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str | Path, tasks: Sequence[str] | None = None,
                 batch_size: int = 8, max_tokens: int | None = None, shard: tuple[int, int] | None = None,
-                accumulate_dtype: str = "float64", overwrite: bool = False, progress: bool = True) -> dict[str, Path]:
-    """Statistics for every task of a corpus file, one folder per task under ``out_dir``."""
+                accumulate_dtype: str = "float64", overwrite: bool = False, progress: bool = True,
+                second_moments: bool = False) -> dict[str, Path]:
+    """Statistics for every task of a corpus file, one folder per task under ``out_dir`` (with
+    ``second_moments``: also what reconstruction needs)."""
     corpora, header = read_corpus(corpus_file)
     cap = max_tokens if max_tokens is not None else header.get("max_tokens", DEFAULT_MAX_TOKENS)
     wanted = list(tasks) if tasks else list(corpora)
@@ -99,7 +101,8 @@ def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str |
         raise SeapError(f"task(s) {missing} are not in {corpus_file}", f"it holds: {', '.join(corpora)}")
     written = {}
     for task in wanted:
-        stats = collect_statistics(loaded, corpora[task], batch_size, cap, accumulate_dtype, shard, progress)
+        stats = collect_statistics(loaded, corpora[task], batch_size, cap, accumulate_dtype, shard, progress,
+                                   second_moments=second_moments)
         written[task] = stats.save(Path(out_dir) / task, overwrite=overwrite)
     return written
 
@@ -137,15 +140,34 @@ def make_mask(
     bias_stats_dir: str | Path | None = None,
     overwrite: bool = False,
     method: str | None = None,
+    refit_model: LoadedModel | None = None,
+    refit_stats_dir: str | Path | None = None,
+    refit_options: Mapping[str, Any] | None = None,
     **schedule_options: Any,
 ) -> PruningMask:
     """An expert mask from one task's scores, or the general mask from several (``general``).
 
     ``bias_stats_dir`` stores those statistics' means in the mask, so applying it adds FLAP's
-    bias compensation; ``method`` records the method-table entry the mask was built for."""
+    bias compensation; ``method`` records the method-table entry the mask was built for. With
+    ``refit_model`` (the base) and ``refit_stats_dir`` (statistics with second moments), the mask
+    is reconstructed (:func:`seap.model.refitting.reconstruct_mask`, ``refit_options`` of
+    :class:`~seap.maths.reconstruction.RefitOptions`)."""
     check_sparsity(sparsity)
     check_schedule(schedule)
     check_gqa_mode(gqa_mode)
+    if (refit_model is None) != (refit_stats_dir is None):
+        raise SeapError("reconstruction needs both the base model and statistics with second moments",
+                        "pass --model and --refit-stats (statistics from `seap stats --second-moments`)")
+    if refit_stats_dir is not None and bias_stats_dir is not None:
+        raise SeapError("reconstruction replaces bias compensation",
+                        "drop --bias-compensation-stats (--refit-bias fits a bias as part of the refit)")
+    options = _refit_options(refit_options)
+    refit_stats = ActivationStatistics.load(refit_stats_dir) if refit_stats_dir is not None else None
+    if refit_stats is not None and not refit_stats.has_second_moments:
+        raise SeapError(f"the statistics in {refit_stats_dir} have no second moments",
+                        "collect them with `seap stats --second-moments` (the pipeline: --reconstruct)")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise SeapError(f"output {out} already exists", "choose another --out, or pass --overwrite")
     all_scores = [ImportanceScores.load(p) for p in scores_dirs]
     if not all_scores:
         raise SeapError("no scores given", "pass at least one scores folder")
@@ -159,8 +181,23 @@ def make_mask(
     mask = build_mask(scores, sparsity, schedule, gqa_mode, bias_compensation_stats=bias_stats, **schedule_options)
     if method:
         mask.meta["method"] = method
+    if refit_stats is not None:
+        from seap.model.refitting import reconstruct_mask
+
+        mask = reconstruct_mask(refit_model, mask, refit_stats, options)  # type: ignore[arg-type]
     mask.save(out, overwrite=overwrite)
     return mask
+
+
+def _refit_options(options: Mapping[str, Any] | None) -> Any:
+    """:class:`RefitOptions` from a mapping (missing keys keep their defaults); a clear error for bad values."""
+    from seap.maths.reconstruction import RefitOptions
+
+    try:
+        return RefitOptions(**dict(options or {}))
+    except (TypeError, ValueError) as exc:
+        raise SeapError(f"bad reconstruction options: {exc}", "alpha >= 0, prior slice or zero, bias true/false") \
+            from None
 
 
 @dataclass
@@ -211,6 +248,8 @@ def prune(
     progress: bool = True,
     device: str | None = "auto",
     dtype: str | None = "auto",
+    reconstruct: bool = False,
+    refit_options: Mapping[str, Any] | None = None,
     **schedule_options: Any,
 ) -> PruneResult:
     """One shot: corpus -> statistics -> scores -> mask -> hard pruning -> saved model.
@@ -218,10 +257,17 @@ def prune(
     ``method`` is an entry of the method table (:data:`seap.run.methods.METHODS`) that builds
     masks, or ``seap``: the SEAP expert with one task in the calibration data (or ``tasks``
     selecting one), the SEAP general mask (weighted sum of task scores) with several. Pooled
-    methods (Wanda-sp, FLAP) score the statistics of all tasks merged. Everything is validated
-    before the model is loaded.
+    methods (Wanda-sp, FLAP) score the statistics of all tasks merged. With ``reconstruct`` the
+    statistics pass also collects second moments and the mask is refitted on the same
+    calibration text (``refit_options``: :class:`~seap.maths.reconstruction.RefitOptions`
+    fields); reconstruction replaces bias compensation. Everything is validated before the
+    model is loaded.
     """
     sparsity = check_sparsity(sparsity)
+    if reconstruct and bias_compensation:
+        raise SeapError("reconstruction replaces bias compensation",
+                        "drop --bias-compensation (--refit-bias fits a bias as part of the refit)")
+    options = _refit_options(refit_options) if reconstruct else None
     if method != "seap":
         get_method(method)
     check_gqa_mode(gqa_mode)
@@ -233,6 +279,7 @@ def prune(
     corpora = build_corpora(calib, tasks, samples, seed)
     entry, score_name, schedule_name, compensate = resolve_method(method, len(corpora), score, schedule,
                                                                   bias_compensation)
+    compensate = compensate and not reconstruct
     if entry.calibration == "task" and len(corpora) > 1:
         raise SeapError(f"an expert is built from one task, and {calib} holds {len(corpora)}",
                         "pass --task NAME, or use --method seap for the general mask")
@@ -241,7 +288,8 @@ def prune(
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stats = {t: collect_statistics(loaded, c, batch_size, max_tokens, progress=progress) for t, c in corpora.items()}
+    stats = {t: collect_statistics(loaded, c, batch_size, max_tokens, progress=progress, second_moments=reconstruct)
+             for t, c in corpora.items()}
     timings["statistics"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     merged = next(iter(stats.values())) if len(stats) == 1 else merge_statistics(list(stats.values()), "pooled")
@@ -254,6 +302,12 @@ def prune(
                       base_source=loaded.source, **schedule_options)
     mask.meta["method"] = entry.name
     timings["scores+mask"] = time.perf_counter() - t0
+    if options is not None:
+        from seap.model.refitting import reconstruct_mask
+
+        t0 = time.perf_counter()
+        mask = reconstruct_mask(loaded, mask, merged, options)
+        timings["refit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     dense = loaded.adapter.geometry(loaded.model).total_params()
     pruned = apply_mask(loaded, mask, "hard", inplace=owned)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from seap.errors import SeapError
 from seap.maths.geometry import DEFAULT_GQA_MODE, GQA_MODES
 from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
-from seap.run.methods import DEFAULT_METHODS, METHODS, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE
+from seap.run.methods import DEFAULT_METHODS, METHODS, REFIT_CORPORA, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE
 
 Front = Literal["cli", "params", "flow", "python"]
 DEFAULT_MODEL = "smollm2-135m"
@@ -98,6 +98,23 @@ class RunConfig:
                                     minimum=0)
     gqa_mode: str = _opt(DEFAULT_GQA_MODE, "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
                          choices=GQA_MODES)
+    bias_compensation: bool | None = _opt(None, "masks", "bias_compensation",
+                                          "FLAP's bias compensation for every method (null: as each method says: "
+                                          "FLAP on, the others off)")
+    # -- reconstruction -------------------------------------------------------------------
+    reconstruct: bool = _opt(False, "reconstruction", "reconstruct",
+                             "refit o_proj/down_proj of every mask in closed form on the calibration text's second "
+                             "moments (least squares; replaces bias compensation)")
+    refit_alpha: float | None = _opt(None, "reconstruction", "alpha",
+                                     "refit regularisation, relative to the mean input energy (null: 0.01)", minimum=0)
+    refit_prior: str | None = _opt(None, "reconstruction", "prior",
+                                   "what the regulariser pulls the refitted weights towards: slice (the plain "
+                                   "slice W[:, kept]) or zero (ridge) (null: slice)")
+    refit_bias: bool = _opt(False, "reconstruction", "bias", "also fit a bias term (the refit's FLAP-like part)")
+    refit_corpus: str = _opt("own", "reconstruction", "corpus",
+                             "what a SEAP expert is refitted on: own (its task's corpus) or pooled (all tasks' "
+                             "corpora; the mask stays the task's); general and baselines: always pooled",
+                             choices=REFIT_CORPORA)
     # -- evaluation -----------------------------------------------------------------------
     limit: int | None = _opt(None, "evaluate", "limit", "evaluation items per task (null: all)", minimum=1)
     num_fewshot: int = _opt(0, "evaluate", "num_fewshot", "few-shot examples per item", minimum=0)
@@ -217,6 +234,12 @@ class RunConfig:
         return {k: v for k, v in opts.items() if v is not None}
 
     @property
+    def refit_options(self) -> dict[str, Any]:
+        """Options of the refit that differ from its defaults (:class:`seap.maths.reconstruction.RefitOptions`)."""
+        opts = {"alpha": self.refit_alpha, "prior": self.refit_prior, "bias": self.refit_bias or None}
+        return {k: v for k, v in opts.items() if v is not None}
+
+    @property
     def routed(self) -> bool:
         return "seap-routed" in self.methods
 
@@ -260,6 +283,9 @@ class RunConfig:
         if self.perplexity and not self.data_dir:
             raise self.bad("perplexity", "WikiText-2 perplexity needs a data folder with wikitext/",
                            f"set {self.spell('data_dir')} (e.g. ../shared/benchmarks), or turn perplexity off")
+        if self.reconstruct and self.bias_compensation:
+            raise self.bad("bias_compensation", "reconstruction replaces bias compensation",
+                           f"turn one off; {self.spell('refit_bias')} fits a bias as part of the refit")
         self._check_names()
         if check_data:
             self.check_tasks()
@@ -275,6 +301,11 @@ class RunConfig:
                 check(getattr(self, name))
             except SeapError as exc:
                 raise self.bad(name, exc.problem, exc.fix) from None
+        if self.refit_prior is not None:
+            from seap.maths.reconstruction import PRIORS
+
+            if self.refit_prior not in PRIORS:
+                raise self.bad("refit_prior", f"unknown value {self.refit_prior!r}", f"use one of: {', '.join(PRIORS)}")
 
     def check_tasks(self, work_dir: str | Path | None = None) -> list[Any]:
         """Resolve the tasks (files present, records well-formed) before any model loads."""
@@ -399,7 +430,7 @@ def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
         default = getattr(RunConfig(), f.name)
         help_text = f"{o.help} (default: {default}){where}".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": f.name, "default": _UNSET, "help": help_text}
-        if annotation == "bool":
+        if annotation.removesuffix(" | None") == "bool":  # (null, where allowed, is leaving it out)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         base = annotation.removesuffix(" | None")

@@ -16,7 +16,17 @@ Calibration, per method:
   input, falling back to the ``general`` method's mask below its confidence threshold.
 
 Bias compensation (FLAP) is a property of the method, stored in each mask it builds (the
-calibration means travel with the mask), so applying a mask always does what its method says.
+calibration means travel with the mask), so applying a mask always does what its method says;
+the run's ``bias_compensation`` option overrides it for every method (the study's "bias
+compensation" rows).
+
+Reconstruction (the run's ``reconstruct`` option, or a method's own ``reconstruct``) refits
+each mask's ``o_proj`` / ``down_proj`` in closed form on calibration second moments
+(:mod:`seap.maths.reconstruction`), and replaces bias compensation where both would apply.
+Every method gets the same help, refitted on the text it was calibrated on
+(:meth:`Method.refit_source`): a SEAP expert on its own task's corpus (or, with
+``refit_corpus: pooled``, on all tasks' corpora while its mask stays task-specific), the
+general mask and the pooled baselines on the pooled corpora.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ class Method:
     score: str | None = None
     schedule: str | None = None
     bias_compensation: bool = False
+    reconstruct: bool | None = None  # None: the run's `reconstruct` option
     schedule_options: Mapping[str, Any] = field(default_factory=dict)
     family: Literal["seap", "baseline"] = "baseline"
 
@@ -55,6 +66,21 @@ class Method:
 
     def resolved_schedule(self, run_schedule: str) -> str:
         return self.schedule or run_schedule
+
+    def resolved_reconstruct(self, run_reconstruct: bool) -> bool:
+        return run_reconstruct if self.reconstruct is None else self.reconstruct
+
+    def resolved_bias_compensation(self, run_override: bool | None, reconstruct: bool) -> bool:
+        """FLAP-style bias compensation: the run's override, else the method's own; never
+        together with reconstruction (the refit replaces it)."""
+        if reconstruct:
+            return False
+        return self.bias_compensation if run_override is None else run_override
+
+    def refit_source(self, refit_corpus: str) -> Literal["task", "pooled"]:
+        """Which statistics a reconstructed mask is refitted on: its own task's (a SEAP expert
+        with ``refit_corpus: own``) or all tasks' merged (everything else)."""
+        return "task" if self.calibration == "task" and refit_corpus == "own" else "pooled"
 
     @property
     def builds_masks(self) -> bool:
@@ -82,6 +108,7 @@ ROUTED_EXPERTS = "seap-expert"  # where the routed row takes its experts ...
 ROUTED_FALLBACK = "seap-general"  # ... and its low-confidence fallback
 DEFAULT_METHODS = ("seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap")
 BASELINES = tuple(name for name, m in METHODS.items() if m.family == "baseline")
+REFIT_CORPORA = ("own", "pooled")  # what a SEAP expert is refitted on (the run's `refit_corpus`)
 
 
 def get_method(name: str) -> Method:
@@ -106,4 +133,4 @@ def row_key(method: str, sparsity: float) -> str:
     return DENSE if method == DENSE else f"{method}@{sparsity:g}"
 
 
-__all__ = ["BASELINES", "DEFAULT_METHODS", "DENSE", "METHODS", "Method", "get_method", "methods_to_build", "row_key"]
+__all__ = ["BASELINES", "DEFAULT_METHODS", "DENSE", "METHODS", "REFIT_CORPORA", "Method", "get_method", "methods_to_build", "row_key"]

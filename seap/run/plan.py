@@ -71,15 +71,17 @@ STAGES: dict[str, Stage] = {
         Stage("statistics", "activation statistics per task (and pooled over all tasks, for the baselines)",
               (*_BASE, "seap.model.calibration", "seap.model.hooks", "seap.maths.moments", "seap.maths.statistics",
                "seap.data.corpus"),
-              ("stats_batch_size", "stats_shards", "methods"), ("model", "corpus")),
+              ("stats_batch_size", "stats_shards", "methods", "reconstruct", "refit_corpus"), ("model", "corpus")),
         Stage("scores", "importance scores of heads and channels",
               ("seap.run.stages", "seap.maths.scores", "seap.maths.statistics"),
               ("score", "methods"), ("statistics",)),
-        Stage("masks", "per-layer sparsity and one mask per expert, general mask and baseline",
-              ("seap.run.stages", "seap.maths.masks", "seap.maths.schedules", "seap.maths.geometry",
-               "seap.maths.scores", "seap.maths.statistics"),
+        Stage("masks", "per-layer sparsity and one mask per expert, general mask and baseline (refitted on its "
+              "calibration text when reconstructing)",
+              (*_BASE, "seap.maths.masks", "seap.maths.schedules", "seap.maths.geometry", "seap.maths.scores",
+               "seap.maths.statistics", "seap.maths.moments", "seap.maths.reconstruction", "seap.model.refitting"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
-               "gqa_mode"), ("scores", "statistics")),
+               "gqa_mode", "bias_compensation", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
+               "refit_corpus"), ("scores", "statistics", "model")),
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model",)),
         Stage("evaluate", "one row per method and sparsity (experts: each task with its own)", (*_BASE, *_EVAL),
@@ -232,7 +234,10 @@ def make_plan(config: RunConfig) -> Plan:
     c.validate(check_data=False)
     tasks = c.task_names
     methods = methods_to_build(c.methods)
-    pooled = any(m.calibration == "pooled" for m in methods)
+    reconstructing = [m for m in methods if m.resolved_reconstruct(c.reconstruct)]
+    pooled = any(m.calibration == "pooled" for m in methods) or \
+        any(m.refit_source(c.refit_corpus) == POOLED for m in reconstructing)
+    second = {"second_moments": True} if reconstructing else {}  # (absent otherwise: earlier caches stay valid)
     jobs: list[Job] = []
     add = jobs.append
 
@@ -244,11 +249,11 @@ def make_plan(config: RunConfig) -> Plan:
         shards = [f"statistics/shard-{i}-of-{c.stats_shards}" for i in range(c.stats_shards)]
         for i, key in enumerate(shards):
             add(Job("statistics", key.split("/", 1)[1], {"model": "model", "corpus": "corpus"},
-                    {"batch_size": c.stats_batch_size, "shard": [i, c.stats_shards], "tasks": tasks}))
+                    {"batch_size": c.stats_batch_size, "shard": [i, c.stats_shards], "tasks": tasks, **second}))
         add(Job("statistics", "tasks", {"shards": shards}, {"tasks": tasks}))
     else:
         add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
-                {"batch_size": c.stats_batch_size, "tasks": tasks}))
+                {"batch_size": c.stats_batch_size, "tasks": tasks, **second}))
     if pooled:
         add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, {"tasks": tasks}))
 
@@ -269,11 +274,19 @@ def make_plan(config: RunConfig) -> Plan:
     for sparsity in c.sparsities:
         for m in methods:
             row = row_key(m.name, sparsity)
+            reconstruct = m.resolved_reconstruct(c.reconstruct)
             common = {"sparsity": sparsity, "method": m.name, "row": row, "schedule": m.resolved_schedule(c.schedule),
                       "schedule_options": {**c.schedule_options, **m.schedule_options}, "gqa_mode": c.gqa_mode,
-                      "bias_compensation": m.bias_compensation, "score": m.resolved_score(c.score)}
+                      "bias_compensation": m.resolved_bias_compensation(c.bias_compensation, reconstruct),
+                      "score": m.resolved_score(c.score)}
+            if reconstruct:
+                common["refit"] = c.refit_options
+                common["refit_source"] = m.refit_source(c.refit_corpus)
             group: dict[str, str] = {}
             for name, inputs in _mask_inputs(m, c, tasks, score_keys):
+                if reconstruct:
+                    inputs = {**inputs, "model": "model", "refit_statistics":
+                              "statistics/pooled" if common["refit_source"] == POOLED else "statistics/tasks"}
                 job = Job("masks", f"{row}/{name}", inputs, {**common, "mask": name, "kind": _kind(m)})
                 add(job)
                 group[name] = job.key
@@ -362,14 +375,15 @@ def _mask_inputs(m: Method, c: RunConfig, tasks: list[str],
                  score_keys: Mapping[tuple[str, str], str]) -> list[tuple[str, dict[str, Any]]]:
     """(mask name, inputs) of each mask a method builds at one sparsity."""
     score = m.resolved_score(c.score)
+    compensate = m.resolved_bias_compensation(c.bias_compensation, m.resolved_reconstruct(c.reconstruct))
     if m.calibration == "task":
         return [(t, {"scores": [score_keys[(score, t)]],
-                     **({"bias_statistics": "statistics/tasks"} if m.bias_compensation else {})}) for t in tasks]
+                     **({"bias_statistics": "statistics/tasks"} if compensate else {})}) for t in tasks]
     if m.calibration == "general":
         return [(GENERAL, {"scores": [score_keys[(score, t)] for t in tasks],
-                           **({"bias_statistics": "statistics/pooled"} if m.bias_compensation else {})})]
+                           **({"bias_statistics": "statistics/pooled"} if compensate else {})})]
     return [(GENERAL, {"scores": [score_keys[(score, POOLED)]],
-                       **({"bias_statistics": "statistics/pooled"} if m.bias_compensation else {})})]
+                       **({"bias_statistics": "statistics/pooled"} if compensate else {})})]
 
 
 def make_evaluation_plan(config: RunConfig, masks: Mapping[str, Mapping[str, Any]]) -> Plan:

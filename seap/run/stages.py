@@ -129,7 +129,8 @@ def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     shard = tuple(p["shard"]) if p.get("shard") else None
     for t in p["tasks"]:
         stats = collect_statistics(loaded, corpora[t], p["batch_size"], header.get("max_tokens", DEFAULT_MAX_TOKENS),
-                                   shard=shard, progress=ctx.progress)  # type: ignore[arg-type]
+                                   shard=shard, progress=ctx.progress,  # type: ignore[arg-type]
+                                   second_moments=bool(p.get("second_moments")))
         stats.save(out / t)
 
 
@@ -144,15 +145,21 @@ def scores(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
 def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """One mask: an expert (one task's scores), the general mask (the tasks' scores combined) or a
-    pooled method's mask; bias-compensation means stored in it when its method compensates."""
+    pooled method's mask; bias-compensation means stored in it when it compensates, refitted
+    weights when it is reconstructed (``refit`` options, on the ``refit_statistics``)."""
     from seap.run.commands import make_mask
 
     p = job.params
     bias = inputs.get("bias_statistics")
     if bias is not None and p["kind"] == "expert":
         bias = Path(bias) / p["mask"]
+    refit: dict[str, Any] = {}
+    if "refit" in p:  # refitted on the task's own statistics (a sub-folder) or the pooled ones
+        stats = Path(inputs["refit_statistics"])
+        refit = {"refit_model": ctx.base(inputs["model"]), "refit_options": p["refit"],
+                 "refit_stats_dir": stats / p["mask"] if p["refit_source"] == "task" else stats}
     make_mask(inputs["scores"], out, p["sparsity"], p["schedule"], general=len(inputs["scores"]) > 1,
-              gqa_mode=p["gqa_mode"], bias_stats_dir=bias, method=p["method"], **p["schedule_options"])
+              gqa_mode=p["gqa_mode"], bias_stats_dir=bias, method=p["method"], **refit, **p["schedule_options"])
 
 
 def _load_masks(paths: Mapping[str, Any]) -> dict[str, Any]:

@@ -76,3 +76,31 @@ def test_a_bundle_whose_masks_disagree_with_its_base_is_refused(saved) -> None:
     (path / "bundle.json").write_text(json.dumps(data))
     with pytest.raises(ModelMismatchError, match="mask 'geo' was built on base"):
         read_bundle(path)
+
+
+def test_reconstructed_experts_round_trip_through_bundles_alone_and_routed(saved) -> None:
+    """A refitted expert is a small bundle too; loaded alone or from a routed bank it gives the
+    hard-pruned reconstructed model's logits."""
+    from seap.data.corpus import build_corpus
+    from seap.evaluation.routed import ExpertBank
+    from seap.maths.reconstruction import RefitOptions
+    from seap.maths.scores import compute_scores
+    from seap.model.calibration import collect_statistics
+    from seap.model.refitting import reconstruct_mask
+    from tests.helpers import SENTENCES
+
+    tmp, base, _, record = saved
+    stats = collect_statistics(base, build_corpus([{"text": t} for t in SENTENCES * 4], "geo", None),
+                               progress=False, second_moments=True)
+    rebuilt = reconstruct_mask(base, build_mask(compute_scores(stats, "seap-sf"), 0.5, "uniform"), stats,
+                               RefitOptions(alpha=0.05, bias=True))
+    rebuilt.save(tmp / "refitted")
+    path = write_bundle(ExpertRecord(**{**record.__dict__, "masks": {"geo": str(tmp / "refitted")}}), tmp / "b2")
+    assert read_bundle(path).masks and not list(path.rglob("model.safetensors"))
+    loaded = load_bundle(path, device="cpu")
+    reference = apply_mask(base, rebuilt, "hard")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.expert.model(ids).logits, reference.model(ids).logits)
+        bank = ExpertBank(base, {"geo": rebuilt})
+        torch.testing.assert_close(bank.get("geo").model(ids).logits, reference.model(ids).logits)

@@ -146,3 +146,25 @@ def test_eval_cli_bad_option_is_one_clear_line(tmp_path, capsys) -> None:
     assert main(["eval", "--model", "x", "--sparsities", "1.5", "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert "parameter --sparsities: must be at most 0.99" in err and "Traceback" not in err
+
+
+def test_reconstruction_runs_through_the_plan_and_every_mask_is_refitted_on_its_own_text(tmp_path) -> None:
+    from seap.maths.masks import PruningMask
+    from seap.registry.records import read_local_registry
+
+    config = tiny_config(tmp_path, methods=["seap-expert", "seap-general", "seap-routed", "flap"], reconstruct=True,
+                         refit_bias=True, bench=False)
+    done = execute(make_plan(config))
+    refitted_on = {}
+    for job in make_plan(config).of_stage("masks"):
+        mask = PruningMask.load(done.path(job.key))
+        assert mask.is_reconstructed and not mask.has_bias_compensation and mask.meta["method"] == job.params["method"]
+        assert mask.meta["reconstruction"]["bias"] is True
+        refitted_on[job.key] = mask.meta["reconstruction"]["statistics_task"]
+    assert refitted_on == {"masks/seap-expert@0.3/geo": "geo", "masks/seap-expert@0.3/life": "life",
+                           "masks/seap-general@0.3/general": "pooled", "masks/flap@0.3/general": "pooled"}
+    results = json.loads((done.path("report") / "results.json").read_text())
+    assert {r["method"] for r in results["rows"]} == {"dense", "seap-expert", "seap-general", "seap-routed", "flap"}
+    assert results["config"]["reconstruct"] is True
+    records = read_local_registry(config.registry)
+    assert records and all(PruningMask.load(p).is_reconstructed for r in records for p in r.masks.values())

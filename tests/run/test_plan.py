@@ -101,3 +101,31 @@ def test_map_inputs_keeps_the_nesting_and_visits_every_reference() -> None:
     resolved = {"masks": {"geo": {"path": "/w/geo", "digest": "d1"}}, "rows": [{"path": "/w/a", "digest": "d2"}]}
     assert [ref["digest"] for v in resolved.values() for ref in input_leaves(v)] == ["d1", "d2"]
     assert map_inputs(resolved["rows"], lambda ref: ref["path"]) == ["/w/a"]
+
+
+def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() -> None:
+    plan = make_plan(RunConfig(methods=list(METHODS), sparsities=[0.3], reconstruct=True, refit_alpha=0.1))
+    assert all(j.params.get("second_moments") for j in plan.of_stage("statistics") if j.name != "pooled")
+    for job in plan.of_stage("masks"):
+        method = METHODS[job.params["method"]]
+        assert job.params["refit"] == {"alpha": 0.1} and job.inputs["model"] == "model"
+        assert job.params["bias_compensation"] is False and "bias_statistics" not in job.inputs  # the refit replaces it
+        expected = "statistics/tasks" if method.calibration == "task" else "statistics/pooled"
+        assert job.inputs["refit_statistics"] == expected
+    pooled = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_corpus="pooled"))
+    assert "statistics/pooled" in [j.key for j in pooled.jobs]
+    assert {j.inputs["refit_statistics"] for j in pooled.of_stage("masks")} == {"statistics/pooled"}
+    # without reconstruction nothing changes: the same jobs as before the option existed
+    plain = make_plan(RunConfig())
+    assert not any("refit" in j.params or "second_moments" in j.params for j in plain.jobs)
+
+
+def test_the_bias_compensation_option_overrides_every_method_and_conflicts_with_reconstruction() -> None:
+    plan = make_plan(RunConfig(methods=["seap-expert", "flap"], sparsities=[0.3], bias_compensation=True))
+    assert all(j.params["bias_compensation"] and "bias_statistics" in j.inputs for j in plan.of_stage("masks"))
+    off = make_plan(RunConfig(methods=["flap"], sparsities=[0.3], bias_compensation=False))
+    assert not any(j.params["bias_compensation"] for j in off.of_stage("masks"))
+    with pytest.raises(SeapError, match="reconstruction replaces bias compensation"):
+        RunConfig(reconstruct=True, bias_compensation=True).validate(check_data=False)
+    with pytest.raises(SeapError, match="refit_prior: unknown value 'banana'"):
+        RunConfig(refit_prior="banana").validate(check_data=False)
