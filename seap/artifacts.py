@@ -3,13 +3,20 @@
 Statistics, scores and masks share this layout. The JSON records the artifact's format
 name and version and the SHA-256 of the tensors; reading verifies all three, so a
 truncated, edited or foreign file fails with a clear error instead of a wrong result.
+
+Large optional parts (the second moments of statistics) go into *sidecar* safetensors files
+in a sub-folder, written one at a time (never all in memory) and read one at a time
+(:func:`read_sidecar`, which verifies that file's checksum when it is opened).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +25,11 @@ from safetensors.torch import load_file, save_file
 from seap.errors import ArtifactError
 from seap.io import atomic_directory, atomic_write_json, read_json, sha256_file
 
-_RESERVED = ("format", "format_version", "tensors_sha256")
+_RESERVED = ("format", "format_version", "tensors_sha256")  # (``sidecars`` stays: its owner reads it)
+SIDECAR_DIR = "parts"
+# a sidecar: tensors made on demand (only one sidecar in memory at a time), or a safetensors
+# file written before (linked or copied in, never read into memory)
+Sidecar = Union[Callable[[], dict[str, torch.Tensor]], Path]
 
 
 @dataclass(frozen=True)
@@ -32,18 +43,65 @@ class ArtifactKind:
     remake: str  # the fix to print, e.g. "rebuild the mask with `seap masks`"
 
 
+def _save(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
+
+
 def write_artifact(kind: ArtifactKind, path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                   overwrite: bool = False) -> Path:
-    """Write ``tensors`` and ``meta`` into the folder ``path`` atomically."""
+                   overwrite: bool = False, sidecars: Mapping[str, Sidecar] | None = None) -> Path:
+    """Write ``tensors`` and ``meta`` into the folder ``path`` atomically, with each sidecar
+    (name -> tensors made on demand, or an existing safetensors file) as ``parts/<name>.safetensors``."""
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / kind.tensors_file))
-        atomic_write_json(tmp / kind.meta_file, {
-            **meta,
-            "format": kind.format,
-            "format_version": kind.version,
-            "tensors_sha256": sha256_file(tmp / kind.tensors_file),
-        })
+        _save(tensors, tmp / kind.tensors_file)
+        checksums = {}
+        if sidecars:
+            (tmp / SIDECAR_DIR).mkdir()
+            for name, part in sidecars.items():
+                target = tmp / SIDECAR_DIR / f"{name}.safetensors"
+                if isinstance(part, Path):
+                    try:
+                        os.link(part, target)  # same file system: no copy
+                    except OSError:
+                        shutil.copyfile(part, target)
+                else:
+                    _save(part(), target)
+                checksums[name] = sha256_file(target)
+        record = {**meta, "format": kind.format, "format_version": kind.version,
+                  "tensors_sha256": sha256_file(tmp / kind.tensors_file)}
+        if checksums:
+            record["sidecars"] = checksums
+        atomic_write_json(tmp / kind.meta_file, record)
     return Path(path)
+
+
+@dataclass(frozen=True)
+class SidecarRef:
+    """Where one sidecar of an artifact is and what its checksum must be."""
+
+    file: Path
+    sha256: str | None  # None: a private temporary file (not yet part of an artifact)
+    kind: ArtifactKind
+
+
+def sidecar_refs(kind: ArtifactKind, path: str | Path, meta_sidecars: Mapping[str, str] | None) -> dict[str, SidecarRef]:
+    """The sidecars an artifact's metadata lists; each file must exist (checked now, read later)."""
+    refs = {}
+    for name, sha in (meta_sidecars or {}).items():
+        file = Path(path) / SIDECAR_DIR / f"{name}.safetensors"
+        if not file.is_file():
+            raise ArtifactError(f"{file} is missing", kind.remake)
+        refs[name] = SidecarRef(file, sha, kind)
+    return refs
+
+
+def read_sidecar(ref: SidecarRef) -> dict[str, torch.Tensor]:
+    """One sidecar's tensors, its checksum verified first."""
+    if ref.sha256 is not None and (not ref.file.is_file() or sha256_file(ref.file) != ref.sha256):
+        raise ArtifactError(f"{ref.file} is missing or corrupt (checksum mismatch)", ref.kind.remake)
+    try:
+        return load_file(str(ref.file))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{ref.file} is corrupt ({exc})", ref.kind.remake) from exc
 
 
 def read_artifact(kind: ArtifactKind, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -348,6 +348,70 @@ def _eval(args: argparse.Namespace) -> int:
     return run_with_view(config, run, summary, "eval", verbose=args.verbose, views=views)
 
 
+def _study_args(p: argparse.ArgumentParser) -> None:
+    from seap.run.study import DEFAULT_REFIT_ALPHAS, StudyOptions
+
+    d = StudyOptions()
+    p.add_argument("--model", default=d.model, help=f"base model (default: {d.model})")
+    p.add_argument("--data-dir", default=d.data_dir, help="folder with piqa/ and wikitext/ (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", default=list(d.tasks), help="default: the starter suite and piqa")
+    p.add_argument("--sparsities", nargs="+", type=float, default=list(d.sparsities))
+    p.add_argument("--limit", type=int, default=d.limit, help="evaluation items per task (default: all)")
+    p.add_argument("--samples", type=int, default=d.samples, help="calibration records per task")
+    p.add_argument("--calibration-sizes", nargs="+", type=int, default=list(d.calibration_sizes))
+    p.add_argument("--selection-items", type=int, default=d.selection_items,
+                   help="held-out train items per task that choose the refit settings")
+    p.add_argument("--kl-texts", type=int, default=d.kl_texts, help="held-out texts per task for the KL divergence")
+    p.add_argument("--refit-alphas", nargs="+", type=float, default=list(DEFAULT_REFIT_ALPHAS),
+                   help="regularisation strengths the selection tries (each with and without a bias, own and "
+                        "pooled refit corpus)")
+    p.add_argument("--perplexity-windows", type=int, default=d.perplexity_windows,
+                   help="WikiText-2 windows of 512 tokens per general mask")
+    p.add_argument("--workdir", default=d.workdir, help="shared, content-addressed work folder (a re-run resumes)")
+    p.add_argument("--out", default=d.out, help="writes OUT/results/study.{json,md} and study-retention.png")
+
+
+def _study(args: argparse.Namespace) -> int:
+    import time
+    import traceback
+    from pathlib import Path
+
+    from seap.run.progress import quiet_libraries
+    from seap.run.study import JOB_EVENTS, StudyOptions, refit_candidates, run_study
+
+    options = StudyOptions(model=args.model, data_dir=args.data_dir, tasks=tuple(args.tasks),
+                           sparsities=tuple(args.sparsities), limit=args.limit, samples=args.samples,
+                           calibration_sizes=tuple(args.calibration_sizes), selection_items=args.selection_items,
+                           kl_texts=args.kl_texts, workdir=args.workdir, out=args.out,
+                           perplexity_windows=args.perplexity_windows,
+                           candidates=refit_candidates(args.refit_alphas))
+    options.config().validate()  # every option checked before any work
+    out = sys.stdout
+    log = Path(args.workdir).parent / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+    def say(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    def on_event(event: Any) -> None:
+        if event.state == "done":  # (cached jobs stay quiet)
+            say(f"  {event.job.key:<60} {event.seconds:8.1f} s")
+
+    say(f"study: {options.model}, tasks {' '.join(options.tasks)}; library output -> {log}")
+    JOB_EVENTS.append(on_event)
+    try:
+        with quiet_libraries(log):
+            try:
+                record = run_study(options, say)
+            except BaseException:
+                traceback.print_exc(file=sys.stderr)  # into the log
+                raise
+    finally:
+        JOB_EVENTS.remove(on_event)
+    say(f"study done in {record['seconds'] / 60:.0f} min: {Path(args.out) / 'results' / 'study.md'}")
+    return 0
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     _run_args(p)
     p.add_argument("--json", action="store_true", help="print the jobs as JSON")
@@ -604,6 +668,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("prune", "stages", "one shot: corpus -> stats -> scores -> mask -> hard-pruned model", _prune_args, _prune),
     Command("eval", "pipeline", "run the whole plan in this process: dense, SEAP expert/general/routed, baselines "
             "(Table 1, plot, registry)", _run_args, _eval),
+    Command("study", "pipeline", "the quality study of docs/results.md: settings chosen on held-out train items, "
+            "every method x compensation x sparsity, CIs, paired tests, KL, perplexity", _study_args, _study),
     Command("plan", "pipeline", "show the jobs a configuration plans (what eval, dvc repro and the flow run)",
             _plan_args, _plan),
     Command("stage", "pipeline", "run one stage of the DVC pipeline (dvc.yaml) with the parameters of params.yaml",

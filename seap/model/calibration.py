@@ -24,9 +24,15 @@ from seap.maths.geometry import ModelGeometry
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel
 from seap.maths.moments import ACCUMULATION_DTYPES, ChannelMoments, SecondMomentAccumulator, SecondMoments
-from seap.maths.statistics import ActivationStatistics, LayerStatistics, WeightColumnNorms
+from seap.maths.statistics import (
+    DEFAULT_SECOND_MOMENT_BUDGET,
+    ActivationStatistics,
+    LayerStatistics,
+    StoredSeconds,
+    WeightColumnNorms,
+    second_moment_bytes,
+)
 
-DEFAULT_SECOND_MOMENT_BUDGET = 4 * 2**30  # bytes of second-moment accumulators on the device at once
 
 
 class _StopForward(Exception):
@@ -75,6 +81,7 @@ def collect_statistics(
     progress: bool = True,
     second_moments: bool = False,
     second_moment_budget: int = DEFAULT_SECOND_MOMENT_BUDGET,
+    spill_dir: str | Path | None = None,
 ) -> ActivationStatistics:
     """Run the corpus through the model and return per-channel moments for every layer.
 
@@ -85,7 +92,10 @@ def collect_statistics(
     moments of both inputs (:class:`SecondMoments`, in the accumulation dtype). The first pass
     collects them with the moments for as many layers as fit in ``second_moment_budget``
     bytes of accumulators; each further group of layers takes one more pass that stops after
-    its last layer, and each group is moved to the CPU before the next starts.
+    its last layer, and each group is moved to the CPU before the next starts. When every
+    layer's matrices together would exceed the budget and ``spill_dir`` is given, each
+    finished layer is written there at once (:class:`StoredSeconds`) instead of being held:
+    peak memory is then one group of accumulators. Save the result before removing that folder.
     """
     if batch_size < 1:
         raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
@@ -118,6 +128,9 @@ def collect_statistics(
     groups = (second_moment_groups([(m.o_proj.in_features, m.down_proj.in_features) for m in mods],
                                    second_moment_budget, itemsize) if second_moments else [[]])
     seconds: list[list[SecondMoments | None]] = [[None, None] for _ in mods]
+    stored: list[StoredSeconds | None] = [None for _ in mods]
+    spill = (second_moments and spill_dir is not None
+             and second_moment_bytes(adapter.geometry(model)) > second_moment_budget)
     pending: dict[tuple[int, int], SecondMomentAccumulator] = {}
     state: dict[str, Any] = {"token_weights": None, "count": 0}
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -164,14 +177,18 @@ def collect_statistics(
                     pass
                 if first_pass:
                     n_tokens += count
-        for i in group:  # off the device before the next group's accumulators
-            seconds[i] = [pending.pop((i, which)).result().to("cpu") for which in (0, 1)]
+        for i in group:  # off the device (or into the spill folder) before the next group's accumulators
+            attn_second, mlp_second = (pending.pop((i, which)).result().to("cpu") for which in (0, 1))
+            if spill:
+                stored[i] = StoredSeconds.write(attn_second, mlp_second, Path(spill_dir) / f"layer-{i:04d}.safetensors")  # type: ignore[arg-type]
+            else:
+                seconds[i] = [attn_second, mlp_second]
     elapsed = time.perf_counter() - start
 
     layers = [
         LayerStatistics(a.to("cpu"), b.to("cpu"), WeightColumnNorms.of(m.o_proj.weight), WeightColumnNorms.of(m.down_proj.weight),
-                        second[0], second[1])
-        for (a, b), m, second in zip(accumulators, mods, seconds, strict=True)
+                        second[0], second[1], spilled)
+        for (a, b), m, second, spilled in zip(accumulators, mods, seconds, stored, strict=True)
     ]
     meta = {
         "task": corpus.task,
@@ -186,7 +203,7 @@ def collect_statistics(
         "seconds": round(elapsed, 3),
     }
     if second_moments:  # (absent otherwise: statistics without them stay byte for byte as before)
-        meta["second_moments"] = {"passes": len(groups), "budget_bytes": second_moment_budget}
+        meta["second_moments"] = {"passes": len(groups), "budget_bytes": second_moment_budget, "spilled": spill}
     counts = {layer.attn.count for layer in layers} | {layer.mlp.count for layer in layers}
     if counts != {n_tokens}:
         raise RuntimeError(f"hooks saw {sorted(counts)} tokens, the batches held {n_tokens}: was a layer skipped?")

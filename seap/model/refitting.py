@@ -66,11 +66,11 @@ def reconstruct_mask(base: LoadedModel, mask: PruningMask, statistics: Activatio
         mods = adapter.layer_modules(layer)
         refit: dict[str, torch.Tensor] = {}
         entry: dict[str, float | int] = {"layer": i}
+        attn_second, mlp_second = stats.seconds()  # type: ignore[misc]  # one layer in memory at a time
         for name, linear, keep_flags, second in (
-            ("o", mods.o_proj, layer_mask.heads.repeat_interleave(head_dim), stats.attn_second),
-            ("down", mods.down_proj, layer_mask.channels, stats.mlp_second),
+            ("o", mods.o_proj, layer_mask.heads.repeat_interleave(head_dim), attn_second),
+            ("down", mods.down_proj, layer_mask.channels, mlp_second),
         ):
-            assert second is not None
             keep = torch.nonzero(keep_flags.cpu()).flatten()
             check_token_count(i, f"{name}_proj", second.count, int(keep.numel()))
             weight = linear.weight.detach()

@@ -10,6 +10,7 @@ parameters and inputs alone, which is what makes the content-addressed cache cor
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,21 +107,32 @@ def corpus(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """Per-task statistics (``out/<task>/``): one pass, one shard of one, or shards merged; or
     the pooled merge of all tasks (``out`` itself)."""
-    from seap.data.corpus import DEFAULT_MAX_TOKENS, read_corpus
     from seap.maths.statistics import ActivationStatistics, merge_statistics
+
+    p = job.params
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # second moments too large to hold for every layer go to a spill folder beside `out`,
+    # layer by layer, and are linked into the saved statistics
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spill-") as spill:
+        if job.name == POOLED:
+            merged = merge_statistics([ActivationStatistics.load(Path(inputs["statistics"]) / t) for t in p["tasks"]],
+                                      POOLED, spill_dir=spill)
+            merged.save(out)
+            return
+        out.mkdir(parents=True)
+        if "shards" in inputs:
+            for t in p["tasks"]:
+                merge_statistics([ActivationStatistics.load(Path(s) / t) for s in inputs["shards"]], t,
+                                 spill_dir=Path(spill) / t).save(out / t)
+            return
+        _collect(job, inputs, out, ctx, Path(spill))
+
+
+def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext, spill: Path) -> None:
+    from seap.data.corpus import DEFAULT_MAX_TOKENS, read_corpus
     from seap.model.calibration import collect_statistics
 
     p = job.params
-    if job.name == POOLED:
-        merged = merge_statistics([ActivationStatistics.load(Path(inputs["statistics"]) / t) for t in p["tasks"]],
-                                  POOLED)
-        merged.save(out)
-        return
-    out.mkdir(parents=True)
-    if "shards" in inputs:
-        for t in p["tasks"]:
-            merge_statistics([ActivationStatistics.load(Path(s) / t) for s in inputs["shards"]], t).save(out / t)
-        return
     corpora, header = read_corpus(Path(inputs["corpus"]) / CORPUS_FILE)
     missing = [t for t in p["tasks"] if t not in corpora]
     if missing:
@@ -130,7 +142,7 @@ def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     for t in p["tasks"]:
         stats = collect_statistics(loaded, corpora[t], p["batch_size"], header.get("max_tokens", DEFAULT_MAX_TOKENS),
                                    shard=shard, progress=ctx.progress,  # type: ignore[arg-type]
-                                   second_moments=bool(p.get("second_moments")))
+                                   second_moments=bool(p.get("second_moments")), spill_dir=spill / t)
         stats.save(out / t)
 
 

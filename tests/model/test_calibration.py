@@ -143,7 +143,38 @@ def test_second_moments_equal_direct_computation_in_one_pass_or_several(tmp_path
         s.save(tmp_path / f"s{i}")
     merged = merge_statistics([ActivationStatistics.load(tmp_path / f"s{i}") for i in range(2)])
     for a, b in zip(one.layers, merged.layers, strict=True):
-        torch.testing.assert_close(b.mlp_second.gram, a.mlp_second.gram, rtol=1e-5, atol=1e-6)
-        assert b.mlp_second.count == a.mlp_second.count
+        torch.testing.assert_close(b.second("mlp").gram, a.second("mlp").gram, rtol=1e-5, atol=1e-6)
+        assert b.second("mlp").count == a.second("mlp").count
     mixed = merge_statistics([shards[0], plain])  # a shard without them: the merge has none
     assert not mixed.has_second_moments
+
+
+def test_second_moments_spill_to_disk_layer_by_layer_when_they_would_not_fit(tmp_path) -> None:
+    from seap.errors import ArtifactError
+
+    loaded = make_tiny_model("llama-gqa")
+    c = corpus()
+    held = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True)
+    per_layer = (64 * 64 + 96 * 96) * 12
+    spilled = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True,
+                                 second_moment_budget=2 * per_layer, spill_dir=tmp_path / "spill")
+    assert spilled.meta["second_moments"]["spilled"] and not held.meta["second_moments"]["spilled"]
+    assert all(layer.stored is not None and layer.attn_second is None for layer in spilled.layers)
+    assert len(list((tmp_path / "spill").glob("layer-*.safetensors"))) == len(spilled.layers)
+    spilled.save(tmp_path / "saved")
+    loaded_back = ActivationStatistics.load(tmp_path / "saved")
+    assert loaded_back.has_second_moments
+    for a, b in zip(held.layers, loaded_back.layers, strict=True):
+        for module in ("attn", "mlp"):
+            torch.testing.assert_close(b.second(module).gram, a.second(module).gram)
+            assert b.second(module).count == a.second(module).count
+    # the pooled merge spills too, one layer at a time, and equals the merge in memory
+    merged = merge_statistics([loaded_back, held], "pooled", spill_dir=tmp_path / "merge-spill", budget=per_layer)
+    in_memory = merge_statistics([held, held], "pooled")
+    assert all(layer.stored is not None for layer in merged.layers)
+    torch.testing.assert_close(merged.layers[2].second("mlp").gram, in_memory.layers[2].second("mlp").gram)
+    # a corrupt sidecar is refused when it is read, naming the file
+    part = next((tmp_path / "saved" / "parts").glob("layer-0001.safetensors"))
+    part.write_bytes(part.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ArtifactError, match="layer-0001.safetensors is missing or corrupt"):
+        ActivationStatistics.load(tmp_path / "saved").layers[1].seconds()

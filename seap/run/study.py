@@ -1,0 +1,539 @@
+"""The quality study behind ``docs/results.md``: one command, every figure, settings chosen on
+held-out calibration-side items.
+
+    seap study --data-dir ../shared/benchmarks --out docs
+
+It walks ordinary run plans (:func:`seap.run.plan.make_plan`, executed by
+:func:`seap.run.execute.execute`) in one shared, content-addressed work folder, so a study
+that is stopped resumes where it stopped and a second run only re-does what changed:
+
+1. **selection** (:func:`selection_data`): each task's *train* split is cut in two (seeded);
+   the masks are calibrated on the first part, and every candidate setting of the refit (and
+   no refit, and bias compensation) is scored on the second part. The chosen refit is the one
+   with the best mean accuracy over the SEAP expert and both logistic-schedule baselines at
+   the selection sparsities. No reported item is ever looked at;
+2. **rows**: dense; SEAP expert, general and routed; Wanda-sp and FLAP with their own
+   allocation and with the logistic schedule; each with no compensation, bias compensation,
+   and the chosen least-squares refit; at every study sparsity; on the starter suite (every
+   item) and PIQA (every validation item), calibrated on the train splits;
+3. **calibration size**: the SEAP expert with 50, 200 and 1,000 records per task;
+4. **analysis** (pure functions of :mod:`seap.evaluation.significance`): 95% intervals,
+   paired differences of the SEAP expert against each baseline on the same items, retention
+   of the margin over chance, WikiText-2 perplexity of each general mask, and the mean KL
+   divergence from dense on held-out text of each task (:mod:`seap.evaluation.divergence`).
+
+Outputs: ``<out>/results/study.json`` (every number), ``<out>/results/study.md`` (the tables)
+and ``<out>/results/study-retention.png`` (retention against sparsity with 95% bands).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from seap.errors import SeapError
+from seap.io import atomic_write_json, atomic_write_text, read_json
+from seap.run.config import DEFAULT_TASKS, RunConfig
+from seap.run.methods import DENSE, METHODS, row_key
+
+STUDY_METHODS = ("seap-expert", "seap-general", "seap-routed", "wanda-sp", "wanda-sp+logistic", "flap",
+                 "flap+logistic")
+SAME_SCHEDULE = {"wanda-sp+logistic": "logistic", "flap+logistic": "logistic"}  # baselines on SEAP's schedule
+SELECTION_METHODS = ("seap-expert", "wanda-sp+logistic", "flap+logistic")
+CHANCE_MARGIN = 0.05  # tasks where dense is within 5 points of chance stay out of the headline average
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """One way of helping the layers that lost inputs: run-configuration changes."""
+
+    name: str
+    label: str
+    changes: Mapping[str, Any]
+
+
+NO_COMPENSATION = Compensation("none", "none", {"bias_compensation": False})
+BIAS_COMPENSATION = Compensation("bias", "bias compensation", {"bias_compensation": True})
+
+
+DEFAULT_REFIT_ALPHAS = (1e-2, 1e-1)
+
+
+def refit_candidates(alphas: Sequence[float] = DEFAULT_REFIT_ALPHAS) -> list[Compensation]:
+    """The least-squares settings the selection step tries: each ``alpha`` with and without a
+    bias term, SEAP experts refitted on their own corpus or on all tasks' (prior: the slice)."""
+    out = []
+    for alpha in alphas:
+        for bias in (False, True):
+            for corpus in ("own", "pooled"):
+                name = f"ls-a{alpha:g}{'-bias' if bias else ''}-{corpus}"
+                out.append(Compensation(name, f"least squares (alpha {alpha:g}, {'bias, ' if bias else ''}"
+                                              f"{corpus} corpus)",
+                                        {"reconstruct": True, "refit_alpha": alpha, "refit_bias": bias,
+                                         "refit_corpus": corpus, "refit_prior": "slice"}))
+    return out
+
+
+@dataclass
+class StudyOptions:
+    """What the study runs. ``quick`` shrinks every axis (a smoke run, or CI on a tiny model)."""
+
+    model: str = "smollm2-135m"
+    data_dir: str = "../shared/benchmarks"
+    tasks: Sequence[str] = (*DEFAULT_TASKS, "piqa")
+    sparsities: Sequence[float] = (0.2, 0.3, 0.4, 0.5)
+    selection_sparsities: Sequence[float] = (0.3, 0.5)
+    selection_items: int = 150  # per task, cut from the train split (at most half of it)
+    calibration_sizes: Sequence[int] = (50, 200, 1000)
+    calibration_size_sparsities: Sequence[float] = (0.2, 0.5)
+    samples: int = 200
+    limit: int | None = None
+    kl_texts: int = 200
+    perplexity: bool = True
+    perplexity_windows: int = 40
+    workdir: str = "runs/study/work"
+    out: str = "docs"
+    seed: int = 42
+    candidates: Sequence[Compensation] = field(default_factory=refit_candidates)
+    base: Mapping[str, Any] = field(default_factory=dict)  # any other RunConfig fields (tests: a tiny model)
+
+    def config(self, **changes: Any) -> RunConfig:
+        values = dict(model=self.model, data_dir=self.data_dir, tasks=list(self.tasks), samples=self.samples,
+                      seed=self.seed, limit=self.limit, bench=False, mlflow=False, workdir=self.workdir,
+                      perplexity_windows=self.perplexity_windows, registry_dir=str(Path(self.workdir) / "registry"))
+        values.update(self.base)
+        values.update(changes)
+        return RunConfig(**values)
+
+
+# -- 1. selection on calibration-side items ------------------------------------------------
+
+
+def selection_data(config: RunConfig, folder: str | Path, items: int, seed: int) -> list[str]:
+    """Write a data folder where each task's train split is cut in two: ``train.jsonl`` (what
+    calibrates) and ``validation.jsonl`` (``items`` records, at most half, what selects).
+    Returns the task names as the selection run spells them."""
+    from seap.data.catalogue import STANDARD_TASKS, TaskCatalogue
+    from seap.data.corpus import read_records
+
+    folder = Path(folder)
+    specs = TaskCatalogue(config.data_dir, Path(config.workdir) / "task-files").resolve(config.tasks)
+    names = []
+    for spec in specs:
+        records = spec.calibration_records() if spec.train_file is None else read_records(spec.train_file)
+        if len(records) < 4:
+            raise SeapError(f"task {spec.name!r} has {len(records)} train records, too few to hold some out",
+                            "give it more train records, or leave it out of the study")
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        held = min(items, len(records) // 2)
+        heldout = [records[i] for i in sorted(order[:held])]
+        train = [records[i] for i in sorted(order[held:])]
+        for split, rows in (("train", train), ("validation", heldout)):
+            text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+            path = folder / spec.name / f"{split}.jsonl"
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                atomic_write_text(path, text)
+        if spec.name in STANDARD_TASKS:
+            test = folder / spec.name / "test.jsonl"  # lm-eval's definitions may list a test split too
+            if not test.is_file():
+                atomic_write_text(test, "".join(json.dumps(r, sort_keys=True) + "\n" for r in heldout))
+        names.append(spec.name if spec.name in STANDARD_TASKS else f"jsonl:{spec.name}")
+    return names
+
+
+def _rows(results_dir: Path) -> dict[str, dict[str, Any]]:
+    results = read_json(results_dir / "results.json", "results file")
+    return {row_key(r["method"], r["sparsity"]): r for r in results["rows"]}
+
+
+def select_refit(options: StudyOptions, run: Callable[[RunConfig], Path], say: Callable[[str], None]
+                 ) -> tuple[Compensation, dict[str, Any]]:
+    """Score every candidate on the held-out train items; the best mean accuracy wins."""
+    folder = Path(options.workdir).parent / "selection-data"
+    tasks = selection_data(options.config(), folder, options.selection_items, options.seed)
+    scores: dict[str, Any] = {}
+    for candidate in (NO_COMPENSATION, BIAS_COMPENSATION, *options.candidates):
+        config = options.config(tasks=tasks, data_dir=str(folder), methods=list(SELECTION_METHODS),
+                                sparsities=list(options.selection_sparsities), limit=None, **candidate.changes)
+        rows = _rows(run(config))
+        values = {key: row["average"]["table"] for key, row in rows.items() if key != DENSE}
+        scores[candidate.name] = {"label": candidate.label, "rows": values,
+                                  "mean": sum(values.values()) / len(values), "dense": rows[DENSE]["average"]["table"]}
+        say(f"selection {candidate.name}: mean {scores[candidate.name]['mean'] * 100:.2f}")
+    refits = [c for c in options.candidates]
+    best = max(refits, key=lambda c: scores[c.name]["mean"])
+    return best, {"tasks": tasks, "items_per_task": options.selection_items, "scores": scores, "chosen": best.name}
+
+
+# -- 2./3. the reported rows ---------------------------------------------------------------
+
+
+@dataclass
+class StudyRun:
+    """One executed plan of the study: its configuration and where its outputs are."""
+
+    name: str
+    config: RunConfig
+    outputs: dict[str, str]  # job key -> output folder
+    report: Path
+
+
+JOB_EVENTS: list[Callable[[Any], None]] = []  # where finished jobs are announced (the CLI's one-line view)
+
+
+def execute_config(config: RunConfig, progress: bool) -> tuple[dict[str, str], Path]:
+    """Run one configuration's plan in the study's work folder (finished jobs are reused)."""
+    from seap.run.execute import execute
+    from seap.run.plan import make_plan
+    from seap.run.stages import StageContext
+
+    config.validate()
+    plan = make_plan(config)
+    ctx = StageContext(Path(config.workdir) / "task-files", progress=progress, say=lambda _: None)
+    done = execute(plan, ctx, on_event=lambda e: [f(e) for f in JOB_EVENTS])
+    outputs = {key: str(done.path(key)) for key in done.outputs}
+    return outputs, done.path("report")
+
+
+# -- 4. analysis -------------------------------------------------------------------------
+
+
+def row_correctness(outputs: Mapping[str, str], plan_rows: Mapping[str, str], metric: str
+                    ) -> dict[str, dict[str, dict[int, float]]]:
+    """Row key -> per-item correctness, from each row's ``items.json``."""
+    from seap.evaluation.metrics import metric_for
+    from seap.evaluation.significance import correctness
+    from seap.run.stages import ITEMS_FILE
+
+    out = {}
+    for row, key in plan_rows.items():
+        items = read_json(Path(outputs[key]) / ITEMS_FILE, "row items")
+        out[row] = correctness(items, {t: metric_for(t, metric) for t in items})
+    return out
+
+
+def analyse(runs: Sequence[StudyRun], kl: Mapping[str, Mapping[str, Any]], metric: str) -> dict[str, Any]:
+    """Every number of the study's tables from the executed runs (pure apart from reading files)."""
+    from seap.evaluation.metrics import retention
+    from seap.evaluation.significance import bootstrap_average, paired_difference, verdict, wilson_interval
+    from seap.run.plan import make_plan
+
+    table: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
+    headline: list[str] | None = None
+    excluded: dict[str, Any] = {}
+    for run in runs:
+        plan = make_plan(run.config)
+        plan_rows = {j.row: j.key for j in plan.jobs if j.row}
+        results = read_json(run.report / "results.json", "results file")
+        rows = {row_key(r["method"], r["sparsity"]): r for r in results["rows"]}
+        items = row_correctness(run.outputs, plan_rows, metric)
+        dense = rows[DENSE]
+        if headline is None:
+            headline = []
+            for task, t in dense["tasks"].items():
+                value = t[_metric(task, metric)]
+                if value - t["chance"] >= CHANCE_MARGIN:
+                    headline.append(task)
+                else:
+                    excluded[task] = {"dense": value, "chance": t["chance"]}
+        for key, row in rows.items():
+            if key == DENSE and run is not runs[0]:
+                continue
+            per_task = {}
+            for task, t in row["tasks"].items():
+                values = items[key].get(task, {})
+                right = sum(values.values())
+                per_task[task] = {"accuracy": t[_metric(task, metric)], "items": len(values),
+                                  "ci95": wilson_interval(right, len(values)), "chance": t.get("chance")}
+            head = {t: items[key][t] for t in headline if t in items[key]}
+            low, high = bootstrap_average(head)
+            entry = {"run": run.name, "row": key, "method": row["method"], "sparsity": row["sparsity"],
+                     "realised": row.get("realised_sparsity"), "tasks": per_task,
+                     "headline": sum(per_task[t]["accuracy"] for t in head) / max(len(head), 1),
+                     "headline_ci95": (low, high),
+                     "starter": _mean([per_task[t]["accuracy"] for t in DEFAULT_TASKS if t in per_task]),
+                     "retention": retention(row, dense, metric, list(head)),
+                     "kl": kl.get(f"{run.name}/{key}")}
+            table.append(entry)
+        for sparsity in run.config.sparsities:
+            expert = row_key("seap-expert", sparsity)
+            if expert not in items:
+                continue
+            for baseline in ("wanda-sp", "wanda-sp+logistic", "flap", "flap+logistic", "seap-general"):
+                other = row_key(baseline, sparsity)
+                if other not in items:
+                    continue
+                head = lambda rows: {t: v for t, v in rows.items() if t in (headline or [])}  # noqa: E731
+                diff = paired_difference(head(items[expert]), head(items[other]))
+                paired.append({"run": run.name, "sparsity": sparsity, "baseline": baseline,
+                               "same_schedule": baseline in SAME_SCHEDULE, **diff, "verdict": verdict(diff)})
+    return {"rows": table, "paired": paired, "headline_tasks": headline, "excluded_tasks": excluded}
+
+
+def _metric(task: str, metric: str) -> str:
+    from seap.evaluation.metrics import metric_for
+
+    return metric_for(task, metric)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def measure_kl(run: StudyRun, texts_per_task: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """Mean KL from dense on each task's held-out text, for every mask row of ``run`` (an
+    expert row: each task with its own expert; not the routed row, whose mask depends on each
+    input), cached in the work folder by the masks' content."""
+    from seap.data.catalogue import TaskCatalogue
+    from seap.evaluation.divergence import heldout_texts, mean_kl
+    from seap.maths.masks import PruningMask
+    from seap.model.surgery import apply_mask
+    from seap.run.plan import make_plan
+    from seap.run.stages import StageContext
+
+    c = run.config
+    plan = make_plan(c)
+    ctx = StageContext(Path(c.workdir) / "task-files")
+    specs = TaskCatalogue(c.data_dir, Path(c.workdir) / "task-files").resolve(c.tasks)
+    texts = {s.name: heldout_texts(s, texts_per_task, c.seed) for s in specs}
+    base = None
+    out: dict[str, Any] = {}
+    for job in plan.of_stage("evaluate"):
+        masks = job.inputs["masks"]
+        cache_key = {"masks": sorted(Path(run.outputs[k]).name for k in masks.values()),
+                     "tasks": sorted(texts), "texts": texts_per_task, "seed": c.seed}
+        digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:24]
+        cache = Path(c.workdir) / "kl" / f"{job.name.replace('@', '_')}-{digest}.json"
+        if cache.is_file() and read_json(cache, "KL cache").get("key") == cache_key:
+            out[f"{run.name}/{job.row}"] = read_json(cache, "KL cache")["kl"]
+            continue
+        if base is None:
+            base = ctx.base(run.outputs["model"])
+        per_task = {}
+        for task, text in texts.items():
+            mask_key = masks.get(task) or masks.get("general")
+            pruned = apply_mask(base, PruningMask.load(run.outputs[mask_key]), "hard")
+            per_task[task] = mean_kl(base, pruned, text)["kl"]
+        value = {"tasks": per_task, "mean": sum(per_task.values()) / len(per_task)}
+        atomic_write_json(cache, {"key": cache_key, "kl": value})
+        out[f"{run.name}/{job.row}"] = value
+        say(f"KL {run.name}/{job.row}: {value['mean']:.3f}")
+    return out
+
+
+__all__ = ["BIAS_COMPENSATION", "NO_COMPENSATION", "STUDY_METHODS", "Compensation", "StudyOptions", "StudyRun",
+           "analyse", "execute_config", "measure_kl", "refit_candidates", "run_study", "select_refit", "selection_data",
+           "study_markdown", "targets", "write_study"]
+
+
+# -- the whole study -----------------------------------------------------------------------
+
+
+def run_study(options: StudyOptions, say: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
+    """Selection, the rows under each compensation, calibration sizes, KL, analysis; writes
+    ``<out>/results/study.{json,md}`` and the retention plot. Returns the study record."""
+    started = time.perf_counter()
+
+    def run(config: RunConfig) -> Path:
+        return execute_config(config, progress)[1]
+
+    best, selection = select_refit(options, run, say)
+    say(f"chosen refit: {best.label}")
+    runs: list[StudyRun] = []
+    for compensation in (NO_COMPENSATION, BIAS_COMPENSATION, best):
+        config = options.config(methods=list(STUDY_METHODS), sparsities=list(options.sparsities),
+                                perplexity=options.perplexity, **compensation.changes)
+        outputs, report = execute_config(config, progress)
+        runs.append(StudyRun(compensation.name, config, outputs, report))
+        say(f"rows with {compensation.label}: done")
+    sizes: list[StudyRun] = []
+    for samples in options.calibration_sizes:
+        for compensation in (NO_COMPENSATION, best):
+            config = options.config(methods=["seap-expert"], sparsities=list(options.calibration_size_sparsities),
+                                    samples=samples, **compensation.changes)
+            outputs, report = execute_config(config, progress)
+            sizes.append(StudyRun(f"samples-{samples}-{compensation.name}", config, outputs, report))
+        say(f"calibration size {samples}: done")
+    kl: dict[str, Any] = {}
+    for run_ in runs:
+        kl.update(measure_kl(run_, options.kl_texts, say))
+    metric = runs[0].config.metric
+    analysis = analyse(runs, kl, metric)
+    size_analysis = analyse(sizes, {}, metric)
+    perplexity = {run_.name: read_json(run_.report / "results.json", "results").get("perplexity") for run_ in runs}
+    record = {
+        "model": options.model, "tasks": list(options.tasks), "sparsities": list(options.sparsities),
+        "samples": options.samples, "limit": options.limit, "metric": metric,
+        "selection": selection, "chosen": {"name": best.name, "label": best.label, "changes": dict(best.changes)},
+        "compensations": [r.name for r in runs], **analysis, "perplexity": perplexity,
+        "calibration_sizes": size_analysis["rows"], "seconds": time.perf_counter() - started,
+    }
+    write_study(record, Path(options.out))
+    return record
+
+
+def targets(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the figure reached and whether it is met."""
+    rows = {(r["run"], r["row"]): r for r in record["rows"]}
+    dense = rows.get((record["compensations"][0], DENSE))
+    out = []
+    for comp in record["compensations"]:
+        def get(method: str, sparsity: float) -> Mapping[str, Any] | None:
+            return rows.get((comp, row_key(method, sparsity)))
+
+        expert50, expert20 = get("seap-expert", 0.5), get("seap-expert", 0.2)
+        if expert50 and expert50.get("starter") is not None:
+            out.append({"compensation": comp, "target": "SEAP experts at 50%: starter average >= 65",
+                        "value": expert50["starter"] * 100, "met": expert50["starter"] >= 0.65})
+        if expert20 and dense:
+            gap = (dense["starter"] - expert20["starter"]) * 100
+            out.append({"compensation": comp, "target": "SEAP experts at 20%: within 2 points of dense (starter)",
+                        "value": -gap, "met": gap <= 2})
+            if "piqa" in expert20["tasks"]:
+                gap = (dense["tasks"]["piqa"]["accuracy"] - expert20["tasks"]["piqa"]["accuracy"]) * 100
+                out.append({"compensation": comp, "target": "SEAP experts at 20%: within 2 points of dense (PIQA)",
+                            "value": -gap, "met": gap <= 2})
+        ppl = (record.get("perplexity") or {}).get(comp) or {}
+        general50 = ppl.get(row_key("seap-general", 0.5))
+        if general50 and ppl.get(DENSE):
+            ratio = general50["perplexity"] / ppl[DENSE]["perplexity"]
+            out.append({"compensation": comp, "target": "general mask at 50%: WikiText-2 perplexity <= 3x dense",
+                        "value": ratio, "met": ratio <= 3})
+        for sparsity in record["sparsities"]:
+            for baseline in SAME_SCHEDULE:
+                found = [p for p in record["paired"] if p["run"] == comp and p["sparsity"] == sparsity
+                         and p["baseline"] == baseline]
+                if found:
+                    p = found[0]
+                    out.append({"compensation": comp, "target": f"expert ahead of {baseline} at {sparsity:g} "
+                                                                "(paired 95% interval above zero)",
+                                "value": p["difference"] * 100, "low": p["low"] * 100, "high": p["high"] * 100,
+                                "met": p["verdict"] == "ahead"})
+    return out
+
+
+def write_study(record: dict[str, Any], out: Path) -> None:
+    """``study.json``, ``study.md`` and ``study-retention.png`` under ``out/results``."""
+    folder = out / "results"
+    record = {**record, "targets": targets(record)}
+    atomic_write_json(folder / "study.json", record)
+    atomic_write_text(folder / "study.md", study_markdown(record))
+    plot_retention(record, folder / "study-retention.png")
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value * 100:.{digits}f}"
+
+
+def study_markdown(record: Mapping[str, Any]) -> str:
+    """The study's tables in Markdown."""
+    lines = [f"Model `{record['model']}`; tasks {', '.join(record['tasks'])}; "
+             f"{record['samples']} calibration records per task; items per task: "
+             f"{'all' if record['limit'] is None else record['limit']}; metric `{record['metric']}`; "
+             f"run time {record['seconds'] / 60:.0f} min.", ""]
+    head = record["headline_tasks"]
+    lines.append(f"Headline average over: {', '.join(head)}.")
+    if record["excluded_tasks"]:
+        lines.append("Left out of the headline (dense within 5 points of chance): " + ", ".join(
+            f"{t} (dense {v['dense'] * 100:.1f}, chance {v['chance'] * 100:.1f})"
+            for t, v in record["excluded_tasks"].items()) + ".")
+    sel = record["selection"]
+    lines += ["", "### Settings chosen on held-out train items", "",
+              f"Each task's train split cut in two (seed); masks calibrated on one part, scored on the other "
+              f"({sel['items_per_task']} items per task at most); mean over "
+              f"{', '.join(SELECTION_METHODS)} at the selection sparsities.", "",
+              "| setting | mean accuracy | " + " | ".join(next(iter(sel["scores"].values()))["rows"]) + " |",
+              "|---|---:|" + "---:|" * len(next(iter(sel["scores"].values()))["rows"])]
+    for name, s in sel["scores"].items():
+        mark = " **(chosen)**" if name == sel["chosen"] else ""
+        lines.append(f"| {s['label']}{mark} | {_pct(s['mean'], 2)} | " +
+                     " | ".join(_pct(v) for v in s["rows"].values()) + " |")
+    tasks = list(next(iter(record["rows"]))["tasks"]) if record["rows"] else []
+    for comp in record["compensations"]:
+        lines += ["", f"### Rows with compensation: {comp}", "",
+                  "| row | headline [95% CI] | " + " | ".join(tasks) + " | margin kept | KL | realised |",
+                  "|---|---|" + "---:|" * len(tasks) + "---:|---:|---:|"]
+        for r in record["rows"]:
+            if r["run"] != comp and r["row"] != DENSE:
+                continue
+            if r["row"] == DENSE and comp != record["compensations"][0]:
+                continue
+            lo, hi = r["headline_ci95"]
+            kl = (r.get("kl") or {}).get("mean")
+            cells = [_pct(r["tasks"][t]["accuracy"]) if t in r["tasks"] else "-" for t in tasks]
+            lines.append(f"| {r['row']} | {_pct(r['headline'])} [{_pct(lo)}, {_pct(hi)}] | {' | '.join(cells)} | "
+                         f"{_pct(r['retention'].get('margin_retention'))} | {'-' if kl is None else f'{kl:.3f}'} | "
+                         f"{_pct(r.get('realised'))} |")
+    lines += ["", "### SEAP expert minus each baseline, same items (paired bootstrap 95% CI, McNemar p)", "",
+              "| compensation | sparsity | baseline | difference [95% CI] | McNemar p | verdict |",
+              "|---|---:|---|---|---:|---|"]
+    for p in record["paired"]:
+        lines.append(f"| {p['run']} | {p['sparsity']:g} | {p['baseline']} | {p['difference'] * 100:+.1f} "
+                     f"[{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}] | {p['p_mcnemar']:.3g} | {p['verdict']} |")
+    ppl = record.get("perplexity") or {}
+    if any(ppl.values()):
+        lines += ["", "### WikiText-2 perplexity (dense and each general mask)", "", "| compensation | row | perplexity |",
+                  "|---|---|---:|"]
+        for comp, entries in ppl.items():
+            for row, e in (entries or {}).items():
+                lines.append(f"| {comp} | {row} | {e['perplexity']:.1f} |")
+    if record.get("calibration_sizes"):
+        lines += ["", "### Calibration size (SEAP expert)", "", "| run | row | headline [95% CI] |", "|---|---|---|"]
+        for r in record["calibration_sizes"]:
+            if r["row"] == DENSE:
+                continue
+            lo, hi = r["headline_ci95"]
+            lines.append(f"| {r['run']} | {r['row']} | {_pct(r['headline'])} [{_pct(lo)}, {_pct(hi)}] |")
+    lines += ["", "### Targets", "", "| compensation | target | reached | met |", "|---|---|---:|---|"]
+    for t in record.get("targets", []):
+        value = f"{t['value']:.2f}" + (f" [{t['low']:+.1f}, {t['high']:+.1f}]" if "low" in t else "")
+        lines.append(f"| {t['compensation']} | {t['target']} | {value} | {'met' if t['met'] else '**missed**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_retention(record: Mapping[str, Any], path: Path) -> None:
+    """Margin retention of the headline average against sparsity, per method and compensation,
+    with the 95% band of the headline accuracy mapped through the same retention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comps = record["compensations"]
+    dense = next((r for r in record["rows"] if r["row"] == DENSE), None)
+    if dense is None:
+        return
+    chance = _mean([dense["tasks"][t]["chance"] or 0 for t in record["headline_tasks"]]) or 0
+    span = max(dense["headline"] - chance, 1e-9)
+    fig, axes = plt.subplots(1, len(comps), figsize=(5 * len(comps), 4), sharey=True, squeeze=False)
+    for ax, comp in zip(axes[0], comps):
+        for method in STUDY_METHODS:
+            pts = sorted((r["sparsity"], r) for r in record["rows"] if r["run"] == comp and r["method"] == method)
+            if not pts:
+                continue
+            xs = [0.0] + [s for s, _ in pts]
+            ys = [1.0] + [(r["headline"] - chance) / span for _, r in pts]
+            lo = [1.0] + [(r["headline_ci95"][0] - chance) / span for _, r in pts]
+            hi = [1.0] + [(r["headline_ci95"][1] - chance) / span for _, r in pts]
+            line, = ax.plot(xs, ys, marker="o", label=method)
+            ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
+        ax.set_title(f"compensation: {comp}")
+        ax.set_xlabel("sparsity")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("margin over chance kept (dense = 1)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

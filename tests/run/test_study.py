@@ -1,0 +1,67 @@
+"""The quality study on a tiny model: selection on held-out train items, every compensation,
+paired tests, KL, the written report; and the pure significance functions it uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from seap.errors import SeapError
+from seap.run.study import NO_COMPENSATION, Compensation, StudyOptions, run_study, selection_data
+from tests.helpers_flows import tiny_project
+
+
+def test_selection_data_holds_out_train_items_and_never_touches_evaluation_items(tmp_path) -> None:
+    _, data = tiny_project(tmp_path)
+    options = StudyOptions(data_dir=str(data), tasks=("geo", "life"), workdir=str(tmp_path / "work"))
+    names = selection_data(options.config(), tmp_path / "sel", items=10, seed=1)
+    assert names == ["jsonl:geo", "jsonl:life"]
+    for task in ("geo", "life"):
+        canon = lambda lines: sorted(json.dumps(json.loads(x), sort_keys=True) for x in lines)  # noqa: E731
+        train = canon((data / task / "train.jsonl").read_text().splitlines())
+        cut = [(tmp_path / "sel" / task / f"{s}.jsonl").read_text().splitlines() for s in ("train", "validation")]
+        assert len(cut[1]) == 10 and canon(cut[0] + cut[1]) == train  # the train split, cut in two
+
+
+def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> None:
+    base, data = tiny_project(tmp_path)
+    refit = Compensation("ls", "least squares", {"reconstruct": True, "refit_alpha": 0.1})
+    options = StudyOptions(model=str(base), data_dir=str(data), tasks=("geo", "life"), sparsities=(0.3,),
+                           selection_sparsities=(0.3,), selection_items=8, calibration_sizes=(10,),
+                           calibration_size_sparsities=(0.3,), samples=20, limit=8, kl_texts=4, perplexity=False,
+                           workdir=str(tmp_path / "work"), out=str(tmp_path / "docs"), candidates=[refit],
+                           base={"schedule": "uniform", "router_prompts": 20})
+    record = run_study(options, say=lambda _: None)
+    assert record["chosen"]["name"] == "ls" and set(record["selection"]["scores"]) == {"none", "bias", "ls"}
+    assert record["compensations"] == ["none", "bias", "ls"]
+    rows = {(r["run"], r["row"]) for r in record["rows"]}
+    assert ("none", "dense") in rows and ("ls", "seap-expert@0.3") in rows and ("bias", "flap+logistic@0.3") in rows
+    for r in record["rows"]:
+        low, high = r["headline_ci95"]
+        assert low <= r["headline"] <= high
+        if r["row"] != "dense" and r["method"] != "seap-routed":
+            assert r["kl"]["mean"] >= 0
+    paired = {(p["run"], p["baseline"]) for p in record["paired"]}
+    assert ("ls", "wanda-sp+logistic") in paired and ("none", "flap") in paired
+    assert {p["verdict"] for p in record["paired"]} <= {"ahead", "behind", "level"}
+    written = tmp_path / "docs" / "results"
+    assert json.loads((written / "study.json").read_text())["targets"]
+    assert "### Targets" in (written / "study.md").read_text()
+    assert (written / "study-retention.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run reuses every job and gives the same numbers
+    again = run_study(options, say=lambda _: None)
+    assert [r["headline"] for r in again["rows"]] == [r["headline"] for r in record["rows"]]
+
+
+def test_too_few_train_records_to_hold_out_is_a_clear_error(tmp_path) -> None:
+    folder = tmp_path / "data" / "tiny"
+    folder.mkdir(parents=True)
+    record = json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0})
+    (folder / "train.jsonl").write_text(record + "\n")
+    (folder / "validation.jsonl").write_text(record + "\n")
+    options = StudyOptions(data_dir=str(tmp_path / "data"), tasks=("tiny",), workdir=str(tmp_path / "work"))
+    with pytest.raises(SeapError, match="too few to hold some out"):
+        selection_data(options.config(), tmp_path / "sel", items=10, seed=0)
+    assert NO_COMPENSATION.changes == {"bias_compensation": False}
