@@ -43,18 +43,52 @@ def evaluate_masks(base: LoadedModel, catalogue: TaskCatalogue, specs: Sequence[
         missing = [s.name for s in specs if s.name not in masks]
         if missing:
             raise SeapError(f"no expert mask for task(s) {missing}", "build an expert mask for every evaluated task")
-        tasks = {}
-        meta = {}
-        for spec in specs:
-            expert = apply_mask(base, masks[spec.name], "hard")
-            meta = evaluate(expert, catalogue, [spec], limit, num_fewshot, batch_size)
-            tasks.update(meta["tasks"])
-            items.update(meta["items"])
+        from seap.evaluation.harness import evaluate_lm
+
+        # one lm-eval run for all tasks: each task's requests go to its own expert
+        meta = evaluate_lm(experts_lm(base, {s.lm_eval_task: masks[s.name] for s in specs}, batch_size), catalogue,
+                           specs, limit, num_fewshot)
+        tasks, items = meta["tasks"], meta["items"]
         realised = sum(masks[s.name].realised_sparsity() for s in specs) / len(specs)
     row = {"method": method, "sparsity": sparsity, "realised_sparsity": realised, "tasks": tasks,
            "average": average(tasks, metric), "seconds": round(time.perf_counter() - start, 1),
            "lm_eval_version": meta.get("lm_eval_version"), "num_fewshot": num_fewshot, "limit": limit}
     return row, items
+
+
+def experts_lm(base: LoadedModel, masks: Mapping[str, PruningMask], batch_size: int = DEFAULT_EVAL_BATCH_SIZE) -> Any:
+    """An lm-eval ``LM`` that answers each request with its task's expert (``masks``: lm-eval
+    task name -> mask), hard-pruned from ``base`` when its requests come and dropped after:
+    one lm-eval run evaluates every task with its own expert (oracle task identity)."""
+    from lm_eval.api.model import LM
+
+    from seap.evaluation.harness import hflm
+
+    class ExpertPerTaskLM(LM):
+        def _dispatch(self, requests: list[Any], method: str) -> list[Any]:
+            groups: dict[str, list[int]] = {}
+            for i, req in enumerate(requests):
+                groups.setdefault(req.task_name, []).append(i)
+            results: list[Any] = [None] * len(requests)
+            for task, idxs in groups.items():
+                if task not in masks:
+                    raise SeapError(f"no expert mask for lm-eval task {task!r}", "build an expert for every task")
+                expert = apply_mask(base, masks[task], "hard")
+                outs = getattr(hflm(expert, batch_size), method)([requests[i] for i in idxs])
+                for i, out in zip(idxs, outs, strict=True):
+                    results[i] = out
+            return results
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "loglikelihood")
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "loglikelihood_rolling")
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "generate_until")
+
+    return ExpertPerTaskLM()
 
 
 def router_info(router: Any) -> dict[str, Any]:
