@@ -348,13 +348,33 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
     best, selection = select_refit(options, run, say)
     say(f"chosen refit: {best.label}")
     runs: list[StudyRun] = []
+    sizes: list[StudyRun] = []
+    kl: dict[str, Any] = {}
+    record: dict[str, Any] = {
+        "model": options.model, "tasks": list(options.tasks), "sparsities": list(options.sparsities),
+        "samples": options.samples, "limit": options.limit, "selection": selection,
+        "chosen": {"name": best.name, "label": best.label, "changes": dict(best.changes)},
+    }
+
+    def publish(done: str) -> None:  # the tables so far, after every phase (a stopped study keeps them)
+        metric = runs[0].config.metric
+        analysis = analyse(runs, kl, metric)
+        record.update({
+            "metric": metric, "compensations": [r.name for r in runs], **analysis,
+            "perplexity": {r.name: read_json(r.report / "results.json", "results").get("perplexity") for r in runs},
+            "calibration_sizes": analyse(sizes, {}, metric)["rows"] if sizes else [],
+            "phases_done": done, "seconds": time.perf_counter() - started,
+        })
+        write_study(record, Path(options.out))
+
     for compensation in (NO_COMPENSATION, BIAS_COMPENSATION, best):
         config = options.config(methods=list(STUDY_METHODS), sparsities=list(options.sparsities),
                                 perplexity=options.perplexity, **compensation.changes)
         outputs, report = execute_config(config, progress)
         runs.append(StudyRun(compensation.name, config, outputs, report))
+        kl.update(measure_kl(runs[-1], options.kl_texts, say))
+        publish(f"rows: {', '.join(r.name for r in runs)}")
         say(f"rows with {compensation.label}: done")
-    sizes: list[StudyRun] = []
     for samples in options.calibration_sizes:
         for compensation in (NO_COMPENSATION, best):
             config = options.config(methods=["seap-expert"], sparsities=list(options.calibration_size_sparsities),
@@ -362,21 +382,7 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
             outputs, report = execute_config(config, progress)
             sizes.append(StudyRun(f"samples-{samples}-{compensation.name}", config, outputs, report))
         say(f"calibration size {samples}: done")
-    kl: dict[str, Any] = {}
-    for run_ in runs:
-        kl.update(measure_kl(run_, options.kl_texts, say))
-    metric = runs[0].config.metric
-    analysis = analyse(runs, kl, metric)
-    size_analysis = analyse(sizes, {}, metric)
-    perplexity = {run_.name: read_json(run_.report / "results.json", "results").get("perplexity") for run_ in runs}
-    record = {
-        "model": options.model, "tasks": list(options.tasks), "sparsities": list(options.sparsities),
-        "samples": options.samples, "limit": options.limit, "metric": metric,
-        "selection": selection, "chosen": {"name": best.name, "label": best.label, "changes": dict(best.changes)},
-        "compensations": [r.name for r in runs], **analysis, "perplexity": perplexity,
-        "calibration_sizes": size_analysis["rows"], "seconds": time.perf_counter() - started,
-    }
-    write_study(record, Path(options.out))
+    publish("all")
     return record
 
 
@@ -438,7 +444,7 @@ def study_markdown(record: Mapping[str, Any]) -> str:
     lines = [f"Model `{record['model']}`; tasks {', '.join(record['tasks'])}; "
              f"{record['samples']} calibration records per task; items per task: "
              f"{'all' if record['limit'] is None else record['limit']}; metric `{record['metric']}`; "
-             f"run time {record['seconds'] / 60:.0f} min.", ""]
+             f"run time {record['seconds'] / 60:.0f} min; phases done: {record.get('phases_done', 'all')}.", ""]
     head = record["headline_tasks"]
     lines.append(f"Headline average over: {', '.join(head)}.")
     if record["excluded_tasks"]:
