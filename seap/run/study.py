@@ -367,7 +367,7 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
         })
         write_study(record, Path(options.out))
 
-    for compensation in (NO_COMPENSATION, BIAS_COMPENSATION, best):
+    for compensation in (best, NO_COMPENSATION, BIAS_COMPENSATION):  # the chosen refit first
         config = options.config(methods=list(STUDY_METHODS), sparsities=list(options.sparsities),
                                 perplexity=options.perplexity, **compensation.changes)
         outputs, report = execute_config(config, progress)
@@ -389,7 +389,7 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
 def targets(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the figure reached and whether it is met."""
     rows = {(r["run"], r["row"]): r for r in record["rows"]}
-    dense = rows.get((record["compensations"][0], DENSE))
+    dense = next((r for r in record["rows"] if r["row"] == DENSE), None)
     out = []
     for comp in record["compensations"]:
         def get(method: str, sparsity: float) -> Mapping[str, Any] | None:
