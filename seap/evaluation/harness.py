@@ -8,11 +8,12 @@ the lm-eval version and a fingerprint of the evaluation data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,40 @@ def hflm(loaded: LoadedModel, batch_size: int = DEFAULT_EVAL_BATCH_SIZE, max_len
     if max_length:
         kwargs["max_length"] = max_length
     return lm_class(**kwargs)
+
+
+@functools.cache
+def dispatching_lm_class() -> type:
+    """The base of lm-eval ``LM`` s that hand groups of requests to other LMs: a subclass
+    defines ``_dispatch(requests, method)`` and may use ``_answer`` to run each group on its LM
+    and put the answers back in request order (lm-eval is imported on first use)."""
+    from lm_eval.api.model import LM
+
+    class DispatchingLM(LM):
+        def _dispatch(self, requests: list[Any], method: str) -> list[Any]:
+            raise NotImplementedError
+
+        @staticmethod
+        def _answer(requests: list[Any], groups: Mapping[Any, list[int]], lm_for: Any, method: str,
+                    results: list[Any]) -> list[Any]:
+            for name, idxs in groups.items():
+                if not idxs:
+                    continue
+                outs = getattr(lm_for(name), method)([requests[i] for i in idxs])
+                for i, out in zip(idxs, outs, strict=True):
+                    results[i] = out
+            return results
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "loglikelihood")
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "loglikelihood_rolling")
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return self._dispatch(requests, "generate_until")
+
+    return DispatchingLM
 
 
 def evaluate_lm(

@@ -118,11 +118,9 @@ def make_routed_lm(routed: RoutedModel, task_of: Mapping[str, str], batch_size: 
     since that expert would compute the same numbers. Every document is still routed.
     """
     reuse = dict(known or {})
-    from lm_eval.api.model import LM
+    from seap.evaluation.harness import dispatching_lm_class, hflm
 
-    from seap.evaluation.harness import hflm
-
-    class RoutedLM(LM):
+    class RoutedLM(dispatching_lm_class()):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
             self.log: list[dict[str, Any]] = []
@@ -165,22 +163,7 @@ def make_routed_lm(routed: RoutedModel, task_of: Mapping[str, str], batch_size: 
                     self.reused += 1
                     answered.update(idxs)
                 groups = {e: [i for i in idxs if i not in answered] for e, idxs in groups.items()}
-            for expert, idxs in groups.items():
-                if not idxs:
-                    continue
-                outs = getattr(self._lm_for(expert), method)([requests[i] for i in idxs])
-                for i, o in zip(idxs, outs, strict=True):
-                    results[i] = o
-            return results
-
-        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._dispatch(requests, "loglikelihood")
-
-        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._dispatch(requests, "loglikelihood_rolling")
-
-        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._dispatch(requests, "generate_until")
+            return self._answer(requests, groups, self._lm_for, method, results)
 
     return RoutedLM()
 

@@ -60,33 +60,19 @@ def experts_lm(base: LoadedModel, masks: Mapping[str, PruningMask], batch_size: 
     """An lm-eval ``LM`` that answers each request with its task's expert (``masks``: lm-eval
     task name -> mask), hard-pruned from ``base`` when its requests come and dropped after:
     one lm-eval run evaluates every task with its own expert (oracle task identity)."""
-    from lm_eval.api.model import LM
+    from seap.evaluation.harness import dispatching_lm_class, hflm
 
-    from seap.evaluation.harness import hflm
+    def expert_for(task: str) -> Any:
+        if task not in masks:
+            raise SeapError(f"no expert mask for lm-eval task {task!r}", "build an expert for every task")
+        return hflm(apply_mask(base, masks[task], "hard"), batch_size)
 
-    class ExpertPerTaskLM(LM):
+    class ExpertPerTaskLM(dispatching_lm_class()):  # type: ignore[misc]
         def _dispatch(self, requests: list[Any], method: str) -> list[Any]:
             groups: dict[str, list[int]] = {}
             for i, req in enumerate(requests):
                 groups.setdefault(req.task_name, []).append(i)
-            results: list[Any] = [None] * len(requests)
-            for task, idxs in groups.items():
-                if task not in masks:
-                    raise SeapError(f"no expert mask for lm-eval task {task!r}", "build an expert for every task")
-                expert = apply_mask(base, masks[task], "hard")
-                outs = getattr(hflm(expert, batch_size), method)([requests[i] for i in idxs])
-                for i, out in zip(idxs, outs, strict=True):
-                    results[i] = out
-            return results
-
-        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._dispatch(requests, "loglikelihood")
-
-        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._dispatch(requests, "loglikelihood_rolling")
-
-        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._dispatch(requests, "generate_until")
+            return self._answer(requests, groups, expert_for, method, [None] * len(requests))
 
     return ExpertPerTaskLM()
 

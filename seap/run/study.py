@@ -167,8 +167,7 @@ def select_refit(options: StudyOptions, run: Callable[[RunConfig], Path], say: C
         scores[candidate.name] = {"label": candidate.label, "rows": values,
                                   "mean": sum(values.values()) / len(values), "dense": rows[DENSE]["average"]["table"]}
         say(f"selection {candidate.name}: mean {scores[candidate.name]['mean'] * 100:.2f}")
-    refits = [c for c in options.candidates]
-    best = max(refits, key=lambda c: scores[c.name]["mean"])
+    best = max(options.candidates, key=lambda c: scores[c.name]["mean"])
     return best, {"tasks": tasks, "items_per_task": options.selection_items, "scores": scores, "chosen": best.name}
 
 
@@ -318,10 +317,12 @@ def measure_kl(run: StudyRun, texts_per_task: int, say: Callable[[str], None]) -
         if base is None:
             base = ctx.base(run.outputs["model"])
         per_task = {}
+        pruned: dict[str, Any] = {}  # one model per mask (a general mask serves every task)
         for task, text in texts.items():
-            mask_key = masks.get(task) or masks.get("general")
-            pruned = apply_mask(base, PruningMask.load(run.outputs[mask_key]), "hard")
-            per_task[task] = mean_kl(base, pruned, text)["kl"]
+            mask_key = masks.get(task) or masks["general"]
+            if mask_key not in pruned:
+                pruned[mask_key] = apply_mask(base, PruningMask.load(run.outputs[mask_key]), "hard")
+            per_task[task] = mean_kl(base, pruned[mask_key], text)["kl"]
         value = {"tasks": per_task, "mean": sum(per_task.values()) / len(per_task)}
         atomic_write_json(cache, {"key": cache_key, "kl": value})
         out[f"{run.name}/{job.row}"] = value
