@@ -50,44 +50,66 @@ class RefitOptions:
 
 @dataclass
 class Refit:
-    """Refitted weights of the kept input columns (``[d_out, |S|]``) and the bias (or None)."""
+    """Refitted weights of the kept input columns (``[d_out, |S|]``), the bias (or None), the
+    damping used, and the layer's output error on the calibration tokens relative to its
+    dense output energy, with the plain slice (``error_sliced``) and with the refit
+    (``error_refit``); :func:`output_error` computes the same errors independently."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     damping: float
+    error_sliced: float = float("nan")
+    error_refit: float = float("nan")
 
 
-def _moment_matrix(moments: SecondMoments, centred: bool) -> torch.Tensor:
-    return moments.covariance if centred else moments.second_moment
+def _quadratic(wg_kept: torch.Tensor, g_ss: torch.Tensor, new: torch.Tensor) -> float:
+    """``-2 <W', (W G)[:, S]> + <W' G[S, S], W'>``: the part of ``tr(D G D^T)`` that depends on ``W'``."""
+    return float(-2.0 * (new * wg_kept).sum() + ((new @ g_ss) * new).sum())
 
 
 def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor,
                 options: RefitOptions = RefitOptions()) -> Refit:
     """The closed-form refit of ``weight`` (``[d_out, d_in]``) to its kept input columns
-    ``keep`` (indices) on the inputs summarised by ``moments``; returned in ``weight``'s dtype."""
+    ``keep`` (indices) on the inputs summarised by ``moments``; returned in ``weight``'s dtype.
+
+    One product ``W G`` (``d_out x d_in x d_in``) serves the right-hand side and both error
+    reports; the rest costs ``d_out x |S|^2`` (the errors use ``tr(D G D^T) = <W G, W> -
+    2 <W', (W G)[:, S]> + <W' G[S, S], W'>``)."""
     if moments.width != weight.shape[1]:
         raise ValueError(f"moments of width {moments.width} for a layer with {weight.shape[1]} inputs")
     if moments.count == 0:
         raise ValueError("no calibration tokens: cannot refit")
     keep = keep.to(torch.long).cpu()
     w = weight.detach().to(torch.float64).cpu()
-    g = _moment_matrix(moments, options.bias).to(torch.float64).cpu()
+    g = moments.second_moment.to(torch.float64).cpu()  # uncentred G
+    mu = moments.mean.to(torch.float64).cpu()
+    wg = w @ g  # [d_out, d_in]
+    wg_kept = wg[:, keep]
     g_ss = g[keep][:, keep]
-    damping = options.alpha * float(g_ss.diagonal().mean()) if keep.numel() else 0.0
-    rhs = w @ g[:, keep]  # [d_out, k]
-    if options.prior == "slice":
-        rhs = rhs + damping * w[:, keep]
-    system = g_ss + damping * torch.eye(keep.numel(), dtype=torch.float64)
+    if options.bias:  # the centred covariance C = G - mu mu^T in place of G
+        mu_s = mu[keep]
+        w_mu = w @ mu
+        fit_rhs = wg_kept - torch.outer(w_mu, mu_s)
+        fit_ss = g_ss - torch.outer(mu_s, mu_s)
+    else:
+        fit_rhs, fit_ss = wg_kept, g_ss
+    damping = options.alpha * float(fit_ss.diagonal().mean()) if keep.numel() else 0.0
+    rhs = fit_rhs + damping * w[:, keep] if options.prior == "slice" else fit_rhs
+    system = fit_ss + damping * torch.eye(keep.numel(), dtype=torch.float64)
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:  # singular (too few tokens, no damping): least squares on the symmetric system
         new = torch.linalg.lstsq(system, rhs.T).solution.T
     else:
         new = torch.cholesky_solve(rhs.T, factor).T
-    bias = None
-    if options.bias:
-        mu = moments.mean.to(torch.float64).cpu()
-        bias = (w @ mu - new @ mu[keep]).to(weight.dtype)
-    return Refit(new.to(weight.dtype), bias, damping)
+    bias = (w_mu - new @ mu_s) if options.bias else None
+
+    energy = max(float((wg * w).sum()), 1e-30)
+    sliced = energy + _quadratic(wg_kept, g_ss, w[:, keep])
+    refit = energy + _quadratic(wg_kept, g_ss, new)
+    if bias is not None:  # - 2 b^T D mu + ||b||^2
+        refit += float(bias @ bias) - 2.0 * float(bias @ (w_mu - new @ mu_s))
+    return Refit(new.to(weight.dtype), None if bias is None else bias.to(weight.dtype), damping,
+                 max(sliced, 0.0) / energy, max(refit, 0.0) / energy)
 
 
 def output_error(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor, new_weight: torch.Tensor,

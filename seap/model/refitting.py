@@ -16,7 +16,7 @@ import torch
 
 from seap.errors import ModelMismatchError, SeapError
 from seap.maths.masks import LayerMask, PruningMask, validate_mask
-from seap.maths.reconstruction import RefitOptions, output_energy, output_error, refit_layer
+from seap.maths.reconstruction import RefitOptions, refit_layer
 from seap.maths.statistics import ActivationStatistics
 from seap.model.loaded import LoadedModel
 
@@ -78,9 +78,8 @@ def reconstruct_mask(base: LoadedModel, mask: PruningMask, statistics: Activatio
             refit[f"{name}_weight"] = fitted.weight.cpu()
             if fitted.bias is not None:
                 refit[f"{name}_bias"] = fitted.bias.cpu()
-            energy = max(output_energy(weight, second), 1e-30)
-            entry[f"{name}_error_sliced"] = output_error(weight, second, keep, weight[:, keep]) / energy
-            entry[f"{name}_error_refit"] = output_error(weight, second, keep, fitted.weight, fitted.bias) / energy
+            entry[f"{name}_error_sliced"] = fitted.error_sliced
+            entry[f"{name}_error_refit"] = fitted.error_refit
             entry[f"{name}_tokens"] = second.count
         layers.append(LayerMask(layer_mask.heads, layer_mask.kv_heads, layer_mask.channels, None, None, refit))
         report.append(entry)

@@ -62,6 +62,9 @@ def test_refit_never_worse_than_slicing_and_exact_when_nothing_is_pruned(options
     error = output_error(w, moments, keep, refit.weight, refit.bias)
     assert error <= sliced + 1e-9
     assert error == pytest.approx(_sample_error(w, x, keep, refit.weight, refit.bias), rel=1e-6, abs=1e-9)
+    energy = output_energy(w, moments)  # the errors the refit reports agree with the independent computation
+    assert refit.error_sliced == pytest.approx(sliced / energy, rel=1e-6, abs=1e-9)
+    assert refit.error_refit == pytest.approx(error / energy, rel=1e-6, abs=1e-9)
     everything = torch.arange(12)
     full = refit_layer(w, moments, everything, options)
     torch.testing.assert_close(full.weight, w, rtol=1e-6, atol=1e-6)
