@@ -45,9 +45,11 @@ def _shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _model(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, default=None if required else DEFAULT_MODEL,
-                   help="hub id (org/name), local HF folder, .gguf file, or alias smollm2-135m")
+def _model(p: argparse.ArgumentParser, required: bool = True, default: str | None = DEFAULT_MODEL,
+           purpose: str = "") -> None:
+    """``--model`` (required, or ``default`` when not) with ``--device`` and ``--dtype``."""
+    p.add_argument("--model", required=required, default=None if required else default,
+                   help=f"{purpose}hub id (org/name), local HF folder, .gguf file, or alias smollm2-135m")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
 
@@ -198,8 +200,7 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-stats", default=None,
                    help="with --reconstruct: statistics with second moments to refit on (`seap stats "
                         "--second-moments`; an expert's own task, or the tasks merged)")
-    _model(p, required=False)
-    p.set_defaults(model=None)  # with --reconstruct: the base the statistics came from
+    _model(p, required=False, default=None, purpose="with --reconstruct: the base the statistics came from; ")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 

@@ -62,50 +62,58 @@ class Refit:
     error_refit: float = float("nan")
 
 
-def _quadratic(wg_kept: torch.Tensor, g_ss: torch.Tensor, new: torch.Tensor) -> float:
-    """``-2 <W', (W G)[:, S]> + <W' G[S, S], W'>``: the part of ``tr(D G D^T)`` that depends on ``W'``."""
-    return float(-2.0 * (new * wg_kept).sum() + ((new @ g_ss) * new).sum())
-
-
 def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor,
                 options: RefitOptions = RefitOptions()) -> Refit:
     """The closed-form refit of ``weight`` (``[d_out, d_in]``) to its kept input columns
     ``keep`` (indices) on the inputs summarised by ``moments``; returned in ``weight``'s dtype.
 
-    One product ``W G`` (``d_out x d_in x d_in``) serves the right-hand side and both error
-    reports; the rest costs ``d_out x |S|^2`` (the errors use ``tr(D G D^T) = <W G, W> -
-    2 <W', (W G)[:, S]> + <W' G[S, S], W'>``)."""
+    Cost: one product ``W G[:, S]`` (``d_out x d_in x |S|``), the Cholesky factorisation and
+    solve; the error reports reuse them (``tr(D G D^T) = <W G W^T> - 2 <W', (W G)[:, S]> +
+    <W' G[S, S], W'>``, where the solve gives ``W' (G[S, S] + lambda I) = rhs``, and the
+    plain slice's error is ``<W[:, R] G[R, R], W[:, R]>`` over the removed columns ``R``)."""
     if moments.width != weight.shape[1]:
         raise ValueError(f"moments of width {moments.width} for a layer with {weight.shape[1]} inputs")
     if moments.count == 0:
         raise ValueError("no calibration tokens: cannot refit")
     keep = keep.to(torch.long).cpu()
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[keep] = False
     w = weight.detach().to(torch.float64).cpu()
     g = moments.second_moment.to(torch.float64).cpu()  # uncentred G
     mu = moments.mean.to(torch.float64).cpu()
-    wg = w @ g  # [d_out, d_in]
-    wg_kept = wg[:, keep]
+    w_kept, w_removed = w[:, keep], w[:, removed]
     g_ss = g[keep][:, keep]
+    g_rr = g[removed][:, removed]
+    g_rs = g[removed][:, keep]
+    wg_kept = w_kept @ g_ss + w_removed @ g_rs  # (W G)[:, S]
+    mu_s = mu[keep]
+    w_mu = w @ mu
     if options.bias:  # the centred covariance C = G - mu mu^T in place of G
-        mu_s = mu[keep]
-        w_mu = w @ mu
         fit_rhs = wg_kept - torch.outer(w_mu, mu_s)
         fit_ss = g_ss - torch.outer(mu_s, mu_s)
     else:
         fit_rhs, fit_ss = wg_kept, g_ss
     damping = options.alpha * float(fit_ss.diagonal().mean()) if keep.numel() else 0.0
-    rhs = fit_rhs + damping * w[:, keep] if options.prior == "slice" else fit_rhs
+    rhs = fit_rhs + damping * w_kept if options.prior == "slice" else fit_rhs
     system = fit_ss + damping * torch.eye(keep.numel(), dtype=torch.float64)
     factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) != 0:  # singular (too few tokens, no damping): least squares on the symmetric system
-        new = torch.linalg.lstsq(system, rhs.T).solution.T
-    else:
+    solved = int(info) == 0
+    if solved:
         new = torch.cholesky_solve(rhs.T, factor).T
+    else:  # singular (too few tokens, no damping): least squares on the symmetric system
+        new = torch.linalg.lstsq(system, rhs.T).solution.T
     bias = (w_mu - new @ mu_s) if options.bias else None
 
-    energy = max(float((wg * w).sum()), 1e-30)
-    sliced = energy + _quadratic(wg_kept, g_ss, w[:, keep])
-    refit = energy + _quadratic(wg_kept, g_ss, new)
+    # <W G, W> = <W_S G_SS, W_S> + 2 <W_R G_RS, W_S> + <W_R G_RR, W_R>
+    sliced = float(((w_removed @ g_rr) * w_removed).sum())
+    energy = max(float((wg_kept * w_kept).sum() + ((w_removed @ g_rs) * w_kept).sum()) + sliced, 1e-30)
+    if solved:  # new G_SS = rhs - lambda new (+ (new mu_S) mu_S^T with a bias: the system used C_SS)
+        new_g = rhs - damping * new
+        if options.bias:
+            new_g = new_g + torch.outer(new @ mu_s, mu_s)
+    else:
+        new_g = new @ g_ss
+    refit = energy - 2.0 * float((new * wg_kept).sum()) + float((new_g * new).sum())
     if bias is not None:  # - 2 b^T D mu + ||b||^2
         refit += float(bias @ bias) - 2.0 * float(bias @ (w_mu - new @ mu_s))
     return Refit(new.to(weight.dtype), None if bias is None else bias.to(weight.dtype), damping,

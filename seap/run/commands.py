@@ -35,7 +35,7 @@ from seap.model.checkpoint import save_pruned
 from seap.maths.schedules import DEFAULT_SCHEDULE, check_schedule, check_sparsity
 from seap.maths.scores import DEFAULT_SCORE, ImportanceScores, combine_scores, compute_scores, get_score
 from seap.data.starter import starter_calibration_records
-from seap.run.methods import METHODS, SEAP_SCHEDULE, SEAP_SCORE, Method, get_method
+from seap.run.methods import METHODS, SEAP_SCHEDULE, SEAP_SCORE, Method, check_compensation, get_method
 
 BUILTIN_CALIBRATION = "builtin"
 
@@ -158,9 +158,7 @@ def make_mask(
     if (refit_model is None) != (refit_stats_dir is None):
         raise SeapError("reconstruction needs both the base model and statistics with second moments",
                         "pass --model and --refit-stats (statistics from `seap stats --second-moments`)")
-    if refit_stats_dir is not None and bias_stats_dir is not None:
-        raise SeapError("reconstruction replaces bias compensation",
-                        "drop --bias-compensation-stats (--refit-bias fits a bias as part of the refit)")
+    check_compensation(refit_stats_dir is not None, bias_stats_dir, "--bias-compensation-stats")
     options = _refit_options(refit_options)
     refit_stats = ActivationStatistics.load(refit_stats_dir) if refit_stats_dir is not None else None
     if refit_stats is not None and not refit_stats.has_second_moments:
@@ -264,9 +262,7 @@ def prune(
     model is loaded.
     """
     sparsity = check_sparsity(sparsity)
-    if reconstruct and bias_compensation:
-        raise SeapError("reconstruction replaces bias compensation",
-                        "drop --bias-compensation (--refit-bias fits a bias as part of the refit)")
+    check_compensation(reconstruct, bias_compensation, "--bias-compensation")
     options = _refit_options(refit_options) if reconstruct else None
     if method != "seap":
         get_method(method)

@@ -26,7 +26,8 @@ from typing import Any, Literal
 from seap.errors import SeapError
 from seap.maths.geometry import DEFAULT_GQA_MODE, GQA_MODES
 from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
-from seap.run.methods import DEFAULT_METHODS, METHODS, REFIT_CORPORA, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE
+from seap.run.methods import (DEFAULT_METHODS, METHODS, REFIT_CORPORA, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE,
+                              check_compensation)
 
 Front = Literal["cli", "params", "flow", "python"]
 DEFAULT_MODEL = "smollm2-135m"
@@ -283,9 +284,10 @@ class RunConfig:
         if self.perplexity and not self.data_dir:
             raise self.bad("perplexity", "WikiText-2 perplexity needs a data folder with wikitext/",
                            f"set {self.spell('data_dir')} (e.g. ../shared/benchmarks), or turn perplexity off")
-        if self.reconstruct and self.bias_compensation:
-            raise self.bad("bias_compensation", "reconstruction replaces bias compensation",
-                           f"turn one off; {self.spell('refit_bias')} fits a bias as part of the refit")
+        try:
+            check_compensation(self.reconstruct, self.bias_compensation, self.spell("bias_compensation"))
+        except SeapError as e:
+            raise self.bad("bias_compensation", e.problem, e.fix) from None
         self._check_names()
         if check_data:
             self.check_tasks()

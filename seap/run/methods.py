@@ -42,6 +42,16 @@ SEAP_SCORE = "seap-sf"  # the default SEAP score (paper's s_F); the run's `score
 SEAP_SCHEDULE = "logistic"  # the default SEAP schedule; the run's `schedule` option overrides it
 
 
+
+def check_compensation(reconstruct: bool, bias_compensation: bool | str | None, drop: str) -> None:
+    """Refuse asking for both reconstruction and FLAP's bias compensation: the refit replaces
+    it (a refit with a bias term is its generalisation). ``drop`` names the caller's option
+    that asked for bias compensation, for the message."""
+    if reconstruct and bias_compensation:
+        raise SeapError("reconstruction replaces bias compensation",
+                        f"drop {drop}, or build the mask without reconstruction; --refit-bias (params.yaml "
+                        "reconstruction.bias) fits a bias as part of the refit")
+
 @dataclass(frozen=True)
 class Method:
     """One row kind of the results table.
@@ -133,4 +143,4 @@ def row_key(method: str, sparsity: float) -> str:
     return DENSE if method == DENSE else f"{method}@{sparsity:g}"
 
 
-__all__ = ["BASELINES", "DEFAULT_METHODS", "DENSE", "METHODS", "REFIT_CORPORA", "Method", "get_method", "methods_to_build", "row_key"]
+__all__ = ["BASELINES", "DEFAULT_METHODS", "DENSE", "METHODS", "REFIT_CORPORA", "Method", "check_compensation", "get_method", "methods_to_build", "row_key"]
