@@ -165,7 +165,7 @@ def seap_pipeline(
     reconstruct: bool = _D.reconstruct,
     refit_alpha: float | None = _D.refit_alpha,
     refit_prior: str | None = _D.refit_prior,
-    refit_bias: bool = _D.refit_bias,
+    refit_bias: bool | None = _D.refit_bias,
     refit_corpus: str = _D.refit_corpus,
     limit: int | None = _D.limit,
     num_fewshot: int = _D.num_fewshot,

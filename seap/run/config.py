@@ -111,7 +111,8 @@ class RunConfig:
     refit_prior: str | None = _opt(None, "reconstruction", "prior",
                                    "what the regulariser pulls the refitted weights towards: slice (the plain "
                                    "slice W[:, kept]) or zero (ridge) (null: slice)")
-    refit_bias: bool = _opt(False, "reconstruction", "bias", "also fit a bias term (the refit's FLAP-like part)")
+    refit_bias: bool | None = _opt(None, "reconstruction", "bias",
+                                   "also fit a bias term (the refit's FLAP-like part) (null: true)")
     refit_corpus: str = _opt("own", "reconstruction", "corpus",
                              "what a SEAP expert is refitted on: own (its task's corpus) or pooled (all tasks' "
                              "corpora; the mask stays the task's); general and baselines: always pooled",
@@ -237,7 +238,7 @@ class RunConfig:
     @property
     def refit_options(self) -> dict[str, Any]:
         """Options of the refit that differ from its defaults (:class:`seap.maths.reconstruction.RefitOptions`)."""
-        opts = {"alpha": self.refit_alpha, "prior": self.refit_prior, "bias": self.refit_bias or None}
+        opts = {"alpha": self.refit_alpha, "prior": self.refit_prior, "bias": self.refit_bias}
         return {k: v for k, v in opts.items() if v is not None}
 
     @property

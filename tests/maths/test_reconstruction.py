@@ -50,8 +50,8 @@ def test_second_moments_merge_exactly_and_exclude_padding() -> None:
         whole.merge(SecondMoments.empty(3))
 
 
-@pytest.mark.parametrize("options", [RefitOptions(alpha=0.0), RefitOptions(alpha=1e-2), RefitOptions(alpha=1e-2, bias=True),
-                                     RefitOptions(alpha=1.0, prior="slice")])
+@pytest.mark.parametrize("options", [RefitOptions(alpha=0.0, bias=False), RefitOptions(alpha=1e-2, bias=False), RefitOptions(alpha=1e-2, bias=True),
+                                     RefitOptions(alpha=1.0, prior="slice", bias=False)])
 def test_refit_never_worse_than_slicing_and_exact_when_nothing_is_pruned(options: RefitOptions) -> None:
     x, w = _inputs(), _weight()
     moments = SecondMoments.from_masked(x, None, len(x))
@@ -75,7 +75,7 @@ def test_unregularised_refit_is_least_squares_and_bias_beats_compensation() -> N
     x, w = _inputs(), _weight()
     moments = SecondMoments.from_masked(x, None, len(x))
     keep = torch.tensor([1, 4, 6, 9])
-    refit = refit_layer(w, moments, keep, RefitOptions(alpha=0.0))
+    refit = refit_layer(w, moments, keep, RefitOptions(alpha=0.0, bias=False))
     direct = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
     torch.testing.assert_close(refit.weight, direct, rtol=1e-6, atol=1e-8)
     flap = compensation_bias(w, moments, keep)
@@ -90,8 +90,8 @@ def test_the_slice_prior_falls_back_to_slicing_and_the_zero_prior_to_nothing() -
     x, w = _inputs(), _weight()
     moments = SecondMoments.from_masked(x, None, len(x))
     keep = torch.tensor([0, 1, 2, 3, 4, 5])
-    strong_slice = refit_layer(w, moments, keep, RefitOptions(alpha=1e6, prior="slice"))
-    strong_zero = refit_layer(w, moments, keep, RefitOptions(alpha=1e6, prior="zero"))
+    strong_slice = refit_layer(w, moments, keep, RefitOptions(alpha=1e6, prior="slice", bias=False))
+    strong_zero = refit_layer(w, moments, keep, RefitOptions(alpha=1e6, prior="zero", bias=False))
     torch.testing.assert_close(strong_slice.weight, w[:, keep], rtol=1e-4, atol=1e-4)
     assert strong_zero.weight.abs().max() < 1e-4
 
@@ -105,7 +105,7 @@ def test_bad_refit_input() -> None:
     with pytest.raises(ValueError, match="unknown prior"):
         RefitOptions(prior="ones")
     few = SecondMoments.from_masked(x[:3], None, 3)  # fewer tokens than kept columns, no damping: still solved
-    refit = refit_layer(w, few, torch.arange(8), RefitOptions(alpha=0.0))
+    refit = refit_layer(w, few, torch.arange(8), RefitOptions(alpha=0.0, bias=False))
     assert torch.isfinite(refit.weight).all()
 
 
