@@ -114,8 +114,10 @@ class RunConfig:
     refit_bias: bool | None = _opt(None, "reconstruction", "bias",
                                    "also fit a bias term (the refit's FLAP-like part) (null: true)")
     refit_corpus: str = _opt("own", "reconstruction", "corpus",
-                             "what a SEAP expert is refitted on: own (its task's corpus) or pooled (all tasks' "
-                             "corpora; the mask stays the task's); general and baselines: always pooled",
+                             "what masks are refitted on: own (each SEAP expert on its task's corpus; general "
+                             "mask and baselines on the pooled corpora), pooled (every mask on all tasks' "
+                             "corpora) or per-task (the control: the baselines too are refitted on each task's "
+                             "corpus, one refitted copy per task)",
                              choices=REFIT_CORPORA)
     # -- evaluation -----------------------------------------------------------------------
     limit: int | None = _opt(None, "evaluate", "limit", "evaluation items per task (null: all)", minimum=1)

@@ -26,7 +26,11 @@ each mask's ``o_proj`` / ``down_proj`` in closed form on calibration second mome
 Every method gets the same help, refitted on the text it was calibrated on
 (:meth:`Method.refit_source`): a SEAP expert on its own task's corpus (or, with
 ``refit_corpus: pooled``, on all tasks' corpora while its mask stays task-specific), the
-general mask and the pooled baselines on the pooled corpora.
+general mask and the pooled baselines on the pooled corpora. ``refit_corpus: per-task`` is
+the control that separates the two halves of an expert (a task-specific mask, a task-specific
+refit): the pooled baselines are then refitted on each task's own corpus too, one refitted
+copy of their task-agnostic mask per task, evaluated like experts (the general mask stays
+pooled: it is the routing fallback).
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ SEAP_SCORE = "seap-sf"  # the default SEAP score (paper's s_F); the run's `score
 SEAP_SCHEDULE = "logistic"  # the default SEAP schedule; the run's `schedule` option overrides it
 
 
-
 def check_compensation(reconstruct: bool, bias_compensation: bool | str | None, drop: str) -> None:
     """Refuse asking for both reconstruction and FLAP's bias compensation: the refit replaces
     it (a refit with a bias term is its generalisation). ``drop`` names the caller's option
@@ -51,6 +54,7 @@ def check_compensation(reconstruct: bool, bias_compensation: bool | str | None, 
         raise SeapError("reconstruction replaces bias compensation",
                         f"drop {drop}, or build the mask without reconstruction; --refit-bias (params.yaml "
                         "reconstruction.bias) fits a bias as part of the refit")
+
 
 @dataclass(frozen=True)
 class Method:
@@ -88,9 +92,18 @@ class Method:
         return self.bias_compensation if run_override is None else run_override
 
     def refit_source(self, refit_corpus: str) -> Literal["task", "pooled"]:
-        """Which statistics a reconstructed mask is refitted on: its own task's (a SEAP expert
-        with ``refit_corpus: own``) or all tasks' merged (everything else)."""
-        return "task" if self.calibration == "task" and refit_corpus == "own" else "pooled"
+        """Which statistics a reconstructed mask is refitted on: each task's own (a SEAP expert
+        unless ``refit_corpus: pooled``; a pooled baseline with ``refit_corpus: per-task``) or
+        all tasks' merged (everything else)."""
+        if refit_corpus == "pooled":
+            return "pooled"
+        if self.calibration == "task" or (self.calibration == "pooled" and refit_corpus == "per-task"):
+            return "task"
+        return "pooled"
+
+    def refits_per_task(self, reconstruct: bool, refit_corpus: str) -> bool:
+        """Whether this method's one task-agnostic mask becomes one refitted mask per task."""
+        return reconstruct and self.calibration == "pooled" and self.refit_source(refit_corpus) == "task"
 
     @property
     def builds_masks(self) -> bool:
@@ -118,7 +131,7 @@ ROUTED_EXPERTS = "seap-expert"  # where the routed row takes its experts ...
 ROUTED_FALLBACK = "seap-general"  # ... and its low-confidence fallback
 DEFAULT_METHODS = ("seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap")
 BASELINES = tuple(name for name, m in METHODS.items() if m.family == "baseline")
-REFIT_CORPORA = ("own", "pooled")  # what a SEAP expert is refitted on (the run's `refit_corpus`)
+REFIT_CORPORA = ("own", "pooled", "per-task")  # what masks are refitted on (the run's `refit_corpus`)
 
 
 def get_method(name: str) -> Method:

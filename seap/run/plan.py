@@ -283,7 +283,8 @@ def make_plan(config: RunConfig) -> Plan:
                 common["refit"] = c.refit_options
                 common["refit_source"] = m.refit_source(c.refit_corpus)
             group: dict[str, str] = {}
-            for name, inputs in _mask_inputs(m, c, tasks, score_keys):
+            per_task = m.refits_per_task(reconstruct, c.refit_corpus)
+            for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
                 if reconstruct:
                     inputs = {**inputs, "model": "model", "refit_statistics":
                               "statistics/pooled" if common["refit_source"] == POOLED else "statistics/tasks"}
@@ -306,7 +307,8 @@ def make_plan(config: RunConfig) -> Plan:
                 continue  # built only for the routed row
             row = row_key(m.name, sparsity)
             job = Job("evaluate", row, {"model": "model", "masks": mask_jobs[row]},
-                      {**evaluation, "method": m.name, "sparsity": sparsity, "per_task": m.calibration == "task"},
+                      {**evaluation, "method": m.name, "sparsity": sparsity,
+                       "per_task": m.calibration == "task" or GENERAL not in mask_jobs[row]},
                       row=row)
             add(job)
             rows[row] = job.key
@@ -371,9 +373,10 @@ def _kind(m: Method) -> str:
     return "expert" if m.calibration == "task" else GENERAL
 
 
-def _mask_inputs(m: Method, c: RunConfig, tasks: list[str],
-                 score_keys: Mapping[tuple[str, str], str]) -> list[tuple[str, dict[str, Any]]]:
-    """(mask name, inputs) of each mask a method builds at one sparsity."""
+def _mask_inputs(m: Method, c: RunConfig, tasks: list[str], score_keys: Mapping[tuple[str, str], str],
+                 per_task: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(mask name, inputs) of each mask a method builds at one sparsity (``per_task``: a pooled
+    method's one mask, built once per task to be refitted on that task's statistics)."""
     score = m.resolved_score(c.score)
     compensate = m.resolved_bias_compensation(c.bias_compensation, m.resolved_reconstruct(c.reconstruct))
     if m.calibration == "task":
@@ -382,8 +385,8 @@ def _mask_inputs(m: Method, c: RunConfig, tasks: list[str],
     if m.calibration == "general":
         return [(GENERAL, {"scores": [score_keys[(score, t)] for t in tasks],
                            **({"bias_statistics": "statistics/pooled"} if compensate else {})})]
-    return [(GENERAL, {"scores": [score_keys[(score, POOLED)]],
-                       **({"bias_statistics": "statistics/pooled"} if compensate else {})})]
+    pooled = {"scores": [score_keys[(score, POOLED)]], **({"bias_statistics": "statistics/pooled"} if compensate else {})}
+    return [(t, pooled) for t in tasks] if per_task else [(GENERAL, pooled)]
 
 
 def make_evaluation_plan(config: RunConfig, masks: Mapping[str, Mapping[str, Any]]) -> Plan:

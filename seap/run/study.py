@@ -46,6 +46,8 @@ STUDY_METHODS = ("seap-expert", "seap-general", "seap-routed", "wanda-sp", "wand
                  "flap+logistic")
 SAME_SCHEDULE = {"wanda-sp+logistic": "logistic", "flap+logistic": "logistic"}  # baselines on SEAP's schedule
 SELECTION_METHODS = ("seap-expert", "wanda-sp+logistic", "flap+logistic")
+CONTROL = "control-per-task"  # the chosen refit with the baselines refitted on each task's own corpus too
+CONTROL_METHODS = ("seap-expert", "wanda-sp+logistic", "flap+logistic")
 CHANCE_MARGIN = 0.05  # tasks where dense is within 5 points of chance stay out of the headline average
 
 
@@ -368,14 +370,20 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
         })
         write_study(record, Path(options.out))
 
-    for compensation in (best, NO_COMPENSATION, BIAS_COMPENSATION):  # the chosen refit first
-        config = options.config(methods=list(STUDY_METHODS), sparsities=list(options.sparsities),
-                                perplexity=options.perplexity, **compensation.changes)
+    # (name, label, methods, configuration changes): the chosen refit first, then its control
+    phases = [(best.name, best.label, STUDY_METHODS, best.changes)]
+    if best.changes.get("reconstruct"):  # the same-schedule baselines refitted on each task's corpus too
+        phases.append((CONTROL, f"{best.label}, baselines refitted per task (control)", CONTROL_METHODS,
+                       {**best.changes, "refit_corpus": "per-task"}))
+    phases += [(c.name, c.label, STUDY_METHODS, c.changes) for c in (NO_COMPENSATION, BIAS_COMPENSATION)]
+    for name, label, methods, changes in phases:
+        config = options.config(methods=list(methods), sparsities=list(options.sparsities),
+                                perplexity=options.perplexity and name != CONTROL, **changes)
         outputs, report = execute_config(config, progress)
-        runs.append(StudyRun(compensation.name, config, outputs, report))
+        runs.append(StudyRun(name, config, outputs, report))
         kl.update(measure_kl(runs[-1], options.kl_texts, say))
         publish(f"rows: {', '.join(r.name for r in runs)}")
-        say(f"rows with {compensation.label}: done")
+        say(f"rows with {label}: done")
     for samples in options.calibration_sizes:
         for compensation in (NO_COMPENSATION, best):
             config = options.config(methods=["seap-expert"], sparsities=list(options.calibration_size_sparsities),
@@ -392,7 +400,7 @@ def targets(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = {(r["run"], r["row"]): r for r in record["rows"]}
     dense = next((r for r in record["rows"] if r["row"] == DENSE), None)
     out = []
-    for comp in record["compensations"]:
+    for comp in (c for c in record["compensations"] if c != CONTROL):  # the control repeats the expert rows
         def get(method: str, sparsity: float) -> Mapping[str, Any] | None:
             return rows.get((comp, row_key(method, sparsity)))
 

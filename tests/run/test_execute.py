@@ -168,3 +168,23 @@ def test_reconstruction_runs_through_the_plan_and_every_mask_is_refitted_on_its_
     assert results["config"]["reconstruct"] is True
     records = read_local_registry(config.registry)
     assert records and all(PruningMask.load(p).is_reconstructed for r in records for p in r.masks.values())
+
+
+def test_the_per_task_control_evaluates_a_baseline_refitted_on_each_task(tmp_path) -> None:
+    import torch
+
+    from seap.maths.masks import PruningMask
+
+    config = tiny_config(tmp_path, methods=["seap-expert", "wanda-sp+logistic"], reconstruct=True,
+                         refit_corpus="per-task", bench=False)
+    plan = make_plan(config)
+    done = execute(plan)
+    masks = {j.key: PruningMask.load(done.path(j.key)) for j in plan.of_stage("masks")
+             if j.params["method"] == "wanda-sp+logistic"}
+    assert {m.meta["reconstruction"]["statistics_task"] for m in masks.values()} == {"geo", "life"}
+    geo, life = (masks[f"masks/wanda-sp+logistic@0.3/{t}"] for t in ("geo", "life"))
+    assert all(torch.equal(a.channels, b.channels) for a, b in zip(geo.layers, life.layers))  # one mask ...
+    assert geo.digest() != life.digest()  # ... refitted twice
+    results = json.loads((done.path("report") / "results.json").read_text())
+    row = next(r for r in results["rows"] if r["method"] == "wanda-sp+logistic")
+    assert set(row["tasks"]) == {"geo", "life"}

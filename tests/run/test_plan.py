@@ -120,6 +120,24 @@ def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() ->
     assert not any("refit" in j.params or "second_moments" in j.params for j in plain.jobs)
 
 
+
+def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
+    config = RunConfig(methods=["seap-expert", "seap-general", "wanda-sp+logistic"], sparsities=[0.5], reconstruct=True,
+                       refit_corpus="per-task")
+    plan = make_plan(config)
+    masks = {j.key: j for j in plan.of_stage("masks")}
+    tasks = config.task_names
+    for task in tasks:  # the baseline's task-agnostic mask, refitted on each task's own statistics
+        job = masks[f"masks/wanda-sp+logistic@0.5/{task}"]
+        assert job.inputs["scores"] == ["scores/wanda-sp/pooled"] and job.inputs["refit_statistics"] == "statistics/tasks"
+        assert job.params["refit_source"] == "task"
+    general = masks["masks/seap-general@0.5/general"]  # the routing fallback stays task-agnostic
+    assert general.params["refit_source"] == "pooled"
+    row = next(j for j in plan.of_stage("evaluate") if j.row == "wanda-sp+logistic@0.5")
+    assert row.params["per_task"] and set(row.inputs["masks"]) == set(tasks)
+    without = make_plan(RunConfig(methods=["wanda-sp+logistic"], sparsities=[0.5], refit_corpus="per-task"))
+    assert [j.key for j in without.of_stage("masks")] == ["masks/wanda-sp+logistic@0.5/general"]  # no refit: one mask
+
 def test_the_bias_compensation_option_overrides_every_method_and_conflicts_with_reconstruction() -> None:
     plan = make_plan(RunConfig(methods=["seap-expert", "flap"], sparsities=[0.3], bias_compensation=True))
     assert all(j.params["bias_compensation"] and "bias_statistics" in j.inputs for j in plan.of_stage("masks"))

@@ -35,7 +35,7 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
                            base={"schedule": "uniform", "router_prompts": 20})
     record = run_study(options, say=lambda _: None)
     assert record["chosen"]["name"] == "ls" and set(record["selection"]["scores"]) == {"none", "bias", "ls"}
-    assert record["compensations"] == ["ls", "none", "bias"]  # the chosen refit first
+    assert record["compensations"] == ["ls", "control-per-task", "none", "bias"]  # the chosen refit and its control first
     rows = {(r["run"], r["row"]) for r in record["rows"]}
     assert ("ls", "dense") in rows and ("none", "seap-expert@0.3") in rows and ("ls", "seap-expert@0.3") in rows and ("bias", "flap+logistic@0.3") in rows
     for r in record["rows"]:
@@ -45,6 +45,7 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
             assert r["kl"]["mean"] >= 0
     paired = {(p["run"], p["baseline"]) for p in record["paired"]}
     assert ("ls", "wanda-sp+logistic") in paired and ("none", "flap") in paired
+    assert ("control-per-task", "flap+logistic") in paired  # the expert against baselines refitted per task
     assert {p["verdict"] for p in record["paired"]} <= {"ahead", "behind", "level"}
     written = tmp_path / "docs" / "results"
     assert json.loads((written / "study.json").read_text())["targets"]
