@@ -167,6 +167,8 @@ def seap_pipeline(
     refit_prior: str | None = _D.refit_prior,
     refit_bias: bool | None = _D.refit_bias,
     refit_corpus: str = _D.refit_corpus,
+    refit_generic: list[str] = _D.refit_generic,
+    refit_generic_samples: int | None = _D.refit_generic_samples,
     limit: int | None = _D.limit,
     num_fewshot: int = _D.num_fewshot,
     metric: str = _D.metric,

@@ -197,9 +197,10 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias-compensation-stats", default=None,
                    help="statistics folder whose means the mask stores, so applying it adds FLAP's bias compensation")
     _refit(p)
-    p.add_argument("--refit-stats", default=None,
+    p.add_argument("--refit-stats", nargs="+", default=None,
                    help="with --reconstruct: statistics with second moments to refit on (`seap stats "
-                        "--second-moments`; an expert's own task, or the tasks merged)")
+                        "--second-moments`; an expert's own task, or the tasks merged); several folders are merged "
+                        "(e.g. the task's and generic text's)")
     _model(p, required=False, default=None, purpose="with --reconstruct: the base the statistics came from; ")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -350,7 +351,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:
-    from seap.run.study import DEFAULT_REFIT_ALPHAS, StudyOptions
+    from seap.run.study import DEFAULT_GENERIC, DEFAULT_REFIT_ALPHAS, StudyOptions
 
     d = StudyOptions()
     p.add_argument("--model", default=d.model, help=f"base model (default: {d.model})")
@@ -366,6 +367,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-alphas", nargs="+", type=float, default=list(DEFAULT_REFIT_ALPHAS),
                    help="regularisation strengths the selection tries (each with and without a bias, own and "
                         "pooled refit corpus)")
+    p.add_argument("--generic", nargs="*", default=list(DEFAULT_GENERIC),
+                   help="tasks of --data-dir whose train text one selection candidate adds to every refit corpus "
+                        "(default: %(default)s; none: --generic with no task)")
     p.add_argument("--perplexity-windows", type=int, default=d.perplexity_windows,
                    help="WikiText-2 windows of 512 tokens per general mask")
     p.add_argument("--workdir", default=d.workdir, help="shared, content-addressed work folder (a re-run resumes)")
@@ -385,7 +389,7 @@ def _study(args: argparse.Namespace) -> int:
                            calibration_sizes=tuple(args.calibration_sizes), selection_items=args.selection_items,
                            kl_texts=args.kl_texts, workdir=args.workdir, out=args.out,
                            perplexity_windows=args.perplexity_windows,
-                           candidates=refit_candidates(args.refit_alphas))
+                           candidates=refit_candidates(args.refit_alphas, args.generic))
     options.config().validate()  # every option checked before any work
     out = sys.stdout
     log = Path(args.workdir).parent / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S')}.log"

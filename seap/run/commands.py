@@ -7,6 +7,7 @@ Each reads its inputs from paths, calls the engine and writes one artifact. The 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,7 +142,7 @@ def make_mask(
     overwrite: bool = False,
     method: str | None = None,
     refit_model: LoadedModel | None = None,
-    refit_stats_dir: str | Path | None = None,
+    refit_stats_dir: str | Path | Sequence[str | Path] | None = None,
     refit_options: Mapping[str, Any] | None = None,
     **schedule_options: Any,
 ) -> PruningMask:
@@ -149,8 +150,9 @@ def make_mask(
 
     ``bias_stats_dir`` stores those statistics' means in the mask, so applying it adds FLAP's
     bias compensation; ``method`` records the method-table entry the mask was built for. With
-    ``refit_model`` (the base) and ``refit_stats_dir`` (statistics with second moments), the mask
-    is reconstructed (:func:`seap.model.refitting.reconstruct_mask`, ``refit_options`` of
+    ``refit_model`` (the base) and ``refit_stats_dir`` (statistics with second moments; several
+    folders are merged exactly, e.g. a task's and generic text's), the mask is reconstructed
+    (:func:`seap.model.refitting.reconstruct_mask`, ``refit_options`` of
     :class:`~seap.maths.reconstruction.RefitOptions`)."""
     check_sparsity(sparsity)
     check_schedule(schedule)
@@ -160,10 +162,13 @@ def make_mask(
                         "pass --model and --refit-stats (statistics from `seap stats --second-moments`)")
     check_compensation(refit_stats_dir is not None, bias_stats_dir, "--bias-compensation-stats")
     options = _refit_options(refit_options)
-    refit_stats = ActivationStatistics.load(refit_stats_dir) if refit_stats_dir is not None else None
-    if refit_stats is not None and not refit_stats.has_second_moments:
-        raise SeapError(f"the statistics in {refit_stats_dir} have no second moments",
-                        "collect them with `seap stats --second-moments` (the pipeline: --reconstruct)")
+    refit_dirs = [] if refit_stats_dir is None else \
+        [refit_stats_dir] if isinstance(refit_stats_dir, (str, Path)) else list(refit_stats_dir)
+    refit_parts = [ActivationStatistics.load(d) for d in refit_dirs]
+    for folder, part in zip(refit_dirs, refit_parts):
+        if not part.has_second_moments:
+            raise SeapError(f"the statistics in {folder} have no second moments",
+                            "collect them with `seap stats --second-moments` (the pipeline: --reconstruct)")
     if out is not None and Path(out).exists() and not overwrite:
         raise SeapError(f"output {out} already exists", "choose another --out, or pass --overwrite")
     all_scores = [ImportanceScores.load(p) for p in scores_dirs]
@@ -179,10 +184,14 @@ def make_mask(
     mask = build_mask(scores, sparsity, schedule, gqa_mode, bias_compensation_stats=bias_stats, **schedule_options)
     if method:
         mask.meta["method"] = method
-    if refit_stats is not None:
+    if refit_parts:
         from seap.model.refitting import reconstruct_mask
 
-        mask = reconstruct_mask(refit_model, mask, refit_stats, options)  # type: ignore[arg-type]
+        beside = Path(out).parent if Path(out).parent.is_dir() else None  # large second moments spill there
+        with tempfile.TemporaryDirectory(dir=beside, prefix=".refit-spill-") as spill:
+            refit_stats = refit_parts[0] if len(refit_parts) == 1 else \
+                merge_statistics(refit_parts, "+".join(p.task for p in refit_parts), spill_dir=spill)
+            mask = reconstruct_mask(refit_model, mask, refit_stats, options)  # type: ignore[arg-type]
     mask.save(out, overwrite=overwrite)
     return mask
 

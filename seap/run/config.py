@@ -119,6 +119,11 @@ class RunConfig:
                              "corpora) or per-task (the control: the baselines too are refitted on each task's "
                              "corpus, one refitted copy per task)",
                              choices=REFIT_CORPORA)
+    refit_generic: list[str] = _opt([], "reconstruction", "generic",
+                                    "tasks whose train-split text is added to every refit corpus as generic text "
+                                    "(e.g. boolq: Wikipedia passages); the masks stay as they are (empty: none)")
+    refit_generic_samples: int | None = _opt(None, "reconstruction", "generic_samples",
+                                             "records per generic task (null: the samples option)", minimum=1)
     # -- evaluation -----------------------------------------------------------------------
     limit: int | None = _opt(None, "evaluate", "limit", "evaluation items per task (null: all)", minimum=1)
     num_fewshot: int = _opt(0, "evaluate", "num_fewshot", "few-shot examples per item", minimum=0)
@@ -291,6 +296,10 @@ class RunConfig:
             check_compensation(self.reconstruct, self.bias_compensation, self.spell("bias_compensation"))
         except SeapError as e:
             raise self.bad("bias_compensation", e.problem, e.fix) from None
+        overlap = sorted({task_name(t) for t in self.refit_generic} & set(self.task_names))
+        if overlap:
+            raise self.bad("refit_generic", f"{', '.join(overlap)} is also a task of the run",
+                           "generic text comes from tasks that are not pruned for: drop it from one of the lists")
         self._check_names()
         if check_data:
             self.check_tasks()
@@ -320,10 +329,16 @@ class RunConfig:
             fix = ("run `dvc pull data.dvc` (or `seap export-starter --out data`), or fix data.dir"
                    if self.front == "params" else "pass a folder of task data")
             raise self.bad("data_dir", f"{self.data_dir} is not a folder", fix)
+        catalogue = TaskCatalogue(self.data_dir, work_dir or Path(self.workdir) / "task-files")
         try:
-            specs = TaskCatalogue(self.data_dir, work_dir or Path(self.workdir) / "task-files").resolve(self.tasks)
+            specs = catalogue.resolve(self.tasks)
         except SeapError as exc:
             raise self.bad("tasks", exc.problem, exc.fix) from None
+        if self.refit_generic:
+            try:
+                catalogue.resolve(self.refit_generic)
+            except SeapError as exc:
+                raise self.bad("refit_generic", exc.problem, exc.fix) from None
         not_mc = [s.name for s in specs if s.kind != "multiple_choice"]
         if not_mc:
             raise self.bad("tasks", f"task(s) {not_mc} are not multiple-choice tasks",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seap.errors import SeapError
-from seap.run.config import RunConfig
+from seap.run.config import RunConfig, task_name
 from seap.run.methods import (
     DENSE,
     METHODS,
@@ -35,6 +35,7 @@ from seap.run.methods import (
 )
 
 GENERAL = "general"  # the mask name of a method with one mask for all tasks
+GENERIC = "generic"  # the corpus and statistics of generic text added to every refit (refit_generic)
 POOLED = "pooled"  # the statistics (and scores) of all tasks' corpora merged
 
 
@@ -67,11 +68,13 @@ STAGES: dict[str, Stage] = {
               ("seap.run.stages", "seap.model.loading"), ("model", "device", "dtype"), cached=False),
         Stage("corpus", "calibration corpora of the tasks' train splits",
               ("seap.run.stages", "seap.data.corpus", "seap.data.starter", "seap.data.catalogue"),
-              ("tasks", "data_dir", "samples", "seed", "max_tokens")),
+              ("tasks", "data_dir", "samples", "seed", "max_tokens", "reconstruct", "refit_generic",
+               "refit_generic_samples")),
         Stage("statistics", "activation statistics per task (and pooled over all tasks, for the baselines)",
               (*_BASE, "seap.model.calibration", "seap.model.hooks", "seap.maths.moments", "seap.maths.statistics",
                "seap.data.corpus"),
-              ("stats_batch_size", "stats_shards", "methods", "reconstruct", "refit_corpus"), ("model", "corpus")),
+              ("stats_batch_size", "stats_shards", "methods", "reconstruct", "refit_corpus", "refit_generic"),
+              ("model", "corpus")),
         Stage("scores", "importance scores of heads and channels",
               ("seap.run.stages", "seap.maths.scores", "seap.maths.statistics"),
               ("score", "methods"), ("statistics",)),
@@ -81,7 +84,7 @@ STAGES: dict[str, Stage] = {
                "seap.maths.statistics", "seap.maths.moments", "seap.maths.reconstruction", "seap.model.refitting"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
                "gqa_mode", "bias_compensation", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
-               "refit_corpus"), ("scores", "statistics", "model")),
+               "refit_corpus", "refit_generic"), ("scores", "statistics", "model")),
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model",)),
         Stage("evaluate", "one row per method and sparsity (experts: each task with its own)", (*_BASE, *_EVAL),
@@ -244,6 +247,13 @@ def make_plan(config: RunConfig) -> Plan:
     add(Job("model", params={"model": c.model, "device": c.device, "dtype": c.dtype}))
     add(Job("corpus", params={"tasks": list(c.tasks), "data_dir": c.data_dir, "samples": c.samples, "seed": c.seed,
                               "max_tokens": c.max_tokens}))
+    generic = [task_name(t) for t in c.refit_generic] if reconstructing else []
+    if generic:  # generic text added to every refit corpus: its own corpus and statistics
+        add(Job("corpus", GENERIC, params={"tasks": list(c.refit_generic), "data_dir": c.data_dir,
+                                           "samples": c.refit_generic_samples or c.samples, "seed": c.seed,
+                                           "max_tokens": c.max_tokens}))
+        add(Job("statistics", GENERIC, {"model": "model", "corpus": f"corpus/{GENERIC}"},
+                {"batch_size": c.stats_batch_size, "tasks": generic, "second_moments": True}))
     # statistics: one pass per task, or shards merged exactly
     if c.stats_shards > 1:
         shards = [f"statistics/shard-{i}-of-{c.stats_shards}" for i in range(c.stats_shards)]
@@ -282,12 +292,16 @@ def make_plan(config: RunConfig) -> Plan:
             if reconstruct:
                 common["refit"] = c.refit_options
                 common["refit_source"] = m.refit_source(c.refit_corpus)
+                if generic:
+                    common["refit_generic"] = generic
             group: dict[str, str] = {}
             per_task = m.refits_per_task(reconstruct, c.refit_corpus)
             for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
                 if reconstruct:
                     inputs = {**inputs, "model": "model", "refit_statistics":
                               "statistics/pooled" if common["refit_source"] == POOLED else "statistics/tasks"}
+                    if generic:
+                        inputs["refit_generic"] = f"statistics/{GENERIC}"
                 job = Job("masks", f"{row}/{name}", inputs, {**common, "mask": name, "kind": _kind(m)})
                 add(job)
                 group[name] = job.key

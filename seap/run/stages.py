@@ -168,8 +168,10 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     refit: dict[str, Any] = {}
     if "refit" in p:  # refitted on the task's own statistics (a sub-folder) or the pooled ones
         stats = Path(inputs["refit_statistics"])
+        own = stats / p["mask"] if p["refit_source"] == "task" else stats
+        generic = [Path(inputs["refit_generic"]) / t for t in p.get("refit_generic", [])]  # merged with it
         refit = {"refit_model": ctx.base(inputs["model"]), "refit_options": p["refit"],
-                 "refit_stats_dir": stats / p["mask"] if p["refit_source"] == "task" else stats}
+                 "refit_stats_dir": [own, *generic] if generic else own}
     make_mask(inputs["scores"], out, p["sparsity"], p["schedule"], general=len(inputs["scores"]) > 1,
               gqa_mode=p["gqa_mode"], bias_stats_dir=bias, method=p["method"], **refit, **p["schedule_options"])
 

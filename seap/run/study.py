@@ -65,20 +65,33 @@ BIAS_COMPENSATION = Compensation("bias", "bias compensation", {"bias_compensatio
 
 
 DEFAULT_REFIT_ALPHAS = (1e-2, 1e-1)
+DEFAULT_GENERIC = ("boolq",)  # generic text for the refit (BoolQ's train passages: Wikipedia paragraphs)
 
 
-def refit_candidates(alphas: Sequence[float] = DEFAULT_REFIT_ALPHAS) -> list[Compensation]:
+def refit_candidates(alphas: Sequence[float] = DEFAULT_REFIT_ALPHAS,
+                     generic: Sequence[str] = DEFAULT_GENERIC) -> list[Compensation]:
     """The least-squares settings the selection step tries: each ``alpha`` with and without a
-    bias term, SEAP experts refitted on their own corpus or on all tasks' (prior: the slice)."""
+    bias term, SEAP experts refitted on their own corpus or on all tasks' (prior: the slice);
+    and, with a bias and the own corpus, the ridge prior (zero) and generic text added to
+    every refit corpus (``generic`` tasks' train text; none when empty)."""
     out = []
+
+    def candidate(alpha: float, bias: bool, corpus: str, prior: str = "slice", extra: Sequence[str] = ()) -> None:
+        name = f"ls-a{alpha:g}{'-bias' if bias else ''}-{corpus}" + ("-zero" if prior == "zero" else "") + \
+            (f"-{'+'.join(extra)}" if extra else "")
+        label = (f"least squares (alpha {alpha:g}, {'bias, ' if bias else ''}{corpus} corpus"
+                 + (", zero prior" if prior == "zero" else "") + (f", + {'+'.join(extra)} text" if extra else "") + ")")
+        out.append(Compensation(name, label, {"reconstruct": True, "refit_alpha": alpha, "refit_bias": bias,
+                                              "refit_corpus": corpus, "refit_prior": prior,
+                                              **({"refit_generic": list(extra)} if extra else {})}))
+
     for alpha in alphas:
         for bias in (False, True):
             for corpus in ("own", "pooled"):
-                name = f"ls-a{alpha:g}{'-bias' if bias else ''}-{corpus}"
-                out.append(Compensation(name, f"least squares (alpha {alpha:g}, {'bias, ' if bias else ''}"
-                                              f"{corpus} corpus)",
-                                        {"reconstruct": True, "refit_alpha": alpha, "refit_bias": bias,
-                                         "refit_corpus": corpus, "refit_prior": "slice"}))
+                candidate(alpha, bias, corpus)
+        candidate(alpha, True, "own", prior="zero")
+        if generic:
+            candidate(alpha, True, "own", extra=generic)
     return out
 
 
@@ -117,10 +130,13 @@ class StudyOptions:
 # -- 1. selection on calibration-side items ------------------------------------------------
 
 
-def selection_data(config: RunConfig, folder: str | Path, items: int, seed: int) -> list[str]:
+def selection_data(config: RunConfig, folder: str | Path, items: int, seed: int,
+                   generic: Sequence[str] = ()) -> list[str]:
     """Write a data folder where each task's train split is cut in two: ``train.jsonl`` (what
-    calibrates) and ``validation.jsonl`` (``items`` records, at most half, what selects).
-    Returns the task names as the selection run spells them."""
+    calibrates) and ``validation.jsonl`` (``items`` records, at most half, what selects); the
+    ``generic`` tasks (refit text, never evaluated) are copied as they are. Returns the task
+    names as the selection run spells them."""
+    import shutil
     from seap.data.catalogue import STANDARD_TASKS, TaskCatalogue
     from seap.data.corpus import read_records
 
@@ -147,6 +163,14 @@ def selection_data(config: RunConfig, folder: str | Path, items: int, seed: int)
             if not test.is_file():
                 atomic_write_text(test, "".join(json.dumps(r, sort_keys=True) + "\n" for r in heldout))
         names.append(spec.name if spec.name in STANDARD_TASKS else f"jsonl:{spec.name}")
+    for task in generic:
+        source, target = Path(config.data_dir or ".") / task, folder / task
+        if not target.is_dir():
+            if not source.is_dir():
+                raise SeapError(f"generic refit text {task!r}: no folder {source}",
+                                "put the task under the study's --data-dir, or pass --generic with another task")
+            shutil.copytree(source, target.with_name(f".{task}.partial"), dirs_exist_ok=True)
+            target.with_name(f".{task}.partial").rename(target)
     return names
 
 
@@ -159,7 +183,8 @@ def select_refit(options: StudyOptions, run: Callable[[RunConfig], Path], say: C
                  ) -> tuple[Compensation, dict[str, Any]]:
     """Score every candidate on the held-out train items; the best mean accuracy wins."""
     folder = Path(options.workdir).parent / "selection-data"
-    tasks = selection_data(options.config(), folder, options.selection_items, options.seed)
+    generic = sorted({t for c in options.candidates for t in c.changes.get("refit_generic", [])})
+    tasks = selection_data(options.config(), folder, options.selection_items, options.seed, generic)
     scores: dict[str, Any] = {}
     for candidate in (NO_COMPENSATION, BIAS_COMPENSATION, *options.candidates):
         config = options.config(tasks=tasks, data_dir=str(folder), methods=list(SELECTION_METHODS),

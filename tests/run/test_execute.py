@@ -188,3 +188,23 @@ def test_the_per_task_control_evaluates_a_baseline_refitted_on_each_task(tmp_pat
     results = json.loads((done.path("report") / "results.json").read_text())
     row = next(r for r in results["rows"] if r["method"] == "wanda-sp+logistic")
     assert set(row["tasks"]) == {"geo", "life"}
+
+
+def test_generic_text_is_merged_into_every_refit_corpus(tmp_path) -> None:
+    from seap.maths.masks import PruningMask
+    from seap.maths.statistics import ActivationStatistics
+
+    config = tiny_config(tmp_path, tasks=["geo"], methods=["seap-expert", "wanda-sp"], reconstruct=True,
+                         refit_generic=["life"], refit_generic_samples=10, bench=False)
+    plan = make_plan(config)
+    done = execute(plan)
+    generic = ActivationStatistics.load(done.path("statistics/generic") / "life")
+    own = ActivationStatistics.load(done.path("statistics/tasks") / "geo")
+    assert generic.has_second_moments and generic.task == "life"
+    expert = PruningMask.load(done.path("masks/seap-expert@0.3/geo"))
+    refit = expert.meta["reconstruction"]
+    assert refit["statistics_task"] == "geo+life" and refit["tokens"] == own.num_tokens + generic.num_tokens
+    assert PruningMask.load(done.path("masks/wanda-sp@0.3/general")).meta["reconstruction"]["statistics_task"] \
+        == "pooled+life"
+    with pytest.raises(SeapError, match="refit_generic: geo is also a task of the run"):
+        tiny_config(tmp_path, tasks=["geo"], methods=["seap-expert"], refit_generic=["geo"])

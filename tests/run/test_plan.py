@@ -115,6 +115,11 @@ def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() ->
     pooled = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_corpus="pooled"))
     assert "statistics/pooled" in [j.key for j in pooled.jobs]
     assert {j.inputs["refit_statistics"] for j in pooled.of_stage("masks")} == {"statistics/pooled"}
+    generic = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_generic=["boolq"]))
+    assert next(j for j in generic.jobs if j.key == "statistics/generic").params["second_moments"] is True
+    assert all(j.inputs["refit_generic"] == "statistics/generic" and j.params["refit_generic"] == ["boolq"]
+               for j in generic.of_stage("masks"))
+    assert "statistics/generic" not in [j.key for j in make_plan(RunConfig(refit_generic=["boolq"])).jobs]
     # without reconstruction nothing changes: the same jobs as before the option existed
     plain = make_plan(RunConfig())
     assert not any("refit" in j.params or "second_moments" in j.params for j in plain.jobs)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from seap.errors import SeapError
-from seap.run.study import NO_COMPENSATION, Compensation, StudyOptions, run_study, selection_data
+from seap.run.study import NO_COMPENSATION, Compensation, StudyOptions, refit_candidates, run_study, selection_data
 from tests.helpers_flows import tiny_project
 
 
@@ -66,3 +66,17 @@ def test_too_few_train_records_to_hold_out_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(SeapError, match="too few to hold some out"):
         selection_data(options.config(), tmp_path / "sel", items=10, seed=0)
     assert NO_COMPENSATION.changes == {"bias_compensation": False}
+
+
+def test_the_candidates_cover_regularisation_bias_corpus_prior_and_generic_text(tmp_path) -> None:
+    names = [c.name for c in refit_candidates((0.01,), ("boolq",))]
+    assert names == ["ls-a0.01-own", "ls-a0.01-pooled", "ls-a0.01-bias-own", "ls-a0.01-bias-pooled",
+                     "ls-a0.01-bias-own-zero", "ls-a0.01-bias-own-boolq"]
+    generic = refit_candidates((0.01,), ("boolq",))[-1]
+    assert generic.changes["refit_generic"] == ["boolq"] and generic.changes["refit_prior"] == "slice"
+    _, data = tiny_project(tmp_path)  # generic text is copied whole into the selection data folder
+    options = StudyOptions(data_dir=str(data), tasks=("geo",), workdir=str(tmp_path / "work"))
+    selection_data(options.config(), tmp_path / "sel", items=5, seed=1, generic=["life"])
+    assert (tmp_path / "sel" / "life" / "train.jsonl").read_text() == (data / "life" / "train.jsonl").read_text()
+    with pytest.raises(SeapError, match="generic refit text 'nope'"):
+        selection_data(options.config(), tmp_path / "sel", items=5, seed=1, generic=["nope"])
