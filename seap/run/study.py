@@ -375,6 +375,8 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
 
     best, selection = select_refit(options, run, say)
     say(f"chosen refit: {best.label}")
+    atomic_write_json(Path(options.out) / "results" / "study-selection.json",  # kept if the study stops later
+                      {"model": options.model, "tasks": list(options.tasks), "selection": selection})
     runs: list[StudyRun] = []
     sizes: list[StudyRun] = []
     kl: dict[str, Any] = {}

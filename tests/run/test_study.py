@@ -49,6 +49,7 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
     assert {p["verdict"] for p in record["paired"]} <= {"ahead", "behind", "level"}
     written = tmp_path / "docs" / "results"
     assert json.loads((written / "study.json").read_text())["targets"]
+    assert json.loads((written / "study-selection.json").read_text())["selection"]["chosen"] == "ls"
     assert "### Targets" in (written / "study.md").read_text()
     assert (written / "study-retention.png").read_bytes()[:4] == b"\x89PNG"
     # a second run reuses every job and gives the same numbers
