@@ -152,3 +152,30 @@ def test_the_bias_compensation_option_overrides_every_method_and_conflicts_with_
         RunConfig(reconstruct=True, bias_compensation=True).validate(check_data=False)
     with pytest.raises(SeapError, match="refit_prior: unknown value 'banana'"):
         RunConfig(refit_prior="banana").validate(check_data=False)
+
+
+def test_every_cached_stage_lists_the_modules_its_code_imports() -> None:
+    """A stage's cache key hashes its modules' source: a module its function (or a helper it
+    calls) imports but the stage table leaves out would let a code change reuse stale outputs."""
+    import ast
+    import inspect
+
+    import seap.run.stages as stages
+
+    tree = ast.parse(inspect.getsource(stages))
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+    def imported(fn: ast.FunctionDef, seen: set[str]) -> set[str]:
+        out = set()
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("seap."):
+                out.add(node.module)
+            if isinstance(node, ast.Name) and node.id in functions and node.id not in seen:
+                seen.add(node.id)
+                out |= imported(functions[node.id], seen)
+        return out
+
+    for name, function in stages.STAGE_FUNCTIONS.items():
+        if STAGES[name].cached:
+            missing = imported(functions[function.__name__], {function.__name__}) - set(STAGES[name].modules)
+            assert not missing, f"stage {name} imports {sorted(missing)} but does not list them"
