@@ -157,13 +157,13 @@ def make_mask(
     check_sparsity(sparsity)
     check_schedule(schedule)
     check_gqa_mode(gqa_mode)
-    if (refit_model is None) != (refit_stats_dir is None):
-        raise SeapError("reconstruction needs both the base model and statistics with second moments",
-                        "pass --model and --refit-stats (statistics from `seap stats --second-moments`)")
-    check_compensation(refit_stats_dir is not None, bias_stats_dir, "--bias-compensation-stats")
-    options = _refit_options(refit_options)
     refit_dirs = [] if refit_stats_dir is None else \
         [refit_stats_dir] if isinstance(refit_stats_dir, (str, Path)) else list(refit_stats_dir)
+    if (refit_model is None) != (not refit_dirs):
+        raise SeapError("reconstruction needs both the base model and statistics with second moments",
+                        "pass --model and --refit-stats (statistics from `seap stats --second-moments`)")
+    check_compensation(bool(refit_dirs), bias_stats_dir, "--bias-compensation-stats")
+    options = _refit_options(refit_options)
     refit_parts = [ActivationStatistics.load(d) for d in refit_dirs]
     for folder, part in zip(refit_dirs, refit_parts):
         if not part.has_second_moments:
