@@ -198,6 +198,36 @@ def select_refit(options: StudyOptions, run: Callable[[RunConfig], Path], say: C
     return best, {"tasks": tasks, "items_per_task": options.selection_items, "scores": scores, "chosen": best.name}
 
 
+def selection_control(options: StudyOptions, best: Compensation, tasks: Sequence[str], progress: bool = False
+                      ) -> list[dict[str, Any]]:
+    """On the held-out train items: the SEAP expert minus each same-schedule baseline under the
+    chosen refit, with the baselines refitted on the pooled corpora (the chosen setting) and on
+    each task's own corpus (the control), paired. Empty when the chosen setting does not refit."""
+    from seap.evaluation.significance import paired_difference, verdict
+    from seap.run.plan import make_plan
+
+    if not best.changes.get("reconstruct"):
+        return []
+    folder = Path(options.workdir).parent / "selection-data"
+    out = []
+    for corpus in ("own", "per-task"):
+        config = options.config(tasks=list(tasks), data_dir=str(folder), methods=list(SELECTION_METHODS),
+                                sparsities=list(options.selection_sparsities), limit=None,
+                                **{**best.changes, "refit_corpus": corpus})
+        outputs, report = execute_config(config, progress)
+        rows = _rows(report)
+        items = row_correctness(outputs, {j.row: j.key for j in make_plan(config).jobs if j.row}, config.metric)
+        for sparsity in options.selection_sparsities:
+            expert = row_key("seap-expert", sparsity)
+            for baseline in SAME_SCHEDULE:
+                other = row_key(baseline, sparsity)
+                diff = paired_difference(items[expert], items[other])
+                out.append({"baselines_refit": "pooled" if corpus == "own" else "per-task", "sparsity": sparsity,
+                            "baseline": baseline, "expert": rows[expert]["average"]["table"],
+                            "baseline_accuracy": rows[other]["average"]["table"], **diff, "verdict": verdict(diff)})
+    return out
+
+
 # -- 2./3. the reported rows ---------------------------------------------------------------
 
 
@@ -375,6 +405,7 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
 
     best, selection = select_refit(options, run, say)
     say(f"chosen refit: {best.label}")
+    selection["control"] = selection_control(options, best, selection["tasks"], progress)
     atomic_write_json(Path(options.out) / "results" / "study-selection.json",  # kept if the study stops later
                       {"model": options.model, "tasks": list(options.tasks), "selection": selection})
     runs: list[StudyRun] = []
@@ -498,6 +529,15 @@ def study_markdown(record: Mapping[str, Any]) -> str:
         mark = " **(chosen)**" if name == sel["chosen"] else ""
         lines.append(f"| {s['label']}{mark} | {_pct(s['mean'], 2)} | " +
                      " | ".join(_pct(v) for v in s["rows"].values()) + " |")
+    if sel.get("control"):
+        lines += ["", "Control on the same items: SEAP expert minus each same-schedule baseline, the baselines "
+                  "refitted on the pooled corpora (chosen setting) or on each task's own corpus (per-task):", "",
+                  "| baselines refitted | sparsity | baseline | expert | baseline | difference [95% CI] | McNemar p | verdict |",
+                  "|---|---:|---|---:|---:|---|---:|---|"]
+        for c in sel["control"]:
+            lines.append(f"| {c['baselines_refit']} | {c['sparsity']:g} | {c['baseline']} | {_pct(c['expert'])} | "
+                         f"{_pct(c['baseline_accuracy'])} | {c['difference'] * 100:+.1f} [{c['low'] * 100:+.1f}, "
+                         f"{c['high'] * 100:+.1f}] | {c['p_mcnemar']:.3g} | {c['verdict']} |")
     tasks = list(next(iter(record["rows"]))["tasks"]) if record["rows"] else []
     for comp in record["compensations"]:
         lines += ["", f"### Rows with compensation: {comp}", "",

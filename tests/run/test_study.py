@@ -36,6 +36,10 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
     record = run_study(options, say=lambda _: None)
     assert record["chosen"]["name"] == "ls" and set(record["selection"]["scores"]) == {"none", "bias", "ls"}
     assert record["compensations"] == ["ls", "control-per-task", "none", "bias"]  # the chosen refit and its control first
+    control = record["selection"]["control"]  # on the held-out items too: baselines refitted pooled, then per task
+    assert {(c["baselines_refit"], c["baseline"]) for c in control} == {
+        (r, b) for r in ("pooled", "per-task") for b in ("wanda-sp+logistic", "flap+logistic")}
+    assert all(c["low"] <= c["difference"] <= c["high"] for c in control)
     rows = {(r["run"], r["row"]) for r in record["rows"]}
     assert ("ls", "dense") in rows and ("none", "seap-expert@0.3") in rows and ("ls", "seap-expert@0.3") in rows and ("bias", "flap+logistic@0.3") in rows
     for r in record["rows"]:
@@ -50,7 +54,7 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
     written = tmp_path / "docs" / "results"
     assert json.loads((written / "study.json").read_text())["targets"]
     assert json.loads((written / "study-selection.json").read_text())["selection"]["chosen"] == "ls"
-    assert "### Targets" in (written / "study.md").read_text()
+    assert "### Targets" in (written / "study.md").read_text() and "Control on the same items" in (written / "study.md").read_text()
     assert (written / "study-retention.png").read_bytes()[:4] == b"\x89PNG"
     # a second run reuses every job and gives the same numbers
     again = run_study(options, say=lambda _: None)
