@@ -86,7 +86,8 @@ def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor
     g_ss = g[keep][:, keep]
     g_rr = g[removed][:, removed]
     g_rs = g[removed][:, keep]
-    wg_kept = w_kept @ g_ss + w_removed @ g_rs  # (W G)[:, S]
+    removed_kept = w_removed @ g_rs  # W_R G_RS, used by (W G)[:, S] and the energy
+    wg_kept = w_kept @ g_ss + removed_kept  # (W G)[:, S]
     mu_s = mu[keep]
     w_mu = w @ mu
     if options.bias:  # the centred covariance C = G - mu mu^T in place of G
@@ -107,7 +108,7 @@ def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor
 
     # <W G, W> = <W_S G_SS, W_S> + 2 <W_R G_RS, W_S> + <W_R G_RR, W_R>
     sliced = float(((w_removed @ g_rr) * w_removed).sum())
-    energy = max(float((wg_kept * w_kept).sum() + ((w_removed @ g_rs) * w_kept).sum()) + sliced, 1e-30)
+    energy = max(float((wg_kept * w_kept).sum() + (removed_kept * w_kept).sum()) + sliced, 1e-30)
     if solved:  # new G_SS = rhs - lambda new (+ (new mu_S) mu_S^T with a bias: the system used C_SS)
         new_g = rhs - damping * new
         if options.bias:
@@ -115,8 +116,8 @@ def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor
     else:
         new_g = new @ g_ss
     refit = energy - 2.0 * float((new * wg_kept).sum()) + float((new_g * new).sum())
-    if bias is not None:  # - 2 b^T D mu + ||b||^2
-        refit += float(bias @ bias) - 2.0 * float(bias @ (w_mu - new @ mu_s))
+    if bias is not None:  # ||b||^2 - 2 b^T D mu, where D mu = W mu - W' mu_S is b itself
+        refit -= float(bias @ bias)
     return Refit(new.to(weight.dtype), None if bias is None else bias.to(weight.dtype), damping,
                  max(sliced, 0.0) / energy, max(refit, 0.0) / energy)
 
