@@ -179,16 +179,25 @@ def _rows(results_dir: Path) -> dict[str, dict[str, Any]]:
     return {row_key(r["method"], r["sparsity"]): r for r in results["rows"]}
 
 
+def _selection_folder(options: StudyOptions) -> Path:
+    return Path(options.workdir).parent / "selection-data"
+
+
+def _selection_config(options: StudyOptions, tasks: Sequence[str], changes: Mapping[str, Any]) -> RunConfig:
+    """A run on the held-out train items: the selection methods at the selection sparsities."""
+    return options.config(tasks=list(tasks), data_dir=str(_selection_folder(options)), methods=list(SELECTION_METHODS),
+                          sparsities=list(options.selection_sparsities), limit=None, **changes)
+
+
 def select_refit(options: StudyOptions, run: Callable[[RunConfig], Path], say: Callable[[str], None]
                  ) -> tuple[Compensation, dict[str, Any]]:
     """Score every candidate on the held-out train items; the best mean accuracy wins."""
-    folder = Path(options.workdir).parent / "selection-data"
+    folder = _selection_folder(options)
     generic = sorted({t for c in options.candidates for t in c.changes.get("refit_generic", [])})
     tasks = selection_data(options.config(), folder, options.selection_items, options.seed, generic)
     scores: dict[str, Any] = {}
     for candidate in (NO_COMPENSATION, BIAS_COMPENSATION, *options.candidates):
-        config = options.config(tasks=tasks, data_dir=str(folder), methods=list(SELECTION_METHODS),
-                                sparsities=list(options.selection_sparsities), limit=None, **candidate.changes)
+        config = _selection_config(options, tasks, candidate.changes)
         rows = _rows(run(config))
         values = {key: row["average"]["table"] for key, row in rows.items() if key != DENSE}
         scores[candidate.name] = {"label": candidate.label, "rows": values,
@@ -208,12 +217,9 @@ def selection_control(options: StudyOptions, best: Compensation, tasks: Sequence
 
     if not best.changes.get("reconstruct"):
         return []
-    folder = Path(options.workdir).parent / "selection-data"
     out = []
     for corpus in ("own", "per-task"):
-        config = options.config(tasks=list(tasks), data_dir=str(folder), methods=list(SELECTION_METHODS),
-                                sparsities=list(options.selection_sparsities), limit=None,
-                                **{**best.changes, "refit_corpus": corpus})
+        config = _selection_config(options, tasks, {**best.changes, "refit_corpus": corpus})
         outputs, report = execute_config(config, progress)
         rows = _rows(report)
         items = row_correctness(outputs, {j.row: j.key for j in make_plan(config).jobs if j.row}, config.metric)
