@@ -166,6 +166,7 @@ def seap_pipeline(
     refit_alpha: float | None = _D.refit_alpha,
     refit_prior: str | None = _D.refit_prior,
     refit_bias: bool | None = _D.refit_bias,
+    refit_sequential: bool | None = _D.refit_sequential,
     refit_corpus: str = _D.refit_corpus,
     refit_generic: list[str] = _D.refit_generic,
     refit_generic_samples: int | None = _D.refit_generic_samples,

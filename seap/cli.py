@@ -73,7 +73,7 @@ def _refit(p: argparse.ArgumentParser) -> None:
     """``--reconstruct`` / ``--no-reconstruct`` and the refit options, as the run configuration defines them."""
     from seap.run.config import add_arguments
 
-    add_arguments(p, only=("reconstruct", "refit_alpha", "refit_prior", "refit_bias"))
+    add_arguments(p, only=("reconstruct", "refit_alpha", "refit_prior", "refit_bias", "refit_sequential"))
 
 
 def _refit_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,7 +81,8 @@ def _refit_options(args: argparse.Namespace) -> dict[str, Any]:
     from seap.run.config import given_arguments
 
     given = given_arguments(args)
-    opts = {"alpha": given.get("refit_alpha"), "prior": given.get("refit_prior"), "bias": given.get("refit_bias")}
+    opts = {"alpha": given.get("refit_alpha"), "prior": given.get("refit_prior"), "bias": given.get("refit_bias"),
+            "sequential": given.get("refit_sequential")}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -201,6 +202,10 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
                    help="with --reconstruct: statistics with second moments to refit on (`seap stats "
                         "--second-moments`; an expert's own task, or the tasks merged); several folders are merged "
                         "(e.g. the task's and generic text's)")
+    p.add_argument("--refit-corpus", nargs="+", default=None,
+                   help="with --reconstruct --refit-sequential: corpus files (`seap corpus`) to refit on, the "
+                        "first one's --refit-task texts (default: all) and every text of the others")
+    p.add_argument("--refit-task", nargs="+", default=None, help="tasks of the first --refit-corpus file to refit on")
     _model(p, required=False, default=None, purpose="with --reconstruct: the base the statistics came from; ")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -211,11 +216,21 @@ def _masks(args: argparse.Namespace) -> int:
 
     refit: dict[str, Any] = {}
     if getattr(args, "reconstruct", False) is True:
-        if not args.refit_stats or not args.model:
+        options = _refit_options(args)
+        if options.get("sequential"):
+            if not args.refit_corpus or not args.model or args.refit_stats:
+                raise SeapError("--refit-sequential refits on calibration text, not statistics",
+                                "pass --model (the base) and --refit-corpus FILE (from `seap corpus`)")
+            from seap.run.commands import read_refit_corpus
+
+            corpus, cap = read_refit_corpus(args.refit_corpus, args.refit_task)
+            refit = {"refit_corpus": corpus, "refit_max_tokens": cap}
+        elif not args.refit_stats or not args.model:
             raise SeapError("--reconstruct needs the base model and the statistics to refit on",
                             "pass --model (the base) and --refit-stats DIR (from `seap stats --second-moments`)")
-        refit = {"refit_model": _load(args), "refit_stats_dir": args.refit_stats,
-                 "refit_options": _refit_options(args)}
+        else:
+            refit = {"refit_stats_dir": args.refit_stats}
+        refit.update(refit_model=_load(args), refit_options=options)
     mask = make_mask(args.scores, args.out, args.sparsity, args.schedule, args.general, parse_weights(args.weight),
                      args.gqa_mode, args.bias_compensation_stats, args.overwrite, **refit, **_schedule_options(args))
     done = " (reconstructed)" if mask.is_reconstructed else ""

@@ -124,9 +124,11 @@ def test_foreign_mask_and_empty_calib(model_dir, calib, tmp_path, capsys) -> Non
     assert code == 2 and "holds no records" in capsys.readouterr().err
 
 
-def test_reconstructed_stage_by_stage_equals_one_shot(model_dir, calib, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("sequential", [False, True])
+def test_reconstructed_stage_by_stage_equals_one_shot(model_dir, calib, tmp_path, capsys, sequential) -> None:
     d = tmp_path
-    refit = ["--reconstruct", "--refit-alpha", "0.05"]
+    refit = ["--reconstruct", "--refit-alpha", "0.05", *(["--refit-sequential"] if sequential else [])]
+    source = ["--refit-corpus", str(d / "corpus.jsonl")] if sequential else ["--refit-stats", str(d / "pooled")]
     schedule = ["--sparsity", "0.4", "--protect-first", "1", "--protect-last", "1"]
     assert main(["--no-progress", "corpus", "--records", str(calib), "--out", str(d / "corpus.jsonl")]) == 0
     assert main(["--no-progress", "stats", "--model", str(model_dir), "--corpus", str(d / "corpus.jsonl"),
@@ -137,10 +139,11 @@ def test_reconstructed_stage_by_stage_equals_one_shot(model_dir, calib, tmp_path
                  "--out", str(d / "pooled")]) == 0
     scores = [str(d / "scores" / "facts"), str(d / "scores" / "chat")]
     assert main(["masks", "--scores", *scores, "--general", *schedule, *refit, "--model", str(model_dir),
-                 "--refit-stats", str(d / "pooled"), "--out", str(d / "mask")]) == 0
+                 *source, "--out", str(d / "mask")]) == 0
     assert "(reconstructed)" in capsys.readouterr().out
     mask = PruningMask.load(d / "mask")
     assert mask.is_reconstructed and mask.meta["reconstruction"]["alpha"] == 0.05
+    assert mask.meta["reconstruction"]["sequential"] is sequential
     assert main(["apply", "--model", str(model_dir), "--mask", str(d / "mask"), "--out", str(d / "staged")]) == 0
     assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), *schedule, *refit,
                  "--out", str(d / "oneshot")]) == 0

@@ -145,6 +145,16 @@ class CalibrationCorpus:
         return len(self.texts)
 
 
+def merge_corpora(parts: Sequence[CalibrationCorpus], task: str | None = None) -> CalibrationCorpus:
+    """One corpus holding every text of ``parts``, in order (named ``task``, or the parts' names
+    joined by ``+``)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    if len(parts) == 1 and task is None:
+        return parts[0]
+    return CalibrationCorpus(task or "+".join(c.task for c in parts), [t for c in parts for t in c.texts])
+
+
 _TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 

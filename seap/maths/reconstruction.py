@@ -19,6 +19,12 @@ With a bias, the same with the centred covariance ``C`` in place of ``G``, and
 output row; everything is computed in float64. FLAP's bias compensation (``W' = W[:, S]``,
 ``b = W[:, ~S] mu[~S]``) is the special case ``lambda -> infinity`` with a bias. See
 ``docs/reconstruction.md`` of the method notes for the derivation and the choices.
+
+**Sequential** fitting (:func:`refit_from_cross`) refits a layer on the inputs the already
+pruned layers before it produce, ``x'``, with the dense layer's output ``y = W x`` as the
+target: the same solve with the cross moment ``E[y x'[S]^T]`` in place of ``W G[:, S]`` and
+``E[x'[S] x'[S]^T]`` in place of ``G[S, S]``. Both come from one second-moment matrix of the
+concatenation ``[y, x'[S]]`` (:func:`target_input_moments`).
 """
 
 from __future__ import annotations
@@ -41,8 +47,11 @@ class RefitOptions:
     alpha: float = 1e-2
     prior: str = "slice"
     bias: bool = True
+    sequential: bool = False  # (for the glue: refit each layer on the pruned model's inputs, layer by layer)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sequential, bool) or not isinstance(self.bias, bool):
+            raise ValueError("bias and sequential must be true or false")
         if self.prior not in PRIORS:
             raise ValueError(f"unknown prior {self.prior!r}; choose one of {', '.join(PRIORS)}")
         if not self.alpha >= 0:
@@ -122,6 +131,53 @@ def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor
                  max(sliced, 0.0) / energy, max(refit, 0.0) / energy)
 
 
+def refit_from_cross(weight: torch.Tensor, keep: torch.Tensor, moments: SecondMoments,
+                     options: RefitOptions = RefitOptions()) -> Refit:
+    """The closed-form refit of ``weight`` (``[d_out, d_in]``) from the second moments of the
+    concatenation ``[y, x'[S]]`` (:func:`target_input_moments`): ``y`` the dense layer's output
+    (its target, without the layer's own bias), ``x'[S]`` the kept columns of the input the
+    refitted layer will actually see (the sequential fit). Same objective, prior, bias and
+    error reports as :func:`refit_layer`, whose one-shot case it equals when ``x' = x``."""
+    d_out, width = weight.shape[0], int(keep.numel())
+    if moments.width != d_out + width:
+        raise ValueError(f"moments of width {moments.width} for {d_out} outputs and {width} kept inputs")
+    if moments.count == 0:
+        raise ValueError("no calibration tokens: cannot refit")
+    w_kept = weight.detach().to(torch.float64).cpu()[:, keep.to(torch.long).cpu()]
+    g = moments.second_moment.to(torch.float64).cpu()
+    mu = moments.mean.to(torch.float64).cpu()
+    g_yy, cross, g_ss = g[:d_out, :d_out], g[:d_out, d_out:], g[d_out:, d_out:]
+    mu_y, mu_s = mu[:d_out], mu[d_out:]
+    if options.bias:
+        fit_rhs, fit_ss = cross - torch.outer(mu_y, mu_s), g_ss - torch.outer(mu_s, mu_s)
+    else:
+        fit_rhs, fit_ss = cross, g_ss
+    damping = options.alpha * float(fit_ss.diagonal().mean()) if width else 0.0
+    rhs = fit_rhs + damping * w_kept if options.prior == "slice" else fit_rhs
+    system = fit_ss + damping * torch.eye(width, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        new = torch.cholesky_solve(rhs.T, factor).T
+    else:
+        new = torch.linalg.lstsq(system, rhs.T).solution.T
+    bias = (mu_y - new @ mu_s) if options.bias else None
+    energy = max(float(g_yy.trace()), 1e-30)
+
+    def error(kept: torch.Tensor, b: torch.Tensor | None) -> float:  # E ||y - kept x'_S - b||^2
+        value = energy - 2.0 * float((kept * cross).sum()) + float(((kept @ g_ss) * kept).sum())
+        if b is not None:
+            value += float(b @ b) - 2.0 * float(b @ (mu_y - kept @ mu_s))
+        return max(value, 0.0) / energy
+
+    return Refit(new.to(weight.dtype), None if bias is None else bias.to(weight.dtype), damping,
+                 error(w_kept, None), error(new, bias))
+
+
+def target_input_moments(target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The ``[..., d_out + |S|]`` concatenation whose second moments :func:`refit_from_cross` reads."""
+    return torch.cat([target, inputs], dim=-1)
+
+
 def output_error(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor, new_weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> float:
     """``E_t || W x_t - (W' x_t[S] + b) ||^2`` over the tokens of ``moments``, from the moments
@@ -152,4 +208,5 @@ def compensation_bias(weight: torch.Tensor, moments: SecondMoments, keep: torch.
     return (w[:, removed] @ moments.mean.to(torch.float64).cpu()[removed]).to(weight.dtype)
 
 
-__all__ = ["PRIORS", "Refit", "RefitOptions", "compensation_bias", "output_energy", "output_error", "refit_layer"]
+__all__ = ["PRIORS", "Refit", "RefitOptions", "compensation_bias", "output_energy", "output_error", "refit_from_cross",
+           "refit_layer", "target_input_moments"]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from seap.data.corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
 from seap.errors import ModelMismatchError, SeapError
 from seap.maths.geometry import ModelGeometry
-from seap.model.hooks import HookManager
+from seap.model.hooks import HookManager, StopForward
 from seap.model.loaded import LoadedModel
 from seap.maths.moments import ACCUMULATION_DTYPES, ChannelMoments, SecondMomentAccumulator, SecondMoments
 from seap.maths.statistics import (
@@ -33,10 +33,6 @@ from seap.maths.statistics import (
     second_moment_bytes,
 )
 
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the last layer a pass needs has been seen (the rest is skipped)."""
 
 
 def second_moment_groups(widths: Sequence[tuple[int, int]], budget: int, itemsize: int = 12) -> list[list[int]]:
@@ -153,7 +149,7 @@ def collect_statistics(
                 if second:
                     pending[(layer, which)].add(x, state["token_weights"], state["count"])
                 if stop:
-                    raise _StopForward
+                    raise StopForward
 
             return hook
 
@@ -173,7 +169,7 @@ def collect_statistics(
                 state["count"] = count
                 try:
                     backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
                 if first_pass:
                     n_tokens += count

@@ -10,6 +10,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
+class StopForward(Exception):
+    """Raised by a hook once a pass has seen what it needs (the rest of the forward is skipped)."""
+
+
 class HookManager:
     """Registers forward (pre-)hooks and removes all of them when the ``with`` block ends.
 
@@ -29,6 +33,14 @@ class HookManager:
             fn(mod, args[0])
 
         self._handles.append(module.register_forward_pre_hook(pre_hook))
+
+    def add_call_hook(self, module: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]) -> None:
+        """Call ``fn(module, args, kwargs)`` before every forward of ``module`` (all of its arguments)."""
+
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            fn(mod, args, kwargs)
+
+        self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
     def add_forward_hook(self, module: nn.Module, fn: Callable[[nn.Module, Any, Any], Any]) -> None:
         self._handles.append(module.register_forward_hook(fn))

@@ -78,7 +78,7 @@ def _prune_layer(mods: LayerModules, mask: LayerMask, head_dim: int, hard: bool,
 
     def cols(linear: nn.Linear, keep: torch.Tensor, bias: torch.Tensor | None, name: str) -> nn.Linear:
         w = linear.weight.detach()
-        if mask.refit is None:
+        if mask.refit is None or f"{name}_weight" not in mask.refit:  # (a layer being refitted: o_proj first)
             return _replace_linear(w[:, keep] if hard else w * keep[None, :].to(w.dtype), bias, linear)
         kept = mask.refit[f"{name}_weight"].to(device=w.device, dtype=w.dtype)
         refit_bias = mask.refit.get(f"{name}_bias")
@@ -99,6 +99,15 @@ def _prune_layer(mods: LayerModules, mask: LayerMask, head_dim: int, hard: bool,
     replacements["up_proj"] = rows(mods.up_proj, ch)
     replacements["down_proj"] = cols(mods.down_proj, ch, down_bias, "down")
     return replacements
+
+
+def soft_pruned_layer(adapter: ArchitectureAdapter, layer: nn.Module, mask: LayerMask, head_dim: int) -> nn.Module:
+    """A copy of one decoder layer with ``mask`` applied softly (plain slice, or the mask's
+    refit where it has one); it shares the layer's norms and owns new projections."""
+    copy_ = share_copy(layer)
+    with torch.no_grad():
+        adapter.set_projections(copy_, _prune_layer(adapter.layer_modules(copy_), mask, head_dim, False, False, adapter))
+    return copy_
 
 
 def share_copy(model: nn.Module) -> nn.Module:

@@ -108,6 +108,29 @@ def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str |
     return written
 
 
+def read_refit_corpus(files: Sequence[str | Path], tasks: Sequence[str] | None = None
+                      ) -> tuple[CalibrationCorpus, int | None]:
+    """The calibration text a sequential refit runs on: the texts of ``tasks`` (all, if None)
+    from the first corpus file, and every text of the others (generic text), in one corpus;
+    and the first file's token cap."""
+    from seap.data.corpus import merge_corpora
+
+    if not files:
+        raise SeapError("no corpus to refit on", "pass --refit-corpus FILE (from `seap corpus`)")
+    parts: list[CalibrationCorpus] = []
+    cap: int | None = DEFAULT_MAX_TOKENS
+    for i, path in enumerate(files):
+        corpora, header = read_corpus(path)
+        wanted = list(tasks) if (tasks and i == 0) else list(corpora)
+        missing = [t for t in wanted if t not in corpora]
+        if missing:
+            raise SeapError(f"task(s) {missing} are not in {path}", f"it holds: {', '.join(corpora)}")
+        parts.extend(corpora[t] for t in wanted)
+        if i == 0:
+            cap = header.get("max_tokens", DEFAULT_MAX_TOKENS)
+    return merge_corpora(parts), cap
+
+
 def merge_statistics_folders(inputs: Sequence[str | Path], out: str | Path, task: str | None = None, overwrite: bool = False) -> Path:
     return merge_statistics([ActivationStatistics.load(p) for p in inputs], task).save(out, overwrite=overwrite)
 
@@ -144,6 +167,8 @@ def make_mask(
     refit_model: LoadedModel | None = None,
     refit_stats_dir: str | Path | Sequence[str | Path] | None = None,
     refit_options: Mapping[str, Any] | None = None,
+    refit_corpus: CalibrationCorpus | None = None,
+    refit_max_tokens: int | None = DEFAULT_MAX_TOKENS,
     **schedule_options: Any,
 ) -> PruningMask:
     """An expert mask from one task's scores, or the general mask from several (``general``).
@@ -153,17 +178,23 @@ def make_mask(
     ``refit_model`` (the base) and ``refit_stats_dir`` (statistics with second moments; several
     folders are merged exactly, e.g. a task's and generic text's), the mask is reconstructed
     (:func:`seap.model.refitting.reconstruct_mask`, ``refit_options`` of
-    :class:`~seap.maths.reconstruction.RefitOptions`)."""
+    :class:`~seap.maths.reconstruction.RefitOptions`). With ``sequential`` refit options it is
+    refitted layer by layer on ``refit_corpus`` (texts, truncated to ``refit_max_tokens``) instead."""
     check_sparsity(sparsity)
     check_schedule(schedule)
     check_gqa_mode(gqa_mode)
+    options = _refit_options(refit_options)
     refit_dirs = [] if refit_stats_dir is None else \
         [refit_stats_dir] if isinstance(refit_stats_dir, (str, Path)) else list(refit_stats_dir)
-    if (refit_model is None) != (not refit_dirs):
+    if options.sequential:
+        if refit_model is None or refit_corpus is None or refit_dirs:
+            raise SeapError("the sequential refit needs the base model and the calibration text (not statistics)",
+                            "pass --model and --refit-corpus (a corpus file from `seap corpus`)")
+    elif (refit_model is None) != (not refit_dirs):
         raise SeapError("reconstruction needs both the base model and statistics with second moments",
                         "pass --model and --refit-stats (statistics from `seap stats --second-moments`)")
-    check_compensation(bool(refit_dirs), bias_stats_dir, "--bias-compensation-stats")
-    options = _refit_options(refit_options)
+    reconstruct = refit_model is not None
+    check_compensation(reconstruct, bias_stats_dir, "--bias-compensation-stats")
     refit_parts = [ActivationStatistics.load(d) for d in refit_dirs]
     for folder, part in zip(refit_dirs, refit_parts):
         if not part.has_second_moments:
@@ -184,14 +215,15 @@ def make_mask(
     mask = build_mask(scores, sparsity, schedule, gqa_mode, bias_compensation_stats=bias_stats, **schedule_options)
     if method:
         mask.meta["method"] = method
-    if refit_parts:
-        from seap.model.refitting import reconstruct_mask
+    if reconstruct:
+        from seap.model.refitting import refit_mask
 
         beside = Path(out).parent if Path(out).parent.is_dir() else None  # large second moments spill there
         with tempfile.TemporaryDirectory(dir=beside, prefix=".refit-spill-") as spill:
-            refit_stats = refit_parts[0] if len(refit_parts) == 1 else \
+            refit_stats = None if not refit_parts else refit_parts[0] if len(refit_parts) == 1 else \
                 merge_statistics(refit_parts, "+".join(p.task for p in refit_parts), spill_dir=spill)
-            mask = reconstruct_mask(refit_model, mask, refit_stats, options)  # type: ignore[arg-type]
+            mask = refit_mask(refit_model, mask, options, refit_stats, refit_corpus,  # type: ignore[arg-type]
+                              max_tokens=refit_max_tokens, progress=False)
     mask.save(out, overwrite=overwrite)
     return mask
 
@@ -203,7 +235,8 @@ def _refit_options(options: Mapping[str, Any] | None) -> Any:
     try:
         return RefitOptions(**dict(options or {}))
     except (TypeError, ValueError) as exc:
-        raise SeapError(f"bad reconstruction options: {exc}", "alpha >= 0, prior slice or zero, bias true/false") \
+        raise SeapError(f"bad reconstruction options: {exc}",
+                       "alpha >= 0, prior slice or zero, bias and sequential true or false") \
             from None
 
 
@@ -293,7 +326,8 @@ def prune(
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stats = {t: collect_statistics(loaded, c, batch_size, max_tokens, progress=progress, second_moments=reconstruct)
+    second = options is not None and not options.sequential  # what the one-shot refit reads
+    stats = {t: collect_statistics(loaded, c, batch_size, max_tokens, progress=progress, second_moments=second)
              for t, c in corpora.items()}
     timings["statistics"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -308,10 +342,12 @@ def prune(
     mask.meta["method"] = entry.name
     timings["scores+mask"] = time.perf_counter() - t0
     if options is not None:
-        from seap.model.refitting import reconstruct_mask
+        from seap.data.corpus import merge_corpora
+        from seap.model.refitting import refit_mask
 
         t0 = time.perf_counter()
-        mask = reconstruct_mask(loaded, mask, merged, options)
+        mask = refit_mask(loaded, mask, options, merged, merge_corpora(list(corpora.values())), batch_size,
+                          max_tokens, progress)
         timings["refit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     dense = loaded.adapter.geometry(loaded.model).total_params()

@@ -113,6 +113,10 @@ class RunConfig:
                                    "slice W[:, kept]) or zero (ridge) (null: slice)")
     refit_bias: bool | None = _opt(None, "reconstruction", "bias",
                                    "also fit a bias term (the refit's FLAP-like part) (null: true)")
+    refit_sequential: bool | None = _opt(None, "reconstruction", "sequential",
+                                         "refit layer by layer on the inputs the already refitted layers produce "
+                                         "(runs the calibration text through the model per mask) instead of "
+                                         "one-shot on the dense model's second moments (null: false)")
     refit_corpus: str = _opt("own", "reconstruction", "corpus",
                              "what masks are refitted on: own (each SEAP expert on its task's corpus; general "
                              "mask and baselines on the pooled corpora), pooled (every mask on all tasks' "
@@ -245,7 +249,8 @@ class RunConfig:
     @property
     def refit_options(self) -> dict[str, Any]:
         """Options of the refit that differ from its defaults (:class:`seap.maths.reconstruction.RefitOptions`)."""
-        opts = {"alpha": self.refit_alpha, "prior": self.refit_prior, "bias": self.refit_bias}
+        opts = {"alpha": self.refit_alpha, "prior": self.refit_prior, "bias": self.refit_bias,
+                "sequential": self.refit_sequential}
         return {k: v for k, v in opts.items() if v is not None}
 
     @property

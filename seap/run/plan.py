@@ -82,10 +82,11 @@ STAGES: dict[str, Stage] = {
               "calibration text when reconstructing)",
               (*_BASE, "seap.run.commands", "seap.maths.masks", "seap.maths.schedules", "seap.maths.geometry",
                "seap.maths.scores", "seap.maths.statistics", "seap.maths.moments", "seap.maths.reconstruction",
-               "seap.model.refitting"),
+               "seap.model.refitting", "seap.model.calibration", "seap.model.hooks", "seap.model.surgery",
+               "seap.data.corpus"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
                "gqa_mode", "bias_compensation", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
-               "refit_corpus", "refit_generic"), ("scores", "statistics", "model")),
+               "refit_sequential", "refit_corpus", "refit_generic"), ("scores", "statistics", "model", "corpus")),
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model",)),
         Stage("evaluate", "one row per method and sparsity (experts: each task with its own)", (*_BASE, *_EVAL),
@@ -239,9 +240,11 @@ def make_plan(config: RunConfig) -> Plan:
     tasks = c.task_names
     methods = methods_to_build(c.methods)
     reconstructing = [m for m in methods if m.resolved_reconstruct(c.reconstruct)]
+    sequential = bool(c.refit_sequential)  # refits on the corpus itself: no second moments
+    one_shot = [] if sequential else reconstructing
     pooled = any(m.calibration == "pooled" for m in methods) or \
-        any(m.refit_source(c.refit_corpus) == POOLED for m in reconstructing)
-    second = {"second_moments": True} if reconstructing else {}  # (absent otherwise: earlier caches stay valid)
+        any(m.refit_source(c.refit_corpus) == POOLED for m in one_shot)
+    second = {"second_moments": True} if one_shot else {}  # (absent otherwise: earlier caches stay valid)
     jobs: list[Job] = []
     add = jobs.append
 
@@ -253,8 +256,9 @@ def make_plan(config: RunConfig) -> Plan:
         add(Job("corpus", GENERIC, params={"tasks": list(c.refit_generic), "data_dir": c.data_dir,
                                            "samples": c.refit_generic_samples or c.samples, "seed": c.seed,
                                            "max_tokens": c.max_tokens}))
-        add(Job("statistics", GENERIC, {"model": "model", "corpus": f"corpus/{GENERIC}"},
-                {"batch_size": c.stats_batch_size, "tasks": generic, "second_moments": True}))
+        if not sequential:
+            add(Job("statistics", GENERIC, {"model": "model", "corpus": f"corpus/{GENERIC}"},
+                    {"batch_size": c.stats_batch_size, "tasks": generic, "second_moments": True}))
     # statistics: one pass per task, or shards merged exactly
     if c.stats_shards > 1:
         shards = [f"statistics/shard-{i}-of-{c.stats_shards}" for i in range(c.stats_shards)]
@@ -298,7 +302,11 @@ def make_plan(config: RunConfig) -> Plan:
             group: dict[str, str] = {}
             per_task = m.refits_per_task(reconstruct, c.refit_corpus)
             for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
-                if reconstruct:
+                if reconstruct and sequential:  # the calibration text itself, run through the model
+                    inputs = {**inputs, "model": "model", "refit_corpus": "corpus"}
+                    if generic:
+                        inputs["refit_generic"] = f"corpus/{GENERIC}"
+                elif reconstruct:
                     inputs = {**inputs, "model": "model", "refit_statistics":
                               "statistics/pooled" if common["refit_source"] == POOLED else "statistics/tasks"}
                     if generic:

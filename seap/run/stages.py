@@ -166,7 +166,16 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     if bias is not None and p["kind"] == "expert":
         bias = Path(bias) / p["mask"]
     refit: dict[str, Any] = {}
-    if "refit" in p:  # refitted on the task's own statistics (a sub-folder) or the pooled ones
+    if "refit_corpus" in inputs:  # sequential: the task's own text or all tasks', and the generic text
+        from seap.run.commands import read_refit_corpus
+
+        files = [Path(inputs["refit_corpus"]) / CORPUS_FILE]
+        if "refit_generic" in inputs:
+            files.append(Path(inputs["refit_generic"]) / CORPUS_FILE)
+        corpus, cap = read_refit_corpus(files, [p["mask"]] if p["refit_source"] == "task" else None)
+        refit = {"refit_model": ctx.base(inputs["model"]), "refit_options": p["refit"], "refit_corpus": corpus,
+                 "refit_max_tokens": cap}
+    elif "refit" in p:  # refitted on the task's own statistics (a sub-folder) or the pooled ones
         stats = Path(inputs["refit_statistics"])
         own = stats / p["mask"] if p["refit_source"] == "task" else stats
         generic = [Path(inputs["refit_generic"]) / t for t in p.get("refit_generic", [])]  # merged with it

@@ -72,24 +72,28 @@ def refit_candidates(alphas: Sequence[float] = DEFAULT_REFIT_ALPHAS,
                      generic: Sequence[str] = DEFAULT_GENERIC) -> list[Compensation]:
     """The least-squares settings the selection step tries: each ``alpha`` with and without a
     bias term, SEAP experts refitted on their own corpus or on all tasks' (prior: the slice);
-    and, with a bias and the own corpus, the ridge prior (zero) and generic text added to
-    every refit corpus (``generic`` tasks' train text; none when empty)."""
+    and, with a bias and the own corpus, the ridge prior (zero), the sequential fit, and generic
+    text added to every refit corpus (``generic`` tasks' train text; none when empty)."""
     out = []
 
-    def candidate(alpha: float, bias: bool, corpus: str, prior: str = "slice", extra: Sequence[str] = ()) -> None:
+    def candidate(alpha: float, bias: bool, corpus: str, prior: str = "slice", extra: Sequence[str] = (),
+                  sequential: bool = False) -> None:
         name = f"ls-a{alpha:g}{'-bias' if bias else ''}-{corpus}" + ("-zero" if prior == "zero" else "") + \
-            (f"-{'+'.join(extra)}" if extra else "")
+            (f"-{'+'.join(extra)}" if extra else "") + ("-sequential" if sequential else "")
         label = (f"least squares (alpha {alpha:g}, {'bias, ' if bias else ''}{corpus} corpus"
-                 + (", zero prior" if prior == "zero" else "") + (f", + {'+'.join(extra)} text" if extra else "") + ")")
+                 + (", zero prior" if prior == "zero" else "") + (f", + {'+'.join(extra)} text" if extra else "")
+                 + (", sequential" if sequential else "") + ")")
         out.append(Compensation(name, label, {"reconstruct": True, "refit_alpha": alpha, "refit_bias": bias,
                                               "refit_corpus": corpus, "refit_prior": prior,
-                                              **({"refit_generic": list(extra)} if extra else {})}))
+                                              **({"refit_generic": list(extra)} if extra else {}),
+                                              **({"refit_sequential": True} if sequential else {})}))
 
     for alpha in alphas:
         for bias in (False, True):
             for corpus in ("own", "pooled"):
                 candidate(alpha, bias, corpus)
         candidate(alpha, True, "own", prior="zero")
+        candidate(alpha, True, "own", sequential=True)
         if generic:
             candidate(alpha, True, "own", extra=generic)
     return out

@@ -7,7 +7,7 @@ import torch
 
 from seap.maths.moments import SecondMoments
 from seap.maths.reconstruction import (RefitOptions, compensation_bias, output_energy, output_error,
-                                       refit_layer)
+                                       refit_from_cross, refit_layer, target_input_moments)
 
 
 def _inputs(n: int = 400, width: int = 12, seed: int = 0) -> torch.Tensor:
@@ -121,3 +121,42 @@ def test_blocked_accumulation_equals_one_sum() -> None:
     assert result.count == 1000 and result.gram.dtype == torch.float64
     torch.testing.assert_close(result.gram, exact.T @ exact, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(result.total, exact.sum(0), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [RefitOptions(alpha=1e-2, bias=False), RefitOptions(alpha=1e-2, bias=True),
+                                     RefitOptions(alpha=0.0, prior="zero", bias=True)])
+def test_cross_refit_equals_the_one_shot_refit_when_the_inputs_are_the_dense_ones(options: RefitOptions) -> None:
+    x, w = _inputs(), _weight()
+    keep = torch.tensor([1, 2, 4, 6, 9, 10])
+    one_shot = refit_layer(w, SecondMoments.from_masked(x, None, len(x)), keep, options)
+    joint = target_input_moments(x @ w.T, x[:, keep])
+    cross = refit_from_cross(w, keep, SecondMoments.from_masked(joint, None, len(x)), options)
+    torch.testing.assert_close(cross.weight, one_shot.weight)
+    if options.bias:
+        torch.testing.assert_close(cross.bias, one_shot.bias)
+    assert cross.error_refit == pytest.approx(one_shot.error_refit, rel=1e-6, abs=1e-12)
+    assert cross.error_sliced == pytest.approx(one_shot.error_sliced, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sequential_refit_fits_the_dense_output_from_the_pruned_inputs(bias: bool) -> None:
+    """The inputs the pruned model produces differ from the dense ones: the refit is the least-
+    squares map from them to the dense output (the normal equations hold on the samples), and
+    its reported errors are those measured on the samples."""
+    x, w = _inputs(), _weight()
+    drifted = x + 0.2 * _inputs(seed=5) - 0.1  # what upstream pruning did to this layer's input
+    keep = torch.tensor([0, 3, 4, 5, 8, 11])
+    joint = target_input_moments(x @ w.T, drifted[:, keep])
+    refit = refit_from_cross(w, keep, SecondMoments.from_masked(joint, None, len(x)), RefitOptions(alpha=0.0, bias=bias))
+    y, xs = x @ w.T, drifted[:, keep]
+    residual = y - xs @ refit.weight.T - (refit.bias if bias else 0)
+    features = torch.cat([xs, torch.ones(len(x), 1, dtype=xs.dtype)], dim=1) if bias else xs
+    torch.testing.assert_close(features.T @ residual / len(x), torch.zeros(features.shape[1], w.shape[0], dtype=xs.dtype),
+                               atol=1e-8, rtol=0)
+    energy = float((y ** 2).sum(dim=1).mean())
+    assert refit.error_refit == pytest.approx(float((residual ** 2).sum(dim=1).mean()) / energy, rel=1e-6)
+    plain = y - xs @ w[:, keep].T
+    assert refit.error_sliced == pytest.approx(float((plain ** 2).sum(dim=1).mean()) / energy, rel=1e-6)
+    assert refit.error_refit <= refit.error_sliced
+    with pytest.raises(ValueError, match="kept inputs"):
+        refit_from_cross(w, keep[:-1], SecondMoments.from_masked(joint, None, len(x)))

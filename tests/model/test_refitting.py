@@ -14,7 +14,7 @@ from seap.maths.reconstruction import RefitOptions
 from seap.maths.scores import compute_scores
 from seap.model.calibration import collect_statistics
 from seap.model.checkpoint import load_pruned, save_pruned
-from seap.model.refitting import reconstruct_mask
+from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential
 from seap.model.surgery import apply_mask
 from tests.helpers import SENTENCES, make_tiny_model
 from tests.model.test_surgery import logits
@@ -95,3 +95,31 @@ def test_refusals(setup, tmp_path, caplog) -> None:
     rebuilt.layers[0].refit["down_weight"] = rebuilt.layers[0].refit["down_weight"][:, :3]  # does not match the mask
     with pytest.raises(ArtifactError, match="refitted down_weight has shape"):
         rebuilt.save(tmp_path / "bad") and PruningMask.load(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+def test_sequential_refit_starts_like_the_one_shot_one_and_fits_the_pruned_stream(arch: str) -> None:
+    loaded = make_tiny_model(arch)
+    corpus = build_corpus([{"text": t} for t in SENTENCES * 6], "toy", None)
+    stats = collect_statistics(loaded, corpus, progress=False, second_moments=True)
+    mask = build_mask(compute_scores(stats, "seap-sf"), 0.4, "uniform")
+    options = RefitOptions(alpha=1e-2, bias=True, sequential=True)
+    sequential = reconstruct_mask_sequential(loaded, mask, corpus, options, batch_size=5, progress=False)
+    one_shot = reconstruct_mask(loaded, mask, stats, RefitOptions(alpha=1e-2, bias=True))
+    # layer 0's o_proj sees the same inputs in both streams: the same fit as one-shot
+    torch.testing.assert_close(sequential.layers[0].refit["o_weight"], one_shot.layers[0].refit["o_weight"],
+                               rtol=1e-3, atol=1e-4)
+    assert sequential.meta["reconstruction"]["sequential"] is True
+    for entry in sequential.meta["reconstruction"]["layers"]:
+        for name in ("o", "down"):
+            assert entry[f"{name}_error_refit"] <= entry[f"{name}_error_sliced"] + 1e-9
+    hard = apply_mask(loaded, sequential, "hard")
+    torch.testing.assert_close(logits(apply_mask(loaded, sequential, "soft")), logits(hard), rtol=1e-4, atol=1e-4)
+    plain = apply_mask(loaded, mask, "hard", bias_compensation=False)
+    assert _dense_error(loaded, hard) < _dense_error(loaded, plain)
+    everything = full_mask(stats.geometry, loaded.fingerprint)
+    rebuilt = reconstruct_mask_sequential(loaded, everything, corpus, RefitOptions(alpha=1e-4, sequential=True),
+                                          progress=False)
+    torch.testing.assert_close(logits(apply_mask(loaded, rebuilt, "hard")), logits(loaded), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ModelMismatchError):
+        reconstruct_mask_sequential(make_tiny_model(arch, seed=3), mask, corpus, options, progress=False)

@@ -126,6 +126,16 @@ def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() ->
 
 
 
+def test_the_sequential_refit_reads_the_corpus_and_needs_no_second_moments() -> None:
+    plan = make_plan(RunConfig(methods=["seap-expert", "wanda-sp+logistic"], sparsities=[0.5], reconstruct=True,
+                               refit_sequential=True, refit_generic=["boolq"]))
+    assert not any(j.params.get("second_moments") for j in plan.of_stage("statistics"))
+    assert "statistics/generic" not in [j.key for j in plan.jobs] and "corpus/generic" in [j.key for j in plan.jobs]
+    for job in plan.of_stage("masks"):
+        assert job.inputs["refit_corpus"] == "corpus" and job.inputs["refit_generic"] == "corpus/generic"
+        assert job.params["refit"] == {"sequential": True} and "refit_statistics" not in job.inputs
+
+
 def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
     config = RunConfig(methods=["seap-expert", "seap-general", "wanda-sp+logistic"], sparsities=[0.5], reconstruct=True,
                        refit_corpus="per-task")

@@ -76,7 +76,7 @@ def test_too_few_train_records_to_hold_out_is_a_clear_error(tmp_path) -> None:
 def test_the_candidates_cover_regularisation_bias_corpus_prior_and_generic_text(tmp_path) -> None:
     names = [c.name for c in refit_candidates((0.01,), ("boolq",))]
     assert names == ["ls-a0.01-own", "ls-a0.01-pooled", "ls-a0.01-bias-own", "ls-a0.01-bias-pooled",
-                     "ls-a0.01-bias-own-zero", "ls-a0.01-bias-own-boolq"]
+                     "ls-a0.01-bias-own-zero", "ls-a0.01-bias-own-sequential", "ls-a0.01-bias-own-boolq"]
     generic = refit_candidates((0.01,), ("boolq",))[-1]
     assert generic.changes["refit_generic"] == ["boolq"] and generic.changes["refit_prior"] == "slice"
     _, data = tiny_project(tmp_path)  # generic text is copied whole into the selection data folder
