@@ -1,8 +1,9 @@
 """Tensor artifacts: a folder with one safetensors file and one JSON file of metadata.
 
 Statistics, scores and masks share this layout. The JSON records the artifact's format
-name and version and the SHA-256 of the tensors; reading verifies all three, so a
-truncated, edited or foreign file fails with a clear error instead of a wrong result.
+name and version, the SHA-256 of the tensors and the SHA-256 of the metadata itself (task,
+model fingerprint, ...); reading verifies all four, so a truncated, edited or foreign file
+fails with a clear error instead of a wrong result.
 
 Large optional parts (the second moments of statistics) go into *sidecar* safetensors files
 in a sub-folder, written one at a time (never all in memory) and read one at a time
@@ -11,6 +12,7 @@ in a sub-folder, written one at a time (never all in memory) and read one at a t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -23,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from seap.errors import ArtifactError
-from seap.io import atomic_directory, atomic_write_json, read_json, sha256_file
+from seap.io import atomic_directory, atomic_write_json, canonical_json, read_json, sha256_bytes, sha256_file
 
-_RESERVED = ("format", "format_version", "tensors_sha256")  # (``sidecars`` stays: its owner reads it)
+_RESERVED = ("format", "format_version", "tensors_sha256", "meta_sha256")  # (``sidecars`` stays: its owner reads it)
 SIDECAR_DIR = "parts"
 # a sidecar: tensors made on demand (only one sidecar in memory at a time), or a safetensors
 # file written before (linked or copied in, never read into memory)
@@ -41,6 +43,12 @@ class ArtifactKind:
     tensors_file: str  # e.g. "mask.safetensors"
     meta_file: str  # e.g. "mask.json"
     remake: str  # the fix to print, e.g. "rebuild the mask with `seap masks`"
+
+
+def _meta_sha256(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the metadata as JSON stores it (bookkeeping keys excluded)."""
+    stored = json.loads(json.dumps({k: v for k, v in meta.items() if k not in _RESERVED}, default=str))
+    return sha256_bytes(canonical_json(stored).encode("utf-8"))
 
 
 def _save(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
@@ -70,6 +78,7 @@ def write_artifact(kind: ArtifactKind, path: str | Path, tensors: dict[str, torc
                   "tensors_sha256": sha256_file(tmp / kind.tensors_file)}
         if checksums:
             record["sidecars"] = checksums
+        record["meta_sha256"] = _meta_sha256(record)
         atomic_write_json(tmp / kind.meta_file, record)
     return Path(path)
 
@@ -115,6 +124,9 @@ def read_artifact(kind: ArtifactKind, path: str | Path) -> tuple[dict[str, torch
             f"{p} has {kind.format} format version {meta.get('format_version')}, this SEAP reads {kind.version}",
             kind.remake,
         )
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_sha256(meta):
+        raise ArtifactError(f"{p / kind.meta_file} was edited: its metadata no longer matches its checksum",
+                            kind.remake)
     tensor_file = p / kind.tensors_file
     if not tensor_file.is_file() or sha256_file(tensor_file) != meta.get("tensors_sha256"):
         raise ArtifactError(f"{tensor_file} is missing or corrupt (checksum mismatch)", kind.remake)

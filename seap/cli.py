@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,16 @@ def _load(args: argparse.Namespace) -> Any:
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
+def _check_out(args: argparse.Namespace, *inputs: Any, file: bool = False) -> None:
+    """Everything about ``--out`` and ``--device`` that can be checked before a model is loaded."""
+    from seap.io import check_output
+    from seap.model.loaded import resolve_device
+
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)
+    check_output(args.out, [i for i in inputs if isinstance(i, str)], getattr(args, "overwrite", False), file=file)
+
+
 # -- one artifact at a time ---------------------------------------------------------------
 
 
@@ -123,12 +134,14 @@ def _corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="token cap per text, used by `stats`")
     p.add_argument("--out", required=True, help="corpus JSONL file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing corpus file (never the records)")
 
 
 def _corpus(args: argparse.Namespace) -> int:
     from seap.run.commands import make_corpus
 
-    corpora = make_corpus(args.records, args.out, args.tasks, args.samples, args.seed, args.max_tokens)
+    corpora = make_corpus(args.records, args.out, args.tasks, args.samples, args.seed, args.max_tokens,
+                          args.overwrite)
     for task, corpus in corpora.items():
         print(f"{task}: {len(corpus)} texts  {corpus.digest()[:19]}")
     print(f"wrote {args.out}")
@@ -153,6 +166,7 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
 def _stats(args: argparse.Namespace) -> int:
     from seap.run.commands import make_statistics
 
+    _check_out(args, args.model, args.corpus)
     written = make_statistics(_load(args), args.corpus, args.out, args.tasks, args.batch_size, args.max_tokens,
                               args.shard, args.accumulate_dtype, args.overwrite, _progress(args),
                               second_moments=args.second_moments)
@@ -215,6 +229,8 @@ def _masks(args: argparse.Namespace) -> int:
     from seap.run.commands import make_mask, parse_weights
 
     refit: dict[str, Any] = {}
+    _check_out(args, *args.scores, args.bias_compensation_stats, *(args.refit_stats or []), *(args.refit_corpus or []),
+               args.model)
     if getattr(args, "reconstruct", False) is True:
         options = _refit_options(args)
         if options.get("sequential"):
@@ -256,6 +272,7 @@ def _apply(args: argparse.Namespace) -> int:
     from seap.model.checkpoint import save_pruned
     from seap.model.surgery import apply_mask
 
+    _check_out(args, args.model, args.mask)
     mask = PruningMask.load(args.mask)
     loaded = _load(args)
     pruned = apply_mask(loaded, mask, args.mode, bias_compensation=args.bias_compensation, inplace=True)
@@ -264,7 +281,7 @@ def _apply(args: argparse.Namespace) -> int:
     else:
         from seap.io import atomic_directory
 
-        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+        with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model, args.mask]) as tmp:
             pruned.model.save_pretrained(tmp)
             pruned.tokenizer.save_pretrained(tmp)
     print(f"{args.mode}-pruned with '{mask.task}' (realised sparsity {mask.realised_sparsity():.4f}) -> {args.out}")
@@ -522,6 +539,7 @@ def _router(args: argparse.Namespace) -> int:
     from seap.evaluation.harness import training_prompts
     from seap.evaluation.router import train_router
 
+    _check_out(args, args.model, args.data_dir)
     catalogue = TaskCatalogue(args.data_dir)
     specs = catalogue.resolve(args.tasks)
     loaded = _load(args)
@@ -582,12 +600,18 @@ def _register(args: argparse.Namespace) -> int:
 
 def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="registered model, e.g. seap-smollm2-135m-capitals")
-    p.add_argument("version", help="version number")
+    p.add_argument("version", type=_version, help="version number")
     p.add_argument("--to", dest="stage", required=True, choices=["candidate", "staging", "production"])
     p.add_argument("--policy", default=None, help="promotion gates (default: mlflow/promotion.yaml)")
     p.add_argument("--no-verify-base", dest="verify_base", action="store_false",
                    help="skip loading the base model to check its fingerprint (the bundle is still checked)")
     _tracking(p)
+
+
+def _version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"version must be a positive whole number (1, 2, ...), got {text!r}")
+    return int(text)
 
 
 def _registry(args: argparse.Namespace) -> Any:
@@ -774,6 +798,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except OSError as exc:  # a path the user gave: missing, read-only, under a file, a full disk
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"seap {args.command}: error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        print("  fix: check the path, its permissions and the free space", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: one line here, the whole trace in a log file
+        log = _crash_log(args.command)
+        print(f"seap {args.command}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+              file=sys.stderr)
+        print(f"  the full trace is in {log}; please report it", file=sys.stderr)
+        return 1
+
+
+def _crash_log(command: str) -> Path:
+    """Write the current exception's trace to a log file (``$SEAP_LOG_DIR``, else ``runs/logs``,
+    else the temp folder) and return where."""
+    import tempfile
+    import time
+    import traceback
+
+    name = f"seap-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (os.environ.get("SEAP_LOG_DIR"), "runs/logs", tempfile.gettempdir()):
+        if not folder:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            path = Path(folder) / name
+            from seap.io import redact_uri
+
+            path.write_text(redact_uri(traceback.format_exc()), encoding="utf-8")
+            return path.resolve()
+        except OSError:
+            continue
+    return Path("(could not write a log file)")
 
 
 if __name__ == "__main__":

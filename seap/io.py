@@ -14,7 +14,7 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,20 +113,119 @@ def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def _resolved(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def own_output(path: str | os.PathLike[str]) -> str | None:
+    """What SEAP output ``path`` is (``"a SEAP corpus"``, ``"a seap-mask artifact"``, ...), or None
+    when it is not one this tool wrote (recognised by its own metadata, never by its name)."""
+    p = Path(path)
+    if p.is_file():
+        try:
+            with open(p, encoding="utf-8") as handle:
+                first = handle.readline(1 << 16)
+            if "seap_corpus" in json.loads(first):
+                return "a SEAP corpus"
+        except (OSError, UnicodeDecodeError, ValueError, TypeError):
+            return None
+        return None
+    if not p.is_dir():
+        return None
+    entries = [e for e in p.iterdir() if not e.name.startswith(".")]
+    if not entries:
+        return "an empty folder"
+    for meta in p.glob("*.json"):
+        try:
+            data = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(data, dict):
+            fmt = data.get("format")
+            if isinstance(fmt, str) and fmt.startswith("seap-"):
+                return f"a {fmt} artifact"
+            if meta.name == "config.json" and "seap_pruning" in data:
+                return "a SEAP pruned model"
+            if data.get("seap_output"):
+                return f"a SEAP {data['seap_output']}"
+    if all(e.is_dir() and own_output(e) not in (None, "an empty folder") for e in entries):
+        return "a folder of SEAP outputs"
+    return None
+
+
+def check_output(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str] | None] = (),
+                 overwrite: bool = False, file: bool = False,
+                 recognise: Callable[[Path], str | None] | None = None) -> Path:
+    """Refuse an output that would lose data, before any work is done.
+
+    * never the working folder, one of its parents, or the home folder;
+    * never one of the same command's ``inputs``, a folder holding one, or a path inside one
+      (with or without ``overwrite``);
+    * an existing output only with ``overwrite``, and only when this tool wrote it
+      (:func:`own_output`, or the caller's ``recognise``); anything else is described and left alone;
+    * a ``file`` output must not be a folder (and a folder output not a file), and its
+      location must be creatable and writable.
+    """
+    target = _resolved(out)
+    cwd = Path.cwd().resolve()
+    if _is_within(cwd, target) or target == _resolved("~"):
+        raise SeapError(f"--out {out} is the working folder, one of its parents or the home folder; "
+                        "writing there would replace everything in it", "pass a new path for --out")
+    for item in inputs:
+        if item is None or not str(item) or "://" in str(item):
+            continue
+        source = _resolved(item)
+        if _is_within(source, target) or _is_within(target, source):
+            raise SeapError(f"--out {out} {'is' if source == target else 'overlaps'} the input {item}; "
+                            "a command never writes over its own input", "pass another path for --out")
+    if target.exists():
+        if file and target.is_dir():
+            raise SeapError(f"--out {out} is a folder, and this command writes a file",
+                            "pass a file path for --out, e.g. " + str(Path(out) / "corpus.jsonl"))
+        if not file and not target.is_dir():
+            raise SeapError(f"--out {out} is a file, and this command writes a folder", "pass a folder path for --out")
+        what = own_output(target) or (recognise(target) if recognise else None)
+        if not overwrite:
+            raise SeapError(f"output {out} already exists ({what or 'not written by SEAP'})",
+                            "choose another --out, or pass --overwrite to replace it" if what
+                            else "choose another --out")
+        if what is None:
+            listing = sorted(e.name for e in target.iterdir())[:5] if target.is_dir() else []
+            raise SeapError(f"--overwrite only replaces outputs SEAP wrote, and {out} is not one"
+                            + (f" (it holds {', '.join(listing)}{', ...' if len(listing) == 5 else ''})" if listing else ""),
+                            "choose another --out; move or delete that path yourself if it is really to go")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SeapError(f"cannot create --out {out}: {parent} is a file", "pass a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SeapError(f"cannot write --out {out}: {parent} is not writable", "pass a path in a writable folder")
+    return target
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False,
+                     inputs: Sequence[str | os.PathLike[str] | None] = (), replace_foreign: bool = False,
+                     recognise: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
     """Build a directory in a temporary sibling and move it to ``path`` on success.
 
     On error the temporary directory is removed and ``path`` is left as it was. With
-    ``overwrite`` an existing ``path`` is replaced only once the new one is complete;
-    the old content is moved aside first and deleted last, so nothing is lost if the
-    swap is interrupted.
+    ``overwrite`` an existing ``path`` is replaced only once the new one is complete, and
+    only if SEAP wrote it (:func:`check_output`; ``replace_foreign`` for folders the caller
+    owns by construction); the old content is moved aside first and deleted last, so nothing
+    is lost if the swap is interrupted. Files are given the permissions the user's umask says.
     """
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise SeapError(f"output {target} already exists", "choose another path, or pass --overwrite")
-    if target.exists() and not target.is_dir():
-        raise SeapError(f"output {target} exists and is not a directory", "choose another path")
+    if replace_foreign:
+        if target.exists() and not overwrite:
+            raise SeapError(f"output {target} already exists", "choose another path, or pass --overwrite")
+    else:
+        check_output(target, inputs, overwrite, recognise=recognise)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
     tmp = target.parent / f".{target.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -136,6 +235,7 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _umask_permissions(tmp)
     old = None
     if target.exists():
         if not overwrite:  # created meanwhile by a concurrent writer: keep theirs, never replace it
@@ -153,6 +253,19 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Files and folders under ``folder`` as the user's umask says (some writers, e.g.
+    safetensors, create their files 0600, which breaks a team's shared folder)."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~_UMASK)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~_UMASK)
 
 
 def build_once(path: str | os.PathLike[str], build: Callable[[Path], None]) -> bool:
@@ -173,6 +286,8 @@ def build_once(path: str | os.PathLike[str], build: Callable[[Path], None]) -> b
         build(out)
         if not out.exists():
             raise SeapError(f"nothing was written for {target}", "this is a bug: the stage wrote no output")
+        if out.is_dir():
+            _umask_permissions(out)
         if target.exists():
             return False
         try:

@@ -31,7 +31,7 @@ def test_concurrent_writer_is_never_replaced(tmp_path) -> None:
 def test_overwrite_swaps_only_when_complete(tmp_path) -> None:
     target = tmp_path / "out"
     target.mkdir()
-    (target / "old").write_text("old")
+    (target / "old.json").write_text('{"format": "seap-mask"}')  # an output SEAP wrote
     with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new"]

@@ -105,6 +105,53 @@ SCHEMAS: dict[str, tuple[frozenset[str], Callable[[Record], str]]] = {
 }
 
 
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_index(v: Any) -> bool:  # a whole number, or its decimal string ("0", "1": HF stores some labels so)
+    return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and v.strip().isdigit())
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
+
+
+def _is_choices(v: Any) -> bool:
+    return isinstance(v, dict) and _is_str_list(v.get("text")) and _is_str_list(v.get("label"))
+
+
+_KINDS: dict[Callable[[Any], bool], str] = {
+    _is_str: "a string", _is_index: "a whole-number index (0, 1, ...)", _is_str_list: "a non-empty list of strings",
+    _is_choices: 'an object {"text": [...], "label": [...]}',
+}
+# schema name -> field -> what its value must be
+FIELD_TYPES: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "text": {"text": _is_str},
+    "multiple_choice": {"question": _is_str, "choices": _is_str_list, "answer": _is_index},
+    "piqa": {"goal": _is_str, "sol1": _is_str, "sol2": _is_str, "label": _is_index},
+    "boolq": {"passage": _is_str, "question": _is_str, "label": lambda v: isinstance(v, bool) or _is_index(v)},
+    "openbookqa": {"question_stem": _is_str, "choices": _is_choices, "answerKey": _is_str},
+    "arc": {"question": _is_str, "choices": _is_choices, "answerKey": _is_str},
+    "winogrande": {"sentence": _is_str, "option1": _is_str, "option2": _is_str, "answer": _is_index},
+    "hellaswag": {"endings": _is_str_list, "label": _is_index},
+    "gsm8k": {"question": _is_str, "answer": _is_str},
+    "wikitext": {"page": _is_str},
+}
+
+
+def check_record(record: Record, schema: str) -> None:
+    """Raise ``ValueError`` naming the first field of ``record`` whose value does not fit ``schema``
+    (types included: ``null``, a number for a text, a string for a list of choices)."""
+    for name, ok in FIELD_TYPES.get(schema, {}).items():
+        value = record.get(name)
+        if not ok(value):
+            kind = _KINDS.get(ok, "boolean or a whole-number index")
+            raise ValueError(f"field {name!r} must be {kind}, got {json.dumps(value)[:60]}")
+    if schema == "multiple_choice" and int(record["answer"]) >= len(record["choices"]):
+        raise ValueError(f"field 'answer' is {record['answer']}, outside the {len(record['choices'])} choices")
+
+
 def detect_schema(record: Record) -> str:
     """Name of the first schema whose identifying keys are all in ``record``."""
     keys = set(record)
@@ -124,6 +171,7 @@ def knowledge_sentence(record: Record, schema: str | None = None) -> str:
     if name not in SCHEMAS:
         raise SeapError(f"unknown record schema {name!r}", f"use one of: {', '.join(SCHEMAS)}")
     try:
+        check_record(record, name)
         return SCHEMAS[name][1](record)
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise SeapError(f"record does not fit the {name!r} schema: {exc!r}", "check the record's fields") from exc
@@ -167,6 +215,22 @@ def check_task_name(task: str) -> str:
     return task
 
 
+def _check_line(path: Path, number: int, record: Record, unit: str = "line") -> None:
+    """A record of a known schema whose fields do not fit it: an error naming file, line and field."""
+    fields = {k: v for k, v in record.items() if k != "task"}
+    if "seap_corpus" in fields:
+        return  # a corpus file's header
+    try:
+        schema = detect_schema(fields)
+    except SeapError:
+        return  # (not calibration data, e.g. an evaluation-only benchmark; building a corpus names it)
+    try:
+        check_record(fields, schema)
+    except ValueError as exc:
+        raise SeapError(f"{path}, {unit} {number}: {exc} (schema {schema!r})",
+                        "fix that record; see the README's calibration record formats") from None
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Read task records from a ``.jsonl`` file (one object per line) or a ``.json`` list."""
     p = Path(path)
@@ -184,6 +248,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             raise SeapError(f"{p} is not valid JSON: {exc}", "fix the file or use JSON Lines") from exc
         if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
             raise SeapError(f"{p} must hold a JSON list of objects", "fix the file or use JSON Lines")
+        for index, obj in enumerate(data, start=1):
+            _check_line(p, index, obj, "record")
         records = data
     else:
         for lineno, line in enumerate(raw.splitlines(), start=1):
@@ -198,7 +264,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                     '{"question": "...", "choices": ["...", "..."], "answer": 0}',
                 ) from exc
             if not isinstance(obj, dict):
-                raise SeapError(f"{p}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise SeapError(f"{p}, line {lineno}: expected a JSON object, got {type(obj).__name__}",
+                                "each line must be one JSON object")
+            _check_line(p, lineno, obj)
             records.append(obj)
     if not records:
         raise SeapError(f"calibration file {p} holds no records", "add at least one record per task")

@@ -230,6 +230,14 @@ def starter_files(seed: int = 0, tasks: Sequence[str] | None = None) -> dict[str
     return files
 
 
+def starter_export(folder: Path) -> str | None:
+    """``"a starter-suite export"`` when every file under ``folder`` is one :func:`export_starter`
+    writes (a split file of a starter task), else None."""
+    names = {f"{task}/{file}" for task in STARTER_TASKS for _, file in STARTER_FILES}
+    found = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return "a starter-suite export" if found and set(found) <= names else None
+
+
 def export_starter(out: str | Path, seed: int = 0, tasks: Sequence[str] | None = None,
                    overwrite: bool = False) -> dict[str, int]:
     """Write the built-in starter suite as a ``jsonl`` task folder (``OUT/<task>/train.jsonl`` and
@@ -238,7 +246,7 @@ def export_starter(out: str | Path, seed: int = 0, tasks: Sequence[str] | None =
     from seap.io import atomic_directory
 
     files = starter_files(seed, tasks)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, recognise=starter_export) as tmp:
         for rel, text in files.items():
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)

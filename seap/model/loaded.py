@@ -81,9 +81,23 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; a named device must exist here (checked
+    before any model is loaded)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SeapError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise SeapError(f"device {device!r} is not available on this machine",
+                        "use --device auto (CUDA if present, else CPU) or --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SeapError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                        "use cuda:0 .. cuda:N-1, or --device auto")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

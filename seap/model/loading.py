@@ -152,6 +152,25 @@ def _gguf_cache_dir(path: Path) -> Path:
     return cache_dir() / "gguf" / f"{path.stem}-{sha256_file(path)[:16]}"
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weights(folder: Path) -> None:
+    """A model folder must hold safetensors weights: SEAP never unpickles a file (a pickle can run
+    code), so a folder whose only weights are pickles is refused, with how to convert it."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickles:
+        raise SeapError(f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); SEAP reads safetensors "
+                        "only and never unpickles a file",
+                        "convert it once where you trust the file, e.g. `python -c \"from transformers import "
+                        f"AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}-st')\"`, "
+                        "and pass the new folder")
+    raise SeapError(f"{folder} has a config.json but no weights (*.safetensors)",
+                    "copy the model's weights into the folder, or pass another model")
+
+
 def resolve_model_path(model: str) -> tuple[Path | str, str]:
     """Map a model argument to something ``from_pretrained`` reads; returns (path_or_id, kind)."""
     if model in BUILTIN_MODELS:
@@ -165,6 +184,7 @@ def resolve_model_path(model: str) -> tuple[Path | str, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SeapError(f"{path} is a folder without config.json", "pass a Hugging Face model folder")
+        check_weights(path)
         return path, "local"
     if path.exists():
         raise SeapError(f"{path} is neither a model folder nor a .gguf file", "pass a folder, a .gguf file or a hub id")
@@ -191,7 +211,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    
+    resolve_device(device)  # a bad device fails before anything is read
     if isinstance(model, str) and is_pruned_dir(model):
         return load_pruned(model, device=device, dtype=dtype)
     location, kind = resolve_model_path(model)
@@ -205,7 +225,8 @@ def load_model(
         ) from exc
     adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
     dev = resolve_device(device)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code,
+                              "use_safetensors": True}  # never unpickle weights (check_weights)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     hf_model = AutoModelForCausalLM.from_pretrained(str(location), **kwargs).to(dev).eval()

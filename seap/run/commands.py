@@ -7,6 +7,7 @@ Each reads its inputs from paths, calls the engine and writes one artifact. The 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from seap.data.corpus import (
     write_corpus,
 )
 from seap.errors import SeapError
+from seap.io import atomic_directory, check_output
 from seap.maths.geometry import DEFAULT_GQA_MODE, check_gqa_mode
 from seap.maths.masks import PruningMask, build_mask
 from seap.model.loaded import LoadedModel
@@ -68,6 +70,11 @@ def load_calibration_records(source: str) -> list[dict[str, Any]]:
     return read_records(source)
 
 
+def source_path(loaded: LoadedModel) -> str:
+    """Where a loaded model came from, as the user gave it (``local:/m`` -> ``/m``)."""
+    return loaded.source.split("+", 1)[0].split(":", 1)[-1]
+
+
 def build_corpora(
     source: str,
     tasks: Sequence[str] | None = None,
@@ -82,7 +89,10 @@ def build_corpora(
 
 def make_corpus(source: str, out: str | Path, tasks: Sequence[str] | None = None,
                  samples: int | None = DEFAULT_SAMPLES_PER_TASK, seed: int = DEFAULT_SEED,
-                 max_tokens: int | None = DEFAULT_MAX_TOKENS) -> dict[str, CalibrationCorpus]:
+                 max_tokens: int | None = DEFAULT_MAX_TOKENS, overwrite: bool = False) -> dict[str, CalibrationCorpus]:
+    """The calibration corpora of ``source``'s records, written to the corpus file ``out``
+    (never over ``source``; an existing corpus only with ``overwrite``)."""
+    check_output(out, [source], overwrite, file=True)
     corpora = build_corpora(source, tasks, samples, seed)
     write_corpus(out, corpora, max_tokens=max_tokens)
     return corpora
@@ -94,18 +104,20 @@ def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str |
                 second_moments: bool = False) -> dict[str, Path]:
     """Statistics for every task of a corpus file, one folder per task under ``out_dir`` (with
     ``second_moments``: also what reconstruction needs)."""
+    check_output(out_dir, [corpus_file, source_path(loaded)], overwrite)
     corpora, header = read_corpus(corpus_file)
     cap = max_tokens if max_tokens is not None else header.get("max_tokens", DEFAULT_MAX_TOKENS)
     wanted = list(tasks) if tasks else list(corpora)
     missing = [t for t in wanted if t not in corpora]
     if missing:
         raise SeapError(f"task(s) {missing} are not in {corpus_file}", f"it holds: {', '.join(corpora)}")
-    written = {}
-    for task in wanted:
-        stats = collect_statistics(loaded, corpora[task], batch_size, cap, accumulate_dtype, shard, progress,
-                                   second_moments=second_moments)
-        written[task] = stats.save(Path(out_dir) / task, overwrite=overwrite)
-    return written
+    with atomic_directory(out_dir, overwrite, [corpus_file, source_path(loaded)]) as tmp:  # all tasks, or none
+        for task in wanted:
+            stats = collect_statistics(loaded, corpora[task], batch_size, cap, accumulate_dtype, shard, progress,
+                                       second_moments=second_moments, spill_dir=tmp / f".spill-{task}")
+            stats.save(tmp / task)
+            shutil.rmtree(tmp / f".spill-{task}", ignore_errors=True)
+    return {task: Path(out_dir) / task for task in wanted}
 
 
 def read_refit_corpus(files: Sequence[str | Path], tasks: Sequence[str] | None = None
@@ -132,10 +144,29 @@ def read_refit_corpus(files: Sequence[str | Path], tasks: Sequence[str] | None =
 
 
 def merge_statistics_folders(inputs: Sequence[str | Path], out: str | Path, task: str | None = None, overwrite: bool = False) -> Path:
-    return merge_statistics([ActivationStatistics.load(p) for p in inputs], task).save(out, overwrite=overwrite)
+    """Merge statistics folders (shards, or tasks into a pooled one) exactly; each input once."""
+    check_output(out, list(inputs), overwrite)
+    seen: dict[Path, str] = {}
+    for folder in inputs:
+        key = Path(folder).resolve()
+        if key in seen:
+            raise SeapError(f"{folder} is given twice: merging it twice would double its counts",
+                            "pass each statistics folder once")
+        seen[key] = str(folder)
+    from seap.io import sha256_file
+    from seap.maths.statistics import STATS_ARTIFACT
+
+    parts = [ActivationStatistics.load(p) for p in inputs]  # (verified: the checksum below is the stored one)
+    digests = [sha256_file(Path(p) / STATS_ARTIFACT.tensors_file) for p in inputs]
+    for i, digest in enumerate(digests):
+        if digest in digests[:i]:
+            raise SeapError(f"{inputs[i]} holds the same statistics as {inputs[digests.index(digest)]}: merging them "
+                            "would count the same tokens twice", "pass each statistics folder once")
+    return merge_statistics(parts, task).save(out, overwrite=overwrite)
 
 
 def make_scores(stats_dir: str | Path, out: str | Path, score: str = DEFAULT_SCORE, overwrite: bool = False) -> Path:
+    check_output(out, [stats_dir], overwrite)
     return compute_scores(ActivationStatistics.load(stats_dir), score).save(out, overwrite=overwrite)
 
 
@@ -200,8 +231,8 @@ def make_mask(
         if not part.has_second_moments:
             raise SeapError(f"the statistics in {folder} have no second moments",
                             "collect them with `seap stats --second-moments` (the pipeline: --reconstruct)")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise SeapError(f"output {out} already exists", "choose another --out, or pass --overwrite")
+    check_output(out, [*scores_dirs, bias_stats_dir, *refit_dirs, source_path(refit_model) if refit_model else None],
+                 overwrite)
     all_scores = [ImportanceScores.load(p) for p in scores_dirs]
     if not all_scores:
         raise SeapError("no scores given", "pass at least one scores folder")
@@ -310,8 +341,8 @@ def prune(
         get_method(method)
     check_gqa_mode(gqa_mode)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SeapError(f"output {out} already exists", "choose another --out, or pass --overwrite")
+    check_output(out, [model if not isinstance(model, LoadedModel) else source_path(model),
+                       None if calib == BUILTIN_CALIBRATION else calib], overwrite)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     corpora = build_corpora(calib, tasks, samples, seed)

@@ -91,7 +91,7 @@ def run_stage(name: str, params_file: str | Path = PARAMS_FILE, root: str | Path
         _run_report(jobs[0], root, ctx)
         return
     target = root / WORK / name
-    with atomic_directory(target, overwrite=True) as tmp:
+    with atomic_directory(target, overwrite=True, replace_foreign=True) as tmp:
         if not jobs:
             atomic_write_json(tmp / DISABLED, {"enabled": False, "reason": f"no {name} jobs under these parameters"})
             _say(f"{name}: disabled under these parameters -> {target / DISABLED}")

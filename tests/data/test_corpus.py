@@ -57,7 +57,11 @@ def test_starter_suite_is_deterministic_and_disjoint() -> None:
     ('{"question": "x"\n', "line 1: not valid JSON"),
     ('[1, 2]\n', "expected a JSON object"),
     ('{"foo": 1}\n', "matches no known schema"),
-    ('{"question": "q", "choices": ["a"], "answer": 3}\n', "does not fit"),
+    ('{"question": "q", "choices": ["a"], "answer": 3}\n', "line 1: field 'answer' is 3, outside the 1 choices"),
+    ('{"text": null}\n', "line 1: field 'text' must be a string, got null"),
+    ('{"text": "ok"}\n{"question": "q", "choices": "ab", "answer": 0}\n', "line 2: field 'choices' must be a non-empty list"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": 1.7}\n', "field 'answer' must be a whole-number index"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": "b"}\n', "field 'answer' must be a whole-number index"),
     ('{"text": "   "}\n', "no non-empty calibration text"),
 ])
 def test_malformed_calibration_files(tmp_path, content, message) -> None:
