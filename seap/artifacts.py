@@ -116,6 +116,12 @@ def read_sidecar(ref: SidecarRef) -> dict[str, torch.Tensor]:
 def read_artifact(kind: ArtifactKind, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify an artifact folder; returns (tensors, metadata without the bookkeeping keys)."""
     p = Path(path)
+    if p.is_dir() and not (p / kind.meta_file).is_file():
+        from seap.io import own_output
+
+        what = own_output(p)
+        if what and what != "an empty folder":
+            raise ArtifactError(f"{p} is {what}, not a {kind.format} folder", kind.remake)
     meta = read_json(p / kind.meta_file, f"{kind.format} metadata")
     if meta.get("format") != kind.format:
         raise ArtifactError(f"{p} is not a {kind.format} folder (format {meta.get('format')!r})", kind.remake)

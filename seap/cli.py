@@ -38,11 +38,24 @@ class Command:
 # -- shared arguments ---------------------------------------------------------------------
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1 (counts, sizes, caps): checked when the command line is read."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise argparse.ArgumentTypeError(f"shard {text!r}: shards are numbered 0..N-1, e.g. 0/4")
     return index, count
 
 
@@ -130,9 +143,9 @@ def _corpus_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--records", required=True, help="JSON/JSONL task records, or 'builtin' for the starter suite")
     p.add_argument("--task", action="append", dest="tasks", help="task(s) to keep (default: all in the records)")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES_PER_TASK, help="records sampled per task")
+    p.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES_PER_TASK, help="records sampled per task")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="token cap per text, used by `stats`")
+    p.add_argument("--max-tokens", type=_positive, default=DEFAULT_MAX_TOKENS, help="token cap per text, used by `stats`")
     p.add_argument("--out", required=True, help="corpus JSONL file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus file (never the records)")
 
@@ -152,8 +165,8 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     _model(p)
     p.add_argument("--corpus", required=True, help="corpus JSONL (from `seap corpus`)")
     p.add_argument("--task", action="append", dest="tasks")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="token cap (default: the corpus's)")
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--max-tokens", type=_positive, default=None, help="token cap (default: the corpus's)")
     p.add_argument("--shard", type=_shard, default=None, help="process shard I of N (I/N), merge with merge-stats")
     p.add_argument("--accumulate-dtype", default="float64", choices=("float64", "float32"))
     p.add_argument("--second-moments", action="store_true",
@@ -305,10 +318,10 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     bias.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
     _refit(p)
     _schedule(p)
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES_PER_TASK, help="calibration records per task")
+    p.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES_PER_TASK, help="calibration records per task")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=_positive, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--weight", action="append", help="general-mask weight TASK=W")
     p.add_argument("--out", required=True, help="folder for the pruned model")
     p.add_argument("--overwrite", action="store_true")
@@ -391,7 +404,7 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", default=list(d.tasks), help="default: the starter suite and piqa")
     p.add_argument("--sparsities", nargs="+", type=float, default=list(d.sparsities))
     p.add_argument("--limit", type=int, default=d.limit, help="evaluation items per task (default: all)")
-    p.add_argument("--samples", type=int, default=d.samples, help="calibration records per task")
+    p.add_argument("--samples", type=_positive, default=d.samples, help="calibration records per task")
     p.add_argument("--calibration-sizes", nargs="+", type=int, default=list(d.calibration_sizes))
     p.add_argument("--selection-items", type=int, default=d.selection_items,
                    help="held-out train items per task that choose the refit settings")
@@ -526,7 +539,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _router_args(p: argparse.ArgumentParser) -> None:
     _model(p)
     _tasks(p)
-    p.add_argument("--prompts", type=int, default=500, help="training prompts per task (balanced to the smallest)")
+    p.add_argument("--prompts", type=_positive, default=500, help="training prompts per task (balanced to the smallest)")
     p.add_argument("--layer", type=int, default=0, help="0: input embeddings; k: hidden state after layer k")
     p.add_argument("--threshold", type=float, default=0.5, help="below this confidence, use the general mask")
     p.add_argument("--seed", type=int, default=0)
@@ -560,7 +573,7 @@ def _route_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--general", default=None, help="general mask folder (the low-confidence fallback)")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--prompt", action="append", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive, default=32)
 
 
 def _route(args: argparse.Namespace) -> int:
@@ -798,6 +811,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except ImportError as exc:  # an optional driver, e.g. for a database tracking URI
+        print(f"seap {args.command}: error: a package this needs is not installed: {exc.name or exc}", file=sys.stderr)
+        print(f"  fix: install it (pip install {exc.name or '...'}), or use another backend", file=sys.stderr)
+        return 2
     except OSError as exc:  # a path the user gave: missing, read-only, under a file, a full disk
         where = f" {exc.filename}" if exc.filename else ""
         print(f"seap {args.command}: error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)

@@ -1,0 +1,418 @@
+"""The catalogue of bad inputs and faults: every entry point answers with one clear message.
+
+Each case runs a command as a user would (in-process through ``seap.cli.main``, or as a
+process where a kill or a second process is part of the fault) and asserts the exit code,
+that the message names the problem, that no traceback was printed, that no partial output
+remains, and that no input changed. The shared inputs (a tiny model, calibration records, a
+corpus, statistics, scores, a mask) are built once; a case that needs a damaged copy makes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from seap.cli import main
+from tests.helpers import SENTENCES, make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Env:
+    """The shared inputs (never changed by a case) and the case's own folder."""
+
+    inputs: Path
+    work: Path
+
+    def __getattr__(self, name: str) -> str:  # env.model, env.calib, env.corpus, env.stats, ...
+        return str(self.inputs / INPUTS[name])
+
+
+INPUTS = {"model": "model", "other_model": "other-model", "calib": "calib.jsonl", "corpus": "corpus.jsonl",
+          "stats": "stats", "stats_facts": "stats/facts", "stats_chat": "stats/chat", "scores": "scores",
+          "mask": "mask", "results": "results", "registry": "registry"}
+
+
+def _tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+            digest.update(oct(path.stat().st_mode).encode())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inputs")
+    for name, seed in (("model", 0), ("other-model", 3)):
+        tiny = make_tiny_model("llama-gqa", layers=6, seed=seed)
+        tiny.model.save_pretrained(root / name)
+        tiny.tokenizer.save_pretrained(root / name)
+    lines = [{"task": "facts" if i % 2 else "chat", "text": s} for i, s in enumerate(SENTENCES * 2)]
+    (root / "calib.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    quiet = ["--no-progress"]
+    assert main([*quiet, "corpus", "--records", str(root / "calib.jsonl"), "--out", str(root / "corpus.jsonl")]) == 0
+    assert main([*quiet, "stats", "--model", str(root / "model"), "--corpus", str(root / "corpus.jsonl"),
+                 "--out", str(root / "stats")]) == 0
+    assert main(["scores", "--stats", str(root / "stats" / "facts"), "--out", str(root / "scores")]) == 0
+    assert main(["masks", "--scores", str(root / "scores"), "--sparsity", "0.3", "--out", str(root / "mask")]) == 0
+    (root / "results").mkdir()
+    (root / "results" / "results.json").write_text(json.dumps({"rows": [], "config": {}}))
+    (root / "registry").mkdir()
+    return root
+
+
+# -- how a case damages a copy, or prepares its own folder -----------------------------------------------
+def _write(rel: str, content: str | bytes) -> Callable[[Env], None]:
+    def prepare(env: Env) -> None:
+        path = env.work / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return prepare
+
+
+def _copy(name: str, rel: str, edit: Callable[[Path], None] | None = None) -> Callable[[Env], None]:
+    def prepare(env: Env) -> None:
+        source, target = env.inputs / INPUTS[name], env.work / rel
+        shutil.copytree(source, target) if source.is_dir() else shutil.copyfile(source, target)
+        if edit:
+            edit(target)
+    return prepare
+
+
+def _edit_json(file: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        data = json.loads((folder / file).read_text())
+        change(data)
+        (folder / file).write_text(json.dumps(data))
+    return edit
+
+
+def _flip_byte(file: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        data = bytearray((folder / file).read_bytes())
+        data[-1] ^= 0xFF
+        (folder / file).write_bytes(bytes(data))
+    return edit
+
+
+def _foreign_folder(rel: str) -> Callable[[Env], None]:
+    return _write(f"{rel}/notes.txt", "my own notes, not SEAP's")
+
+
+def _both(*steps: Callable[[Env], None]) -> Callable[[Env], None]:
+    def prepare(env: Env) -> None:
+        for step in steps:
+            step(env)
+    return prepare
+
+
+def _model_folder(rel: str, files: dict[str, str | bytes]) -> Callable[[Env], None]:
+    def prepare(env: Env) -> None:
+        folder = env.work / rel
+        folder.mkdir(parents=True)
+        for name, content in files.items():
+            (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return prepare
+
+
+def _tiny_config(model_type: str = "llama") -> str:
+    return json.dumps({"model_type": model_type, "hidden_size": 8, "num_attention_heads": 2,
+                       "num_hidden_layers": 1, "intermediate_size": 8, "vocab_size": 16})
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[Env], list[str]]
+    message: str  # a piece of the message that names the problem (case-insensitive)
+    code: int = 2
+    prepare: Callable[[Env], None] | None = None
+    absent: tuple[str, ...] = ("out",)  # under the case's folder: what must not exist afterwards
+    kept: tuple[str, ...] = ()  # under the case's folder: files a refusal must leave as they were
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def W(env: Env, rel: str = "out") -> str:
+    return str(env.work / rel)
+
+
+CASES = [
+    # -- calibration files ------------------------------------------------------------------------------
+    Case("corpus-missing-records", lambda e: ["corpus", "--records", W(e, "nope.jsonl"), "--out", W(e)], "not found"),
+    Case("corpus-empty-file", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)], "holds no records",
+         prepare=_write("c.jsonl", "")),
+    Case("corpus-not-json", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)], "line 1: not valid JSON",
+         prepare=_write("c.jsonl", "{oops\n")),
+    Case("corpus-not-utf8", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)], "not UTF-8",
+         prepare=_write("c.jsonl", b"\xff\xfe\x00junk\n")),
+    Case("corpus-json-not-a-list", lambda e: ["corpus", "--records", W(e, "c.json"), "--out", W(e)],
+         "JSON list of objects", prepare=_write("c.json", "[1, 2]")),
+    Case("corpus-line-not-object", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "expected a JSON object", prepare=_write("c.jsonl", "[1]\n")),
+    Case("record-text-null", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "line 1: field 'text' must be a string", prepare=_write("c.jsonl", '{"text": null}\n')),
+    Case("record-text-number", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "field 'text' must be a string", prepare=_write("c.jsonl", '{"text": "ok"}\n{"text": 7}\n')),
+    Case("record-choices-string", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "field 'choices' must be a non-empty list",
+         prepare=_write("c.jsonl", '{"question": "q", "choices": "ab", "answer": 0}\n')),
+    Case("record-answer-float", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "field 'answer' must be a whole-number index",
+         prepare=_write("c.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 1.7}\n')),
+    Case("record-answer-letter", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "field 'answer' must be a whole-number index",
+         prepare=_write("c.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": "b"}\n')),
+    Case("record-answer-out-of-range", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "outside the 2 choices", prepare=_write("c.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 5}\n')),
+    Case("record-unknown-schema", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "matches no known schema", prepare=_write("c.jsonl", '{"foo": 1}\n')),
+    Case("record-piqa-label-null", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "field 'label'", prepare=_write("c.jsonl", '{"goal": "g", "sol1": "a", "sol2": "b", "label": null}\n')),
+    Case("corpus-bad-task-name", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
+         "invalid task name", prepare=_write("c.jsonl", '{"task": "../x", "text": "hello"}\n')),
+    Case("corpus-unknown-task", lambda e: ["corpus", "--records", e.calib, "--task", "nope", "--out", W(e)], "nope"),
+    # -- numbers ----------------------------------------------------------------------------------------
+    Case("corpus-samples-zero", lambda e: ["corpus", "--records", e.calib, "--samples", "0", "--out", W(e)],
+         "must be at least 1"),
+    Case("corpus-samples-text", lambda e: ["corpus", "--records", e.calib, "--samples", "many", "--out", W(e)],
+         "expected a whole number"),
+    Case("stats-batch-size-zero", lambda e: ["stats", "--model", e.model, "--corpus", e.corpus, "--batch-size", "0",
+                                             "--out", W(e)], "must be at least 1"),
+    Case("stats-max-tokens-negative", lambda e: ["stats", "--model", e.model, "--corpus", e.corpus, "--max-tokens",
+                                                 "-5", "--out", W(e)], "must be at least 1"),
+    Case("stats-shard-out-of-range", lambda e: ["stats", "--model", e.model, "--corpus", e.corpus, "--shard", "4/2",
+                                                "--out", W(e)], "numbered 0..N-1"),
+    Case("stats-shard-garbage", lambda e: ["stats", "--model", e.model, "--corpus", e.corpus, "--shard", "half",
+                                           "--out", W(e)], "must look like I/N"),
+    Case("masks-sparsity-above-one", lambda e: ["masks", "--scores", e.scores, "--sparsity", "1.5", "--out", W(e)],
+         "sparsity"),
+    Case("masks-sparsity-negative", lambda e: ["masks", "--scores", e.scores, "--sparsity", "-0.1", "--out", W(e)],
+         "sparsity"),
+    Case("masks-sparsity-nan", lambda e: ["masks", "--scores", e.scores, "--sparsity", "nan", "--out", W(e)], "sparsity"),
+    Case("masks-sparsity-text", lambda e: ["masks", "--scores", e.scores, "--sparsity", "half", "--out", W(e)],
+         "invalid float value"),
+    Case("prune-sparsity-one", lambda e: ["prune", "--model", e.model, "--calib", e.calib, "--sparsity", "1",
+                                          "--out", W(e)], "sparsity"),
+    Case("masks-bad-weight", lambda e: ["masks", "--scores", e.scores, e.scores, "--general", "--weight", "facts",
+                                        "--sparsity", "0.3", "--out", W(e)], "bad weight"),
+    # -- models -----------------------------------------------------------------------------------------
+    Case("model-missing", lambda e: ["stats", "--model", W(e, "no-model"), "--corpus", e.corpus, "--out", W(e)],
+         "not found"),
+    Case("model-folder-without-config", lambda e: ["stats", "--model", W(e, "m"), "--corpus", e.corpus, "--out", W(e)],
+         "without config.json", prepare=_model_folder("m", {"readme.txt": "hi"})),
+    Case("model-config-without-weights", lambda e: ["stats", "--model", W(e, "m"), "--corpus", e.corpus,
+                                                    "--out", W(e)], "no weights",
+         prepare=_model_folder("m", {"config.json": _tiny_config()})),
+    Case("model-only-pickle-weights", lambda e: ["stats", "--model", W(e, "m"), "--corpus", e.corpus, "--out", W(e)],
+         "never unpickles", prepare=_model_folder("m", {"config.json": _tiny_config(), "pytorch_model.bin": b"PK"})),
+    Case("model-unsupported-architecture", lambda e: ["stats", "--model", W(e, "m"), "--corpus", e.corpus,
+                                                      "--out", W(e)], "bert",
+         prepare=_model_folder("m", {"config.json": json.dumps({"model_type": "bert"}), "model.safetensors": b"x"})),
+    Case("model-corrupt-gguf", lambda e: ["stats", "--model", W(e, "m.gguf"), "--corpus", e.corpus, "--out", W(e)],
+         "gguf", prepare=_write("m.gguf", b"GGUF\x03\x00\x00\x00garbage")),
+    Case("model-not-gguf", lambda e: ["stats", "--model", W(e, "m.gguf"), "--corpus", e.corpus, "--out", W(e)],
+         "gguf", prepare=_write("m.gguf", b"this is text")),
+    Case("device-banana", lambda e: ["stats", "--model", e.model, "--corpus", e.corpus, "--device", "banana",
+                                     "--out", W(e)], "unknown device 'banana'"),
+    Case("device-cuda-absent", lambda e: ["stats", "--model", e.model, "--corpus", e.corpus, "--device", "cuda:7",
+                                          "--out", W(e)], "cuda:7"),
+    Case("dtype-unknown", lambda e: ["stats", "--model", e.model, "--corpus", e.corpus, "--dtype", "int3",
+                                     "--out", W(e)], "unknown dtype"),
+    # -- artifacts ----------------------------------------------------------------------------------------
+    Case("mask-missing", lambda e: ["apply", "--model", e.model, "--mask", W(e, "nomask"), "--out", W(e)], "not found"),
+    Case("mask-tensors-corrupt", lambda e: ["apply", "--model", e.model, "--mask", W(e, "m"), "--out", W(e)],
+         "checksum mismatch", prepare=_copy("mask", "m", _flip_byte("mask.safetensors"))),
+    Case("mask-meta-edited", lambda e: ["apply", "--model", e.model, "--mask", W(e, "m"), "--out", W(e)],
+         "was edited", prepare=_copy("mask", "m", _edit_json("mask.json", lambda d: d.update(task="other")))),
+    Case("mask-meta-not-json", lambda e: ["apply", "--model", e.model, "--mask", W(e, "m"), "--out", W(e)],
+         "not valid JSON", prepare=_copy("mask", "m", lambda f: (f / "mask.json").write_text("{"))),
+    Case("mask-newer-format", lambda e: ["apply", "--model", e.model, "--mask", W(e, "m"), "--out", W(e)],
+         "format version", prepare=_copy("mask", "m", _edit_json("mask.json", lambda d: d.update(format_version=99)))),
+    Case("mask-of-another-model", lambda e: ["apply", "--model", e.other_model, "--mask", e.mask, "--out", W(e)],
+         "base model"),
+    Case("scores-from-a-mask-folder", lambda e: ["scores", "--stats", e.mask, "--out", W(e)],
+         "not a seap-activation-statistics"),
+    Case("stats-fingerprint-edited", lambda e: ["scores", "--stats", W(e, "s"), "--out", W(e)], "was edited",
+         prepare=_copy("stats_facts", "s", _edit_json("stats.json",
+                                                      lambda d: d.update(model_fingerprint="sha256:" + "0" * 64)))),
+    Case("stats-task-edited", lambda e: ["merge-stats", W(e, "s"), e.stats_chat, "--out", W(e)], "was edited",
+         prepare=_copy("stats_facts", "s", _edit_json("stats.json", lambda d: d.update(task="chat")))),
+    Case("merge-same-folder-twice", lambda e: ["merge-stats", e.stats_facts, e.stats_facts, "--out", W(e)],
+         "given twice"),
+    Case("merge-same-statistics-copied", lambda e: ["merge-stats", e.stats_facts, W(e, "s"), "--out", W(e)],
+         "same statistics", prepare=_copy("stats_facts", "s")),
+    Case("masks-from-statistics", lambda e: ["masks", "--scores", e.stats_facts, "--sparsity", "0.3", "--out", W(e)],
+         "not a seap-importance-scores"),
+    # -- output paths -------------------------------------------------------------------------------------
+    Case("corpus-out-is-its-input", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e, "c.jsonl"),
+                                               "--overwrite"], "its own input", absent=(),
+         prepare=_write("c.jsonl", '{"text": "a"}\n{"text": "b"}\n'), kept=("c.jsonl",)),
+    Case("corpus-out-exists", lambda e: ["corpus", "--records", e.calib, "--out", W(e, "c.jsonl")], "already exists",
+         absent=(), prepare=_write("c.jsonl", "precious\n"), kept=("c.jsonl",)),
+    Case("corpus-overwrite-foreign-file", lambda e: ["corpus", "--records", e.calib, "--out", W(e, "c.jsonl"),
+                                                     "--overwrite"], "only replaces outputs SEAP wrote", absent=(),
+         prepare=_write("c.jsonl", "precious\n"), kept=("c.jsonl",)),
+    Case("corpus-out-is-a-folder", lambda e: ["corpus", "--records", e.calib, "--out", W(e, "d")], "is a folder",
+         absent=(), prepare=_write("d/keep.txt", "x"), kept=("d/keep.txt",)),
+    Case("corpus-out-under-a-file", lambda e: ["corpus", "--records", e.calib, "--out", W(e, "f/c.jsonl")],
+         "is a file", absent=(), prepare=_write("f", "x"), kept=("f",)),
+    Case("apply-out-is-the-model", lambda e: ["apply", "--model", W(e, "m"), "--mask", e.mask, "--out", W(e, "m"),
+                                              "--overwrite"], "its own input", absent=(),
+         prepare=_copy("model", "m"), kept=("m/config.json", "m/model.safetensors")),
+    Case("apply-out-is-the-working-folder", lambda e: ["apply", "--model", e.model, "--mask", e.mask, "--out", ".",
+                                                       "--overwrite"], "working folder", absent=()),
+    Case("apply-out-is-the-home-folder", lambda e: ["apply", "--model", e.model, "--mask", e.mask, "--out", "~",
+                                                    "--overwrite"], "home folder", absent=()),
+    Case("scores-overwrite-foreign-folder", lambda e: ["scores", "--stats", e.stats_facts, "--out", W(e, "u"),
+                                                       "--overwrite"], "it holds notes.txt", absent=(),
+         prepare=_foreign_folder("u"), kept=("u/notes.txt",)),
+    Case("scores-out-exists", lambda e: ["scores", "--stats", e.stats_facts, "--out", W(e, "sc")], "already exists",
+         absent=(), prepare=_copy("scores", "sc"), kept=("sc/scores.json",)),
+    Case("scores-out-under-a-file", lambda e: ["scores", "--stats", e.stats_facts, "--out", W(e, "f/out")], "is a file",
+         absent=(), prepare=_write("f", "x"), kept=("f",)),
+    Case("stats-out-holds-its-corpus", lambda e: ["stats", "--model", e.model, "--corpus", W(e, "d/c.jsonl"),
+                                                  "--out", W(e, "d"), "--overwrite"], "overlaps the input", absent=(),
+         prepare=_both(_write("d/.keep", ""), _copy("corpus", "d/c.jsonl")),
+         kept=("d/c.jsonl",)),
+    Case("masks-out-is-its-scores", lambda e: ["masks", "--scores", W(e, "sc"), "--sparsity", "0.3", "--out",
+                                               W(e, "sc"), "--overwrite"], "its own input", absent=(),
+         prepare=_copy("scores", "sc"), kept=("sc/scores.json",)),
+    Case("prune-overwrite-foreign-folder", lambda e: ["prune", "--model", e.model, "--calib", e.calib, "--sparsity",
+                                                      "0.3", "--out", W(e, "u"), "--overwrite"], "only replaces outputs",
+         absent=(), prepare=_foreign_folder("u"), kept=("u/notes.txt",)),
+    Case("prune-out-under-a-file", lambda e: ["prune", "--model", e.model, "--calib", e.calib, "--sparsity", "0.3",
+                                              "--out", W(e, "f/p")], "is a file", absent=(), prepare=_write("f", "x"),
+         kept=("f",)),
+    Case("router-out-exists-foreign", lambda e: ["router", "--model", e.model, "--tasks", "capitals", "--out",
+                                                 W(e, "u"), "--overwrite"], "only replaces outputs", absent=(),
+         prepare=_foreign_folder("u"), kept=("u/notes.txt",)),
+    # -- the registry -------------------------------------------------------------------------------------
+    Case("promote-version-not-a-number", lambda e: ["promote", "seap-x", "abc", "--to", "staging"],
+         "positive whole number"),
+    Case("register-results-without-rows", lambda e: ["register", "--results", e.results, "--registry", e.registry,
+                                                     "--mlflow-dir", W(e, "mlflow")], "holds no evaluated rows",
+         absent=("mlflow",)),
+    Case("register-results-missing", lambda e: ["register", "--results", W(e, "nope"), "--registry", e.registry,
+                                                "--mlflow-dir", W(e, "mlflow")], "not found", absent=("mlflow",)),
+    Case("register-unreachable-server", lambda e: ["models", "--tracking-uri", "http://127.0.0.1:9"], "127.0.0.1:9",
+         absent=()),
+    Case("credentials-never-printed", lambda e: ["models"], "not installed", absent=(),
+         env={"MLFLOW_TRACKING_URI": "postgresql://seapuser:hunter2-secret@127.0.0.1:9/db"}),
+]
+
+
+def _run_case(case: Case, env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+              ) -> tuple[int, str]:
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SEAP_LOG_DIR", str(env.work / "logs"))
+    try:
+        code = main(["--no-progress", *case.argv(env)])
+    except SystemExit as exc:  # argparse: usage and one error line
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_a_clear_message_and_loses_nothing(case: Case, inputs: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    env = Env(inputs, tmp_path / "case")
+    env.work.mkdir()
+    monkeypatch.chdir(env.work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    if case.prepare:
+        case.prepare(env)
+    before_inputs = _tree_digest(inputs)
+    kept = {rel: (env.work / rel).read_bytes() for rel in case.kept}
+    code, output = _run_case(case, env, capsys, monkeypatch)
+    assert code == case.code, output
+    assert case.message.lower() in output.lower(), output
+    assert "Traceback" not in output
+    assert "hunter2" not in output
+    for log in (env.work / "logs").glob("*"):  # a logged trace holds no credentials either
+        assert "hunter2" not in log.read_text()
+    for rel in case.absent:
+        assert not (env.work / rel).exists(), f"{rel} was left behind"
+    assert not [p for p in env.work.rglob(".*.tmp-*")], "a temporary was left behind"
+    for rel, content in kept.items():
+        assert (env.work / rel).read_bytes() == content, f"{rel} changed"
+    assert _tree_digest(inputs) == before_inputs, "a shared input changed"
+
+
+# -- faults that take a second process: kill -9, two writers -------------------------------------------------
+def _seap(*argv: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "true"}
+    return subprocess.Popen([sys.executable, "-m", "seap", *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("command", ["stats", "corpus"])
+def test_a_kill_leaves_no_partial_output_and_the_rerun_works(command: str, inputs: Path, tmp_path: Path) -> None:
+    env = Env(inputs, tmp_path)
+    out = tmp_path / ("out.jsonl" if command == "corpus" else "out")
+    argv = (["corpus", "--records", env.calib, "--out", str(out)] if command == "corpus" else
+            ["stats", "--model", env.model, "--corpus", env.corpus, "--out", str(out)])
+    process = _seap(*argv, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:  # kill it mid-write, or as late as we can
+        if any(p.name.startswith(f".{out.name}.") for p in tmp_path.iterdir()):
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    if out.exists() and command == "stats":  # it finished first: then it is whole
+        assert sorted(p.name for p in out.iterdir()) == ["chat", "facts"]
+    rerun = _seap(*argv, "--overwrite", cwd=tmp_path) if out.exists() else _seap(*argv, cwd=tmp_path)
+    _, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name], "a stale temporary stayed"
+    if command == "stats":
+        assert sorted(p.name for p in out.iterdir()) == ["chat", "facts"]
+
+
+def test_two_writers_on_one_output_one_wins_and_the_other_says_so(inputs: Path, tmp_path: Path) -> None:
+    env = Env(inputs, tmp_path)
+    argv = ["scores", "--stats", env.stats_facts, "--out", str(tmp_path / "out")]
+    first, second = _seap(*argv, cwd=tmp_path), _seap(*argv, cwd=tmp_path)
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in (first, second)]
+    codes = sorted(code for _, _, code in results)
+    assert codes in ([0, 0], [0, 2]), results  # both finished before the other looked, or one refused
+    for _, err, code in results:
+        assert "Traceback" not in err
+        if code == 2:
+            assert "already exists" in err
+    assert main(["scores", "--stats", env.stats_facts, "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "out" / "scores.safetensors").read_bytes() == \
+        (tmp_path / "again" / "scores.safetensors").read_bytes()
+
+
+def test_outputs_follow_the_umask(inputs: Path, tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        assert main(["scores", "--stats", str(inputs / "stats" / "facts"), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes == {"scores.safetensors": 0o644, "scores.json": 0o644}
+
+
+def test_the_catalogue_is_large_enough() -> None:
+    assert len(CASES) + 3 >= 60
