@@ -114,7 +114,7 @@ def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(path))))
+    return Path(os.path.expanduser(str(path))).resolve()  # (symlinks too: a link to an input is that input)
 
 
 def _is_within(child: Path, parent: Path) -> bool:

@@ -301,6 +301,13 @@ CASES = [
     Case("router-out-exists-foreign", lambda e: ["router", "--model", e.model, "--tasks", "capitals", "--out",
                                                  W(e, "u"), "--overwrite"], "only replaces outputs", absent=(),
          prepare=_foreign_folder("u"), kept=("u/notes.txt",)),
+    # -- the pipeline's parameters (the same checks behind eval, the flow and dvc repro) ---------------------
+    Case("eval-device-banana", lambda e: ["eval", "--device", "banana", "--workdir", W(e, "w")], "unknown device",
+         absent=("w",)),
+    Case("eval-sparsity-zero", lambda e: ["eval", "--sparsities", "0", "--workdir", W(e, "w")], "dense model",
+         absent=("w",)),
+    Case("eval-unknown-method", lambda e: ["eval", "--methods", "magic", "--workdir", W(e, "w")], "magic",
+         absent=("w",)),
     # -- the registry -------------------------------------------------------------------------------------
     Case("promote-version-not-a-number", lambda e: ["promote", "seap-x", "abc", "--to", "staging"],
          "positive whole number"),
@@ -364,12 +371,14 @@ def _seap(*argv: str, cwd: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-@pytest.mark.parametrize("command", ["stats", "corpus"])
+@pytest.mark.parametrize("command", ["stats", "prune"])
 def test_a_kill_leaves_no_partial_output_and_the_rerun_works(command: str, inputs: Path, tmp_path: Path) -> None:
     env = Env(inputs, tmp_path)
     out = tmp_path / ("out.jsonl" if command == "corpus" else "out")
-    argv = (["corpus", "--records", env.calib, "--out", str(out)] if command == "corpus" else
-            ["stats", "--model", env.model, "--corpus", env.corpus, "--out", str(out)])
+    argv = {"corpus": ["corpus", "--records", env.calib, "--out", str(out)],
+            "stats": ["stats", "--model", env.model, "--corpus", env.corpus, "--out", str(out)],
+            "prune": ["prune", "--model", env.model, "--calib", env.calib, "--sparsity", "0.3", "--out", str(out)],
+            }[command]
     process = _seap(*argv, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:  # kill it mid-write, or as late as we can
@@ -386,6 +395,8 @@ def test_a_kill_leaves_no_partial_output_and_the_rerun_works(command: str, input
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name], "a stale temporary stayed"
     if command == "stats":
         assert sorted(p.name for p in out.iterdir()) == ["chat", "facts"]
+    if command == "prune":
+        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
 def test_two_writers_on_one_output_one_wins_and_the_other_says_so(inputs: Path, tmp_path: Path) -> None:
@@ -412,6 +423,14 @@ def test_outputs_follow_the_umask(inputs: Path, tmp_path: Path) -> None:
         os.umask(previous)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
     assert modes == {"scores.safetensors": 0o644, "scores.json": 0o644}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_location_is_refused_before_any_work(inputs: Path, tmp_path: Path, capsys) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["corpus", "--records", str(inputs / "calib.jsonl"), "--out", str(locked / "c.jsonl")]) == 2
+    assert "not writable" in capsys.readouterr().err and not list(locked.iterdir())
 
 
 def test_the_catalogue_is_large_enough() -> None:

@@ -271,6 +271,12 @@ class RunConfig:
             raise self.bad("model", "is empty", "pass a hub id, a local folder, a .gguf file or smollm2-135m")
         if not self.tasks:
             raise self.bad("tasks", "no tasks given", "list at least one task")
+        from seap.model.loaded import resolve_device
+
+        try:
+            resolve_device(self.device)
+        except SeapError as exc:
+            raise self.bad("device", exc.problem, exc.fix or "") from None
         names = self.task_names
         if len(set(names)) != len(names):
             raise self.bad("tasks", f"a task is named twice: {list(self.tasks)}", "list each task once")
