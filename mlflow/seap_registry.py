@@ -301,24 +301,11 @@ def register_results(results_dir: str | Path, records: Sequence[Any] | None = No
                      tags: Mapping[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Track one pipeline run and register its experts: the one call the flow, the DVC stage
     and ``seap register`` make. ``records`` (or every record in ``registry_dir``) are registered."""
-    from seap.io import read_json
-    from seap.registry.records import read_local_registry
+    from seap.registry.records import check_registration
 
     # everything checked before a run is created: a failed registration leaves nothing behind
-    results = read_json(Path(results_dir) / "results.json", "pipeline results")
-    if not isinstance(results, dict) or not results.get("rows"):
-        raise SeapError(f"{results_dir}/results.json holds no evaluated rows",
-                        "pass the results folder of a finished pipeline run (`seap eval`, the flow or dvc repro)")
-    if records is None:
-        if registry_dir is None:
-            raise SeapError("nothing to register", "pass the local registry folder (--registry)")
-        if not Path(registry_dir).is_dir():
-            raise SeapError(f"registry folder {registry_dir} does not exist",
-                            "pass the folder the pipeline wrote (registry_dir, by default runs/registry)")
-        records = read_local_registry(registry_dir)
-        if not records:
-            raise SeapError(f"registry folder {registry_dir} holds no registered experts",
-                            "pass the folder the pipeline wrote (registry_dir, by default runs/registry)")
+    checked = check_registration(results_dir, registry_dir if records is None else None)
+    records = checked if records is None else records
     uri = connect(tracking_uri, local_dir)
     run_id = log_pipeline_run(results_dir, params, experiment, run_name, tags)
     versions = []

@@ -603,6 +603,9 @@ def _register_args(p: argparse.ArgumentParser) -> None:
 
 def _register(args: argparse.Namespace) -> int:
     from seap.registry.mlflow_code import mlflow_registry
+    from seap.registry.records import check_registration
+
+    check_registration(args.results, args.registry)  # before MLflow is imported or touched
 
     reg = mlflow_registry()
     out = reg.register_results(args.results, registry_dir=args.registry, tracking_uri=args.tracking_uri,

@@ -227,5 +227,25 @@ def read_local_registry(root: str | Path) -> list[ExpertRecord]:
     return [read_local_record(path.parent) for path in sorted(Path(root).glob(f"*/*/{RECORD_FILE}"))]
 
 
-__all__ = ["ExpertRecord", "expert_records", "model_slug", "read_local_record", "read_local_registry", "register_locally",
+def check_registration(results_dir: str | Path, registry_dir: str | Path | None) -> list[ExpertRecord]:
+    """What a registration needs, checked before MLflow is touched: a results folder with
+    evaluated rows and (unless records are given, ``registry_dir`` None) a registry folder that
+    holds records. Returns those records."""
+    results = read_json(Path(results_dir) / "results.json", "pipeline results")
+    if not isinstance(results, dict) or not results.get("rows"):
+        raise SeapError(f"{results_dir}/results.json holds no evaluated rows",
+                        "pass the results folder of a finished pipeline run (`seap eval`, the flow or dvc repro)")
+    if registry_dir is None:
+        return []
+    if not Path(registry_dir).is_dir():
+        raise SeapError(f"registry folder {registry_dir} does not exist",
+                        "pass the folder the pipeline wrote (registry_dir, by default runs/registry)")
+    records = read_local_registry(registry_dir)
+    if not records:
+        raise SeapError(f"registry folder {registry_dir} holds no registered experts",
+                        "pass the folder the pipeline wrote (registry_dir, by default runs/registry)")
+    return records
+
+
+__all__ = ["ExpertRecord", "check_registration", "expert_records", "model_slug", "read_local_record", "read_local_registry", "register_locally",
            "registered_name", "resolve_tracking_uri", "write_local_record"]
