@@ -72,6 +72,29 @@ class Refit:
     error_refit: float = float("nan")
 
 
+def _solve(cross: torch.Tensor, g_ss: torch.Tensor, mu_y: torch.Tensor, mu_s: torch.Tensor, w_kept: torch.Tensor,
+           options: RefitOptions) -> tuple[torch.Tensor, torch.Tensor | None, float, torch.Tensor, bool]:
+    """The solve both refits share, from the target-input cross moment ``E[y x_S^T]``, the kept
+    inputs' ``G[S, S]``, the means of ``y`` and ``x_S`` and the prior's slice ``W[:, S]``: the
+    new weights, the bias (or None), the damping, the right-hand side and whether Cholesky
+    solved it. With a bias, the centred moments replace the uncentred ones."""
+    if options.bias:  # the centred covariance C = G - mu mu^T in place of G
+        fit_rhs, fit_ss = cross - torch.outer(mu_y, mu_s), g_ss - torch.outer(mu_s, mu_s)
+    else:
+        fit_rhs, fit_ss = cross, g_ss
+    width = g_ss.shape[0]
+    damping = options.alpha * float(fit_ss.diagonal().mean()) if width else 0.0
+    rhs = fit_rhs + damping * w_kept if options.prior == "slice" else fit_rhs
+    system = fit_ss + damping * torch.eye(width, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(system)
+    solved = int(info) == 0
+    if solved:
+        new = torch.cholesky_solve(rhs.T, factor).T
+    else:  # singular (too few tokens, no damping): least squares on the symmetric system
+        new = torch.linalg.lstsq(system, rhs.T).solution.T
+    return new, (mu_y - new @ mu_s) if options.bias else None, damping, rhs, solved
+
+
 def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor,
                 options: RefitOptions = RefitOptions()) -> Refit:
     """The closed-form refit of ``weight`` (``[d_out, d_in]``) to its kept input columns
@@ -99,21 +122,7 @@ def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor
     wg_kept = w_kept @ g_ss + removed_kept  # (W G)[:, S]
     mu_s = mu[keep]
     w_mu = w @ mu
-    if options.bias:  # the centred covariance C = G - mu mu^T in place of G
-        fit_rhs = wg_kept - torch.outer(w_mu, mu_s)
-        fit_ss = g_ss - torch.outer(mu_s, mu_s)
-    else:
-        fit_rhs, fit_ss = wg_kept, g_ss
-    damping = options.alpha * float(fit_ss.diagonal().mean()) if keep.numel() else 0.0
-    rhs = fit_rhs + damping * w_kept if options.prior == "slice" else fit_rhs
-    system = fit_ss + damping * torch.eye(keep.numel(), dtype=torch.float64)
-    factor, info = torch.linalg.cholesky_ex(system)
-    solved = int(info) == 0
-    if solved:
-        new = torch.cholesky_solve(rhs.T, factor).T
-    else:  # singular (too few tokens, no damping): least squares on the symmetric system
-        new = torch.linalg.lstsq(system, rhs.T).solution.T
-    bias = (w_mu - new @ mu_s) if options.bias else None
+    new, bias, damping, rhs, solved = _solve(wg_kept, g_ss, w_mu, mu_s, w_kept, options)
 
     # <W G, W> = <W_S G_SS, W_S> + 2 <W_R G_RS, W_S> + <W_R G_RR, W_R>
     sliced = float(((w_removed @ g_rr) * w_removed).sum())
@@ -148,19 +157,7 @@ def refit_from_cross(weight: torch.Tensor, keep: torch.Tensor, moments: SecondMo
     mu = moments.mean.to(torch.float64).cpu()
     g_yy, cross, g_ss = g[:d_out, :d_out], g[:d_out, d_out:], g[d_out:, d_out:]
     mu_y, mu_s = mu[:d_out], mu[d_out:]
-    if options.bias:
-        fit_rhs, fit_ss = cross - torch.outer(mu_y, mu_s), g_ss - torch.outer(mu_s, mu_s)
-    else:
-        fit_rhs, fit_ss = cross, g_ss
-    damping = options.alpha * float(fit_ss.diagonal().mean()) if width else 0.0
-    rhs = fit_rhs + damping * w_kept if options.prior == "slice" else fit_rhs
-    system = fit_ss + damping * torch.eye(width, dtype=torch.float64)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0:
-        new = torch.cholesky_solve(rhs.T, factor).T
-    else:
-        new = torch.linalg.lstsq(system, rhs.T).solution.T
-    bias = (mu_y - new @ mu_s) if options.bias else None
+    new, bias, damping, _, _ = _solve(cross, g_ss, mu_y, mu_s, w_kept, options)
     energy = max(float(g_yy.trace()), 1e-30)
 
     def error(kept: torch.Tensor, b: torch.Tensor | None) -> float:  # E ||y - kept x'_S - b||^2
