@@ -150,8 +150,6 @@ def own_output(path: str | os.PathLike[str]) -> str | None:
                 return f"a {fmt} artifact"
             if meta.name == "config.json" and "seap_pruning" in data:
                 return "a SEAP pruned model"
-            if data.get("seap_output"):
-                return f"a SEAP {data['seap_output']}"
     if all(e.is_dir() and own_output(e) not in (None, "an empty folder") for e in entries):
         return "a folder of SEAP outputs"
     return None

@@ -211,7 +211,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    resolve_device(device)  # a bad device fails before anything is read
+    dev = resolve_device(device)  # a bad device fails before anything is read
     if isinstance(model, str) and is_pruned_dir(model):
         return load_pruned(model, device=device, dtype=dtype)
     location, kind = resolve_model_path(model)
@@ -224,7 +224,6 @@ def load_model(
             "or pass a local folder or .gguf file",
         ) from exc
     adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
-    dev = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code,
                               "use_safetensors": True}  # never unpickle weights (check_weights)
     if attn_implementation:

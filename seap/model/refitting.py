@@ -12,7 +12,6 @@ puts them in place of the plain slice; everything that loads masks loads them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -23,7 +22,7 @@ from seap.data.corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
 from seap.errors import ModelMismatchError, SeapError
 from seap.maths.masks import LayerMask, PruningMask, validate_mask
 from seap.maths.moments import SecondMomentAccumulator
-from seap.maths.reconstruction import RefitOptions, refit_from_cross, refit_layer, target_input_moments
+from seap.maths.reconstruction import Refit, RefitOptions, refit_from_cross, refit_layer, target_input_moments
 from seap.maths.statistics import ActivationStatistics
 from seap.model.calibration import _batches, pad_batch, tokenize_corpus
 from seap.model.hooks import HookManager, StopForward
@@ -48,6 +47,17 @@ def check_token_count(layer: int, module: str, tokens: int, kept: int) -> None:
     if tokens < kept:
         log.warning("layer %d %s: %d calibration tokens for %d kept input columns; the refit leans on its "
                     "regulariser (more calibration text helps)", layer, module, tokens, kept)
+
+
+def _keep_refit(refit: dict[str, torch.Tensor], entry: dict[str, float | int], name: str, fitted: Refit,
+                tokens: int) -> None:
+    """Store one projection's refitted weights (and bias) in ``refit`` and its errors in ``entry``."""
+    refit[f"{name}_weight"] = fitted.weight.cpu()
+    if fitted.bias is not None:
+        refit[f"{name}_bias"] = fitted.bias.cpu()
+    entry[f"{name}_error_sliced"] = fitted.error_sliced
+    entry[f"{name}_error_refit"] = fitted.error_refit
+    entry[f"{name}_tokens"] = tokens
 
 
 def reconstruct_mask(base: LoadedModel, mask: PruningMask, statistics: ActivationStatistics,
@@ -84,13 +94,7 @@ def reconstruct_mask(base: LoadedModel, mask: PruningMask, statistics: Activatio
             keep = torch.nonzero(keep_flags.cpu()).flatten()
             check_token_count(i, f"{name}_proj", second.count, int(keep.numel()))
             weight = linear.weight.detach()
-            fitted = refit_layer(weight, second, keep, options)
-            refit[f"{name}_weight"] = fitted.weight.cpu()
-            if fitted.bias is not None:
-                refit[f"{name}_bias"] = fitted.bias.cpu()
-            entry[f"{name}_error_sliced"] = fitted.error_sliced
-            entry[f"{name}_error_refit"] = fitted.error_refit
-            entry[f"{name}_tokens"] = second.count
+            _keep_refit(refit, entry, name, refit_layer(weight, second, keep, options), second.count)
         layers.append(LayerMask(layer_mask.heads, layer_mask.kv_heads, layer_mask.channels, None, None, refit))
         report.append(entry)
     meta = {**mask.meta, "reconstruction": {**asdict(options), "statistics_task": statistics.task,
@@ -224,13 +228,8 @@ def reconstruct_mask_sequential(base: LoadedModel, mask: PruningMask, corpus: Ca
                 for b in batches:
                     x = _capture_input(pruned, linear, b["calls"][i], b["pruned"])
                     acc.add(target_input_moments(b["targets"][name], x[..., keep.to(x.device)]), b["weights"], b["count"])
-                fitted = refit_from_cross(dense_linear[name].weight, keep, acc.result(), options)
-                refit[f"{name}_weight"] = fitted.weight.cpu()
-                if fitted.bias is not None:
-                    refit[f"{name}_bias"] = fitted.bias.cpu()
-                entry[f"{name}_error_sliced"] = fitted.error_sliced
-                entry[f"{name}_error_refit"] = fitted.error_refit
-                entry[f"{name}_tokens"] = tokens
+                _keep_refit(refit, entry, name, refit_from_cross(dense_linear[name].weight, keep, acc.result(), options),
+                            tokens)
                 pruned = soft_pruned_layer(adapter, layer, replace(plain, refit=dict(refit)), head_dim)
                 pruned_mods = adapter.layer_modules(pruned)
             for b in batches:

@@ -104,7 +104,6 @@ def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str |
                 second_moments: bool = False) -> dict[str, Path]:
     """Statistics for every task of a corpus file, one folder per task under ``out_dir`` (with
     ``second_moments``: also what reconstruction needs)."""
-    check_output(out_dir, [corpus_file, source_path(loaded)], overwrite)
     corpora, header = read_corpus(corpus_file)
     cap = max_tokens if max_tokens is not None else header.get("max_tokens", DEFAULT_MAX_TOKENS)
     wanted = list(tasks) if tasks else list(corpora)
