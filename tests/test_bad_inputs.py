@@ -151,40 +151,29 @@ def W(env: Env, rel: str = "out") -> str:
     return str(env.work / rel)
 
 
+def records_case(name: str, content: str | bytes, message: str, file: str = "c.jsonl") -> Case:
+    """``seap corpus`` on a records file holding ``content``."""
+    return Case(name, lambda e: ["corpus", "--records", W(e, file), "--out", W(e)], message,
+                prepare=_write(file, content))
+
+
 CASES = [
     # -- calibration files ------------------------------------------------------------------------------
     Case("corpus-missing-records", lambda e: ["corpus", "--records", W(e, "nope.jsonl"), "--out", W(e)], "not found"),
-    Case("corpus-empty-file", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)], "holds no records",
-         prepare=_write("c.jsonl", "")),
-    Case("corpus-not-json", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)], "line 1: not valid JSON",
-         prepare=_write("c.jsonl", "{oops\n")),
-    Case("corpus-not-utf8", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)], "not UTF-8",
-         prepare=_write("c.jsonl", b"\xff\xfe\x00junk\n")),
-    Case("corpus-json-not-a-list", lambda e: ["corpus", "--records", W(e, "c.json"), "--out", W(e)],
-         "JSON list of objects", prepare=_write("c.json", "[1, 2]")),
-    Case("corpus-line-not-object", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "expected a JSON object", prepare=_write("c.jsonl", "[1]\n")),
-    Case("record-text-null", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "line 1: field 'text' must be a string", prepare=_write("c.jsonl", '{"text": null}\n')),
-    Case("record-text-number", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "field 'text' must be a string", prepare=_write("c.jsonl", '{"text": "ok"}\n{"text": 7}\n')),
-    Case("record-choices-string", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "field 'choices' must be a non-empty list",
-         prepare=_write("c.jsonl", '{"question": "q", "choices": "ab", "answer": 0}\n')),
-    Case("record-answer-float", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "field 'answer' must be a whole-number index",
-         prepare=_write("c.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 1.7}\n')),
-    Case("record-answer-letter", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "field 'answer' must be a whole-number index",
-         prepare=_write("c.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": "b"}\n')),
-    Case("record-answer-out-of-range", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "outside the 2 choices", prepare=_write("c.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 5}\n')),
-    Case("record-unknown-schema", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "matches no known schema", prepare=_write("c.jsonl", '{"foo": 1}\n')),
-    Case("record-piqa-label-null", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "field 'label'", prepare=_write("c.jsonl", '{"goal": "g", "sol1": "a", "sol2": "b", "label": null}\n')),
-    Case("corpus-bad-task-name", lambda e: ["corpus", "--records", W(e, "c.jsonl"), "--out", W(e)],
-         "invalid task name", prepare=_write("c.jsonl", '{"task": "../x", "text": "hello"}\n')),
+    records_case("corpus-empty-file", "", "holds no records"),
+    records_case("corpus-not-json", "{oops\n", "line 1: not valid JSON"),
+    records_case("corpus-not-utf8", b"\xff\xfe\x00junk\n", "not UTF-8"),
+    records_case("corpus-json-not-a-list", "[1, 2]", "JSON list of objects", file="c.json"),
+    records_case("corpus-line-not-object", "[1]\n", "expected a JSON object"),
+    records_case("record-text-null", '{"text": null}\n', "line 1: field 'text' must be a string"),
+    records_case("record-text-number", '{"text": "ok"}\n{"text": 7}\n', "field 'text' must be a string"),
+    records_case("record-choices-string", '{"question": "q", "choices": "ab", "answer": 0}\n', "field 'choices' must be a non-empty list"),
+    records_case("record-answer-float", '{"question": "q", "choices": ["a", "b"], "answer": 1.7}\n', "field 'answer' must be a whole-number index"),
+    records_case("record-answer-letter", '{"question": "q", "choices": ["a", "b"], "answer": "b"}\n', "field 'answer' must be a whole-number index"),
+    records_case("record-answer-out-of-range", '{"question": "q", "choices": ["a", "b"], "answer": 5}\n', "outside the 2 choices"),
+    records_case("record-unknown-schema", '{"foo": 1}\n', "matches no known schema"),
+    records_case("record-piqa-label-null", '{"goal": "g", "sol1": "a", "sol2": "b", "label": null}\n', "field 'label'"),
+    records_case("corpus-bad-task-name", '{"task": "../x", "text": "hello"}\n', "invalid task name"),
     Case("corpus-unknown-task", lambda e: ["corpus", "--records", e.calib, "--task", "nope", "--out", W(e)], "nope"),
     # -- numbers ----------------------------------------------------------------------------------------
     Case("corpus-samples-zero", lambda e: ["corpus", "--records", e.calib, "--samples", "0", "--out", W(e)],
