@@ -90,6 +90,13 @@ def _refit(p: argparse.ArgumentParser) -> None:
     add_arguments(p, only=("reconstruct", "refit_alpha", "refit_prior", "refit_bias", "refit_sequential"))
 
 
+def _reconstruct(args: argparse.Namespace) -> bool | None:
+    """``--reconstruct`` (True), ``--no-reconstruct`` (False) or neither (None: the default)."""
+    from seap.run.config import given_arguments
+
+    return given_arguments(args).get("reconstruct")
+
+
 def _refit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The refit options given (left out: :class:`RefitOptions` defaults)."""
     from seap.run.config import given_arguments
@@ -226,9 +233,9 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
                    help="statistics folder whose means the mask stores, so applying it adds FLAP's bias compensation")
     _refit(p)
     p.add_argument("--refit-stats", nargs="+", default=None,
-                   help="with --reconstruct: statistics with second moments to refit on (`seap stats "
-                        "--second-moments`; an expert's own task, or the tasks merged); several folders are merged "
-                        "(e.g. the task's and generic text's)")
+                   help="statistics with second moments to refit on (`seap stats --second-moments`; an expert's "
+                        "own task, or the tasks merged); several folders are merged (e.g. the task's and generic "
+                        "text's). Given, the mask is refitted (the default) unless --no-reconstruct")
     p.add_argument("--refit-corpus", nargs="+", default=None,
                    help="with --reconstruct --refit-sequential: corpus files (`seap corpus`) to refit on, the "
                         "first one's --refit-task texts (default: all) and every text of the others")
@@ -244,7 +251,9 @@ def _masks(args: argparse.Namespace) -> int:
     refit: dict[str, Any] = {}
     _check_out(args, *args.scores, args.bias_compensation_stats, *(args.refit_stats or []), *(args.refit_corpus or []),
                args.model)
-    if getattr(args, "reconstruct", False) is True:
+    # reconstruction is the default where there is something to refit on (--refit-stats or
+    # --refit-corpus); --reconstruct without it is an error, --no-reconstruct builds a plain mask
+    if _reconstruct(args) is True or (_reconstruct(args) is None and (args.refit_stats or args.refit_corpus)):
         options = _refit_options(args)
         if options.get("sequential"):
             if not args.refit_corpus or not args.model or args.refit_stats:
@@ -337,7 +346,7 @@ def _prune(args: argparse.Namespace) -> int:
         tasks=args.tasks, samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
         batch_size=args.batch_size, weights=parse_weights(args.weight), overwrite=args.overwrite,
         progress=_progress(args), device=args.device, dtype=args.dtype,
-        reconstruct=getattr(args, "reconstruct", False) is True, refit_options=_refit_options(args),
+        reconstruct=_reconstruct(args), refit_options=_refit_options(args),
         **_schedule_options(args),
     )
     if args.json:
@@ -410,8 +419,11 @@ def _study_args(p: argparse.ArgumentParser) -> None:
                    help="held-out train items per task that choose the refit settings")
     p.add_argument("--kl-texts", type=int, default=d.kl_texts, help="held-out texts per task for the KL divergence")
     p.add_argument("--refit-alphas", nargs="+", type=float, default=list(DEFAULT_REFIT_ALPHAS),
-                   help="regularisation strengths the selection tries (each with and without a bias, own and "
-                        "pooled refit corpus)")
+                   help="regularisation strengths the selection tries (each with the refit's other defaults; "
+                        "bias, corpus, prior and generic text are varied one at a time at alpha 0.01; "
+                        "default: %(default)s)")
+    p.add_argument("--sequential", action="store_true",
+                   help="also try the layer-sequential refit (about 40x the refit time per mask on a CPU)")
     p.add_argument("--generic", nargs="*", default=list(DEFAULT_GENERIC),
                    help="tasks of --data-dir whose train text one selection candidate adds to every refit corpus "
                         "(default: %(default)s; none: --generic with no task)")
@@ -434,7 +446,7 @@ def _study(args: argparse.Namespace) -> int:
                            calibration_sizes=tuple(args.calibration_sizes), selection_items=args.selection_items,
                            kl_texts=args.kl_texts, workdir=args.workdir, out=args.out,
                            perplexity_windows=args.perplexity_windows,
-                           candidates=refit_candidates(args.refit_alphas, args.generic))
+                           candidates=refit_candidates(args.refit_alphas, args.generic, args.sequential))
     options.config().validate()  # every option checked before any work
     out = sys.stdout
     log = Path(args.workdir).parent / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S')}.log"

@@ -42,22 +42,26 @@ def test_one_shot_prune(model_dir, calib, tmp_path, capsys) -> None:
     assert "target sparsity:   0.4000" in text and "realised sparsity:" in text
     pruned = load_pruned(out)
     assert pruned.model.config.seap_pruning["task"] == "general"
+    assert pruned.model.config.seap_pruning["reconstruction"]["alpha"] == 0.01  # refitted by default
     ids = pruned.tokenizer(["the city"], return_tensors="pt")
     assert pruned.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] == 5
 
 
 @pytest.mark.parametrize("tasks", [["facts"], []], ids=["expert", "general"])
 @pytest.mark.parametrize("method", ["wanda-sp", "flap"])
-def test_baseline_methods(model_dir, calib, tmp_path, method, tasks, capsys) -> None:
+@pytest.mark.parametrize("refit", [[], ["--no-reconstruct"]], ids=["default", "no-reconstruct"])
+def test_baseline_methods(model_dir, calib, tmp_path, method, tasks, refit, capsys) -> None:
     out = tmp_path / method
     task_args = [a for t in tasks for a in ("--task", t)]
-    assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), *task_args,
+    assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), *task_args, *refit,
                  "--method", method, "--sparsity", "0.3", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     mask = PruningMask.load(out / "seap_mask")
     assert mask.meta["score"] == {"wanda-sp": "wanda-sp", "flap": "flap"}[method]
     assert mask.meta["schedule"] == {"wanda-sp": "uniform", "flap": "flap-adaptive"}[method]
-    assert mask.has_bias_compensation == (method == "flap")
+    # reconstruction is the default and replaces FLAP's bias compensation; without it, FLAP keeps its own
+    assert mask.is_reconstructed == (not refit)
+    assert mask.has_bias_compensation == (method == "flap" and bool(refit))
     assert summary["tasks"] == (tasks or ["chat", "facts"])
 
 
@@ -72,7 +76,7 @@ def test_stage_by_stage_equals_one_shot(model_dir, calib, tmp_path, capsys) -> N
                  "--sparsity", "0.4", "--protect-first", "1", "--protect-last", "1", "--out", str(d / "mask")]) == 0
     assert main(["apply", "--model", str(model_dir), "--mask", str(d / "mask"), "--out", str(d / "staged")]) == 0
     assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), "--sparsity", "0.4",
-                 "--protect-first", "1", "--protect-last", "1", "--out", str(d / "oneshot")]) == 0
+                 "--protect-first", "1", "--protect-last", "1", "--no-reconstruct", "--out", str(d / "oneshot")]) == 0
     a, b = load_pruned(d / "staged"), load_pruned(d / "oneshot")
     ids = a.tokenizer(SENTENCES[:2], return_tensors="pt", padding=True)
     with torch.no_grad():

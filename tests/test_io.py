@@ -48,3 +48,19 @@ def test_temporaries_of_killed_processes_are_removed(tmp_path) -> None:
         assert remove_stale_temporaries(target) == stale
         assert tmp.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+
+
+def test_copy_artifact_links_files_and_copies_the_tree(tmp_path) -> None:
+    from seap.io import copy_artifact
+
+    source = tmp_path / "mask"
+    (source / "parts").mkdir(parents=True)
+    (source / "mask.json").write_text('{"format": "seap-mask"}')
+    (source / "parts" / "a.safetensors").write_bytes(b"\0" * 64)
+    target = copy_artifact(source, tmp_path / "registry" / "mask")
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == [
+        "mask.json", "parts", "parts/a.safetensors"]
+    assert (target / "mask.json").read_text() == '{"format": "seap-mask"}'
+    assert (target / "mask.json").stat().st_ino == (source / "mask.json").stat().st_ino  # same filesystem: a link
+    with pytest.raises(FileExistsError):  # never merges into an existing folder
+        copy_artifact(source, target)

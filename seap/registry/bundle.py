@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from seap.errors import ArtifactError, ModelMismatchError, SeapError
-from seap.io import atomic_directory, read_json, short_hash
+from seap.io import atomic_directory, copy_artifact, read_json, short_hash
 from seap.registry.records import ExpertRecord
 
 BUNDLE_FILE = "bundle.json"
@@ -46,10 +45,10 @@ def write_bundle(record: ExpertRecord, out: str | Path, dtype: str = "auto") -> 
     with atomic_directory(out, overwrite=True) as tmp:
         masks = {}
         for name, path in sorted(record.masks.items()):
-            shutil.copytree(path, tmp / "masks" / name)
+            copy_artifact(path, tmp / "masks" / name)
             masks[name] = f"masks/{name}"
         if record.router:
-            shutil.copytree(record.router, tmp / "router")
+            copy_artifact(record.router, tmp / "router")
         data = {
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "name": record.name, "kind": record.kind,
             "task": record.task, "tasks": record.evaluated_tasks, "method": record.method,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 from seap.errors import SeapError
 from seap.evaluation.metrics import retention, speed_of, task_accuracy
-from seap.io import atomic_directory, canonical_json, read_json
+from seap.io import atomic_directory, canonical_json, copy_artifact, read_json
 from seap.maths.schedules import DEFAULT_SCHEDULE
 from seap.maths.scores import DEFAULT_SCORE
 
@@ -178,13 +177,13 @@ def write_local_record(record: ExpertRecord, root: str | Path) -> Path:
         with atomic_directory(out) as tmp:
             stored = {}
             for name, path in record.masks.items():
-                shutil.copytree(path, tmp / "masks" / name)
+                copy_artifact(path, tmp / "masks" / name)
                 stored[name] = f"masks/{name}"
             data = record.to_json()
             data["masks"] = stored
             data["source_masks"] = record.masks
             if record.router:
-                shutil.copytree(record.router, tmp / "router")
+                copy_artifact(record.router, tmp / "router")
                 data["router"] = "router"
             data["version_key"] = out.name
             (tmp / RECORD_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -318,7 +318,7 @@ def prune(
     progress: bool = True,
     device: str | None = "auto",
     dtype: str | None = "auto",
-    reconstruct: bool = False,
+    reconstruct: bool | None = None,
     refit_options: Mapping[str, Any] | None = None,
     **schedule_options: Any,
 ) -> PruneResult:
@@ -330,9 +330,15 @@ def prune(
     methods (Wanda-sp, FLAP) score the statistics of all tasks merged. With ``reconstruct`` the
     statistics pass also collects second moments and the mask is refitted on the same
     calibration text (``refit_options``: :class:`~seap.maths.reconstruction.RefitOptions`
-    fields); reconstruction replaces bias compensation. Everything is validated before the
-    model is loaded.
+    fields); reconstruction replaces bias compensation. ``reconstruct=None`` takes the run
+    configuration's default (:attr:`seap.run.config.RunConfig.reconstruct`, on), unless
+    ``bias_compensation=True`` asks for the compensation it replaces. Everything is validated
+    before the model is loaded.
     """
+    if reconstruct is None:
+        from seap.run.config import RunConfig
+
+        reconstruct = RunConfig.reconstruct and bias_compensation is not True
     sparsity = check_sparsity(sparsity)
     check_compensation(reconstruct, bias_compensation, "--bias-compensation")
     options = _refit_options(refit_options) if reconstruct else None

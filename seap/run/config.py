@@ -103,9 +103,10 @@ class RunConfig:
                                           "FLAP's bias compensation for every method (null: as each method says: "
                                           "FLAP on, the others off)")
     # -- reconstruction -------------------------------------------------------------------
-    reconstruct: bool = _opt(False, "reconstruction", "reconstruct",
+    reconstruct: bool = _opt(True, "reconstruction", "reconstruct",
                              "refit o_proj/down_proj of every mask in closed form on the calibration text's second "
-                             "moments (least squares; replaces bias compensation)")
+                             "moments (least squares; replaces bias compensation; false: plain slicing, or each "
+                             "method's own bias compensation)")
     refit_alpha: float | None = _opt(None, "reconstruction", "alpha",
                                      "refit regularisation, relative to the mean input energy (null: 0.01)", minimum=0)
     refit_prior: str | None = _opt(None, "reconstruction", "prior",
@@ -304,7 +305,9 @@ class RunConfig:
             raise self.bad("perplexity", "WikiText-2 perplexity needs a data folder with wikitext/",
                            f"set {self.spell('data_dir')} (e.g. ../shared/benchmarks), or turn perplexity off")
         try:
-            check_compensation(self.reconstruct, self.bias_compensation, self.spell("bias_compensation"))
+            off = {"cli": "--no-reconstruct", "params": f"{self.spell('reconstruct')}: false"}.get(
+                self.front, "reconstruct=False")
+            check_compensation(self.reconstruct, self.bias_compensation, self.spell("bias_compensation"), off)
         except SeapError as e:
             raise self.bad("bias_compensation", e.problem, e.fix) from None
         overlap = sorted({task_name(t) for t in self.refit_generic} & set(self.task_names))

@@ -46,14 +46,16 @@ SEAP_SCORE = "seap-sf"  # the default SEAP score (paper's s_F); the run's `score
 SEAP_SCHEDULE = "logistic"  # the default SEAP schedule; the run's `schedule` option overrides it
 
 
-def check_compensation(reconstruct: bool, bias_compensation: bool | str | None, drop: str) -> None:
+def check_compensation(reconstruct: bool, bias_compensation: bool | str | None, drop: str,
+                       off: str = "--no-reconstruct") -> None:
     """Refuse asking for both reconstruction and FLAP's bias compensation: the refit replaces
     it (a refit with a bias term is its generalisation). ``drop`` names the caller's option
-    that asked for bias compensation, for the message."""
+    that asked for bias compensation, ``off`` how the caller turns reconstruction off (it is
+    on by default), both for the message."""
     if reconstruct and bias_compensation:
         raise SeapError("reconstruction replaces bias compensation",
-                        f"drop {drop}, or build the mask without reconstruction; --refit-bias (params.yaml "
-                        "reconstruction.bias) fits a bias as part of the refit")
+                        f"drop {drop}, or turn reconstruction off ({off}) to use FLAP's bias compensation; "
+                        "--refit-bias (params.yaml reconstruction.bias) fits a bias as part of the refit")
 
 
 @dataclass(frozen=True)

@@ -60,42 +60,45 @@ class Compensation:
     changes: Mapping[str, Any]
 
 
-NO_COMPENSATION = Compensation("none", "none", {"bias_compensation": False})
-BIAS_COMPENSATION = Compensation("bias", "bias compensation", {"bias_compensation": True})
+NO_COMPENSATION = Compensation("none", "none", {"reconstruct": False, "bias_compensation": False})
+BIAS_COMPENSATION = Compensation("bias", "bias compensation", {"reconstruct": False, "bias_compensation": True})
 
 
-DEFAULT_REFIT_ALPHAS = (1e-2, 1e-1)
+DEFAULT_REFIT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)  # the regulariser strengths the selection sweeps
 DEFAULT_GENERIC = ("boolq",)  # generic text for the refit (BoolQ's train passages: Wikipedia paragraphs)
 
 
 def refit_candidates(alphas: Sequence[float] = DEFAULT_REFIT_ALPHAS,
-                     generic: Sequence[str] = DEFAULT_GENERIC) -> list[Compensation]:
-    """The least-squares settings the selection step tries: each ``alpha`` with and without a
-    bias term, SEAP experts refitted on their own corpus or on all tasks' (prior: the slice);
-    and, with a bias and the own corpus, the ridge prior (zero), the sequential fit, and generic
-    text added to every refit corpus (``generic`` tasks' train text; none when empty)."""
-    out = []
+                     generic: Sequence[str] = DEFAULT_GENERIC, sequential: bool = False) -> list[Compensation]:
+    """The least-squares settings the selection step tries, one factor at a time around the
+    refit's defaults (:class:`seap.maths.reconstruction.RefitOptions`: alpha 0.01, a bias, the
+    slice prior, one-shot; each SEAP expert on its own task's corpus): the defaults, every
+    other ``alpha``, no bias, the pooled corpus, the ridge prior (zero), generic text added to
+    every refit corpus (``generic`` tasks' train text; none when empty) and, when asked, the
+    layer-sequential fit (``sequential``: about 40x the refit time on a CPU)."""
+    from seap.maths.reconstruction import RefitOptions
 
-    def candidate(alpha: float, bias: bool, corpus: str, prior: str = "slice", extra: Sequence[str] = (),
-                  sequential: bool = False) -> None:
+    d = RefitOptions()
+
+    def candidate(alpha: float = d.alpha, bias: bool = d.bias, corpus: str = "own", prior: str = d.prior,
+                  extra: Sequence[str] = (), sequential: bool = False) -> Compensation:
         name = f"ls-a{alpha:g}{'-bias' if bias else ''}-{corpus}" + ("-zero" if prior == "zero" else "") + \
             (f"-{'+'.join(extra)}" if extra else "") + ("-sequential" if sequential else "")
         label = (f"least squares (alpha {alpha:g}, {'bias, ' if bias else ''}{corpus} corpus"
                  + (", zero prior" if prior == "zero" else "") + (f", + {'+'.join(extra)} text" if extra else "")
                  + (", sequential" if sequential else "") + ")")
-        out.append(Compensation(name, label, {"reconstruct": True, "refit_alpha": alpha, "refit_bias": bias,
-                                              "refit_corpus": corpus, "refit_prior": prior,
-                                              **({"refit_generic": list(extra)} if extra else {}),
-                                              **({"refit_sequential": True} if sequential else {})}))
+        return Compensation(name, label, {"reconstruct": True, "refit_alpha": alpha, "refit_bias": bias,
+                                          "refit_corpus": corpus, "refit_prior": prior,
+                                          **({"refit_generic": list(extra)} if extra else {}),
+                                          **({"refit_sequential": True} if sequential else {})})
 
-    for alpha in alphas:
-        for bias in (False, True):
-            for corpus in ("own", "pooled"):
-                candidate(alpha, bias, corpus)
-        candidate(alpha, True, "own", prior="zero")
-        candidate(alpha, True, "own", sequential=True)
-        if generic:
-            candidate(alpha, True, "own", extra=generic)
+    out = [candidate()]
+    out += [candidate(alpha=a) for a in alphas if a != d.alpha]
+    out += [candidate(bias=not d.bias), candidate(corpus="pooled"), candidate(prior="zero")]
+    if generic:
+        out.append(candidate(extra=generic))
+    if sequential:
+        out.append(candidate(sequential=True))
     return out
 
 
@@ -125,7 +128,7 @@ class StudyOptions:
     def config(self, **changes: Any) -> RunConfig:
         values = dict(model=self.model, data_dir=self.data_dir, tasks=list(self.tasks), samples=self.samples,
                       seed=self.seed, limit=self.limit, bench=False, mlflow=False, workdir=self.workdir,
-                      perplexity_windows=self.perplexity_windows, registry_dir=str(Path(self.workdir) / "registry"))
+                      perplexity_windows=self.perplexity_windows)
         values.update(self.base)
         values.update(changes)
         return RunConfig(**values)
@@ -255,13 +258,14 @@ JOB_EVENTS: list[Callable[[Any], None]] = []  # where finished jobs are announce
 
 
 def execute_config(config: RunConfig, progress: bool) -> tuple[dict[str, str], Path]:
-    """Run one configuration's plan in the study's work folder (finished jobs are reused)."""
+    """Run one configuration's plan up to its report in the study's work folder (finished jobs
+    are reused; nothing is registered)."""
     from seap.run.execute import execute
     from seap.run.plan import make_plan
     from seap.run.stages import StageContext
 
     config.validate()
-    plan = make_plan(config)
+    plan = make_plan(config).upstream_of(["report"])  # a study registers nothing (its masks are not deployed)
     ctx = StageContext(Path(config.workdir) / "task-files", progress=progress, say=lambda _: None)
     done = execute(plan, ctx, on_event=lambda e: [f(e) for f in JOB_EVENTS])
     outputs = {key: str(done.path(key)) for key in done.outputs}

@@ -32,7 +32,9 @@ def test_default_plan_has_todays_rows_and_stable_keys() -> None:
 
 
 def test_method_entries_decide_calibration_and_bias_compensation() -> None:
-    plan = make_plan(RunConfig(methods=list(METHODS), sparsities=[0.3]))
+    refitted = make_plan(RunConfig(methods=list(METHODS), sparsities=[0.3]))  # the default: every mask refitted
+    assert all("refit" in j.params and not j.params["bias_compensation"] for j in refitted.of_stage("masks"))
+    plan = make_plan(RunConfig(methods=list(METHODS), sparsities=[0.3], reconstruct=False))
     for name, method in METHODS.items():
         masks = [j for j in plan.of_stage("masks") if j.params["method"] == name]
         if method.calibration == "routed":
@@ -49,8 +51,10 @@ def test_method_entries_decide_calibration_and_bias_compensation() -> None:
 
 
 def test_no_pooled_statistics_without_a_baseline_and_routing_adds_its_masks() -> None:
-    plan = make_plan(RunConfig(methods=["seap-routed"]))
+    plan = make_plan(RunConfig(methods=["seap-routed"], reconstruct=False))
     assert "statistics/pooled" not in [j.key for j in plan.jobs]
+    refitted = make_plan(RunConfig(methods=["seap-routed"]))  # the general mask is refitted on the pooled text
+    assert "statistics/pooled" in [j.key for j in refitted.jobs]
     assert {j.params["method"] for j in plan.of_stage("masks")} == {"seap-expert", "seap-general"}
     assert plan.rows == ["dense", "seap-routed@0.2", "seap-routed@0.5"]
     assert "expert_row" not in plan.get("evaluate-routed/seap-routed@0.2").inputs  # no expert row to reuse
@@ -119,9 +123,10 @@ def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() ->
     assert next(j for j in generic.jobs if j.key == "statistics/generic").params["second_moments"] is True
     assert all(j.inputs["refit_generic"] == "statistics/generic" and j.params["refit_generic"] == ["boolq"]
                for j in generic.of_stage("masks"))
-    assert "statistics/generic" not in [j.key for j in make_plan(RunConfig(refit_generic=["boolq"])).jobs]
+    assert "statistics/generic" not in [j.key for j in make_plan(RunConfig(refit_generic=["boolq"],
+                                                                              reconstruct=False)).jobs]
     # without reconstruction nothing changes: the same jobs as before the option existed
-    plain = make_plan(RunConfig())
+    plain = make_plan(RunConfig(reconstruct=False))
     assert not any("refit" in j.params or "second_moments" in j.params for j in plain.jobs)
 
 
@@ -150,16 +155,19 @@ def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
     assert general.params["refit_source"] == "pooled"
     row = next(j for j in plan.of_stage("evaluate") if j.row == "wanda-sp+logistic@0.5")
     assert row.params["per_task"] and set(row.inputs["masks"]) == set(tasks)
-    without = make_plan(RunConfig(methods=["wanda-sp+logistic"], sparsities=[0.5], refit_corpus="per-task"))
+    without = make_plan(RunConfig(methods=["wanda-sp+logistic"], sparsities=[0.5], refit_corpus="per-task",
+                                  reconstruct=False))
     assert [j.key for j in without.of_stage("masks")] == ["masks/wanda-sp+logistic@0.5/general"]  # no refit: one mask
 
 def test_the_bias_compensation_option_overrides_every_method_and_conflicts_with_reconstruction() -> None:
-    plan = make_plan(RunConfig(methods=["seap-expert", "flap"], sparsities=[0.3], bias_compensation=True))
+    plan = make_plan(RunConfig(methods=["seap-expert", "flap"], sparsities=[0.3], bias_compensation=True,
+                               reconstruct=False))
     assert all(j.params["bias_compensation"] and "bias_statistics" in j.inputs for j in plan.of_stage("masks"))
-    off = make_plan(RunConfig(methods=["flap"], sparsities=[0.3], bias_compensation=False))
+    off = make_plan(RunConfig(methods=["flap"], sparsities=[0.3], bias_compensation=False, reconstruct=False))
     assert not any(j.params["bias_compensation"] for j in off.of_stage("masks"))
-    with pytest.raises(SeapError, match="reconstruction replaces bias compensation"):
-        RunConfig(reconstruct=True, bias_compensation=True).validate(check_data=False)
+    with pytest.raises(SeapError, match="reconstruction replaces bias compensation") as error:
+        RunConfig(bias_compensation=True).validate(check_data=False)  # reconstruction is the default
+    assert "reconstruct=False" in error.value.fix
     with pytest.raises(SeapError, match="refit_prior: unknown value 'banana'"):
         RunConfig(refit_prior="banana").validate(check_data=False)
 

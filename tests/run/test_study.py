@@ -56,6 +56,7 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
     assert json.loads((written / "study-selection.json").read_text())["selection"]["chosen"] == "ls"
     assert "### Targets" in (written / "study.md").read_text() and "Control on the same items" in (written / "study.md").read_text()
     assert (written / "study-retention.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "work" / "register").exists() and not (tmp_path / "registry").exists()  # nothing deployed
     # a second run reuses every job and gives the same numbers
     again = run_study(options, say=lambda _: None)
     assert [r["headline"] for r in again["rows"]] == [r["headline"] for r in record["rows"]]
@@ -70,15 +71,16 @@ def test_too_few_train_records_to_hold_out_is_a_clear_error(tmp_path) -> None:
     options = StudyOptions(data_dir=str(tmp_path / "data"), tasks=("tiny",), workdir=str(tmp_path / "work"))
     with pytest.raises(SeapError, match="too few to hold some out"):
         selection_data(options.config(), tmp_path / "sel", items=10, seed=0)
-    assert NO_COMPENSATION.changes == {"bias_compensation": False}
+    assert NO_COMPENSATION.changes == {"reconstruct": False, "bias_compensation": False}  # whatever the defaults
 
 
 def test_the_candidates_cover_regularisation_bias_corpus_prior_and_generic_text(tmp_path) -> None:
-    names = [c.name for c in refit_candidates((0.01,), ("boolq",))]
-    assert names == ["ls-a0.01-own", "ls-a0.01-pooled", "ls-a0.01-bias-own", "ls-a0.01-bias-pooled",
-                     "ls-a0.01-bias-own-zero", "ls-a0.01-bias-own-sequential", "ls-a0.01-bias-own-boolq"]
+    names = [c.name for c in refit_candidates((0.001, 0.01, 0.1), ("boolq",))]  # one factor at a time
+    assert names == ["ls-a0.01-bias-own", "ls-a0.001-bias-own", "ls-a0.1-bias-own", "ls-a0.01-own",
+                     "ls-a0.01-bias-pooled", "ls-a0.01-bias-own-zero", "ls-a0.01-bias-own-boolq"]
     generic = refit_candidates((0.01,), ("boolq",))[-1]
     assert generic.changes["refit_generic"] == ["boolq"] and generic.changes["refit_prior"] == "slice"
+    assert refit_candidates((0.01,), (), sequential=True)[-1].changes["refit_sequential"] is True
     _, data = tiny_project(tmp_path)  # generic text is copied whole into the selection data folder
     options = StudyOptions(data_dir=str(data), tasks=("geo",), workdir=str(tmp_path / "work"))
     selection_data(options.config(), tmp_path / "sel", items=5, seed=1, generic=["life"])
