@@ -111,14 +111,14 @@ class StudyOptions:
     tasks: Sequence[str] = (*DEFAULT_TASKS, "piqa")
     sparsities: Sequence[float] = (0.2, 0.3, 0.4, 0.5)
     selection_sparsities: Sequence[float] = (0.3, 0.5)
-    selection_items: int = 150  # per task, cut from the train split (at most half of it)
+    selection_items: int = 100  # per task, cut from the train split (at most half of it)
     calibration_sizes: Sequence[int] = (50, 200, 1000)
     calibration_size_sparsities: Sequence[float] = (0.2, 0.5)
     samples: int = 200
     limit: int | None = None
-    kl_texts: int = 200
+    kl_texts: int = 100  # held-out texts per task
     perplexity: bool = True
-    perplexity_windows: int = 40
+    perplexity_windows: int = 20  # WikiText-2 windows of 512 tokens (10k tokens)
     workdir: str = "runs/study/work"
     out: str = "docs"
     seed: int = 42
