@@ -47,10 +47,12 @@ def test_every_method_of_the_table_is_a_row(every_method) -> None:
     assert results["router"]["heldout_accuracy"] >= 0.8
     assert {"dense", "seap-general@0.3:general", "flap@0.3:general"} <= set(results["speed"]["models"])
     assert (done.path("report") / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
-    # experts calibrated per task, baselines on the pooled statistics; FLAP's masks carry their means
+    # experts calibrated per task, baselines on the pooled statistics; every mask refitted (the default),
+    # which replaces FLAP's bias compensation
     from seap.maths.masks import PruningMask
 
-    assert PruningMask.load(done.path("masks/flap@0.3/general")).has_bias_compensation
+    flap = PruningMask.load(done.path("masks/flap@0.3/general"))
+    assert flap.is_reconstructed and not flap.has_bias_compensation
     assert not PruningMask.load(done.path("masks/seap-expert@0.3/geo")).has_bias_compensation
     assert PruningMask.load(done.path("masks/seap-expert@0.3/geo")).task == "geo"
 
