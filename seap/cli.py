@@ -253,7 +253,8 @@ def _masks(args: argparse.Namespace) -> int:
                args.model)
     # reconstruction is the default where there is something to refit on (--refit-stats or
     # --refit-corpus); --reconstruct without it is an error, --no-reconstruct builds a plain mask
-    if _reconstruct(args) is True or (_reconstruct(args) is None and (args.refit_stats or args.refit_corpus)):
+    reconstruct = _reconstruct(args)
+    if reconstruct is True or (reconstruct is None and (args.refit_stats or args.refit_corpus)):
         options = _refit_options(args)
         if options.get("sequential"):
             if not args.refit_corpus or not args.model or args.refit_stats:
