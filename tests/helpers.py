@@ -16,7 +16,8 @@ from transformers import (
 
 from seap.model.loaded import LoadedModel, wrap_model
 
-ARCHS = ("llama-mha", "llama-gqa", "qwen2", "mistral")
+ARCHS = ("llama-mha", "llama-gqa", "qwen2", "mistral", "qwen3", "gemma2", "gemma3-text", "gemma3", "phi3", "olmo2",
+         "olmo3", "smollm3", "granite")
 
 WORDS = (
     "the a of to and in is it that was for on are with as his they be at one have this from or had by hot word "
@@ -61,8 +62,57 @@ def make_tiny_model(arch: str = "llama-gqa", layers: int = 6, seed: int = 0, dty
     elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=8, **common))
     else:
-        raise ValueError(arch)
+        model = _newer_family(arch, common, layers)
     return wrap_model(model.to(dtype).eval(), tok, source=f"tiny:{arch}")
+
+
+def _newer_family(arch: str, common: dict, layers: int) -> torch.nn.Module:
+    """The families added with issue 13, each with its special parts switched on: per-head and
+    whole-projection q/k norms (with random weights, so that slicing them matters), GeGLU,
+    soft-capping, sliding windows, head_dim != hidden / heads, fused projections, layers
+    without rotary embeddings, Granite's multipliers."""
+    import transformers as T
+
+    gqa = dict(num_attention_heads=8, num_key_value_heads=4)
+    sliding = ["sliding_attention" if i % 3 != 2 else "full_attention" for i in range(layers)]
+    if arch == "qwen3":
+        model = T.Qwen3ForCausalLM(T.Qwen3Config(**gqa, head_dim=8, use_sliding_window=True, sliding_window=4,
+                                                 max_window_layers=layers // 2, **common))
+    elif arch == "gemma2":
+        model = T.Gemma2ForCausalLM(T.Gemma2Config(**{**gqa, **common, "tie_word_embeddings": True}, head_dim=16,
+                                                   query_pre_attn_scalar=16, sliding_window=4,
+                                                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0))
+    elif arch in ("gemma3-text", "gemma3"):
+        text = dict(**{**gqa, **common, "tie_word_embeddings": True}, head_dim=16, query_pre_attn_scalar=16,
+                    sliding_window=4, layer_types=sliding)
+        if arch == "gemma3-text":
+            model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(**text))
+        else:  # the multimodal checkpoint: its text decoder is what SEAP prunes
+            vocab = common["vocab_size"]
+            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=28, patch_size=14)
+            model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+                text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=vocab - 3,
+                eoi_token_index=vocab - 2, image_token_index=vocab - 1, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2))
+    elif arch == "phi3":
+        model = T.Phi3ForCausalLM(T.Phi3Config(**gqa, partial_rotary_factor=0.5, **common))
+    elif arch == "olmo2":
+        model = T.Olmo2ForCausalLM(T.Olmo2Config(**gqa, **common))
+    elif arch == "olmo3":
+        model = T.Olmo3ForCausalLM(T.Olmo3Config(**gqa, sliding_window=4, layer_types=sliding, **common))
+    elif arch == "smollm3":  # every fourth layer without rotary embeddings (no_rope_layers[i] == 0)
+        model = T.SmolLM3ForCausalLM(T.SmolLM3Config(**gqa, no_rope_layer_interval=4, **common))
+    elif arch == "granite":
+        model = T.GraniteForCausalLM(T.GraniteConfig(**gqa, embedding_multiplier=4.0, residual_multiplier=0.5,
+                                                     attention_multiplier=0.2, logits_scaling=2.0, **common))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w): make them matter
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
 
 
 SENTENCES = [

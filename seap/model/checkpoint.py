@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from seap.model.adapters import adapter_for_model_type
-from seap.model.adapters.base import PROJECTIONS
 from seap.errors import ArtifactError, SeapError
 from seap.io import atomic_directory, atomic_write_json, read_json
 from seap.maths.masks import PruningMask
@@ -55,8 +54,9 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
     geometry = loaded.adapter.geometry(loaded.model)
     info["pruned_fingerprint"] = loaded.fingerprint
     info["layers"] = [
-        {"num_attention_heads": g.num_heads, "num_key_value_heads": g.num_kv_heads, "intermediate_size": g.intermediate_size}
-        for g in geometry.layers
+        {"num_attention_heads": g.num_heads, "num_key_value_heads": g.num_kv_heads, "intermediate_size": g.intermediate_size,
+         **loaded.adapter.layer_record(layer)}
+        for g, layer in zip(geometry.layers, loaded.adapter.decoder_layers(loaded.model), strict=True)
     ]
     with atomic_directory(path, overwrite=overwrite) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
@@ -70,12 +70,6 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
         if mask is not None:
             mask.save(tmp / PRUNED_MASK_DIR)
     return Path(path)
-
-
-def _resize_linear(linear: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    if linear.in_features == in_features and linear.out_features == out_features and (linear.bias is not None) == bias:
-        return linear
-    return nn.Linear(in_features, out_features, bias=bias, dtype=linear.weight.dtype, device=linear.weight.device)
 
 
 def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:
@@ -93,6 +87,7 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
     adapter = adapter_for_model_type(str(model_type))
     base = {k: v for k, v in raw.items() if k not in _CONFIG_EXTRA and k != "seap_pruning"}
     config = CONFIG_MAPPING[model_type].from_dict(base)
+    adapter.check_config(config)
     config.seap_pruning = {k: v for k, v in info.items() if k not in ("layers", "pruned_fingerprint")}
     weights_file = p / "model.safetensors"
     if not weights_file.is_file():
@@ -109,18 +104,11 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
     layers = adapter.decoder_layers(model)
     if len(info["layers"]) != len(layers):
         raise ArtifactError(f"{p}: config lists {len(info['layers'])} layers, the model has {len(layers)}", "re-save it")
-    hidden = config.hidden_size
+    hidden = adapter.text_config(config).hidden_size
     for layer, sizes in zip(layers, info["layers"], strict=True):
-        mods = adapter.layer_modules(layer)
-        heads, kv, inter = sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["intermediate_size"]
         prefix = _module_prefix(model, layer)
-        bias = {name: f"{prefix}.{adapter.projection_path(name)}.bias" in state for name in PROJECTIONS}
-        shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
-                  "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
-                  "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
-        adapter.set_projections(layer, {name: _resize_linear(getattr(mods, name), *shapes[name], bias[name])
-                                        for name in PROJECTIONS})
-        adapter.set_widths(layer, heads, kv, inter)
+        adapter.resize_layer(layer, sizes, head_dim, hidden,
+                             lambda name: f"{prefix}.{adapter.projection_path(name)}.bias" in state)
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()

@@ -124,6 +124,7 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 def wrap_model(model: nn.Module, tokenizer: Any, source: str = "in-memory") -> LoadedModel:
     """Wrap an already-built HF model (e.g. a test model) for the engine."""
     adapter = get_adapter(model)
+    adapter.check_config(model.config)
     if tokenizer is not None:
         prepare_tokenizer(tokenizer)
     return LoadedModel(model.eval(), tokenizer, adapter, source, model_fingerprint(model))

@@ -224,6 +224,7 @@ def load_model(
             "or pass a local folder or .gguf file",
         ) from exc
     adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
+    adapter.check_config(config)  # a feature the adapter cannot prune is refused before the weights are read
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code,
                               "use_safetensors": True}  # never unpickle weights (check_weights)
     if attn_implementation:

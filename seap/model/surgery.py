@@ -107,6 +107,7 @@ def soft_pruned_layer(adapter: ArchitectureAdapter, layer: nn.Module, mask: Laye
     copy_ = share_copy(layer)
     with torch.no_grad():
         adapter.set_projections(copy_, _prune_layer(adapter.layer_modules(copy_), mask, head_dim, False, False, adapter))
+        adapter.prune_norms(copy_, _head_rows(mask.heads, head_dim), _head_rows(mask.kv_heads, head_dim), False)
     return copy_
 
 
@@ -160,6 +161,8 @@ def apply_mask(
         for layer, layer_mask in zip(adapter.decoder_layers(model), mask.layers, strict=True):
             mods = adapter.layer_modules(layer)
             adapter.set_projections(layer, _prune_layer(mods, layer_mask, head_dim, hard, bias_compensation, adapter))
+            adapter.prune_norms(layer, _head_rows(layer_mask.heads, head_dim), _head_rows(layer_mask.kv_heads, head_dim),
+                                hard)
             if hard:
                 adapter.set_widths(layer, int(layer_mask.heads.sum()), int(layer_mask.kv_heads.sum()),
                                    int(layer_mask.channels.sum()))

@@ -6,11 +6,20 @@ from typing import Any
 
 from seap.errors import UnsupportedArchitectureError
 from seap.model.adapters.base import ArchitectureAdapter, LayerModules
+from seap.model.adapters.gemma2 import Gemma2Adapter
+from seap.model.adapters.gemma3 import Gemma3Adapter
+from seap.model.adapters.granite import GraniteAdapter
 from seap.model.adapters.llama import LlamaAdapter
 from seap.model.adapters.mistral import MistralAdapter
+from seap.model.adapters.olmo2 import Olmo2Adapter
+from seap.model.adapters.phi3 import Phi3Adapter
 from seap.model.adapters.qwen2 import Qwen2Adapter
+from seap.model.adapters.qwen3 import Qwen3Adapter
+from seap.model.adapters.smollm3 import SmolLM3Adapter
 
-ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter)
+ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (
+    LlamaAdapter, Qwen2Adapter, MistralAdapter, Qwen3Adapter, Gemma2Adapter, Gemma3Adapter, Phi3Adapter,
+    Olmo2Adapter, SmolLM3Adapter, GraniteAdapter)
 
 
 def supported_model_types() -> list[str]:

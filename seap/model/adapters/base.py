@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from seap.errors import UnsupportedArchitectureError
 from seap.maths.geometry import LayerGeometry, ModelGeometry
 
 
@@ -43,6 +45,35 @@ class ArchitectureAdapter:
     name: ClassVar[str] = "base"
     model_types: ClassVar[tuple[str, ...]] = ()
     gguf_architectures: ClassVar[tuple[str, ...]] = ()
+    layer_types: ClassVar[tuple[str, ...]] = ("full_attention", "sliding_attention")  # per-layer attention kinds it prunes
+
+    # -- configuration -------------------------------------------------------------
+    def text_config(self, config: Any) -> Any:
+        """The configuration of the decoder this adapter prunes (a multimodal model's text part)."""
+        return config
+
+    def check_config(self, config: Any) -> None:
+        """Refuse, before any weight is read, a configuration with a feature this adapter cannot
+        prune correctly; the message names the feature. Subclasses add their own checks."""
+        c = self.text_config(config)
+        heads, kv = getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None) or \
+            getattr(c, "num_attention_heads", None)
+        if not heads or not kv or heads % kv:
+            self.refuse(config, f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}",
+                        "grouped-query attention needs whole groups")
+        for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+            if getattr(c, key, None):
+                self.refuse(config, f"{key}={getattr(c, key)} (a mixture-of-experts layer)",
+                            "dense adapters prune MLP channels, not experts")
+        unknown = sorted(set(getattr(c, "layer_types", None) or ()) - set(self.layer_types))
+        if unknown:
+            self.refuse(config, f"layer_types holds {', '.join(map(repr, unknown))}",
+                        f"the {self.name} adapter prunes layers of type {', '.join(self.layer_types)}")
+
+    def refuse(self, config: Any, feature: str, why: str) -> None:
+        raise UnsupportedArchitectureError(
+            f"{getattr(config, 'model_type', self.name)} model with {feature}: {why}, so SEAP cannot prune it correctly",
+            "use a checkpoint without that feature, or open an issue with the model's config.json")
 
     # -- module access -------------------------------------------------------------
     def backbone(self, model: nn.Module) -> nn.Module:
@@ -72,12 +103,13 @@ class ArchitectureAdapter:
 
     # -- geometry ------------------------------------------------------------------
     def head_dim(self, config: Any) -> int:
+        config = self.text_config(config)
         head_dim = getattr(config, "head_dim", None)
         return int(head_dim) if head_dim else int(config.hidden_size // config.num_attention_heads)
 
     def geometry(self, model: nn.Module) -> ModelGeometry:
         """Read the widths from the live modules (pruned layers differ from the config)."""
-        config = model.config  # type: ignore[attr-defined]
+        config = self.text_config(model.config)  # type: ignore[attr-defined]
         head_dim = self.head_dim(config)
         layers = []
         for mods in self.all_layer_modules(model):
@@ -116,6 +148,29 @@ class ArchitectureAdapter:
     def set_mlp_width(self, mods: LayerModules, intermediate_size: int) -> None:
         if hasattr(mods.mlp, "intermediate_size"):
             mods.mlp.intermediate_size = intermediate_size  # type: ignore[assignment]
+
+    def prune_norms(self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor, hard: bool) -> None:
+        """Prune what normalises the projections' outputs together with the kept rows
+        (``q_rows``/``kv_rows``: boolean over the q and k/v output rows). Per-head norms
+        (Qwen3, Gemma 3) and no norms (Llama) need nothing."""
+
+    def layer_record(self, layer: nn.Module) -> dict[str, Any]:
+        """Per-layer values beyond the widths that a saved pruned checkpoint must carry."""
+        return {}
+
+    def resize_layer(self, layer: nn.Module, sizes: Mapping[str, Any], head_dim: int, hidden: int,
+                     has_bias: Callable[[str], bool]) -> None:
+        """Give an unpruned layer the shapes of a saved pruned one (``sizes``: its widths and
+        :meth:`layer_record`), before the saved weights are loaded into it."""
+        heads, kv, inter = sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["intermediate_size"]
+        shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
+                  "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
+                  "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+        mods = self.layer_modules(layer)
+        like = mods.o_proj.weight
+        self.set_projections(layer, {name: nn.Linear(*shape, bias=has_bias(name), dtype=like.dtype, device=like.device)
+                                     for name, shape in shapes.items()})
+        self.set_widths(layer, heads, kv, inter)
 
     def describe(self) -> str:
         return f"{self.name} ({', '.join(self.model_types)})"
