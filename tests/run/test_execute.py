@@ -210,3 +210,29 @@ def test_generic_text_is_merged_into_every_refit_corpus(tmp_path) -> None:
         == "pooled+life"
     with pytest.raises(SeapError, match="refit_generic: geo is also a task of the run"):
         tiny_config(tmp_path, tasks=["geo"], methods=["seap-expert"], refit_generic=["geo"])
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3-text", "gemma3", "phi3", "olmo2", "olmo3", "smollm3",
+                                  "granite"])
+def test_the_pipeline_runs_on_every_newer_family(tmp_path, capsys, arch) -> None:
+    """`seap eval` walks the one plan the flow and `dvc repro` walk: statistics with second
+    moments, refitted experts, general mask and a baseline, routing, evaluation, registry."""
+    from seap.model.checkpoint import load_pruned
+    from seap.registry.records import read_local_registry
+
+    base, data = tiny_project(tmp_path, arch)
+    code = main(["--no-progress", "eval", "--model", str(base), "--tasks", "geo", "life", "--data-dir", str(data),
+                 "--sparsities", "0.3", "--methods", "seap-expert", "seap-general", "seap-routed", "flap",
+                 "--limit", "4", "--samples", "20", "--schedule", "uniform", "--gqa-mode", "query-heads", "--no-bench",
+                 "--no-mlflow",
+                 "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                 "--registry-dir", str(tmp_path / "registry")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| 30% | seap-expert |" in out and "| 30% | seap-routed |" in out, out[-2000:]
+    records = read_local_registry(str(tmp_path / "registry"))
+    assert {r.kind for r in records} >= {"expert", "routed"}
+    assert main(["--no-progress", "apply", "--model", str(base), "--mask", str(next(iter(records[0].masks.values()))),
+                 "--out", str(tmp_path / "pruned")]) == 0
+    pruned = load_pruned(tmp_path / "pruned", device="cpu")
+    ids = pruned.tokenizer(["the city"], return_tensors="pt")
+    assert pruned.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] >= 3
