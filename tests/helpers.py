@@ -129,3 +129,105 @@ SENTENCES = [
     "we can find the new work each day",
     "they had a great time in the city",
 ]
+
+
+def gguf_family_model(arch: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of a family whose GGUF files transformers reads, in a configuration
+    a GGUF file can describe: what the file has no key for (Qwen3's ``head_dim``, Gemma 2's
+    soft-capping and query scale, Phi-3's partial rotary factor) is left at the value
+    transformers assumes when it reads the file. Its vocabulary is the one
+    :func:`write_gguf` writes."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(gguf_tokens()[0]), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, num_attention_heads=4, num_key_value_heads=2,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if arch == "qwen3":
+        model = T.Qwen3ForCausalLM(T.Qwen3Config(**common, tie_word_embeddings=False))
+    elif arch == "gemma2":
+        model = T.Gemma2ForCausalLM(T.Gemma2Config(**common, head_dim=16, sliding_window=4, tie_word_embeddings=True))
+    elif arch == "phi3":
+        model = T.Phi3ForCausalLM(T.Phi3Config(**common, tie_word_embeddings=False))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model.eval()
+
+
+def gguf_tokens() -> tuple[list[str], list[int], list[str]]:
+    """A byte-level BPE vocabulary (``<|endoftext|>``, the 256 byte symbols, the words of
+    :data:`WORDS` as ``Ġword`` merges), its token types and its merges."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens, types, merges = ["<|endoftext|>"], [3], []
+    tokens += list(bytes_to_unicode().values())
+    types += [1] * 256
+    for word in dict.fromkeys(WORDS):
+        piece = "Ġ" + word[0]
+        if piece not in tokens:
+            merges.append(f"Ġ {word[0]}")
+            tokens.append(piece)
+            types.append(1)
+        for ch in word[1:]:
+            merged = piece + ch
+            if merged not in tokens:
+                merges.append(f"{piece} {ch}")
+                tokens.append(merged)
+                types.append(1)
+            piece = merged
+    return tokens, types, merges
+
+
+def write_gguf(model: torch.nn.Module, path) -> None:
+    """``model`` as a float32 GGUF file in llama.cpp's conventions: tensor names from gguf-py's
+    map for its architecture, Gemma's norms stored as ``1 + w``, the metadata keys transformers
+    reads back, and the byte-level vocabulary of :func:`gguf_tokens`."""
+    import gguf
+
+    cfg = model.config
+    arch = cfg.model_type
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                     cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_vocab_size(cfg.vocab_size)
+    if arch == "gemma2":
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_sliding_window(cfg.sliding_window)
+    tokens, types, merges = gguf_tokens()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    writer.add_pad_token_id(0)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        mapped = names.get_name(base)
+        if mapped is None:
+            raise ValueError(f"no GGUF name for {name}")
+        data = tensor.detach().float()
+        if arch.startswith("gemma") and "norm" in base:
+            data = data + 1
+        writer.add_tensor(f"{mapped}.{suffix}", data.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

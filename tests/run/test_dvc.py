@@ -186,3 +186,28 @@ def test_data_push_and_pull_through_an_s3_remote(tmp_path: Path) -> None:
         assert "in sync" in dvc(repo, env, "status", "-r", "s3", "--cloud")
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma3"])
+def test_dvc_repro_and_the_flow_run_on_newer_families(tmp_path: Path, prefect_env, arch: str) -> None:
+    """`dvc repro` and the Prefect flow on the families whose module trees differ most from
+    Llama's (Phi-3's fused projections, Gemma 3's multimodal wrapper): every stage runs, and the
+    flow gives the rows of the repro."""
+    from flows.pipeline import seap_pipeline
+    from seap.run.dvc import project_config
+
+    env = dvc_env(pycache=tmp_path / "pycache")
+    model, data = tiny_project(tmp_path, arch)
+    repo = init_repo(tmp_path / "repo", env)
+    copy_pipeline(repo)
+    shutil.copytree(data, repo / "data")
+    write_params(repo, tiny_params(model, ["geo", "life"], [0.3], masks={"gqa_mode": "query-heads"}))
+    dvc(repo, env, "add", "data")
+    output = dvc(repo, env, "repro")
+    assert stages_in(output)["ran"] == ALL_STAGES, output[-3000:]
+    config = project_config(repo / "params.yaml", repo)
+    shared = {k: v for k, v in config.to_dict().items() if k not in ("workdir", "out", "registry_dir", "mlflow_dir")}
+    seap_pipeline(**{**shared, "mlflow": False}, workdir=str(tmp_path / "flow-work"), out=str(tmp_path / "flow"),
+                  registry_dir=str(tmp_path / "flow-reg"))
+    rows = comparable(repo / "results" / "results.json")
+    assert comparable(tmp_path / "flow" / "results.json") == rows and len(rows) == 6
