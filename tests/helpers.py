@@ -131,6 +131,9 @@ SENTENCES = [
 ]
 
 
+GGUF_TOKENIZERS = {"qwen3": "gpt2", "gemma2": "llama", "phi3": "llama"}  # what real files of each family use
+
+
 def gguf_family_model(arch: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
     """A tiny random model of a family whose GGUF files transformers reads, in a configuration
     a GGUF file can describe: what the file has no key for (Qwen3's ``head_dim``, Gemma 2's
@@ -140,9 +143,9 @@ def gguf_family_model(arch: str, layers: int = 4, seed: int = 0) -> torch.nn.Mod
     import transformers as T
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(gguf_tokens()[0]), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+    common = dict(vocab_size=len(gguf_tokens(GGUF_TOKENIZERS[arch])[0]), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   max_position_embeddings=256, rms_norm_eps=1e-5, num_attention_heads=4, num_key_value_heads=2,
-                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                  pad_token_id=0)
     if arch == "qwen3":
         model = T.Qwen3ForCausalLM(T.Qwen3Config(**common, tie_word_embeddings=False))
     elif arch == "gemma2":
@@ -158,18 +161,26 @@ def gguf_family_model(arch: str, layers: int = 4, seed: int = 0) -> torch.nn.Mod
     return model.eval()
 
 
-def gguf_tokens() -> tuple[list[str], list[int], list[str]]:
-    """A byte-level BPE vocabulary (``<|endoftext|>``, the 256 byte symbols, the words of
-    :data:`WORDS` as ``Ġword`` merges), its token types and its merges."""
+def gguf_tokens(kind: str = "gpt2") -> tuple[list[str], list[int], list[str]]:
+    """The vocabulary :func:`write_gguf` writes, its token types and its merges: byte-level BPE
+    (``kind="gpt2"``, as Qwen files: ``<|endoftext|>``, the 256 byte symbols, the words of
+    :data:`WORDS` as ``Ġword`` merges) or sentencepiece (``"llama"``, as Gemma and Phi-3 files:
+    ``<pad> </s> <s> <unk>``, the characters, ``▁word`` pieces in merge order, no merges
+    stored)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    tokens, types, merges = ["<|endoftext|>"], [3], []
-    tokens += list(bytes_to_unicode().values())
-    types += [1] * 256
+    if kind == "gpt2":
+        space, tokens, types = "Ġ", ["<|endoftext|>"], [3]
+        tokens += list(bytes_to_unicode().values())
+    else:
+        space, tokens, types = "\u2581", ["<pad>", "</s>", "<s>", "<unk>"], [3, 3, 3, 2]
+        tokens += ["\u2581", *dict.fromkeys("abcdefghijklmnopqrstuvwxyz0123456789.,?!'")]
+    types += [1] * (len(tokens) - len(types))
+    merges: list[str] = []
     for word in dict.fromkeys(WORDS):
-        piece = "Ġ" + word[0]
+        piece = space + word[0]
         if piece not in tokens:
-            merges.append(f"Ġ {word[0]}")
+            merges.append(f"{space} {word[0]}")
             tokens.append(piece)
             types.append(1)
         for ch in word[1:]:
@@ -179,7 +190,7 @@ def gguf_tokens() -> tuple[list[str], list[int], list[str]]:
                 tokens.append(merged)
                 types.append(1)
             piece = merged
-    return tokens, types, merges
+    return tokens, types, merges if kind == "gpt2" else []
 
 
 def write_gguf(model: torch.nn.Module, path) -> None:
@@ -207,15 +218,24 @@ def write_gguf(model: torch.nn.Module, path) -> None:
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
         writer.add_sliding_window(cfg.sliding_window)
-    tokens, types, merges = gguf_tokens()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    kind = GGUF_TOKENIZERS[arch]
+    tokens, types, merges = gguf_tokens(kind)
+    writer.add_tokenizer_model(kind)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(0)
-    writer.add_pad_token_id(0)
+    if kind == "gpt2":
+        writer.add_tokenizer_pre("qwen2")
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(0)
+        writer.add_pad_token_id(0)
+    else:  # sentencepiece: scores give the merge order
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        writer.add_pad_token_id(0)
+        writer.add_eos_token_id(1)
+        writer.add_bos_token_id(2)
+        writer.add_unk_token_id(3)
+        writer.add_add_bos_token(False)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue

@@ -91,14 +91,16 @@ def test_gguf_of_each_newer_family_loads_and_prunes(tmp_path, arch) -> None:
     write_gguf(model, path)
     loaded = load_model(str(path), device="cpu")
     assert loaded.model.config.model_type == arch and get_adapter(loaded.model).model_types[0] == arch
-    ids = loaded.tokenizer(["the capital of france is paris"], return_tensors="pt")["input_ids"]
-    assert ids.shape[1] == 6  # one token per word: the merges came with the file
+    text = "the capital of france is paris"
+    ids = loaded.tokenizer([text], return_tensors="pt")["input_ids"]
+    # " capital" is one token, so the merges came along (the first word: as the family spells a prefix space)
+    assert loaded.tokenizer.decode(ids[0]) == text and ids.shape[1] <= 8
     with torch.no_grad():
         assert torch.allclose(loaded.model(ids).logits, model(ids).logits, atol=1e-4)
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"task": "facts", "text": s}) + "\n" for s in SENTENCES * 2))
     assert main(["--no-progress", "prune", "--model", str(path), "--calib", str(calib), "--sparsity", "0.3",
-                 "--out", str(tmp_path / "pruned")]) == 0
+                 "--schedule", "uniform", "--out", str(tmp_path / "pruned")]) == 0
     pruned = load_model(str(tmp_path / "pruned"), device="cpu")
     assert pruned.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] == ids.shape[1] + 3
 
