@@ -108,7 +108,12 @@ def _newer_family(arch: str, common: dict, layers: int) -> torch.nn.Module:
                                                      attention_multiplier=0.2, logits_scaling=2.0, **common))
     else:
         raise ValueError(arch)
-    with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w): make them matter
+    return _perturb_norms(model)
+
+
+def _perturb_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm weights start at 1 (or 0 for Gemma's ``1 + w``): perturb them so that they matter."""
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(torch.randn_like(param) * 0.2)
@@ -154,11 +159,7 @@ def gguf_family_model(arch: str, layers: int = 4, seed: int = 0) -> torch.nn.Mod
         model = T.Phi3ForCausalLM(T.Phi3Config(**common, tie_word_embeddings=False))
     else:
         raise ValueError(arch)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.2)
-    return model.eval()
+    return _perturb_norms(model).eval()
 
 
 def gguf_tokens(kind: str = "gpt2") -> tuple[list[str], list[int], list[str]]:
@@ -196,7 +197,8 @@ def gguf_tokens(kind: str = "gpt2") -> tuple[list[str], list[int], list[str]]:
 def write_gguf(model: torch.nn.Module, path) -> None:
     """``model`` as a float32 GGUF file in llama.cpp's conventions: tensor names from gguf-py's
     map for its architecture, Gemma's norms stored as ``1 + w``, the metadata keys transformers
-    reads back, and the byte-level vocabulary of :func:`gguf_tokens`."""
+    reads back, and the vocabulary of :func:`gguf_tokens` of the kind the family's files use
+    (:data:`GGUF_TOKENIZERS`)."""
     import gguf
 
     cfg = model.config

@@ -32,15 +32,16 @@ DEFAULT_THRESHOLD = 0.5
 def featurize(loaded: LoadedModel, texts: Sequence[str], feature_layer: int = 0, batch_size: int = 16,
               max_tokens: int = 256) -> torch.Tensor:
     """Mean-pooled features ``[len(texts), hidden]`` (float32, on CPU)."""
+    hidden = loaded.adapter.text_config(loaded.model.config).hidden_size
     if not texts:
-        return torch.zeros(0, loaded.adapter.text_config(loaded.model.config).hidden_size)
+        return torch.zeros(0, hidden)
     n_layers = len(loaded.adapter.decoder_layers(loaded.model))
     if not 0 <= feature_layer <= n_layers:
         raise SeapError(f"feature layer {feature_layer} is outside 0..{n_layers}", "use 0 (input embeddings) or a layer index")
     ids = [loaded.tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] or [loaded.tokenizer.pad_token_id]
            for t in texts]
     device = next(loaded.model.parameters()).device
-    out = torch.zeros(len(texts), loaded.adapter.text_config(loaded.model.config).hidden_size)
+    out = torch.zeros(len(texts), hidden)
     embed = loaded.model.get_input_embeddings()
     backbone = loaded.adapter.backbone(loaded.model)
     with torch.inference_mode():
