@@ -432,6 +432,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
                    help="WikiText-2 windows of 512 tokens per general mask")
     p.add_argument("--workdir", default=d.workdir, help="shared, content-addressed work folder (a re-run resumes)")
     p.add_argument("--out", default=d.out, help="writes OUT/results/study.{json,md} and study-retention.png")
+    p.add_argument("--ledger", default=None,
+                   help="folder of finished runs, reused on any machine (default: OUT/results/study-runs)")
+    p.add_argument("--fresh", action="store_true", help="measure every run again, replacing the ledger's entries")
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -446,7 +449,7 @@ def _study(args: argparse.Namespace) -> int:
                            sparsities=tuple(args.sparsities), limit=args.limit, samples=args.samples,
                            calibration_sizes=tuple(args.calibration_sizes), selection_items=args.selection_items,
                            kl_texts=args.kl_texts, workdir=args.workdir, out=args.out,
-                           perplexity_windows=args.perplexity_windows,
+                           perplexity_windows=args.perplexity_windows, ledger=args.ledger, fresh=args.fresh,
                            candidates=refit_candidates(args.refit_alphas, args.generic, args.sequential))
     options.config().validate()  # every option checked before any work
     out = sys.stdout

@@ -5,7 +5,13 @@ held-out calibration-side items.
 
 It walks ordinary run plans (:func:`seap.run.plan.make_plan`, executed by
 :func:`seap.run.execute.execute`) in one shared, content-addressed work folder, so a study
-that is stopped resumes where it stopped and a second run only re-does what changed:
+that is stopped resumes where it stopped and a second run only re-does what changed. Each
+finished run of the study (one configuration: a selection candidate, or one compensation at
+one sparsity) is also written to a *ledger* (``<out>/results/study-runs/``, one small JSON
+file per run: its configuration, results, per-item correctness and KL, the code digest and
+commit it was measured with), so a study resumes on another machine, where the work folder
+is gone, from the runs a previous machine finished; ``--fresh`` measures everything again.
+The steps:
 
 1. **selection** (:func:`selection_data`): each task's *train* split is cut in two (seeded);
    the masks are calibrated on the first part, and every candidate setting of the refit (and
@@ -124,6 +130,12 @@ class StudyOptions:
     seed: int = 42
     candidates: Sequence[Compensation] = field(default_factory=refit_candidates)
     base: Mapping[str, Any] = field(default_factory=dict)  # any other RunConfig fields (tests: a tiny model)
+    ledger: str | None = None  # finished runs, reusable on any machine (None: <out>/results/study-runs)
+    fresh: bool = False  # measure every run again (ledger entries are replaced)
+
+    @property
+    def ledger_dir(self) -> Path:
+        return Path(self.ledger) if self.ledger else Path(self.out) / "results" / "study-runs"
 
     def config(self, **changes: Any) -> RunConfig:
         values = dict(model=self.model, data_dir=self.data_dir, tasks=list(self.tasks), samples=self.samples,
@@ -196,7 +208,7 @@ def _selection_config(options: StudyOptions, tasks: Sequence[str], changes: Mapp
                           sparsities=list(options.selection_sparsities), limit=None, **changes)
 
 
-def select_refit(options: StudyOptions, run: Callable[[RunConfig], Path], say: Callable[[str], None]
+def select_refit(options: StudyOptions, run: Callable[[str, RunConfig], StudyRun], say: Callable[[str], None]
                  ) -> tuple[Compensation, dict[str, Any]]:
     """Score every candidate on the held-out train items; the best mean accuracy wins."""
     folder = _selection_folder(options)
@@ -204,8 +216,8 @@ def select_refit(options: StudyOptions, run: Callable[[RunConfig], Path], say: C
     tasks = selection_data(options.config(), folder, options.selection_items, options.seed, generic)
     scores: dict[str, Any] = {}
     for candidate in (NO_COMPENSATION, BIAS_COMPENSATION, *options.candidates):
-        config = _selection_config(options, tasks, candidate.changes)
-        rows = _rows(run(config))
+        done = run(f"selection-{candidate.name}", _selection_config(options, tasks, candidate.changes))
+        rows = done.rows
         values = {key: row["average"]["table"] for key, row in rows.items() if key != DENSE}
         scores[candidate.name] = {"label": candidate.label, "rows": values,
                                   "mean": sum(values.values()) / len(values), "dense": rows[DENSE]["average"]["table"]}
@@ -214,22 +226,20 @@ def select_refit(options: StudyOptions, run: Callable[[RunConfig], Path], say: C
     return best, {"tasks": tasks, "items_per_task": options.selection_items, "scores": scores, "chosen": best.name}
 
 
-def selection_control(options: StudyOptions, best: Compensation, tasks: Sequence[str], progress: bool = False
-                      ) -> list[dict[str, Any]]:
+def selection_control(options: StudyOptions, best: Compensation, tasks: Sequence[str],
+                      run: Callable[[str, RunConfig], StudyRun]) -> list[dict[str, Any]]:
     """On the held-out train items: the SEAP expert minus each same-schedule baseline under the
     chosen refit, with the baselines refitted on the pooled corpora (the chosen setting) and on
     each task's own corpus (the control), paired. Empty when the chosen setting does not refit."""
     from seap.evaluation.significance import paired_difference, verdict
-    from seap.run.plan import make_plan
 
     if not best.changes.get("reconstruct"):
         return []
     out = []
     for corpus in ("own", "per-task"):
         config = _selection_config(options, tasks, {**best.changes, "refit_corpus": corpus})
-        outputs, report = execute_config(config, progress)
-        rows = _rows(report)
-        items = row_correctness(outputs, {j.row: j.key for j in make_plan(config).jobs if j.row}, config.metric)
+        done = run(f"selection-{best.name}" if corpus == "own" else f"selection-{best.name}-{corpus}", config)
+        rows, items = done.rows, done.items
         for sparsity in options.selection_sparsities:
             expert = row_key("seap-expert", sparsity)
             for baseline in SAME_SCHEDULE:
@@ -241,20 +251,32 @@ def selection_control(options: StudyOptions, best: Compensation, tasks: Sequence
     return out
 
 
-# -- 2./3. the reported rows ---------------------------------------------------------------
+# -- 2./3. the reported rows, and the ledger of finished runs ------------------------------
 
 
 @dataclass
 class StudyRun:
-    """One executed plan of the study: its configuration and where its outputs are."""
+    """One finished run of the study (measured now, or read from the ledger): its configuration,
+    its results (``results.json``), each row's per-item correctness and each mask row's KL."""
 
     name: str
     config: RunConfig
-    outputs: dict[str, str]  # job key -> output folder
-    report: Path
+    results: dict[str, Any]
+    items: dict[str, dict[str, dict[int, float]]]  # row -> task -> item -> correctness
+    kl: dict[str, Any] = field(default_factory=dict)  # row -> {"tasks": ..., "mean": ...}
+    measured: dict[str, Any] = field(default_factory=dict)  # code digest, commit, seconds, date
+    reused: bool = False  # read from the ledger
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return {row_key(r["method"], r["sparsity"]): r for r in self.results["rows"]}
 
 
 JOB_EVENTS: list[Callable[[Any], None]] = []  # where finished jobs are announced (the CLI's one-line view)
+LEDGER_FORMAT = "seap-study-run/1"
+# RunConfig fields that do not change a run's numbers (where outputs go, what is registered, speed)
+_LEDGER_IGNORES = ("workdir", "out", "registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment", "bench",
+                   "bench_repeats", "dask_workers", "dask_address", "stats_shards")
 
 
 def execute_config(config: RunConfig, progress: bool) -> tuple[dict[str, str], Path]:
@@ -270,6 +292,93 @@ def execute_config(config: RunConfig, progress: bool) -> tuple[dict[str, str], P
     done = execute(plan, ctx, on_event=lambda e: [f(e) for f in JOB_EVENTS])
     outputs = {key: str(done.path(key)) for key in done.outputs}
     return outputs, done.path("report")
+
+
+def ledger_material(config: RunConfig, kl_texts: int) -> dict[str, Any]:
+    """What a run's numbers depend on, as the ledger matches it: every configuration field but
+    output locations and registration, the data folder by its content, and the KL texts."""
+    from seap.contenthash import tree_digest
+
+    values = {k: v for k, v in config.to_dict().items() if k not in _LEDGER_IGNORES}
+    if values.get("data_dir"):
+        values["data_dir"] = {"digest": tree_digest(values["data_dir"])}
+    values["kl_texts"] = kl_texts
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def _code_version() -> dict[str, Any]:
+    """The digest of every stage's source and, in a git checkout, the commit."""
+    import subprocess
+    from seap.contenthash import code_digest
+    from seap.run.plan import STAGES
+
+    version: dict[str, Any] = {"code": code_digest(m for s in STAGES.values() for m in s.modules)[:16]}
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=Path(__file__).parent.parent,
+                               capture_output=True, text=True, timeout=10)
+        if found.returncode == 0:
+            version["commit"] = found.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def encode_correctness(values: Mapping[int, float]) -> dict[str, Any]:
+    """Per-item correctness, compact: a string of 0/1 digits in item order (a list when a
+    value is fractional), with the item ids unless they are 0..n-1."""
+    ids = sorted(values)
+    scores = [values[i] for i in ids]
+    out: dict[str, Any] = {"values": "".join(str(int(v)) for v in scores) if all(v in (0.0, 1.0) for v in scores)
+                           else scores}
+    if ids != list(range(len(ids))):
+        out["ids"] = ids
+    return out
+
+
+def decode_correctness(data: Mapping[str, Any]) -> dict[int, float]:
+    """The inverse of :func:`encode_correctness`."""
+    raw = data["values"]
+    scores = [float(c) for c in raw] if isinstance(raw, str) else [float(v) for v in raw]
+    ids = data.get("ids", range(len(scores)))
+    if len(ids) != len(scores):
+        raise SeapError("a study ledger entry has per-item values that do not match its item ids",
+                        "delete that entry (it will be measured again)")
+    return dict(zip(ids, scores))
+
+
+def study_run(options: StudyOptions, name: str, config: RunConfig, say: Callable[[str], None], progress: bool = False,
+              kl: bool = False) -> StudyRun:
+    """Run ``config`` (or read it from the ledger, when an entry with the same name and the same
+    :func:`ledger_material` is there and ``options.fresh`` is off); a run measured now is
+    written to the ledger at once."""
+    started = time.perf_counter()
+    material = ledger_material(config, options.kl_texts if kl else 0)
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+    path = options.ledger_dir / f"{name}-{digest}.json"
+    if path.is_file() and not options.fresh:
+        entry = read_json(path, "study ledger entry")
+        if entry.get("format") == LEDGER_FORMAT and entry.get("material") == material:
+            items = {row: {task: decode_correctness(v) for task, v in tasks.items()}
+                     for row, tasks in entry["items"].items()}
+            say(f"{name}: from the ledger (measured {entry['measured'].get('date', '?')}, "
+                f"{entry['measured'].get('commit', 'code ' + entry['measured'].get('code', '?'))})")
+            return StudyRun(name, config, entry["results"], items, entry.get("kl", {}), entry["measured"], True)
+    from seap.run.plan import make_plan
+
+    outputs, report = execute_config(config, progress)
+    plan_rows = {j.row: j.key for j in make_plan(config).jobs if j.row}
+    items = row_correctness(outputs, plan_rows, config.metric)
+    results = read_json(report / "results.json", "results file")
+    kl_values = measure_kl(config, outputs, options.kl_texts, lambda text: say(f"{name}: {text}")) if kl else {}
+    measured = {**_code_version(), "seconds": round(time.perf_counter() - started, 1),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    atomic_write_json(path, {"format": LEDGER_FORMAT, "name": name, "material": material, "measured": measured,
+                             "results": results, "kl": kl_values,
+                             "items": {row: {task: encode_correctness(v) for task, v in tasks.items()}
+                                       for row, tasks in items.items()}})
+    return StudyRun(name, config, results, items, kl_values, measured)
 
 
 # -- 4. analysis -------------------------------------------------------------------------
@@ -289,22 +398,19 @@ def row_correctness(outputs: Mapping[str, str], plan_rows: Mapping[str, str], me
     return out
 
 
-def analyse(runs: Sequence[StudyRun], kl: Mapping[str, Mapping[str, Any]], metric: str) -> dict[str, Any]:
-    """Every number of the study's tables from the executed runs (pure apart from reading files)."""
+def analyse(runs: Sequence[StudyRun], metric: str) -> dict[str, Any]:
+    """Every number of the study's tables from the finished runs (pure). Runs that share a name
+    (one compensation, one run per sparsity) make one table; the dense row is taken once."""
     from seap.evaluation.metrics import retention
     from seap.evaluation.significance import bootstrap_average, paired_difference, verdict, wilson_interval
-    from seap.run.plan import make_plan
 
     table: list[dict[str, Any]] = []
     paired: list[dict[str, Any]] = []
     headline: list[str] | None = None
     excluded: dict[str, Any] = {}
+    seen: set[tuple[str, str]] = set()
     for run in runs:
-        plan = make_plan(run.config)
-        plan_rows = {j.row: j.key for j in plan.jobs if j.row}
-        results = read_json(run.report / "results.json", "results file")
-        rows = {row_key(r["method"], r["sparsity"]): r for r in results["rows"]}
-        items = row_correctness(run.outputs, plan_rows, metric)
+        rows, items = run.rows, run.items
         dense = rows[DENSE]
         if headline is None:
             headline = []
@@ -315,8 +421,9 @@ def analyse(runs: Sequence[StudyRun], kl: Mapping[str, Mapping[str, Any]], metri
                 else:
                     excluded[task] = {"dense": value, "chance": t["chance"]}
         for key, row in rows.items():
-            if key == DENSE and run is not runs[0]:
+            if (key == DENSE and table) or (run.name, key) in seen:
                 continue
+            seen.add((run.name, key))
             per_task = {}
             for task, t in row["tasks"].items():
                 values = items[key].get(task, {})
@@ -331,7 +438,7 @@ def analyse(runs: Sequence[StudyRun], kl: Mapping[str, Mapping[str, Any]], metri
                      "headline_ci95": (low, high),
                      "starter": _mean([per_task[t]["accuracy"] for t in DEFAULT_TASKS if t in per_task]),
                      "retention": retention(row, dense, metric, list(head)),
-                     "kl": kl.get(f"{run.name}/{key}")}
+                     "kl": run.kl.get(key)}
             table.append(entry)
         for sparsity in run.config.sparsities:
             expert = row_key("seap-expert", sparsity)
@@ -358,10 +465,12 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def measure_kl(run: StudyRun, texts_per_task: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """Mean KL from dense on each task's held-out text, for every mask row of ``run`` (an
-    expert row: each task with its own expert; not the routed row, whose mask depends on each
-    input), cached in the work folder by the masks' content."""
+def measure_kl(c: RunConfig, outputs: Mapping[str, str], texts_per_task: int, say: Callable[[str], None]
+               ) -> dict[str, Any]:
+    """Row -> mean KL from dense on each task's held-out text, for every mask row of the run of
+    ``c`` whose job outputs are ``outputs`` (an expert row: each task with its own expert; not
+    the routed row, whose mask depends on each input), cached in the work folder by the masks'
+    content."""
     from seap.data.catalogue import TaskCatalogue
     from seap.evaluation.divergence import heldout_texts, mean_kl
     from seap.maths.masks import PruningMask
@@ -369,7 +478,6 @@ def measure_kl(run: StudyRun, texts_per_task: int, say: Callable[[str], None]) -
     from seap.run.plan import make_plan
     from seap.run.stages import StageContext
 
-    c = run.config
     plan = make_plan(c)
     ctx = StageContext(Path(c.workdir) / "task-files")
     specs = TaskCatalogue(c.data_dir, Path(c.workdir) / "task-files").resolve(c.tasks)
@@ -378,32 +486,33 @@ def measure_kl(run: StudyRun, texts_per_task: int, say: Callable[[str], None]) -
     out: dict[str, Any] = {}
     for job in plan.of_stage("evaluate"):
         masks = job.inputs["masks"]
-        cache_key = {"masks": sorted(Path(run.outputs[k]).name for k in masks.values()),
+        cache_key = {"masks": sorted(Path(outputs[k]).name for k in masks.values()),
                      "tasks": sorted(texts), "texts": texts_per_task, "seed": c.seed}
         digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:24]
         cache = Path(c.workdir) / "kl" / f"{job.name.replace('@', '_')}-{digest}.json"
         if cache.is_file() and read_json(cache, "KL cache").get("key") == cache_key:
-            out[f"{run.name}/{job.row}"] = read_json(cache, "KL cache")["kl"]
+            out[job.row] = read_json(cache, "KL cache")["kl"]
             continue
         if base is None:
-            base = ctx.base(run.outputs["model"])
+            base = ctx.base(outputs["model"])
         per_task = {}
         pruned: dict[str, Any] = {}  # one model per mask (a general mask serves every task)
         for task, text in texts.items():
             mask_key = masks.get(task) or masks["general"]
             if mask_key not in pruned:
-                pruned[mask_key] = apply_mask(base, PruningMask.load(run.outputs[mask_key]), "hard")
+                pruned[mask_key] = apply_mask(base, PruningMask.load(outputs[mask_key]), "hard")
             per_task[task] = mean_kl(base, pruned[mask_key], text)["kl"]
         value = {"tasks": per_task, "mean": sum(per_task.values()) / len(per_task)}
         atomic_write_json(cache, {"key": cache_key, "kl": value})
-        out[f"{run.name}/{job.row}"] = value
-        say(f"KL {run.name}/{job.row}: {value['mean']:.3f}")
+        out[job.row] = value
+        say(f"KL {job.row}: {value['mean']:.3f}")
     return out
 
 
 __all__ = ["BIAS_COMPENSATION", "NO_COMPENSATION", "STUDY_METHODS", "Compensation", "StudyOptions", "StudyRun",
-           "analyse", "execute_config", "measure_kl", "refit_candidates", "run_study", "select_refit", "selection_data",
-           "study_markdown", "targets", "write_study"]
+           "analyse", "decode_correctness", "encode_correctness", "execute_config", "ledger_material", "measure_kl",
+           "refit_candidates", "run_study", "select_refit", "selection_data", "study_markdown", "study_run", "targets",
+           "write_study"]
 
 
 # -- the whole study -----------------------------------------------------------------------
@@ -413,18 +522,20 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
     """Selection, the rows under each compensation, calibration sizes, KL, analysis; writes
     ``<out>/results/study.{json,md}`` and the retention plot. Returns the study record."""
     started = time.perf_counter()
+    every: list[StudyRun] = []
 
-    def run(config: RunConfig) -> Path:
-        return execute_config(config, progress)[1]
+    def run(name: str, config: RunConfig, kl: bool = False) -> StudyRun:
+        done = study_run(options, name, config, say, progress, kl)
+        every.append(done)
+        return done
 
     best, selection = select_refit(options, run, say)
     say(f"chosen refit: {best.label}")
-    selection["control"] = selection_control(options, best, selection["tasks"], progress)
+    selection["control"] = selection_control(options, best, selection["tasks"], run)
     atomic_write_json(Path(options.out) / "results" / "study-selection.json",  # kept if the study stops later
                       {"model": options.model, "tasks": list(options.tasks), "selection": selection})
     runs: list[StudyRun] = []
     sizes: list[StudyRun] = []
-    kl: dict[str, Any] = {}
     record: dict[str, Any] = {
         "model": options.model, "tasks": list(options.tasks), "sparsities": list(options.sparsities),
         "samples": options.samples, "limit": options.limit, "selection": selection,
@@ -433,35 +544,40 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
 
     def publish(done: str) -> None:  # the tables so far, after every phase (a stopped study keeps them)
         metric = runs[0].config.metric
-        analysis = analyse(runs, kl, metric)
+        perplexity: dict[str, Any] = {}
+        for r in runs:
+            if r.results.get("perplexity"):
+                perplexity.setdefault(r.name, {}).update(r.results["perplexity"])
         record.update({
-            "metric": metric, "compensations": [r.name for r in runs], **analysis,
-            "perplexity": {r.name: read_json(r.report / "results.json", "results").get("perplexity") for r in runs},
-            "calibration_sizes": analyse(sizes, {}, metric)["rows"] if sizes else [],
+            "metric": metric, "compensations": list(dict.fromkeys(r.name for r in runs)), **analyse(runs, metric),
+            "perplexity": perplexity,
+            "calibration_sizes": analyse(sizes, metric)["rows"] if sizes else [],
             "phases_done": done, "seconds": time.perf_counter() - started,
+            "measured_seconds": sum(r.measured.get("seconds", 0) for r in every),
+            "ledger": {"runs": len(every), "reused": sum(r.reused for r in every),
+                       "versions": sorted({r.measured.get("commit") or r.measured.get("code", "?") for r in every})},
         })
         write_study(record, Path(options.out))
 
-    # (name, label, methods, configuration changes): the chosen refit first, then its control
+    # (name, label, methods, configuration changes): the chosen refit first, then its control;
+    # one run per sparsity (what the ledger keeps when a study stops half-way)
     phases = [(best.name, best.label, STUDY_METHODS, best.changes)]
     if best.changes.get("reconstruct"):  # the same-schedule baselines refitted on each task's corpus too
         phases.append((CONTROL, f"{best.label}, baselines refitted per task (control)", CONTROL_METHODS,
                        {**best.changes, "refit_corpus": "per-task"}))
     phases += [(c.name, c.label, STUDY_METHODS, c.changes) for c in (NO_COMPENSATION, BIAS_COMPENSATION)]
     for name, label, methods, changes in phases:
-        config = options.config(methods=list(methods), sparsities=list(options.sparsities),
-                                perplexity=options.perplexity and name != CONTROL, **changes)
-        outputs, report = execute_config(config, progress)
-        runs.append(StudyRun(name, config, outputs, report))
-        kl.update(measure_kl(runs[-1], options.kl_texts, say))
-        publish(f"rows: {', '.join(r.name for r in runs)}")
+        for sparsity in options.sparsities:
+            config = options.config(methods=list(methods), sparsities=[sparsity],
+                                    perplexity=options.perplexity and name != CONTROL, **changes)
+            runs.append(run(name, config, kl=True))
+            publish(f"rows: {', '.join(dict.fromkeys(r.name for r in runs))} (last: {sparsity:g})")
         say(f"rows with {label}: done")
     for samples in options.calibration_sizes:
         for compensation in (NO_COMPENSATION, best):
             config = options.config(methods=["seap-expert"], sparsities=list(options.calibration_size_sparsities),
                                     samples=samples, **compensation.changes)
-            outputs, report = execute_config(config, progress)
-            sizes.append(StudyRun(f"samples-{samples}-{compensation.name}", config, outputs, report))
+            sizes.append(run(f"samples-{samples}-{compensation.name}", config))
         say(f"calibration size {samples}: done")
     publish("all")
     return record
@@ -525,7 +641,12 @@ def study_markdown(record: Mapping[str, Any]) -> str:
     lines = [f"Model `{record['model']}`; tasks {', '.join(record['tasks'])}; "
              f"{record['samples']} calibration records per task; items per task: "
              f"{'all' if record['limit'] is None else record['limit']}; metric `{record['metric']}`; "
-             f"run time {record['seconds'] / 60:.0f} min; phases done: {record.get('phases_done', 'all')}.", ""]
+             f"run time {record.get('measured_seconds', record['seconds']) / 60:.0f} min of measuring "
+             f"(this pass {record['seconds'] / 60:.0f} min); phases done: {record.get('phases_done', 'all')}.", ""]
+    ledger = record.get("ledger")
+    if ledger:
+        lines[0] += (f" Runs: {ledger['runs']}, {ledger['reused']} of them read from the ledger; measured with "
+                     f"{', '.join(ledger['versions'])}.")
     head = record["headline_tasks"]
     lines.append(f"Headline average over: {', '.join(head)}.")
     if record["excluded_tasks"]:

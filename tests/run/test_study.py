@@ -4,12 +4,14 @@ paired tests, KL, the written report; and the pure significance functions it use
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from seap.errors import SeapError
-from seap.run.study import NO_COMPENSATION, Compensation, StudyOptions, refit_candidates, run_study, selection_data
+from seap.run.study import (NO_COMPENSATION, Compensation, StudyOptions, decode_correctness, encode_correctness,
+                             refit_candidates, run_study, selection_data)
 from tests.helpers_flows import tiny_project
 
 
@@ -60,6 +62,28 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
     # a second run reuses every job and gives the same numbers
     again = run_study(options, say=lambda _: None)
     assert [r["headline"] for r in again["rows"]] == [r["headline"] for r in record["rows"]]
+    # on another machine (no work folder), the ledger of finished runs gives every number without running a job
+    ledger = sorted(p.name for p in (written / "study-runs").glob("*.json"))
+    assert any(n.startswith("selection-ls-") for n in ledger) and any(n.startswith("control-per-task-") for n in ledger)
+    elsewhere = replace(options, workdir=str(tmp_path / "elsewhere" / "work"))
+    said: list[str] = []
+    moved = run_study(elsewhere, say=said.append)
+    assert [(r["row"], r["headline"], r["kl"]) for r in moved["rows"]] == \
+        [(r["row"], r["headline"], r["kl"]) for r in record["rows"]]
+    assert json.dumps(moved["paired"]) == json.dumps(record["paired"]) and moved["ledger"]["reused"] == moved["ledger"]["runs"]
+    assert not (tmp_path / "elsewhere" / "work" / "evaluate").exists() and any("from the ledger" in s for s in said)
+    # a changed setting is measured, not read: the entry is matched on everything the numbers depend on
+    changed = run_study(replace(elsewhere, kl_texts=3), say=lambda _: None)
+    assert changed["ledger"]["reused"] < changed["ledger"]["runs"]
+
+
+def test_per_item_correctness_round_trips_through_the_ledger_encoding() -> None:
+    for values in ({0: 1.0, 1: 0.0, 2: 1.0}, {3: 0.0, 7: 1.0}, {0: 0.5, 1: 1.0}, {}):
+        encoded = encode_correctness(values)
+        assert decode_correctness(json.loads(json.dumps(encoded))) == values
+    assert encode_correctness({0: 1.0, 1: 0.0}) == {"values": "10"}  # compact when ids are 0..n-1
+    with pytest.raises(SeapError, match="do not match"):
+        decode_correctness({"values": "101", "ids": [0, 1]})
 
 
 def test_too_few_train_records_to_hold_out_is_a_clear_error(tmp_path) -> None:
