@@ -111,6 +111,47 @@ def _newer_family(arch: str, common: dict, layers: int) -> torch.nn.Module:
     return _perturb_norms(model)
 
 
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "granitemoe")
+
+
+def make_tiny_moe(arch: str = "qwen3_moe", layers: int = 3, seed: int = 0, experts: int = 8, top_k: int = 2,
+                  normalise: bool = False) -> LoadedModel:
+    """A tiny random mixture-of-experts model of each family, with its special parts on: a dense
+    layer among the routed ones (Qwen3-MoE ``mlp_only_layers``), a shared expert (Qwen2-MoE),
+    un-normalised top-k weights where the family allows it (``normalise``)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=layers, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  num_attention_heads=8, num_key_value_heads=4, num_experts_per_tok=top_k)
+    if arch == "qwen3_moe":
+        model = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**common, head_dim=8, intermediate_size=96, moe_intermediate_size=32,
+                                                       num_experts=experts, norm_topk_prob=normalise,
+                                                       mlp_only_layers=[1] if layers > 2 else []))
+    elif arch == "qwen2_moe":
+        model = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
+                                                       shared_expert_intermediate_size=48, num_experts=experts,
+                                                       norm_topk_prob=normalise))
+    elif arch == "mixtral":
+        model = T.MixtralForCausalLM(T.MixtralConfig(**common, intermediate_size=32, num_local_experts=experts))
+    elif arch == "olmoe":
+        model = T.OlmoeForCausalLM(T.OlmoeConfig(**common, intermediate_size=32, num_experts=experts,
+                                                 norm_topk_prob=normalise))
+    elif arch == "granitemoe":
+        model = T.GraniteMoeForCausalLM(T.GraniteMoeConfig(**common, intermediate_size=32, num_local_experts=experts,
+                                                           embedding_multiplier=4.0, residual_multiplier=0.5,
+                                                           attention_multiplier=0.2, logits_scaling=2.0))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # routers start at zero in some families: make routing depend on the input
+        for name, param in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")):
+                param.normal_(0, 0.5)
+    return wrap_model(_perturb_norms(model).eval(), tok, source=f"tiny:{arch}")
+
+
 def _perturb_norms(model: torch.nn.Module) -> torch.nn.Module:
     """Norm weights start at 1 (or 0 for Gemma's ``1 + w``): perturb them so that they matter."""
     with torch.no_grad():

@@ -13,13 +13,14 @@ from seap.errors import UnsupportedArchitectureError
 from seap.model.adapters import ADAPTERS, supported_gguf_architectures, supported_model_types
 from seap.model.loading import load_model
 from seap.model.surgery import apply_mask
-from tests.helpers import ARCHS, make_tiny_model
+from tests.helpers import ARCHS, MOE_ARCHS, make_tiny_model, make_tiny_moe
 from tests.model.test_surgery import logits, mask_for
 
 
 def test_every_registered_model_type_has_a_tiny_model_in_the_property_tests() -> None:
     """A family cannot be added without a tiny model that the shared property tests walk."""
     covered = {make_tiny_model(arch, layers=2).model.config.model_type for arch in ARCHS}
+    covered |= {make_tiny_moe(arch, layers=2).model.config.model_type for arch in MOE_ARCHS}  # test_expert_pruning
     assert set(supported_model_types()) <= covered, set(supported_model_types()) - covered
     assert {"qwen3", "gemma2", "gemma3", "phi3"} <= set(supported_gguf_architectures())
     assert len({cls.name for cls in ADAPTERS}) == len(ADAPTERS)  # one adapter per family

@@ -9,17 +9,24 @@ from seap.model.adapters.base import ArchitectureAdapter, LayerModules
 from seap.model.adapters.gemma2 import Gemma2Adapter
 from seap.model.adapters.gemma3 import Gemma3Adapter
 from seap.model.adapters.granite import GraniteAdapter
+from seap.model.adapters.granitemoe import GraniteMoeAdapter
 from seap.model.adapters.llama import LlamaAdapter
 from seap.model.adapters.mistral import MistralAdapter
+from seap.model.adapters.mixtral import MixtralAdapter
+from seap.model.adapters.moe import MoeAdapter
 from seap.model.adapters.olmo2 import Olmo2Adapter
+from seap.model.adapters.olmoe import OlmoeAdapter
 from seap.model.adapters.phi3 import Phi3Adapter
 from seap.model.adapters.qwen2 import Qwen2Adapter
+from seap.model.adapters.qwen2_moe import Qwen2MoeAdapter
 from seap.model.adapters.qwen3 import Qwen3Adapter
+from seap.model.adapters.qwen3_moe import Qwen3MoeAdapter
 from seap.model.adapters.smollm3 import SmolLM3Adapter
 
 ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (
     LlamaAdapter, Qwen2Adapter, MistralAdapter, Qwen3Adapter, Gemma2Adapter, Gemma3Adapter, Phi3Adapter,
-    Olmo2Adapter, SmolLM3Adapter, GraniteAdapter)
+    Olmo2Adapter, SmolLM3Adapter, GraniteAdapter,
+    Qwen3MoeAdapter, Qwen2MoeAdapter, MixtralAdapter, OlmoeAdapter, GraniteMoeAdapter)  # mixture-of-experts
 
 
 def supported_model_types() -> list[str]:
@@ -56,6 +63,7 @@ __all__ = [
     "ADAPTERS",
     "ArchitectureAdapter",
     "LayerModules",
+    "MoeAdapter",
     "adapter_for_model_type",
     "get_adapter",
     "supported_gguf_architectures",

@@ -1,0 +1,324 @@
+"""Expert pruning of mixture-of-experts layers (the PreMoe idea, in SEAP's engine): router
+statistics per task, expert scores, and the expert mask.
+
+**Router statistics** (:class:`RouterStatistics`), per MoE layer over a task's real tokens
+(padding excluded), accumulated in float64 and exactly mergeable across shards (sums):
+
+* ``tokens``: tokens seen;
+* ``selected[e]``: tokens whose top-k includes expert ``e`` (the dense model's routing);
+* ``prob_sum[e]``: the router's softmax probability of ``e``, summed;
+* ``top1_logit_sum[e]``: the raw router logit of ``e`` summed over the tokens whose top-1
+  expert is ``e`` (PreMoe's marker);
+* ``weight_sum[e]``: the routing weight ``e`` got (0 when not selected), summed;
+* ``reap_sum[e]``: routing weight times the L2 norm of ``e``'s output, summed over the tokens
+  routed to ``e``.
+
+**Scores** (:data:`EXPERT_SCORES`, higher = keep):
+
+* ``tcess``: PreMoe's task-conditioned expected selection score as its released code
+  computes it (``collect_utils.py``: a hook on each gate recomputes the raw logits
+  ``x W^T`` in float32, keeps each token's top-1 logit and zeroes the rest, sums over tokens
+  and divides by the number of all tokens): ``top1_logit_sum / tokens``. The code hard-codes
+  top-1 (``k = 1``, ``r = -1``); its unused threshold branch is not reproduced. Being raw
+  logits, a score can be negative, so an expert never chosen (score 0) can outrank one chosen
+  with negative logits; ``frequency`` and ``reap`` have no such quirk;
+* ``frequency``: ``selected / tokens``, the share of tokens that route to ``e``;
+* ``reap``: REAP (Cerebras, 2025): ``reap_sum / selected``, the mean over the tokens routed to
+  ``e`` of its routing weight times its output norm (0 for an expert never selected).
+
+**Masks** (:class:`ExpertMask`): per MoE layer, which experts to keep; a small artifact tied to
+the base model's fingerprint like :class:`seap.maths.masks.PruningMask`. The sparsity is the
+fraction of routed-expert parameters removed; each layer keeps ``E - round(s * E)`` experts
+(``uniform``), and never fewer than the router's top-k unless ``allow_k_reduction`` (then top-k
+is clamped to the experts kept).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seap import __version__
+from seap.artifacts import ArtifactKind, read_artifact, require, write_artifact
+from seap.errors import ArtifactError, ModelMismatchError, SeapError
+from seap.io import short_hash
+
+EXPERT_SCORES = ("tcess", "frequency", "reap")
+DEFAULT_EXPERT_SCORE = "tcess"
+ROUTER_FIELDS = ("selected", "prob_sum", "top1_logit_sum", "weight_sum", "reap_sum")
+EXPERT_MASK_ARTIFACT = ArtifactKind("seap-expert-mask", 1, "experts.safetensors", "experts.json",
+                                    "rebuild the expert mask with `seap experts`")
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRouterStatistics:
+    """Sums over one MoE layer's tokens (see the module docstring); float64 [E] each."""
+
+    tokens: int
+    selected: torch.Tensor
+    prob_sum: torch.Tensor
+    top1_logit_sum: torch.Tensor
+    weight_sum: torch.Tensor
+    reap_sum: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_experts: int) -> LayerRouterStatistics:
+        z = lambda: torch.zeros(num_experts, dtype=torch.float64)  # noqa: E731
+        return cls(0, z(), z(), z(), z(), z())
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.selected.numel())
+
+    def merge(self, other: LayerRouterStatistics) -> LayerRouterStatistics:
+        if other.num_experts != self.num_experts:
+            raise SeapError("router statistics of layers with different expert counts cannot be merged",
+                            "merge statistics of the same model")
+        return LayerRouterStatistics(self.tokens + other.tokens,
+                                     *(getattr(self, f) + getattr(other, f) for f in ROUTER_FIELDS))
+
+
+def route(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A router's decision from its logits [T, E]: softmax probabilities [T, E] (float64), the
+    top-k expert indices [T, k] and their routing weights [T, k] (renormalised to sum to one
+    when ``normalise``)."""
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)
+    top, index = torch.topk(probs, top_k, dim=-1)
+    if normalise:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return probs, index, top
+
+
+def router_sums(logits: torch.Tensor, top_k: int, normalise: bool,
+                output_norms: torch.Tensor | None = None) -> LayerRouterStatistics:
+    """The statistics of one batch of real tokens: ``logits`` [T, E] of the router,
+    ``output_norms`` [T, E] the L2 norm of each expert's output on each token (only the entries
+    of routed experts are read; ``None``: no REAP sums)."""
+    t, e = logits.shape
+    probs, index, weights = route(logits, top_k, normalise)
+    stats = LayerRouterStatistics.zeros(e)
+    stats.tokens = int(t)
+    routed = torch.zeros(t, e, dtype=torch.float64).scatter_(1, index, weights)
+    chosen = torch.zeros(t, e, dtype=torch.float64).scatter_(1, index, 1.0)
+    stats.selected += chosen.sum(0)
+    stats.prob_sum += probs.sum(0)
+    stats.weight_sum += routed.sum(0)
+    top1 = logits.to(torch.float64).argmax(dim=-1)
+    stats.top1_logit_sum.index_add_(0, top1, logits.to(torch.float64).gather(1, top1[:, None])[:, 0])
+    if output_norms is not None:
+        stats.reap_sum += (routed * output_norms.to(torch.float64) * chosen).sum(0)
+    return stats
+
+
+@dataclass
+class RouterStatistics:
+    """One task's router statistics over every MoE layer of a model."""
+
+    layers: dict[int, LayerRouterStatistics]
+    top_k: dict[int, int]
+    meta: dict[str, Any] = field(default_factory=dict)  # fingerprint, task, model source, ...
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task", "?"))
+
+    def merge(self, other: RouterStatistics) -> RouterStatistics:
+        """Exact merge of two shards (or tasks) of the same model."""
+        if other.meta.get("fingerprint") != self.meta.get("fingerprint"):
+            raise ModelMismatchError("router statistics come from different models", "merge statistics of one model")
+        if set(other.layers) != set(self.layers):
+            raise SeapError("router statistics cover different MoE layers", "merge statistics of one model")
+        tasks = sorted({*str(self.meta.get("task", "")).split("+"), *str(other.meta.get("task", "")).split("+")} - {""})
+        return RouterStatistics({i: self.layers[i].merge(other.layers[i]) for i in self.layers}, dict(self.top_k),
+                                {**self.meta, "task": "+".join(tasks)})
+
+
+# -- scores ------------------------------------------------------------------------------
+
+
+def expert_scores(stats: LayerRouterStatistics, score: str = DEFAULT_EXPERT_SCORE) -> torch.Tensor:
+    """One layer's expert scores [E] (float64; higher = keep), see :data:`EXPERT_SCORES`."""
+    if score not in EXPERT_SCORES:
+        raise SeapError(f"unknown expert score {score!r}", f"use one of: {', '.join(EXPERT_SCORES)}")
+    if stats.tokens <= 0:
+        raise SeapError("router statistics over no tokens", "collect statistics on a non-empty corpus")
+    if score == "tcess":
+        return stats.top1_logit_sum / stats.tokens
+    if score == "frequency":
+        return stats.selected / stats.tokens
+    return torch.where(stats.selected > 0, stats.reap_sum / stats.selected.clamp(min=1), torch.zeros_like(stats.reap_sum))
+
+
+# -- masks -------------------------------------------------------------------------------
+
+
+def kept_count(num_experts: int, top_k: int, sparsity: float, allow_k_reduction: bool = False) -> int:
+    """How many of a layer's ``num_experts`` experts a ``sparsity`` keeps: ``E - round(s E)``,
+    refused below ``top_k`` unless ``allow_k_reduction`` (never below one)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise SeapError(f"expert sparsity {sparsity} is outside [0, 1)", "pass a fraction such as 0.5")
+    keep = num_experts - int(round(sparsity * num_experts))
+    if keep < top_k and not allow_k_reduction:
+        raise SeapError(f"sparsity {sparsity:g} keeps {keep} of {num_experts} experts, fewer than the router's "
+                        f"top-{top_k}", f"use a sparsity of at most {(num_experts - top_k) / num_experts:g}, or pass "
+                        "--allow-k-reduction to route each token to fewer experts")
+    return max(keep, 1)
+
+
+def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool [E]: the ``keep`` highest scores (ties broken by the lower index)."""
+    order = torch.argsort(-scores.to(torch.float64), stable=True)
+    flags = torch.zeros(scores.numel(), dtype=torch.bool)
+    flags[order[:keep]] = True
+    return flags
+
+
+@dataclass
+class ExpertMask:
+    """Which routed experts of each MoE layer to keep, with provenance (like a PruningMask)."""
+
+    experts: dict[int, torch.Tensor]  # layer index -> bool [E], True = kept
+    top_k: dict[int, int]  # the router's top-k after pruning, per layer
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_fingerprint(self) -> str:
+        return str(self.meta["base_fingerprint"])
+
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task", "?"))
+
+    def realised_sparsity(self) -> float:
+        """The fraction of routed experts removed (every expert of a layer has the same size,
+        and the meta's ``expert_params`` says how layers weigh)."""
+        sizes = {int(k): v for k, v in (self.meta.get("expert_params") or {}).items()}
+        total = sum(sizes.get(i, 1) * flags.numel() for i, flags in self.experts.items())
+        kept = sum(sizes.get(i, 1) * int(flags.sum()) for i, flags in self.experts.items())
+        return 1.0 - kept / total if total else 0.0
+
+    def digest(self) -> str:
+        h = hashlib.sha256(self.base_fingerprint.encode())
+        for i in sorted(self.experts):
+            h.update(f"{i}:{self.top_k[i]}:".encode())
+            h.update(self.experts[i].to(torch.uint8).numpy().tobytes())
+        return "sha256:" + h.hexdigest()
+
+    def check_model(self, fingerprint: str) -> None:
+        if fingerprint != self.base_fingerprint:
+            raise ModelMismatchError(
+                f"expert mask for task {self.task!r} was built for base model {short_hash(self.base_fingerprint)}, "
+                f"but the given model is {short_hash(fingerprint)}",
+                f"apply it to the model it was built from ({self.meta.get('base_source', 'see experts.json')}), "
+                "or rebuild it on this model")
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        tensors = {f"layers.{i}.experts": flags.to(torch.uint8) for i, flags in self.experts.items()}
+        meta = {**self.meta, "top_k": {str(i): k for i, k in self.top_k.items()}, "mask_digest": self.digest(),
+                "realised_sparsity": self.realised_sparsity()}
+        return write_artifact(EXPERT_MASK_ARTIFACT, path, tensors, meta, overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertMask:
+        """Read an expert-mask folder, verifying its checksums, digest and shapes."""
+        t, meta = read_artifact(EXPERT_MASK_ARTIFACT, path)
+        top_k = {int(i): int(k) for i, k in meta.pop("top_k").items()}
+        experts = {i: require(t, f"layers.{i}.experts", EXPERT_MASK_ARTIFACT).bool() for i in top_k}
+        mask = cls(experts, top_k, meta)
+        validate_expert_mask(mask)
+        if meta.get("mask_digest") and meta["mask_digest"] != mask.digest():
+            raise ArtifactError(f"expert mask {path} does not match its recorded digest", EXPERT_MASK_ARTIFACT.remake)
+        return mask
+
+
+def validate_expert_mask(mask: ExpertMask, num_experts: Mapping[int, int] | None = None) -> None:
+    """Every layer keeps at least its top-k experts (and one); with ``num_experts`` (the
+    model's), the flags have the model's shapes and cover exactly its MoE layers."""
+    if num_experts is not None and set(num_experts) != set(mask.experts):
+        raise ModelMismatchError(f"the expert mask covers MoE layers {sorted(mask.experts)}, the model has "
+                                 f"{sorted(num_experts)}", "apply the expert mask to the model it was built from")
+    for i, flags in mask.experts.items():
+        if num_experts is not None and flags.numel() != num_experts[i]:
+            raise ModelMismatchError(f"expert mask layer {i} has {flags.numel()} experts, the model "
+                                     f"{num_experts[i]}", "apply the expert mask to the model it was built from")
+        kept = int(flags.sum())
+        if kept < 1 or mask.top_k.get(i, 0) < 1 or mask.top_k[i] > kept:
+            raise ArtifactError(f"expert mask layer {i} keeps {kept} experts for a top-{mask.top_k.get(i)} router",
+                                EXPERT_MASK_ARTIFACT.remake)
+
+
+def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEFAULT_EXPERT_SCORE,
+                      allow_k_reduction: bool = False, expert_params: Mapping[int, int] | None = None,
+                      base_source: str | None = None) -> ExpertMask:
+    """Keep each MoE layer's highest-scoring experts (an expert mask of one task's statistics,
+    or a general one of merged statistics)."""
+    experts, top_k, layers = {}, {}, []
+    for i, layer in sorted(stats.layers.items()):
+        k = stats.top_k[i]
+        keep = kept_count(layer.num_experts, k, sparsity, allow_k_reduction)
+        experts[i] = keep_top(expert_scores(layer, score), keep)
+        top_k[i] = min(k, keep)
+        if top_k[i] < k:
+            warnings.warn(f"layer {i}: {keep} experts kept, so each token is routed to {keep} instead of {k}",
+                          stacklevel=2)
+        layers.append({"layer": i, "experts": layer.num_experts, "kept": keep, "top_k": top_k[i], "original_top_k": k})
+    meta = {
+        "seap_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_fingerprint": stats.fingerprint,
+        "base_source": base_source or stats.meta.get("model_source"),
+        "task": stats.task,
+        "kind": "general" if "+" in stats.task else "expert",
+        "unit": "experts",
+        "score": score,
+        "schedule": "uniform",
+        "target_sparsity": sparsity,
+        "allow_k_reduction": allow_k_reduction,
+        "expert_params": {str(i): int(v) for i, v in (expert_params or {}).items()},
+        "layers": layers,
+    }
+    mask = ExpertMask(experts, top_k, meta)
+    validate_expert_mask(mask)
+    return mask
+
+
+def nearest_pattern(query: torch.Tensor, patterns: Mapping[str, torch.Tensor]) -> tuple[str, float, dict[str, float]]:
+    """TAER's retrieval: the stored task whose pattern is nearest (L2, as PreMoe's flat index) to
+    ``query``. Returns the task, a confidence in (0, 1] (softmax of negative distances over
+    the stored tasks) and every distance."""
+    if not patterns:
+        raise SeapError("no stored expert patterns to retrieve from", "build at least one task's expert mask")
+    names = list(patterns)
+    dist = torch.stack([torch.linalg.vector_norm(query.to(torch.float64) - patterns[n].to(torch.float64))
+                        for n in names])
+    confidence = torch.softmax(-dist, dim=0)
+    best = int(torch.argmin(dist))
+    return names[best], float(confidence[best]), {n: float(d) for n, d in zip(names, dist)}
+
+
+def pattern_vector(stats: RouterStatistics, layers: Sequence[int] | None = None) -> torch.Tensor:
+    """A task's (or query's) routing pattern: the router's mean probability of every expert of
+    the given MoE layers, concatenated; by default the first MoE layer only, as PreMoe (whose
+    index holds the first MoE layer's TCESS vector). The mean probability is the smoother signal
+    on a short query: every token votes for every expert, not only for its top-1."""
+    chosen = [min(stats.layers)] if layers is None else list(layers)
+    return torch.cat([stats.layers[i].prob_sum / max(stats.layers[i].tokens, 1) for i in chosen])
+
+
+__all__ = ["DEFAULT_EXPERT_SCORE", "EXPERT_MASK_ARTIFACT", "EXPERT_SCORES", "ExpertMask", "LayerRouterStatistics",
+           "RouterStatistics", "build_expert_mask", "expert_scores", "keep_top", "kept_count", "nearest_pattern",
+           "pattern_vector", "route", "router_sums", "validate_expert_mask"]

@@ -1,0 +1,181 @@
+"""Mixture-of-experts models: router statistics from a corpus, and expert masks applied to a
+model (the glue between the MoE adapters, owned hooks and :mod:`seap.maths.expert_selection`).
+
+* :func:`collect_router_statistics` hooks each MoE block's input, recomputes the router's
+  logits on the real tokens (padding excluded), routes them as the family does, and, for
+  REAP, runs each expert on the tokens routed to it to take its output norm;
+* :func:`apply_expert_mask` removes experts (``hard``: smaller tensors, smaller router) or
+  switches them off (``soft``: same shapes) in a structural copy of the base model, which is
+  never modified. A token whose dense top-k experts are all kept gets the dense output.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from seap.data.corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
+from seap.errors import SeapError, UnsupportedArchitectureError
+from seap.maths.expert_selection import (
+    ExpertMask,
+    LayerRouterStatistics,
+    RouterStatistics,
+    router_sums,
+    validate_expert_mask,
+)
+from seap.model.adapters.moe import MoeAdapter, MoeLayerModules
+from seap.model.calibration import _batches, pad_batch, tokenize_corpus
+from seap.model.hooks import HookManager
+from seap.model.loaded import LoadedModel, model_fingerprint
+from seap.model.surgery import MODES, share_copy
+
+
+def moe_adapter(loaded: LoadedModel) -> MoeAdapter:
+    """The loaded model's adapter, refused with a clear message when it is not an MoE family."""
+    if not isinstance(loaded.adapter, MoeAdapter):
+        raise UnsupportedArchitectureError(
+            f"{loaded.adapter.name} is not a mixture-of-experts model: it has no experts to prune",
+            "prune its heads and MLP channels (the default unit), or pass an MoE model")
+    return loaded.adapter
+
+
+def expert_output_norms(mods: MoeLayerModules, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[T, E]: the L2 norm of each routed expert's output on each token (0 where not routed)."""
+    experts = mods.experts
+    norms = torch.zeros(x.shape[0], mods.num_experts, dtype=torch.float64, device=x.device)
+    for e in torch.unique(index).tolist():
+        tokens = (index == e).any(dim=-1).nonzero()[:, 0]
+        gate, up = torch.nn.functional.linear(x[tokens], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        out = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        norms[tokens, e] = torch.linalg.vector_norm(out.to(torch.float64), dim=-1)
+    return norms
+
+
+def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, batch_size: int = 8,
+                              max_tokens: int | None = DEFAULT_MAX_TOKENS, shard: tuple[int, int] | None = None,
+                              reap: bool = True, progress: bool = True) -> RouterStatistics:
+    """Run the corpus through the model and sum, per MoE layer, what the router does on the
+    real tokens (:class:`RouterStatistics`). ``shard=(i, n)`` takes texts ``i, i+n, ...``;
+    merged shards equal one pass. Hooks are removed even on error."""
+    adapter = moe_adapter(loaded)
+    if batch_size < 1:
+        raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
+    texts = list(corpus.texts)
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise SeapError(f"invalid shard {index}/{count}", "shards are numbered 0..n-1, e.g. --shard 0/4")
+        texts = texts[index::count]
+    token_ids = tokenize_corpus(loaded.tokenizer, texts, max_tokens) if texts else []
+    if not token_ids:
+        raise SeapError(f"task {corpus.task!r} has no calibration tokens{' in this shard' if shard else ''}",
+                        "add calibration records, or use fewer shards")
+    model = loaded.model
+    layers = adapter.moe_layers(model)
+    if not layers:
+        raise UnsupportedArchitectureError("the model has no MoE layers", "pass a mixture-of-experts checkpoint")
+    normalise = adapter.normalises_top_k(model.config)
+    sums = {i: LayerRouterStatistics.zeros(m.num_experts) for i, m in layers.items()}
+    top_k = {i: adapter.top_k(m) for i, m in layers.items()}
+    state: dict[str, Any] = {"mask": None}
+
+    def make_hook(i: int, mods: MoeLayerModules) -> Any:
+        def hook(_module: torch.nn.Module, x: torch.Tensor) -> None:
+            flat = x.reshape(-1, x.shape[-1])
+            if state["mask"] is not None:
+                flat = flat[state["mask"].reshape(-1).bool()]
+            logits = torch.nn.functional.linear(flat, adapter.router_weight(mods))
+            norms = None
+            if reap:
+                _, index = torch.topk(torch.softmax(logits.to(torch.float64), dim=-1), top_k[i], dim=-1)
+                norms = expert_output_norms(mods, flat, index)
+            sums[i] = sums[i].merge(router_sums(logits, top_k[i], normalise, norms))
+
+        return hook
+
+    device = next(model.parameters()).device
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    start = time.perf_counter()
+    with HookManager() as hooks, torch.inference_mode():
+        for i, mods in layers.items():
+            hooks.add_input_hook(mods.block, make_hook(i, mods))
+        for batch in tqdm(_batches([len(x) for x in token_ids], batch_size), desc=f"router statistics [{corpus.task}]",
+                          unit="batch", disable=not progress, leave=False):
+            input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, device)
+            state["mask"] = None if bool(attention_mask.all()) else attention_mask
+            adapter.backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    meta = {"fingerprint": loaded.fingerprint, "task": corpus.task, "model_source": loaded.source,
+            "corpus_digest": corpus.digest(), "num_texts": len(token_ids), "max_tokens": max_tokens,
+            "shard": list(shard) if shard else None, "reap": reap, "normalise_top_k": normalise,
+            "seconds": round(time.perf_counter() - start, 3)}
+    return RouterStatistics(sums, top_k, meta)
+
+
+def expert_parameters(loaded: LoadedModel) -> dict[int, int]:
+    """Parameters of one routed expert, per MoE layer."""
+    return {i: int(m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel())
+            for i, m in moe_adapter(loaded).moe_layers(loaded.model).items()}
+
+
+def apply_expert_mask(loaded: LoadedModel, mask: ExpertMask, mode: str = "hard", inplace: bool = False) -> LoadedModel:
+    """The model with ``mask``'s experts removed (``hard``) or switched off (``soft``). Unless
+    ``inplace``, the base is untouched: the result is a structural copy sharing its unpruned
+    tensors. Refused when the mask was built on another model."""
+    if mode not in MODES:
+        raise SeapError(f"unknown pruning mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    adapter = moe_adapter(loaded)
+    mask.check_model(loaded.fingerprint)
+    if getattr(loaded.model.config, "seap_pruning", None):
+        raise SeapError("this model is already pruned", "apply masks to the dense base model")
+    layers = adapter.moe_layers(loaded.model)
+    validate_expert_mask(mask, {i: m.num_experts for i, m in layers.items()})
+    model = loaded.model if inplace else share_copy(loaded.model)
+    normalise = adapter.normalises_top_k(model.config)
+    decoder = adapter.decoder_layers(model)
+    with torch.no_grad():
+        for i in sorted(mask.experts):
+            if mask.top_k[i] < adapter.top_k(layers[i]):
+                warnings.warn(f"layer {i}: top-k clamped from {adapter.top_k(layers[i])} to {mask.top_k[i]} "
+                              "(fewer experts kept than the router selected)", stacklevel=2)
+            adapter.prune_experts(decoder[i], mask.experts[i], mode == "hard", mask.top_k[i], normalise)
+    model.config.seap_pruning = {
+        "mode": mode, "unit": "experts", "base_fingerprint": mask.base_fingerprint, "mask_digest": mask.digest(),
+        "task": mask.task, "score": mask.meta.get("score"), "target_sparsity": mask.meta.get("target_sparsity"),
+        "realised_sparsity": mask.realised_sparsity(),
+        "moe_layers": {str(i): adapter.experts_record(decoder[i]) for i in sorted(mask.experts)},
+    }
+    return LoadedModel(model, loaded.tokenizer, adapter, f"{loaded.source}+experts:{mask.task}", model_fingerprint(model))
+
+
+def model_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters and bytes of a model (what an expert mask saves in memory)."""
+    params = list(model.parameters())
+    return {"parameters": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params)}
+
+
+def routed_experts(loaded: LoadedModel, input_ids: torch.Tensor) -> dict[int, set[int]]:
+    """MoE layer -> the experts the model's router selects for any token of ``input_ids``."""
+    adapter = moe_adapter(loaded)
+    layers = adapter.moe_layers(loaded.model)
+    found: dict[int, set[int]] = {i: set() for i in layers}
+
+    def make_hook(i: int, mods: MoeLayerModules) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            found[i].update(output[2].reshape(-1).tolist())
+
+        return hook
+
+    with HookManager() as hooks, torch.inference_mode():
+        for i, mods in layers.items():
+            hooks.add_forward_hook(mods.router, make_hook(i, mods))
+        loaded.model(input_ids=input_ids)
+    return found
+
+
+__all__ = ["apply_expert_mask", "collect_router_statistics", "expert_output_norms", "expert_parameters",
+           "model_bytes", "moe_adapter", "routed_experts"]
+

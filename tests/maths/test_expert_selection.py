@@ -1,0 +1,67 @@
+"""The pure functions of expert pruning: routing, the router sums, scores, kept counts, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seap.errors import ArtifactError, SeapError
+from seap.maths.expert_selection import (ExpertMask, LayerRouterStatistics, expert_scores, keep_top, kept_count,
+                                         nearest_pattern, route, router_sums, validate_expert_mask)
+
+
+def test_route_renormalises_only_when_asked() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs, index, weights = route(logits, 2, normalise=False)
+    assert index.tolist() == [[0, 1]] and torch.allclose(weights, probs[:, :2])
+    _, _, normalised = route(logits, 2, normalise=True)
+    assert torch.allclose(normalised.sum(-1), torch.ones(1, dtype=torch.float64))
+
+
+def test_router_sums_and_scores_by_hand() -> None:
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 0.0, 0.5]])
+    s = router_sums(logits, 1, normalise=True, output_norms=torch.tensor([[2.0, 9, 9], [9, 4.0, 9], [1.0, 9, 9]]))
+    assert s.tokens == 3 and s.selected.tolist() == [2, 1, 0]
+    assert s.top1_logit_sum.tolist() == [4.0, 2.0, 0.0]  # PreMoe: the top-1 raw logit, summed
+    assert s.reap_sum.tolist() == [3.0, 4.0, 0.0]  # weight 1 (top-1, renormalised) x the routed expert's norm
+    assert expert_scores(s, "tcess").tolist() == pytest.approx([4 / 3, 2 / 3, 0])
+    assert expert_scores(s, "frequency").tolist() == pytest.approx([2 / 3, 1 / 3, 0])
+    assert expert_scores(s, "reap").tolist() == pytest.approx([1.5, 4.0, 0.0])
+    with pytest.raises(SeapError, match="unknown expert score"):
+        expert_scores(s, "magic")
+    merged = s.merge(s)
+    assert merged.tokens == 6 and merged.selected.tolist() == [4, 2, 0]
+    with pytest.raises(SeapError):
+        s.merge(LayerRouterStatistics.zeros(4))
+
+
+def test_kept_counts_and_ties() -> None:
+    assert kept_count(8, 2, 0.5) == 4 and kept_count(8, 2, 0.0) == 8 and kept_count(64, 8, 0.75) == 16
+    with pytest.raises(SeapError, match="at most 0.75"):
+        kept_count(8, 2, 0.9)
+    assert kept_count(8, 2, 0.9, allow_k_reduction=True) == 1
+    with pytest.raises(SeapError, match="outside"):
+        kept_count(8, 2, 1.0)
+    assert keep_top(torch.tensor([1.0, 3.0, 3.0, 0.0]), 2).tolist() == [False, True, True, False]
+    assert keep_top(torch.tensor([1.0, 1.0, 1.0]), 1).tolist() == [True, False, False]  # ties: lower index
+
+
+def test_a_mask_keeps_at_least_top_k_and_matches_the_model() -> None:
+    mask = ExpertMask({0: torch.tensor([True, False, True, True])}, {0: 2}, {"base_fingerprint": "sha256:x",
+                                                                             "expert_params": {"0": 10}})
+    validate_expert_mask(mask, {0: 4})
+    assert mask.realised_sparsity() == pytest.approx(0.25)
+    with pytest.raises(Exception, match="covers MoE layers"):
+        validate_expert_mask(mask, {0: 4, 1: 4})
+    with pytest.raises(Exception, match="has 4 experts, the model 8"):
+        validate_expert_mask(mask, {0: 8})
+    with pytest.raises(ArtifactError, match="keeps 1 experts for a top-2"):
+        validate_expert_mask(ExpertMask({0: torch.tensor([True, False])}, {0: 2}, {}))
+
+
+def test_nearest_pattern() -> None:
+    stored = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])}
+    task, confidence, distances = nearest_pattern(torch.tensor([0.9, 0.2]), stored)
+    assert task == "a" and confidence > 0.5 and distances["a"] < distances["b"]
+    with pytest.raises(SeapError, match="no stored expert patterns"):
+        nearest_pattern(torch.zeros(2), {})

@@ -1,0 +1,204 @@
+"""Mixture-of-experts models (PreMoe's expert pruning in SEAP's engine), on a tiny random model
+of every MoE family: router statistics equal a direct computation and merge across shards;
+removing experts a given input never selects leaves its logits unchanged; soft equals hard;
+retrieval finds each task's pattern; bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seap.data.corpus import CalibrationCorpus
+from seap.errors import ModelMismatchError, SeapError, UnsupportedArchitectureError
+from seap.maths.expert_selection import (ExpertMask, RouterStatistics, build_expert_mask, nearest_pattern,
+                                         pattern_vector)
+from seap.model.expert_pruning import (apply_expert_mask, collect_router_statistics, expert_parameters,
+                                       model_bytes, routed_experts)
+from seap.model.hooks import HookManager, count_hooks
+from tests.helpers import MOE_ARCHS, make_tiny_model, make_tiny_moe
+
+CASES = [(arch, norm) for arch in MOE_ARCHS for norm in ((False, True) if arch in ("qwen3_moe", "olmoe") else (False,))]
+GEO = ["the capital of france is paris", "what is the capital of germany ? berlin", "rome is the capital city of italy",
+       "the city of paris is in france", "capital city berlin germany", "paris france rome italy"]
+LIFE = ["is water hot ? no", "the little water was low", "every good man can help",
+        "we can find the new work each day", "people like to write and think", "water was hot each day"]
+
+
+def logits(loaded, text: str = "the capital of france is paris and the man came back") -> torch.Tensor:
+    ids = loaded.tokenizer([text], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return loaded.model(input_ids=ids).logits
+
+
+@pytest.fixture(params=CASES, ids=[f"{a}{'-norm' if n else ''}" for a, n in CASES])
+def moe(request):
+    arch, normalise = request.param
+    return make_tiny_moe(arch, normalise=normalise)
+
+
+def test_router_statistics_equal_a_direct_computation_on_real_tokens(moe) -> None:
+    corpus = CalibrationCorpus("geo", GEO)
+    stats = collect_router_statistics(moe, corpus, batch_size=4, progress=False)  # padded batches
+    layers = moe.adapter.moe_layers(moe.model)
+    assert set(stats.layers) == set(layers) and count_hooks(moe.model) == 0
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    with HookManager() as hooks, torch.no_grad():  # each text alone: no padding at all
+        for i, mods in layers.items():
+            hooks.add_input_hook(mods.block, lambda _m, x, i=i: seen[i].append(x.reshape(-1, x.shape[-1])))
+        for text in GEO:
+            moe.model(**moe.tokenizer([text], return_tensors="pt"))
+    normalise = moe.adapter.normalises_top_k(moe.model.config)
+    for i, mods in layers.items():
+        x = torch.cat(seen[i]).to(torch.float64)
+        logits_ = x @ mods.router.weight.detach().to(torch.float64).T
+        probs = torch.softmax(logits_, dim=-1)
+        top, index = torch.topk(probs, mods.router.top_k, dim=-1)
+        weights = top / top.sum(-1, keepdim=True) if normalise else top
+        s = stats.layers[i]
+        assert s.tokens == x.shape[0]
+        chosen = torch.zeros_like(probs).scatter_(1, index, 1.0)
+        torch.testing.assert_close(s.selected, chosen.sum(0))
+        torch.testing.assert_close(s.prob_sum, probs.sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.weight_sum, torch.zeros_like(probs).scatter_(1, index, weights).sum(0),
+                                   rtol=1e-5, atol=1e-5)
+        top1 = torch.zeros(probs.shape[1], dtype=torch.float64).index_add_(0, logits_.argmax(-1),
+                                                                           logits_.max(-1).values)
+        torch.testing.assert_close(s.top1_logit_sum, top1, rtol=1e-4, atol=1e-4)
+        reap = torch.zeros(probs.shape[1], dtype=torch.float64)
+        for t in range(x.shape[0]):
+            for slot in range(index.shape[1]):
+                e = int(index[t, slot])
+                gate, up = (x[t] @ mods.experts.gate_up_proj[e].detach().to(torch.float64).T).chunk(2)
+                out = (torch.nn.functional.silu(gate) * up) @ mods.experts.down_proj[e].detach().to(torch.float64).T
+                reap[e] += weights[t, slot] * out.norm()
+        torch.testing.assert_close(s.reap_sum, reap, rtol=1e-4, atol=1e-4)
+
+
+def test_shards_merge_to_one_pass(moe) -> None:
+    corpus = CalibrationCorpus("geo", GEO)
+    whole = collect_router_statistics(moe, corpus, batch_size=2, progress=False)
+    parts = [collect_router_statistics(moe, corpus, batch_size=2, shard=(i, 3), progress=False) for i in range(3)]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    for i, layer in whole.layers.items():
+        assert merged.layers[i].tokens == layer.tokens
+        assert torch.equal(merged.layers[i].selected, layer.selected)  # the routing decisions are the same
+        for name in ("prob_sum", "top1_logit_sum", "weight_sum", "reap_sum"):  # float32 passes over other batches
+            torch.testing.assert_close(getattr(merged.layers[i], name), getattr(layer, name), rtol=1e-6, atol=1e-6)
+
+
+def _mask_keeping(moe, keep: dict[int, set[int]]) -> ExpertMask:
+    layers = moe.adapter.moe_layers(moe.model)
+    flags = {i: torch.tensor([e in keep[i] for e in range(m.num_experts)]) for i, m in layers.items()}
+    return ExpertMask(flags, {i: m.router.top_k for i, m in layers.items()},
+                      {"base_fingerprint": moe.fingerprint, "task": "test"})
+
+
+def test_removing_experts_an_input_never_selects_leaves_its_logits_unchanged(moe) -> None:
+    text = "the capital of france is paris"
+    ids = moe.tokenizer([text], return_tensors="pt")["input_ids"]
+    used = routed_experts(moe, ids)
+    layers = moe.adapter.moe_layers(moe.model)
+    keep = {i: used[i] | set(range(layers[i].router.top_k)) for i in layers}  # at least top-k kept
+    assert any(len(k) < layers[i].num_experts for i, k in keep.items())  # something is removed
+    hard = apply_expert_mask(moe, _mask_keeping(moe, keep), "hard")
+    torch.testing.assert_close(logits(hard, text), logits(moe, text), atol=1e-5, rtol=1e-5)
+    pruned = hard.adapter.moe_layers(hard.model)
+    assert all(pruned[i].num_experts == len(keep[i]) for i in keep)
+    assert model_bytes(hard.model)["parameters"] < model_bytes(moe.model)["parameters"]
+    assert all(m.num_experts == 8 for m in moe.adapter.moe_layers(moe.model).values())  # the base is untouched
+
+
+def test_soft_equals_hard_on_any_input(moe) -> None:
+    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
+    mask = build_expert_mask(stats, 0.5, "frequency", expert_params=expert_parameters(moe))
+    soft, hard = apply_expert_mask(moe, mask, "soft"), apply_expert_mask(moe, mask, "hard")
+    text = "she said the sentence was long and the water was low"
+    torch.testing.assert_close(logits(soft, text), logits(hard, text), atol=1e-5, rtol=1e-5)
+    assert mask.realised_sparsity() == pytest.approx(0.5)
+    assert hard.model.config.seap_pruning["unit"] == "experts"
+
+
+@pytest.mark.parametrize("score", ["tcess", "frequency", "reap"])
+def test_each_score_keeps_the_experts_the_task_routes_to(score) -> None:
+    moe = make_tiny_moe("mixtral")
+    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
+    mask = build_expert_mask(stats, 0.25, score)
+    for i, layer in stats.layers.items():
+        never = layer.selected == 0
+        if score != "tcess":  # (tcess ranks by raw logits: see its docstring)
+            assert not (mask.experts[i] & never).any() or int(mask.experts[i].sum()) > int((~never).sum())
+
+
+def test_the_expert_mask_round_trips_and_refuses_another_model(tmp_path) -> None:
+    moe = make_tiny_moe("qwen2_moe")
+    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
+    mask = build_expert_mask(stats, 0.5, "reap")
+    mask.save(tmp_path / "experts")
+    again = ExpertMask.load(tmp_path / "experts")
+    assert again.digest() == mask.digest() and again.top_k == mask.top_k
+    other = make_tiny_moe("qwen2_moe", seed=1)
+    with pytest.raises(ModelMismatchError, match="was built for base model"):
+        apply_expert_mask(other, again)
+    with pytest.raises(UnsupportedArchitectureError, match="not a mixture-of-experts model"):
+        collect_router_statistics(make_tiny_model("llama-gqa"), CalibrationCorpus("geo", GEO), progress=False)
+
+
+def test_keeping_fewer_experts_than_top_k_needs_an_explicit_option() -> None:
+    moe = make_tiny_moe("olmoe", experts=4, top_k=2)
+    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
+    with pytest.raises(SeapError, match="(?s)fewer than the router.s top-2.*--allow-k-reduction"):
+        build_expert_mask(stats, 0.75)
+    with pytest.warns(UserWarning, match="routed to 1 instead of 2"):
+        mask = build_expert_mask(stats, 0.75, allow_k_reduction=True)
+    with pytest.warns(UserWarning, match="top-k clamped"):
+        hard = apply_expert_mask(moe, mask, "hard")
+    assert all(m.router.top_k == 1 for m in hard.adapter.moe_layers(hard.model).values())
+    torch.testing.assert_close(logits(apply_expert_mask(moe, mask, "soft")), logits(hard), atol=1e-5, rtol=1e-5)
+
+
+def specialise_first_router(moe) -> None:
+    """The synthetic two-task set-up: the first MoE layer's router sends what GEO's tokens look
+    like to experts 0-3 and LIFE's to experts 4-7 (as trained MoE routers specialise)."""
+    layers = moe.adapter.moe_layers(moe.model)
+    first = layers[min(layers)]
+    inputs: dict[str, list[torch.Tensor]] = {"geo": [], "life": []}
+    with HookManager() as hooks, torch.no_grad():
+        for task, texts in (("geo", GEO), ("life", LIFE)):
+            hooks.remove_all()
+            hooks.add_input_hook(first.block, lambda _m, x, task=task: inputs[task].append(x.reshape(-1, x.shape[-1])))
+            for text in texts:
+                moe.model(**moe.tokenizer([text], return_tensors="pt"))
+    direction = torch.cat(inputs["geo"]).mean(0) - torch.cat(inputs["life"]).mean(0)
+    direction = direction / direction.norm()
+    with torch.no_grad():
+        first.router.weight[:4] += 4 * direction
+        first.router.weight[4:] -= 4 * direction
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_retrieval_finds_each_tasks_pattern(arch) -> None:
+    """TAER on a synthetic two-task set-up: the stored pattern nearest to a query's is its task's."""
+    moe = make_tiny_moe(arch)
+    specialise_first_router(moe)
+    stored = {task: pattern_vector(collect_router_statistics(moe, CalibrationCorpus(task, texts[:4]), progress=False))
+              for task, texts in (("geo", GEO), ("life", LIFE))}
+    for task, texts in (("geo", GEO), ("life", LIFE)):
+        for text in texts[4:]:  # each held-out input alone
+            query = pattern_vector(collect_router_statistics(moe, CalibrationCorpus("query", [text]), progress=False))
+            found, confidence, _ = nearest_pattern(query, stored)
+            assert found == task and 0.5 < confidence <= 1.0, text
+
+
+def test_router_statistics_refuse_different_models() -> None:
+    a = collect_router_statistics(make_tiny_moe("mixtral"), CalibrationCorpus("geo", GEO), progress=False)
+    b = collect_router_statistics(make_tiny_moe("mixtral", seed=1), CalibrationCorpus("life", LIFE), progress=False)
+    with pytest.raises(ModelMismatchError):
+        a.merge(b)
+    assert isinstance(a.merge(a), RouterStatistics) and a.merge(a).layers[0].tokens == 2 * a.layers[0].tokens
+
+
+def test_the_dense_engine_refuses_an_moe_model_with_what_to_do() -> None:
+    from seap.model.calibration import collect_statistics
+
+    with pytest.raises(UnsupportedArchitectureError, match="prune whole experts instead"):
+        collect_statistics(make_tiny_moe("qwen3_moe"), CalibrationCorpus("geo", GEO), progress=False)
