@@ -10,6 +10,10 @@ Stock ``from_pretrained`` cannot build a Llama whose layers have different width
   fingerprint of the pruned weights);
 * ``seap_mask/``: the mask it was derived from.
 
+A mixture-of-experts model with experts removed (``unit: experts``) records, per MoE layer,
+the experts kept, the router's top-k and the removed experts' router rows it keeps
+(:class:`seap.model.adapters.moe.KeptExpertRouter`) instead of head and channel widths.
+
 :func:`load_pruned` rebuilds the base architecture, resizes each layer, loads the weights
 strictly and checks the recorded fingerprint, so the logits are identical to the saved model.
 """
@@ -51,13 +55,17 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
     if info.get("mode") != "hard":
         raise SeapError("only hard-pruned models can be saved as pruned checkpoints",
                         "apply the mask with mode='hard' (`seap apply --mode hard`), or save the mask itself")
-    geometry = loaded.adapter.geometry(loaded.model)
     info["pruned_fingerprint"] = loaded.fingerprint
-    info["layers"] = [
-        {"num_attention_heads": g.num_heads, "num_key_value_heads": g.num_kv_heads, "intermediate_size": g.intermediate_size,
-         **loaded.adapter.layer_record(layer)}
-        for g, layer in zip(geometry.layers, loaded.adapter.decoder_layers(loaded.model), strict=True)
-    ]
+    if info.get("unit") == "experts":  # an MoE model with experts removed: kept experts and top-k per MoE layer
+        info["layers"] = [loaded.adapter.experts_record(layer) or {}  # type: ignore[attr-defined]
+                          for layer in loaded.adapter.decoder_layers(loaded.model)]
+    else:
+        geometry = loaded.adapter.geometry(loaded.model)
+        info["layers"] = [
+            {"num_attention_heads": g.num_heads, "num_key_value_heads": g.num_kv_heads,
+             "intermediate_size": g.intermediate_size, **loaded.adapter.layer_record(layer)}
+            for g, layer in zip(geometry.layers, loaded.adapter.decoder_layers(loaded.model), strict=True)
+        ]
     with atomic_directory(path, overwrite=overwrite) as tmp:
         # the live module names (what load_pruned fills), not a multimodal model's original checkpoint layout
         loaded.model.save_pretrained(tmp, safe_serialization=True, save_original_format=False)
@@ -65,8 +73,9 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
             loaded.tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         config["seap_pruning"] = info
-        config["per_layer_config"] = {str(i): layer for i, layer in enumerate(info["layers"])}
-        config["allow_global_per_layer_attribute_access"] = True
+        if info.get("unit") != "experts":  # (Hugging Face's per-layer widths; MoE records are SEAP's own)
+            config["per_layer_config"] = {str(i): layer for i, layer in enumerate(info["layers"])}
+            config["allow_global_per_layer_attribute_access"] = True
         atomic_write_json(tmp / "config.json", config)
         if mask is not None:
             mask.save(tmp / PRUNED_MASK_DIR)
@@ -107,6 +116,10 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
         raise ArtifactError(f"{p}: config lists {len(info['layers'])} layers, the model has {len(layers)}", "re-save it")
     hidden = adapter.text_config(config).hidden_size
     for layer, sizes in zip(layers, info["layers"], strict=True):
+        if info.get("unit") == "experts":
+            if sizes:  # (an MoE layer; dense layers of an MoE model are saved whole)
+                adapter.resize_experts(layer, sizes, adapter.normalises_top_k(config))  # type: ignore[attr-defined]
+            continue
         prefix = _module_prefix(model, layer)
         adapter.resize_layer(layer, sizes, head_dim, hidden,
                              lambda name: f"{prefix}.{adapter.projection_path(name)}.bias" in state)

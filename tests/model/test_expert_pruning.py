@@ -202,3 +202,19 @@ def test_the_dense_engine_refuses_an_moe_model_with_what_to_do() -> None:
 
     with pytest.raises(UnsupportedArchitectureError, match="prune whole experts instead"):
         collect_statistics(make_tiny_moe("qwen3_moe"), CalibrationCorpus("geo", GEO), progress=False)
+
+
+def test_a_pruned_moe_checkpoint_saves_and_loads_with_identical_logits(moe, tmp_path) -> None:
+    from seap.model.checkpoint import load_pruned, save_pruned
+
+    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
+    mask = build_expert_mask(stats, 0.5, "reap", expert_params=expert_parameters(moe))
+    hard = apply_expert_mask(moe, mask, "hard")
+    save_pruned(hard, tmp_path / "pruned")
+    again = load_pruned(tmp_path / "pruned", device="cpu")
+    assert again.fingerprint == hard.fingerprint
+    torch.testing.assert_close(logits(again), logits(hard), atol=0, rtol=0)
+    ids = again.tokenizer(["the city"], return_tensors="pt")
+    out = again.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, hard.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    assert model_bytes(again.model)["bytes"] < model_bytes(moe.model)["bytes"]
