@@ -291,12 +291,12 @@ def _apply_args(p: argparse.ArgumentParser) -> None:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import load_mask
     from seap.model.checkpoint import save_pruned
     from seap.model.surgery import apply_mask
 
     _check_out(args, args.model, args.mask)
-    mask = PruningMask.load(args.mask)
+    mask = load_mask(args.mask)
     loaded = _load(args)
     pruned = apply_mask(loaded, mask, args.mode, bias_compensation=args.bias_compensation, inplace=True)
     if args.mode == "hard":
@@ -529,7 +529,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from seap.evaluation.speed import benchmark
     from seap.io import atomic_write_json
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import load_mask
     from seap.model.checkpoint import load_pruned
     from seap.model.surgery import apply_mask
 
@@ -538,7 +538,7 @@ def _bench(args: argparse.Namespace) -> int:
     for path in args.pruned:
         models[f"pruned:{path}"] = load_pruned(path, device=args.device, dtype=args.dtype)
     for path in args.mask:
-        models[f"mask:{path}"] = apply_mask(dense, PruningMask.load(path), "hard")
+        models[f"mask:{path}"] = apply_mask(dense, load_mask(path), "hard")
     if len(models) < 2:
         raise SeapError("nothing to compare with the dense model", "pass --pruned DIR or --mask DIR")
     sizes = {"prefill_batch_size": args.prefill_batch, "prefill_tokens": args.prefill_tokens,
@@ -595,11 +595,11 @@ def _route_args(p: argparse.ArgumentParser) -> None:
 def _route(args: argparse.Namespace) -> int:
     from seap.evaluation.routed import ExpertBank, RoutedModel
     from seap.evaluation.router import Router
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import load_mask
 
     router = Router.load(args.router)
-    experts = {m.task: m for m in (PruningMask.load(p) for p in args.experts)}
-    general = PruningMask.load(args.general) if args.general else None
+    experts = {m.task: m for m in (load_mask(p) for p in args.experts)}
+    general = load_mask(args.general) if args.general else None
     loaded = _load(args)
     routed = RoutedModel(ExpertBank(loaded, experts, general), router, args.threshold if general else None)
     for item in routed.generate(args.prompt, args.max_new_tokens):

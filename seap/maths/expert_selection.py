@@ -54,7 +54,9 @@ EXPERT_SCORES = ("tcess", "frequency", "reap")
 DEFAULT_EXPERT_SCORE = "tcess"
 ROUTER_FIELDS = ("selected", "prob_sum", "top1_logit_sum", "weight_sum", "reap_sum")
 EXPERT_MASK_ARTIFACT = ArtifactKind("seap-expert-mask", 1, "experts.safetensors", "experts.json",
-                                    "rebuild the expert mask with `seap experts`")
+                                    "rebuild the expert mask from the model's router statistics")
+ROUTER_STATISTICS_ARTIFACT = ArtifactKind("seap-router-statistics", 1, "router.safetensors", "router.json",
+                                          "collect the router statistics again")
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -136,6 +138,26 @@ class RouterStatistics:
     def task(self) -> str:
         return str(self.meta.get("task", "?"))
 
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        tensors = {f"layers.{i}.{name}": getattr(layer, name).to(torch.float64).contiguous()
+                   for i, layer in self.layers.items() for name in ROUTER_FIELDS}
+        meta = {**self.meta, "top_k": {str(i): k for i, k in self.top_k.items()},
+                "tokens": {str(i): layer.tokens for i, layer in self.layers.items()}}
+        return write_artifact(ROUTER_STATISTICS_ARTIFACT, path, tensors, meta, overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RouterStatistics:
+        """Read a router-statistics folder, verifying its checksums."""
+        t, meta = read_artifact(ROUTER_STATISTICS_ARTIFACT, path)
+        top_k = {int(i): int(k) for i, k in meta.pop("top_k").items()}
+        tokens = {int(i): int(n) for i, n in meta.pop("tokens").items()}
+        layers = {i: LayerRouterStatistics(tokens[i], *(require(t, f"layers.{i}.{name}", ROUTER_STATISTICS_ARTIFACT)
+                                                         for name in ROUTER_FIELDS)) for i in top_k}
+        if any(len({x.numel() for x in (getattr(layer, f) for f in ROUTER_FIELDS)}) != 1 for layer in layers.values()):
+            raise ArtifactError(f"router statistics {path} have sums of different lengths in one layer",
+                                ROUTER_STATISTICS_ARTIFACT.remake)
+        return cls(layers, top_k, meta)
+
     def merge(self, other: RouterStatistics) -> RouterStatistics:
         """Exact merge of two shards (or tasks) of the same model."""
         if other.meta.get("fingerprint") != self.meta.get("fingerprint"):
@@ -203,6 +225,13 @@ class ExpertMask:
     def task(self) -> str:
         return str(self.meta.get("task", "?"))
 
+    has_bias_compensation = False  # (what code handling both kinds of mask asks)
+    is_reconstructed = False
+
+    def kept_signature(self) -> tuple[tuple[int, int], ...]:
+        """Per MoE layer (index, experts kept): masks with equal signatures run at the same speed."""
+        return tuple((i, int(self.experts[i].sum())) for i in sorted(self.experts))
+
     def realised_sparsity(self) -> float:
         """The fraction of routed experts removed (every expert of a layer has the same size,
         and the meta's ``expert_params`` says how layers weigh)."""
@@ -243,6 +272,16 @@ class ExpertMask:
         if meta.get("mask_digest") and meta["mask_digest"] != mask.digest():
             raise ArtifactError(f"expert mask {path} does not match its recorded digest", EXPERT_MASK_ARTIFACT.remake)
         return mask
+
+
+def load_mask(path: str | Path) -> Any:
+    """A mask folder of either kind: a :class:`seap.maths.masks.PruningMask` (heads and
+    channels) or an :class:`ExpertMask` (experts of an MoE model), told apart by its files."""
+    from seap.maths.masks import PruningMask
+
+    if (Path(path) / EXPERT_MASK_ARTIFACT.meta_file).is_file():
+        return ExpertMask.load(path)
+    return PruningMask.load(path)
 
 
 def validate_expert_mask(mask: ExpertMask, num_experts: Mapping[int, int] | None = None) -> None:
@@ -319,6 +358,7 @@ def pattern_vector(stats: RouterStatistics, layers: Sequence[int] | None = None)
     return torch.cat([stats.layers[i].prob_sum / max(stats.layers[i].tokens, 1) for i in chosen])
 
 
-__all__ = ["DEFAULT_EXPERT_SCORE", "EXPERT_MASK_ARTIFACT", "EXPERT_SCORES", "ExpertMask", "LayerRouterStatistics",
+__all__ = ["DEFAULT_EXPERT_SCORE", "EXPERT_MASK_ARTIFACT", "EXPERT_SCORES", "ROUTER_STATISTICS_ARTIFACT", "ExpertMask",
+           "LayerRouterStatistics", "load_mask",
            "RouterStatistics", "build_expert_mask", "expert_scores", "keep_top", "kept_count", "nearest_pattern",
            "pattern_vector", "route", "router_sums", "validate_expert_mask"]

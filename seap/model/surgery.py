@@ -141,10 +141,16 @@ def apply_mask(
     cost little memory.
 
     The mask must have been built on this model (same fingerprint). The result records
-    the mask in ``model.config.seap_pruning`` and gets its own fingerprint.
+    the mask in ``model.config.seap_pruning`` and gets its own fingerprint. An expert mask of
+    an MoE model (:class:`seap.maths.expert_selection.ExpertMask`) removes experts instead
+    (:func:`seap.model.expert_pruning.apply_expert_mask`).
     """
     if mode not in MODES:
         raise SeapError(f"unknown pruning mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    if not isinstance(mask, PruningMask):  # an expert mask of an MoE model
+        from seap.model.expert_pruning import apply_expert_mask
+
+        return apply_expert_mask(loaded, mask, mode, inplace=inplace)
     mask.check_model(loaded.fingerprint)
     if getattr(loaded.model.config, "seap_pruning", None):
         raise SeapError("this model is already pruned", "apply masks to the dense base model")

@@ -92,7 +92,7 @@ class Bundle:
 
 def read_bundle(path: str | Path) -> Bundle:
     """Read ``bundle.json`` and check that every mask and the router belong to the recorded base."""
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import load_mask
     from seap.evaluation.router import Router
 
     folder = Path(path)
@@ -105,7 +105,7 @@ def read_bundle(path: str | Path) -> Bundle:
                             f"({BUNDLE_VERSION})", "upgrade seap")
     bundle = Bundle(folder, data)
     for name, mask_dir in bundle.masks.items():
-        mask = PruningMask.load(mask_dir)
+        mask = load_mask(mask_dir)
         if mask.base_fingerprint != bundle.base_fingerprint:
             raise ModelMismatchError(
                 f"bundle {folder}: mask {name!r} was built on base {short_hash(mask.base_fingerprint)}, "
@@ -146,14 +146,14 @@ class BundleModel:
 
     def __init__(self, bundle: Bundle, device: str | None = "auto", base_model: str | None = None,
                  cache_size: int = 2) -> None:
-        from seap.maths.masks import PruningMask
+        from seap.maths.expert_selection import load_mask
         from seap.model.surgery import apply_mask
         from seap.evaluation.router import Router
         from seap.evaluation.routed import GENERAL, ExpertBank, RoutedModel
 
         self.bundle = bundle
         self.base = load_base(bundle, device, base_model)
-        masks = {name: PruningMask.load(p) for name, p in bundle.masks.items()}
+        masks = {name: load_mask(p) for name, p in bundle.masks.items()}
         self.routed = None
         self.expert = None
         if bundle.kind == "routed":

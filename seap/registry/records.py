@@ -163,9 +163,9 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
 
 
 def _realised(mask_dir: str | Path) -> float:
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import load_mask
 
-    return PruningMask.load(mask_dir).realised_sparsity()
+    return load_mask(mask_dir).realised_sparsity()
 
 
 def write_local_record(record: ExpertRecord, root: str | Path) -> Path:

@@ -186,9 +186,9 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
 
 def _load_masks(paths: Mapping[str, Any]) -> dict[str, Any]:
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import load_mask
 
-    return {name: PruningMask.load(path) for name, path in paths.items()}
+    return {name: load_mask(path) for name, path in paths.items()}
 
 
 def _write_row(out: Path, row: dict[str, Any], items: Mapping[str, Any]) -> None:
@@ -235,14 +235,14 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
     from seap.evaluation.router import Router
     from seap.evaluation.rows import evaluate_routed as routed_row
     from seap.evaluation.rows import router_info
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import load_mask
 
     p = job.params
     catalogue = ctx.catalogue(p["data_dir"])
     specs = catalogue.resolve(p["tasks"])
     trained = Router.load(inputs["router"])
     experts = _load_masks(inputs["experts"])
-    general = PruningMask.load(inputs["general"]) if inputs.get("general") else None
+    general = load_mask(inputs["general"]) if inputs.get("general") else None
     expert_items = read_json(Path(inputs["expert_row"]) / ITEMS_FILE, "expert row items") \
         if inputs.get("expert_row") else None
     loaded = ctx.base(inputs["model"])
@@ -261,13 +261,13 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
 def perplexity(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """WikiText-2 perplexity of the dense model or of one general mask."""
     from seap.evaluation.harness import wikitext_perplexity
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import load_mask
     from seap.model.surgery import apply_mask
 
     p = job.params
     loaded = ctx.base(inputs["model"])
     if inputs.get("mask"):
-        loaded = apply_mask(loaded, PruningMask.load(inputs["mask"]), "hard")
+        loaded = apply_mask(loaded, load_mask(inputs["mask"]), "hard")
     result = wikitext_perplexity(loaded, p["data_dir"], max_windows=p["windows"], progress=ctx.progress)
     out.mkdir(parents=True)
     atomic_write_json(out / PERPLEXITY_FILE, {"row": p["row"], **result})
@@ -296,7 +296,10 @@ def bench(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
 
 def shape_signature(mask: Any) -> tuple[tuple[int, int, int], ...]:
-    """Per-layer kept (heads, kv heads, channels): masks with equal signatures run at the same speed."""
+    """Per-layer kept (heads, kv heads, channels), or per MoE layer the experts kept: masks with
+    equal signatures run at the same speed."""
+    if hasattr(mask, "kept_signature"):
+        return mask.kept_signature()  # type: ignore[no-any-return]
     return tuple((g.num_heads, g.num_kv_heads, g.intermediate_size) for g in mask.kept_geometry().layers)
 
 

@@ -218,3 +218,34 @@ def test_a_pruned_moe_checkpoint_saves_and_loads_with_identical_logits(moe, tmp_
     out = again.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(out, hard.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
     assert model_bytes(again.model)["bytes"] < model_bytes(moe.model)["bytes"]
+
+
+def test_expert_masks_go_wherever_masks_go(tmp_path) -> None:
+    """`seap apply`, the shared-base expert bank of routed inference, and the statistics artifact."""
+    from seap.cli import main
+    from seap.evaluation.routed import ExpertBank
+    from seap.maths.expert_selection import load_mask
+    from seap.model.checkpoint import load_pruned
+
+    moe = make_tiny_moe("qwen2_moe")
+    moe.model.save_pretrained(tmp_path / "base")
+    moe.tokenizer.save_pretrained(tmp_path / "base")
+    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
+    stats.save(tmp_path / "router-geo")
+    again = RouterStatistics.load(tmp_path / "router-geo")
+    assert again.top_k == stats.top_k and all(
+        torch.equal(again.layers[i].reap_sum, stats.layers[i].reap_sum) for i in stats.layers)
+    geo = build_expert_mask(again, 0.5, expert_params=expert_parameters(moe))
+    geo.save(tmp_path / "mask-geo")
+    assert isinstance(load_mask(tmp_path / "mask-geo"), ExpertMask)
+    assert main(["--no-progress", "apply", "--model", str(tmp_path / "base"), "--mask", str(tmp_path / "mask-geo"),
+                 "--out", str(tmp_path / "pruned")]) == 0
+    pruned = load_pruned(tmp_path / "pruned", device="cpu")
+    from seap.model.loading import load_model
+
+    base = load_model(str(tmp_path / "base"), device="cpu", dtype="float32")
+    torch.testing.assert_close(logits(pruned), logits(apply_expert_mask(base, geo, "hard")), atol=0, rtol=0)
+    life = build_expert_mask(collect_router_statistics(base, CalibrationCorpus("life", LIFE), progress=False), 0.5)
+    bank = ExpertBank(base, {"geo": load_mask(tmp_path / "mask-geo"), "life": life})
+    assert bank.get("life").adapter.moe_layers(bank.get("life").model)[0].num_experts == 4
+    assert all(m.num_experts == 8 for m in base.adapter.moe_layers(base.model).values())  # one base, never changed
