@@ -42,8 +42,10 @@ def stage_of(task_run_name: str) -> str:
 
 
 def tiny_project(root: Path, arch: str = "llama-gqa") -> tuple[Path, Path]:
-    """A saved tiny random model and a two-task data folder."""
-    tiny = make_tiny_model(arch)
+    """A saved tiny random model (``arch``: one of ``ARCHS`` or ``MOE_ARCHS``) and a two-task data folder."""
+    from tests.helpers import MOE_ARCHS, make_tiny_moe
+
+    tiny = make_tiny_moe(arch) if arch in MOE_ARCHS else make_tiny_model(arch)
     tiny.model.save_pretrained(root / "base")
     tiny.tokenizer.save_pretrained(root / "base")
     return root / "base", make_task_dir(root / "data")

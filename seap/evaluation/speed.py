@@ -72,6 +72,16 @@ def time_generate(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int)
     return time.perf_counter() - start
 
 
+def prunable_parameters(loaded: LoadedModel) -> int:
+    """What pruning can remove: the q/k/v/o/gate/up/down weights, or an MoE model's routed experts."""
+    from seap.model.adapters.moe import MoeAdapter
+
+    if isinstance(loaded.adapter, MoeAdapter):
+        return sum(int(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel())
+                   for m in loaded.adapter.moe_layers(loaded.model).values())
+    return loaded.adapter.geometry(loaded.model).total_params()
+
+
 def benchmark(
     models: Mapping[str, LoadedModel],
     prefill_batch_size: int = 4,
@@ -111,7 +121,8 @@ def benchmark(
             "prefill_seconds": t["prefill"],
             "decode_seconds": t["decode"],
             "params": sum(p.numel() for p in loaded.model.parameters()),
-            "prunable_params": loaded.adapter.geometry(loaded.model).total_params(),
+            "bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
+            "prunable_params": prunable_parameters(loaded),
             "realised_sparsity": (getattr(loaded.model.config, "seap_pruning", None) or {}).get("realised_sparsity", 0.0),
         }
         if base is None:

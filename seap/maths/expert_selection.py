@@ -327,7 +327,7 @@ def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEF
         "schedule": "uniform",
         "target_sparsity": sparsity,
         "allow_k_reduction": allow_k_reduction,
-        "expert_params": {str(i): int(v) for i, v in (expert_params or {}).items()},
+        "expert_params": {str(i): int(v) for i, v in (expert_params or stats.meta.get("expert_params") or {}).items()},
         "layers": layers,
     }
     mask = ExpertMask(experts, top_k, meta)

@@ -111,6 +111,8 @@ def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, ba
     meta = {"fingerprint": loaded.fingerprint, "task": corpus.task, "model_source": loaded.source,
             "corpus_digest": corpus.digest(), "num_texts": len(token_ids), "max_tokens": max_tokens,
             "shard": list(shard) if shard else None, "reap": reap, "normalise_top_k": normalise,
+            "expert_params": {str(i): int(m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel())
+                              for i, m in layers.items()},
             "seconds": round(time.perf_counter() - start, 3)}
     return RouterStatistics(sums, top_k, meta)
 

@@ -7,6 +7,8 @@ refuse to be applied to another model.
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import logging
 import os
@@ -216,6 +218,23 @@ def resolve_model_path(model: str) -> tuple[Path | str, str]:
         f"model {model!r} not found",
         f"pass a local folder, a .gguf file, a Hugging Face hub id (org/name) or one of: {', '.join(BUILTIN_MODELS)}",
     )
+
+
+def peek_model_type(model: str) -> str | None:
+    """The ``model_type`` of a local model folder or GGUF file, read without loading weights
+    (``None`` for a hub id or a built-in alias not fetched yet: the built-ins are dense)."""
+    path = Path(model).expanduser()
+    try:
+        if path.is_dir() and (path / "config.json").is_file():
+            return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if path.suffix == ".gguf" and path.is_file():
+            from gguf import GGUFReader
+
+            field = GGUFReader(str(path)).fields.get("general.architecture")
+            return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    return None
 
 
 def load_model(

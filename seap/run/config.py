@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from seap.errors import SeapError
+from seap.maths.expert_selection import DEFAULT_EXPERT_SCORE, EXPERT_SCORES
 from seap.maths.geometry import DEFAULT_GQA_MODE, GQA_MODES
 from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
-from seap.run.methods import (DEFAULT_METHODS, METHODS, REFIT_CORPORA, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE,
+from seap.run.methods import (DEFAULT_METHODS, METHODS, MOE_DEFAULT_METHODS, UNITS, REFIT_CORPORA, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE,
                               check_compensation)
 
 Front = Literal["cli", "params", "flow", "python"]
@@ -99,6 +100,15 @@ class RunConfig:
                                     minimum=0)
     gqa_mode: str = _opt(DEFAULT_GQA_MODE, "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
                          choices=GQA_MODES)
+    unit: str = _opt("auto", "masks", "unit", "what is pruned: neurons (heads and MLP channels), experts (whole "
+                     "experts of a mixture-of-experts model), or auto (experts for an MoE model, else neurons)",
+                     choices=("auto", *UNITS))
+    expert_score: str = _opt(DEFAULT_EXPERT_SCORE, "masks", "expert_score",
+                             "unit experts: how SEAP scores a task's experts: tcess (PreMoe), frequency or reap",
+                             choices=EXPERT_SCORES)
+    allow_k_reduction: bool = _opt(False, "masks", "allow_k_reduction",
+                                   "unit experts: allow keeping fewer experts than the router's top-k (top-k is "
+                                   "clamped to the experts kept)")
     bias_compensation: bool | None = _opt(None, "masks", "bias_compensation",
                                           "FLAP's bias compensation for every method (null: as each method says: "
                                           "FLAP on, the others off)")
@@ -290,6 +300,7 @@ class RunConfig:
                            "list each sparsity once")
         if not self.methods:
             raise self.bad("methods", "no method given", f"e.g. {' '.join(DEFAULT_METHODS)}")
+        self._check_unit()
         if len(set(self.methods)) != len(self.methods):
             raise self.bad("methods", f"a method is listed twice: {list(self.methods)}", "list each method once")
         if self.routed and len(self.tasks) < 2:
@@ -318,6 +329,37 @@ class RunConfig:
         if check_data:
             self.check_tasks()
         return self
+
+    @property
+    def resolved_unit(self) -> str:
+        """``neurons`` or ``experts``: ``auto`` is experts for a mixture-of-experts model (a local
+        folder or GGUF file whose type an MoE adapter serves), neurons otherwise."""
+        if self.unit != "auto":
+            return self.unit
+        from seap.model.adapters import ADAPTERS
+        from seap.model.adapters.moe import MoeAdapter
+        from seap.model.loading import peek_model_type
+
+        moe_types = {t for cls in ADAPTERS if issubclass(cls, MoeAdapter) for t in cls.model_types}
+        return "experts" if peek_model_type(self.model) in moe_types else "neurons"
+
+    def _check_unit(self) -> None:
+        """With unit experts, the default methods become the MoE ones, and a neuron-only method
+        is refused (and the other way round), naming what to use."""
+        unit = self.resolved_unit
+        if unit == "experts" and list(self.methods) == list(DEFAULT_METHODS):
+            self.methods = list(MOE_DEFAULT_METHODS)  # (the user left the default)
+        wrong = [m for m in self.methods if unit not in METHODS[m].units]
+        if wrong:
+            fitting = [n for n, m in METHODS.items() if unit in m.units]
+            raise self.bad("methods", f"{', '.join(wrong)} cannot prune {unit}"
+                           + (" (the model is a mixture of experts)" if self.unit == "auto" and unit == "experts"
+                              else ""),
+                           f"with {self.spell('unit')} {unit} use any of: {', '.join(fitting)}"
+                           + ("; or prune neurons" if unit == "experts" else ""))
+        if unit == "experts" and self.stats_shards > 1:
+            raise self.bad("stats_shards", "router statistics are collected in one pass",
+                           "set stats_shards to 1 with unit experts")
 
     def _check_names(self) -> None:
         """Names the engine owns (scores, schedules): checked against its tables."""

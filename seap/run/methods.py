@@ -15,6 +15,12 @@ Calibration, per method:
 * ``routed``: no masks of its own; the router picks one of the ``task`` method's experts per
   input, falling back to the ``general`` method's mask below its confidence threshold.
 
+Units: a method prunes heads and MLP channels (``neurons``), whole experts of a
+mixture-of-experts model (``experts``), or either (the SEAP rows). With ``experts`` a SEAP
+expert keeps the experts its task's tokens route to (the run's ``expert_score``: PreMoe's
+TCESS by default), the general mask those of all tasks' tokens, and ``moe-frequency`` is the
+task-agnostic baseline (selection frequency over the pooled corpora).
+
 Bias compensation (FLAP) is a property of the method, stored in each mask it builds (the
 calibration means travel with the mask), so applying a mask always does what its method says;
 the run's ``bias_compensation`` option overrides it for every method (the study's "bias
@@ -42,6 +48,7 @@ from typing import Any, Literal
 from seap.errors import SeapError
 
 Calibration = Literal["task", "general", "pooled", "routed"]
+UNITS = ("neurons", "experts")  # what a run prunes (the run's `unit`; `auto` picks experts for MoE models)
 SEAP_SCORE = "seap-sf"  # the default SEAP score (paper's s_F); the run's `score` option overrides it
 SEAP_SCHEDULE = "logistic"  # the default SEAP schedule; the run's `schedule` option overrides it
 
@@ -76,6 +83,7 @@ class Method:
     reconstruct: bool | None = None  # None: the run's `reconstruct` option
     schedule_options: Mapping[str, Any] = field(default_factory=dict)
     family: Literal["seap", "baseline"] = "baseline"
+    units: tuple[str, ...] = ("neurons",)  # what it can prune: heads and MLP channels, or whole MoE experts
 
     def resolved_score(self, run_score: str) -> str:
         return self.score or run_score
@@ -115,10 +123,12 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("seap-expert", "task", "SEAP: one expert per task, from its own activations", family="seap"),
-        Method("seap-general", "general", "SEAP-gen: one mask from the weighted sum of task scores", family="seap"),
+        Method("seap-expert", "task", "SEAP: one expert per task, from its own activations (MoE: its router's "
+               "choices)", family="seap", units=UNITS),
+        Method("seap-general", "general", "SEAP-gen: one mask from the weighted sum of task scores (MoE: all tasks' "
+               "router statistics)", family="seap", units=UNITS),
         Method("seap-routed", "routed", "router picks the task's expert per input (general mask below threshold)",
-               family="seap"),
+               family="seap", units=UNITS),
         Method("wanda-sp", "pooled", "Wanda-sp: |W| x ||X||, uniform sparsity", score="wanda-sp", schedule="uniform"),
         Method("wanda-sp+logistic", "pooled", "Wanda-sp score with SEAP's logistic schedule", score="wanda-sp",
                schedule="logistic"),
@@ -126,13 +136,17 @@ METHODS: dict[str, Method] = {
                schedule="flap-adaptive", bias_compensation=True),
         Method("flap+logistic", "pooled", "FLAP score and bias compensation with SEAP's logistic schedule",
                score="flap", schedule="logistic", bias_compensation=True),
+        Method("moe-frequency", "pooled", "task-agnostic expert pruning: the experts all tasks' tokens select most",
+               score="frequency", units=("experts",)),
     )
 }
 DENSE = "dense"  # the unpruned row every table starts with (not a method: nothing to build)
 ROUTED_EXPERTS = "seap-expert"  # where the routed row takes its experts ...
 ROUTED_FALLBACK = "seap-general"  # ... and its low-confidence fallback
 DEFAULT_METHODS = ("seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap")
+MOE_DEFAULT_METHODS = ("seap-expert", "seap-general", "seap-routed", "moe-frequency")  # the default with unit experts
 BASELINES = tuple(name for name, m in METHODS.items() if m.family == "baseline")
+NEURON_METHODS = tuple(name for name, m in METHODS.items() if "neurons" in m.units)  # for a dense model
 REFIT_CORPORA = ("own", "pooled", "per-task")  # what masks are refitted on (the run's `refit_corpus`)
 
 
@@ -158,4 +172,4 @@ def row_key(method: str, sparsity: float) -> str:
     return DENSE if method == DENSE else f"{method}@{sparsity:g}"
 
 
-__all__ = ["BASELINES", "DEFAULT_METHODS", "DENSE", "METHODS", "REFIT_CORPORA", "Method", "check_compensation", "get_method", "methods_to_build", "row_key"]
+__all__ = ["BASELINES", "DEFAULT_METHODS", "MOE_DEFAULT_METHODS", "NEURON_METHODS", "UNITS", "DENSE", "METHODS", "REFIT_CORPORA", "Method", "check_compensation", "get_method", "methods_to_build", "row_key"]

@@ -58,7 +58,8 @@ class Stage:
 
 
 _EVAL = ("seap.evaluation.rows", "seap.evaluation.harness", "seap.evaluation.loglikelihood", "seap.evaluation.metrics",
-         "seap.data.catalogue", "seap.model.surgery", "seap.maths.masks")
+         "seap.data.catalogue", "seap.model.surgery", "seap.maths.masks", "seap.model.expert_pruning",
+         "seap.maths.expert_selection", "seap.model.adapters.moe")
 _BASE = ("seap.run.stages", "seap.model.loading", "seap.model.loaded", "seap.model.adapters")
 _EVAL_OPTIONS = ("tasks", "data_dir", "limit", "num_fewshot", "metric", "eval_batch_size")
 STAGES: dict[str, Stage] = {
@@ -72,8 +73,8 @@ STAGES: dict[str, Stage] = {
                "refit_generic_samples")),
         Stage("statistics", "activation statistics per task (and pooled over all tasks, for the baselines)",
               (*_BASE, "seap.model.calibration", "seap.model.hooks", "seap.maths.moments", "seap.maths.statistics",
-               "seap.data.corpus"),
-              ("stats_batch_size", "stats_shards", "methods", "reconstruct", "refit_corpus", "refit_generic"),
+               "seap.data.corpus", "seap.model.expert_pruning", "seap.maths.expert_selection", "seap.model.adapters.moe"),
+              ("stats_batch_size", "stats_shards", "methods", "reconstruct", "refit_corpus", "refit_generic", "unit"),
               ("model", "corpus")),
         Stage("scores", "importance scores of heads and channels",
               ("seap.run.stages", "seap.run.commands", "seap.maths.scores", "seap.maths.statistics"),
@@ -83,10 +84,11 @@ STAGES: dict[str, Stage] = {
               (*_BASE, "seap.run.commands", "seap.maths.masks", "seap.maths.schedules", "seap.maths.geometry",
                "seap.maths.scores", "seap.maths.statistics", "seap.maths.moments", "seap.maths.reconstruction",
                "seap.model.refitting", "seap.model.calibration", "seap.model.hooks", "seap.model.surgery",
-               "seap.data.corpus"),
+               "seap.data.corpus", "seap.maths.expert_selection"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
                "gqa_mode", "bias_compensation", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
-               "refit_sequential", "refit_corpus", "refit_generic"), ("scores", "statistics", "model", "corpus")),
+               "refit_sequential", "refit_corpus", "refit_generic", "unit", "expert_score", "allow_k_reduction"),
+              ("scores", "statistics", "model", "corpus")),
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model",)),
         Stage("evaluate", "one row per method and sparsity (experts: each task with its own)", (*_BASE, *_EVAL),
@@ -101,10 +103,12 @@ STAGES: dict[str, Stage] = {
               (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed"),
               (*_EVAL_OPTIONS, "router_threshold"), ("model", "masks", "router", "evaluate")),
         Stage("perplexity", "WikiText-2 perplexity of dense and each general mask",
-              (*_BASE, "seap.evaluation.harness", "seap.model.surgery", "seap.maths.masks"),
+              (*_BASE, "seap.evaluation.harness", "seap.model.surgery", "seap.maths.masks", "seap.maths.expert_selection",
+               "seap.model.expert_pruning", "seap.model.adapters.moe"),
               ("perplexity", "perplexity_windows", "data_dir"), ("model", "masks")),
         Stage("bench", "prefill and decode speed of dense and each distinct pruned shape",
-              (*_BASE, "seap.evaluation.speed", "seap.model.surgery", "seap.maths.masks"),
+              (*_BASE, "seap.evaluation.speed", "seap.model.surgery", "seap.maths.masks", "seap.maths.expert_selection",
+               "seap.model.expert_pruning", "seap.model.adapters.moe"),
               ("bench", "bench_repeats"), ("model", "masks")),
         Stage("report", "Table 1, results.json, metrics, CSV and plot",
               ("seap.run.stages", "seap.evaluation.report", "seap.evaluation.metrics", "seap.evaluation.harness",
@@ -239,6 +243,8 @@ def make_plan(config: RunConfig) -> Plan:
     c.validate(check_data=False)
     tasks = c.task_names
     methods = methods_to_build(c.methods)
+    if c.resolved_unit == "experts":
+        return _finish_plan(c, *_expert_jobs(c, tasks, methods))
     reconstructing = [m for m in methods if m.resolved_reconstruct(c.reconstruct)]
     sequential = bool(c.refit_sequential)  # refits on the corpus itself: no second moments
     one_shot = [] if sequential else reconstructing
@@ -316,6 +322,47 @@ def make_plan(config: RunConfig) -> Plan:
                 group[name] = job.key
             mask_jobs[row] = group
 
+    return _finish_plan(c, jobs, mask_jobs)
+
+
+def _expert_jobs(c: RunConfig, tasks: list[str], methods: list[Method]) -> tuple[list[Job], dict[str, dict[str, str]]]:
+    """The jobs up to the masks for ``unit: experts`` (a mixture-of-experts model): router
+    statistics per task (and pooled), then one expert mask per task (SEAP experts, on the
+    run's ``expert_score``), one general mask (all tasks' router statistics) and each pooled
+    method's mask (its own score on the pooled statistics). Nothing is refitted."""
+    jobs: list[Job] = []
+    add = jobs.append
+    add(Job("model", params={"model": c.model, "device": c.device, "dtype": c.dtype}))
+    add(Job("corpus", params={"tasks": list(c.tasks), "data_dir": c.data_dir, "samples": c.samples, "seed": c.seed,
+                              "max_tokens": c.max_tokens}))
+    add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
+            {"batch_size": c.stats_batch_size, "tasks": tasks, "unit": "experts"}))
+    if any(m.calibration != "task" for m in methods):
+        add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, {"tasks": tasks, "unit": "experts"}))
+    mask_jobs: dict[str, dict[str, str]] = {}
+    for sparsity in c.sparsities:
+        for m in methods:
+            row = row_key(m.name, sparsity)
+            score = m.score or c.expert_score
+            common = {"sparsity": sparsity, "method": m.name, "row": row, "unit": "experts", "score": score,
+                      "allow_k_reduction": c.allow_k_reduction, "kind": _kind(m)}
+            names = [(t, "statistics/tasks") for t in tasks] if m.calibration == "task" else \
+                [(GENERAL, "statistics/pooled")]
+            group = {}
+            for name, source in names:
+                job = Job("masks", f"{row}/{name}", {"statistics": source}, {**common, "mask": name})
+                add(job)
+                group[name] = job.key
+            mask_jobs[row] = group
+    return jobs, mask_jobs
+
+
+def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, str]]) -> Plan:
+    """``jobs`` (up to the masks, ``mask_jobs``: row -> mask name -> job key) and what follows,
+    the same for every unit: evaluation rows, router and routed rows, perplexity, bench,
+    report and registration."""
+    add = jobs.append
+    methods = methods_to_build(c.methods)
     # evaluation rows: dense, then per sparsity in method-table order
     evaluation = {"tasks": list(c.tasks), "data_dir": c.data_dir, "limit": c.limit, "num_fewshot": c.num_fewshot,
                   "metric": c.metric, "batch_size": c.eval_batch_size}
@@ -378,7 +425,8 @@ def make_plan(config: RunConfig) -> Plan:
     seap_groups = {row: group for row, group in mask_jobs.items()
                    if row.split("@")[0] in (ROUTED_EXPERTS, ROUTED_FALLBACK)}
     add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
-            {"score": c.score, "schedule": c.schedule, "registry_dir": c.registry, "mlflow": c.mlflow,
+            {"score": c.expert_score if c.resolved_unit == "experts" else c.score,
+             "schedule": "uniform" if c.resolved_unit == "experts" else c.schedule, "registry_dir": c.registry, "mlflow": c.mlflow,
              "tracking_uri": c.tracking_uri, "mlflow_dir": c.mlflow_store, "experiment": c.experiment}))
     plan = Plan(c, jobs)
     check_plan(plan)

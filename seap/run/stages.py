@@ -111,6 +111,9 @@ def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
     p = job.params
     out.parent.mkdir(parents=True, exist_ok=True)
+    if p.get("unit") == "experts":  # a mixture-of-experts model: what the routers do on each task's tokens
+        _router_statistics(job, inputs, out, ctx)
+        return
     # second moments too large to hold for every layer go to a spill folder beside `out`,
     # layer by layer, and are linked into the saved statistics
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spill-") as spill:
@@ -126,6 +129,27 @@ def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
                                  spill_dir=Path(spill) / t).save(out / t)
             return
         _collect(job, inputs, out, ctx, Path(spill))
+
+
+def _router_statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    from seap.data.corpus import DEFAULT_MAX_TOKENS, read_corpus
+    from seap.maths.expert_selection import RouterStatistics
+    from seap.model.expert_pruning import collect_router_statistics
+
+    p = job.params
+    if job.name == POOLED:
+        parts = [RouterStatistics.load(Path(inputs["statistics"]) / t) for t in p["tasks"]]
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = merged.merge(part)
+        merged.save(out)
+        return
+    corpora, header = read_corpus(Path(inputs["corpus"]) / CORPUS_FILE)
+    loaded = ctx.base(inputs["model"])
+    out.mkdir(parents=True)
+    for t in p["tasks"]:
+        collect_router_statistics(loaded, corpora[t], p["batch_size"], header.get("max_tokens", DEFAULT_MAX_TOKENS),
+                                  progress=ctx.progress).save(out / t)
 
 
 def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext, spill: Path) -> None:
@@ -162,6 +186,17 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.run.commands import make_mask
 
     p = job.params
+    if p.get("unit") == "experts":  # experts of an MoE model: from its task's (or all tasks') router statistics
+        from seap.maths.expert_selection import RouterStatistics, build_expert_mask
+
+        folder = Path(inputs["statistics"])
+        stats = RouterStatistics.load(folder / p["mask"] if p["kind"] == "expert" else folder)
+        mask = build_expert_mask(stats, p["sparsity"], p["score"], p["allow_k_reduction"])
+        mask.meta["method"] = p["method"]
+        if p["kind"] != "expert":
+            mask.meta.update({"task": GENERAL, "tasks": stats.task.split("+")})
+        mask.save(out)
+        return
     bias = inputs.get("bias_statistics")
     if bias is not None and p["kind"] == "expert":
         bias = Path(bias) / p["mask"]

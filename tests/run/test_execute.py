@@ -236,3 +236,34 @@ def test_the_pipeline_runs_on_every_newer_family(tmp_path, capsys, arch) -> None
     pruned = load_pruned(tmp_path / "pruned", device="cpu")
     ids = pruned.tokenizer(["the city"], return_tensors="pt")
     assert pruned.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] >= 3
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_the_pipeline_prunes_experts_of_an_moe_model(tmp_path, capsys, arch) -> None:
+    """`--unit` left at auto on an MoE model: router statistics, SEAP expert masks (TCESS), the
+    general mask, the task-agnostic baseline, routed rows over expert masks, the memory of each
+    pruned shape, the registry; and a neuron-only method is refused before any work."""
+    from seap.model.checkpoint import load_pruned
+    from seap.registry.records import read_local_registry
+
+    base, data = tiny_project(tmp_path, arch)
+    common = ["--no-progress", "eval", "--model", str(base), "--tasks", "geo", "life", "--data-dir", str(data),
+              "--limit", "4", "--samples", "20", "--no-mlflow", "--workdir", str(tmp_path / "work"),
+              "--out", str(tmp_path / "out"), "--registry-dir", str(tmp_path / "registry")]
+    assert main([*common, "--methods", "seap-expert", "wanda-sp"]) == 2
+    assert "wanda-sp cannot prune experts" in capsys.readouterr().err
+    assert main([*common, "--sparsities", "0.25", "0.5", "--bench-repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("seap-expert", "seap-general", "seap-routed", "moe-frequency"):
+        assert f"| 50% | {row} |" in out, out[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    speed = results["speed"]["models"]
+    assert all(entry["params"] < speed["dense"]["params"] and entry["bytes"] < speed["dense"]["bytes"]
+               for name, entry in speed.items() if name != "dense")
+    records = read_local_registry(str(tmp_path / "registry"))
+    assert {r.kind for r in records} >= {"expert", "routed"}
+    expert = next(r for r in records if r.kind == "expert")
+    assert main(["--no-progress", "apply", "--model", str(base), "--mask", str(next(iter(expert.masks.values()))),
+                 "--out", str(tmp_path / "pruned")]) == 0
+    pruned = load_pruned(tmp_path / "pruned", device="cpu")
+    assert pruned.model.config.seap_pruning["unit"] == "experts"

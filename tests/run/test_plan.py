@@ -8,7 +8,7 @@ import pytest
 
 from seap.errors import SeapError
 from seap.run.config import RunConfig
-from seap.run.methods import BASELINES, DEFAULT_METHODS, METHODS
+from seap.run.methods import BASELINES, DEFAULT_METHODS, METHODS, NEURON_METHODS
 from seap.run.plan import STAGES, Job, Plan, check_plan, make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,10 +32,11 @@ def test_default_plan_has_todays_rows_and_stable_keys() -> None:
 
 
 def test_method_entries_decide_calibration_and_bias_compensation() -> None:
-    refitted = make_plan(RunConfig(methods=list(METHODS), sparsities=[0.3]))  # the default: every mask refitted
+    refitted = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3]))  # the default: every mask refitted
     assert all("refit" in j.params and not j.params["bias_compensation"] for j in refitted.of_stage("masks"))
-    plan = make_plan(RunConfig(methods=list(METHODS), sparsities=[0.3], reconstruct=False))
-    for name, method in METHODS.items():
+    plan = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3], reconstruct=False))
+    for name in NEURON_METHODS:
+        method = METHODS[name]
         masks = [j for j in plan.of_stage("masks") if j.params["method"] == name]
         if method.calibration == "routed":
             assert not masks
@@ -58,7 +59,7 @@ def test_no_pooled_statistics_without_a_baseline_and_routing_adds_its_masks() ->
     assert {j.params["method"] for j in plan.of_stage("masks")} == {"seap-expert", "seap-general"}
     assert plan.rows == ["dense", "seap-routed@0.2", "seap-routed@0.5"]
     assert "expert_row" not in plan.get("evaluate-routed/seap-routed@0.2").inputs  # no expert row to reuse
-    assert set(BASELINES) == {"wanda-sp", "wanda-sp+logistic", "flap", "flap+logistic"}
+    assert set(BASELINES) == {"wanda-sp", "wanda-sp+logistic", "flap", "flap+logistic", "moe-frequency"}
     assert set(DEFAULT_METHODS) <= set(METHODS)
 
 
@@ -108,7 +109,7 @@ def test_map_inputs_keeps_the_nesting_and_visits_every_reference() -> None:
 
 
 def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() -> None:
-    plan = make_plan(RunConfig(methods=list(METHODS), sparsities=[0.3], reconstruct=True, refit_alpha=0.1))
+    plan = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3], reconstruct=True, refit_alpha=0.1))
     assert all(j.params.get("second_moments") for j in plan.of_stage("statistics") if j.name != "pooled")
     for job in plan.of_stage("masks"):
         method = METHODS[job.params["method"]]
