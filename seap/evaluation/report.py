@@ -78,9 +78,11 @@ def markdown_report(results: dict[str, Any]) -> str:
         sp = results["speed"]
         parts += ["## Speed", "", f"{sp['setup']['prefill']}; {sp['setup']['decode']}; median of "
                   f"{sp['setup']['repeats']} on {sp['setup']['device']} ({sp['setup']['torch_threads']} threads).", "",
-                  "| model | realised | prefill tok/s | x dense | decode tok/s | x dense |", "|---|---:|---:|---:|---:|---:|"]
+                  "| model | realised | parameters | MiB | prefill tok/s | x dense | decode tok/s | x dense |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in sp["models"].items():
-            parts.append(f"| {name} | {m['realised_sparsity'] * 100:.1f}% | {m['prefill_tokens_per_s']:.0f} | "
+            memory = f"{m['params'] / 1e6:.2f}M | {m['bytes'] / 2**20:.1f}" if "bytes" in m else "- | -"
+            parts.append(f"| {name} | {m['realised_sparsity'] * 100:.1f}% | {memory} | {m['prefill_tokens_per_s']:.0f} | "
                          f"{m['prefill_speedup']:.2f} | {m['decode_tokens_per_s']:.1f} | {m['decode_speedup']:.2f} |")
         parts.append("")
     return "\n".join(parts) + "\n"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -201,6 +202,53 @@ def kept_count(num_experts: int, top_k: int, sparsity: float, allow_k_reduction:
     return max(keep, 1)
 
 
+EXPERT_SCHEDULES = ("uniform", "logistic")
+
+
+def expert_allocation(num_experts: Mapping[int, int], top_k: Mapping[int, int], sparsity: float,
+                      schedule: str = "uniform", expert_params: Mapping[int, int] | None = None,
+                      allow_k_reduction: bool = False, k: float = 1.0, x0: float = 0.3, protect_first: int = 2,
+                      protect_last: int = 2) -> dict[int, int]:
+    """Experts kept per MoE layer for a target ``sparsity`` (the fraction of routed-expert
+    parameters removed). ``uniform``: every layer :func:`kept_count`. ``logistic``: SEAP's
+    schedule over the MoE layers in depth order (:func:`seap.maths.schedules.logistic_shape`:
+    the first ``protect_first`` and last ``protect_last`` kept whole, later layers pruned more),
+    scaled by bisection to the target; a layer never keeps fewer than its top-k (one, with
+    ``allow_k_reduction``)."""
+    from seap.maths.schedules import logistic_shape
+
+    if schedule not in EXPERT_SCHEDULES:
+        raise SeapError(f"unknown expert schedule {schedule!r}", f"use one of: {', '.join(EXPERT_SCHEDULES)}")
+    layers = sorted(num_experts)
+    if schedule == "uniform":
+        return {i: kept_count(num_experts[i], top_k[i], sparsity, allow_k_reduction) for i in layers}
+    if not 0.0 <= sparsity < 1.0:
+        raise SeapError(f"expert sparsity {sparsity} is outside [0, 1)", "pass a fraction such as 0.5")
+    size = {i: (expert_params or {}).get(i, 1) for i in layers}
+    floor = {i: 1 if allow_k_reduction else top_k[i] for i in layers}
+    total = sum(size[i] * num_experts[i] for i in layers)
+    shape = dict(zip(layers, logistic_shape(len(layers), k, x0, protect_first, protect_last)))
+
+    def kept(lam: float) -> dict[int, int]:
+        return {i: max(floor[i], num_experts[i] - int(math.floor(min(lam * shape[i], 1.0) * num_experts[i] + 1e-9)))
+                for i in layers}
+
+    def removed(lam: float) -> float:
+        return sum(size[i] * (num_experts[i] - n) for i, n in kept(lam).items()) / total
+
+    lam_max = 1.0 / min(v for v in shape.values() if v > 0)
+    if removed(lam_max) < sparsity - 1e-9:
+        raise SeapError(f"expert sparsity {sparsity:g} is unreachable with the logistic schedule: it removes at most "
+                        f"{removed(lam_max):.3f} (protected layers, top-k kept)",
+                        "lower the sparsity, protect fewer layers, use the uniform schedule, or --allow-k-reduction")
+    lo, hi = 0.0, lam_max
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(mid) < sparsity else (lo, mid)
+    best = min((lo, hi), key=lambda lam: abs(removed(lam) - sparsity))
+    return kept(best)
+
+
 def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Bool [E]: the ``keep`` highest scores (ties broken by the lower index)."""
     order = torch.argsort(-scores.to(torch.float64), stable=True)
@@ -302,13 +350,17 @@ def validate_expert_mask(mask: ExpertMask, num_experts: Mapping[int, int] | None
 
 def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEFAULT_EXPERT_SCORE,
                       allow_k_reduction: bool = False, expert_params: Mapping[int, int] | None = None,
-                      base_source: str | None = None) -> ExpertMask:
+                      base_source: str | None = None, schedule: str = "uniform",
+                      **schedule_options: Any) -> ExpertMask:
     """Keep each MoE layer's highest-scoring experts (an expert mask of one task's statistics,
-    or a general one of merged statistics)."""
+    or a general one of merged statistics), in the numbers :func:`expert_allocation` gives."""
     experts, top_k, layers = {}, {}, []
+    sizes = {int(i): int(v) for i, v in (expert_params or stats.meta.get("expert_params") or {}).items()}
+    counts = expert_allocation({i: s.num_experts for i, s in stats.layers.items()}, stats.top_k, sparsity, schedule,
+                               sizes, allow_k_reduction, **schedule_options)
     for i, layer in sorted(stats.layers.items()):
         k = stats.top_k[i]
-        keep = kept_count(layer.num_experts, k, sparsity, allow_k_reduction)
+        keep = counts[i]
         experts[i] = keep_top(expert_scores(layer, score), keep)
         top_k[i] = min(k, keep)
         if top_k[i] < k:
@@ -324,10 +376,11 @@ def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEF
         "kind": "general" if "+" in stats.task else "expert",
         "unit": "experts",
         "score": score,
-        "schedule": "uniform",
+        "schedule": schedule,
+        "schedule_params": dict(schedule_options),
         "target_sparsity": sparsity,
         "allow_k_reduction": allow_k_reduction,
-        "expert_params": {str(i): int(v) for i, v in (expert_params or stats.meta.get("expert_params") or {}).items()},
+        "expert_params": {str(i): v for i, v in sizes.items()},
         "layers": layers,
     }
     mask = ExpertMask(experts, top_k, meta)
@@ -360,5 +413,5 @@ def pattern_vector(stats: RouterStatistics, layers: Sequence[int] | None = None)
 
 __all__ = ["DEFAULT_EXPERT_SCORE", "EXPERT_MASK_ARTIFACT", "EXPERT_SCORES", "ROUTER_STATISTICS_ARTIFACT", "ExpertMask",
            "LayerRouterStatistics", "load_mask",
-           "RouterStatistics", "build_expert_mask", "expert_scores", "keep_top", "kept_count", "nearest_pattern",
+           "RouterStatistics", "EXPERT_SCHEDULES", "build_expert_mask", "expert_allocation", "expert_scores", "keep_top", "kept_count", "nearest_pattern",
            "pattern_vector", "route", "router_sums", "validate_expert_mask"]

@@ -357,6 +357,9 @@ class RunConfig:
                               else ""),
                            f"with {self.spell('unit')} {unit} use any of: {', '.join(fitting)}"
                            + ("; or prune neurons" if unit == "experts" else ""))
+        if unit == "experts" and self.schedule not in ("logistic", "uniform"):
+            raise self.bad("schedule", f"{self.schedule} allocates heads and channels, not experts",
+                           "with unit experts use logistic or uniform")
         if unit == "experts" and self.stats_shards > 1:
             raise self.bad("stats_shards", "router statistics are collected in one pass",
                            "set stats_shards to 1 with unit experts")

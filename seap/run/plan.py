@@ -344,8 +344,10 @@ def _expert_jobs(c: RunConfig, tasks: list[str], methods: list[Method]) -> tuple
         for m in methods:
             row = row_key(m.name, sparsity)
             score = m.score or c.expert_score
+            schedule = m.resolved_schedule(c.schedule)
             common = {"sparsity": sparsity, "method": m.name, "row": row, "unit": "experts", "score": score,
-                      "allow_k_reduction": c.allow_k_reduction, "kind": _kind(m)}
+                      "allow_k_reduction": c.allow_k_reduction, "kind": _kind(m), "schedule": schedule,
+                      "schedule_options": {**c.schedule_options, **m.schedule_options} if schedule == "logistic" else {}}
             names = [(t, "statistics/tasks") for t in tasks] if m.calibration == "task" else \
                 [(GENERAL, "statistics/pooled")]
             group = {}

@@ -191,7 +191,8 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
         folder = Path(inputs["statistics"])
         stats = RouterStatistics.load(folder / p["mask"] if p["kind"] == "expert" else folder)
-        mask = build_expert_mask(stats, p["sparsity"], p["score"], p["allow_k_reduction"])
+        mask = build_expert_mask(stats, p["sparsity"], p["score"], p["allow_k_reduction"], schedule=p["schedule"],
+                                 **p["schedule_options"])
         mask.meta["method"] = p["method"]
         if p["kind"] != "expert":
             mask.meta.update({"task": GENERAL, "tasks": stats.task.split("+")})

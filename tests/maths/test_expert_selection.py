@@ -65,3 +65,18 @@ def test_nearest_pattern() -> None:
     assert task == "a" and confidence > 0.5 and distances["a"] < distances["b"]
     with pytest.raises(SeapError, match="no stored expert patterns"):
         nearest_pattern(torch.zeros(2), {})
+
+
+def test_the_logistic_expert_schedule_prunes_later_layers_more_and_meets_the_target() -> None:
+    from seap.maths.expert_selection import expert_allocation
+
+    layers = {i: 16 for i in range(12)}
+    top_k = {i: 2 for i in layers}
+    kept = expert_allocation(layers, top_k, 0.5, "logistic", protect_first=2, protect_last=1)
+    assert kept[0] == kept[1] == kept[11] == 16  # protected
+    active = [kept[i] for i in range(2, 11)]
+    assert active == sorted(active, reverse=True) and min(active) >= 2
+    assert 1 - sum(kept.values()) / (16 * 12) == pytest.approx(0.5, abs=1 / (16 * 12) + 0.02)
+    assert expert_allocation(layers, top_k, 0.5, "uniform") == {i: 8 for i in layers}
+    with pytest.raises(SeapError, match="unreachable"):
+        expert_allocation({0: 4, 1: 4, 2: 4}, {0: 2, 1: 2, 2: 2}, 0.6, "logistic", protect_first=1, protect_last=1)

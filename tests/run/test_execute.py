@@ -238,8 +238,9 @@ def test_the_pipeline_runs_on_every_newer_family(tmp_path, capsys, arch) -> None
     assert pruned.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] >= 3
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
-def test_the_pipeline_prunes_experts_of_an_moe_model(tmp_path, capsys, arch) -> None:
+@pytest.mark.parametrize("arch,schedule", [("qwen2_moe", ["--schedule", "uniform"]),
+                                           ("mixtral", ["--protect-first", "0", "--protect-last", "0"])])
+def test_the_pipeline_prunes_experts_of_an_moe_model(tmp_path, capsys, arch, schedule) -> None:
     """`--unit` left at auto on an MoE model: router statistics, SEAP expert masks (TCESS), the
     general mask, the task-agnostic baseline, routed rows over expert masks, the memory of each
     pruned shape, the registry; and a neuron-only method is refused before any work."""
@@ -252,7 +253,7 @@ def test_the_pipeline_prunes_experts_of_an_moe_model(tmp_path, capsys, arch) -> 
               "--out", str(tmp_path / "out"), "--registry-dir", str(tmp_path / "registry")]
     assert main([*common, "--methods", "seap-expert", "wanda-sp"]) == 2
     assert "wanda-sp cannot prune experts" in capsys.readouterr().err
-    assert main([*common, "--sparsities", "0.25", "0.5", "--bench-repeats", "1"]) == 0
+    assert main([*common, "--sparsities", "0.25", "0.5", "--bench-repeats", "1", *schedule]) == 0
     out = capsys.readouterr().out
     for row in ("seap-expert", "seap-general", "seap-routed", "moe-frequency"):
         assert f"| 50% | {row} |" in out, out[-3000:]
@@ -267,3 +268,5 @@ def test_the_pipeline_prunes_experts_of_an_moe_model(tmp_path, capsys, arch) -> 
                  "--out", str(tmp_path / "pruned")]) == 0
     pruned = load_pruned(tmp_path / "pruned", device="cpu")
     assert pruned.model.config.seap_pruning["unit"] == "experts"
+    masks = [json.loads(p.read_text()) for p in (tmp_path / "work" / "masks").glob("*/experts.json")]
+    assert masks and {m["schedule"] for m in masks} == {"uniform" if arch == "qwen2_moe" else "logistic"}
