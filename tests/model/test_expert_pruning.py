@@ -249,3 +249,11 @@ def test_expert_masks_go_wherever_masks_go(tmp_path) -> None:
     bank = ExpertBank(base, {"geo": load_mask(tmp_path / "mask-geo"), "life": life})
     assert bank.get("life").adapter.moe_layers(bank.get("life").model)[0].num_experts == 4
     assert all(m.num_experts == 8 for m in base.adapter.moe_layers(base.model).values())  # one base, never changed
+
+
+def test_an_unrecognised_expert_layout_is_refused_by_name() -> None:
+    moe = make_tiny_moe("mixtral")
+    block = moe.model.model.layers[0].mlp
+    block.experts = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(8)])  # an older layout
+    with pytest.raises(UnsupportedArchitectureError, match="unrecognised expert layout.*ModuleList"):
+        collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)

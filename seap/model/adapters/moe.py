@@ -137,8 +137,25 @@ class MoeAdapter(ArchitectureAdapter):
         experts = getattr(block, "experts", None)
         if router is None or experts is None:
             return None
+        self._check_layout(router, experts)
         return MoeLayerModules(block, router, experts, getattr(block, "shared_expert", None),
                                getattr(block, "shared_expert_gate", None))
+
+    def _check_layout(self, router: nn.Module, experts: nn.Module) -> None:
+        """Refuse a router or expert layout this adapter does not know (e.g. experts as a module
+        list, or a router without a [E, H] weight), naming what it found."""
+        weight = getattr(router, "weight", None)
+        gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+        fused = isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3 \
+            and down.dim() == 3 and gate_up.shape[0] == down.shape[0] and gate_up.shape[1] == 2 * down.shape[2]
+        if not fused or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != gate_up.shape[0]:
+            raise UnsupportedArchitectureError(
+                f"{self.name} model: unrecognised expert layout (router {type(router).__name__} with weight "
+                f"{None if not isinstance(weight, torch.Tensor) else tuple(weight.shape)}, experts "
+                f"{type(experts).__name__} with gate_up_proj "
+                f"{None if not isinstance(gate_up, torch.Tensor) else tuple(gate_up.shape)})",
+                "the adapter expects a router weight [E, H] and fused experts gate_up_proj [E, 2I, H] and "
+                "down_proj [E, H, I], as transformers 5.23 builds them; open an issue with the model's config.json")
 
     def moe_layers(self, model: nn.Module) -> dict[int, MoeLayerModules]:
         """Layer index -> its MoE modules, for every routed layer."""
