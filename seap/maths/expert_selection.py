@@ -54,6 +54,7 @@ from seap.io import short_hash
 EXPERT_SCORES = ("tcess", "frequency", "reap")
 DEFAULT_EXPERT_SCORE = "tcess"
 ROUTER_FIELDS = ("selected", "prob_sum", "top1_logit_sum", "weight_sum", "reap_sum")
+CHANNEL_FIELDS = ("channel_sum", "channel_sq_sum", "down_sq_l2")
 EXPERT_MASK_ARTIFACT = ArtifactKind("seap-expert-mask", 1, "experts.safetensors", "experts.json",
                                     "rebuild the expert mask from the model's router statistics")
 ROUTER_STATISTICS_ARTIFACT = ArtifactKind("seap-router-statistics", 1, "router.safetensors", "router.json",
@@ -73,22 +74,46 @@ class LayerRouterStatistics:
     top1_logit_sum: torch.Tensor
     weight_sum: torch.Tensor
     reap_sum: torch.Tensor
+    # unit both: per expert channel (the input of its down projection) over the tokens routed to
+    # it, [E, I]: sum and sum of squares, and the squared L2 norm of the matching down_proj column
+    channel_sum: torch.Tensor | None = None
+    channel_sq_sum: torch.Tensor | None = None
+    down_sq_l2: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, num_experts: int) -> LayerRouterStatistics:
-        z = lambda: torch.zeros(num_experts, dtype=torch.float64)  # noqa: E731
-        return cls(0, z(), z(), z(), z(), z())
+    def zeros(cls, num_experts: int, intermediate: int | None = None) -> LayerRouterStatistics:
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        channels = (z(num_experts, intermediate), z(num_experts, intermediate), z(num_experts, intermediate)) \
+            if intermediate else (None, None, None)
+        return cls(0, z(num_experts), z(num_experts), z(num_experts), z(num_experts), z(num_experts), *channels)
 
     @property
     def num_experts(self) -> int:
         return int(self.selected.numel())
 
+    @property
+    def has_channels(self) -> bool:
+        return self.channel_sum is not None
+
     def merge(self, other: LayerRouterStatistics) -> LayerRouterStatistics:
-        if other.num_experts != self.num_experts:
-            raise SeapError("router statistics of layers with different expert counts cannot be merged",
-                            "merge statistics of the same model")
+        if other.num_experts != self.num_experts or other.has_channels != self.has_channels:
+            raise SeapError("router statistics of layers with different expert counts (or with and without channel "
+                            "sums) cannot be merged", "merge statistics of the same model, collected the same way")
+        channels = (self.channel_sum + other.channel_sum, self.channel_sq_sum + other.channel_sq_sum,  # type: ignore[operator]
+                    self.down_sq_l2) if self.has_channels else (None, None, None)
         return LayerRouterStatistics(self.tokens + other.tokens,
-                                     *(getattr(self, f) + getattr(other, f) for f in ROUTER_FIELDS))
+                                     *(getattr(self, f) + getattr(other, f) for f in ROUTER_FIELDS), *channels)
+
+    def channel_scores(self) -> torch.Tensor:
+        """[E, I]: SEAP's channel score inside each expert (``seap-sf``: the variance of the
+        channel over the tokens routed to the expert x the squared L2 norm of its down_proj
+        column; 0 for an expert never selected)."""
+        if not self.has_channels:
+            raise SeapError("these router statistics hold no channel sums", "collect them with unit both")
+        n = self.selected.clamp(min=1)[:, None]
+        mean = self.channel_sum / n  # type: ignore[operator]
+        variance = (self.channel_sq_sum / n - mean * mean).clamp(min=0)  # type: ignore[operator]
+        return torch.where(self.selected[:, None] > 0, variance * self.down_sq_l2, torch.zeros_like(variance))
 
 
 def route(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,7 +166,8 @@ class RouterStatistics:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         tensors = {f"layers.{i}.{name}": getattr(layer, name).to(torch.float64).contiguous()
-                   for i, layer in self.layers.items() for name in ROUTER_FIELDS}
+                   for i, layer in self.layers.items() for name in (*ROUTER_FIELDS, *CHANNEL_FIELDS)
+                   if getattr(layer, name) is not None}
         meta = {**self.meta, "top_k": {str(i): k for i, k in self.top_k.items()},
                 "tokens": {str(i): layer.tokens for i, layer in self.layers.items()}}
         return write_artifact(ROUTER_STATISTICS_ARTIFACT, path, tensors, meta, overwrite)
@@ -153,7 +179,8 @@ class RouterStatistics:
         top_k = {int(i): int(k) for i, k in meta.pop("top_k").items()}
         tokens = {int(i): int(n) for i, n in meta.pop("tokens").items()}
         layers = {i: LayerRouterStatistics(tokens[i], *(require(t, f"layers.{i}.{name}", ROUTER_STATISTICS_ARTIFACT)
-                                                         for name in ROUTER_FIELDS)) for i in top_k}
+                                                         for name in ROUTER_FIELDS),
+                                           *(t.get(f"layers.{i}.{name}") for name in CHANNEL_FIELDS)) for i in top_k}
         if any(len({x.numel() for x in (getattr(layer, f) for f in ROUTER_FIELDS)}) != 1 for layer in layers.values()):
             raise ArtifactError(f"router statistics {path} have sums of different lengths in one layer",
                                 ROUTER_STATISTICS_ARTIFACT.remake)
@@ -249,6 +276,18 @@ def expert_allocation(num_experts: Mapping[int, int], top_k: Mapping[int, int], 
     return kept(best)
 
 
+CHANNEL_MULTIPLE = 8  # kept channels per expert: transformers' grouped expert matmul needs 16-byte strides
+
+
+def channel_width(intermediate: int, sparsity: float, multiple: int = CHANNEL_MULTIPLE) -> int:
+    """Channels each kept expert keeps at ``sparsity``: ``I - round(s I)``, rounded to the nearest
+    multiple of ``multiple`` (at least one multiple; ``I`` itself when smaller)."""
+    width = intermediate - int(round(sparsity * intermediate))
+    if intermediate <= multiple:
+        return max(width, 1)
+    return min(intermediate, max(multiple, int(round(width / multiple)) * multiple))
+
+
 def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Bool [E]: the ``keep`` highest scores (ties broken by the lower index)."""
     order = torch.argsort(-scores.to(torch.float64), stable=True)
@@ -264,6 +303,7 @@ class ExpertMask:
     experts: dict[int, torch.Tensor]  # layer index -> bool [E], True = kept
     top_k: dict[int, int]  # the router's top-k after pruning, per layer
     meta: dict[str, Any] = field(default_factory=dict)
+    channels: dict[int, torch.Tensor] | None = None  # unit both: layer -> bool [E, I], each kept expert's channels
 
     @property
     def base_fingerprint(self) -> str:
@@ -285,7 +325,13 @@ class ExpertMask:
         and the meta's ``expert_params`` says how layers weigh)."""
         sizes = {int(k): v for k, v in (self.meta.get("expert_params") or {}).items()}
         total = sum(sizes.get(i, 1) * flags.numel() for i, flags in self.experts.items())
-        kept = sum(sizes.get(i, 1) * int(flags.sum()) for i, flags in self.experts.items())
+        kept = 0.0
+        for i, flags in self.experts.items():
+            share = 1.0  # of an expert's parameters kept (every channel holds the same number)
+            if self.channels is not None:
+                ch = self.channels[i][flags]
+                share = float(ch.sum()) / max(ch.numel(), 1)
+            kept += sizes.get(i, 1) * int(flags.sum()) * share
         return 1.0 - kept / total if total else 0.0
 
     def digest(self) -> str:
@@ -293,6 +339,8 @@ class ExpertMask:
         for i in sorted(self.experts):
             h.update(f"{i}:{self.top_k[i]}:".encode())
             h.update(self.experts[i].to(torch.uint8).numpy().tobytes())
+            if self.channels is not None:
+                h.update(self.channels[i].to(torch.uint8).numpy().tobytes())
         return "sha256:" + h.hexdigest()
 
     def check_model(self, fingerprint: str) -> None:
@@ -305,6 +353,8 @@ class ExpertMask:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         tensors = {f"layers.{i}.experts": flags.to(torch.uint8) for i, flags in self.experts.items()}
+        for i, flags in (self.channels or {}).items():
+            tensors[f"layers.{i}.channels"] = flags.to(torch.uint8)
         meta = {**self.meta, "top_k": {str(i): k for i, k in self.top_k.items()}, "mask_digest": self.digest(),
                 "realised_sparsity": self.realised_sparsity()}
         return write_artifact(EXPERT_MASK_ARTIFACT, path, tensors, meta, overwrite)
@@ -315,7 +365,8 @@ class ExpertMask:
         t, meta = read_artifact(EXPERT_MASK_ARTIFACT, path)
         top_k = {int(i): int(k) for i, k in meta.pop("top_k").items()}
         experts = {i: require(t, f"layers.{i}.experts", EXPERT_MASK_ARTIFACT).bool() for i in top_k}
-        mask = cls(experts, top_k, meta)
+        channels = {i: t[f"layers.{i}.channels"].bool() for i in top_k if f"layers.{i}.channels" in t} or None
+        mask = cls(experts, top_k, meta, channels)
         validate_expert_mask(mask)
         if meta.get("mask_digest") and meta["mask_digest"] != mask.digest():
             raise ArtifactError(f"expert mask {path} does not match its recorded digest", EXPERT_MASK_ARTIFACT.remake)
@@ -346,23 +397,43 @@ def validate_expert_mask(mask: ExpertMask, num_experts: Mapping[int, int] | None
         if kept < 1 or mask.top_k.get(i, 0) < 1 or mask.top_k[i] > kept:
             raise ArtifactError(f"expert mask layer {i} keeps {kept} experts for a top-{mask.top_k.get(i)} router",
                                 EXPERT_MASK_ARTIFACT.remake)
+        if mask.channels is not None:
+            ch = mask.channels.get(i)
+            widths = set((ch[flags].sum(dim=1)).tolist()) if ch is not None and ch.shape[0] == flags.numel() else set()
+            if ch is None or len(widths) != 1 or min(widths) < 1 or ch[~flags].any():
+                raise ArtifactError(f"expert mask layer {i}: the kept experts must keep the same number (>= 1) of "
+                                    "channels (fused expert tensors), the removed ones none", EXPERT_MASK_ARTIFACT.remake)
 
 
 def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEFAULT_EXPERT_SCORE,
                       allow_k_reduction: bool = False, expert_params: Mapping[int, int] | None = None,
-                      base_source: str | None = None, schedule: str = "uniform",
+                      base_source: str | None = None, schedule: str = "uniform", unit: str = "experts",
                       **schedule_options: Any) -> ExpertMask:
     """Keep each MoE layer's highest-scoring experts (an expert mask of one task's statistics,
-    or a general one of merged statistics), in the numbers :func:`expert_allocation` gives."""
+    or a general one of merged statistics), in the numbers :func:`expert_allocation` gives.
+
+    ``unit="both"`` also prunes channels inside the kept experts: the sparsity is split evenly
+    in what is kept (``1 - s = (1 - s_e)(1 - s_c)`` with ``s_e = s_c = 1 - sqrt(1 - s)``); the
+    experts are chosen at ``s_e``, and every kept expert keeps its own :func:`channel_width`
+    highest-scoring channels (:meth:`LayerRouterStatistics.channel_scores`; one count per layer,
+    as the fused expert tensors need, a multiple of 8 for their grouped matmul)."""
+    if unit not in ("experts", "both"):
+        raise SeapError(f"unknown expert-mask unit {unit!r}", "use experts or both")
     experts, top_k, layers = {}, {}, []
+    channels: dict[int, torch.Tensor] | None = {} if unit == "both" else None
+    split = 1.0 - math.sqrt(1.0 - sparsity) if unit == "both" else sparsity
     sizes = {int(i): int(v) for i, v in (expert_params or stats.meta.get("expert_params") or {}).items()}
-    counts = expert_allocation({i: s.num_experts for i, s in stats.layers.items()}, stats.top_k, sparsity, schedule,
+    counts = expert_allocation({i: s.num_experts for i, s in stats.layers.items()}, stats.top_k, split, schedule,
                                sizes, allow_k_reduction, **schedule_options)
     for i, layer in sorted(stats.layers.items()):
         k = stats.top_k[i]
         keep = counts[i]
         experts[i] = keep_top(expert_scores(layer, score), keep)
         top_k[i] = min(k, keep)
+        if channels is not None:
+            scores = layer.channel_scores()
+            width = channel_width(scores.shape[1], split)
+            channels[i] = torch.stack([keep_top(row, width) for row in scores]) & experts[i][:, None]
         if top_k[i] < k:
             warnings.warn(f"layer {i}: {keep} experts kept, so each token is routed to {keep} instead of {k}",
                           stacklevel=2)
@@ -374,7 +445,7 @@ def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEF
         "base_source": base_source or stats.meta.get("model_source"),
         "task": stats.task,
         "kind": "general" if "+" in stats.task else "expert",
-        "unit": "experts",
+        "unit": unit,
         "score": score,
         "schedule": schedule,
         "schedule_params": dict(schedule_options),
@@ -383,7 +454,7 @@ def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEF
         "expert_params": {str(i): v for i, v in sizes.items()},
         "layers": layers,
     }
-    mask = ExpertMask(experts, top_k, meta)
+    mask = ExpertMask(experts, top_k, meta, channels)
     validate_expert_mask(mask)
     return mask
 
@@ -413,5 +484,5 @@ def pattern_vector(stats: RouterStatistics, layers: Sequence[int] | None = None)
 
 __all__ = ["DEFAULT_EXPERT_SCORE", "EXPERT_MASK_ARTIFACT", "EXPERT_SCORES", "ROUTER_STATISTICS_ARTIFACT", "ExpertMask",
            "LayerRouterStatistics", "load_mask",
-           "RouterStatistics", "EXPERT_SCHEDULES", "build_expert_mask", "expert_allocation", "expert_scores", "keep_top", "kept_count", "nearest_pattern",
+           "RouterStatistics", "EXPERT_SCHEDULES", "build_expert_mask", "channel_width", "expert_allocation", "expert_scores", "keep_top", "kept_count", "nearest_pattern",
            "pattern_vector", "route", "router_sums", "validate_expert_mask"]

@@ -36,6 +36,7 @@ from seap.maths.masks import PruningMask
 from seap.model.loaded import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_device, resolve_dtype
 
 PRUNED_MASK_DIR = "seap_mask"
+EXPERT_UNITS = ("experts", "both")  # an MoE model with experts (and channels inside them) removed
 _CONFIG_EXTRA = ("per_layer_config", "allow_global_per_layer_attribute_access")
 
 
@@ -56,7 +57,7 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
         raise SeapError("only hard-pruned models can be saved as pruned checkpoints",
                         "apply the mask with mode='hard' (`seap apply --mode hard`), or save the mask itself")
     info["pruned_fingerprint"] = loaded.fingerprint
-    if info.get("unit") == "experts":  # an MoE model with experts removed: kept experts and top-k per MoE layer
+    if info.get("unit") in EXPERT_UNITS:  # an MoE model with experts removed: kept experts and top-k per MoE layer
         info["layers"] = [loaded.adapter.experts_record(layer) or {}  # type: ignore[attr-defined]
                           for layer in loaded.adapter.decoder_layers(loaded.model)]
     else:
@@ -73,7 +74,7 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
             loaded.tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         config["seap_pruning"] = info
-        if info.get("unit") != "experts":  # (Hugging Face's per-layer widths; MoE records are SEAP's own)
+        if info.get("unit") not in EXPERT_UNITS:  # (Hugging Face's per-layer widths; MoE records are SEAP's own)
             config["per_layer_config"] = {str(i): layer for i, layer in enumerate(info["layers"])}
             config["allow_global_per_layer_attribute_access"] = True
         atomic_write_json(tmp / "config.json", config)
@@ -116,7 +117,7 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
         raise ArtifactError(f"{p}: config lists {len(info['layers'])} layers, the model has {len(layers)}", "re-save it")
     hidden = adapter.text_config(config).hidden_size
     for layer, sizes in zip(layers, info["layers"], strict=True):
-        if info.get("unit") == "experts":
+        if info.get("unit") in EXPERT_UNITS:
             if sizes:  # (an MoE layer; dense layers of an MoE model are saved whole)
                 adapter.resize_experts(layer, sizes, adapter.normalises_top_k(config))  # type: ignore[attr-defined]
             continue

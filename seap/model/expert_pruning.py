@@ -43,23 +43,32 @@ def moe_adapter(loaded: LoadedModel) -> MoeAdapter:
     return loaded.adapter
 
 
-def expert_output_norms(mods: MoeLayerModules, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[T, E]: the L2 norm of each routed expert's output on each token (0 where not routed)."""
+def expert_output_norms(mods: MoeLayerModules, x: torch.Tensor, index: torch.Tensor,
+                        channels: LayerRouterStatistics | None = None) -> torch.Tensor:
+    """[T, E]: the L2 norm of each routed expert's output on each token (0 where not routed).
+    With ``channels`` (unit both), each expert's down_proj inputs on its routed tokens are
+    also added to its channel sums (in place)."""
     experts = mods.experts
     norms = torch.zeros(x.shape[0], mods.num_experts, dtype=torch.float64, device=x.device)
     for e in torch.unique(index).tolist():
         tokens = (index == e).any(dim=-1).nonzero()[:, 0]
         gate, up = torch.nn.functional.linear(x[tokens], experts.gate_up_proj[e]).chunk(2, dim=-1)
-        out = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        hidden = experts.act_fn(gate) * up
+        out = torch.nn.functional.linear(hidden, experts.down_proj[e])
         norms[tokens, e] = torch.linalg.vector_norm(out.to(torch.float64), dim=-1)
+        if channels is not None:
+            h = hidden.to(torch.float64).cpu()
+            channels.channel_sum[e] += h.sum(0)  # type: ignore[index]
+            channels.channel_sq_sum[e] += (h * h).sum(0)  # type: ignore[index]
     return norms
 
 
 def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, batch_size: int = 8,
                               max_tokens: int | None = DEFAULT_MAX_TOKENS, shard: tuple[int, int] | None = None,
-                              reap: bool = True, progress: bool = True) -> RouterStatistics:
+                              reap: bool = True, progress: bool = True, channels: bool = False) -> RouterStatistics:
     """Run the corpus through the model and sum, per MoE layer, what the router does on the
-    real tokens (:class:`RouterStatistics`). ``shard=(i, n)`` takes texts ``i, i+n, ...``;
+    real tokens (:class:`RouterStatistics`); with ``channels`` (unit both) also each expert's
+    channel sums over the tokens routed to it. ``shard=(i, n)`` takes texts ``i, i+n, ...``;
     merged shards equal one pass. Hooks are removed even on error."""
     adapter = moe_adapter(loaded)
     if batch_size < 1:
@@ -79,7 +88,11 @@ def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, ba
     if not layers:
         raise UnsupportedArchitectureError("the model has no MoE layers", "pass a mixture-of-experts checkpoint")
     normalise = adapter.normalises_top_k(model.config)
-    sums = {i: LayerRouterStatistics.zeros(m.num_experts) for i, m in layers.items()}
+    sums = {i: LayerRouterStatistics.zeros(m.num_experts, m.expert_intermediate if channels else None)
+            for i, m in layers.items()}
+    if channels:
+        for i, m in layers.items():
+            sums[i].down_sq_l2 = m.experts.down_proj.detach().to(torch.float64).pow(2).sum(dim=1).cpu()  # [E, I]
     top_k = {i: adapter.top_k(m) for i, m in layers.items()}
     state: dict[str, Any] = {"mask": None}
 
@@ -89,11 +102,16 @@ def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, ba
             if state["mask"] is not None:
                 flat = flat[state["mask"].reshape(-1).bool()]
             logits = torch.nn.functional.linear(flat, adapter.router_weight(mods))
-            norms = None
-            if reap:
+            norms, extra = None, None
+            if reap or channels:
                 _, index = torch.topk(torch.softmax(logits.to(torch.float64), dim=-1), top_k[i], dim=-1)
-                norms = expert_output_norms(mods, flat, index)
-            sums[i] = sums[i].merge(router_sums(logits, top_k[i], normalise, norms))
+                extra = LayerRouterStatistics.zeros(mods.num_experts, mods.expert_intermediate) if channels else None
+                norms = expert_output_norms(mods, flat, index, extra)
+            batch = router_sums(logits, top_k[i], normalise, norms if reap else None)
+            if extra is not None:
+                batch.channel_sum, batch.channel_sq_sum = extra.channel_sum, extra.channel_sq_sum
+                batch.down_sq_l2 = sums[i].down_sq_l2
+            sums[i] = sums[i].merge(batch)
 
         return hook
 
@@ -110,7 +128,7 @@ def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, ba
             adapter.backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     meta = {"fingerprint": loaded.fingerprint, "task": corpus.task, "model_source": loaded.source,
             "corpus_digest": corpus.digest(), "num_texts": len(token_ids), "max_tokens": max_tokens,
-            "shard": list(shard) if shard else None, "reap": reap, "normalise_top_k": normalise,
+            "shard": list(shard) if shard else None, "reap": reap, "channels": channels, "normalise_top_k": normalise,
             "expert_params": {str(i): int(m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel())
                               for i, m in layers.items()},
             "seconds": round(time.perf_counter() - start, 3)}
@@ -143,9 +161,10 @@ def apply_expert_mask(loaded: LoadedModel, mask: ExpertMask, mode: str = "hard",
             if mask.top_k[i] < adapter.top_k(layers[i]):
                 warnings.warn(f"layer {i}: top-k clamped from {adapter.top_k(layers[i])} to {mask.top_k[i]} "
                               "(fewer experts kept than the router selected)", stacklevel=2)
-            adapter.prune_experts(decoder[i], mask.experts[i], mode == "hard", mask.top_k[i], normalise)
+            adapter.prune_experts(decoder[i], mask.experts[i], mode == "hard", mask.top_k[i], normalise,
+                                  None if mask.channels is None else mask.channels[i])
     model.config.seap_pruning = {
-        "mode": mode, "unit": "experts", "base_fingerprint": mask.base_fingerprint, "mask_digest": mask.digest(),
+        "mode": mode, "unit": mask.meta.get("unit", "experts"), "base_fingerprint": mask.base_fingerprint, "mask_digest": mask.digest(),
         "task": mask.task, "score": mask.meta.get("score"), "target_sparsity": mask.meta.get("target_sparsity"),
         "realised_sparsity": mask.realised_sparsity(),
         "moe_layers": {str(i): adapter.experts_record(decoder[i]) for i in sorted(mask.experts)},

@@ -101,7 +101,8 @@ class RunConfig:
     gqa_mode: str = _opt(DEFAULT_GQA_MODE, "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
                          choices=GQA_MODES)
     unit: str = _opt("auto", "masks", "unit", "what is pruned: neurons (heads and MLP channels), experts (whole "
-                     "experts of a mixture-of-experts model), or auto (experts for an MoE model, else neurons)",
+                     "experts of a mixture-of-experts model), both (experts, and channels inside the kept ones), or "
+                     "auto (experts for an MoE model, else neurons)",
                      choices=("auto", *UNITS))
     expert_score: str = _opt(DEFAULT_EXPERT_SCORE, "masks", "expert_score",
                              "unit experts: how SEAP scores a task's experts: tcess (PreMoe), frequency or reap",
@@ -336,31 +337,35 @@ class RunConfig:
         folder or GGUF file whose type an MoE adapter serves), neurons otherwise."""
         if self.unit != "auto":
             return self.unit
-        from seap.model.adapters import ADAPTERS
-        from seap.model.adapters.moe import MoeAdapter
         from seap.model.loading import peek_model_type
 
-        moe_types = {t for cls in ADAPTERS if issubclass(cls, MoeAdapter) for t in cls.model_types}
-        return "experts" if peek_model_type(self.model) in moe_types else "neurons"
+        return "experts" if peek_model_type(self.model) in _moe_types() else "neurons"
 
     def _check_unit(self) -> None:
         """With unit experts, the default methods become the MoE ones, and a neuron-only method
         is refused (and the other way round), naming what to use."""
         unit = self.resolved_unit
-        if unit == "experts" and list(self.methods) == list(DEFAULT_METHODS):
+        if unit != "neurons" and self.unit != "auto":
+            from seap.model.loading import peek_model_type
+
+            model_type = peek_model_type(self.model)
+            if model_type is not None and model_type not in _moe_types():
+                raise self.bad("unit", f"{unit} needs a mixture-of-experts model; {self.model} is a {model_type} model",
+                               f"prune its heads and channels ({self.spell('unit')} neurons or auto)")
+        if unit != "neurons" and list(self.methods) == list(DEFAULT_METHODS):
             self.methods = list(MOE_DEFAULT_METHODS)  # (the user left the default)
         wrong = [m for m in self.methods if unit not in METHODS[m].units]
         if wrong:
             fitting = [n for n, m in METHODS.items() if unit in m.units]
             raise self.bad("methods", f"{', '.join(wrong)} cannot prune {unit}"
-                           + (" (the model is a mixture of experts)" if self.unit == "auto" and unit == "experts"
+                           + (" (the model is a mixture of experts)" if self.unit == "auto" and unit != "neurons"
                               else ""),
                            f"with {self.spell('unit')} {unit} use any of: {', '.join(fitting)}"
-                           + ("; or prune neurons" if unit == "experts" else ""))
-        if unit == "experts" and self.schedule not in ("logistic", "uniform"):
+                           + ("; or prune neurons" if unit != "neurons" else ""))
+        if unit != "neurons" and self.schedule not in ("logistic", "uniform"):
             raise self.bad("schedule", f"{self.schedule} allocates heads and channels, not experts",
                            "with unit experts use logistic or uniform")
-        if unit == "experts" and self.stats_shards > 1:
+        if unit != "neurons" and self.stats_shards > 1:
             raise self.bad("stats_shards", "router statistics are collected in one pass",
                            "set stats_shards to 1 with unit experts")
 
@@ -406,6 +411,14 @@ class RunConfig:
 
 
 _UNSET = object()
+
+
+def _moe_types() -> set[str]:
+    """The ``model_type`` values a mixture-of-experts adapter serves."""
+    from seap.model.adapters import ADAPTERS
+    from seap.model.adapters.moe import MoeAdapter
+
+    return {t for cls in ADAPTERS if issubclass(cls, MoeAdapter) for t in cls.model_types}
 
 
 def task_name(task: str) -> str:

@@ -16,7 +16,8 @@ Calibration, per method:
   input, falling back to the ``general`` method's mask below its confidence threshold.
 
 Units: a method prunes heads and MLP channels (``neurons``), whole experts of a
-mixture-of-experts model (``experts``), or either (the SEAP rows). With ``experts`` a SEAP
+mixture-of-experts model (``experts``), experts and the channels inside the kept ones
+(``both``), or any of them (the SEAP rows). With ``experts`` a SEAP
 expert keeps the experts its task's tokens route to (the run's ``expert_score``: PreMoe's
 TCESS by default), the general mask those of all tasks' tokens, and ``moe-frequency`` is the
 task-agnostic baseline (selection frequency over the pooled corpora).
@@ -48,7 +49,7 @@ from typing import Any, Literal
 from seap.errors import SeapError
 
 Calibration = Literal["task", "general", "pooled", "routed"]
-UNITS = ("neurons", "experts")  # what a run prunes (the run's `unit`; `auto` picks experts for MoE models)
+UNITS = ("neurons", "experts", "both")  # what a run prunes (the run's `unit`; `auto` picks experts for MoE models)
 SEAP_SCORE = "seap-sf"  # the default SEAP score (paper's s_F); the run's `score` option overrides it
 SEAP_SCHEDULE = "logistic"  # the default SEAP schedule; the run's `schedule` option overrides it
 
@@ -137,7 +138,7 @@ METHODS: dict[str, Method] = {
         Method("flap+logistic", "pooled", "FLAP score and bias compensation with SEAP's logistic schedule",
                score="flap", schedule="logistic", bias_compensation=True),
         Method("moe-frequency", "pooled", "task-agnostic expert pruning: the experts all tasks' tokens select most",
-               score="frequency", units=("experts",)),
+               score="frequency", units=("experts", "both")),
     )
 }
 DENSE = "dense"  # the unpruned row every table starts with (not a method: nothing to build)

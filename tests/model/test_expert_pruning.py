@@ -257,3 +257,38 @@ def test_an_unrecognised_expert_layout_is_refused_by_name() -> None:
     block.experts = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(8)])  # an older layout
     with pytest.raises(UnsupportedArchitectureError, match="unrecognised expert layout.*ModuleList"):
         collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
+
+
+def test_unit_both_prunes_channels_inside_the_kept_experts(moe, tmp_path) -> None:
+    """Channel sums equal a direct computation; soft equals hard; the pruned checkpoint round-trips."""
+    from seap.model.checkpoint import load_pruned, save_pruned
+
+    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False, channels=True)
+    layers = moe.adapter.moe_layers(moe.model)
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    with HookManager() as hooks, torch.no_grad():
+        for i, mods in layers.items():
+            hooks.add_input_hook(mods.block, lambda _m, x, i=i: seen[i].append(x.reshape(-1, x.shape[-1])))
+        for text in GEO:
+            moe.model(**moe.tokenizer([text], return_tensors="pt"))
+    for i, mods in layers.items():
+        x = torch.cat(seen[i]).to(torch.float64)
+        _, index = torch.topk(torch.softmax(x @ mods.router.weight.detach().to(torch.float64).T, -1),
+                              mods.router.top_k, dim=-1)
+        e = int(index[0, 0])
+        tokens = (index == e).any(-1)
+        gate, up = (x[tokens] @ mods.experts.gate_up_proj[e].detach().to(torch.float64).T).chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up
+        torch.testing.assert_close(stats.layers[i].channel_sum[e], h.sum(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats.layers[i].channel_sq_sum[e], (h * h).sum(0), rtol=1e-4, atol=1e-4)
+    stats.save(tmp_path / "stats")
+    mask = build_expert_mask(RouterStatistics.load(tmp_path / "stats"), 0.5, unit="both")
+    assert mask.realised_sparsity() == pytest.approx(0.5, abs=0.08)
+    soft, hard = apply_expert_mask(moe, mask, "soft"), apply_expert_mask(moe, mask, "hard")
+    torch.testing.assert_close(logits(soft), logits(hard), atol=1e-5, rtol=1e-5)
+    kept = {i: int(m.channels[i][m.experts[i]].sum(1)[0]) for m in (mask,) for i in m.experts}
+    assert all(hard.adapter.moe_layers(hard.model)[i].expert_intermediate == kept[i] < 32 for i in kept)
+    mask.save(tmp_path / "mask")
+    assert ExpertMask.load(tmp_path / "mask").digest() == mask.digest()
+    save_pruned(hard, tmp_path / "pruned")
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "pruned", device="cpu")), logits(hard), atol=0, rtol=0)

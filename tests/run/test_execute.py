@@ -270,3 +270,18 @@ def test_the_pipeline_prunes_experts_of_an_moe_model(tmp_path, capsys, arch, sch
     assert pruned.model.config.seap_pruning["unit"] == "experts"
     masks = [json.loads(p.read_text()) for p in (tmp_path / "work" / "masks").glob("*/experts.json")]
     assert masks and {m["schedule"] for m in masks} == {"uniform" if arch == "qwen2_moe" else "logistic"}
+
+
+def test_unit_both_runs_through_the_plan_and_a_dense_model_is_refused(tmp_path, capsys) -> None:
+    base, data = tiny_project(tmp_path, "qwen3_moe")  # one dense layer among the MoE ones
+    common = ["--no-progress", "eval", "--tasks", "geo", "life", "--data-dir", str(data), "--limit", "4",
+              "--samples", "20", "--no-mlflow", "--no-bench", "--schedule", "uniform", "--workdir", str(tmp_path / "work"),
+              "--out", str(tmp_path / "out"), "--registry-dir", str(tmp_path / "registry")]
+    assert main([*common, "--model", str(base), "--unit", "both", "--sparsities", "0.5",
+                 "--methods", "seap-expert", "moe-frequency"]) == 0
+    assert "| 50% | seap-expert |" in capsys.readouterr().out
+    masks = [json.loads(p.read_text()) for p in (tmp_path / "work" / "masks").glob("*/experts.json")]
+    assert masks and {m["unit"] for m in masks} == {"both"}
+    dense, _ = tiny_project(tmp_path / "dense")
+    assert main([*common, "--model", str(dense), "--unit", "experts"]) == 2
+    assert "needs a mixture-of-experts model" in capsys.readouterr().err

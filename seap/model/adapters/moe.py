@@ -174,11 +174,14 @@ class MoeAdapter(ArchitectureAdapter):
         return int(mods.router.top_k)
 
     # -- writes --------------------------------------------------------------------
-    def prune_experts(self, layer: nn.Module, keep: torch.Tensor, hard: bool, top_k: int, normalise: bool) -> None:
+    def prune_experts(self, layer: nn.Module, keep: torch.Tensor, hard: bool, top_k: int, normalise: bool,
+                      channels: torch.Tensor | None = None) -> None:
         """Remove (``hard``) or switch off (soft) the experts of ``layer`` where ``keep`` is False:
         the block gets a :class:`KeptExpertRouter` and, when hard, expert tensors of the kept
-        experts only. New tensors throughout: the layer's old ones (shared with a base model)
-        are never written to."""
+        experts only; ``channels`` (bool [E, I], unit both) also removes (or zeroes) each kept
+        expert's other channels: rows of its gate and up halves, columns of its down projection.
+        New tensors throughout: the layer's old ones (shared with a base model) are never
+        written to."""
         mods = self.moe_modules(layer)
         if mods is None:
             raise ValueError("not an MoE layer")
@@ -187,15 +190,27 @@ class MoeAdapter(ArchitectureAdapter):
         gate_up, down = mods.experts.gate_up_proj.detach(), mods.experts.down_proj.detach()
         if hard:
             router = KeptExpertRouter(weight[keep], top_k, normalise, None if normalise else weight[~keep])
-            new_gate_up, new_down = gate_up[keep].clone(), down[keep].clone()
+            if channels is None:
+                new_gate_up, new_down = gate_up[keep].clone(), down[keep].clone()
+            else:
+                inter = down.shape[2]
+                rows = [channels[e].nonzero()[:, 0].to(gate_up.device) for e in keep.nonzero()[:, 0].tolist()]
+                new_gate_up = torch.stack([gate_up[e][torch.cat([r, r + inter])]
+                                           for e, r in zip(keep.nonzero()[:, 0].tolist(), rows)])
+                new_down = torch.stack([down[e][:, r] for e, r in zip(keep.nonzero()[:, 0].tolist(), rows)])
         else:
             router = KeptExpertRouter(weight, top_k, normalise, keep=keep)
             flags = keep.to(gate_up.dtype)[:, None, None]
             new_gate_up, new_down = gate_up * flags, down * flags
+            if channels is not None:
+                ch = channels.to(device=gate_up.device, dtype=gate_up.dtype)
+                new_gate_up = new_gate_up * torch.cat([ch, ch], dim=1)[:, :, None]
+                new_down = new_down * ch[:, None, :]
         setattr(mods.block, self.router_attr, router.to(weight.device))
         mods.experts.gate_up_proj = nn.Parameter(new_gate_up, requires_grad=False)
         mods.experts.down_proj = nn.Parameter(new_down, requires_grad=False)
         mods.experts.num_experts = int(new_gate_up.shape[0])
+        mods.experts.intermediate_dim = int(new_down.shape[2])
         if hasattr(mods.block, "top_k"):
             mods.block.top_k = top_k
 
@@ -211,9 +226,11 @@ class MoeAdapter(ArchitectureAdapter):
         spare = torch.zeros(dropped, weight.shape[1], dtype=weight.dtype, device=weight.device)
         setattr(mods.block, self.router_attr, KeptExpertRouter(like, int(record["top_k"]), normalise, spare))
         g, d = mods.experts.gate_up_proj, mods.experts.down_proj
-        mods.experts.gate_up_proj = nn.Parameter(g.new_zeros(kept, *g.shape[1:]), requires_grad=False)
-        mods.experts.down_proj = nn.Parameter(d.new_zeros(kept, *d.shape[1:]), requires_grad=False)
+        inter = int(record.get("intermediate", d.shape[2]))
+        mods.experts.gate_up_proj = nn.Parameter(g.new_zeros(kept, 2 * inter, g.shape[2]), requires_grad=False)
+        mods.experts.down_proj = nn.Parameter(d.new_zeros(kept, d.shape[1], inter), requires_grad=False)
         mods.experts.num_experts = kept
+        mods.experts.intermediate_dim = inter
         if hasattr(mods.block, "top_k"):
             mods.block.top_k = int(record["top_k"])
 
@@ -223,7 +240,7 @@ class MoeAdapter(ArchitectureAdapter):
         if mods is None:
             return None
         dropped = getattr(mods.router, "dropped_weight", None)
-        return {"experts": mods.num_experts, "top_k": self.top_k(mods),
+        return {"experts": mods.num_experts, "top_k": self.top_k(mods), "intermediate": mods.expert_intermediate,
                 "dropped_experts": 0 if dropped is None else int(dropped.shape[0])}
 
 
