@@ -182,6 +182,7 @@ def seap_pipeline(
     router_prompts: int = _D.router_prompts,
     router_layer: int = _D.router_layer,
     router_threshold: float = _D.router_threshold,
+    router_kind: str = _D.router_kind,
     bench: bool = _D.bench,
     bench_repeats: int = _D.bench_repeats,
     workdir: str = _D.workdir,

@@ -68,10 +68,62 @@ def _common_prefix(texts: Sequence[str]) -> str:
     return os.path.commonprefix(list(texts)) if len(texts) > 1 else texts[0]
 
 
+class PatternRouter:
+    """TAER (PreMoe's task-adaptive expert retrieval) as a router of a routed model: each task's
+    expert mask stores its routing pattern (the first MoE layer's mean router probabilities on
+    the task's corpus); a query's pattern is taken from its first ``prefix_tokens`` tokens in one
+    forward pass of the base, and the nearest stored task wins
+    (:func:`seap.maths.expert_selection.nearest_pattern`), the general mask below ``threshold``."""
+
+    def __init__(self, patterns: Mapping[str, Any], base_fingerprint: str, threshold: float = 0.1,
+                 prefix_tokens: int = 32) -> None:
+        import torch
+
+        self.patterns = {task: torch.as_tensor(p, dtype=torch.float64) for task, p in patterns.items()}
+        self.base_fingerprint, self.threshold, self.prefix_tokens = base_fingerprint, threshold, prefix_tokens
+        self.tasks = sorted(self.patterns)
+
+    @classmethod
+    def from_masks(cls, experts: Mapping[str, Any], threshold: float = 0.1, prefix_tokens: int = 32) -> PatternRouter:
+        """From each task's expert mask (an :class:`~seap.maths.expert_selection.ExpertMask` with a stored pattern)."""
+        missing = [t for t, m in experts.items() if not (getattr(m, "meta", None) or {}).get("pattern")]
+        if missing:
+            raise SeapError(f"expert masks of {', '.join(missing)} store no routing pattern",
+                            "rebuild them from router statistics (unit experts or both), or use the feature router")
+        (fingerprint,) = {m.base_fingerprint for m in experts.values()}
+        return cls({t: m.meta["pattern"] for t, m in experts.items()}, fingerprint, threshold, prefix_tokens)
+
+    def check_model(self, fingerprint: str) -> None:
+        if fingerprint != self.base_fingerprint:
+            from seap.errors import ModelMismatchError
+
+            raise ModelMismatchError("the stored expert patterns come from another base model",
+                                     "rebuild the expert masks on this model")
+
+    def check_tasks(self, tasks: Sequence[str]) -> None:
+        if sorted(tasks) != self.tasks:
+            raise SeapError(f"patterns are stored for tasks {self.tasks}, the experts are for {sorted(tasks)}",
+                            "pass the experts whose patterns are stored")
+
+    def route(self, loaded: LoadedModel, texts: Sequence[str], threshold: float | None = None) -> list[RoutingDecision]:
+        from seap.data.corpus import CalibrationCorpus
+        from seap.maths.expert_selection import nearest_pattern, pattern_vector
+        from seap.model.expert_pruning import collect_router_statistics
+
+        cut = self.threshold if threshold is None else threshold
+        out = []
+        for text in texts:
+            stats = collect_router_statistics(loaded, CalibrationCorpus("query", [text]), batch_size=1,
+                                              max_tokens=self.prefix_tokens, reap=False, progress=False)
+            task, confidence, _ = nearest_pattern(pattern_vector(stats), self.patterns)
+            out.append(RoutingDecision(task if confidence >= cut else None, task, confidence))
+        return out
+
+
 class RoutedModel:
     """Router + expert bank: pick an expert per input and run it."""
 
-    def __init__(self, bank: ExpertBank, router: Router, threshold: float | None = None) -> None:
+    def __init__(self, bank: ExpertBank, router: Router | PatternRouter, threshold: float | None = None) -> None:
         router.check_model(bank.base.fingerprint)
         router.check_tasks(bank.tasks)
         if threshold is not None and GENERAL not in bank.masks:

@@ -454,6 +454,7 @@ def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEF
         "expert_params": {str(i): v for i, v in sizes.items()},
         "layers": layers,
     }
+    meta["pattern"] = pattern_vector(stats).tolist()  # what retrieval (TAER) compares a query's prefix with
     mask = ExpertMask(experts, top_k, meta, channels)
     validate_expert_mask(mask)
     return mask
@@ -461,16 +462,22 @@ def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEF
 
 def nearest_pattern(query: torch.Tensor, patterns: Mapping[str, torch.Tensor]) -> tuple[str, float, dict[str, float]]:
     """TAER's retrieval: the stored task whose pattern is nearest (L2, as PreMoe's flat index) to
-    ``query``. Returns the task, a confidence in (0, 1] (softmax of negative distances over
-    the stored tasks) and every distance."""
+    ``query``. Returns the task, a confidence in [0, 1] (``1 - d_best / d_second``: 0 when the
+    two nearest tasks are equally near, 1 on an exact match; 1 with one stored task) and every
+    distance."""
     if not patterns:
         raise SeapError("no stored expert patterns to retrieve from", "build at least one task's expert mask")
     names = list(patterns)
     dist = torch.stack([torch.linalg.vector_norm(query.to(torch.float64) - patterns[n].to(torch.float64))
                         for n in names])
-    confidence = torch.softmax(-dist, dim=0)
-    best = int(torch.argmin(dist))
-    return names[best], float(confidence[best]), {n: float(d) for n, d in zip(names, dist)}
+    order = torch.argsort(dist)
+    best = int(order[0])
+    if len(names) == 1:
+        confidence = 1.0
+    else:  # the margin to the runner-up: 0 on a tie, 1 on an exact match (free of the distances' scale)
+        second = float(dist[order[1]])
+        confidence = 1.0 - float(dist[best]) / second if second > 0 else 0.0
+    return names[best], confidence, {n: float(d) for n, d in zip(names, dist)}
 
 
 def pattern_vector(stats: RouterStatistics, layers: Sequence[int] | None = None) -> torch.Tensor:

@@ -159,6 +159,10 @@ class RunConfig:
                              minimum=0)
     router_threshold: float = _opt(0.5, "router", "threshold", "below this confidence the general mask is used",
                                    minimum=0, maximum=1)
+    router_kind: str = _opt("features", "router", "kind",
+                            "what picks the routed row's expert: features (the trained task router) or patterns "
+                            "(MoE, PreMoe's TAER: the nearest stored routing pattern of the prompt's prefix; "
+                            "confidence 1 - d1/d2)", choices=("features", "patterns"))
     # -- speed ----------------------------------------------------------------------------
     bench: bool = _opt(True, "bench", "enabled", "measure prefill and decode speed of dense and each pruned shape")
     bench_repeats: int = _opt(3, "bench", "repeats", "timed repeats (the median is reported)", minimum=1)
@@ -365,6 +369,9 @@ class RunConfig:
         if unit != "neurons" and self.schedule not in ("logistic", "uniform"):
             raise self.bad("schedule", f"{self.schedule} allocates heads and channels, not experts",
                            "with unit experts use logistic or uniform")
+        if self.router_kind == "patterns" and unit == "neurons":
+            raise self.bad("router_kind", "routing patterns are what an MoE model's routers do",
+                           f"use {self.spell('router_kind')} features, or prune experts of an MoE model")
         if unit != "neurons" and self.stats_shards > 1:
             raise self.bad("stats_shards", "router statistics are collected in one pass",
                            "set stats_shards to 1 with unit experts")

@@ -101,7 +101,7 @@ STAGES: dict[str, Stage] = {
         Stage("evaluate-routed", "the routed row: the router's expert per input (reusing the expert row where "
               "the router picks the task's own expert)",
               (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed"),
-              (*_EVAL_OPTIONS, "router_threshold"), ("model", "masks", "router", "evaluate")),
+              (*_EVAL_OPTIONS, "router_threshold", "router_kind"), ("model", "masks", "router", "evaluate")),
         Stage("perplexity", "WikiText-2 perplexity of dense and each general mask",
               (*_BASE, "seap.evaluation.harness", "seap.model.surgery", "seap.maths.masks", "seap.maths.expert_selection",
                "seap.model.expert_pruning", "seap.model.adapters.moe"),
@@ -398,7 +398,8 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
             if experts in rows:  # the expert row's per-item results are reused where routing agrees
                 inputs["expert_row"] = rows[experts]
             job = Job("evaluate-routed", row, inputs,
-                      {**evaluation, "method": "seap-routed", "sparsity": sparsity, "threshold": c.router_threshold},
+                      {**evaluation, "method": "seap-routed", "sparsity": sparsity, "threshold": c.router_threshold,
+                       **({"router_kind": c.router_kind} if c.router_kind != "features" else {})},
                       row=row)
             add(job)
             rows[row] = job.key

@@ -276,8 +276,13 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
     p = job.params
     catalogue = ctx.catalogue(p["data_dir"])
     specs = catalogue.resolve(p["tasks"])
-    trained = Router.load(inputs["router"])
     experts = _load_masks(inputs["experts"])
+    if p.get("router_kind") == "patterns":  # TAER: the nearest stored routing pattern of each prompt's prefix
+        from seap.evaluation.routed import PatternRouter
+
+        trained: Any = PatternRouter.from_masks(experts, threshold=p["threshold"])
+    else:
+        trained = Router.load(inputs["router"])
     general = load_mask(inputs["general"]) if inputs.get("general") else None
     expert_items = read_json(Path(inputs["expert_row"]) / ITEMS_FILE, "expert row items") \
         if inputs.get("expert_row") else None
@@ -288,7 +293,8 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
     row["masks"] = {name: m.digest() for name, m in experts.items()}
     if general is not None:
         row["masks"][GENERAL] = general.digest()
-    row["router"] = router_info(trained)
+    row["router"] = router_info(trained) if isinstance(trained, Router) else \
+        {"kind": "patterns", "tasks": trained.tasks, "prefix_tokens": trained.prefix_tokens, "threshold": p["threshold"]}
     _write_row(out, row, items)
     ctx.say(f"{job.row}: average {row['average']['table'] * 100:.2f} "
             f"({row['reused_documents']} of {row['routing']['docs']} documents reused from the expert row)")

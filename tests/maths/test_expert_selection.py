@@ -62,7 +62,9 @@ def test_a_mask_keeps_at_least_top_k_and_matches_the_model() -> None:
 def test_nearest_pattern() -> None:
     stored = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])}
     task, confidence, distances = nearest_pattern(torch.tensor([0.9, 0.2]), stored)
-    assert task == "a" and confidence > 0.5 and distances["a"] < distances["b"]
+    assert task == "a" and 0.5 < confidence < 1 and distances["a"] < distances["b"]
+    assert nearest_pattern(torch.tensor([1.0, 0.0]), stored)[1] == 1.0  # an exact match
+    assert nearest_pattern(torch.tensor([0.5, 0.5]), stored)[1] == 0.0  # a tie
     with pytest.raises(SeapError, match="no stored expert patterns"):
         nearest_pattern(torch.zeros(2), {})
 

@@ -278,8 +278,13 @@ def test_unit_both_runs_through_the_plan_and_a_dense_model_is_refused(tmp_path, 
               "--samples", "20", "--no-mlflow", "--no-bench", "--schedule", "uniform", "--workdir", str(tmp_path / "work"),
               "--out", str(tmp_path / "out"), "--registry-dir", str(tmp_path / "registry")]
     assert main([*common, "--model", str(base), "--unit", "both", "--sparsities", "0.5",
-                 "--methods", "seap-expert", "moe-frequency"]) == 0
-    assert "| 50% | seap-expert |" in capsys.readouterr().out
+                 "--methods", "seap-expert", "seap-routed", "moe-frequency", "--router-kind", "patterns",
+                 "--router-threshold", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "| 50% | seap-expert |" in out and "| 50% | seap-routed |" in out
+    routed = next(r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+                  if r["method"] == "seap-routed")
+    assert routed["router"]["kind"] == "patterns" and routed["routing"]["docs"] > 0
     masks = [json.loads(p.read_text()) for p in (tmp_path / "work" / "masks").glob("*/experts.json")]
     assert masks and {m["unit"] for m in masks} == {"both"}
     dense, _ = tiny_project(tmp_path / "dense")
