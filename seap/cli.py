@@ -297,6 +297,9 @@ def _apply(args: argparse.Namespace) -> int:
 
     _check_out(args, args.model, args.mask)
     mask = load_mask(args.mask)
+    if args.mode == "soft" and not hasattr(mask, "kept_geometry"):  # an expert mask of an MoE model
+        raise SeapError("soft expert pruning keeps every expert and changes only the routing, which a saved "
+                        "checkpoint cannot carry", "apply expert masks with --mode hard")
     loaded = _load(args)
     pruned = apply_mask(loaded, mask, args.mode, bias_compensation=args.bias_compensation, inplace=True)
     if args.mode == "hard":

@@ -86,7 +86,8 @@ class RunConfig:
     dask_address: str | None = _opt(None, None, "dask_address", "run statistics shards on this Dask scheduler")
     # -- masks ----------------------------------------------------------------------------
     methods: list[str] = _opt(DEFAULT_METHODS, "masks", "methods",
-                              f"rows to build and evaluate: any of {', '.join(METHODS)}", choices=tuple(METHODS))
+                              f"rows to build and evaluate: any of {', '.join(METHODS)} (left at the default with "
+                              f"unit experts or both: {', '.join(MOE_DEFAULT_METHODS)})", choices=tuple(METHODS))
     sparsities: list[float] = _opt(DEFAULT_SPARSITIES, "masks", "sparsities",
                                    "target fractions of prunable weights removed", minimum=0, maximum=0.99)
     score: str = _opt(SEAP_SCORE, "masks", "score", "SEAP's score (the baselines keep their own)")

@@ -241,6 +241,9 @@ def test_expert_masks_go_wherever_masks_go(tmp_path) -> None:
     assert main(["--no-progress", "apply", "--model", str(tmp_path / "base"), "--mask", str(tmp_path / "mask-geo"),
                  "--out", str(tmp_path / "pruned")]) == 0
     pruned = load_pruned(tmp_path / "pruned", device="cpu")
+    assert main(["--no-progress", "apply", "--model", str(tmp_path / "base"), "--mask", str(tmp_path / "mask-geo"),
+                 "--mode", "soft", "--out", str(tmp_path / "soft")]) == 2  # routing-only: not a checkpoint
+    assert not (tmp_path / "soft").exists()
     from seap.model.loading import load_model
 
     base = load_model(str(tmp_path / "base"), device="cpu", dtype="float32")
