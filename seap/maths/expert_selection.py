@@ -51,8 +51,7 @@ from seap.artifacts import ArtifactKind, read_artifact, require, write_artifact
 from seap.errors import ArtifactError, ModelMismatchError, SeapError
 from seap.io import short_hash
 
-EXPERT_SCORES = ("tcess", "frequency", "reap")
-DEFAULT_EXPERT_SCORE = "tcess"
+from seap.maths.expert_units import DEFAULT_EXPERT_SCORE, EXPERT_SCORES  # noqa: E402
 ROUTER_FIELDS = ("selected", "prob_sum", "top1_logit_sum", "weight_sum", "reap_sum")
 CHANNEL_FIELDS = ("channel_sum", "channel_sq_sum", "down_sq_l2")
 EXPERT_MASK_ARTIFACT = ArtifactKind("seap-expert-mask", 1, "experts.safetensors", "experts.json",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from seap.errors import SeapError
-from seap.maths.expert_selection import DEFAULT_EXPERT_SCORE, EXPERT_SCORES
+from seap.maths.expert_units import DEFAULT_EXPERT_SCORE, EXPERT_SCORES
 from seap.maths.geometry import DEFAULT_GQA_MODE, GQA_MODES
 from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
 from seap.run.methods import (DEFAULT_METHODS, METHODS, MOE_DEFAULT_METHODS, UNITS, REFIT_CORPORA, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE,

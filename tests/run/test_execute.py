@@ -12,7 +12,7 @@ from seap.cli import main
 from seap.errors import SeapError
 from seap.run.config import RunConfig
 from seap.run.execute import execute
-from seap.run.methods import METHODS
+from seap.run.methods import NEURON_METHODS
 from seap.run.plan import make_plan
 from tests.helpers_flows import tiny_project
 
@@ -30,7 +30,7 @@ def tiny_config(root: Path, **changes) -> RunConfig:
 def every_method(tmp_path_factory):
     """One run of the plan with every method of the table."""
     root = tmp_path_factory.mktemp("every-method")
-    config = tiny_config(root, methods=list(METHODS))
+    config = tiny_config(root, methods=list(NEURON_METHODS))
     return root, config, execute(make_plan(config))
 
 
@@ -38,7 +38,7 @@ def test_every_method_of_the_table_is_a_row(every_method) -> None:
     root, config, done = every_method
     results = json.loads((done.path("report") / "results.json").read_text())
     rows = {(r["method"], r["sparsity"]) for r in results["rows"]}
-    assert rows == {("dense", 0.0)} | {(m, 0.3) for m in METHODS}
+    assert rows == {("dense", 0.0)} | {(m, 0.3) for m in NEURON_METHODS}
     for row in results["rows"]:
         assert set(row["tasks"]) == {"geo", "life"} and 0 <= row["average"]["table"] <= 1
         assert all(0 < t["chance"] < 1 for t in row["tasks"].values())

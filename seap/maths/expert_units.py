@@ -1,0 +1,4 @@
+"""Names of the expert scores (torch-free, so that the CLI's option table can list them)."""
+
+EXPERT_SCORES = ("tcess", "frequency", "reap")
+DEFAULT_EXPERT_SCORE = "tcess"
