@@ -49,7 +49,7 @@ import torch
 from seap import __version__
 from seap.artifacts import ArtifactKind, read_artifact, require, write_artifact
 from seap.errors import ArtifactError, ModelMismatchError, SeapError
-from seap.io import short_hash
+from seap.maths.masks import check_base_model
 
 from seap.maths.expert_units import DEFAULT_EXPERT_SCORE, EXPERT_SCORES  # noqa: E402
 ROUTER_FIELDS = ("selected", "prob_sum", "top1_logit_sum", "weight_sum", "reap_sum")
@@ -343,12 +343,9 @@ class ExpertMask:
         return "sha256:" + h.hexdigest()
 
     def check_model(self, fingerprint: str) -> None:
-        if fingerprint != self.base_fingerprint:
-            raise ModelMismatchError(
-                f"expert mask for task {self.task!r} was built for base model {short_hash(self.base_fingerprint)}, "
-                f"but the given model is {short_hash(fingerprint)}",
-                f"apply it to the model it was built from ({self.meta.get('base_source', 'see experts.json')}), "
-                "or rebuild it on this model")
+        """Refuse to apply this mask to a model with another fingerprint."""
+        check_base_model("expert mask", self.task, self.base_fingerprint, fingerprint,
+                         self.meta.get("base_source", "see experts.json"))
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         tensors = {f"layers.{i}.experts": flags.to(torch.uint8) for i, flags in self.experts.items()}

@@ -102,13 +102,8 @@ class PruningMask:
 
     def check_model(self, fingerprint: str) -> None:
         """Refuse to apply this mask to a model with another fingerprint."""
-        if fingerprint != self.base_fingerprint:
-            raise ModelMismatchError(
-                f"mask for task {self.task!r} was built for base model {short_hash(self.base_fingerprint)}, "
-                f"but the given model is {short_hash(fingerprint)}",
-                f"apply it to the model it was built from ({self.meta.get('base_source', 'see mask.json')}), "
-                "or rebuild the mask on this model",
-            )
+        check_base_model("mask", self.task, self.base_fingerprint, fingerprint,
+                         self.meta.get("base_source", "see mask.json"))
 
     # -- persistence ---------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -142,6 +137,17 @@ class PruningMask:
         if meta.get("mask_digest") and meta["mask_digest"] != mask.digest():
             raise ArtifactError(f"mask {path} does not match its recorded digest", MASK_ARTIFACT.remake)
         return mask
+
+
+def check_base_model(what: str, task: str, base_fingerprint: str, fingerprint: str, base_source: str) -> None:
+    """Refuse a ``what`` (a mask, an expert mask) built on ``base_fingerprint`` for a model with
+    another ``fingerprint``, naming where it was built (``base_source``)."""
+    if fingerprint != base_fingerprint:
+        raise ModelMismatchError(
+            f"{what} for task {task!r} was built for base model {short_hash(base_fingerprint)}, "
+            f"but the given model is {short_hash(fingerprint)}",
+            f"apply it to the model it was built from ({base_source}), or rebuild the {what} on this model",
+        )
 
 
 def validate_mask(mask: PruningMask) -> None:
@@ -272,4 +278,4 @@ def full_mask(geometry: ModelGeometry, fingerprint: str) -> PruningMask:
                                           "realised_sparsity": 0.0})
 
 
-__all__ = ["REFIT_TENSORS", "LayerMask", "PruningMask", "build_mask", "full_mask", "select_units", "validate_mask"]
+__all__ = ["REFIT_TENSORS", "LayerMask", "PruningMask", "build_mask", "check_base_model", "full_mask", "select_units", "validate_mask"]

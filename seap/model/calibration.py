@@ -58,6 +58,17 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def shard_texts(texts: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
+    """Texts ``i, i+n, i+2n, ...`` of ``shard=(i, n)`` (all of them without a shard); an invalid
+    shard is refused."""
+    if shard is None:
+        return list(texts)
+    index, count = shard
+    if not (count >= 1 and 0 <= index < count):
+        raise SeapError(f"invalid shard {index}/{count}", "shards are numbered 0..n-1, e.g. --shard 0/4")
+    return list(texts)[index::count]
+
+
 def tokenize_corpus(tokenizer: Any, texts: Sequence[str], max_tokens: int | None) -> list[list[int]]:
     """Token ids of each text, truncated to ``max_tokens``; texts that tokenize to nothing are dropped."""
     kwargs: dict[str, Any] = {"truncation": max_tokens is not None}
@@ -99,12 +110,7 @@ def collect_statistics(
         raise SeapError(f"max tokens must be at least 1, got {max_tokens}", "pass --max-tokens 1 or more")
     if accumulate_dtype not in ACCUMULATION_DTYPES:
         raise SeapError(f"unknown accumulation dtype {accumulate_dtype!r}", f"use one of: {', '.join(ACCUMULATION_DTYPES)}")
-    texts = list(corpus.texts)
-    if shard is not None:
-        index, count = shard
-        if not (count >= 1 and 0 <= index < count):
-            raise SeapError(f"invalid shard {index}/{count}", "shards are numbered 0..n-1, e.g. --shard 0/4")
-        texts = texts[index::count]
+    texts = shard_texts(corpus.texts, shard)
     if not texts:
         raise SeapError(f"task {corpus.task!r} has no calibration texts{' in this shard' if shard else ''}",
                         "add calibration records, or use fewer shards")

@@ -28,7 +28,7 @@ from seap.maths.expert_selection import (
     validate_expert_mask,
 )
 from seap.model.adapters.moe import MoeAdapter, MoeLayerModules
-from seap.model.calibration import _batches, pad_batch, tokenize_corpus
+from seap.model.calibration import _batches, pad_batch, shard_texts, tokenize_corpus
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel, model_fingerprint
 from seap.model.surgery import MODES, share_copy
@@ -73,12 +73,7 @@ def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, ba
     adapter = moe_adapter(loaded)
     if batch_size < 1:
         raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
-    texts = list(corpus.texts)
-    if shard is not None:
-        index, count = shard
-        if not (count >= 1 and 0 <= index < count):
-            raise SeapError(f"invalid shard {index}/{count}", "shards are numbered 0..n-1, e.g. --shard 0/4")
-        texts = texts[index::count]
+    texts = shard_texts(corpus.texts, shard)
     token_ids = tokenize_corpus(loaded.tokenizer, texts, max_tokens) if texts else []
     if not token_ids:
         raise SeapError(f"task {corpus.task!r} has no calibration tokens{' in this shard' if shard else ''}",
@@ -129,8 +124,7 @@ def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, ba
     meta = {"fingerprint": loaded.fingerprint, "task": corpus.task, "model_source": loaded.source,
             "corpus_digest": corpus.digest(), "num_texts": len(token_ids), "max_tokens": max_tokens,
             "shard": list(shard) if shard else None, "reap": reap, "channels": channels, "normalise_top_k": normalise,
-            "expert_params": {str(i): int(m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel())
-                              for i, m in layers.items()},
+            "expert_params": {str(i): n for i, n in expert_parameters(loaded).items()},
             "seconds": round(time.perf_counter() - start, 3)}
     return RouterStatistics(sums, top_k, meta)
 

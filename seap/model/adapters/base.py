@@ -55,12 +55,8 @@ class ArchitectureAdapter:
     def check_config(self, config: Any) -> None:
         """Refuse, before any weight is read, a configuration with a feature this adapter cannot
         prune correctly; the message names the feature. Subclasses add their own checks."""
+        self.check_attention(config)
         c = self.text_config(config)
-        heads, kv = getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None) or \
-            getattr(c, "num_attention_heads", None)
-        if not heads or not kv or heads % kv:
-            self.refuse(config, f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}",
-                        "grouped-query attention needs whole groups")
         for key in ("num_local_experts", "num_experts", "n_routed_experts"):
             if getattr(c, key, None):
                 self.refuse(config, f"{key}={getattr(c, key)} (a mixture-of-experts layer)",
@@ -69,6 +65,15 @@ class ArchitectureAdapter:
         if unknown:
             self.refuse(config, f"layer_types holds {', '.join(map(repr, unknown))}",
                         f"the {self.name} adapter prunes layers of type {', '.join(self.layer_types)}")
+
+    def check_attention(self, config: Any) -> None:
+        """Refuse attention heads that do not divide into whole key/value groups."""
+        c = self.text_config(config)
+        heads, kv = getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None) or \
+            getattr(c, "num_attention_heads", None)
+        if not heads or not kv or heads % kv:
+            self.refuse(config, f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}",
+                        "grouped-query attention needs whole groups")
 
     def refuse(self, config: Any, feature: str, why: str) -> None:
         raise UnsupportedArchitectureError(

@@ -105,12 +105,8 @@ class MoeAdapter(ArchitectureAdapter):
 
     # -- configuration -------------------------------------------------------------
     def check_config(self, config: Any) -> None:
+        self.check_attention(config)
         c = self.text_config(config)
-        heads, kv = getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None) or \
-            getattr(c, "num_attention_heads", None)
-        if not heads or not kv or heads % kv:
-            self.refuse(config, f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}",
-                        "grouped-query attention needs whole groups")
         experts, top_k = getattr(c, self.experts_key, None), getattr(c, "num_experts_per_tok", None)
         if not experts or not top_k or top_k > experts:
             self.refuse(config, f"{self.experts_key}={experts} and num_experts_per_tok={top_k}",
