@@ -132,14 +132,16 @@ def _load(args: argparse.Namespace) -> Any:
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
-def _check_out(args: argparse.Namespace, *inputs: Any, file: bool = False) -> None:
+def _check_out(args: argparse.Namespace, *inputs: Any, file: bool = False,
+               recognise: Callable[[Path], str | None] | None = None) -> None:
     """Everything about ``--out`` and ``--device`` that can be checked before a model is loaded."""
     from seap.io import check_output
     from seap.model.loaded import resolve_device
 
     if getattr(args, "device", None) is not None:
         resolve_device(args.device)
-    check_output(args.out, [i for i in inputs if isinstance(i, str)], getattr(args, "overwrite", False), file=file)
+    check_output(args.out, [i for i in inputs if isinstance(i, str)], getattr(args, "overwrite", False), file=file,
+                 recognise=recognise)
 
 
 # -- one artifact at a time ---------------------------------------------------------------
@@ -691,19 +693,57 @@ def _models(args: argparse.Namespace) -> int:
 # -- tools --------------------------------------------------------------------------------
 
 
-def _export_args(p: argparse.ArgumentParser) -> None:
+def _export_starter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write: OUT/<task>/train.jsonl and validation.jsonl")
     p.add_argument("--seed", type=int, default=0, help="starter-suite seed (0: the suite of starter: tasks)")
     p.add_argument("--overwrite", action="store_true")
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export_starter(args: argparse.Namespace) -> int:
     from seap.data.starter import export_starter
 
     counts = export_starter(args.out, args.seed, overwrite=args.overwrite)
     for rel, n in counts.items():
         print(f"{rel}: {n} records")
     print(f"wrote {args.out}")
+    return 0
+
+
+EXPORT_FORMATS = ("gguf", "hf")  # checked against seap.export
+
+
+def _export_model_args(p: argparse.ArgumentParser) -> None:
+    _model(p, purpose="the model to export: a pruned folder (`seap apply`/`seap prune`), or any model SEAP loads; ")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="gguf: a file for llama.cpp (any per-layer widths); hf: a folder stock transformers loads "
+                        "(one width for all layers)")
+    p.add_argument("--out", required=True, help="the .gguf file (gguf) or folder (hf) to write")
+    p.add_argument("--gguf-dtype", default="f16", choices=("f16", "f32"),
+                   help="gguf: matrices in float16 (default) or float32 (norms stay float32); quantise with "
+                        "llama.cpp's llama-quantize")
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="gguf: llama.cpp's pre-tokenizer name, when it does not recognise the tokenizer by itself")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from seap.export.to_gguf import is_seap_gguf
+
+    _check_out(args, args.model, file=args.format == "gguf", recognise=is_seap_gguf if args.format == "gguf" else None)
+    loaded = _load(args)
+    if args.format == "gguf":
+        from seap.export.to_gguf import export_gguf, gguf_layout
+
+        layout = gguf_layout(loaded)
+        export_gguf(loaded, args.out, dtype=args.gguf_dtype, overwrite=args.overwrite, tokenizer_pre=args.tokenizer_pre,
+                    inputs=(args.model,))
+        widths = "one width for all layers" if layout.uniform else "per-layer widths"
+        print(f"wrote {args.out} (llama.cpp architecture {layout.architecture}, {widths}, {args.gguf_dtype})")
+    else:
+        from seap.export.to_transformers import export_transformers
+
+        export_transformers(loaded, args.out, overwrite=args.overwrite, inputs=(args.model,))
+        print(f"wrote {args.out} (loads with transformers.AutoModelForCausalLM.from_pretrained, without seap)")
     return 0
 
 
@@ -758,7 +798,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("route", "tools", "generate with routed experts (router + expert masks + general mask)", _route_args,
             _route),
     Command("export-starter", "tools", "write the built-in starter suite as a jsonl task folder (the DVC data)",
-            _export_args, _export),
+            _export_starter_args, _export_starter),
+    Command("export", "tools", "write a pruned model for llama.cpp (GGUF) or stock transformers (HF folder)",
+            _export_model_args, _export_model),
     Command("info", "tools", "model fingerprint, architecture and prunable parameters", _model, _info),
     Command("fetch", "tools", "download and convert a built-in model once (e.g. smollm2-135m)", _fetch_args, _fetch),
     Command("register", "registry", "track a pipeline run and register its experts as MLflow model versions",

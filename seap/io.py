@@ -108,7 +108,11 @@ def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
         if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
             continue
         if not _pid_alive(int(parts[1])):
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
             removed.append(tmp)
     return removed
 
@@ -251,6 +255,31 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False,
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], overwrite: bool = False,
+                inputs: Sequence[str | os.PathLike[str] | None] = (),
+                recognise: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+    """A temporary sibling path for a large file that a writer fills; renamed to ``path`` on
+    success, removed on error. An existing ``path`` is replaced only with ``overwrite`` and
+    only when SEAP wrote it (:func:`check_output` with ``recognise``)."""
+    target = check_output(path, inputs, overwrite, file=True, recognise=recognise)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
+    tmp = target.parent / f".{target.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise SeapError(f"nothing was written for {target}", "this is a bug: the writer wrote no file")
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        if target.exists() and not overwrite:  # created meanwhile by a concurrent writer: keep theirs
+            raise SeapError(f"output {target} already exists (written concurrently)",
+                            "choose another path, or pass --overwrite")
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _umask_permissions(folder: Path) -> None:

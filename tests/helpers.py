@@ -294,3 +294,30 @@ def write_gguf(model: torch.nn.Module, path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (the kind Llama 3, SmolLM and Qwen use) over the vocabulary and
+    merges of :func:`gguf_tokens`, with ``<|endoftext|>`` as its only special token."""
+    from tokenizers import decoders
+
+    tokens, _, merges = gguf_tokens("gpt2")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token=None, pad_token="<|endoftext|>")
+
+
+def make_tiny_bpe_llama(layers: int = 4, seed: int = 0, heads: int = 8, kv_heads: int = 4, tied: bool = False,
+                        rope_parameters: dict | None = None) -> LoadedModel:
+    """A tiny random Llama with the byte-level BPE tokenizer of :func:`make_bpe_tokenizer` (for exports
+    that carry the tokenizer, such as GGUF)."""
+    torch.manual_seed(seed)
+    tok = make_bpe_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tied, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                         **({"rope_parameters": rope_parameters} if rope_parameters else {}))
+    return wrap_model(_perturb_norms(LlamaForCausalLM(config)).eval(), tok, source="tiny:llama-bpe")
