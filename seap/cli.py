@@ -76,10 +76,17 @@ def _schedule(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x0", type=float, default=None, help="logistic inflection point in [0, 1] (default 0.3)")
     p.add_argument("--protect-first", type=int, default=None, help="logistic: first layers kept dense (default 2)")
     p.add_argument("--protect-last", type=int, default=None, help="logistic: last layers kept dense (default 2)")
+    p.add_argument("--channel-multiple", type=_positive, default=None,
+                   help="every pruned layer keeps a multiple of this many MLP channels, for fast kernels "
+                        "(default 64; 1: any width)")
+    p.add_argument("--same-width", action="store_true",
+                   help="every layer keeps the same widths (uniform allocation), so that stock transformers "
+                        "loads the pruned model (`seap export --format hf`)")
 
 
 def _schedule_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts = {"k": args.k, "x0": args.x0, "protect_first": args.protect_first, "protect_last": args.protect_last}
+    opts = {"k": args.k, "x0": args.x0, "protect_first": args.protect_first, "protect_last": args.protect_last,
+            "channel_multiple": args.channel_multiple, "same_width": args.same_width or None}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -528,6 +535,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-tokens", type=int, default=None, help="tokens per prompt (default 128)")
     p.add_argument("--decode-tokens", type=int, default=None, help="greedy tokens generated (default 32)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5)")
+    p.add_argument("--llama-cpp", nargs="?", const="auto", default=None, metavar="BUILD",
+                   help="also time every model in llama.cpp (float16 GGUF, llama-bench): the build of "
+                        "scripts/build_llama_cpp.sh (found by itself), or the folder of another such build")
     p.add_argument("--out", required=True, help="JSON file to write")
 
 
@@ -548,11 +558,26 @@ def _bench(args: argparse.Namespace) -> int:
         raise SeapError("nothing to compare with the dense model", "pass --pruned DIR or --mask DIR")
     sizes = {"prefill_batch_size": args.prefill_batch, "prefill_tokens": args.prefill_tokens,
              "decode_tokens": args.decode_tokens, "repeats": args.repeats}
+    build = None
+    if args.llama_cpp:
+        from seap.evaluation.llama_cpp_runtime import require_llama_cpp
+
+        build = require_llama_cpp(None if args.llama_cpp == "auto" else args.llama_cpp)
     result = benchmark(models, **{k: v for k, v in sizes.items() if v is not None})
+    if build is not None:
+        from seap.evaluation.speed import llama_cpp_speed
+
+        result["llama_cpp"] = llama_cpp_speed(models, build, args.prefill_tokens or 128, args.decode_tokens or 32,
+                                              args.repeats or 5)
     atomic_write_json(args.out, result)
     for name, m in result["models"].items():
-        print(f"{name}: realised {m['realised_sparsity']:.3f}  prefill {m['prefill_tokens_per_s']:.0f} tok/s "
-              f"(x{m['prefill_speedup']:.2f})  decode {m['decode_tokens_per_s']:.1f} tok/s (x{m['decode_speedup']:.2f})")
+        line = (f"{name}: realised {m['realised_sparsity']:.3f}  PyTorch prefill {m['prefill_tokens_per_s']:.0f} tok/s "
+                f"(x{m['prefill_speedup']:.2f})  decode {m['decode_tokens_per_s']:.1f} tok/s (x{m['decode_speedup']:.2f})")
+        if build is not None:
+            c = result["llama_cpp"]["models"][name]
+            line += (f"  llama.cpp prefill {c['prefill_tokens_per_s']:.0f} (x{c['prefill_speedup']:.2f})  "
+                     f"decode {c['decode_tokens_per_s']:.1f} (x{c['decode_speedup']:.2f})")
+        print(line)
     print(f"wrote {args.out}")
     return 0
 

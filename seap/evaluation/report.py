@@ -85,6 +85,18 @@ def markdown_report(results: dict[str, Any]) -> str:
             parts.append(f"| {name} | {m['realised_sparsity'] * 100:.1f}% | {memory} | {m['prefill_tokens_per_s']:.0f} | "
                          f"{m['prefill_speedup']:.2f} | {m['decode_tokens_per_s']:.1f} | {m['decode_speedup']:.2f} |")
         parts.append("")
+        engine = sp.get("llama_cpp") or {}
+        if engine.get("models"):
+            st = engine["setup"]
+            parts += [f"In llama.cpp ({st['engine']}, {st['format']}, {st['tool']}: {st['prefill']}, {st['decode']}; "
+                      f"mean of {st['repetitions']}, {st['threads']} threads), in the same run:", "",
+                      "| model | MiB | prefill tok/s | x dense | decode tok/s | x dense |", "|---|---:|---:|---:|---:|---:|"]
+            for name, m in engine["models"].items():
+                parts.append(f"| {name} | {m['bytes'] / 2**20:.1f} | {m['prefill_tokens_per_s']:.0f} | "
+                             f"{m['prefill_speedup']:.2f} | {m['decode_tokens_per_s']:.1f} | {m['decode_speedup']:.2f} |")
+            parts.append("")
+        elif engine.get("skipped"):
+            parts += [f"llama.cpp: {engine['skipped']}.", ""]
     return "\n".join(parts) + "\n"
 
 

@@ -143,3 +143,31 @@ def benchmark(
             "cpu": platform.processor() or platform.machine(),
         },
     }
+
+
+def llama_cpp_speed(models: Mapping[str, LoadedModel], build: Any, prompt_tokens: int = 128, gen_tokens: int = 32,
+                    repetitions: int = 5, threads: int | None = None) -> dict[str, Any]:
+    """The same models in llama.cpp, in one ``llama-bench`` run: each exported to a float16 GGUF file
+    (:func:`seap.export.to_gguf.export_gguf`) in a temporary folder; prompt processing of
+    ``prompt_tokens`` and generation of ``gen_tokens`` tokens/s, and ratios to the first model."""
+    import tempfile
+    from pathlib import Path
+
+    from seap.evaluation.llama_cpp_runtime import llama_bench
+    from seap.export.to_gguf import export_gguf
+
+    with tempfile.TemporaryDirectory(prefix="seap-bench-gguf-") as tmp:
+        paths = [export_gguf(loaded, Path(tmp) / f"model-{i}.gguf") for i, loaded in enumerate(models.values())]
+        rows = llama_bench(build, paths, prompt_tokens, gen_tokens, repetitions, threads)
+    results: dict[str, Any] = {}
+    first = rows[0]
+    for name, row in zip(models, rows, strict=True):
+        results[name] = {k: row[k] for k in ("prefill_tokens_per_s", "prefill_tokens_per_s_sd", "decode_tokens_per_s",
+                                            "decode_tokens_per_s_sd", "params", "bytes")}
+        results[name]["prefill_speedup"] = row["prefill_tokens_per_s"] / first["prefill_tokens_per_s"]
+        results[name]["decode_speedup"] = row["decode_tokens_per_s"] / first["decode_tokens_per_s"]
+    return {"models": results, "setup": {
+        "engine": build.describe(), "tool": "llama-bench", "format": "GGUF float16",
+        "prefill": f"{prompt_tokens}-token prompt processing", "decode": f"{gen_tokens} generated tokens",
+        "repetitions": repetitions, "statistic": "mean", "threads": first.get("threads"),
+        "cpu": platform.processor() or platform.machine()}}

@@ -18,6 +18,23 @@ Three schedules (see the method notes §5 and §11):
 
 Attention and MLP of a layer share the layer's ratio; counts are floored, and every layer
 keeps at least one attention unit and one MLP channel.
+
+Two options shape the widths for the hardware, after any schedule (:func:`allocate`):
+
+* ``channel_multiple`` (default :data:`DEFAULT_CHANNEL_MULTIPLE`): every pruned layer keeps a
+  multiple of this many MLP channels (:func:`round_channels`: each layer's count is rounded down
+  to a multiple, then the layers with the largest remainders get one multiple back until the
+  total is the schedule's, so the realised sparsity moves by less than one multiple of one
+  layer). Odd widths leave the matrix kernels of llama.cpp (and, less so, PyTorch) on slow
+  paths: measured on SmolLM2-135M at 50% in llama.cpp, prefill 1.14x dense with free widths
+  and 1.76x / 1.92x / 2.05x with multiples of 32 / 64 / 128 (``docs/results.md`` §6). Layers
+  left whole, and layers narrower than :data:`ROUNDING_MIN_MULTIPLES` multiples, keep their
+  width. 1 turns it off.
+* ``same_width``: every layer keeps the same number of heads and channels (the uniform
+  allocation with no protected layers, whatever the schedule), so that stock ``transformers``
+  can build the pruned model (``seap export --format hf``). All layers then move together,
+  so the multiple is the largest power-of-two fraction of ``channel_multiple`` that still
+  realises the target within the tolerance.
 """
 
 from __future__ import annotations
@@ -37,6 +54,8 @@ SCHEDULES = ("logistic", "uniform", "flap-adaptive")
 DEFAULT_SCHEDULE = "logistic"
 DEFAULT_LOGISTIC = {"k": 1.0, "x0": 0.3, "protect_first": 2, "protect_last": 2}
 DEFAULT_TOLERANCE = 0.005  # 0.5 percentage points
+DEFAULT_CHANNEL_MULTIPLE = 64  # kept MLP channels per pruned layer: a multiple of this (1: any width)
+ROUNDING_MIN_MULTIPLES = 4  # layers narrower than this many multiples keep any width
 
 
 @dataclass
@@ -244,16 +263,85 @@ def flap_adaptive_allocation(scores: Any, target: float, gqa_mode: str = DEFAULT
     return _finish(geometry, "flap-adaptive", target, gqa_mode, ratios, counts, {"standardise": "z-score"})
 
 
+def check_channel_multiple(multiple: Any) -> int:
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise SeapError(f"channel_multiple must be a whole number of at least 1, got {multiple!r}",
+                        "pass e.g. 64 (1: any width)")
+    return multiple
+
+
+def _roundable(width: int, kept: int, multiple: int) -> bool:
+    return multiple > 1 and kept < width and width >= ROUNDING_MIN_MULTIPLES * multiple
+
+
+def round_channels(geometry: ModelGeometry, allocation: Allocation, multiple: int) -> Allocation:
+    """``allocation`` with every pruned layer's kept MLP channels a multiple of ``multiple``, the total
+    kept as close as the multiple allows to the allocation's (largest remainders rounded up)."""
+    check_channel_multiple(multiple)
+    widths = [g.intermediate_size for g in geometry.layers]
+    kept = [w - a.mlp_pruned for w, a in zip(widths, allocation.layers, strict=True)]
+    new = list(kept)
+    remainders = []
+    for i, (w, k) in enumerate(zip(widths, kept, strict=True)):
+        if _roundable(w, k, multiple):
+            new[i] = max(multiple, k - k % multiple)
+            remainders.append((k - new[i], i))
+    short = sum(kept) - sum(new)
+    for _, i in sorted(remainders, key=lambda r: (-r[0], r[1])):  # one multiple back where the most was cut
+        if short < multiple / 2:
+            break
+        if new[i] + multiple <= widths[i]:
+            new[i] += multiple
+            short -= multiple
+    counts = [(a.attn_pruned, w - k) for a, w, k in zip(allocation.layers, widths, new, strict=True)]
+    out = _finish(geometry, allocation.schedule, allocation.target, allocation.gqa_mode,
+                  [a.ratio for a in allocation.layers], counts, {**allocation.params, "channel_multiple": multiple})
+    return out
+
+
+def same_width_allocation(geometry: ModelGeometry, target: float, gqa_mode: str = DEFAULT_GQA_MODE,
+                          tolerance: float = DEFAULT_TOLERANCE, channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE,
+                          ) -> Allocation:
+    """One width for all layers (the uniform allocation), kept MLP channels a multiple of the largest
+    power-of-two fraction of ``channel_multiple`` that realises ``target`` within ``tolerance``."""
+    base = uniform_allocation(geometry, target, gqa_mode, tolerance)
+    multiple = check_channel_multiple(channel_multiple)
+    while True:
+        attn, mlp = base.layers[0].attn_pruned, base.layers[0].mlp_pruned
+        counts = []
+        for g in geometry.layers:
+            kept = g.intermediate_size - mlp
+            if _roundable(g.intermediate_size, kept, multiple):
+                kept = min(max(multiple, multiple * math.floor(kept / multiple + 0.5)), g.intermediate_size)
+            counts.append((attn, g.intermediate_size - kept))
+        out = _finish(geometry, "uniform", target, gqa_mode, [a.ratio for a in base.layers], counts,
+                      {**base.params, "same_width": True, "channel_multiple": multiple})
+        if multiple == 1 or abs(out.realised - target) <= tolerance:
+            return out
+        multiple = max(1, multiple // 2)
+
+
 def allocate(schedule: str, geometry: ModelGeometry, target: float, gqa_mode: str = DEFAULT_GQA_MODE,
-             scores: Any = None, tolerance: float = DEFAULT_TOLERANCE, **logistic: Any) -> Allocation:
-    """Dispatch to a schedule by name (``logistic`` takes ``k``, ``x0``, ``protect_first``, ``protect_last``)."""
+             scores: Any = None, tolerance: float = DEFAULT_TOLERANCE, channel_multiple: int | None = None,
+             same_width: bool = False, **logistic: Any) -> Allocation:
+    """Dispatch to a schedule by name (``logistic`` takes ``k``, ``x0``, ``protect_first``, ``protect_last``),
+    then shape the widths: ``channel_multiple`` (None: :data:`DEFAULT_CHANNEL_MULTIPLE`) rounds every
+    pruned layer's kept MLP channels (:func:`round_channels`); ``same_width`` gives every layer the
+    same widths whatever ``schedule`` says (:func:`same_width_allocation`; the allocation records it)."""
     check_schedule(schedule)
     check_gqa_mode(gqa_mode)
+    multiple = check_channel_multiple(DEFAULT_CHANNEL_MULTIPLE if channel_multiple is None else channel_multiple)
+    if same_width:
+        allocation = same_width_allocation(geometry, target, gqa_mode, tolerance, multiple)
+        allocation.params["schedule_replaced"] = schedule
+        return allocation
     if schedule == "uniform":
-        return uniform_allocation(geometry, target, gqa_mode, tolerance)
-    if schedule == "logistic":
+        allocation = uniform_allocation(geometry, target, gqa_mode, tolerance)
+    elif schedule == "logistic":
         opts = {**DEFAULT_LOGISTIC, **{k: v for k, v in logistic.items() if v is not None}}
-        return logistic_allocation(geometry, target, gqa_mode, tolerance=tolerance, **opts)
-    if scores is None:
+        allocation = logistic_allocation(geometry, target, gqa_mode, tolerance=tolerance, **opts)
+    elif scores is None:
         raise SeapError("the flap-adaptive schedule needs importance scores", "pass the scores of the mask's task")
-    return flap_adaptive_allocation(scores, target, gqa_mode)
+    else:
+        allocation = flap_adaptive_allocation(scores, target, gqa_mode)
+    return round_channels(geometry, allocation, multiple) if multiple > 1 else allocation

@@ -99,6 +99,12 @@ class RunConfig:
                                      minimum=0)
     protect_last: int | None = _opt(None, "masks", "protect_last", "logistic: last layers kept dense (null: 2)",
                                     minimum=0)
+    channel_multiple: int | None = _opt(None, "masks", "channel_multiple",
+                                        "every pruned layer keeps a multiple of this many MLP channels, for fast "
+                                        "matrix kernels (llama.cpp above all; 1: any width) (null: 64)", minimum=1)
+    same_width: bool = _opt(False, "masks", "same_width",
+                            "every layer keeps the same widths (the uniform allocation, whatever the schedule), so "
+                            "that stock transformers loads the pruned model (`seap export --format hf`)")
     gqa_mode: str = _opt(DEFAULT_GQA_MODE, "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
                          choices=GQA_MODES)
     unit: str = _opt("auto", "masks", "unit", "what is pruned: neurons (heads and MLP channels), experts (whole "
@@ -167,6 +173,9 @@ class RunConfig:
     # -- speed ----------------------------------------------------------------------------
     bench: bool = _opt(True, "bench", "enabled", "measure prefill and decode speed of dense and each pruned shape")
     bench_repeats: int = _opt(3, "bench", "repeats", "timed repeats (the median is reported)", minimum=1)
+    bench_llama_cpp: str = _opt("auto", "bench", "llama_cpp",
+                                "also time dense and each pruned shape in llama.cpp (float16 GGUF, llama-bench): "
+                                "auto (when scripts/build_llama_cpp.sh has built it), off, or a build folder")
     # -- outputs and registration ---------------------------------------------------------
     workdir: str = _opt("runs/work", None, "workdir", "stage outputs (content-addressed, cached)")
     out: str = _opt("runs/pipeline", None, "out", "results table, JSON, metrics, plot")
@@ -262,6 +271,14 @@ class RunConfig:
         opts = {"k": self.schedule_k, "x0": self.schedule_x0, "protect_first": self.protect_first,
                 "protect_last": self.protect_last}
         return {k: v for k, v in opts.items() if v is not None}
+
+    @property
+    def width_options(self) -> dict[str, Any]:
+        """Options that shape every neuron mask's widths for the hardware (:func:`seap.maths.schedules.allocate`)."""
+        opts: dict[str, Any] = {"same_width": True} if self.same_width else {}
+        if self.channel_multiple is not None:
+            opts["channel_multiple"] = self.channel_multiple
+        return opts
 
     @property
     def refit_options(self) -> dict[str, Any]:

@@ -86,7 +86,7 @@ STAGES: dict[str, Stage] = {
                "seap.model.refitting", "seap.model.calibration", "seap.model.hooks", "seap.model.surgery",
                "seap.data.corpus", "seap.maths.expert_selection"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
-               "gqa_mode", "bias_compensation", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
+               "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
                "refit_sequential", "refit_corpus", "refit_generic", "unit", "expert_score", "allow_k_reduction"),
               ("scores", "statistics", "model", "corpus")),
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
@@ -108,8 +108,9 @@ STAGES: dict[str, Stage] = {
               ("perplexity", "perplexity_windows", "data_dir"), ("model", "masks")),
         Stage("bench", "prefill and decode speed of dense and each distinct pruned shape",
               (*_BASE, "seap.evaluation.speed", "seap.model.surgery", "seap.maths.masks", "seap.maths.expert_selection",
-               "seap.model.expert_pruning", "seap.model.adapters.moe"),
-              ("bench", "bench_repeats"), ("model", "masks")),
+               "seap.model.expert_pruning", "seap.model.adapters.moe", "seap.evaluation.llama_cpp_runtime",
+               "seap.export.to_gguf", "seap.export.bpe_pretokenizers"),
+              ("bench", "bench_repeats", "bench_llama_cpp"), ("model", "masks")),
         Stage("report", "Table 1, results.json, metrics, CSV and plot",
               ("seap.run.stages", "seap.evaluation.report", "seap.evaluation.metrics", "seap.evaluation.harness",
                "seap.evaluation.router", "seap.evaluation.rows", "seap.data.catalogue"),
@@ -297,7 +298,8 @@ def make_plan(config: RunConfig) -> Plan:
             row = row_key(m.name, sparsity)
             reconstruct = m.resolved_reconstruct(c.reconstruct)
             common = {"sparsity": sparsity, "method": m.name, "row": row, "schedule": m.resolved_schedule(c.schedule),
-                      "schedule_options": {**c.schedule_options, **m.schedule_options}, "gqa_mode": c.gqa_mode,
+                      "schedule_options": {**c.schedule_options, **m.schedule_options, **c.width_options},
+                      "gqa_mode": c.gqa_mode,
                       "bias_compensation": m.resolved_bias_compensation(c.bias_compensation, reconstruct),
                       "score": m.resolved_score(c.score)}
             if reconstruct:
@@ -417,7 +419,8 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     bench = None
     if c.bench:
         flat = {f"{row}:{name}": key for row, group in mask_jobs.items() for name, key in group.items()}
-        job = Job("bench", "", {"model": "model", "masks": flat}, {"repeats": c.bench_repeats})
+        job = Job("bench", "", {"model": "model", "masks": flat}, {"repeats": c.bench_repeats,
+                                                                   "llama_cpp": c.bench_llama_cpp})
         add(job)
         bench = job.key
 

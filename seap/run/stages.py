@@ -329,9 +329,26 @@ def bench(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     for name in dict.fromkeys(alias.values()):
         models[name] = apply_mask(loaded, loaded_masks[name], "hard")
     result = benchmark(models, repeats=job.params["repeats"])
+    engine = job.params.get("llama_cpp", "off")
+    if engine != "off":
+        from seap.evaluation.llama_cpp_runtime import BUILD_COMMAND, find_llama_cpp, require_llama_cpp
+        from seap.evaluation.speed import llama_cpp_speed
+
+        build = find_llama_cpp() if engine == "auto" else require_llama_cpp(engine)
+        if build is None:
+            result["llama_cpp"] = {"skipped": f"no llama.cpp build found: `{BUILD_COMMAND}` builds one"}
+        else:
+            try:
+                result["llama_cpp"] = llama_cpp_speed(models, build, repetitions=job.params["repeats"])
+            except SeapError as exc:  # a model llama.cpp cannot run (its family, its tokenizer): said, not fatal
+                if engine != "auto":
+                    raise
+                result["llama_cpp"] = {"skipped": f"not exportable to GGUF: {exc.problem}"}
     for name, rep in alias.items():
         if name != rep:
             result["models"][name] = {**result["models"][rep], "same_shapes_as": rep}
+            if "models" in result.get("llama_cpp", {}):
+                result["llama_cpp"]["models"][name] = {**result["llama_cpp"]["models"][rep], "same_shapes_as": rep}
     out.mkdir(parents=True)
     atomic_write_json(out / BENCH_FILE, result)
     ctx.say(f"speed of dense and {len(models) - 1} distinct pruned shapes ({len(loaded_masks)} masks)")

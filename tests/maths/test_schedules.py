@@ -68,3 +68,40 @@ def test_unknown_schedule_and_unreachable_target() -> None:
         allocate("logistic", ModelGeometry(64, tuple(LayerGeometry(4, 4, 16, 64) for _ in range(4))), 0.5)
     with pytest.raises(SeapError, match="unreachable"):
         allocate("logistic", SMOL, 0.95)
+
+
+@pytest.mark.parametrize("multiple", [8, 32, 64, 128])
+@pytest.mark.parametrize("schedule", ["logistic", "uniform"])
+@pytest.mark.parametrize("target", [0.2, 0.5])
+def test_channel_multiple_rounds_widths_and_keeps_the_target(schedule, target, multiple) -> None:
+    free = allocate(schedule, SMOL, target, channel_multiple=1)
+    rounded = allocate(schedule, SMOL, target, channel_multiple=multiple)
+    for f, r, g in zip(free.layers, rounded.layers, SMOL.layers, strict=True):
+        kept = g.intermediate_size - r.mlp_pruned
+        assert kept % multiple == 0 or kept == g.intermediate_size
+        assert abs(r.mlp_pruned - f.mlp_pruned) < multiple  # each layer moves by less than one multiple
+        assert r.attn_pruned == f.attn_pruned
+        if f.mlp_pruned == 0:
+            assert r.mlp_pruned == 0  # layers left whole stay whole
+    assert abs(rounded.realised - target) <= 0.005
+    assert rounded.params["channel_multiple"] == multiple
+
+
+def test_channel_multiple_leaves_narrow_layers_and_defaults_to_64() -> None:
+    narrow = ModelGeometry(64, tuple(LayerGeometry(8, 4, 8, 96) for _ in range(6)))
+    assert allocate("uniform", narrow, 0.3).layers == allocate("uniform", narrow, 0.3, channel_multiple=1).layers
+    assert allocate("logistic", SMOL, 0.5).params["channel_multiple"] == 64
+    with pytest.raises(SeapError, match="channel_multiple"):
+        allocate("logistic", SMOL, 0.5, channel_multiple=0)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.5])
+@pytest.mark.parametrize("schedule", ["logistic", "flap-adaptive", "uniform"])
+def test_same_width_gives_every_layer_one_width_on_target(schedule, target) -> None:
+    alloc = allocate(schedule, SMOL, target, same_width=True, scores=object())
+    widths = {(a.attn_pruned, a.mlp_pruned) for a in alloc.layers}
+    assert len(widths) == 1
+    multiple = alloc.params["channel_multiple"]
+    assert (1536 - alloc.layers[0].mlp_pruned) % multiple == 0 and multiple <= 64
+    assert abs(alloc.realised - target) <= 0.005
+    assert alloc.params["same_width"] is True and alloc.params["schedule_replaced"] == schedule
