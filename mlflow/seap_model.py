@@ -14,8 +14,10 @@ expert from it (for a routed bundle: every expert, lazily, and the router)::
     curl -X POST localhost:5010/invocations -H 'Content-Type: application/json' \\
          -d '{"inputs": ["The capital of France is"], "params": {"max_new_tokens": 8}}'
 
-Input: a list of prompts (or a one-column DataFrame, or a column named ``prompt``).
-Params: ``max_new_tokens`` (default 32). ``SEAP_BASE_MODEL`` overrides where the base model is
+Input: a list of prompts (or a one-column DataFrame, or a column named ``prompt``). A routed
+bundle routes the whole request, groups the prompts by expert and generates each group in
+batches (``batch_size``, default 16), answering in input order.
+Params: ``max_new_tokens`` (default 32), ``batch_size`` (default 16). ``SEAP_BASE_MODEL`` overrides where the base model is
 read from (the fingerprint is still checked); ``SEAP_DEVICE`` picks the device (default auto).
 """
 
@@ -42,7 +44,8 @@ class SeapExpertModel(PythonModel):
 
         prompts = _prompts(model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", 32))
-        return pd.DataFrame(self.model.generate(prompts, max_new_tokens=max_new_tokens),
+        batch_size = int((params or {}).get("batch_size", 16))
+        return pd.DataFrame(self.model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size),
                             columns=["text", "expert", "confidence"])
 
 

@@ -548,6 +548,11 @@ def _bench(args: argparse.Namespace) -> int:
     from seap.model.checkpoint import load_pruned
     from seap.model.surgery import apply_mask
 
+    build = None
+    if args.llama_cpp:  # (before any model is loaded)
+        from seap.evaluation.llama_cpp_runtime import require_llama_cpp
+
+        build = require_llama_cpp(None if args.llama_cpp == "auto" else args.llama_cpp)
     dense = _load(args)
     models = {"dense": dense}
     for path in args.pruned:
@@ -558,11 +563,6 @@ def _bench(args: argparse.Namespace) -> int:
         raise SeapError("nothing to compare with the dense model", "pass --pruned DIR or --mask DIR")
     sizes = {"prefill_batch_size": args.prefill_batch, "prefill_tokens": args.prefill_tokens,
              "decode_tokens": args.decode_tokens, "repeats": args.repeats}
-    build = None
-    if args.llama_cpp:
-        from seap.evaluation.llama_cpp_runtime import require_llama_cpp
-
-        build = require_llama_cpp(None if args.llama_cpp == "auto" else args.llama_cpp)
     result = benchmark(models, **{k: v for k, v in sizes.items() if v is not None})
     if build is not None:
         from seap.evaluation.speed import llama_cpp_speed

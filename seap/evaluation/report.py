@@ -75,29 +75,35 @@ def markdown_report(results: dict[str, Any]) -> str:
         first = next(iter(results["perplexity"].values()))
         parts += ["", f"Protocol: context {first['context_length']}, stride {first['stride']}. {first['protocol']}", ""]
     if results.get("speed"):
-        sp = results["speed"]
-        parts += ["## Speed", "", f"{sp['setup']['prefill']}; {sp['setup']['decode']}; median of "
-                  f"{sp['setup']['repeats']} on {sp['setup']['device']} ({sp['setup']['torch_threads']} threads).", "",
-                  "| model | realised | parameters | MiB | prefill tok/s | x dense | decode tok/s | x dense |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, m in sp["models"].items():
-            memory = f"{m['params'] / 1e6:.2f}M | {m['bytes'] / 2**20:.1f}" if "bytes" in m else "- | -"
-            parts.append(f"| {name} | {m['realised_sparsity'] * 100:.1f}% | {memory} | {m['prefill_tokens_per_s']:.0f} | "
+        parts += speed_section(results["speed"])
+    return "\n".join(parts) + "\n"
+
+
+def speed_section(sp: dict[str, Any]) -> list[str]:
+    """The speed tables (PyTorch, and llama.cpp when it ran) as markdown lines."""
+    parts: list[str] = []
+    parts += ["## Speed", "", f"{sp['setup']['prefill']}; {sp['setup']['decode']}; median of "
+              f"{sp['setup']['repeats']} on {sp['setup']['device']} ({sp['setup']['torch_threads']} threads).", "",
+              "| model | realised | parameters | MiB | prefill tok/s | x dense | decode tok/s | x dense |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in sp["models"].items():
+        memory = f"{m['params'] / 1e6:.2f}M | {m['bytes'] / 2**20:.1f}" if "bytes" in m else "- | -"
+        parts.append(f"| {name} | {m['realised_sparsity'] * 100:.1f}% | {memory} | {m['prefill_tokens_per_s']:.0f} | "
+                     f"{m['prefill_speedup']:.2f} | {m['decode_tokens_per_s']:.1f} | {m['decode_speedup']:.2f} |")
+    parts.append("")
+    engine = sp.get("llama_cpp") or {}
+    if engine.get("models"):
+        st = engine["setup"]
+        parts += [f"In llama.cpp ({st['engine']}, {st['format']}, {st['tool']}: {st['prefill']}, {st['decode']}; "
+                  f"mean of {st['repetitions']}, {st['threads']} threads), in the same run:", "",
+                  "| model | MiB | prefill tok/s | x dense | decode tok/s | x dense |", "|---|---:|---:|---:|---:|---:|"]
+        for name, m in engine["models"].items():
+            parts.append(f"| {name} | {m['bytes'] / 2**20:.1f} | {m['prefill_tokens_per_s']:.0f} | "
                          f"{m['prefill_speedup']:.2f} | {m['decode_tokens_per_s']:.1f} | {m['decode_speedup']:.2f} |")
         parts.append("")
-        engine = sp.get("llama_cpp") or {}
-        if engine.get("models"):
-            st = engine["setup"]
-            parts += [f"In llama.cpp ({st['engine']}, {st['format']}, {st['tool']}: {st['prefill']}, {st['decode']}; "
-                      f"mean of {st['repetitions']}, {st['threads']} threads), in the same run:", "",
-                      "| model | MiB | prefill tok/s | x dense | decode tok/s | x dense |", "|---|---:|---:|---:|---:|---:|"]
-            for name, m in engine["models"].items():
-                parts.append(f"| {name} | {m['bytes'] / 2**20:.1f} | {m['prefill_tokens_per_s']:.0f} | "
-                             f"{m['prefill_speedup']:.2f} | {m['decode_tokens_per_s']:.1f} | {m['decode_speedup']:.2f} |")
-            parts.append("")
-        elif engine.get("skipped"):
-            parts += [f"llama.cpp: {engine['skipped']}.", ""]
-    return "\n".join(parts) + "\n"
+    elif engine.get("skipped"):
+        parts += [f"llama.cpp: {engine['skipped']}.", ""]
+    return parts
 
 
 def accuracy_plot(results: dict[str, Any], path: str | Path) -> Path:

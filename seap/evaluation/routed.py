@@ -120,6 +120,35 @@ class PatternRouter:
         return out
 
 
+DEFAULT_GENERATE_BATCH = 16  # prompts per generate() call
+
+
+def generate_greedy(loaded: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 32,
+                    batch_size: int = DEFAULT_GENERATE_BATCH, **kwargs: Any) -> list[str]:
+    """Greedy continuations of ``prompts`` with one model, ``batch_size`` prompts per ``generate``
+    call (left-padded, so every prompt ends where its continuation starts); in input order."""
+    import torch
+
+    if batch_size < 1:
+        raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass e.g. 16")
+    tokenizer = loaded.tokenizer
+    device = next(loaded.model.parameters()).device
+    side = tokenizer.padding_side
+    out: list[str] = []
+    try:
+        tokenizer.padding_side = "left"
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            with torch.inference_mode():
+                ids = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                            pad_token_id=tokenizer.pad_token_id, **kwargs)
+            width = batch["input_ids"].shape[1]
+            out += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in ids]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
 class RoutedModel:
     """Router + expert bank: pick an expert per input and run it."""
 
@@ -143,21 +172,22 @@ class RoutedModel:
     def expert_for(self, decision: RoutingDecision) -> str:
         return decision.task if decision.task is not None else GENERAL
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any) -> list[dict[str, Any]]:
-        """Greedy generation, each prompt with its routed expert."""
-        import torch
-
-        out = []
-        for prompt, decision in zip(prompts, self.choose(prompts), strict=True):
-            name = self.expert_for(decision)
-            expert = self.bank.get(name)
-            batch = expert.tokenizer([prompt], return_tensors="pt").to(next(expert.model.parameters()).device)
-            with torch.inference_mode():
-                ids = expert.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                            pad_token_id=expert.tokenizer.pad_token_id, **kwargs)
-            text = expert.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            out.append({"prompt": prompt, "expert": name, "confidence": decision.confidence, "text": text})
-        return out
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = DEFAULT_GENERATE_BATCH,
+                 **kwargs: Any) -> list[dict[str, Any]]:
+        """Greedy generation, each prompt with its routed expert: the prompts are routed together,
+        grouped by expert, and each group generated in batches (every expert materialised once per
+        call); the answers come back in input order."""
+        decisions = self.choose(prompts)
+        groups: dict[str, list[int]] = {}
+        for i, decision in enumerate(decisions):
+            groups.setdefault(self.expert_for(decision), []).append(i)
+        texts: dict[int, str] = {}
+        for name, members in groups.items():
+            answers = generate_greedy(self.bank.get(name), [prompts[i] for i in members], max_new_tokens, batch_size,
+                                      **kwargs)
+            texts.update(zip(members, answers, strict=True))
+        return [{"prompt": prompt, "expert": self.expert_for(d), "confidence": d.confidence, "text": texts[i]}
+                for i, (prompt, d) in enumerate(zip(prompts, decisions, strict=True))]
 
 
 def make_routed_lm(routed: RoutedModel, task_of: Mapping[str, str], batch_size: int = 64,

@@ -165,27 +165,22 @@ class BundleModel:
             self.name = name
             self.expert = apply_mask(self.base, mask, "hard", bias_compensation=mask.has_bias_compensation)
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32) -> list[dict[str, Any]]:
-        """Greedy continuation of each prompt: ``{"text", "expert", "confidence"}`` per prompt."""
-        import torch
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32,
+                 batch_size: int | None = None) -> list[dict[str, Any]]:
+        """Greedy continuation of each prompt: ``{"text", "expert", "confidence"}`` per prompt. A routed
+        bundle routes the whole batch, groups the prompts by expert and generates each group in
+        batches of ``batch_size`` (default :data:`seap.evaluation.routed.DEFAULT_GENERATE_BATCH`)."""
+        from seap.evaluation.routed import DEFAULT_GENERATE_BATCH, generate_greedy
 
         if max_new_tokens < 1:
             raise SeapError(f"max_new_tokens must be at least 1, got {max_new_tokens}", "pass e.g. 32")
+        size = batch_size or DEFAULT_GENERATE_BATCH
         if self.routed is not None:
             return [{"text": r["text"], "expert": r["expert"], "confidence": r["confidence"]}
-                    for r in self.routed.generate(prompts, max_new_tokens=max_new_tokens)]
-        expert = self.expert
-        assert expert is not None
-        device = next(expert.model.parameters()).device
-        out = []
-        for prompt in prompts:
-            batch = expert.tokenizer([prompt], return_tensors="pt").to(device)
-            with torch.inference_mode():
-                ids = expert.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                            pad_token_id=expert.tokenizer.pad_token_id)
-            text = expert.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            out.append({"text": text, "expert": self.name, "confidence": 1.0})
-        return out
+                    for r in self.routed.generate(prompts, max_new_tokens=max_new_tokens, batch_size=size)]
+        assert self.expert is not None
+        return [{"text": text, "expert": self.name, "confidence": 1.0}
+                for text in generate_greedy(self.expert, prompts, max_new_tokens, size)]
 
 
 def load_bundle(path: str | Path, device: str | None = "auto", base_model: str | None = None) -> BundleModel:

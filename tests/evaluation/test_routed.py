@@ -48,6 +48,24 @@ def test_routed_generation_uses_the_chosen_expert(setup) -> None:
     assert routed.routing_seconds > 0
 
 
+def test_a_mixed_batch_is_grouped_by_expert_and_answered_in_order(setup) -> None:
+    loaded, experts, general, router = setup
+    prompts = ["rome italy capital city", "people work every day", "paris france capital", "the man came back home",
+               "berlin germany city", "people live in the city and work"]
+    bank = ExpertBank(loaded, experts, general, cache_size=1)
+    routed = RoutedModel(bank, router)
+    batched = routed.generate(prompts, max_new_tokens=4, batch_size=2)
+    assert [o["prompt"] for o in batched] == prompts
+    one_by_one = [routed.generate([p], max_new_tokens=4)[0] for p in prompts]
+    assert [(o["expert"], o["text"]) for o in batched] == [(o["expert"], o["text"]) for o in one_by_one]
+    experts_used = {o["expert"] for o in batched}
+    assert len(experts_used) == 2
+    # one materialisation per expert for the whole batch (cache of 1: grouping is what avoids thrashing)
+    bank.materialisations = {name: 0 for name in bank.materialisations}
+    routed.generate(prompts, max_new_tokens=2)
+    assert all(bank.materialisations[name] <= 1 for name in experts_used)
+
+
 def test_fallback_below_threshold(setup) -> None:
     loaded, experts, general, router = setup
     routed = RoutedModel(ExpertBank(loaded, experts, general), router, threshold=1.01)

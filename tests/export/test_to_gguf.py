@@ -198,3 +198,24 @@ def test_bad_inputs_are_refused_and_leave_nothing(tmp_path) -> None:
         export_gguf(loaded, tmp_path / "foreign.gguf", tokenizer_pre="gpt-2", overwrite=True)
     assert (tmp_path / "foreign.gguf").read_bytes() == b"not ours"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.gguf", "m.gguf"]
+
+
+def test_seap_export_cli(tmp_path, capsys) -> None:
+    from seap.cli import main
+    from seap.model.checkpoint import save_pruned
+
+    loaded = make_tiny_bpe_llama(layers=6)
+    mask = mask_for(loaded, 0.4)
+    save_pruned(apply_mask(loaded, mask, "hard"), tmp_path / "pruned", mask)
+    args = ["export", "--model", str(tmp_path / "pruned"), "--device", "cpu", "--format", "gguf", "--tokenizer-pre",
+            "gpt-2", "--out", str(tmp_path / "e.gguf")]
+    assert main(args) == 0
+    assert "deci, per-layer widths, f16" in capsys.readouterr().out
+    value, _, _, _ = _fields(tmp_path / "e.gguf")
+    assert value("seap.pruning.base_fingerprint") == loaded.fingerprint
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--gguf-dtype", "f32"]) == 0
+    hf = ["export", "--model", str(tmp_path / "pruned"), "--device", "cpu", "--format", "hf", "--out", str(tmp_path / "hf")]
+    assert main(hf) == 2
+    err = capsys.readouterr().err
+    assert "different widths" in err and "--same-width" in err and not (tmp_path / "hf").exists()
