@@ -18,7 +18,9 @@ Input: a list of prompts (or a one-column DataFrame, or a column named ``prompt`
 bundle routes the whole request, groups the prompts by expert and generates each group in
 batches (``batch_size``, default 16), answering in input order.
 Params: ``max_new_tokens`` (default 32), ``batch_size`` (default 16). ``SEAP_BASE_MODEL`` overrides where the base model is
-read from (the fingerprint is still checked); ``SEAP_DEVICE`` picks the device (default auto).
+read from (the fingerprint is still checked); ``SEAP_DEVICE`` picks the device (default auto);
+``SEAP_EXPERT_CACHE`` caps how many experts of a routed bundle stay materialised (default: all,
+so a mixed batch derives each expert once per process, not once per request).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A batch of 32 mixed-task prompts (the starter suite's evaluation questions, interleaved) goes
 through the routed model's MLflow pyfunc ``predict`` (route every prompt, group by expert,
 generate each group in batches) and through the dense base model with the same batched greedy
-generation. Requests/s = 32 / wall time of the whole batch; median of ``--repeats`` after one
-warm-up, the two interleaved.
+generation; so does a batch of 32 prompts of one task (one group: what grouping costs is the
+difference). Requests/s = 32 / wall time of the whole batch; median of ``--repeats`` after one
+warm-up, all interleaved.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_serving.py                # after the main job
     PYTHONPATH=. .venv/bin/python scripts/bench_serving.py --sparsity 0.2 --out runs/serving.json
@@ -26,10 +27,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def mixed_prompts(n: int = 32) -> list[str]:
+def mixed_prompts(n: int = 32, tasks: list[str] | None = None) -> list[str]:
     from seap.data.starter import STARTER_TASKS, starter_records
 
-    per_task = {t: [r["question"] for r in starter_records(t, "evaluation")] for t in STARTER_TASKS}
+    per_task = {t: [r["question"] for r in starter_records(t, "evaluation")] for t in tasks or STARTER_TASKS}
     prompts: list[str] = []
     i = 0
     while len(prompts) < n:
@@ -68,30 +69,35 @@ def main() -> None:
     version = max(versions, key=lambda v: int(v.version))
     routed = mlflow.pyfunc.load_model(f"models:/{args.model_name}/{version.version}")
     dense = load_model("smollm2-135m", device="cpu")
-    prompts = mixed_prompts(args.requests)
+    batches = {"mixed": mixed_prompts(args.requests), "one-task": mixed_prompts(args.requests, ["capitals"])}
     params = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
 
-    def run_routed() -> float:
+    def run_routed(prompts: list[str]) -> float:
         start = time.perf_counter()
         out = routed.predict(prompts, params=params)
         assert len(out) == len(prompts)
         return time.perf_counter() - start
 
-    def run_dense() -> float:
+    def run_dense(prompts: list[str]) -> float:
         start = time.perf_counter()
         generate_greedy(dense, prompts, args.max_new_tokens, args.batch_size)
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {"dense": [], "routed": []}
+    runs = {f"{engine}/{batch}": (fn, prompts) for batch, prompts in batches.items()
+            for engine, fn in (("dense", run_dense), ("routed", run_routed))}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(args.repeats + 1):
-        for name, fn in (("dense", run_dense), ("routed", run_routed)):
-            t = fn()
+        for name, (fn, prompts) in runs.items():
+            t = fn(prompts)
             if round_:
                 times[name].append(t)
-    experts = routed.predict(prompts, params={**params, "max_new_tokens": 1})["expert"].value_counts().to_dict()
-    result = {name: {"seconds": t, "requests_per_s": len(prompts) / statistics.median(t)} for name, t in times.items()}
-    result["routed"]["speedup"] = result["routed"]["requests_per_s"] / result["dense"]["requests_per_s"]
-    result["setup"] = {"requests": len(prompts), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+    experts = {batch: routed.predict(prompts, params={**params, "max_new_tokens": 1})["expert"].value_counts().to_dict()
+               for batch, prompts in batches.items()}
+    result: dict = {name: {"seconds": t, "requests_per_s": args.requests / statistics.median(t)} for name, t in times.items()}
+    for batch in batches:
+        result[f"routed/{batch}"]["x_dense"] = (result[f"routed/{batch}"]["requests_per_s"]
+                                                / result[f"dense/{batch}"]["requests_per_s"])
+    result["setup"] = {"requests": args.requests, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                        "repeats": args.repeats, "statistic": "median", "model": f"{args.model_name} v{version.version}",
                        "sparsity": args.sparsity, "experts_used": experts, "torch_threads": torch.get_num_threads()}
     print(json.dumps(result, indent=2))

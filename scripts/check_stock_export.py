@@ -56,7 +56,7 @@ def main() -> None:
     for sparsity in args.sparsities:
         pruned_dir = Path(args.out) / f"same-width-{sparsity}"
         if not (pruned_dir / "config.json").is_file():
-            prune(base, "builtin", sparsity, pruned_dir, progress=False, same_width=True)
+            prune(base, "builtin", sparsity, pruned_dir, progress=False, samples=32, same_width=True)
         pruned = load_pruned(pruned_dir, device="cpu", dtype="float32")
         stock_dir = Path(args.out) / f"stock-{sparsity}"
         export_transformers(pruned, stock_dir, overwrite=stock_dir.exists())
@@ -64,7 +64,7 @@ def main() -> None:
         with torch.no_grad():
             want = pruned.model(input_ids=ids).logits[0]
         with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run([sys.executable, "-c", STOCK, str(stock_dir), PROMPT, f"{tmp}/l.pt"], check=True,
+            out = subprocess.run([sys.executable, "-c", STOCK, str(stock_dir.resolve()), PROMPT, f"{tmp}/l.pt"], check=True,
                                  capture_output=True, text=True, cwd=tmp)
             got = torch.load(f"{tmp}/l.pt", weights_only=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])

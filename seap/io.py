@@ -154,6 +154,8 @@ def own_output(path: str | os.PathLike[str]) -> str | None:
                 return f"a {fmt} artifact"
             if meta.name == "config.json" and "seap_pruning" in data:
                 return "a SEAP pruned model"
+            if meta.name == "config.json" and "seap_export" in data:
+                return "a SEAP stock-transformers export"
     if all(e.is_dir() and own_output(e) not in (None, "an empty folder") for e in entries):
         return "a folder of SEAP outputs"
     return None

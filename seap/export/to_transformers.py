@@ -84,9 +84,11 @@ def _stock_config(loaded: LoadedModel, widths: tuple[int, int, int]) -> dict[str
     config.update(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
                   head_dim=loaded.adapter.head_dim(loaded.config))
     info = dict(getattr(loaded.config, "seap_pruning", None) or {})
-    if info:  # provenance only: stock transformers keeps unknown keys as plain attributes
-        config["seap_export"] = {k: info[k] for k in ("base_fingerprint", "mask_digest", "task", "method", "sparsity",
-                                                     "realised_sparsity", "schedule") if k in info}
+    # provenance (stock transformers keeps unknown keys as plain attributes); also what lets
+    # --overwrite recognise the folder as SEAP's own output
+    config["seap_export"] = {"model_fingerprint": loaded.fingerprint,
+                             **{k: info[k] for k in ("base_fingerprint", "mask_digest", "task", "method", "sparsity",
+                                                     "realised_sparsity", "schedule") if k in info}}
     return config
 
 

@@ -141,11 +141,14 @@ def load_base(bundle: Bundle, device: str | None = "auto", base_model: str | Non
     return base
 
 
+EXPERT_CACHE_ENV = "SEAP_EXPERT_CACHE"  # most experts a served routed bundle keeps materialised (default: all)
+
+
 class BundleModel:
     """A loaded bundle: the pruned expert (or routed experts) ready to generate."""
 
     def __init__(self, bundle: Bundle, device: str | None = "auto", base_model: str | None = None,
-                 cache_size: int = 2) -> None:
+                 cache_size: int | None = None) -> None:
         from seap.maths.expert_selection import load_mask
         from seap.model.surgery import apply_mask
         from seap.evaluation.router import Router
@@ -158,7 +161,10 @@ class BundleModel:
         self.expert = None
         if bundle.kind == "routed":
             general = masks.pop(GENERAL, None)
-            bank = ExpertBank(self.base, masks, general, cache_size=cache_size)
+            # a server keeps every expert materialised by default (a mixed batch uses them all; each holds
+            # only its own pruned layers); SEAP_EXPERT_CACHE caps how many stay in memory
+            limit = cache_size or int(os.environ.get(EXPERT_CACHE_ENV, 0)) or len(masks) + (general is not None)
+            bank = ExpertBank(self.base, masks, general, cache_size=limit)
             self.routed = RoutedModel(bank, Router.load(bundle.router))  # type: ignore[arg-type]
         else:
             (name, mask), = masks.items()

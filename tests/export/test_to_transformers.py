@@ -46,6 +46,10 @@ def test_same_width_mask_loads_in_stock_transformers(tmp_path, arch) -> None:
     export_transformers(pruned, tmp_path / "stock")
     config = json.loads((tmp_path / "stock" / "config.json").read_text())
     assert "seap_pruning" not in config and "per_layer_config" not in config
+    assert config["seap_export"]["base_fingerprint"] == loaded.fingerprint
+    with pytest.raises(SeapError, match="already exists"):
+        export_transformers(pruned, tmp_path / "stock")
+    export_transformers(pruned, tmp_path / "stock", overwrite=True)  # its own earlier export: replaced
     assert config["num_attention_heads"] < loaded.config.num_attention_heads
     ids = loaded.tokenizer(["the capital of france is paris"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
