@@ -34,7 +34,8 @@ Two options shape the widths for the hardware, after any schedule (:func:`alloca
   allocation with no protected layers, whatever the schedule), so that stock ``transformers``
   can build the pruned model (``seap export --format hf``). All layers then move together,
   so the multiple is the largest power-of-two fraction of ``channel_multiple`` that still
-  realises the target within the tolerance.
+  realises the target within the tolerance. The ``uniform`` schedule is rounded the same way,
+  so it too keeps one width for all layers.
 """
 
 from __future__ import annotations
@@ -335,9 +336,11 @@ def allocate(schedule: str, geometry: ModelGeometry, target: float, gqa_mode: st
         allocation = same_width_allocation(geometry, target, gqa_mode, tolerance, multiple)
         allocation.params["schedule_replaced"] = schedule
         return allocation
-    if schedule == "uniform":
-        allocation = uniform_allocation(geometry, target, gqa_mode, tolerance)
-    elif schedule == "logistic":
+    if schedule == "uniform":  # one width for all layers, rounded as same_width rounds (so it stays one width)
+        allocation = same_width_allocation(geometry, target, gqa_mode, tolerance, multiple)
+        allocation.params.pop("same_width")
+        return allocation
+    if schedule == "logistic":
         opts = {**DEFAULT_LOGISTIC, **{k: v for k, v in logistic.items() if v is not None}}
         allocation = logistic_allocation(geometry, target, gqa_mode, tolerance=tolerance, **opts)
     elif scores is None:

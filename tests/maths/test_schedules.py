@@ -71,11 +71,12 @@ def test_unknown_schedule_and_unreachable_target() -> None:
 
 
 @pytest.mark.parametrize("multiple", [8, 32, 64, 128])
-@pytest.mark.parametrize("schedule", ["logistic", "uniform"])
+@pytest.mark.parametrize("schedule", ["logistic", "flap-adaptive"])
 @pytest.mark.parametrize("target", [0.2, 0.5])
 def test_channel_multiple_rounds_widths_and_keeps_the_target(schedule, target, multiple) -> None:
-    free = allocate(schedule, SMOL, target, channel_multiple=1)
-    rounded = allocate(schedule, SMOL, target, channel_multiple=multiple)
+    scores = _smol_scores() if schedule == "flap-adaptive" else None
+    free = allocate(schedule, SMOL, target, channel_multiple=1, scores=scores)
+    rounded = allocate(schedule, SMOL, target, channel_multiple=multiple, scores=scores)
     for f, r, g in zip(free.layers, rounded.layers, SMOL.layers, strict=True):
         kept = g.intermediate_size - r.mlp_pruned
         assert kept % multiple == 0 or kept == g.intermediate_size
@@ -85,6 +86,27 @@ def test_channel_multiple_rounds_widths_and_keeps_the_target(schedule, target, m
             assert r.mlp_pruned == 0  # layers left whole stay whole
     assert abs(rounded.realised - target) <= 0.005
     assert rounded.params["channel_multiple"] == multiple
+
+
+def _smol_scores():
+    """Random scores with SmolLM2's geometry (FLAP's global ranking needs scores)."""
+    import torch
+
+    from seap.maths.scores import ImportanceScores, LayerScores
+
+    g = torch.Generator().manual_seed(0)
+    layers = [LayerScores(heads=torch.rand(9, generator=g, dtype=torch.float64),
+                          channels=torch.rand(1536, generator=g, dtype=torch.float64),
+                          attn_channels=torch.rand(9 * 64, generator=g, dtype=torch.float64)) for _ in range(30)]
+    return ImportanceScores(layers, SMOL, {"model_fingerprint": "sha256:x", "task": "toy", "score": "flap"})
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.5])
+def test_uniform_schedule_keeps_one_width_for_all_layers(target) -> None:
+    alloc = allocate("uniform", SMOL, target)
+    assert len({(a.attn_pruned, a.mlp_pruned) for a in alloc.layers}) == 1
+    assert (1536 - alloc.layers[0].mlp_pruned) % alloc.params["channel_multiple"] == 0
+    assert abs(alloc.realised - target) <= 0.005 and "same_width" not in alloc.params
 
 
 def test_channel_multiple_leaves_narrow_layers_and_defaults_to_64() -> None:
