@@ -26,8 +26,9 @@ Two options shape the widths for the hardware, after any schedule (:func:`alloca
   to a multiple, then the layers with the largest remainders get one multiple back until the
   total is the schedule's, so the realised sparsity moves by less than one multiple of one
   layer). Odd widths leave the matrix kernels of llama.cpp (and, less so, PyTorch) on slow
-  paths: measured on SmolLM2-135M at 50% in llama.cpp, prefill 1.14x dense with free widths
-  and 1.76x / 1.92x / 2.05x with multiples of 32 / 64 / 128 (``docs/results.md`` §6). Layers
+  paths: measured on SmolLM2-135M at 50% in llama.cpp, prefill 1.03x dense with free widths
+  and 2.11x / 2.07x / 1.96x with multiples of 32 / 64 / 128, at no measurable accuracy cost up
+  to 64 (``docs/results.md`` §5.2). Layers
   left whole, and layers narrower than :data:`ROUNDING_MIN_MULTIPLES` multiples, keep their
   width. 1 turns it off.
 * ``same_width``: every layer keeps the same number of heads and channels (the uniform
