@@ -447,6 +447,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ledger", default=None,
                    help="folder of finished runs, reused on any machine (default: OUT/results/study-runs)")
     p.add_argument("--fresh", action="store_true", help="measure every run again, replacing the ledger's entries")
+    p.add_argument("--channel-multiple", type=_positive, default=d.channel_multiple,
+                   help="kept MLP channels per layer, a multiple of this (default %(default)s: free widths, as the "
+                        "study's first runs; 64 is the product's default)")
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -462,6 +465,7 @@ def _study(args: argparse.Namespace) -> int:
                            calibration_sizes=tuple(args.calibration_sizes), selection_items=args.selection_items,
                            kl_texts=args.kl_texts, workdir=args.workdir, out=args.out,
                            perplexity_windows=args.perplexity_windows, ledger=args.ledger, fresh=args.fresh,
+                           channel_multiple=args.channel_multiple,
                            candidates=refit_candidates(args.refit_alphas, args.generic, args.sequential))
     options.config().validate()  # every option checked before any work
     out = sys.stdout

@@ -128,6 +128,9 @@ class StudyOptions:
     workdir: str = "runs/study/work"
     out: str = "docs"
     seed: int = 42
+    # the study's masks keep free widths (as its first runs did); §5.2 of docs/results.md measures the
+    # product's default (64): within +-0.8 points
+    channel_multiple: int = 1
     candidates: Sequence[Compensation] = field(default_factory=refit_candidates)
     base: Mapping[str, Any] = field(default_factory=dict)  # any other RunConfig fields (tests: a tiny model)
     ledger: str | None = None  # finished runs, reusable on any machine (None: <out>/results/study-runs)
@@ -140,7 +143,7 @@ class StudyOptions:
     def config(self, **changes: Any) -> RunConfig:
         values = dict(model=self.model, data_dir=self.data_dir, tasks=list(self.tasks), samples=self.samples,
                       seed=self.seed, limit=self.limit, bench=False, mlflow=False, workdir=self.workdir,
-                      perplexity_windows=self.perplexity_windows)
+                      perplexity_windows=self.perplexity_windows, channel_multiple=self.channel_multiple)
         values.update(self.base)
         values.update(changes)
         return RunConfig(**values)
@@ -276,7 +279,16 @@ JOB_EVENTS: list[Callable[[Any], None]] = []  # where finished jobs are announce
 LEDGER_FORMAT = "seap-study-run/1"
 # RunConfig fields that do not change a run's numbers (where outputs go, what is registered, speed)
 _LEDGER_IGNORES = ("workdir", "out", "registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment", "bench",
-                   "bench_repeats", "dask_workers", "dask_address", "stats_shards")
+                   "bench_repeats", "bench_llama_cpp", "dask_workers", "dask_address", "stats_shards")
+# options added after the ledger began, at the value that computes what the code did before they
+# existed: left out of the material, so an entry measured before them still matches (a run at
+# another value, such as the product's default widths, does not)
+_LEDGER_NEUTRAL: dict[str, Any] = {"unit": "auto", "router_kind": "features", "allow_k_reduction": False,
+                                   "expert_score": "tcess", "channel_multiple": 1, "same_width": False}
+
+
+def _without_neutral(material: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in material.items() if not (k in _LEDGER_NEUTRAL and v == _LEDGER_NEUTRAL[k])}
 
 
 def execute_config(config: RunConfig, progress: bool) -> tuple[dict[str, str], Path]:
@@ -303,7 +315,7 @@ def ledger_material(config: RunConfig, kl_texts: int) -> dict[str, Any]:
     if values.get("data_dir"):
         values["data_dir"] = {"digest": tree_digest(values["data_dir"])}
     values["kl_texts"] = kl_texts
-    return json.loads(json.dumps(values, sort_keys=True, default=str))
+    return _without_neutral(json.loads(json.dumps(values, sort_keys=True, default=str)))
 
 
 def _code_version() -> dict[str, Any]:
@@ -359,7 +371,7 @@ def study_run(options: StudyOptions, name: str, config: RunConfig, say: Callable
     path = options.ledger_dir / f"{name}-{digest}.json"
     if path.is_file() and not options.fresh:
         entry = read_json(path, "study ledger entry")
-        if entry.get("format") == LEDGER_FORMAT and entry.get("material") == material:
+        if entry.get("format") == LEDGER_FORMAT and _without_neutral(entry.get("material") or {}) == material:
             items = {row: {task: decode_correctness(v) for task, v in tasks.items()}
                      for row, tasks in entry["items"].items()}
             say(f"{name}: from the ledger (measured {entry['measured'].get('date', '?')}, "

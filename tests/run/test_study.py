@@ -111,3 +111,16 @@ def test_the_candidates_cover_regularisation_bias_corpus_prior_and_generic_text(
     assert (tmp_path / "sel" / "life" / "train.jsonl").read_text() == (data / "life" / "train.jsonl").read_text()
     with pytest.raises(SeapError, match="generic refit text 'nope'"):
         selection_data(options.config(), tmp_path / "sel", items=5, seed=1, generic=["nope"])
+
+
+def test_ledger_entries_survive_options_added_later_but_not_a_changed_setting(tmp_path) -> None:
+    from seap.run.study import StudyOptions, ledger_material
+
+    options = StudyOptions(data_dir=str(tmp_path), workdir=str(tmp_path / "w"))
+    material = ledger_material(options.config(), 10)
+    # an entry written before unit, router_kind, ... and the width options existed lacks those keys
+    assert not {"unit", "router_kind", "allow_k_reduction", "expert_score", "channel_multiple", "same_width"} & set(material)
+    assert material == ledger_material(options.config(unit="auto", channel_multiple=1), 10)
+    assert material != ledger_material(options.config(channel_multiple=64), 10)  # the product's default widths
+    assert material != ledger_material(options.config(channel_multiple=None), 10)
+    assert material != ledger_material(options.config(same_width=True), 10)
