@@ -41,13 +41,17 @@ _CONFIG_EXTRA = ("per_layer_config", "allow_global_per_layer_attribute_access")
 
 
 def is_pruned_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a hard-pruned folder written by :func:`save_pruned`. A soft-masked folder
+    (``seap apply --mode soft``: zeroed weights in dense shapes) is a plain checkpoint that loads
+    as one, its ``seap_pruning`` record kept on the config (so exports can refuse it by name)."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
     try:
-        return "seap_pruning" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        info = json.loads(config.read_text(encoding="utf-8")).get("seap_pruning")
+    except (OSError, json.JSONDecodeError, AttributeError):
         return False
+    return isinstance(info, dict) and info.get("mode") != "soft"
 
 
 def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None = None, overwrite: bool = False) -> Path:

@@ -207,6 +207,9 @@ def test_seap_export_cli(tmp_path, capsys) -> None:
     loaded = make_tiny_bpe_llama(layers=6)
     mask = mask_for(loaded, 0.4)
     save_pruned(apply_mask(loaded, mask, "hard"), tmp_path / "pruned", mask)
+    loaded.model.save_pretrained(tmp_path / "base")
+    loaded.tokenizer.save_pretrained(tmp_path / "base")
+    mask.save(tmp_path / "mask")
     args = ["export", "--model", str(tmp_path / "pruned"), "--device", "cpu", "--format", "gguf", "--tokenizer-pre",
             "gpt-2", "--out", str(tmp_path / "e.gguf")]
     assert main(args) == 0
@@ -215,6 +218,12 @@ def test_seap_export_cli(tmp_path, capsys) -> None:
     assert value("seap.pruning.base_fingerprint") == loaded.fingerprint
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--gguf-dtype", "f32"]) == 0
+    assert main(["apply", "--model", str(tmp_path / "base"), "--mask", str(tmp_path / "mask"), "--mode", "soft", "--out",
+                 str(tmp_path / "soft")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--model", str(tmp_path / "soft"), "--format", "gguf", "--tokenizer-pre", "gpt-2", "--out",
+                 str(tmp_path / "soft.gguf")]) == 2
+    assert "soft-masked" in capsys.readouterr().err and not (tmp_path / "soft.gguf").exists()
     hf = ["export", "--model", str(tmp_path / "pruned"), "--device", "cpu", "--format", "hf", "--out", str(tmp_path / "hf")]
     assert main(hf) == 2
     err = capsys.readouterr().err
