@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from seap.errors import SeapError, UnsupportedArchitectureError
+from seap.export import pruning_record
 from seap.export.bpe_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
 from seap.io import atomic_file
 from seap.model.loaded import LoadedModel
@@ -62,11 +63,7 @@ def gguf_layout(loaded: LoadedModel) -> GgufLayout:
     """The llama.cpp architecture and per-layer widths a GGUF export of ``loaded`` declares;
     refuses what llama.cpp cannot express, naming the layer and what to do instead."""
     adapter = loaded.adapter
-    info = dict(getattr(loaded.config, "seap_pruning", None) or {})
-    if info.get("mode") == "soft":
-        raise SeapError("this model is soft-masked (pruned weights are zeroed, the shapes are the dense ones): "
-                        "exporting it would write a dense-sized model",
-                        "apply the mask with mode='hard' (`seap apply --mode hard`, or `seap prune`) and export that")
+    info = pruning_record(loaded)
     if info.get("unit") in ("experts", "both"):
         raise UnsupportedArchitectureError(
             "GGUF export of mixture-of-experts models with experts removed is not available: llama.cpp's MoE "

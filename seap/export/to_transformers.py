@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from seap.errors import SeapError, UnsupportedArchitectureError
+from seap.export import pruning_record
 from seap.io import atomic_directory
 from seap.model.adapters.base import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from seap.model.loaded import LoadedModel
@@ -51,10 +52,7 @@ def same_widths(loaded: LoadedModel) -> tuple[int, int, int] | None:
 
 
 def _check_exportable(loaded: LoadedModel) -> tuple[int, int, int]:
-    info = dict(getattr(loaded.config, "seap_pruning", None) or {})
-    if info.get("mode") == "soft":
-        raise SeapError("this model is soft-masked (zeroed weights in dense shapes); exporting it would write the "
-                        "dense-sized model", "apply the mask with mode='hard' and export that")
+    info = pruning_record(loaded)
     if info.get("unit") in ("experts", "both"):
         raise UnsupportedArchitectureError(
             "a mixture-of-experts model with experts removed keeps the removed experts' router rows (for the "
