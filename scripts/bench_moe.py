@@ -67,7 +67,7 @@ def main() -> None:
     stats = collect_router_statistics(base, CalibrationCorpus("calib", texts), progress=False, channels=True)
     models = {"dense": base}
     for s in args.sparsities:
-        for unit in ("experts", "both"):
+        for unit in ("experts", "neurons", "both"):
             mask = build_expert_mask(stats, s, unit=unit, allow_k_reduction=True)
             models[f"{unit}@{s:g}"] = apply_expert_mask(base, mask, "hard")
     result = benchmark(models, repeats=args.repeats)

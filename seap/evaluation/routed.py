@@ -89,7 +89,7 @@ class PatternRouter:
         missing = [t for t, m in experts.items() if not (getattr(m, "meta", None) or {}).get("pattern")]
         if missing:
             raise SeapError(f"expert masks of {', '.join(missing)} store no routing pattern",
-                            "rebuild them from router statistics (unit experts or both), or use the feature router")
+                            "rebuild them from router statistics (an MoE model, any unit), or use the feature router")
         (fingerprint,) = {m.base_fingerprint for m in experts.values()}
         return cls({t: m.meta["pattern"] for t, m in experts.items()}, fingerprint, threshold, prefix_tokens)
 

@@ -36,6 +36,7 @@ from seap.errors import SeapError, UnsupportedArchitectureError
 from seap.export import pruning_record
 from seap.export.bpe_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
 from seap.io import atomic_file
+from seap.model.checkpoint import is_expert_record
 from seap.model.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,10 @@ def gguf_layout(loaded: LoadedModel) -> GgufLayout:
     refuses what llama.cpp cannot express, naming the layer and what to do instead."""
     adapter = loaded.adapter
     info = pruning_record(loaded)
-    if info.get("unit") in ("experts", "both"):
+    if is_expert_record(info):
         raise UnsupportedArchitectureError(
-            "GGUF export of mixture-of-experts models with experts removed is not available: llama.cpp's MoE "
-            "architectures take one expert count for all layers, and the kept router rows would need its own format",
+            "GGUF export of pruned mixture-of-experts models is not available: llama.cpp's MoE architectures take "
+            "one expert count and one expert width for all layers, and the kept router rows would need its own format",
             "serve the pruned MoE model through `seap.load_pruned` or the MLflow bundle")
     if adapter.llama_cpp_architecture is None:
         list(adapter.llama_cpp_tensors(loaded.model))  # raises the family's own message

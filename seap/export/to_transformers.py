@@ -32,6 +32,7 @@ from seap.errors import SeapError, UnsupportedArchitectureError
 from seap.export import pruning_record
 from seap.io import atomic_directory
 from seap.model.adapters.base import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from seap.model.checkpoint import is_expert_record
 from seap.model.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ def same_widths(loaded: LoadedModel) -> tuple[int, int, int] | None:
 
 def _check_exportable(loaded: LoadedModel) -> tuple[int, int, int]:
     info = pruning_record(loaded)
-    if info.get("unit") in ("experts", "both"):
+    if is_expert_record(info):
         raise UnsupportedArchitectureError(
-            "a mixture-of-experts model with experts removed keeps the removed experts' router rows (for the "
-            "softmax) and its own expert numbering, which stock modelling code has no place for",
+            "a pruned mixture-of-experts model keeps its own router (the removed experts' rows, for the softmax), "
+            "expert numbering and per-layer expert widths, which stock modelling code has no place for",
             "serve it through seap.load_pruned or the MLflow bundle")
     widths = same_widths(loaded)
     if widths is None:

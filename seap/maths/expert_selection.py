@@ -30,7 +30,9 @@ statistics per task, expert scores, and the expert mask.
 the base model's fingerprint like :class:`seap.maths.masks.PruningMask`. The sparsity is the
 fraction of routed-expert parameters removed; each layer keeps ``E - round(s * E)`` experts
 (``uniform``), and never fewer than the router's top-k unless ``allow_k_reduction`` (then top-k
-is clamped to the experts kept).
+is clamped to the experts kept). A mask may also hold channels inside the kept experts (unit
+``both``: experts and channels; unit ``neurons``: every expert kept, channels only), scored
+by SEAP's ``seap-sf`` over the tokens routed to each expert.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from seap.artifacts import ArtifactKind, read_artifact, require, write_artifact
 from seap.errors import ArtifactError, ModelMismatchError, SeapError
 from seap.maths.masks import check_base_model
 
-from seap.maths.expert_units import DEFAULT_EXPERT_SCORE, EXPERT_SCORES  # noqa: E402
+from seap.maths.expert_units import CHANNEL_SCORE, DEFAULT_EXPERT_SCORE, EXPERT_SCORES  # noqa: E402
 ROUTER_FIELDS = ("selected", "prob_sum", "top1_logit_sum", "weight_sum", "reap_sum")
 CHANNEL_FIELDS = ("channel_sum", "channel_sq_sum", "down_sq_l2")
 EXPERT_MASK_ARTIFACT = ArtifactKind("seap-expert-mask", 1, "experts.safetensors", "experts.json",
@@ -108,7 +110,7 @@ class LayerRouterStatistics:
         channel over the tokens routed to the expert x the squared L2 norm of its down_proj
         column; 0 for an expert never selected)."""
         if not self.has_channels:
-            raise SeapError("these router statistics hold no channel sums", "collect them with unit both")
+            raise SeapError("these router statistics hold no channel sums", "collect them with unit both or neurons")
         n = self.selected.clamp(min=1)[:, None]
         mean = self.channel_sum / n  # type: ignore[operator]
         variance = (self.channel_sq_sum / n - mean * mean).clamp(min=0)  # type: ignore[operator]
@@ -275,6 +277,7 @@ def expert_allocation(num_experts: Mapping[int, int], top_k: Mapping[int, int], 
     return kept(best)
 
 
+UNITS_OF_MOE = ("experts", "both", "neurons")  # what an expert mask prunes: experts, both, or channels only
 CHANNEL_MULTIPLE = 8  # kept channels per expert: transformers' grouped expert matmul needs 16-byte strides
 
 
@@ -401,6 +404,46 @@ def validate_expert_mask(mask: ExpertMask, num_experts: Mapping[int, int] | None
                                     "channels (fused expert tensors), the removed ones none", EXPERT_MASK_ARTIFACT.remake)
 
 
+def channel_allocation(intermediate: Mapping[int, int], sparsity: float, schedule: str = "uniform",
+                       weights: Mapping[int, int] | None = None, k: float = 1.0, x0: float = 0.3,
+                       protect_first: int = 2, protect_last: int = 2) -> dict[int, int]:
+    """Channels every expert of each MoE layer keeps for a target ``sparsity`` of their
+    channels (the ``neurons`` unit of an MoE model). ``uniform``: every layer
+    :func:`channel_width` at ``sparsity``. ``logistic``: SEAP's schedule over the MoE layers in
+    depth order (the first ``protect_first`` and last ``protect_last`` layers whole, later
+    layers pruned more), scaled by bisection so that the ``weights``-weighted share of channels
+    removed (a layer's routed-expert parameters) comes closest to the target."""
+    from seap.maths.schedules import logistic_shape
+
+    if schedule not in EXPERT_SCHEDULES:
+        raise SeapError(f"unknown expert schedule {schedule!r}", f"use one of: {', '.join(EXPERT_SCHEDULES)}")
+    if not 0.0 <= sparsity < 1.0:
+        raise SeapError(f"channel sparsity {sparsity} is outside [0, 1)", "pass a fraction such as 0.5")
+    layers = sorted(intermediate)
+    if schedule == "uniform":
+        return {i: channel_width(intermediate[i], sparsity) for i in layers}
+    weight = {i: (weights or {}).get(i, 1) for i in layers}
+    total = sum(weight.values())
+    shape = dict(zip(layers, logistic_shape(len(layers), k, x0, protect_first, protect_last)))
+
+    def widths(lam: float) -> dict[int, int]:
+        return {i: channel_width(intermediate[i], min(lam * shape[i], 1.0)) for i in layers}
+
+    def removed(lam: float) -> float:
+        return sum(weight[i] * (1 - w / intermediate[i]) for i, w in widths(lam).items()) / total
+
+    lam_max = 1.0 / min(v for v in shape.values() if v > 0)
+    if removed(lam_max) < sparsity - 1e-9:
+        raise SeapError(f"channel sparsity {sparsity:g} is unreachable with the logistic schedule: it removes at most "
+                        f"{removed(lam_max):.3f} (protected layers, one block of channels kept per expert)",
+                        "lower the sparsity, protect fewer layers, or use the uniform schedule")
+    lo, hi = 0.0, lam_max
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(mid) < sparsity else (lo, mid)
+    return widths(min((lo, hi), key=lambda lam: abs(removed(lam) - sparsity)))
+
+
 def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEFAULT_EXPERT_SCORE,
                       allow_k_reduction: bool = False, expert_params: Mapping[int, int] | None = None,
                       base_source: str | None = None, schedule: str = "uniform", unit: str = "experts",
@@ -412,28 +455,37 @@ def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEF
     in what is kept (``1 - s = (1 - s_e)(1 - s_c)`` with ``s_e = s_c = 1 - sqrt(1 - s)``); the
     experts are chosen at ``s_e``, and every kept expert keeps its own :func:`channel_width`
     highest-scoring channels (:meth:`LayerRouterStatistics.channel_scores`; one count per layer,
-    as the fused expert tensors need, a multiple of 8 for their grouped matmul)."""
-    if unit not in ("experts", "both"):
-        raise SeapError(f"unknown expert-mask unit {unit!r}", "use experts or both")
+    as the fused expert tensors need, a multiple of 8 for their grouped matmul).
+    ``unit="neurons"`` keeps every expert and prunes only channels, ``sparsity`` of them, in
+    the per-layer numbers :func:`channel_allocation` gives for the schedule."""
+    if unit not in UNITS_OF_MOE:
+        raise SeapError(f"unknown expert-mask unit {unit!r}", f"use one of: {', '.join(UNITS_OF_MOE)}")
     experts, top_k, layers = {}, {}, []
-    channels: dict[int, torch.Tensor] | None = {} if unit == "both" else None
-    split = 1.0 - math.sqrt(1.0 - sparsity) if unit == "both" else sparsity
+    channels: dict[int, torch.Tensor] | None = None if unit == "experts" else {}
+    split = {"experts": sparsity, "both": 1.0 - math.sqrt(1.0 - sparsity), "neurons": 0.0}[unit]
     sizes = {int(i): int(v) for i, v in (expert_params or stats.meta.get("expert_params") or {}).items()}
     counts = expert_allocation({i: s.num_experts for i, s in stats.layers.items()}, stats.top_k, split, schedule,
                                sizes, allow_k_reduction, **schedule_options)
+    intermediate = {i: int(s.channel_sum.shape[1]) for i, s in stats.layers.items() if s.has_channels}
+    if channels is not None and len(intermediate) < len(stats.layers):
+        raise SeapError(f"unit {unit} prunes channels inside experts, and these router statistics hold no channel "
+                        "sums", "collect them with unit both or neurons")
+    widths = {} if channels is None else \
+        channel_allocation(intermediate, sparsity, schedule, {i: sizes.get(i, 1) * stats.layers[i].num_experts
+                                                               for i in intermediate}, **schedule_options) \
+        if unit == "neurons" else {i: channel_width(n, split) for i, n in intermediate.items()}
     for i, layer in sorted(stats.layers.items()):
         k = stats.top_k[i]
         keep = counts[i]
         experts[i] = keep_top(expert_scores(layer, score), keep)
         top_k[i] = min(k, keep)
         if channels is not None:
-            scores = layer.channel_scores()
-            width = channel_width(scores.shape[1], split)
-            channels[i] = torch.stack([keep_top(row, width) for row in scores]) & experts[i][:, None]
+            channels[i] = torch.stack([keep_top(row, widths[i]) for row in layer.channel_scores()]) & experts[i][:, None]
         if top_k[i] < k:
             warnings.warn(f"layer {i}: {keep} experts kept, so each token is routed to {keep} instead of {k}",
                           stacklevel=2)
-        layers.append({"layer": i, "experts": layer.num_experts, "kept": keep, "top_k": top_k[i], "original_top_k": k})
+        layers.append({"layer": i, "experts": layer.num_experts, "kept": keep, "top_k": top_k[i], "original_top_k": k,
+                       **({"channels": widths[i], "intermediate": intermediate[i]} if channels is not None else {})})
     meta = {
         "seap_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -443,6 +495,7 @@ def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEF
         "kind": "general" if "+" in stats.task else "expert",
         "unit": unit,
         "score": score,
+        **({"channel_score": CHANNEL_SCORE} if channels is not None else {}),
         "schedule": schedule,
         "schedule_params": dict(schedule_options),
         "target_sparsity": sparsity,
@@ -485,7 +538,8 @@ def pattern_vector(stats: RouterStatistics, layers: Sequence[int] | None = None)
     return torch.cat([stats.layers[i].prob_sum / max(stats.layers[i].tokens, 1) for i in chosen])
 
 
-__all__ = ["DEFAULT_EXPERT_SCORE", "EXPERT_MASK_ARTIFACT", "EXPERT_SCORES", "ROUTER_STATISTICS_ARTIFACT", "ExpertMask",
-           "LayerRouterStatistics", "load_mask",
-           "RouterStatistics", "EXPERT_SCHEDULES", "build_expert_mask", "channel_width", "expert_allocation", "expert_scores", "keep_top", "kept_count", "nearest_pattern",
-           "pattern_vector", "route", "router_sums", "validate_expert_mask"]
+__all__ = ["CHANNEL_SCORE", "DEFAULT_EXPERT_SCORE", "EXPERT_MASK_ARTIFACT", "EXPERT_SCHEDULES", "EXPERT_SCORES",
+           "ROUTER_STATISTICS_ARTIFACT", "UNITS_OF_MOE", "ExpertMask", "LayerRouterStatistics", "RouterStatistics",
+           "build_expert_mask", "channel_allocation", "channel_width", "expert_allocation", "expert_scores", "keep_top",
+           "kept_count", "load_mask", "nearest_pattern", "pattern_vector", "route", "router_sums",
+           "validate_expert_mask"]

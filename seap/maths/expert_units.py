@@ -2,3 +2,4 @@
 
 EXPERT_SCORES = ("tcess", "frequency", "reap")
 DEFAULT_EXPERT_SCORE = "tcess"
+CHANNEL_SCORE = "seap-sf"  # how channels inside experts are scored (unit both or neurons of an MoE model)

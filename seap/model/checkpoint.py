@@ -10,8 +10,9 @@ Stock ``from_pretrained`` cannot build a Llama whose layers have different width
   fingerprint of the pruned weights);
 * ``seap_mask/``: the mask it was derived from.
 
-A mixture-of-experts model with experts removed (``unit: experts``) records, per MoE layer,
-the experts kept, the router's top-k and the removed experts' router rows it keeps
+A mixture-of-experts model pruned by an expert mask (any unit: experts, channels inside them,
+or both) records, per MoE layer, the experts kept, their width, the router's top-k and the
+removed experts' router rows it keeps
 (:class:`seap.model.adapters.moe.KeptExpertRouter`) instead of head and channel widths.
 
 :func:`load_pruned` rebuilds the base architecture, resizes each layer, loads the weights
@@ -21,6 +22,7 @@ strictly and checks the recorded fingerprint, so the logits are identical to the
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,14 @@ from seap.maths.masks import PruningMask
 from seap.model.loaded import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_device, resolve_dtype
 
 PRUNED_MASK_DIR = "seap_mask"
-EXPERT_UNITS = ("experts", "both")  # an MoE model with experts (and channels inside them) removed
+
+
+def is_expert_record(info: Mapping[str, Any]) -> bool:
+    """Whether a ``seap_pruning`` record is that of an expert mask applied to a mixture-of-experts
+    model (experts removed, channels inside them, or both: its ``moe_layers``), rather than of
+    a dense model's heads and channels."""
+    return "moe_layers" in info or info.get("unit") in ("experts", "both")
+
 _CONFIG_EXTRA = ("per_layer_config", "allow_global_per_layer_attribute_access")
 
 
@@ -61,7 +70,7 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
         raise SeapError("only hard-pruned models can be saved as pruned checkpoints",
                         "apply the mask with mode='hard' (`seap apply --mode hard`), or save the mask itself")
     info["pruned_fingerprint"] = loaded.fingerprint
-    if info.get("unit") in EXPERT_UNITS:  # an MoE model with experts removed: kept experts and top-k per MoE layer
+    if is_expert_record(info):  # a pruned MoE model: kept experts, their widths and top-k per MoE layer
         info["layers"] = [loaded.adapter.experts_record(layer) or {}  # type: ignore[attr-defined]
                           for layer in loaded.adapter.decoder_layers(loaded.model)]
     else:
@@ -78,7 +87,7 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None 
             loaded.tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         config["seap_pruning"] = info
-        if info.get("unit") not in EXPERT_UNITS:  # (Hugging Face's per-layer widths; MoE records are SEAP's own)
+        if not is_expert_record(info):  # (Hugging Face's per-layer widths; MoE records are SEAP's own)
             config["per_layer_config"] = {str(i): layer for i, layer in enumerate(info["layers"])}
             config["allow_global_per_layer_attribute_access"] = True
         atomic_write_json(tmp / "config.json", config)
@@ -121,7 +130,7 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
         raise ArtifactError(f"{p}: config lists {len(info['layers'])} layers, the model has {len(layers)}", "re-save it")
     hidden = adapter.text_config(config).hidden_size
     for layer, sizes in zip(layers, info["layers"], strict=True):
-        if info.get("unit") in EXPERT_UNITS:
+        if is_expert_record(info):
             if sizes:  # (an MoE layer; dense layers of an MoE model are saved whole)
                 adapter.resize_experts(layer, sizes, adapter.normalises_top_k(config))  # type: ignore[attr-defined]
             continue

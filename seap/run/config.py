@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from seap.errors import SeapError
-from seap.maths.expert_units import DEFAULT_EXPERT_SCORE, EXPERT_SCORES
+from seap.maths.expert_units import CHANNEL_SCORE, DEFAULT_EXPERT_SCORE, EXPERT_SCORES
 from seap.maths.geometry import DEFAULT_GQA_MODE, GQA_MODES
 from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
 from seap.run.methods import (DEFAULT_METHODS, METHODS, MOE_DEFAULT_METHODS, UNITS, REFIT_CORPORA, ROUTED_EXPERTS, SEAP_SCHEDULE, SEAP_SCORE,
@@ -87,7 +87,8 @@ class RunConfig:
     # -- masks ----------------------------------------------------------------------------
     methods: list[str] = _opt(DEFAULT_METHODS, "masks", "methods",
                               f"rows to build and evaluate: any of {', '.join(METHODS)} (left at the default with "
-                              f"unit experts or both: {', '.join(MOE_DEFAULT_METHODS)})", choices=tuple(METHODS))
+                              f"a mixture-of-experts model: {', '.join(MOE_DEFAULT_METHODS)}, less moe-frequency with unit neurons)",
+                              choices=tuple(METHODS))
     sparsities: list[float] = _opt(DEFAULT_SPARSITIES, "masks", "sparsities",
                                    "target fractions of prunable weights removed", minimum=0, maximum=0.99)
     score: str = _opt(SEAP_SCORE, "masks", "score", "SEAP's score (the baselines keep their own)")
@@ -107,9 +108,9 @@ class RunConfig:
                             "that stock transformers loads the pruned model (`seap export --format hf`)")
     gqa_mode: str = _opt(DEFAULT_GQA_MODE, "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
                          choices=GQA_MODES)
-    unit: str = _opt("auto", "masks", "unit", "what is pruned: neurons (heads and MLP channels), experts (whole "
-                     "experts of a mixture-of-experts model), both (experts, and channels inside the kept ones), or "
-                     "auto (experts for an MoE model, else neurons)",
+    unit: str = _opt("auto", "masks", "unit", "what is pruned: neurons (heads and MLP channels; of a mixture-of-experts "
+                     "model, the channels inside every expert), experts (whole experts of an MoE model), both "
+                     "(experts, and channels inside the kept ones), or auto (experts for an MoE model, else neurons)",
                      choices=("auto", *UNITS))
     expert_score: str = _opt(DEFAULT_EXPERT_SCORE, "masks", "expert_score",
                              "unit experts: how SEAP scores a task's experts: tcess (PreMoe), frequency or reap",
@@ -355,18 +356,27 @@ class RunConfig:
 
     @property
     def resolved_unit(self) -> str:
-        """``neurons`` or ``experts``: ``auto`` is experts for a mixture-of-experts model (a local
-        folder or GGUF file whose type an MoE adapter serves), neurons otherwise."""
+        """``neurons``, ``experts`` or ``both``: ``auto`` is experts for a mixture-of-experts model
+        (a local folder or GGUF file whose type an MoE adapter serves), neurons otherwise."""
         if self.unit != "auto":
             return self.unit
+        return "experts" if self.moe else "neurons"
+
+    @property
+    def moe(self) -> bool:
+        """Whether the run prunes a mixture-of-experts model (through router statistics and
+        expert masks): unit experts or both, or a model whose type an MoE adapter serves (where
+        unit neurons prunes the channels inside every expert)."""
+        if self.unit in ("experts", "both"):
+            return True
         from seap.model.loading import peek_model_type
 
-        return "experts" if peek_model_type(self.model) in _moe_types() else "neurons"
+        return peek_model_type(self.model) in _moe_types()
 
     def _check_unit(self) -> None:
-        """With unit experts, the default methods become the MoE ones, and a neuron-only method
-        is refused (and the other way round), naming what to use."""
-        unit = self.resolved_unit
+        """With an MoE model, the default methods become the MoE ones, and a method that cannot
+        prune the run's unit (or an MoE model at all) is refused, naming what to use."""
+        unit, moe = self.resolved_unit, self.moe
         if unit != "neurons" and self.unit != "auto":
             from seap.model.loading import peek_model_type
 
@@ -374,25 +384,32 @@ class RunConfig:
             if model_type is not None and model_type not in _moe_types():
                 raise self.bad("unit", f"{unit} needs a mixture-of-experts model; {self.model} is a {model_type} model",
                                f"prune its heads and channels ({self.spell('unit')} neurons or auto)")
-        if unit != "neurons" and list(self.methods) == list(DEFAULT_METHODS):
-            self.methods = list(MOE_DEFAULT_METHODS)  # (the user left the default)
-        wrong = [m for m in self.methods if unit not in METHODS[m].units]
+        if moe and list(self.methods) == list(DEFAULT_METHODS):
+            self.methods = [m for m in MOE_DEFAULT_METHODS if unit in METHODS[m].units]  # (the user left the default)
+        wrong = [m for m in self.methods if unit not in METHODS[m].units or (moe and not METHODS[m].moe)]
         if wrong:
-            fitting = [n for n, m in METHODS.items() if unit in m.units]
-            raise self.bad("methods", f"{', '.join(wrong)} cannot prune {unit}"
-                           + (" (the model is a mixture of experts)" if self.unit == "auto" and unit != "neurons"
-                              else ""),
+            fitting = [n for n, m in METHODS.items() if unit in m.units and (m.moe or not moe)]
+            what = f"the {unit} of a mixture-of-experts model" if moe and unit == "neurons" else unit
+            raise self.bad("methods", f"{', '.join(wrong)} cannot prune {what}"
+                           + (" (the model is a mixture of experts)" if self.unit == "auto" and moe else ""),
                            f"with {self.spell('unit')} {unit} use any of: {', '.join(fitting)}"
                            + ("; or prune neurons" if unit != "neurons" else ""))
-        if unit != "neurons" and self.schedule not in ("logistic", "uniform"):
-            raise self.bad("schedule", f"{self.schedule} allocates heads and channels, not experts",
-                           "with unit experts use logistic or uniform")
-        if self.router_kind == "patterns" and unit == "neurons":
+        if moe and self.schedule not in ("logistic", "uniform"):
+            raise self.bad("schedule", f"{self.schedule} allocates heads and channels of a dense model, not the parts "
+                           "of a mixture-of-experts model", "on an MoE model use logistic or uniform")
+        if moe and unit != "experts" and self.score != CHANNEL_SCORE:
+            raise self.bad("score", f"channels inside experts are scored with {CHANNEL_SCORE} only, not {self.score}",
+                           f"leave {self.spell('score')} at {CHANNEL_SCORE}")
+        if moe and self.channel_multiple not in (None, 8):
+            raise self.bad("channel_multiple", "channels inside experts keep a multiple of 8 (what the fused expert "
+                           f"tensors' grouped matmul needs), not {self.channel_multiple}",
+                           f"leave {self.spell('channel_multiple')} unset with a mixture-of-experts model")
+        if self.router_kind == "patterns" and not moe:
             raise self.bad("router_kind", "routing patterns are what an MoE model's routers do",
                            f"use {self.spell('router_kind')} features, or prune experts of an MoE model")
-        if unit != "neurons" and self.stats_shards > 1:
+        if moe and self.stats_shards > 1:
             raise self.bad("stats_shards", "router statistics are collected in one pass",
-                           "set stats_shards to 1 with unit experts")
+                           "set stats_shards to 1 with a mixture-of-experts model")
 
     def _check_names(self) -> None:
         """Names the engine owns (scores, schedules): checked against its tables."""

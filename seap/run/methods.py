@@ -15,9 +15,10 @@ Calibration, per method:
 * ``routed``: no masks of its own; the router picks one of the ``task`` method's experts per
   input, falling back to the ``general`` method's mask below its confidence threshold.
 
-Units: a method prunes heads and MLP channels (``neurons``), whole experts of a
-mixture-of-experts model (``experts``), experts and the channels inside the kept ones
-(``both``), or any of them (the SEAP rows). With ``experts`` a SEAP
+Units: a method prunes heads and MLP channels (``neurons``; of a mixture-of-experts model, the
+channels inside every expert), whole experts of an MoE model (``experts``), experts and the
+channels inside the kept ones (``both``), or any of them (the SEAP rows); ``moe`` says whether
+it runs on an MoE model at all (the dense baselines do not). With ``experts`` a SEAP
 expert keeps the experts its task's tokens route to (the run's ``expert_score``: PreMoe's
 TCESS by default), the general mask those of all tasks' tokens, and ``moe-frequency`` is the
 task-agnostic baseline (selection frequency over the pooled corpora).
@@ -85,6 +86,7 @@ class Method:
     schedule_options: Mapping[str, Any] = field(default_factory=dict)
     family: Literal["seap", "baseline"] = "baseline"
     units: tuple[str, ...] = ("neurons",)  # what it can prune: heads and MLP channels, or whole MoE experts
+    moe: bool = False  # whether it runs on a mixture-of-experts model (router statistics, expert masks)
 
     def resolved_score(self, run_score: str) -> str:
         return self.score or run_score
@@ -125,11 +127,11 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("seap-expert", "task", "SEAP: one expert per task, from its own activations (MoE: its router's "
-               "choices)", family="seap", units=UNITS),
+               "choices)", family="seap", units=UNITS, moe=True),
         Method("seap-general", "general", "SEAP-gen: one mask from the weighted sum of task scores (MoE: all tasks' "
-               "router statistics)", family="seap", units=UNITS),
+               "router statistics)", family="seap", units=UNITS, moe=True),
         Method("seap-routed", "routed", "router picks the task's expert per input (general mask below threshold)",
-               family="seap", units=UNITS),
+               family="seap", units=UNITS, moe=True),
         Method("wanda-sp", "pooled", "Wanda-sp: |W| x ||X||, uniform sparsity", score="wanda-sp", schedule="uniform"),
         Method("wanda-sp+logistic", "pooled", "Wanda-sp score with SEAP's logistic schedule", score="wanda-sp",
                schedule="logistic"),
@@ -138,7 +140,7 @@ METHODS: dict[str, Method] = {
         Method("flap+logistic", "pooled", "FLAP score and bias compensation with SEAP's logistic schedule",
                score="flap", schedule="logistic", bias_compensation=True),
         Method("moe-frequency", "pooled", "task-agnostic expert pruning: the experts all tasks' tokens select most",
-               score="frequency", units=("experts", "both")),
+               score="frequency", units=("experts", "both"), moe=True),
     )
 }
 DENSE = "dense"  # the unpruned row every table starts with (not a method: nothing to build)

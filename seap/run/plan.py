@@ -244,7 +244,7 @@ def make_plan(config: RunConfig) -> Plan:
     c.validate(check_data=False)
     tasks = c.task_names
     methods = methods_to_build(c.methods)
-    if c.resolved_unit != "neurons":
+    if c.moe:
         return _finish_plan(c, *_expert_jobs(c, tasks, methods))
     reconstructing = [m for m in methods if m.resolved_reconstruct(c.reconstruct)]
     sequential = bool(c.refit_sequential)  # refits on the corpus itself: no second moments
@@ -328,10 +328,11 @@ def make_plan(config: RunConfig) -> Plan:
 
 
 def _expert_jobs(c: RunConfig, tasks: list[str], methods: list[Method]) -> tuple[list[Job], dict[str, dict[str, str]]]:
-    """The jobs up to the masks for ``unit: experts`` or ``both`` (a mixture-of-experts model): router
-    statistics per task (and pooled), then one expert mask per task (SEAP experts, on the
-    run's ``expert_score``), one general mask (all tasks' router statistics) and each pooled
-    method's mask (its own score on the pooled statistics). Nothing is refitted."""
+    """The jobs up to the masks for a mixture-of-experts model (every unit: ``moe`` in their
+    parameters): router statistics per task (and pooled; with channel sums unless the unit is
+    experts), then one expert mask per task (SEAP experts, on the run's ``expert_score``),
+    one general mask (all tasks' router statistics) and each pooled method's mask (its own
+    score on the pooled statistics). Nothing is refitted."""
     jobs: list[Job] = []
     add = jobs.append
     add(Job("model", params={"model": c.model, "device": c.device, "dtype": c.dtype}))
@@ -339,16 +340,16 @@ def _expert_jobs(c: RunConfig, tasks: list[str], methods: list[Method]) -> tuple
                               "max_tokens": c.max_tokens}))
     unit = c.resolved_unit
     add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
-            {"batch_size": c.stats_batch_size, "tasks": tasks, "unit": unit}))
+            {"batch_size": c.stats_batch_size, "tasks": tasks, "unit": unit, "moe": True}))
     if any(m.calibration != "task" for m in methods):
-        add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, {"tasks": tasks, "unit": unit}))
+        add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, {"tasks": tasks, "unit": unit, "moe": True}))
     mask_jobs: dict[str, dict[str, str]] = {}
     for sparsity in c.sparsities:
         for m in methods:
             row = row_key(m.name, sparsity)
             score = m.score or c.expert_score
             schedule = m.resolved_schedule(c.schedule)
-            common = {"sparsity": sparsity, "method": m.name, "row": row, "unit": unit, "score": score,
+            common = {"sparsity": sparsity, "method": m.name, "row": row, "unit": unit, "moe": True, "score": score,
                       "allow_k_reduction": c.allow_k_reduction, "kind": _kind(m), "schedule": schedule,
                       "schedule_options": {**c.schedule_options, **m.schedule_options} if schedule == "logistic" else {}}
             names = [(t, "statistics/tasks") for t in tasks] if m.calibration == "task" else \
@@ -432,7 +433,7 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     seap_groups = {row: group for row, group in mask_jobs.items()
                    if row.split("@")[0] in (ROUTED_EXPERTS, ROUTED_FALLBACK)}
     add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
-            {"score": c.expert_score if c.resolved_unit != "neurons" else c.score,
+            {"score": c.expert_score if c.resolved_unit != "neurons" else c.score,  # (MoE neurons: the channel score)
              "schedule": c.schedule, "registry_dir": c.registry, "mlflow": c.mlflow,
              "tracking_uri": c.tracking_uri, "mlflow_dir": c.mlflow_store, "experiment": c.experiment}))
     plan = Plan(c, jobs)

@@ -111,7 +111,7 @@ def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
     p = job.params
     out.parent.mkdir(parents=True, exist_ok=True)
-    if p.get("unit") in ("experts", "both"):  # a mixture-of-experts model: what the routers do on each task's tokens
+    if p.get("moe"):  # a mixture-of-experts model: what the routers do on each task's tokens
         _router_statistics(job, inputs, out, ctx)
         return
     # second moments too large to hold for every layer go to a spill folder beside `out`,
@@ -149,7 +149,7 @@ def _router_statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -
     out.mkdir(parents=True)
     for t in p["tasks"]:
         collect_router_statistics(loaded, corpora[t], p["batch_size"], header.get("max_tokens", DEFAULT_MAX_TOKENS),
-                                  progress=ctx.progress, channels=p["unit"] == "both").save(out / t)
+                                  progress=ctx.progress, channels=p["unit"] != "experts").save(out / t)
 
 
 def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext, spill: Path) -> None:
@@ -186,7 +186,7 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.run.commands import make_mask
 
     p = job.params
-    if p.get("unit") in ("experts", "both"):  # experts of an MoE model: from its task's (or all tasks') router statistics
+    if p.get("moe"):  # experts of an MoE model: from its task's (or all tasks') router statistics
         from seap.maths.expert_selection import RouterStatistics, build_expert_mask
 
         folder = Path(inputs["statistics"])

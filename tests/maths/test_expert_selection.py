@@ -82,3 +82,17 @@ def test_the_logistic_expert_schedule_prunes_later_layers_more_and_meets_the_tar
     assert expert_allocation(layers, top_k, 0.5, "uniform") == {i: 8 for i in layers}
     with pytest.raises(SeapError, match="unreachable"):
         expert_allocation({0: 4, 1: 4, 2: 4}, {0: 2, 1: 2, 2: 2}, 0.6, "logistic", protect_first=1, protect_last=1)
+
+
+def test_the_channel_allocation_of_unit_neurons_follows_the_schedule_and_meets_the_target() -> None:
+    from seap.maths.expert_selection import channel_allocation
+
+    layers = {i: 256 for i in range(12)}
+    widths = channel_allocation(layers, 0.5, "logistic", protect_first=2, protect_last=1)
+    assert widths[0] == widths[1] == widths[11] == 256  # protected
+    active = [widths[i] for i in range(2, 11)]
+    assert active == sorted(active, reverse=True) and all(w % 8 == 0 and w >= 8 for w in active)
+    assert 1 - sum(widths.values()) / (256 * 12) == pytest.approx(0.5, abs=0.02)
+    assert channel_allocation(layers, 0.5, "uniform") == {i: 128 for i in layers}
+    with pytest.raises(SeapError, match="unreachable"):
+        channel_allocation({0: 64, 1: 64, 2: 64}, 0.6, "logistic", protect_first=1, protect_last=1)

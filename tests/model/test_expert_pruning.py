@@ -262,8 +262,10 @@ def test_an_unrecognised_expert_layout_is_refused_by_name() -> None:
         collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
 
 
-def test_unit_both_prunes_channels_inside_the_kept_experts(moe, tmp_path) -> None:
-    """Channel sums equal a direct computation; soft equals hard; the pruned checkpoint round-trips."""
+@pytest.mark.parametrize("unit", ["both", "neurons"])
+def test_units_both_and_neurons_prune_channels_inside_the_kept_experts(moe, tmp_path, unit) -> None:
+    """Channel sums equal a direct computation; ``both`` removes experts and channels, ``neurons``
+    channels only (every expert kept); soft equals hard; the pruned checkpoint round-trips."""
     from seap.model.checkpoint import load_pruned, save_pruned
 
     stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False, channels=True)
@@ -285,8 +287,9 @@ def test_unit_both_prunes_channels_inside_the_kept_experts(moe, tmp_path) -> Non
         torch.testing.assert_close(stats.layers[i].channel_sum[e], h.sum(0), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(stats.layers[i].channel_sq_sum[e], (h * h).sum(0), rtol=1e-4, atol=1e-4)
     stats.save(tmp_path / "stats")
-    mask = build_expert_mask(RouterStatistics.load(tmp_path / "stats"), 0.5, unit="both")
+    mask = build_expert_mask(RouterStatistics.load(tmp_path / "stats"), 0.5, unit=unit)
     assert mask.realised_sparsity() == pytest.approx(0.5, abs=0.08)
+    assert all(bool(flags.all()) == (unit == "neurons") for flags in mask.experts.values())
     soft, hard = apply_expert_mask(moe, mask, "soft"), apply_expert_mask(moe, mask, "hard")
     torch.testing.assert_close(logits(soft), logits(hard), atol=1e-5, rtol=1e-5)
     kept = {i: int(m.channels[i][m.experts[i]].sum(1)[0]) for m in (mask,) for i in m.experts}
@@ -294,4 +297,7 @@ def test_unit_both_prunes_channels_inside_the_kept_experts(moe, tmp_path) -> Non
     mask.save(tmp_path / "mask")
     assert ExpertMask.load(tmp_path / "mask").digest() == mask.digest()
     save_pruned(hard, tmp_path / "pruned")
-    torch.testing.assert_close(logits(load_pruned(tmp_path / "pruned", device="cpu")), logits(hard), atol=0, rtol=0)
+    reloaded = load_pruned(tmp_path / "pruned", device="cpu")
+    torch.testing.assert_close(logits(reloaded), logits(hard), atol=0, rtol=0)
+    assert reloaded.model.config.seap_pruning["unit"] == unit
+    assert model_bytes(reloaded.model)["parameters"] < model_bytes(moe.model)["parameters"]

@@ -290,3 +290,29 @@ def test_unit_both_runs_through_the_plan_and_a_dense_model_is_refused(tmp_path, 
     dense, _ = tiny_project(tmp_path / "dense")
     assert main([*common, "--model", str(dense), "--unit", "experts"]) == 2
     assert "needs a mixture-of-experts model" in capsys.readouterr().err
+
+
+def test_unit_neurons_on_an_moe_model_prunes_the_channels_inside_every_expert(tmp_path, capsys) -> None:
+    """`--unit neurons` on an MoE model: router statistics with channel sums, SEAP masks that keep
+    every expert and prune channels inside them (logistic schedule), rows with memory; the dense
+    baselines and another channel score are refused before any work."""
+    base, data = tiny_project(tmp_path, "mixtral")
+    common = ["--no-progress", "eval", "--model", str(base), "--tasks", "geo", "life", "--data-dir", str(data),
+              "--limit", "4", "--samples", "20", "--no-mlflow", "--no-bench", "--unit", "neurons",
+              "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+              "--registry-dir", str(tmp_path / "registry")]
+    assert main([*common, "--methods", "seap-expert", "wanda-sp"]) == 2
+    assert "wanda-sp cannot prune the neurons of a mixture-of-experts model" in capsys.readouterr().err
+    assert main([*common, "--score", "wanda-sp"]) == 2
+    assert "scored with seap-sf only" in capsys.readouterr().err
+    assert main([*common, "--channel-multiple", "4"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    assert main([*common, "--sparsities", "0.5", "--protect-first", "0", "--protect-last", "0"]) == 0
+    out = capsys.readouterr().out
+    for row in ("seap-expert", "seap-general", "seap-routed"):
+        assert f"| 50% | {row} |" in out, out[-3000:]
+    assert "moe-frequency" not in out
+    masks = [json.loads(p.read_text()) for p in (tmp_path / "work" / "masks").glob("*/experts.json")]
+    assert masks and {m["unit"] for m in masks} == {"neurons"} and {m["schedule"] for m in masks} == {"logistic"}
+    assert all(layer["kept"] == layer["experts"] and layer["channels"] < layer["intermediate"]
+               for m in masks for layer in m["layers"][1:])
