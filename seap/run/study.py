@@ -22,7 +22,8 @@ The steps:
    allocation and with the logistic schedule; each with no compensation, bias compensation,
    and the chosen least-squares refit; at every study sparsity; on the starter suite (every
    item) and PIQA (every validation item), calibrated on the train splits;
-3. **calibration size**: the SEAP expert with 50, 200 and 1,000 records per task;
+3. **calibration size**: the SEAP expert with 50, 200 and 1,000 records per task (at the
+   rows' own size, the rows' SEAP-expert runs are the answer and are not measured again);
 4. **analysis** (pure functions of :mod:`seap.evaluation.significance`): 95% intervals,
    paired differences of the SEAP expert against each baseline on the same items, retention
    of the margin over chance, WikiText-2 perplexity of each general mask, and the mean KL
@@ -522,9 +523,9 @@ def measure_kl(c: RunConfig, outputs: Mapping[str, str], texts_per_task: int, sa
 
 
 __all__ = ["BIAS_COMPENSATION", "NO_COMPENSATION", "STUDY_METHODS", "Compensation", "StudyOptions", "StudyRun",
-           "analyse", "decode_correctness", "encode_correctness", "execute_config", "ledger_material", "measure_kl",
-           "refit_candidates", "run_study", "select_refit", "selection_data", "study_markdown", "study_run", "targets",
-           "write_study"]
+           "analyse", "decode_correctness", "encode_correctness", "execute_config", "expert_rows", "ledger_material",
+           "measure_kl", "refit_candidates", "run_study", "select_refit", "selection_data", "study_markdown", "study_run",
+           "targets", "write_study"]
 
 
 # -- the whole study -----------------------------------------------------------------------
@@ -587,12 +588,35 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
         say(f"rows with {label}: done")
     for samples in options.calibration_sizes:
         for compensation in (NO_COMPENSATION, best):
+            name = f"samples-{samples}-{compensation.name}"
+            measured = expert_rows(name, [r for r in runs if r.name == compensation.name],
+                                   options.calibration_size_sparsities) if samples == options.samples else None
+            if measured is not None:  # the same masks and items as the rows: the same numbers
+                say(f"{name}: the SEAP-expert rows of {compensation.name}")
+                sizes.append(measured)
+                continue
             config = options.config(methods=["seap-expert"], sparsities=list(options.calibration_size_sparsities),
                                     samples=samples, **compensation.changes)
-            sizes.append(run(f"samples-{samples}-{compensation.name}", config))
+            sizes.append(run(name, config))
         say(f"calibration size {samples}: done")
     publish("all")
     return record
+
+
+def expert_rows(name: str, runs: Sequence[StudyRun], sparsities: Sequence[float]) -> StudyRun | None:
+    """The dense and SEAP-expert rows at ``sparsities`` out of finished runs (one compensation, one
+    run per sparsity), as one run named ``name``; None unless every sparsity is among them (pure)."""
+    by_sparsity = {s: r for r in runs for s in r.config.sparsities}
+    if not runs or any(s not in by_sparsity for s in sparsities):
+        return None
+    keys = [DENSE, *(row_key("seap-expert", s) for s in sparsities)]
+    source = {key: runs[0] if key == DENSE else by_sparsity[s] for key, s in zip(keys, [None, *sparsities])}
+    if any(key not in r.items for key, r in source.items()):
+        return None
+    first = runs[0]
+    return StudyRun(name, replace(first.config, methods=["seap-expert"], sparsities=list(sparsities)),
+                    {**first.results, "rows": [r.rows[key] for key, r in source.items()]},
+                    {key: r.items[key] for key, r in source.items()}, measured=dict(first.measured), reused=True)
 
 
 def targets(record: Mapping[str, Any]) -> list[dict[str, Any]]:

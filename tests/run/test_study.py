@@ -31,7 +31,7 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
     base, data = tiny_project(tmp_path)
     refit = Compensation("ls", "least squares", {"reconstruct": True, "refit_alpha": 0.1})
     options = StudyOptions(model=str(base), data_dir=str(data), tasks=("geo", "life"), sparsities=(0.3,),
-                           selection_sparsities=(0.3,), selection_items=8, calibration_sizes=(10,),
+                           selection_sparsities=(0.3,), selection_items=8, calibration_sizes=(10, 20),
                            calibration_size_sparsities=(0.3,), samples=20, limit=8, kl_texts=4, perplexity=False,
                            workdir=str(tmp_path / "work"), out=str(tmp_path / "docs"), candidates=[refit],
                            base={"schedule": "uniform", "router_prompts": 20})
@@ -49,6 +49,13 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
         assert low <= r["headline"] <= high
         if r["row"] != "dense" and r["method"] != "seap-routed":
             assert r["kl"]["mean"] >= 0
+    # calibration size: 10 records measured; 20 (the rows' own size) is the rows' SEAP expert, not measured again
+    sizes = {(r["run"], r["row"]): r["headline"] for r in record["calibration_sizes"]}
+    assert ("samples-10-none", "seap-expert@0.3") in sizes
+    assert sizes[("samples-20-none", "seap-expert@0.3")] == next(
+        r["headline"] for r in record["rows"] if (r["run"], r["row"]) == ("none", "seap-expert@0.3"))
+    assert sizes[("samples-20-ls", "seap-expert@0.3")] == next(
+        r["headline"] for r in record["rows"] if (r["run"], r["row"]) == ("ls", "seap-expert@0.3"))
     paired = {(p["run"], p["baseline"]) for p in record["paired"]}
     assert ("ls", "wanda-sp+logistic") in paired and ("none", "flap") in paired
     assert ("control-per-task", "flap+logistic") in paired  # the expert against baselines refitted per task
@@ -65,6 +72,7 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
     # on another machine (no work folder), the ledger of finished runs gives every number without running a job
     ledger = sorted(p.name for p in (written / "study-runs").glob("*.json"))
     assert any(n.startswith("selection-ls-") for n in ledger) and any(n.startswith("control-per-task-") for n in ledger)
+    assert any(n.startswith("samples-10-") for n in ledger) and not any(n.startswith("samples-20-") for n in ledger)
     elsewhere = replace(options, workdir=str(tmp_path / "elsewhere" / "work"))
     said: list[str] = []
     moved = run_study(elsewhere, say=said.append)
