@@ -41,7 +41,7 @@ import datetime as _dt
 import hashlib
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,17 +264,24 @@ def expert_allocation(num_experts: Mapping[int, int], top_k: Mapping[int, int], 
     def removed(lam: float) -> float:
         return sum(size[i] * (num_experts[i] - n) for i, n in kept(lam).items()) / total
 
+    return kept(_logistic_scale(removed, shape, sparsity, "expert", "protected layers, top-k kept",
+                                "lower the sparsity, protect fewer layers, use the uniform schedule, or --allow-k-reduction"))
+
+
+def _logistic_scale(removed: Callable[[float], float], shape: Mapping[int, float], sparsity: float, unit: str,
+                    limits: str, fix: str) -> float:
+    """The scale lambda (layer i prunes ``min(lambda * shape[i], 1)`` of its ``unit``) whose realised
+    sparsity ``removed(lambda)`` is nearest ``sparsity``, by bisection; an unreachable target is
+    refused, naming what ``limits`` it and the ``fix``."""
     lam_max = 1.0 / min(v for v in shape.values() if v > 0)
     if removed(lam_max) < sparsity - 1e-9:
-        raise SeapError(f"expert sparsity {sparsity:g} is unreachable with the logistic schedule: it removes at most "
-                        f"{removed(lam_max):.3f} (protected layers, top-k kept)",
-                        "lower the sparsity, protect fewer layers, use the uniform schedule, or --allow-k-reduction")
+        raise SeapError(f"{unit} sparsity {sparsity:g} is unreachable with the logistic schedule: it removes at most "
+                        f"{removed(lam_max):.3f} ({limits})", fix)
     lo, hi = 0.0, lam_max
     for _ in range(100):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if removed(mid) < sparsity else (lo, mid)
-    best = min((lo, hi), key=lambda lam: abs(removed(lam) - sparsity))
-    return kept(best)
+    return min((lo, hi), key=lambda lam: abs(removed(lam) - sparsity))
 
 
 UNITS_OF_MOE = ("experts", "both", "neurons")  # what an expert mask prunes: experts, both, or channels only
@@ -432,16 +439,9 @@ def channel_allocation(intermediate: Mapping[int, int], sparsity: float, schedul
     def removed(lam: float) -> float:
         return sum(weight[i] * (1 - w / intermediate[i]) for i, w in widths(lam).items()) / total
 
-    lam_max = 1.0 / min(v for v in shape.values() if v > 0)
-    if removed(lam_max) < sparsity - 1e-9:
-        raise SeapError(f"channel sparsity {sparsity:g} is unreachable with the logistic schedule: it removes at most "
-                        f"{removed(lam_max):.3f} (protected layers, one block of channels kept per expert)",
-                        "lower the sparsity, protect fewer layers, or use the uniform schedule")
-    lo, hi = 0.0, lam_max
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if removed(mid) < sparsity else (lo, mid)
-    return widths(min((lo, hi), key=lambda lam: abs(removed(lam) - sparsity)))
+    return widths(_logistic_scale(removed, shape, sparsity, "channel",
+                                  "protected layers, one block of channels kept per expert",
+                                  "lower the sparsity, protect fewer layers, or use the uniform schedule"))
 
 
 def build_expert_mask(stats: RouterStatistics, sparsity: float, score: str = DEFAULT_EXPERT_SCORE,
