@@ -764,11 +764,18 @@ def plot_retention(record: Mapping[str, Any], path: Path) -> None:
     dense = next((r for r in record["rows"] if r["row"] == DENSE), None)
     if dense is None:
         return
+    chosen = record.get("chosen", {})
+    titles = {NO_COMPENSATION.name: "no compensation", BIAS_COMPENSATION.name: "bias compensation",
+              CONTROL: "chosen refit, baselines refitted per task (control)"}
+    if chosen.get("name"):
+        titles[chosen["name"]] = f"{chosen.get('label', chosen['name'])} (chosen)"
     chance = _mean([dense["tasks"][t]["chance"] or 0 for t in record["headline_tasks"]]) or 0
     span = max(dense["headline"] - chance, 1e-9)
-    fig, axes = plt.subplots(1, len(comps), figsize=(5 * len(comps), 4), sharey=True, squeeze=False)
-    for ax, comp in zip(axes[0], comps):
-        for method in STUDY_METHODS:
+    columns = min(len(comps), 2)
+    grid_rows = -(-len(comps) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(6.5 * columns, 4.2 * grid_rows), sharey=True, squeeze=False)
+    for ax, comp in zip(axes.flat, comps):
+        for colour, method in enumerate(STUDY_METHODS):  # one colour per method in every panel
             pts = sorted((r["sparsity"], r) for r in record["rows"] if r["run"] == comp and r["method"] == method)
             if not pts:
                 continue
@@ -776,15 +783,22 @@ def plot_retention(record: Mapping[str, Any], path: Path) -> None:
             ys = [1.0] + [(r["headline"] - chance) / span for _, r in pts]
             lo = [1.0] + [(r["headline_ci95"][0] - chance) / span for _, r in pts]
             hi = [1.0] + [(r["headline_ci95"][1] - chance) / span for _, r in pts]
-            line, = ax.plot(xs, ys, marker="o", label=method)
-            ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
-        ax.set_title(f"compensation: {comp}")
+            routed = method == "seap-routed"  # equals the expert wherever the router is right: drawn over it, dashed
+            ax.plot(xs, ys, marker="" if routed else "o", ls="--" if routed else "-", lw=1 if routed else 1.5,
+                    color=f"C{colour}", label=method)
+            if not routed:
+                ax.fill_between(xs, lo, hi, alpha=0.12, color=f"C{colour}")
+        ax.set_title(titles.get(comp, comp), fontsize=10)
         ax.set_xlabel("sparsity")
         ax.axhline(0, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("margin over chance kept (dense = 1)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(comps):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("margin over chance kept (dense = 1)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
