@@ -672,6 +672,18 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value * 100:.{digits}f}"
 
 
+def _row_order(row: str) -> tuple[float, str]:
+    """Dense first, then by sparsity and name (the order does not depend on which runs a ledger held)."""
+    return (-1.0, "") if row == DENSE else (float(row.rpartition("@")[2] or 0), row)
+
+
+def _selection_order(row: str) -> tuple[float, int, str]:
+    """Selection columns by sparsity, then in SELECTION_METHODS' order."""
+    method, _, sparsity = row.rpartition("@")
+    rank = SELECTION_METHODS.index(method) if method in SELECTION_METHODS else len(SELECTION_METHODS)
+    return (float(sparsity or 0), rank, row)
+
+
 def study_markdown(record: Mapping[str, Any]) -> str:
     """The study's tables in Markdown."""
     lines = [f"Model `{record['model']}`; tasks {', '.join(record['tasks'])}; "
@@ -694,12 +706,13 @@ def study_markdown(record: Mapping[str, Any]) -> str:
               f"Each task's train split cut in two (seed); masks calibrated on one part, scored on the other "
               f"({sel['items_per_task']} items per task at most); mean over "
               f"{', '.join(SELECTION_METHODS)} at the selection sparsities.", "",
-              "| setting | mean accuracy | " + " | ".join(next(iter(sel["scores"].values()))["rows"]) + " |",
-              "|---|---:|" + "---:|" * len(next(iter(sel["scores"].values()))["rows"])]
-    for name, s in sel["scores"].items():
+              "| setting | mean accuracy | " + " | ".join(columns := sorted(
+                  next(iter(sel["scores"].values()))["rows"], key=_selection_order)) + " |",
+              "|---|---:|" + "---:|" * len(columns)]
+    for name, s in sorted(sel["scores"].items(), key=lambda kv: -kv[1]["mean"]):  # best first
         mark = " **(chosen)**" if name == sel["chosen"] else ""
         lines.append(f"| {s['label']}{mark} | {_pct(s['mean'], 2)} | " +
-                     " | ".join(_pct(v) for v in s["rows"].values()) + " |")
+                     " | ".join(_pct(s["rows"].get(c)) for c in columns) + " |")
     if sel.get("control"):
         lines += ["", "Control on the same items: SEAP expert minus each same-schedule baseline, the baselines "
                   "refitted on the pooled corpora (chosen setting) or on each task's own corpus (per-task):", "",
@@ -735,8 +748,9 @@ def study_markdown(record: Mapping[str, Any]) -> str:
     if any(ppl.values()):
         lines += ["", "### WikiText-2 perplexity (dense and each general mask)", "", "| compensation | row | perplexity |",
                   "|---|---|---:|"]
-        for comp, entries in ppl.items():
-            for row, e in (entries or {}).items():
+        for comp in [*[c for c in record.get("compensations", []) if c in ppl], *[c for c in ppl
+                                                                                   if c not in record.get("compensations", [])]]:
+            for row, e in sorted((ppl[comp] or {}).items(), key=lambda kv: _row_order(kv[0])):
                 lines.append(f"| {comp} | {row} | {e['perplexity']:.1f} |")
     if record.get("calibration_sizes"):
         lines += ["", "### Calibration size (SEAP expert)", "", "| run | row | headline [95% CI] |", "|---|---|---|"]

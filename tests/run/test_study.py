@@ -11,7 +11,7 @@ import pytest
 
 from seap.errors import SeapError
 from seap.run.study import (NO_COMPENSATION, Compensation, StudyOptions, decode_correctness, encode_correctness,
-                             refit_candidates, run_study, selection_data)
+                             refit_candidates, run_study, selection_data, study_markdown)
 from tests.helpers_flows import tiny_project
 
 
@@ -65,6 +65,8 @@ def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> Non
     assert json.loads((written / "study-selection.json").read_text())["selection"]["chosen"] == "ls"
     assert "### Targets" in (written / "study.md").read_text() and "Control on the same items" in (written / "study.md").read_text()
     assert (written / "study-retention.png").read_bytes()[:4] == b"\x89PNG"
+    # the tables are a function of the JSON alone: regenerated from it, they read the same
+    assert study_markdown(json.loads((written / "study.json").read_text())) == (written / "study.md").read_text()
     assert not (tmp_path / "work" / "register").exists() and not (tmp_path / "registry").exists()  # nothing deployed
     # a second run reuses every job and gives the same numbers
     again = run_study(options, say=lambda _: None)
