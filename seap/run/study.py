@@ -748,8 +748,8 @@ def study_markdown(record: Mapping[str, Any]) -> str:
     if any(ppl.values()):
         lines += ["", "### WikiText-2 perplexity (dense and each general mask)", "", "| compensation | row | perplexity |",
                   "|---|---|---:|"]
-        for comp in [*[c for c in record.get("compensations", []) if c in ppl], *[c for c in ppl
-                                                                                   if c not in record.get("compensations", [])]]:
+        order = list(record.get("compensations", []))
+        for comp in sorted(ppl, key=lambda c: order.index(c) if c in order else len(order)):
             for row, e in sorted((ppl[comp] or {}).items(), key=lambda kv: _row_order(kv[0])):
                 lines.append(f"| {comp} | {row} | {e['perplexity']:.1f} |")
     if record.get("calibration_sizes"):
