@@ -672,15 +672,13 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value * 100:.{digits}f}"
 
 
-def _row_order(row: str) -> tuple[float, str]:
-    """Dense first, then by sparsity and name (the order does not depend on which runs a ledger held)."""
-    return (-1.0, "") if row == DENSE else (float(row.rpartition("@")[2] or 0), row)
-
-
-def _selection_order(row: str) -> tuple[float, int, str]:
-    """Selection columns by sparsity, then in SELECTION_METHODS' order."""
+def _row_order(row: str) -> tuple[float, int, str]:
+    """Dense first, then by sparsity and STUDY_METHODS' order (the order of a table does not depend
+    on which runs a ledger held)."""
+    if row == DENSE:
+        return (-1.0, -1, "")
     method, _, sparsity = row.rpartition("@")
-    rank = SELECTION_METHODS.index(method) if method in SELECTION_METHODS else len(SELECTION_METHODS)
+    rank = STUDY_METHODS.index(method) if method in STUDY_METHODS else len(STUDY_METHODS)
     return (float(sparsity or 0), rank, row)
 
 
@@ -707,7 +705,7 @@ def study_markdown(record: Mapping[str, Any]) -> str:
               f"({sel['items_per_task']} items per task at most); mean over "
               f"{', '.join(SELECTION_METHODS)} at the selection sparsities.", "",
               "| setting | mean accuracy | " + " | ".join(columns := sorted(
-                  next(iter(sel["scores"].values()))["rows"], key=_selection_order)) + " |",
+                  next(iter(sel["scores"].values()))["rows"], key=_row_order)) + " |",
               "|---|---:|" + "---:|" * len(columns)]
     for name, s in sorted(sel["scores"].items(), key=lambda kv: -kv[1]["mean"]):  # best first
         mark = " **(chosen)**" if name == sel["chosen"] else ""
@@ -779,7 +777,7 @@ def plot_retention(record: Mapping[str, Any], path: Path) -> None:
     if dense is None:
         return
     chosen = record.get("chosen", {})
-    titles = {NO_COMPENSATION.name: "no compensation", BIAS_COMPENSATION.name: "bias compensation",
+    titles = {NO_COMPENSATION.name: "no compensation", BIAS_COMPENSATION.name: BIAS_COMPENSATION.label,
               CONTROL: "chosen refit, baselines refitted per task (control)"}
     if chosen.get("name"):
         titles[chosen["name"]] = f"{chosen.get('label', chosen['name'])} (chosen)"
