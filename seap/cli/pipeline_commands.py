@@ -1,0 +1,177 @@
+"""The pipeline commands: ``seap eval`` (the whole plan in this process), ``plan`` (its jobs),
+``stage`` (one DVC stage) and ``study`` (the quality study)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from seap.cli.arguments import Command, positive, show_progress
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    from seap.run.config import add_arguments
+
+    add_arguments(p)
+    p.add_argument("--verbose", action="store_true", help="show library output instead of the log file")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from seap.run.config import RunConfig
+
+    return RunConfig.from_cli(args).validate()
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from seap.run.execute import execute
+    from seap.run.plan import make_plan
+    from seap.run.progress import RunView, run_with_view
+    from seap.run.stages import StageContext
+
+    config = _config(args)
+    views: list[RunView] = []
+
+    def run() -> Any:
+        from pathlib import Path
+
+        plan = make_plan(config)
+        execute(plan, StageContext(Path(config.workdir) / "task-files", progress=False),
+                on_event=lambda e: [v(e) for v in views])  # publishes the results to --out after the report
+
+    def summary(_: Any) -> list[str]:
+        from pathlib import Path
+
+        from seap.evaluation.report import RESULT_FILES, table1
+
+        out = Path(config.out)
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        return ["", table1(results).rstrip(), "", *(f"{name}: {out / name}" for name in RESULT_FILES)]
+
+    return run_with_view(config, run, summary, "eval", verbose=args.verbose, views=views)
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    from seap.run.study import DEFAULT_GENERIC, DEFAULT_REFIT_ALPHAS, StudyOptions
+
+    d = StudyOptions()
+    p.add_argument("--model", default=d.model, help=f"base model (default: {d.model})")
+    p.add_argument("--data-dir", default=d.data_dir, help="folder with piqa/ and wikitext/ (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", default=list(d.tasks), help="default: the starter suite and piqa")
+    p.add_argument("--sparsities", nargs="+", type=float, default=list(d.sparsities))
+    p.add_argument("--limit", type=int, default=d.limit, help="evaluation items per task (default: all)")
+    p.add_argument("--samples", type=positive, default=d.samples, help="calibration records per task")
+    p.add_argument("--calibration-sizes", nargs="+", type=int, default=list(d.calibration_sizes))
+    p.add_argument("--selection-items", type=int, default=d.selection_items,
+                   help="held-out train items per task that choose the refit settings")
+    p.add_argument("--kl-texts", type=int, default=d.kl_texts, help="held-out texts per task for the KL divergence")
+    p.add_argument("--refit-alphas", nargs="+", type=float, default=list(DEFAULT_REFIT_ALPHAS),
+                   help="regularisation strengths the selection tries (each with the refit's other defaults; "
+                        "bias, corpus, prior and generic text are varied one at a time at alpha 0.01; "
+                        "default: %(default)s)")
+    p.add_argument("--sequential", action="store_true",
+                   help="also try the layer-sequential refit (about 40x the refit time per mask on a CPU)")
+    p.add_argument("--generic", nargs="*", default=list(DEFAULT_GENERIC),
+                   help="tasks of --data-dir whose train text one selection candidate adds to every refit corpus "
+                        "(default: %(default)s; none: --generic with no task)")
+    p.add_argument("--perplexity-windows", type=int, default=d.perplexity_windows,
+                   help="WikiText-2 windows of 512 tokens per general mask")
+    p.add_argument("--workdir", default=d.workdir, help="shared, content-addressed work folder (a re-run resumes)")
+    p.add_argument("--out", default=d.out, help="writes OUT/results/study.{json,md} and study-retention.png")
+    p.add_argument("--ledger", default=None,
+                   help="folder of finished runs, reused on any machine (default: OUT/results/study-runs)")
+    p.add_argument("--fresh", action="store_true", help="measure every run again, replacing the ledger's entries")
+    p.add_argument("--channel-multiple", type=positive, default=d.channel_multiple,
+                   help="kept MLP channels per layer, a multiple of this (default %(default)s: free widths, as the "
+                        "study's first runs; 64 is the product's default)")
+
+
+def _study(args: argparse.Namespace) -> int:
+    import time
+    import traceback
+    from pathlib import Path
+
+    from seap.run.progress import quiet_libraries
+    from seap.run.study import JOB_EVENTS, StudyOptions, refit_candidates, run_study
+
+    options = StudyOptions(model=args.model, data_dir=args.data_dir, tasks=tuple(args.tasks),
+                           sparsities=tuple(args.sparsities), limit=args.limit, samples=args.samples,
+                           calibration_sizes=tuple(args.calibration_sizes), selection_items=args.selection_items,
+                           kl_texts=args.kl_texts, workdir=args.workdir, out=args.out,
+                           perplexity_windows=args.perplexity_windows, ledger=args.ledger, fresh=args.fresh,
+                           channel_multiple=args.channel_multiple,
+                           candidates=refit_candidates(args.refit_alphas, args.generic, args.sequential))
+    options.config().validate()  # every option checked before any work
+    out = sys.stdout
+    log = Path(args.workdir).parent / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+    def say(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    def on_event(event: Any) -> None:
+        if event.state == "done":  # (cached jobs stay quiet)
+            say(f"  {event.job.key:<60} {event.seconds:8.1f} s")
+
+    say(f"study: {options.model}, tasks {' '.join(options.tasks)}; library output -> {log}")
+    JOB_EVENTS.append(on_event)
+    try:
+        with quiet_libraries(log):
+            try:
+                record = run_study(options, say)
+            except BaseException:
+                traceback.print_exc(file=sys.stderr)  # into the log
+                raise
+    finally:
+        JOB_EVENTS.remove(on_event)
+    say(f"study done in {record['seconds'] / 60:.0f} min: {Path(args.out) / 'results' / 'study.md'}")
+    return 0
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    _run_args(p)
+    p.add_argument("--json", action="store_true", help="print the jobs as JSON")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from seap.run.plan import make_plan
+
+    plan = make_plan(_config(args))
+    if args.json:
+        print(json.dumps([j.to_dict() for j in plan.jobs], indent=2, default=str))
+        return 0
+    for stage in plan.stages:
+        jobs = plan.of_stage(stage)
+        print(f"{stage} ({len(jobs)}): " + ", ".join(j.name or stage for j in jobs))
+    print(f"{len(plan)} jobs, {len(plan.rows)} rows: {', '.join(plan.rows)}")
+    return 0
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    from seap.run.plan import STAGES
+
+    p.add_argument("name", choices=list(STAGES), help="the stage, as named in dvc.yaml")
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.add_argument("--root", default=".", help="project root the stage paths are relative to (default: .)")
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from seap.run.dvc import run_stage
+
+    run_stage(args.name, args.params, args.root, progress=show_progress(args))
+    return 0
+
+COMMANDS = [
+    Command("eval", "pipeline", "run the whole plan in this process: dense, SEAP expert/general/routed, baselines "
+            "(Table 1, plot, registry)", _run_args, _eval),
+    Command("study", "pipeline", "the quality study of docs/results.md: settings chosen on held-out train items, "
+            "every method x compensation x sparsity, CIs, paired tests, KL, perplexity", _study_args, _study),
+    Command("plan", "pipeline", "show the jobs a configuration plans (what eval, dvc repro and the flow run)",
+            _plan_args, _plan),
+    Command("stage", "pipeline", "run one stage of the DVC pipeline (dvc.yaml) with the parameters of params.yaml",
+            _stage_args, _stage),
+]
+
+
+__all__ = ["COMMANDS"]

@@ -1,0 +1,248 @@
+"""The step commands: one artifact at a time (``seap corpus``, ``stats``, ``merge-stats``,
+``scores``, ``masks``, ``apply``) and all of them at once (``seap prune``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from seap.cli.arguments import (SCHEDULE_NAMES, SCORE_NAMES, Command, check_out, given_reconstruct, load_model_of,
+                                model_arguments, positive, refit_arguments, refit_options, schedule_arguments,
+                                schedule_options, shard, show_progress)
+from seap.errors import SeapError
+
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
+
+    p.add_argument("--records", required=True, help="JSON/JSONL task records, or 'builtin' for the starter suite")
+    p.add_argument("--task", action="append", dest="tasks", help="task(s) to keep (default: all in the records)")
+    p.add_argument("--samples", type=positive, default=DEFAULT_SAMPLES_PER_TASK, help="records sampled per task")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--max-tokens", type=positive, default=DEFAULT_MAX_TOKENS, help="token cap per text, used by `stats`")
+    p.add_argument("--out", required=True, help="corpus JSONL file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing corpus file (never the records)")
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from seap.run.commands import make_corpus
+
+    corpora = make_corpus(args.records, args.out, args.tasks, args.samples, args.seed, args.max_tokens,
+                          args.overwrite)
+    for task, corpus in corpora.items():
+        print(f"{task}: {len(corpus)} texts  {corpus.digest()[:19]}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _stats_args(p: argparse.ArgumentParser) -> None:
+    model_arguments(p)
+    p.add_argument("--corpus", required=True, help="corpus JSONL (from `seap corpus`)")
+    p.add_argument("--task", action="append", dest="tasks")
+    p.add_argument("--batch-size", type=positive, default=8)
+    p.add_argument("--max-tokens", type=positive, default=None, help="token cap (default: the corpus's)")
+    p.add_argument("--shard", type=shard, default=None, help="process shard I of N (I/N), merge with merge-stats")
+    p.add_argument("--accumulate-dtype", default="float64", choices=("float64", "float32"))
+    p.add_argument("--second-moments", action="store_true",
+                   help="also the second-moment matrices of o_proj/down_proj inputs (what `masks --reconstruct` "
+                        "needs; about 2 x (hidden^2 + intermediate^2) x 8 bytes per layer on disk)")
+    p.add_argument("--out", required=True, help="folder; one sub-folder per task")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from seap.run.commands import make_statistics
+
+    check_out(args, args.model, args.corpus)
+    written = make_statistics(load_model_of(args), args.corpus, args.out, args.tasks, args.batch_size, args.max_tokens,
+                              args.shard, args.accumulate_dtype, args.overwrite, show_progress(args),
+                              second_moments=args.second_moments)
+    for task, path in written.items():
+        print(f"{task}: {path}")
+    return 0
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--task", default=None, help="name of the merged task (needed if the inputs differ)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from seap.run.commands import merge_statistics_folders
+
+    print(merge_statistics_folders(args.inputs, args.out, args.task, args.overwrite))
+    return 0
+
+
+def _scores_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stats", required=True, help="statistics folder of one task")
+    p.add_argument("--score", default=SCORE_NAMES[0], choices=SCORE_NAMES, help="default: seap-sf")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _scores(args: argparse.Namespace) -> int:
+    from seap.run.commands import make_scores
+
+    print(make_scores(args.stats, args.out, args.score, args.overwrite))
+    return 0
+
+
+def _masks_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scores", nargs="+", required=True, help="scores folder(s)")
+    p.add_argument("--schedule", default="logistic", choices=SCHEDULE_NAMES)
+    schedule_arguments(p)
+    p.add_argument("--general", action="store_true", help="combine the tasks' scores into the general mask")
+    p.add_argument("--weight", action="append", help="general-mask weight TASK=W (default: wikitext 3, others 2)")
+    p.add_argument("--bias-compensation-stats", default=None,
+                   help="statistics folder whose means the mask stores, so applying it adds FLAP's bias compensation")
+    refit_arguments(p)
+    p.add_argument("--refit-stats", nargs="+", default=None,
+                   help="statistics with second moments to refit on (`seap stats --second-moments`; an expert's "
+                        "own task, or the tasks merged); several folders are merged (e.g. the task's and generic "
+                        "text's). Given, the mask is refitted (the default) unless --no-reconstruct")
+    p.add_argument("--refit-corpus", nargs="+", default=None,
+                   help="with --reconstruct --refit-sequential: corpus files (`seap corpus`) to refit on, the "
+                        "first one's --refit-task texts (default: all) and every text of the others")
+    p.add_argument("--refit-task", nargs="+", default=None, help="tasks of the first --refit-corpus file to refit on")
+    model_arguments(p, required=False, default=None, purpose="with --reconstruct: the base the statistics came from; ")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _masks(args: argparse.Namespace) -> int:
+    from seap.run.commands import make_mask, parse_weights
+
+    refit: dict[str, Any] = {}
+    check_out(args, *args.scores, args.bias_compensation_stats, *(args.refit_stats or []), *(args.refit_corpus or []),
+               args.model)
+    # reconstruction is the default where there is something to refit on (--refit-stats or
+    # --refit-corpus); --reconstruct without it is an error, --no-reconstruct builds a plain mask
+    reconstruct = given_reconstruct(args)
+    if reconstruct is True or (reconstruct is None and (args.refit_stats or args.refit_corpus)):
+        options = refit_options(args)
+        if options.get("sequential"):
+            if not args.refit_corpus or not args.model or args.refit_stats:
+                raise SeapError("--refit-sequential refits on calibration text, not statistics",
+                                "pass --model (the base) and --refit-corpus FILE (from `seap corpus`)")
+            from seap.run.commands import read_refit_corpus
+
+            corpus, cap = read_refit_corpus(args.refit_corpus, args.refit_task)
+            refit = {"refit_corpus": corpus, "refit_max_tokens": cap}
+        elif not args.refit_stats or not args.model:
+            raise SeapError("--reconstruct needs the base model and the statistics to refit on",
+                            "pass --model (the base) and --refit-stats DIR (from `seap stats --second-moments`)")
+        else:
+            refit = {"refit_stats_dir": args.refit_stats}
+        refit.update(refit_model=load_model_of(args), refit_options=options)
+    mask = make_mask(args.scores, args.out, args.sparsity, args.schedule, args.general, parse_weights(args.weight),
+                     args.gqa_mode, args.bias_compensation_stats, args.overwrite, **refit, **schedule_options(args))
+    done = " (reconstructed)" if mask.is_reconstructed else ""
+    print(f"{mask.meta['kind']} mask '{mask.task}'{done}: target {mask.meta['target_sparsity']:.4f}, "
+          f"realised {mask.meta['realised_sparsity']:.4f} -> {args.out}")
+    return 0
+
+
+def _apply_args(p: argparse.ArgumentParser) -> None:
+    model_arguments(p)
+    p.add_argument("--mask", required=True)
+    p.add_argument("--mode", default="hard", choices=("hard", "soft"))
+    bias = p.add_mutually_exclusive_group()
+    bias.add_argument("--bias-compensation", dest="bias_compensation", action="store_true", default=None,
+                      help="fold removed channels' means into biases (default: as the mask says)")
+    bias.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from seap.maths.expert_selection import load_mask
+    from seap.model.checkpoint import save_pruned
+    from seap.model.surgery import apply_mask
+
+    check_out(args, args.model, args.mask)
+    mask = load_mask(args.mask)
+    if args.mode == "soft" and not hasattr(mask, "kept_geometry"):  # an expert mask of an MoE model
+        raise SeapError("soft expert pruning keeps every expert and changes only the routing, which a saved "
+                        "checkpoint cannot carry", "apply expert masks with --mode hard")
+    loaded = load_model_of(args)
+    pruned = apply_mask(loaded, mask, args.mode, bias_compensation=args.bias_compensation, inplace=True)
+    if args.mode == "hard":
+        save_pruned(pruned, args.out, mask, overwrite=args.overwrite)
+    else:
+        from seap.io import atomic_directory
+
+        with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model, args.mask]) as tmp:
+            pruned.model.save_pretrained(tmp)
+            pruned.tokenizer.save_pretrained(tmp)
+    print(f"{args.mode}-pruned with '{mask.task}' (realised sparsity {mask.realised_sparsity():.4f}) -> {args.out}")
+    return 0
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
+    from seap.run.methods import METHODS
+
+    model_arguments(p)
+    p.add_argument("--calib", required=True, help="JSON/JSONL task records (or texts), or 'builtin'")
+    p.add_argument("--task", action="append", dest="tasks", help="prune for this task only (an expert mask)")
+    p.add_argument("--method", default="seap", choices=("seap", *(n for n, m in METHODS.items() if m.builds_masks)),
+                   help="seap (the expert of one task, or the general mask of several), or a baseline of the "
+                        "method table (wanda-sp, flap and their +logistic variants)")
+    p.add_argument("--score", default=None, choices=SCORE_NAMES, help="override the method's score")
+    p.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES, help="override the method's schedule")
+    bias = p.add_mutually_exclusive_group()
+    bias.add_argument("--bias-compensation", dest="bias_compensation", action="store_true", default=None)
+    bias.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
+    refit_arguments(p)
+    schedule_arguments(p)
+    p.add_argument("--samples", type=positive, default=DEFAULT_SAMPLES_PER_TASK, help="calibration records per task")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--max-tokens", type=positive, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--batch-size", type=positive, default=8)
+    p.add_argument("--weight", action="append", help="general-mask weight TASK=W")
+    p.add_argument("--out", required=True, help="folder for the pruned model")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from seap.run.commands import parse_weights, prune
+
+    result = prune(
+        args.model, args.calib, args.sparsity, args.out, method=args.method, score=args.score,
+        schedule=args.schedule, bias_compensation=args.bias_compensation, gqa_mode=args.gqa_mode,
+        tasks=args.tasks, samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, weights=parse_weights(args.weight), overwrite=args.overwrite,
+        progress=show_progress(args), device=args.device, dtype=args.dtype,
+        reconstruct=given_reconstruct(args), refit_options=refit_options(args),
+        **schedule_options(args),
+    )
+    if args.json:
+        print(json.dumps({"out": str(result.out_dir), "target_sparsity": result.target_sparsity,
+                          "realised_sparsity": result.realised_sparsity, "tasks": result.tasks,
+                          "dense_params": result.dense_params, "pruned_params": result.pruned_params,
+                          "timings": result.timings}, indent=2))
+    else:
+        print("\n".join(result.summary_lines()))
+        print(f"load it with: seap.load_pruned({str(result.out_dir)!r})")
+    return 0
+
+COMMANDS = [
+    Command("corpus", "stages", "build per-task calibration corpora (knowledge sentences) from task records",
+            _corpus_args, _corpus),
+    Command("stats", "stages", "collect activation statistics of o_proj/down_proj inputs for each task",
+            _stats_args, _stats),
+    Command("merge-stats", "stages", "merge statistics of corpus shards (exactly equal to one pass)", _merge_args, _merge),
+    Command("scores", "stages", "score heads and MLP channels from statistics", _scores_args, _scores),
+    Command("masks", "stages", "allocate per-layer sparsity and build an expert or the general mask", _masks_args,
+            _masks),
+    Command("apply", "stages", "prune a model with a mask (soft or hard) and save it", _apply_args, _apply),
+    Command("prune", "stages", "one shot: corpus -> stats -> scores -> mask -> hard-pruned model", _prune_args, _prune),
+]
+
+
+__all__ = ["COMMANDS"]
