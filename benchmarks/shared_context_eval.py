@@ -18,7 +18,7 @@ from seap.data.catalogue import TaskCatalogue
 from seap.evaluation.harness import evaluate_lm, hflm
 from seap.maths.masks import PruningMask
 from seap.model.loading import load_model
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from seap.run.config import load_params
 
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from seap.model.calibration import _batches, collect_statistics, pad_batch, tokenize_corpus
+from seap.model.calibration import collect_statistics, length_batches, pad_batch, tokenize_corpus
 from seap.data.corpus import CalibrationCorpus
 from seap.model.loading import load_model
-from seap.run.commands import build_corpora
+from seap.data.corpus import build_corpora
 
 
 class PeakRSS:
@@ -67,7 +67,7 @@ def plain_pass(loaded, corpus: CalibrationCorpus, batch_size: int, max_tokens: i
     backbone = loaded.adapter.backbone(loaded.model)
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in _batches([len(x) for x in ids], batch_size):
+        for batch in length_batches([len(x) for x in ids], batch_size):
             input_ids, mask = pad_batch([ids[j] for j in batch], loaded.tokenizer.pad_token_id, device)
             backbone(input_ids=input_ids, attention_mask=mask, use_cache=False)
     if device.type == "cuda":

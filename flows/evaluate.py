@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import _D, _publish_artifacts, run_plan
+from flows.pipeline import DEFAULTS, publish_artifacts, run_plan
 from seap.errors import SeapError
 from seap.run.config import RunConfig, add_arguments, given_arguments
 from seap.run.execute import ref
@@ -55,12 +55,12 @@ EVALUATE_OUT = "runs/evaluate"
 @flow(name="seap-evaluate", log_prints=True)
 def evaluate_flow(
     masks: list[str] | None = None,
-    model: str = _D.model,
-    tasks: list[str] = _D.tasks,
-    data_dir: str | None = _D.data_dir,
-    limit: int | None = _D.limit,
-    metric: str = _D.metric,
-    workdir: str = _D.workdir,
+    model: str = DEFAULTS.model,
+    tasks: list[str] = DEFAULTS.tasks,
+    data_dir: str | None = DEFAULTS.data_dir,
+    limit: int | None = DEFAULTS.limit,
+    metric: str = DEFAULTS.metric,
+    workdir: str = DEFAULTS.workdir,
     out: str = EVALUATE_OUT,
 ) -> dict[str, Any]:
     """The dense model and each mask (a general mask on every task, an expert on its own)."""
@@ -73,7 +73,7 @@ def evaluate_flow(
     from seap.evaluation.report import markdown_report
 
     results = json.loads((Path(config.out) / "results.json").read_text(encoding="utf-8"))
-    _publish_artifacts(markdown_report(results), config.out)
+    publish_artifacts(markdown_report(results), config.out)
     print(f"results table: {Path(config.out) / 'results.md'}")
     return {"results": str(Path(config.out) / "results.json"),
             "rows": [outputs[k]["path"] for k in outputs if k.startswith(("evaluate/", "evaluate-dense/"))]}

@@ -13,24 +13,27 @@ cluster (``dask_workers`` for a local one, ``dask_address`` for an existing one)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from prefect import flow
 
-from seap.run.config import RunConfig, add_arguments
+from seap.run.config import RunConfig, add_arguments, declared_defaults
 from seap.run.execute import JobEvent, Ref, after_job, resolve_inputs
 from seap.run.plan import Job, Plan, make_plan, recorded_config
 from tasks.stages import job_task
 
-_D = RunConfig()  # the defaults: the flow's signature reads them, it holds none of its own
+DEFAULTS = SimpleNamespace(**declared_defaults())  # the run configuration's defaults: every flow's signature
+# reads them, none holds its own
 _VIEW: list[Callable[[JobEvent], None]] = []  # the console view of `python -m flows.pipeline`, if any
 
 
-def _publish_artifacts(markdown: str, out: str | Path) -> None:
+def publish_artifacts(markdown: str, out: str | Path) -> None:
     """The summary as Prefect artifacts: Markdown (Table 1, router, speed, with the accuracy
     plot embedded) under the key ``seap-results`` and the flat metrics as a table."""
     try:
@@ -110,8 +113,8 @@ def _notify(event: JobEvent) -> None:
 
 def _with_run_params(job: Job, config: RunConfig, flow_run_id: str | None) -> Job:
     tags = {"prefect_flow_run_id": flow_run_id} if flow_run_id else {}
-    return Job(job.stage, job.name, job.inputs,
-               {**job.params, "run_params": recorded_config(config), "run_tags": tags}, job.row)
+    return dataclasses.replace(job, params=dataclasses.replace(job.params, run_params=recorded_config(config),
+                                                                run_tags=tags))
 
 
 def where_to_look(config: RunConfig) -> list[str]:
@@ -140,61 +143,62 @@ def where_to_look(config: RunConfig) -> list[str]:
 
 @flow(name="seap-pipeline", log_prints=True)
 def seap_pipeline(
-    model: str = _D.model,
-    device: str = _D.device,
-    dtype: str = _D.dtype,
-    tasks: list[str] = _D.tasks,
-    data_dir: str | None = _D.data_dir,
-    samples: int | None = _D.samples,
-    seed: int = _D.seed,
-    max_tokens: int = _D.max_tokens,
-    stats_batch_size: int = _D.stats_batch_size,
-    stats_shards: int = _D.stats_shards,
-    dask_workers: int = _D.dask_workers,
-    dask_address: str | None = _D.dask_address,
-    methods: list[str] = _D.methods,
-    sparsities: list[float] = _D.sparsities,
-    score: str = _D.score,
-    schedule: str = _D.schedule,
-    schedule_k: float | None = _D.schedule_k,
-    schedule_x0: float | None = _D.schedule_x0,
-    protect_first: int | None = _D.protect_first,
-    protect_last: int | None = _D.protect_last,
-    channel_multiple: int | None = _D.channel_multiple,
-    same_width: bool = _D.same_width,
-    gqa_mode: str = _D.gqa_mode,
-    unit: str = _D.unit,
-    expert_score: str = _D.expert_score,
-    allow_k_reduction: bool = _D.allow_k_reduction,
-    bias_compensation: bool | None = _D.bias_compensation,
-    reconstruct: bool = _D.reconstruct,
-    refit_alpha: float | None = _D.refit_alpha,
-    refit_prior: str | None = _D.refit_prior,
-    refit_bias: bool | None = _D.refit_bias,
-    refit_sequential: bool | None = _D.refit_sequential,
-    refit_corpus: str = _D.refit_corpus,
-    refit_generic: list[str] = _D.refit_generic,
-    refit_generic_samples: int | None = _D.refit_generic_samples,
-    limit: int | None = _D.limit,
-    num_fewshot: int = _D.num_fewshot,
-    metric: str = _D.metric,
-    eval_batch_size: int = _D.eval_batch_size,
-    perplexity: bool = _D.perplexity,
-    perplexity_windows: int | None = _D.perplexity_windows,
-    router_prompts: int = _D.router_prompts,
-    router_layer: int = _D.router_layer,
-    router_threshold: float = _D.router_threshold,
-    router_kind: str = _D.router_kind,
-    bench: bool = _D.bench,
-    bench_repeats: int = _D.bench_repeats,
-    bench_llama_cpp: str = _D.bench_llama_cpp,
-    workdir: str = _D.workdir,
-    out: str = _D.out,
-    registry_dir: str | None = _D.registry_dir,
-    mlflow: bool = _D.mlflow,
-    tracking_uri: str | None = _D.tracking_uri,
-    mlflow_dir: str | None = _D.mlflow_dir,
-    experiment: str = _D.experiment,
+    model: str = DEFAULTS.model,
+    device: str = DEFAULTS.device,
+    dtype: str = DEFAULTS.dtype,
+    tasks: list[str] = DEFAULTS.tasks,
+    data_dir: str | None = DEFAULTS.data_dir,
+    samples: int | None = DEFAULTS.samples,
+    seed: int = DEFAULTS.seed,
+    max_tokens: int = DEFAULTS.max_tokens,
+    stats_batch_size: int = DEFAULTS.stats_batch_size,
+    stats_shards: int = DEFAULTS.stats_shards,
+    dask_workers: int = DEFAULTS.dask_workers,
+    dask_address: str | None = DEFAULTS.dask_address,
+    methods: list[str] = DEFAULTS.methods,
+    sparsities: list[float] = DEFAULTS.sparsities,
+    score: str = DEFAULTS.score,
+    schedule: str = DEFAULTS.schedule,
+    schedule_k: float | None = DEFAULTS.schedule_k,
+    schedule_x0: float | None = DEFAULTS.schedule_x0,
+    protect_first: int | None = DEFAULTS.protect_first,
+    protect_last: int | None = DEFAULTS.protect_last,
+    channel_multiple: int | None = DEFAULTS.channel_multiple,
+    same_width: bool = DEFAULTS.same_width,
+    gqa_mode: str = DEFAULTS.gqa_mode,
+    unit: str = DEFAULTS.unit,
+    expert_score: str = DEFAULTS.expert_score,
+    allow_k_reduction: bool = DEFAULTS.allow_k_reduction,
+    bias_compensation: bool | None = DEFAULTS.bias_compensation,
+    general_weights: dict[str, float] = DEFAULTS.general_weights,
+    reconstruct: bool | None = DEFAULTS.reconstruct,
+    refit_alpha: float | None = DEFAULTS.refit_alpha,
+    refit_prior: str | None = DEFAULTS.refit_prior,
+    refit_bias: bool | None = DEFAULTS.refit_bias,
+    refit_sequential: bool | None = DEFAULTS.refit_sequential,
+    refit_corpus: str = DEFAULTS.refit_corpus,
+    refit_generic: list[str] = DEFAULTS.refit_generic,
+    refit_generic_samples: int | None = DEFAULTS.refit_generic_samples,
+    limit: int | None = DEFAULTS.limit,
+    num_fewshot: int = DEFAULTS.num_fewshot,
+    metric: str = DEFAULTS.metric,
+    eval_batch_size: int = DEFAULTS.eval_batch_size,
+    perplexity: bool = DEFAULTS.perplexity,
+    perplexity_windows: int | None = DEFAULTS.perplexity_windows,
+    router_prompts: int = DEFAULTS.router_prompts,
+    router_layer: int = DEFAULTS.router_layer,
+    router_threshold: float = DEFAULTS.router_threshold,
+    router_kind: str = DEFAULTS.router_kind,
+    bench: bool = DEFAULTS.bench,
+    bench_repeats: int = DEFAULTS.bench_repeats,
+    bench_llama_cpp: str = DEFAULTS.bench_llama_cpp,
+    workdir: str = DEFAULTS.workdir,
+    out: str = DEFAULTS.out,
+    registry_dir: str | None = DEFAULTS.registry_dir,
+    mlflow: bool = DEFAULTS.mlflow,
+    tracking_uri: str | None = DEFAULTS.tracking_uri,
+    mlflow_dir: str | None = DEFAULTS.mlflow_dir,
+    experiment: str = DEFAULTS.experiment,
 ) -> dict[str, Any]:
     """Dense, SEAP experts, general mask and routed inference, and the baselines, at each
     sparsity: the plan of the run configuration, every job a cached task."""
@@ -207,7 +211,7 @@ def seap_pipeline(
     plan = make_plan(config)
     outputs = run_plan(plan, flow_run.get_id())  # publishes the results to `out` right after the report
     results = json.loads((Path(config.out) / "results.json").read_text(encoding="utf-8"))
-    _publish_artifacts(markdown_report(results), config.out)
+    publish_artifacts(markdown_report(results), config.out)
     registered = json.loads((Path(outputs["register"]["path"]) / "registered.json").read_text(encoding="utf-8"))
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s")
     for line in where_to_look(config):

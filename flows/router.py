@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import _D, run_plan
+from flows.pipeline import DEFAULTS, run_plan
 from seap.run.config import RunConfig, add_arguments, given_arguments
 from seap.run.plan import make_plan
 
@@ -22,14 +22,14 @@ ROUTER_OPTIONS = ("model", "tasks", "data_dir", "router_prompts", "router_layer"
 
 @flow(name="seap-router", log_prints=True)
 def router_flow(
-    model: str = _D.model,
-    tasks: list[str] = _D.tasks,
-    data_dir: str | None = _D.data_dir,
-    router_prompts: int = _D.router_prompts,
-    router_layer: int = _D.router_layer,
-    router_threshold: float = _D.router_threshold,
-    seed: int = _D.seed,
-    workdir: str = _D.workdir,
+    model: str = DEFAULTS.model,
+    tasks: list[str] = DEFAULTS.tasks,
+    data_dir: str | None = DEFAULTS.data_dir,
+    router_prompts: int = DEFAULTS.router_prompts,
+    router_layer: int = DEFAULTS.router_layer,
+    router_threshold: float = DEFAULTS.router_threshold,
+    seed: int = DEFAULTS.seed,
+    workdir: str = DEFAULTS.workdir,
 ) -> dict[str, Any]:
     given = {name: value for name, value in locals().items() if name in ROUTER_OPTIONS}
     config = RunConfig.from_mapping({**given, "methods": ["seap-routed"]}, front="flow").validate()

@@ -38,7 +38,7 @@ def main() -> None:
     from seap.maths.masks import build_mask
     from seap.maths.scores import ImportanceScores, combine_scores
     from seap.model.loading import load_model
-    from seap.model.surgery import apply_mask
+    from seap.model.masking import apply_mask
 
     build = require_llama_cpp()
     base = load_model("smollm2-135m", device="cpu", dtype="float32")

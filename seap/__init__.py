@@ -17,7 +17,7 @@ torch is loaded only when a name that needs it is touched.
 
 Packages, in the direction data flows: :mod:`seap.data` (calibration corpora, task catalogue),
 :mod:`seap.maths` (pure tensor maths: moments, statistics, scores, schedules, masks),
-:mod:`seap.model` (adapters, loading, hooks, calibration, surgery, checkpoints),
+:mod:`seap.model` (adapters, loading, hooks, calibration, applying masks, checkpoints),
 :mod:`seap.evaluation` (lm-eval, metrics, speed, router, routed inference, report),
 :mod:`seap.registry` (records, bundles, promotion), :mod:`seap.run` (configuration, method
 table, plan, stage functions, executors).
@@ -49,9 +49,9 @@ _EXPORTS = {
     "model_fingerprint": "seap.model.loaded",
     "wrap_model": "seap.model.loaded",
     "load_model": "seap.model.loading",
-    "build_corpora": "seap.run.commands",
-    "prune": "seap.run.commands",
-    "apply_mask": "seap.model.surgery",
+    "build_corpora": "seap.data.corpus",
+    "prune": "seap.run.oneshot",
+    "apply_mask": "seap.model.masking",
     "load_pruned": "seap.model.checkpoint",
     "save_pruned": "seap.model.checkpoint",
     "allocate": "seap.maths.schedules",

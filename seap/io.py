@@ -82,6 +82,12 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
         ) from exc
 
 
+def cache_dir() -> Path:
+    """SEAP's cache folder: ``$SEAP_CACHE_DIR`` or ``~/.cache/seap`` (converted and downloaded
+    models, generated task files, the llama.cpp build)."""
+    return Path(os.environ.get("SEAP_CACHE_DIR") or Path.home() / ".cache" / "seap")
+
+
 _HOST = socket.gethostname().replace("-", "_")[:32]
 
 

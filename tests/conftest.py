@@ -49,3 +49,16 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def llama_pipeline(prefect_env, tmp_path_factory: pytest.TempPathFactory):
+    """One complete run of the Prefect pipeline flow on the tiny Llama (router, bench, registry and
+    the embedded MLflow store included), shared by the flow tests and the front-door comparison
+    with `dvc repro` and `seap eval`: (root folder, flow parameters, final state)."""
+    from flows.pipeline import seap_pipeline
+    from tests.helpers_flows import pipeline_kwargs
+
+    root = tmp_path_factory.mktemp("pipeline")
+    kwargs = pipeline_kwargs(root)
+    return root, kwargs, seap_pipeline(return_state=True, **kwargs)

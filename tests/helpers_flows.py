@@ -49,3 +49,15 @@ def tiny_project(root: Path, arch: str = "llama-gqa") -> tuple[Path, Path]:
     tiny.model.save_pretrained(root / "base")
     tiny.tokenizer.save_pretrained(root / "base")
     return root / "base", make_task_dir(root / "data")
+
+
+def pipeline_kwargs(root: Path, **overrides) -> dict:
+    """The pipeline flow's parameters for the tiny Llama project under ``root`` (made when absent):
+    every default method at 20%, router, bench and registry, outputs under ``root``."""
+    base, data = (root / "base", root / "data") if (root / "base").exists() else tiny_project(root)
+    kwargs = dict(model=str(base), tasks=["geo", "life"], sparsities=[0.2],
+                  methods=["seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap"],
+                  limit=4, data_dir=str(data), samples=20, schedule="uniform", bench_repeats=1,
+                  workdir=str(root / "work"), out=str(root / "out"), registry_dir=str(root / "registry"))
+    kwargs.update(overrides)
+    return kwargs

@@ -42,3 +42,25 @@ def make_piqa_dir(root: Path) -> Path:
     write_jsonl(root / "piqa" / "train.jsonl", rows[:10])
     write_jsonl(root / "piqa" / "validation.jsonl", rows[10:])
     return root
+
+
+def direct_mc_accuracy(loaded, eval_file: Path, limit: int | None = None) -> dict[str, float]:
+    """``acc`` and ``acc_norm`` of a multiple-choice task computed here, without lm-eval or SEAP's
+    harness: each of the first ``limit`` records scores every choice by the summed log-probability
+    of ``" " + choice`` after the question (``acc_norm``: divided by the choice's length in
+    characters), one unpadded forward pass per choice; the argmax (first on ties) is the answer."""
+    import torch
+
+    records = [json.loads(line) for line in Path(eval_file).read_text().splitlines() if line.strip()][:limit]
+    hits = {"acc": 0, "acc_norm": 0}
+    for record in records:
+        context = loaded.tokenizer(record["question"])["input_ids"]
+        scores = []
+        for choice in record["choices"]:
+            whole = loaded.tokenizer(record["question"] + " " + choice)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(loaded.model(input_ids=torch.tensor([whole])).logits[0].double(), dim=-1)
+            scores.append(sum(float(logp[pos - 1, whole[pos]]) for pos in range(len(context), len(whole))))
+        for metric, values in (("acc", scores), ("acc_norm", [s / len(c) for s, c in zip(scores, record["choices"])])):
+            hits[metric] += int(max(range(len(values)), key=values.__getitem__) == record["answer"])
+    return {metric: count / len(records) for metric, count in hits.items()}

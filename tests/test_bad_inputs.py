@@ -414,12 +414,35 @@ def test_outputs_follow_the_umask(inputs: Path, tmp_path: Path) -> None:
     assert modes == {"scores.safetensors": 0o644, "scores.json": 0o644}
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_output_location_is_refused_before_any_work(inputs: Path, tmp_path: Path, capsys) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    assert main(["corpus", "--records", str(inputs / "calib.jsonl"), "--out", str(locked / "c.jsonl")]) == 2
-    assert "not writable" in capsys.readouterr().err and not list(locked.iterdir())
+@pytest.fixture
+def unwritable_folder(tmp_path: Path):
+    """A folder nobody may create entries in, root included: immutable (``chattr +i``, which
+    root can set) for root, as CI runs; read-only permissions for anyone else. The attribute is
+    removed afterwards so that the folder can be cleaned up."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:  # e.g. a file system without the immutable attribute
+            pytest.skip(f"chattr +i does not work here: {done.stderr.strip()}")
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        folder.chmod(0o500)
+        undo = ["chmod", "700", str(folder)]
+    try:
+        with pytest.raises(PermissionError):  # the premise: nothing can be written there
+            (folder / "probe").write_text("x")
+        yield folder
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_a_read_only_output_location_is_refused_before_any_work(inputs: Path, unwritable_folder: Path,
+                                                                 capsys) -> None:
+    code = main(["corpus", "--records", str(inputs / "calib.jsonl"), "--out", str(unwritable_folder / "c.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{unwritable_folder} is not writable" in err and "Traceback" not in err
+    assert not list(unwritable_folder.iterdir()) and not list(unwritable_folder.parent.glob(".*.tmp-*"))
 
 
 def test_the_catalogue_is_large_enough() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,28 +49,149 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def test_no_import_cycles_between_library_modules() -> None:
-    """Module-level imports form a DAG: data types apart from procedures, packages in data-flow order."""
-    modules = _modules()
-    graph = {name: {m for m in _seap_imports(path, True) if m in modules and m != name and m != "seap"}
-             for name, path in modules.items()}
-    state: dict[str, int] = {}
+PROJECT_PACKAGES = ("seap", "flows", "tasks")  # what ``from X import _name`` may not reach into
+
+
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def _absolute(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
+    """The module an ``ImportFrom`` names, relative imports resolved against ``importer``."""
+    if not node.level:
+        return node.module or ""
+    base = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
+def import_graph(root: Path = ROOT) -> dict[str, dict[str, str]]:
+    """Every ``seap`` module -> the ``seap`` modules it imports -> where (``file:line``), from the
+    AST: imports at module level, inside functions and under ``if TYPE_CHECKING`` alike. ``from
+    P import n`` is an edge to ``P.n`` when that is a module, else to ``P``."""
+    paths = {_module_name(p, root): p for p in (root / "seap").rglob("*.py")}
+    graph: dict[str, dict[str, str]] = {}
+    for name, path in paths.items():
+        edges: dict[str, str] = {}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = _absolute(node, name, path.name == "__init__.py")
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in paths else module for a in node.names]
+            for target in targets:
+                if target in paths and target != name:
+                    edges.setdefault(target, f"{path.relative_to(root)}:{node.lineno}")
+        graph[name] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) through each strongly connected group of modules (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
     stack: list[str] = []
+    groups: list[set[str]] = []
 
-    def visit(node: str) -> None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in graph[node]:
-            if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
-            if nxt not in state:
-                visit(nxt)
-        stack.pop()
-        state[node] = 2
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
 
-    for name in graph:
-        if name not in state:
-            visit(name)
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    cycles = []
+    for group in groups:  # the shortest way from the group's first module back to it (breadth first)
+        start = min(group)
+        came_from: dict[str, str] = {}
+        frontier = [start]
+        while start not in came_from:
+            following = []
+            for v in frontier:
+                for w in sorted(graph[v]):
+                    if w in group and w not in came_from:
+                        came_from[w] = v
+                        following.append(w)
+            frontier = following
+        path = [start]
+        while len(path) == 1 or path[-1] != start:
+            path.append(came_from[path[-1]])
+        cycles.append(path[::-1])
+    return cycles
+
+
+def test_the_library_import_graph_has_no_cycle() -> None:
+    """Module-level and function-level imports of ``seap.*`` form a DAG: no module needs, even
+    lazily, a module that needs it (shared pieces live in a module both import)."""
+    graph = import_graph()
+    assert graph.get("seap.model.surgery"), "the graph was not built"
+    cycles = import_cycles(graph)
+    report = ["  " + " -> ".join(f"{a} ({graph[a][b]})" for a, b in pairwise(cycle)) + f" -> {cycle[-1]}"
+              for cycle in cycles]
+    assert not cycles, "import cycles in seap:\n" + "\n".join(report)
+
+
+def private_imports(folders: tuple[str, ...] = PROJECT_PACKAGES, root: Path = ROOT) -> list[str]:
+    """Where a module takes another project module's private name (``_name``, not ``__dunder__``):
+    ``from X import _name``, or ``X._name`` on a name bound to a project module by an import."""
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            me = _module_name(path, root)
+            tree = ast.parse(path.read_text(), str(path))
+            bound: dict[str, str] = {}  # local name -> the project module (or object of one) it is
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):  # ``import seap.x.y`` binds ``seap``; ``import seap.x as m``, m
+                    for a in node.names:
+                        if a.name.split(".")[0] in PROJECT_PACKAGES:
+                            top = a.name.split(".")[0]
+                            bound[a.asname or top] = a.name if a.asname else top
+                elif isinstance(node, ast.ImportFrom):
+                    module = _absolute(node, me, path.name == "__init__.py")
+                    if module.split(".")[0] not in PROJECT_PACKAGES:
+                        continue
+                    for a in node.names:
+                        bound[a.asname or a.name] = f"{module}.{a.name}"
+                        if _is_private(a.name) and module != me:
+                            found.append(f"{path.relative_to(root)}:{node.lineno}: from {module} import {a.name}")
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and _is_private(node.attr):
+                    chain, value = [], node.value
+                    while isinstance(value, ast.Attribute):
+                        chain.append(value.attr)
+                        value = value.value
+                    if isinstance(value, ast.Name) and value.id in bound:
+                        owner = ".".join([bound[value.id], *reversed(chain)])
+                        if owner != me:
+                            found.append(f"{path.relative_to(root)}:{node.lineno}: {owner}.{node.attr}")
+    return found
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    """What a module shares is public (and documented); its ``_names`` stay its own."""
+    found = private_imports()
+    assert not found, "private names imported across modules:\n" + "\n".join(found)
 
 
 def test_packages_import_in_the_direction_data_flows() -> None:

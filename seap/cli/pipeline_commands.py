@@ -149,9 +149,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _stage_args(p: argparse.ArgumentParser) -> None:
-    from seap.run.plan import STAGES
+    from seap.run.plan import PIPELINE_STAGES
 
-    p.add_argument("name", choices=list(STAGES), help="the stage, as named in dvc.yaml")
+    p.add_argument("name", choices=list(PIPELINE_STAGES), help="the stage, as named in dvc.yaml")
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     p.add_argument("--root", default=".", help="project root the stage paths are relative to (default: .)")
 

@@ -27,9 +27,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from seap.evaluation.speed import benchmark
     from seap.io import atomic_write_json
-    from seap.maths.expert_selection import load_mask
+    from seap.maths.mask_formats import load_mask
     from seap.model.checkpoint import load_pruned
-    from seap.model.surgery import apply_mask
+    from seap.model.masking import apply_mask
 
     build = None
     if args.llama_cpp:  # (before any model is loaded)
@@ -108,7 +108,7 @@ def _route_args(p: argparse.ArgumentParser) -> None:
 def _route(args: argparse.Namespace) -> int:
     from seap.evaluation.routed import ExpertBank, RoutedModel
     from seap.evaluation.router import Router
-    from seap.maths.expert_selection import load_mask
+    from seap.maths.mask_formats import load_mask
 
     router = Router.load(args.router)
     experts = {m.task: m for m in (load_mask(p) for p in args.experts)}

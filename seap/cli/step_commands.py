@@ -92,9 +92,15 @@ def _scores(args: argparse.Namespace) -> int:
 
 
 def _masks_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scores", nargs="+", required=True, help="scores folder(s)")
+    from seap.run.config import add_arguments
+
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scores", nargs="+", help="scores folder(s) of a dense model (`seap scores`)")
+    source.add_argument("--stats", nargs="+", help="router statistics folder(s) of a mixture-of-experts model "
+                        "(`seap stats` on it; --general merges several)")
     p.add_argument("--schedule", default="logistic", choices=SCHEDULE_NAMES)
     schedule_arguments(p)
+    add_arguments(p, only=("unit", "expert_score", "allow_k_reduction"))
     p.add_argument("--general", action="store_true", help="combine the tasks' scores into the general mask")
     p.add_argument("--weight", action="append", help="general-mask weight TASK=W (default: wikitext 3, others 2)")
     p.add_argument("--bias-compensation-stats", default=None,
@@ -115,14 +121,27 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
 
 def _masks(args: argparse.Namespace) -> int:
     from seap.run.commands import make_mask, parse_weights
+    from seap.run.config import RunConfig, given_arguments
+    from seap.run.job_params import MaskParams
+    from seap.run.methods import SEAP_SCORE
 
+    given = given_arguments(args)
+    defaults = RunConfig()
+    unit = given.get("unit", defaults.unit)
+    moe = args.stats is not None
+    if not moe and unit in ("experts", "both"):
+        raise SeapError(f"--unit {unit} prunes the experts of a mixture-of-experts model, chosen from its router "
+                        "statistics", "pass --stats DIR (from `seap stats` on the MoE model) instead of --scores")
+    check_out(args, *(args.scores or args.stats), args.bias_compensation_stats, *(args.refit_stats or []),
+              *(args.refit_corpus or []), args.model)
     refit: dict[str, Any] = {}
-    check_out(args, *args.scores, args.bias_compensation_stats, *(args.refit_stats or []), *(args.refit_corpus or []),
-               args.model)
+    options: dict[str, Any] | None = None
     # reconstruction is the default where there is something to refit on (--refit-stats or
     # --refit-corpus); --reconstruct without it is an error, --no-reconstruct builds a plain mask
     reconstruct = given_reconstruct(args)
     if reconstruct is True or (reconstruct is None and (args.refit_stats or args.refit_corpus)):
+        if moe:
+            raise SeapError("masks of a mixture-of-experts model are not refitted", "drop the refit options")
         options = refit_options(args)
         if options.get("sequential"):
             if not args.refit_corpus or not args.model or args.refit_stats:
@@ -137,12 +156,20 @@ def _masks(args: argparse.Namespace) -> int:
                             "pass --model (the base) and --refit-stats DIR (from `seap stats --second-moments`)")
         else:
             refit = {"refit_stats_dir": args.refit_stats}
-        refit.update(refit_model=load_model_of(args), refit_options=options)
-    mask = make_mask(args.scores, args.out, args.sparsity, args.schedule, args.general, parse_weights(args.weight),
-                     args.gqa_mode, args.bias_compensation_stats, args.overwrite, **refit, **schedule_options(args))
+        refit["refit_model"] = load_model_of(args)
+    kind = "general" if args.general else "expert"
+    params = MaskParams(method=f"seap-{kind}", row=f"seap-{kind}@{args.sparsity:g}", mask=kind, kind=kind,
+                        sparsity=args.sparsity,
+                        score=given.get("expert_score", defaults.expert_score) if moe else SEAP_SCORE,
+                        schedule=args.schedule, schedule_options=schedule_options(args), gqa_mode=args.gqa_mode,
+                        weights=parse_weights(args.weight), refit=options, moe=moe,
+                        unit=("experts" if unit == "auto" else unit) if moe else None,
+                        allow_k_reduction=given.get("allow_k_reduction", defaults.allow_k_reduction))
+    mask = make_mask(args.scores or [], args.out, params, args.bias_compensation_stats, args.overwrite,
+                     router_stats_dirs=args.stats or [], **refit)
     done = " (reconstructed)" if mask.is_reconstructed else ""
-    print(f"{mask.meta['kind']} mask '{mask.task}'{done}: target {mask.meta['target_sparsity']:.4f}, "
-          f"realised {mask.meta['realised_sparsity']:.4f} -> {args.out}")
+    print(f"{mask.meta.get('kind', kind)} mask '{mask.task}'{done}: target {mask.meta['target_sparsity']:.4f}, "
+          f"realised {mask.realised_sparsity():.4f} -> {args.out}")
     return 0
 
 
@@ -159,9 +186,9 @@ def _apply_args(p: argparse.ArgumentParser) -> None:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from seap.maths.expert_selection import load_mask
+    from seap.maths.mask_formats import load_mask
     from seap.model.checkpoint import save_pruned
-    from seap.model.surgery import apply_mask
+    from seap.model.masking import apply_mask
 
     check_out(args, args.model, args.mask)
     mask = load_mask(args.mask)
@@ -182,8 +209,14 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
+PRUNE_OPTIONS = ("unit", "expert_score", "allow_k_reduction", "gqa_mode", "schedule_k", "schedule_x0", "protect_first",
+                 "protect_last", "channel_multiple", "same_width", "bias_compensation", "general_weights", "reconstruct",
+                 "refit_alpha", "refit_prior", "refit_bias", "refit_sequential", "samples", "seed", "max_tokens",
+                 "stats_batch_size", "workdir")  # the run configuration's options `seap prune` takes as they are
+
+
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    from seap.data.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
+    from seap.run.config import add_arguments
     from seap.run.methods import METHODS
 
     model_arguments(p)
@@ -191,45 +224,36 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", action="append", dest="tasks", help="prune for this task only (an expert mask)")
     p.add_argument("--method", default="seap", choices=("seap", *(n for n, m in METHODS.items() if m.builds_masks)),
                    help="seap (the expert of one task, or the general mask of several), or a baseline of the "
-                        "method table (wanda-sp, flap and their +logistic variants)")
-    p.add_argument("--score", default=None, choices=SCORE_NAMES, help="override the method's score")
-    p.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES, help="override the method's schedule")
-    bias = p.add_mutually_exclusive_group()
-    bias.add_argument("--bias-compensation", dest="bias_compensation", action="store_true", default=None)
-    bias.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
-    refit_arguments(p)
-    schedule_arguments(p)
-    p.add_argument("--samples", type=positive, default=DEFAULT_SAMPLES_PER_TASK, help="calibration records per task")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--max-tokens", type=positive, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--batch-size", type=positive, default=8)
-    p.add_argument("--weight", action="append", help="general-mask weight TASK=W")
+                        "method table (wanda-sp, flap and their +logistic variants; moe-frequency)")
+    p.add_argument("--score", default=None, choices=SCORE_NAMES, help="SEAP's score (a baseline keeps its own)")
+    p.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES, help="SEAP's schedule (a baseline keeps its own)")
+    p.add_argument("--sparsity", type=float, required=True, help="target fraction of prunable weights to remove, in [0, 1)")
+    add_arguments(p, only=PRUNE_OPTIONS,
+                  aliases={"schedule_k": ("--k",), "schedule_x0": ("--x0",), "stats_batch_size": ("--batch-size",),
+                           "general_weights": ("--weight",)})
     p.add_argument("--out", required=True, help="folder for the pruned model")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from seap.run.commands import parse_weights, prune
+    from seap.run.config import given_arguments
+    from seap.run.oneshot import prune
 
-    result = prune(
-        args.model, args.calib, args.sparsity, args.out, method=args.method, score=args.score,
-        schedule=args.schedule, bias_compensation=args.bias_compensation, gqa_mode=args.gqa_mode,
-        tasks=args.tasks, samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, weights=parse_weights(args.weight), overwrite=args.overwrite,
-        progress=show_progress(args), device=args.device, dtype=args.dtype,
-        reconstruct=given_reconstruct(args), refit_options=refit_options(args),
-        **schedule_options(args),
-    )
+    result = prune(args.model, args.calib, args.sparsity, args.out, method=args.method, tasks=args.tasks,
+                   overwrite=args.overwrite, progress=show_progress(args), front="cli", score=args.score,
+                   schedule=args.schedule, device=args.device, dtype=args.dtype,
+                   **{k: v for k, v in given_arguments(args).items() if k in PRUNE_OPTIONS})
     if args.json:
         print(json.dumps({"out": str(result.out_dir), "target_sparsity": result.target_sparsity,
                           "realised_sparsity": result.realised_sparsity, "tasks": result.tasks,
                           "dense_params": result.dense_params, "pruned_params": result.pruned_params,
-                          "timings": result.timings}, indent=2))
+                          "timings": result.timings, "reused": result.cached}, indent=2))
     else:
         print("\n".join(result.summary_lines()))
         print(f"load it with: seap.load_pruned({str(result.out_dir)!r})")
     return 0
+
 
 COMMANDS = [
     Command("corpus", "stages", "build per-task calibration corpora (knowledge sentences) from task records",

@@ -30,7 +30,7 @@ from typing import Any
 
 from seap.data.corpus import read_records
 from seap.errors import SeapError
-from seap.io import atomic_write_text
+from seap.io import atomic_write_text, cache_dir
 from seap.data.starter import STARTER_TASKS, starter_files
 
 SOURCES = ("hub", "local", "jsonl", "starter")
@@ -166,8 +166,6 @@ class TaskCatalogue:
     """
 
     def __init__(self, data_dir: str | Path | None = None, work_dir: str | Path | None = None, starter_seed: int = 0):
-        from seap.model.loading import cache_dir
-
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         if self.data_dir is not None and not self.data_dir.is_dir():
             raise SeapError(f"data folder {self.data_dir} does not exist", "pass an existing folder to --data-dir")

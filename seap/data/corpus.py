@@ -363,3 +363,27 @@ def read_corpus(path: str | Path, default_task: str | None = None) -> tuple[dict
 def _stem_task(path: Path) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", path.stem) or "task"
     return stem if stem[0].isalnum() else f"t{stem}"
+
+
+BUILTIN_CALIBRATION = "builtin"  # the calibration source that means the built-in starter suite
+
+
+def load_calibration_records(source: str) -> list[dict[str, Any]]:
+    """Records from a JSON/JSONL file, or the built-in starter suite for ``"builtin"``."""
+    if source == BUILTIN_CALIBRATION:
+        from seap.data.starter import starter_calibration_records
+
+        return starter_calibration_records()
+    return read_records(source)
+
+
+def build_corpora(
+    source: str,
+    tasks: Sequence[str] | None = None,
+    samples: int | None = DEFAULT_SAMPLES_PER_TASK,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, CalibrationCorpus]:
+    """Calibration corpora per task from a records file (``"task"`` field, else the file name)."""
+    records = load_calibration_records(source)
+    default_task = "builtin" if source == BUILTIN_CALIBRATION else Path(source).stem
+    return corpora_from_records(records, default_task, samples, seed, tasks, source=source)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from seap.errors import SeapError
+from seap.io import cache_dir
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the release scripts/build_llama_cpp.sh builds
 BUILD_COMMAND = "bash scripts/build_llama_cpp.sh"
@@ -49,8 +50,6 @@ class LlamaCppBuild:
 
 def find_llama_cpp(location: str | os.PathLike[str] | None = None) -> LlamaCppBuild | None:
     """The llama.cpp build at ``location``, ``$SEAP_LLAMA_CPP`` or the cache folder; ``None`` if there is none."""
-    from seap.model.loading import cache_dir
-
     root = Path(location or os.environ.get("SEAP_LLAMA_CPP") or cache_dir() / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION)
     env_file = root / "ENV"
     if not env_file.is_file():

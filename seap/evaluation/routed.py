@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from seap.errors import SeapError
-from seap.maths.masks import PruningMask
+from seap.maths.mask_formats import Mask
 from seap.model.loaded import LoadedModel
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from seap.evaluation.router import Router, RoutingDecision
 
 GENERAL = "general"
@@ -27,12 +27,12 @@ GENERAL = "general"
 class ExpertBank:
     """Experts derived from one base model and their masks, with an LRU cache."""
 
-    def __init__(self, base: LoadedModel, experts: Mapping[str, PruningMask], general: PruningMask | None = None,
+    def __init__(self, base: LoadedModel, experts: Mapping[str, Mask], general: Mask | None = None,
                  cache_size: int = 2, mode: str = "hard") -> None:
         if cache_size < 1:
             raise SeapError(f"cache size must be at least 1, got {cache_size}", "pass --cache-size 1 or more")
         self.base = base
-        self.masks: dict[str, PruningMask] = dict(experts)
+        self.masks: dict[str, Mask] = dict(experts)
         if general is not None:
             self.masks[GENERAL] = general
         for name, mask in self.masks.items():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from seap.artifacts import ArtifactKind, read_artifact, require, write_artifact
-from seap.model.calibration import _batches, pad_batch
+from seap.model.calibration import length_batches, pad_batch
 from seap.errors import ModelMismatchError, SeapError
 from seap.io import short_hash
 from seap.model.loaded import LoadedModel
@@ -45,7 +45,7 @@ def featurize(loaded: LoadedModel, texts: Sequence[str], feature_layer: int = 0,
     embed = loaded.model.get_input_embeddings()
     backbone = loaded.adapter.backbone(loaded.model)
     with torch.inference_mode():
-        for batch in _batches([len(x) for x in ids], batch_size):
+        for batch in length_batches([len(x) for x in ids], batch_size):
             input_ids, mask = pad_batch([ids[j] for j in batch], loaded.tokenizer.pad_token_id or 0, device)
             if feature_layer == 0:
                 hidden = embed(input_ids)

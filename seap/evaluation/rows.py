@@ -17,13 +17,13 @@ from seap.data.catalogue import TaskCatalogue, TaskSpec
 from seap.errors import SeapError
 from seap.evaluation.harness import DEFAULT_EVAL_BATCH_SIZE
 from seap.evaluation.metrics import average
-from seap.maths.masks import PruningMask
+from seap.maths.mask_formats import Mask
 from seap.model.loaded import LoadedModel
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 
 
 def evaluate_masks(base: LoadedModel, catalogue: TaskCatalogue, specs: Sequence[TaskSpec], method: str,
-                   sparsity: float, masks: Mapping[str, PruningMask] | None, limit: int | None = None,
+                   sparsity: float, masks: Mapping[str, Mask] | None, limit: int | None = None,
                    num_fewshot: int = 0, batch_size: int = DEFAULT_EVAL_BATCH_SIZE, metric: str = "acc",
                    ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """One row and its per-item results: the dense model (no masks), one general mask on all
@@ -56,7 +56,7 @@ def evaluate_masks(base: LoadedModel, catalogue: TaskCatalogue, specs: Sequence[
     return row, items
 
 
-def experts_lm(base: LoadedModel, masks: Mapping[str, PruningMask], batch_size: int = DEFAULT_EVAL_BATCH_SIZE) -> Any:
+def experts_lm(base: LoadedModel, masks: Mapping[str, Mask], batch_size: int = DEFAULT_EVAL_BATCH_SIZE) -> Any:
     """An lm-eval ``LM`` that answers each request with its task's expert (``masks``: lm-eval
     task name -> mask), hard-pruned from ``base`` when its requests come and dropped after:
     one lm-eval run evaluates every task with its own expert (oracle task identity)."""
@@ -87,7 +87,7 @@ def router_info(router: Any) -> dict[str, Any]:
 
 
 def evaluate_routed(base: LoadedModel, catalogue: TaskCatalogue, specs: Sequence[TaskSpec], sparsity: float,
-                    experts: Mapping[str, PruningMask], general: PruningMask | None, router: Any,
+                    experts: Mapping[str, Mask], general: Mask | None, router: Any,
                     limit: int | None = None, num_fewshot: int = 0, batch_size: int = DEFAULT_EVAL_BATCH_SIZE, metric: str = "acc",
                     threshold: float | None = None,
                     expert_items: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,

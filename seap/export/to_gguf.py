@@ -11,9 +11,9 @@ differ in width) builds every layer from its own ``n_head(il)``, ``n_head_kv(il)
 * a model whose layers all have the same widths is written as ``llama`` (scalar keys);
 * any other is written as ``deci`` with the three per-layer arrays.
 
-The weights follow llama.cpp's converter: its tensor names, q and k rows permuted to its
-rotary order, norms in float32, matrices in float16 (default) or float32. The tokenizer
-(byte-level BPE with llama.cpp's pre-tokenizer name, merges, special tokens and the chat
+The weights follow llama.cpp's converter: its tensor names (:mod:`seap.export.gguf_names`), q and
+k rows permuted to its rotary order, norms in float32, matrices in float16 (default) or float32.
+The tokenizer (byte-level BPE with llama.cpp's pre-tokenizer name, merges, special tokens and the chat
 template) travels with the file, as do the pruning record (``seap.*`` keys) so that an
 exported expert says which base and mask it came from. Quantise afterwards with llama.cpp's
 own ``llama-quantize`` (see the README).
@@ -35,6 +35,7 @@ import torch
 from seap.errors import SeapError, UnsupportedArchitectureError
 from seap.export import pruning_record
 from seap.export.bpe_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
+from seap.export.gguf_names import llama_cpp_family
 from seap.io import atomic_file
 from seap.model.checkpoint import is_expert_record
 from seap.model.loaded import LoadedModel
@@ -70,8 +71,7 @@ def gguf_layout(loaded: LoadedModel) -> GgufLayout:
             "GGUF export of pruned mixture-of-experts models is not available: llama.cpp's MoE architectures take "
             "one expert count and one expert width for all layers, and the kept router rows would need its own format",
             "serve the pruned MoE model through `seap.load_pruned` or the MLflow bundle")
-    if adapter.llama_cpp_architecture is None:
-        list(adapter.llama_cpp_tensors(loaded.model))  # raises the family's own message
+    family = llama_cpp_family(adapter)  # (refuses a family llama.cpp export does not cover)
     geometry = adapter.geometry(loaded.model)
     heads = tuple(g.num_heads for g in geometry.layers)
     kv = tuple(g.num_kv_heads for g in geometry.layers)
@@ -85,9 +85,9 @@ def gguf_layout(loaded: LoadedModel) -> GgufLayout:
             raise SeapError(f"layer {i} keeps attention heads but no MLP channels; llama.cpp's deci architecture "
                             "drops the attention output of such a layer",
                             "rebuild the mask so that every layer keeps some MLP channels (a lower sparsity or cap)")
-    layout = GgufLayout(adapter.llama_cpp_architecture or "", heads, kv, ffn)
+    layout = GgufLayout(family.architecture, heads, kv, ffn)
     if not layout.uniform or 0 in heads or 0 in ffn:
-        per_layer = adapter.llama_cpp_per_layer_architecture
+        per_layer = family.per_layer_architecture
         if per_layer is None:
             raise UnsupportedArchitectureError(
                 f"the layers of this {adapter.name} model have different widths, and llama.cpp builds that family "
@@ -234,6 +234,7 @@ def export_gguf(loaded: LoadedModel, out: str | Path, dtype: str = DEFAULT_GGUF_
     if loaded.tokenizer is None:
         raise SeapError("the model has no tokenizer, and a GGUF file carries one", "save the model with its tokenizer")
     layout = gguf_layout(loaded)
+    family = llama_cpp_family(loaded.adapter)
     config = loaded.adapter.text_config(loaded.config)
     head_dim = loaded.adapter.head_dim(config)
     vocab_size = int(config.vocab_size)
@@ -245,7 +246,7 @@ def export_gguf(loaded: LoadedModel, out: str | Path, dtype: str = DEFAULT_GGUF_
         writer.add_block_count(len(layout.heads))
         writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
         writer.add_embedding_length(int(config.hidden_size))
-        per_layer = layout.architecture != loaded.adapter.llama_cpp_architecture
+        per_layer = layout.architecture != family.architecture
         writer.add_feed_forward_length(list(layout.ffn) if per_layer else layout.ffn[0])
         writer.add_head_count(list(layout.heads) if per_layer else layout.heads[0])
         writer.add_head_count_kv(list(layout.kv_heads) if per_layer else layout.kv_heads[0])
@@ -260,7 +261,7 @@ def export_gguf(loaded: LoadedModel, out: str | Path, dtype: str = DEFAULT_GGUF_
         if rope_factors is not None:
             writer.add_tensor("rope_freqs.weight", rope_factors.numpy())
         with torch.no_grad():
-            for tensor_name, tensor in loaded.adapter.llama_cpp_tensors(loaded.model):
+            for tensor_name, tensor in family.tensors(loaded.adapter, loaded.model):
                 data = tensor.detach().to("cpu", torch.float32).numpy()
                 writer.add_tensor(tensor_name, data if data.ndim == 1 else data.astype(np_dtype))
         writer.write_header_to_file()

@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -307,7 +307,11 @@ def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 @dataclass
 class ExpertMask:
-    """Which routed experts of each MoE layer to keep, with provenance (like a PruningMask)."""
+    """Which routed experts of each MoE layer to keep, with provenance (like a PruningMask: a
+    :class:`seap.maths.mask_formats.Mask`, applied by :func:`seap.model.expert_pruning.apply_expert_mask`)."""
+
+    artifact: ClassVar[ArtifactKind] = EXPERT_MASK_ARTIFACT
+    format: ClassVar[str] = EXPERT_MASK_ARTIFACT.format
 
     experts: dict[int, torch.Tensor]  # layer index -> bool [E], True = kept
     top_k: dict[int, int]  # the router's top-k after pruning, per layer
@@ -377,16 +381,6 @@ class ExpertMask:
         if meta.get("mask_digest") and meta["mask_digest"] != mask.digest():
             raise ArtifactError(f"expert mask {path} does not match its recorded digest", EXPERT_MASK_ARTIFACT.remake)
         return mask
-
-
-def load_mask(path: str | Path) -> Any:
-    """A mask folder of either kind: a :class:`seap.maths.masks.PruningMask` (heads and
-    channels) or an :class:`ExpertMask` (experts of an MoE model), told apart by its files."""
-    from seap.maths.masks import PruningMask
-
-    if (Path(path) / EXPERT_MASK_ARTIFACT.meta_file).is_file():
-        return ExpertMask.load(path)
-    return PruningMask.load(path)
 
 
 def validate_expert_mask(mask: ExpertMask, num_experts: Mapping[int, int] | None = None) -> None:
@@ -541,5 +535,5 @@ def pattern_vector(stats: RouterStatistics, layers: Sequence[int] | None = None)
 __all__ = ["CHANNEL_SCORE", "DEFAULT_EXPERT_SCORE", "EXPERT_MASK_ARTIFACT", "EXPERT_SCHEDULES", "EXPERT_SCORES",
            "ROUTER_STATISTICS_ARTIFACT", "UNITS_OF_MOE", "ExpertMask", "LayerRouterStatistics", "RouterStatistics",
            "build_expert_mask", "channel_allocation", "channel_width", "expert_allocation", "expert_scores", "keep_top",
-           "kept_count", "load_mask", "nearest_pattern", "pattern_vector", "route", "router_sums",
+           "kept_count", "nearest_pattern", "pattern_vector", "route", "router_sums",
            "validate_expert_mask"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -52,7 +52,11 @@ REFIT_TENSORS = ("o_weight", "down_weight", "o_bias", "down_bias")
 
 @dataclass
 class PruningMask:
-    """Which heads and channels of a base model to keep, with provenance."""
+    """Which heads and channels of a base model to keep, with provenance (a
+    :class:`seap.maths.mask_formats.Mask`, applied by :mod:`seap.model.surgery`)."""
+
+    artifact: ClassVar[ArtifactKind] = MASK_ARTIFACT
+    format: ClassVar[str] = MASK_ARTIFACT.format
 
     layers: list[LayerMask]
     geometry: ModelGeometry  # of the base model

@@ -52,8 +52,11 @@ def second_moment_groups(widths: Sequence[tuple[int, int]], budget: int, itemsiz
     return groups
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped in batches of similar length (longest first), to minimise padding."""
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The indices of sequences of the given ``lengths``, grouped in batches of at most
+    ``batch_size`` of similar length (longest first, ties in index order) to minimise padding.
+    Every pass over tokenized texts (statistics, router statistics, refits, router features)
+    batches them so."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -137,7 +140,7 @@ def collect_statistics(
     state: dict[str, Any] = {"token_weights": None, "count": 0}
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     backbone = adapter.backbone(model)
-    batches = _batches([len(x) for x in token_ids], batch_size)
+    batches = length_batches([len(x) for x in token_ids], batch_size)
     start = time.perf_counter()
     n_tokens = 0
     for pass_index, group in enumerate(groups):

@@ -34,7 +34,7 @@ from torch import nn
 from seap.model.adapters import adapter_for_model_type
 from seap.errors import ArtifactError, SeapError
 from seap.io import atomic_directory, atomic_write_json, read_json
-from seap.maths.masks import PruningMask
+from seap.maths.mask_formats import Mask
 from seap.model.loaded import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_device, resolve_dtype
 
 PRUNED_MASK_DIR = "seap_mask"
@@ -63,7 +63,7 @@ def is_pruned_dir(path: str | Path) -> bool:
     return isinstance(info, dict) and info.get("mode") != "soft"
 
 
-def save_pruned(loaded: LoadedModel, path: str | Path, mask: PruningMask | None = None, overwrite: bool = False) -> Path:
+def save_pruned(loaded: LoadedModel, path: str | Path, mask: Mask | None = None, overwrite: bool = False) -> Path:
     """Write a hard-pruned model (from :func:`seap.apply_mask` with ``mode="hard"``) as an HF folder."""
     info = dict(getattr(loaded.model.config, "seap_pruning", None) or {})
     if info.get("mode") != "hard":

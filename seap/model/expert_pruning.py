@@ -28,10 +28,10 @@ from seap.maths.expert_selection import (
     validate_expert_mask,
 )
 from seap.model.adapters.moe import MoeAdapter, MoeLayerModules
-from seap.model.calibration import _batches, pad_batch, shard_texts, tokenize_corpus
+from seap.model.calibration import length_batches, pad_batch, shard_texts, tokenize_corpus
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel, model_fingerprint
-from seap.model.surgery import MODES, share_copy
+from seap.model.pruning import check_mode, check_unpruned, share_copy
 
 
 def moe_adapter(loaded: LoadedModel) -> MoeAdapter:
@@ -116,7 +116,7 @@ def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, ba
     with HookManager() as hooks, torch.inference_mode():
         for i, mods in layers.items():
             hooks.add_input_hook(mods.block, make_hook(i, mods))
-        for batch in tqdm(_batches([len(x) for x in token_ids], batch_size), desc=f"router statistics [{corpus.task}]",
+        for batch in tqdm(length_batches([len(x) for x in token_ids], batch_size), desc=f"router statistics [{corpus.task}]",
                           unit="batch", disable=not progress, leave=False):
             input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, device)
             state["mask"] = None if bool(attention_mask.all()) else attention_mask
@@ -139,12 +139,10 @@ def apply_expert_mask(loaded: LoadedModel, mask: ExpertMask, mode: str = "hard",
     """The model with ``mask``'s experts removed (``hard``) or switched off (``soft``). Unless
     ``inplace``, the base is untouched: the result is a structural copy sharing its unpruned
     tensors. Refused when the mask was built on another model."""
-    if mode not in MODES:
-        raise SeapError(f"unknown pruning mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    check_mode(mode)
     adapter = moe_adapter(loaded)
     mask.check_model(loaded.fingerprint)
-    if getattr(loaded.model.config, "seap_pruning", None):
-        raise SeapError("this model is already pruned", "apply masks to the dense base model")
+    check_unpruned(loaded)
     layers = adapter.moe_layers(loaded.model)
     validate_expert_mask(mask, {i: m.num_experts for i, m in layers.items()})
     model = loaded.model if inplace else share_copy(loaded.model)

@@ -55,6 +55,11 @@ class LoadedModel:
     def config(self) -> Any:
         return self.model.config  # type: ignore[attr-defined]
 
+    @property
+    def location(self) -> str:
+        """Where the model came from, as the user gave it (source ``local:/m`` -> ``/m``)."""
+        return self.source.split("+", 1)[0].split(":", 1)[-1]
+
 
 # ---------------------------------------------------------------------------------------
 # fingerprint

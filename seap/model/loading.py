@@ -31,7 +31,7 @@ from seap.model.adapters import (
     supported_gguf_architectures,
 )
 from seap.errors import SeapError, UnsupportedArchitectureError
-from seap.io import sha256_file
+from seap.io import cache_dir, sha256_file
 from seap.model.checkpoint import is_pruned_dir, load_pruned
 from seap.model.loaded import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_device, resolve_dtype
 
@@ -68,11 +68,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$SEAP_CACHE_DIR`` or ``~/.cache/seap``."""
-    return Path(os.environ.get("SEAP_CACHE_DIR") or Path.home() / ".cache" / "seap")
 
 
 def gguf_architecture(path: str | Path) -> str:

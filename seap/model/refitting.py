@@ -5,7 +5,7 @@ statistics' second moments and the closed-form refit of :mod:`seap.maths.reconst
 for the kept input columns of the attention output projection and the MLP down projection
 (and a bias, with ``RefitOptions(bias=True)``), fitted one-shot on the dense model's second
 moments; :func:`reconstruct_mask_sequential` fits layer by layer on the inputs the already
-refitted layers produce (``RefitOptions(sequential=True)``). Applying it (:func:`seap.model.surgery.apply_mask`)
+refitted layers produce (``RefitOptions(sequential=True)``). Applying it (:func:`seap.model.masking.apply_mask`)
 puts them in place of the plain slice; everything that loads masks loads them.
 """
 
@@ -24,7 +24,7 @@ from seap.maths.masks import LayerMask, PruningMask, validate_mask
 from seap.maths.moments import SecondMomentAccumulator
 from seap.maths.reconstruction import Refit, RefitOptions, refit_from_cross, refit_layer, target_input_moments
 from seap.maths.statistics import ActivationStatistics
-from seap.model.calibration import _batches, pad_batch, tokenize_corpus
+from seap.model.calibration import length_batches, pad_batch, tokenize_corpus
 from seap.model.hooks import HookManager, StopForward
 from seap.model.loaded import LoadedModel
 from seap.model.surgery import soft_pruned_layer
@@ -192,7 +192,7 @@ def reconstruct_mask_sequential(base: LoadedModel, mask: PruningMask, corpus: Ca
     report = []
     with torch.inference_mode():
         batches = []
-        for batch in _batches([len(x) for x in token_ids], batch_size):
+        for batch in length_batches([len(x) for x in token_ids], batch_size):
             input_ids, attention = pad_batch([token_ids[j] for j in batch], pad_id, device)
             count = int(attention.sum())
             hidden, calls = _layer_calls(base, input_ids, attention)

@@ -12,11 +12,12 @@ FLAP-style bias compensation.
 * **reconstruction**: a reconstructed mask carries refitted weights for the kept input
   columns of o_proj / down_proj (and a bias, if its refit has one), which replace the plain
   slice (:func:`reconstruct_mask`); soft mode places them in the dense-shaped weight.
+
+This module applies a :class:`~seap.maths.masks.PruningMask`; :func:`seap.model.masking.apply_mask`
+applies a mask of any kind (an expert mask of an MoE model too) by its format.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
@@ -25,8 +26,7 @@ from seap.model.adapters import ArchitectureAdapter, LayerModules
 from seap.errors import SeapError
 from seap.maths.masks import LayerMask, PruningMask
 from seap.model.loaded import LoadedModel, model_fingerprint
-
-MODES = ("soft", "hard")
+from seap.model.pruning import check_mode, check_unpruned, share_copy
 
 
 def _head_rows(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -111,18 +111,7 @@ def soft_pruned_layer(adapter: ArchitectureAdapter, layer: nn.Module, mask: Laye
     return copy_
 
 
-def share_copy(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` whose parameters and buffers are the original tensors.
-
-    Pruning then replaces the pruned linear layers of the copy with new, smaller ones, so
-    an expert costs only its own pruned layers: embeddings, norms and the LM head stay
-    shared with the base model, which is never modified.
-    """
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
-def apply_mask(
+def apply_pruning_mask(
     loaded: LoadedModel,
     mask: PruningMask,
     mode: str = "hard",
@@ -141,19 +130,12 @@ def apply_mask(
     cost little memory.
 
     The mask must have been built on this model (same fingerprint). The result records
-    the mask in ``model.config.seap_pruning`` and gets its own fingerprint. An expert mask of
-    an MoE model (:class:`seap.maths.expert_selection.ExpertMask`) removes experts instead
-    (:func:`seap.model.expert_pruning.apply_expert_mask`).
+    the mask in ``model.config.seap_pruning`` and gets its own fingerprint. (A mask of any
+    kind, an expert mask of an MoE model too, is applied by :func:`seap.model.masking.apply_mask`.)
     """
-    if mode not in MODES:
-        raise SeapError(f"unknown pruning mode {mode!r}", f"use one of: {', '.join(MODES)}")
-    if not isinstance(mask, PruningMask):  # an expert mask of an MoE model
-        from seap.model.expert_pruning import apply_expert_mask
-
-        return apply_expert_mask(loaded, mask, mode, inplace=inplace)
+    check_mode(mode)
     mask.check_model(loaded.fingerprint)
-    if getattr(loaded.model.config, "seap_pruning", None):
-        raise SeapError("this model is already pruned", "apply masks to the dense base model")
+    check_unpruned(loaded)
     if bias_compensation is None:
         bias_compensation = mask.has_bias_compensation and not mask.is_reconstructed
     if bias_compensation and mask.is_reconstructed:

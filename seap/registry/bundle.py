@@ -92,7 +92,7 @@ class Bundle:
 
 def read_bundle(path: str | Path) -> Bundle:
     """Read ``bundle.json`` and check that every mask and the router belong to the recorded base."""
-    from seap.maths.expert_selection import load_mask
+    from seap.maths.mask_formats import load_mask
     from seap.evaluation.router import Router
 
     folder = Path(path)
@@ -149,8 +149,8 @@ class BundleModel:
 
     def __init__(self, bundle: Bundle, device: str | None = "auto", base_model: str | None = None,
                  cache_size: int | None = None) -> None:
-        from seap.maths.expert_selection import load_mask
-        from seap.model.surgery import apply_mask
+        from seap.maths.mask_formats import load_mask
+        from seap.model.masking import apply_mask
         from seap.evaluation.router import Router
         from seap.evaluation.routed import GENERAL, ExpertBank, RoutedModel
 

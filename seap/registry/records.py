@@ -163,7 +163,7 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
 
 
 def _realised(mask_dir: str | Path) -> float:
-    from seap.maths.expert_selection import load_mask
+    from seap.maths.mask_formats import load_mask
 
     return load_mask(mask_dir).realised_sparsity()
 

@@ -52,6 +52,9 @@ class Option:
 
 def _opt(default: Any, section: str | None, key: str, help: str, **checks: Any) -> Any:
     option = Option(section, key, help, **checks)
+    if isinstance(default, dict):
+        mapping = dict(default)
+        return field(default_factory=lambda: dict(mapping), metadata={"option": option})
     if isinstance(default, (list, tuple)):
         value = list(default)
         return field(default_factory=lambda: list(value), metadata={"option": option})
@@ -121,11 +124,15 @@ class RunConfig:
     bias_compensation: bool | None = _opt(None, "masks", "bias_compensation",
                                           "FLAP's bias compensation for every method (null: as each method says: "
                                           "FLAP on, the others off)")
+    general_weights: dict[str, float] = _opt({}, "masks", "general_weights",
+                                             "weight of each task's scores in the SEAP general mask, TASK=W "
+                                             "(tasks left out: wikitext 3, others 2)", minimum=0)
     # -- reconstruction -------------------------------------------------------------------
-    reconstruct: bool = _opt(True, "reconstruction", "reconstruct",
-                             "refit o_proj/down_proj of every mask in closed form on the calibration text's second "
-                             "moments (least squares; replaces bias compensation; false: plain slicing, or each "
-                             "method's own bias compensation)")
+    reconstruct: bool | None = _opt(None, "reconstruction", "reconstruct",
+                                    "refit o_proj/down_proj of every mask in closed form on the calibration text's "
+                                    "second moments (least squares; replaces bias compensation; false: plain "
+                                    "slicing, or each method's own bias compensation) (null: true, unless "
+                                    "bias_compensation is true)")
     refit_alpha: float | None = _opt(None, "reconstruction", "alpha",
                                      "refit regularisation, relative to the mean input energy (null: 0.01)", minimum=0)
     refit_prior: str | None = _opt(None, "reconstruction", "prior",
@@ -186,6 +193,12 @@ class RunConfig:
                                     "MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite in mlflow_dir)")
     mlflow_dir: str | None = _opt(None, "register", "mlflow_dir", "local MLflow store (null: beside workdir)")
     experiment: str = _opt("seap", "register", "experiment", "MLflow experiment of the pipeline runs")
+
+    def __post_init__(self) -> None:
+        # the one rule for reconstruction's default: on, unless FLAP's bias compensation (which
+        # it replaces) is asked for
+        if self.reconstruct is None:
+            self.reconstruct = not self.bias_compensation
 
     # -- building -------------------------------------------------------------------------
     @classmethod
@@ -473,6 +486,15 @@ def options() -> dict[str, Option]:
     return {f.name: f.metadata["option"] for f in dataclasses.fields(RunConfig)}
 
 
+def declared_defaults() -> dict[str, Any]:
+    """Field name -> its declared default (``reconstruct``: ``None``, the rule "on unless
+    bias_compensation"): what a front door that passes every field on (the flows) defaults to."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out
+
+
 def param_sections() -> dict[str, list[str]]:
     """``params.yaml`` section -> its keys, in declaration order."""
     sections: dict[str, list[str]] = {}
@@ -518,6 +540,8 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "float": (_is_number, "a number"),
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v), "a list of names"),
     "list[float]": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers"),
+    "dict[str, float]": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.strip() and _is_number(x)
+                                                               for k, x in v.items()), "a mapping of TASK: number"),
 }
 
 
@@ -533,7 +557,7 @@ def _check_type(config: RunConfig, name: str, value: Any, annotation: str, optio
         if nullable:
             wanted += " or null"
         raise config.bad(name, f"must be {wanted}, got {value!r}", option.help)
-    items = value if isinstance(value, list) else [value]
+    items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
     for item in items:
         if option.minimum is not None and _is_number(item) and item < option.minimum:
             raise config.bad(name, f"must be at least {option.minimum:g}, got {item!r}", option.help)
@@ -551,28 +575,53 @@ def given_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
-                  only: Sequence[str] | None = None) -> None:
+                  only: Sequence[str] | None = None, aliases: Mapping[str, Sequence[str]] | None = None) -> None:
     """One ``--option`` per configuration field (or per field in ``only``; booleans as ``--x`` /
-    ``--no-x``); options left out keep the configuration's default (it is not repeated here)."""
+    ``--no-x``; ``aliases``: more spellings of a field's option); options left out keep the
+    configuration's default (it is not repeated here)."""
     for f in dataclasses.fields(RunConfig):
         if f.name in skip or (only is not None and f.name not in only):
             continue
         o: Option = f.metadata["option"]
         flag = "--" + f.name.replace("_", "-")
+        flags = [flag, *(aliases or {}).get(f.name, ())]
         annotation = str(f.type)
         where = f" [params.yaml: {o.section}.{o.key}]" if o.section else ""
         default = getattr(RunConfig(), f.name)
         help_text = f"{o.help} (default: {default}){where}".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": f.name, "default": _UNSET, "help": help_text}
         if annotation.removesuffix(" | None") == "bool":  # (null, where allowed, is leaving it out)
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         base = annotation.removesuffix(" | None")
+        if base == "dict[str, float]":  # TASK=W ..., collected into a mapping
+            parser.add_argument(*flags, nargs="+", type=_task_weight, action=_MappingAction, metavar="TASK=W", **kwargs)
+            continue
         convert = {"str": str, "int": _int_or_null, "float": _float_or_null, "list[str]": str,
                    "list[float]": float}[base]
         if base.startswith("list["):
             kwargs["nargs"] = "+"
-        parser.add_argument(flag, type=convert, metavar=o.key.upper(), **kwargs)
+        parser.add_argument(*flags, type=convert, metavar=o.key.upper(), **kwargs)
+
+
+def _task_weight(text: str) -> tuple[str, float]:
+    """``"wikitext=3"`` -> ``("wikitext", 3.0)`` (an argparse type)."""
+    task, sep, value = text.partition("=")
+    try:
+        if not sep or not task.strip():
+            raise ValueError
+        return task.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write weights as TASK=NUMBER, e.g. wikitext=3; got {text!r}") from None
+
+
+class _MappingAction(argparse.Action):
+    """Collects ``TASK=W`` pairs (from :func:`_task_weight`) into one mapping."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest, None)  # (given again: the pairs add up)
+        setattr(namespace, self.dest, {**(before if isinstance(before, dict) else {}), **dict(values)})
 
 
 def _or_null(kind: type, what: str) -> Callable[[str], Any]:
@@ -611,4 +660,4 @@ def load_params(path: str | Path = "params.yaml") -> RunConfig:
 
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_TASKS", "Option", "REPORT_METRICS", "ROUTED_EXPERTS", "RunConfig",
-           "add_arguments", "default_params", "load_params", "option_name", "options", "param_sections", "task_name"]
+           "add_arguments", "declared_defaults", "default_params", "load_params", "option_name", "options", "param_sections", "task_name"]

@@ -16,6 +16,7 @@ committed file), so its dependencies are the same module list the Prefect cache 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from typing import Any
 from seap.errors import SeapError
 from seap.io import atomic_directory, atomic_write_json
 from seap.run.config import RunConfig, load_params, options
-from seap.run.plan import STAGES, Job, Plan, make_plan, map_inputs, recorded_config
+from seap.run.plan import PIPELINE_STAGES, STAGES, Job, Plan, make_plan, map_inputs, recorded_config
 
 PARAMS_FILE = Path("params.yaml")
 WORK = Path("work")
@@ -71,8 +72,8 @@ def run_stage(name: str, params_file: str | Path = PARAMS_FILE, root: str | Path
     """Run the jobs of stage ``name`` of the plan of ``params_file`` (validated first)."""
     from seap.run.stages import StageContext, run_job, verify_model_record
 
-    if name not in STAGES:
-        raise SeapError(f"unknown stage {name!r}", f"stages: {', '.join(STAGES)}")
+    if name not in PIPELINE_STAGES:
+        raise SeapError(f"unknown stage {name!r}", f"stages: {', '.join(PIPELINE_STAGES)}")
     root = Path(root)
     config = project_config(params_file, root)
     plan = make_plan(config)
@@ -112,7 +113,7 @@ def _run_report(job: Job, root: Path, ctx: Any) -> None:
 
 
 def _with_run_params(job: Job, config: RunConfig) -> Job:
-    return Job(job.stage, job.name, job.inputs, {**job.params, "run_params": recorded_config(config)}, job.row)
+    return dataclasses.replace(job, params=dataclasses.replace(job.params, run_params=recorded_config(config)))
 
 
 def _say(message: str) -> None:
@@ -145,7 +146,7 @@ def dvc_yaml() -> str:
 
     opts = options()
     stages: dict[str, Any] = {}
-    for stage in STAGES.values():
+    for stage in (STAGES[name] for name in PIPELINE_STAGES):
         deps: list[str] = []
         for up in stage.upstream:
             deps.extend(["results/results.json"] if up == "report" else [f"{WORK}/{up}"])

@@ -25,6 +25,7 @@ from typing import Any
 
 from seap.contenthash import stage_key, tree_digest
 from seap.io import build_once
+from seap.run.job_params import params_to_dict
 from seap.run.plan import STAGES, Job, Plan, map_inputs
 from seap.run.stages import StageContext, run_job
 
@@ -46,9 +47,10 @@ def content_key(job: Job, inputs: Mapping[str, Any], workdir: str | Path) -> str
     """The cache key of ``job`` with resolved ``inputs`` (references): stage, parameters (a data
     folder by content), input contents, stage code, and the work folder (each work folder has
     its own cache, so a hit never points into another one)."""
-    params = dict(job.params)
-    if params.get("data_dir"):
-        params["data_dir"] = {"path": str(params["data_dir"]), "digest": tree_digest(params["data_dir"])}
+    params = params_to_dict(job.params) if job.params is not None else {}
+    for name in ("data_dir", "records"):  # data by its content (a records file; "builtin" is code)
+        if params.get(name) and Path(params[name]).exists():
+            params[name] = {"path": str(params[name]), "digest": tree_digest(params[name])}
     material = {"job": job.key, "params": params, "inputs": {role: map_inputs(v, lambda ref: ref["digest"]) for role, v in inputs.items()},
                 "workdir": str(Path(workdir).resolve())}
     return stage_key(job.stage, material, modules=STAGES[job.stage].modules)

@@ -24,6 +24,22 @@ from typing import Any
 
 from seap.errors import SeapError
 from seap.run.config import RunConfig, task_name
+from seap.run.job_params import (
+    BenchParams,
+    CheckpointParams,
+    CorpusParams,
+    EvaluationParams,
+    MaskParams,
+    ModelParams,
+    PerplexityParams,
+    RegisterParams,
+    ReportParams,
+    RouterParams,
+    ScoresParams,
+    StatisticsParams,
+    params_from_dict,
+    params_to_dict,
+)
 from seap.run.methods import (
     DENSE,
     METHODS,
@@ -46,7 +62,8 @@ class Stage:
     ``modules``: the ``seap`` modules whose source the stage runs (a change re-runs it);
     ``options``: the :class:`RunConfig` fields its jobs read; ``upstream``: the stages whose
     outputs it may read; ``cached``: whether a finished output is reused (registration is
-    idempotent instead, and always runs).
+    idempotent instead, and always runs); ``pipeline``: whether the evaluation pipeline runs it
+    (a ``dvc.yaml`` stage, a task of the flow) or only ``seap prune``.
     """
 
     name: str
@@ -55,11 +72,14 @@ class Stage:
     options: tuple[str, ...]
     upstream: tuple[str, ...] = ()
     cached: bool = True
+    pipeline: bool = True
 
 
+_APPLY = ("seap.maths.mask_formats", "seap.model.masking", "seap.model.pruning", "seap.model.surgery",
+          "seap.maths.masks", "seap.model.expert_pruning", "seap.maths.expert_selection",
+          "seap.model.adapters.moe")  # reading any mask and applying it
 _EVAL = ("seap.evaluation.rows", "seap.evaluation.harness", "seap.evaluation.loglikelihood", "seap.evaluation.metrics",
-         "seap.data.catalogue", "seap.model.surgery", "seap.maths.masks", "seap.model.expert_pruning",
-         "seap.maths.expert_selection", "seap.model.adapters.moe")
+         "seap.data.catalogue", *_APPLY)
 _BASE = ("seap.run.stages", "seap.model.loading", "seap.model.loaded", "seap.model.adapters")
 _EVAL_OPTIONS = ("tasks", "data_dir", "limit", "num_fewshot", "metric", "eval_batch_size")
 STAGES: dict[str, Stage] = {
@@ -81,12 +101,14 @@ STAGES: dict[str, Stage] = {
               ("score", "methods"), ("statistics",)),
         Stage("masks", "per-layer sparsity and one mask per expert, general mask and baseline (refitted on its "
               "calibration text when reconstructing)",
-              (*_BASE, "seap.run.commands", "seap.maths.masks", "seap.maths.schedules", "seap.maths.geometry",
+              (*_BASE, "seap.run.commands", "seap.run.mask_building", "seap.model.pruning", "seap.maths.masks",
+               "seap.maths.schedules",
+               "seap.maths.geometry",
                "seap.maths.scores", "seap.maths.statistics", "seap.maths.moments", "seap.maths.reconstruction",
                "seap.model.refitting", "seap.model.calibration", "seap.model.hooks", "seap.model.surgery",
                "seap.data.corpus", "seap.maths.expert_selection"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
-               "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
+               "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "general_weights", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
                "refit_sequential", "refit_corpus", "refit_generic", "unit", "expert_score", "allow_k_reduction"),
               ("scores", "statistics", "model", "corpus")),
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
@@ -103,13 +125,11 @@ STAGES: dict[str, Stage] = {
               (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed"),
               (*_EVAL_OPTIONS, "router_threshold", "router_kind"), ("model", "masks", "router", "evaluate")),
         Stage("perplexity", "WikiText-2 perplexity of dense and each general mask",
-              (*_BASE, "seap.evaluation.harness", "seap.model.surgery", "seap.maths.masks", "seap.maths.expert_selection",
-               "seap.model.expert_pruning", "seap.model.adapters.moe"),
+              (*_BASE, "seap.evaluation.harness", *_APPLY),
               ("perplexity", "perplexity_windows", "data_dir"), ("model", "masks")),
         Stage("bench", "prefill and decode speed of dense and each distinct pruned shape",
-              (*_BASE, "seap.evaluation.speed", "seap.model.surgery", "seap.maths.masks", "seap.maths.expert_selection",
-               "seap.model.expert_pruning", "seap.model.adapters.moe", "seap.evaluation.llama_cpp_runtime",
-               "seap.export.to_gguf", "seap.export.bpe_pretokenizers"),
+              (*_BASE, "seap.evaluation.speed", *_APPLY, "seap.evaluation.llama_cpp_runtime",
+               "seap.export.to_gguf", "seap.export.gguf_names", "seap.export.bpe_pretokenizers"),
               ("bench", "bench_repeats", "bench_llama_cpp"), ("model", "masks")),
         Stage("report", "Table 1, results.json, metrics, CSV and plot",
               ("seap.run.stages", "seap.evaluation.report", "seap.evaluation.metrics", "seap.evaluation.harness",
@@ -120,8 +140,14 @@ STAGES: dict[str, Stage] = {
               ("seap.run.stages", "seap.registry.records", "seap.evaluation.metrics"),
               ("registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment"),
               ("report", "masks", "router"), cached=False),
+        Stage("checkpoint", "the hard-pruned model of one mask, saved as a checkpoint (`seap prune`)",
+              (*_BASE, "seap.model.checkpoint", *_APPLY),
+              (), ("model", "masks"), pipeline=False),
     )
 }
+
+
+PIPELINE_STAGES = tuple(name for name, s in STAGES.items() if s.pipeline)  # dvc.yaml's stages, the flow's tasks
 
 
 def is_reference(value: Any) -> bool:
@@ -150,12 +176,13 @@ def input_leaves(value: Any) -> list[Any]:
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work: ``stage`` + ``name`` (unique), the jobs it reads, its parameters."""
+    """One unit of work: ``stage`` + ``name`` (unique), the jobs it reads, its parameters (the
+    stage's dataclass of :mod:`seap.run.job_params`)."""
 
     stage: str
     name: str = ""
     inputs: Mapping[str, Any] = field(default_factory=dict)  # role -> job key, list of keys, or {name: key}
-    params: Mapping[str, Any] = field(default_factory=dict)
+    params: Any = None
     row: str | None = None  # the table row this job evaluates, if any
 
     @property
@@ -170,13 +197,13 @@ class Job:
         return keys
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "name": self.name, "inputs": dict(self.inputs), "params": dict(self.params),
-                "row": self.row}
+        return {"stage": self.stage, "name": self.name, "inputs": dict(self.inputs),
+                "params": params_to_dict(self.params) if self.params is not None else {}, "row": self.row}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Job:
-        return cls(data["stage"], data.get("name", ""), data.get("inputs", {}), data.get("params", {}),
-                   data.get("row"))
+        return cls(data["stage"], data.get("name", ""), data.get("inputs", {}),
+                   params_from_dict(data["stage"], data.get("params", {})), data.get("row"))
 
 
 def _keys(value: Any) -> list[str]:
@@ -234,50 +261,79 @@ class Plan:
         """Row key -> {mask name: job key} of every mask group (what registration and bench read)."""
         groups: dict[str, dict[str, str]] = {}
         for j in self.of_stage("masks"):
-            groups.setdefault(j.params["row"], {})[j.params["mask"]] = j.key
+            groups.setdefault(j.params.row, {})[j.params.mask] = j.key
         return groups
 
 
 def make_plan(config: RunConfig) -> Plan:
-    """The jobs for ``config``, in dependency order (``config`` is validated first)."""
-    c = config
-    c.validate(check_data=False)
+    """The jobs for ``config``, in dependency order (``config`` is validated first): the masks
+    of every method and sparsity, then their evaluation, routing, speed, report and registry."""
+    config.validate(check_data=False)
+    jobs, mask_jobs = mask_chain(config, CorpusParams(tasks=list(config.tasks), data_dir=config.data_dir,
+                                                      samples=config.samples, seed=config.seed,
+                                                      max_tokens=config.max_tokens))
+    return _finish_plan(config, jobs, mask_jobs)
+
+
+def make_prune_plan(config: RunConfig, records: str) -> Plan:
+    """The one job chain of ``seap prune``: the masks chain of ``config`` (one method, one
+    sparsity, the tasks of the calibration ``records`` file) and the hard-pruned checkpoint of
+    its one mask. The same planner, stage functions and cache as :func:`make_plan`."""
+    config.validate(check_data=False)
+    if len(config.methods) != 1 or len(config.sparsities) != 1:
+        raise SeapError("a one-shot prune builds one mask", "give one method and one sparsity")
+    jobs, mask_jobs = mask_chain(config, CorpusParams(tasks=list(config.tasks), records=records,
+                                                      samples=config.samples, seed=config.seed,
+                                                      max_tokens=config.max_tokens))
+    (row, group), = mask_jobs.items()
+    if len(group) != 1:
+        raise SeapError(f"{row} builds {len(group)} masks ({', '.join(group)}), a one-shot prune one",
+                        "prune for one task (--task NAME), or use the general mask")
+    (name, key), = group.items()
+    jobs.append(Job("checkpoint", "", {"model": "model", "mask": key}, CheckpointParams(row=row, mask=name)))
+    plan = Plan(config, jobs)
+    check_plan(plan)
+    return plan
+
+
+def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str, dict[str, str]]]:
+    """The jobs up to the masks: model, corpus (``corpus``), statistics, scores and one mask job
+    per method, sparsity and mask name; and row -> mask name -> job key of the masks. Every
+    unit goes through here (a mixture-of-experts model: :func:`_expert_jobs`)."""
     tasks = c.task_names
     methods = methods_to_build(c.methods)
+    jobs: list[Job] = [Job("model", params=ModelParams(model=c.model, device=c.device, dtype=c.dtype)),
+                       Job("corpus", params=corpus)]
     if c.moe:
-        return _finish_plan(c, *_expert_jobs(c, tasks, methods))
+        return _expert_jobs(c, tasks, methods, jobs)
+    add = jobs.append
     reconstructing = [m for m in methods if m.resolved_reconstruct(c.reconstruct)]
     sequential = bool(c.refit_sequential)  # refits on the corpus itself: no second moments
     one_shot = [] if sequential else reconstructing
     pooled = any(m.calibration == "pooled" for m in methods) or \
         any(m.refit_source(c.refit_corpus) == POOLED for m in one_shot)
-    second = {"second_moments": True} if one_shot else {}  # (absent otherwise: earlier caches stay valid)
-    jobs: list[Job] = []
-    add = jobs.append
-
-    add(Job("model", params={"model": c.model, "device": c.device, "dtype": c.dtype}))
-    add(Job("corpus", params={"tasks": list(c.tasks), "data_dir": c.data_dir, "samples": c.samples, "seed": c.seed,
-                              "max_tokens": c.max_tokens}))
+    second = bool(one_shot)
     generic = [task_name(t) for t in c.refit_generic] if reconstructing else []
     if generic:  # generic text added to every refit corpus: its own corpus and statistics
-        add(Job("corpus", GENERIC, params={"tasks": list(c.refit_generic), "data_dir": c.data_dir,
-                                           "samples": c.refit_generic_samples or c.samples, "seed": c.seed,
-                                           "max_tokens": c.max_tokens}))
+        add(Job("corpus", GENERIC, params=CorpusParams(tasks=list(c.refit_generic), data_dir=c.data_dir,
+                                                       samples=c.refit_generic_samples or c.samples, seed=c.seed,
+                                                       max_tokens=c.max_tokens)))
         if not sequential:
             add(Job("statistics", GENERIC, {"model": "model", "corpus": f"corpus/{GENERIC}"},
-                    {"batch_size": c.stats_batch_size, "tasks": generic, "second_moments": True}))
+                    StatisticsParams(tasks=generic, batch_size=c.stats_batch_size, second_moments=True)))
     # statistics: one pass per task, or shards merged exactly
     if c.stats_shards > 1:
         shards = [f"statistics/shard-{i}-of-{c.stats_shards}" for i in range(c.stats_shards)]
         for i, key in enumerate(shards):
             add(Job("statistics", key.split("/", 1)[1], {"model": "model", "corpus": "corpus"},
-                    {"batch_size": c.stats_batch_size, "shard": [i, c.stats_shards], "tasks": tasks, **second}))
-        add(Job("statistics", "tasks", {"shards": shards}, {"tasks": tasks}))
+                    StatisticsParams(tasks=tasks, batch_size=c.stats_batch_size, shard=[i, c.stats_shards],
+                                     second_moments=second)))
+        add(Job("statistics", "tasks", {"shards": shards}, StatisticsParams(tasks=tasks)))
     else:
         add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
-                {"batch_size": c.stats_batch_size, "tasks": tasks, **second}))
+                StatisticsParams(tasks=tasks, batch_size=c.stats_batch_size, second_moments=second)))
     if pooled:
-        add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, {"tasks": tasks}))
+        add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, StatisticsParams(tasks=tasks)))
 
     # scores: SEAP's per task; each pooled method's score on the pooled statistics
     score_keys: dict[tuple[str, str], str] = {}
@@ -287,7 +343,7 @@ def make_plan(config: RunConfig) -> Plan:
             if (score, source) not in score_keys:
                 job = Job("scores", f"{score}/{source}",
                           {"statistics": "statistics/pooled" if source == POOLED else "statistics/tasks"},
-                          {"score": score, "task": source})
+                          ScoresParams(score=score, task=source))
                 add(job)
                 score_keys[(score, source)] = job.key
 
@@ -297,16 +353,16 @@ def make_plan(config: RunConfig) -> Plan:
         for m in methods:
             row = row_key(m.name, sparsity)
             reconstruct = m.resolved_reconstruct(c.reconstruct)
-            common = {"sparsity": sparsity, "method": m.name, "row": row, "schedule": m.resolved_schedule(c.schedule),
-                      "schedule_options": {**c.schedule_options, **m.schedule_options, **c.width_options},
-                      "gqa_mode": c.gqa_mode,
-                      "bias_compensation": m.resolved_bias_compensation(c.bias_compensation, reconstruct),
-                      "score": m.resolved_score(c.score)}
+            common = dict(sparsity=sparsity, method=m.name, row=row, kind=_kind(m),
+                          schedule=m.resolved_schedule(c.schedule),
+                          schedule_options={**c.schedule_options, **m.schedule_options, **c.width_options},
+                          gqa_mode=c.gqa_mode, bias_compensation=m.resolved_bias_compensation(c.bias_compensation,
+                                                                                             reconstruct),
+                          score=m.resolved_score(c.score),
+                          weights=c.general_weights if m.calibration == "general" else {})
             if reconstruct:
-                common["refit"] = c.refit_options
-                common["refit_source"] = m.refit_source(c.refit_corpus)
-                if generic:
-                    common["refit_generic"] = generic
+                common.update(refit=c.refit_options, refit_source=m.refit_source(c.refit_corpus),
+                              refit_generic=generic or None)
             group: dict[str, str] = {}
             per_task = m.refits_per_task(reconstruct, c.refit_corpus)
             for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
@@ -319,44 +375,42 @@ def make_plan(config: RunConfig) -> Plan:
                               "statistics/pooled" if common["refit_source"] == POOLED else "statistics/tasks"}
                     if generic:
                         inputs["refit_generic"] = f"statistics/{GENERIC}"
-                job = Job("masks", f"{row}/{name}", inputs, {**common, "mask": name, "kind": _kind(m)})
+                job = Job("masks", f"{row}/{name}", inputs, MaskParams(mask=name, **common))  # type: ignore[arg-type]
                 add(job)
                 group[name] = job.key
             mask_jobs[row] = group
+    return jobs, mask_jobs
 
-    return _finish_plan(c, jobs, mask_jobs)
 
-
-def _expert_jobs(c: RunConfig, tasks: list[str], methods: list[Method]) -> tuple[list[Job], dict[str, dict[str, str]]]:
-    """The jobs up to the masks for a mixture-of-experts model (every unit: ``moe`` in their
-    parameters): router statistics per task (and pooled; with channel sums unless the unit is
-    experts), then one expert mask per task (SEAP experts, on the run's ``expert_score``),
-    one general mask (all tasks' router statistics) and each pooled method's mask (its own
-    score on the pooled statistics). Nothing is refitted."""
-    jobs: list[Job] = []
+def _expert_jobs(c: RunConfig, tasks: list[str], methods: list[Method], jobs: list[Job]
+                 ) -> tuple[list[Job], dict[str, dict[str, str]]]:
+    """The jobs after model and corpus for a mixture-of-experts model (every unit: ``moe`` in
+    their parameters): router statistics per task (and pooled; with channel sums unless the
+    unit is experts), then one expert mask per task (SEAP experts, on the run's
+    ``expert_score``), one general mask (all tasks' router statistics) and each pooled
+    method's mask (its own score on the pooled statistics). Nothing is refitted."""
     add = jobs.append
-    add(Job("model", params={"model": c.model, "device": c.device, "dtype": c.dtype}))
-    add(Job("corpus", params={"tasks": list(c.tasks), "data_dir": c.data_dir, "samples": c.samples, "seed": c.seed,
-                              "max_tokens": c.max_tokens}))
     unit = c.resolved_unit
     add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
-            {"batch_size": c.stats_batch_size, "tasks": tasks, "unit": unit, "moe": True}))
+            StatisticsParams(tasks=tasks, batch_size=c.stats_batch_size, unit=unit, moe=True)))
     if any(m.calibration != "task" for m in methods):
-        add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, {"tasks": tasks, "unit": unit, "moe": True}))
+        add(Job("statistics", POOLED, {"statistics": "statistics/tasks"},
+                StatisticsParams(tasks=tasks, unit=unit, moe=True)))
     mask_jobs: dict[str, dict[str, str]] = {}
     for sparsity in c.sparsities:
         for m in methods:
             row = row_key(m.name, sparsity)
-            score = m.score or c.expert_score
             schedule = m.resolved_schedule(c.schedule)
-            common = {"sparsity": sparsity, "method": m.name, "row": row, "unit": unit, "moe": True, "score": score,
-                      "allow_k_reduction": c.allow_k_reduction, "kind": _kind(m), "schedule": schedule,
-                      "schedule_options": {**c.schedule_options, **m.schedule_options} if schedule == "logistic" else {}}
             names = [(t, "statistics/tasks") for t in tasks] if m.calibration == "task" else \
                 [(GENERAL, "statistics/pooled")]
             group = {}
             for name, source in names:
-                job = Job("masks", f"{row}/{name}", {"statistics": source}, {**common, "mask": name})
+                job = Job("masks", f"{row}/{name}", {"statistics": source},
+                          MaskParams(method=m.name, row=row, mask=name, kind=_kind(m), sparsity=sparsity,
+                                     score=m.score or c.expert_score, schedule=schedule,
+                                     schedule_options={**c.schedule_options, **m.schedule_options}
+                                     if schedule == "logistic" else {},
+                                     moe=True, unit=unit, allow_k_reduction=c.allow_k_reduction))
                 add(job)
                 group[name] = job.key
             mask_jobs[row] = group
@@ -370,11 +424,8 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     add = jobs.append
     methods = methods_to_build(c.methods)
     # evaluation rows: dense, then per sparsity in method-table order
-    evaluation = {"tasks": list(c.tasks), "data_dir": c.data_dir, "limit": c.limit, "num_fewshot": c.num_fewshot,
-                  "metric": c.metric, "batch_size": c.eval_batch_size}
     rows: dict[str, str] = {}
-    dense = Job("evaluate-dense", DENSE, {"model": "model"}, {**evaluation, "method": DENSE, "sparsity": 0.0},
-                row=DENSE)
+    dense = Job("evaluate-dense", DENSE, {"model": "model"}, _evaluation(c, DENSE, 0.0), row=DENSE)
     add(dense)
     rows[DENSE] = dense.key
     for sparsity in c.sparsities:
@@ -383,16 +434,16 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
                 continue  # built only for the routed row
             row = row_key(m.name, sparsity)
             job = Job("evaluate", row, {"model": "model", "masks": mask_jobs[row]},
-                      {**evaluation, "method": m.name, "sparsity": sparsity,
-                       "per_task": m.calibration == "task" or GENERAL not in mask_jobs[row]},
+                      _evaluation(c, m.name, sparsity,
+                                  per_task=m.calibration == "task" or GENERAL not in mask_jobs[row]),
                       row=row)
             add(job)
             rows[row] = job.key
 
     if c.routed:
         add(Job("router", "", {"model": "model"},
-                {"tasks": list(c.tasks), "data_dir": c.data_dir, "prompts_per_task": c.router_prompts,
-                 "feature_layer": c.router_layer, "seed": c.seed, "threshold": c.router_threshold}))
+                RouterParams(tasks=list(c.tasks), data_dir=c.data_dir, prompts_per_task=c.router_prompts,
+                             feature_layer=c.router_layer, seed=c.seed, threshold=c.router_threshold)))
         for sparsity in c.sparsities:
             row = row_key("seap-routed", sparsity)
             experts = row_key(ROUTED_EXPERTS, sparsity)
@@ -401,8 +452,8 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
             if experts in rows:  # the expert row's per-item results are reused where routing agrees
                 inputs["expert_row"] = rows[experts]
             job = Job("evaluate-routed", row, inputs,
-                      {**evaluation, "method": "seap-routed", "sparsity": sparsity, "threshold": c.router_threshold,
-                       **({"router_kind": c.router_kind} if c.router_kind != "features" else {})},
+                      _evaluation(c, "seap-routed", sparsity, threshold=c.router_threshold,
+                                  router_kind=c.router_kind if c.router_kind != "features" else None),
                       row=row)
             add(job)
             rows[row] = job.key
@@ -413,32 +464,42 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
                                    if GENERAL in group and row.split("@")[0] in c.methods}
         for row, mask in targets.items():
             job = Job("perplexity", row, {"model": "model", "mask": mask},
-                      {"data_dir": c.data_dir, "windows": c.perplexity_windows, "row": row})
+                      PerplexityParams(data_dir=c.data_dir, windows=c.perplexity_windows, row=row))
             add(job)
             perplexity.append(job.key)
 
     bench = None
     if c.bench:
         flat = {f"{row}:{name}": key for row, group in mask_jobs.items() for name, key in group.items()}
-        job = Job("bench", "", {"model": "model", "masks": flat}, {"repeats": c.bench_repeats,
-                                                                   "llama_cpp": c.bench_llama_cpp})
+        job = Job("bench", "", {"model": "model", "masks": flat},
+                  BenchParams(repeats=c.bench_repeats, llama_cpp=c.bench_llama_cpp))
         add(job)
         bench = job.key
 
-    report = Job("report", "", {"rows": rows, "router": "router" if c.routed else None, "bench": bench,
-                                "perplexity": perplexity},
-                 {"metric": c.metric, "tasks": list(c.tasks), "data_dir": c.data_dir, "limit": c.limit,
-                  "num_fewshot": c.num_fewshot, "config": recorded_config(c)})
-    add(report)
+    add(Job("report", "", {"rows": rows, "router": "router" if c.routed else None, "bench": bench,
+                           "perplexity": perplexity}, _report(c)))
     seap_groups = {row: group for row, group in mask_jobs.items()
                    if row.split("@")[0] in (ROUTED_EXPERTS, ROUTED_FALLBACK)}
     add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
-            {"score": c.expert_score if c.resolved_unit != "neurons" else c.score,  # (MoE neurons: the channel score)
-             "schedule": c.schedule, "registry_dir": c.registry, "mlflow": c.mlflow,
-             "tracking_uri": c.tracking_uri, "mlflow_dir": c.mlflow_store, "experiment": c.experiment}))
+            RegisterParams(score=c.expert_score if c.resolved_unit != "neurons" else c.score,  # (MoE neurons: the channel score)
+                           schedule=c.schedule, registry_dir=c.registry, mlflow=c.mlflow,
+                           tracking_uri=c.tracking_uri, mlflow_dir=c.mlflow_store, experiment=c.experiment)))
     plan = Plan(c, jobs)
     check_plan(plan)
     return plan
+
+
+def _evaluation(c: RunConfig, method: str, sparsity: float, tasks: list[str] | None = None,
+                **extra: Any) -> EvaluationParams:
+    """The parameters of one evaluated row."""
+    return EvaluationParams(tasks=list(c.tasks) if tasks is None else tasks, data_dir=c.data_dir, limit=c.limit,
+                            num_fewshot=c.num_fewshot, metric=c.metric, batch_size=c.eval_batch_size, method=method,
+                            sparsity=sparsity, **extra)
+
+
+def _report(c: RunConfig) -> ReportParams:
+    return ReportParams(metric=c.metric, tasks=list(c.tasks), data_dir=c.data_dir, limit=c.limit,
+                        num_fewshot=c.num_fewshot, config=recorded_config(c))
 
 
 def recorded_config(config: RunConfig) -> dict[str, Any]:
@@ -476,24 +537,19 @@ def make_evaluation_plan(config: RunConfig, masks: Mapping[str, Mapping[str, Any
     evaluated on its own task only)."""
     c = config
     c.validate(check_data=False)
-    evaluation = {"data_dir": c.data_dir, "limit": c.limit, "num_fewshot": c.num_fewshot, "metric": c.metric,
-                  "batch_size": c.eval_batch_size}
-    jobs = [Job("model", params={"model": c.model, "device": c.device, "dtype": c.dtype}),
-            Job("evaluate-dense", DENSE, {"model": "model"},
-                {**evaluation, "tasks": list(c.tasks), "method": DENSE, "sparsity": 0.0}, row=DENSE)]
+    jobs = [Job("model", params=ModelParams(model=c.model, device=c.device, dtype=c.dtype)),
+            Job("evaluate-dense", DENSE, {"model": "model"}, _evaluation(c, DENSE, 0.0), row=DENSE)]
     rows = {DENSE: f"evaluate-dense/{DENSE}"}
     given = set()
     for row, spec in masks.items():
         key = f"masks/{row}/{spec['mask']}"
         given.add(key)
         job = Job("evaluate", row, {"model": "model", "masks": {spec["mask"]: key}},
-                  {**evaluation, "tasks": list(spec["tasks"]), "method": spec["method"], "sparsity": spec["sparsity"],
-                   "per_task": spec["mask"] != GENERAL}, row=row)
+                  _evaluation(c, spec["method"], spec["sparsity"], tasks=list(spec["tasks"]),
+                              per_task=spec["mask"] != GENERAL), row=row)
         jobs.append(job)
         rows[row] = job.key
-    jobs.append(Job("report", "", {"rows": rows, "router": None, "bench": None, "perplexity": []},
-                    {"metric": c.metric, "tasks": list(c.tasks), "data_dir": c.data_dir, "limit": c.limit,
-                     "num_fewshot": c.num_fewshot, "config": recorded_config(c)}))
+    jobs.append(Job("report", "", {"rows": rows, "router": None, "bench": None, "perplexity": []}, _report(c)))
     plan = Plan(c, jobs, frozenset(given))
     check_plan(plan)
     return plan
@@ -517,5 +573,5 @@ def check_plan(plan: Plan) -> None:
         seen[job.key] = job
 
 
-__all__ = ["GENERAL", "Job", "METHODS", "POOLED", "Plan", "STAGES", "Stage", "check_plan", "make_evaluation_plan",
-           "make_plan"]
+__all__ = ["GENERAL", "Job", "METHODS", "PIPELINE_STAGES", "POOLED", "Plan", "STAGES", "Stage", "check_plan", "make_evaluation_plan",
+           "make_plan", "make_prune_plan", "mask_chain"]

@@ -28,6 +28,8 @@ ITEMS_FILE = "items.json"
 BENCH_FILE = "bench.json"
 PERPLEXITY_FILE = "perplexity.json"
 REGISTERED_FILE = "registered.json"
+CHECKPOINT_DIR = "model"  # (in a checkpoint job's output) the pruned checkpoint
+CHECKPOINT_SUMMARY = "summary.json"  # ... and what it removed
 
 
 @dataclass
@@ -39,6 +41,7 @@ class StageContext:
     task_files: Path
     progress: bool = False
     say: Callable[[str], None] = print
+    preloaded: Any = None  # a LoadedModel the caller holds already: used for the model at its location
     _models: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -47,6 +50,9 @@ class StageContext:
         from seap.model.loading import load_model
 
         record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
+        if self.preloaded is not None and record["kind"] != "hub" and \
+                Path(record["location"]).resolve() == Path(self.preloaded.location).resolve():
+            return self.preloaded
         with self._lock:
             loaded = self._models.get(record["digest"])
             if loaded is None:
@@ -71,11 +77,11 @@ def model(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.model.loading import resolve_model_path
 
     p = job.params
-    location, kind = resolve_model_path(p["model"])
+    location, kind = resolve_model_path(p.model)
     digest = f"hub:{location}" if kind == "hub" else tree_digest(location)
     out.mkdir(parents=True)
-    atomic_write_json(out / MODEL_RECORD, {"name": p["model"], "location": str(location), "kind": kind,
-                                           "device": p["device"], "dtype": p["dtype"], "digest": digest})
+    atomic_write_json(out / MODEL_RECORD, {"name": p.model, "location": str(location), "kind": kind,
+                                           "device": p.device, "dtype": p.dtype, "digest": digest})
 
 
 def verify_model_record(model_dir: Path) -> None:
@@ -92,15 +98,21 @@ def verify_model_record(model_dir: Path) -> None:
 
 
 def corpus(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
-    """Calibration corpora of the tasks' train splits, in one corpus file."""
+    """Calibration corpora of the tasks' train splits, or of a records file (``seap prune``), in
+    one corpus file."""
     from seap.data.corpus import build_corpus, write_corpus
 
     p = job.params
-    specs = ctx.catalogue(p["data_dir"]).resolve(p["tasks"])
-    corpora = {s.name: build_corpus(s.calibration_records(), s.name, p["samples"], p["seed"], source=s.source)
-               for s in specs}
+    if p.records is not None:
+        from seap.data.corpus import build_corpora
+
+        corpora = build_corpora(p.records, p.tasks, p.samples, p.seed)
+    else:
+        specs = ctx.catalogue(p.data_dir).resolve(p.tasks)
+        corpora = {s.name: build_corpus(s.calibration_records(), s.name, p.samples, p.seed, source=s.source)
+                   for s in specs}
     out.mkdir(parents=True)
-    write_corpus(out / CORPUS_FILE, corpora, max_tokens=p["max_tokens"])
+    write_corpus(out / CORPUS_FILE, corpora, max_tokens=p.max_tokens)
     ctx.say(", ".join(f"{t}: {len(c)} texts" for t, c in corpora.items()))
 
 
@@ -111,20 +123,20 @@ def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
     p = job.params
     out.parent.mkdir(parents=True, exist_ok=True)
-    if p.get("moe"):  # a mixture-of-experts model: what the routers do on each task's tokens
+    if p.moe:  # a mixture-of-experts model: what the routers do on each task's tokens
         _router_statistics(job, inputs, out, ctx)
         return
     # second moments too large to hold for every layer go to a spill folder beside `out`,
     # layer by layer, and are linked into the saved statistics
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spill-") as spill:
         if job.name == POOLED:
-            merged = merge_statistics([ActivationStatistics.load(Path(inputs["statistics"]) / t) for t in p["tasks"]],
+            merged = merge_statistics([ActivationStatistics.load(Path(inputs["statistics"]) / t) for t in p.tasks],
                                       POOLED, spill_dir=spill)
             merged.save(out)
             return
         out.mkdir(parents=True)
         if "shards" in inputs:
-            for t in p["tasks"]:
+            for t in p.tasks:
                 merge_statistics([ActivationStatistics.load(Path(s) / t) for s in inputs["shards"]], t,
                                  spill_dir=Path(spill) / t).save(out / t)
             return
@@ -138,7 +150,7 @@ def _router_statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -
 
     p = job.params
     if job.name == POOLED:
-        parts = [RouterStatistics.load(Path(inputs["statistics"]) / t) for t in p["tasks"]]
+        parts = [RouterStatistics.load(Path(inputs["statistics"]) / t) for t in p.tasks]
         merged = parts[0]
         for part in parts[1:]:
             merged = merged.merge(part)
@@ -147,9 +159,9 @@ def _router_statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -
     corpora, header = read_corpus(Path(inputs["corpus"]) / CORPUS_FILE)
     loaded = ctx.base(inputs["model"])
     out.mkdir(parents=True)
-    for t in p["tasks"]:
-        collect_router_statistics(loaded, corpora[t], p["batch_size"], header.get("max_tokens", DEFAULT_MAX_TOKENS),
-                                  progress=ctx.progress, channels=p["unit"] != "experts").save(out / t)
+    for t in p.tasks:
+        collect_router_statistics(loaded, corpora[t], p.batch_size, header.get("max_tokens", DEFAULT_MAX_TOKENS),
+                                  progress=ctx.progress, channels=p.unit != "experts").save(out / t)
 
 
 def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext, spill: Path) -> None:
@@ -158,15 +170,15 @@ def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext, spill: Path
 
     p = job.params
     corpora, header = read_corpus(Path(inputs["corpus"]) / CORPUS_FILE)
-    missing = [t for t in p["tasks"] if t not in corpora]
+    missing = [t for t in p.tasks if t not in corpora]
     if missing:
         raise SeapError(f"task(s) {missing} are not in the corpus", f"it holds: {', '.join(corpora)}")
     loaded = ctx.base(inputs["model"])
-    shard = tuple(p["shard"]) if p.get("shard") else None
-    for t in p["tasks"]:
-        stats = collect_statistics(loaded, corpora[t], p["batch_size"], header.get("max_tokens", DEFAULT_MAX_TOKENS),
+    shard = tuple(p.shard) if p.shard else None
+    for t in p.tasks:
+        stats = collect_statistics(loaded, corpora[t], p.batch_size, header.get("max_tokens", DEFAULT_MAX_TOKENS),
                                    shard=shard, progress=ctx.progress,  # type: ignore[arg-type]
-                                   second_moments=bool(p.get("second_moments")), spill_dir=spill / t)
+                                   second_moments=bool(p.second_moments), spill_dir=spill / t)
         stats.save(out / t)
 
 
@@ -175,54 +187,72 @@ def scores(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.run.commands import make_scores
 
     folder = Path(inputs["statistics"])
-    task = job.params["task"]
-    make_scores(folder if task == POOLED else folder / task, out, job.params["score"])
+    task = job.params.task
+    make_scores(folder if task == POOLED else folder / task, out, job.params.score)
 
 
 def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
-    """One mask: an expert (one task's scores), the general mask (the tasks' scores combined) or a
-    pooled method's mask; bias-compensation means stored in it when it compensates, refitted
-    weights when it is reconstructed (``refit`` options, on the ``refit_statistics``)."""
-    from seap.run.commands import make_mask
+    """One mask (:func:`seap.run.mask_building.build_method_mask`): an expert (one task's scores
+    or router statistics), the general mask (the tasks' combined) or a pooled method's mask;
+    bias-compensation means stored in it when it compensates, refitted weights when it is
+    reconstructed (on the ``refit_statistics``, or the ``refit_corpus`` text)."""
+    from seap.maths.scores import ImportanceScores
+    from seap.maths.statistics import ActivationStatistics
+    from seap.run.mask_building import RefitSource, build_method_mask, load_refit_statistics
 
     p = job.params
-    if p.get("moe"):  # experts of an MoE model: from its task's (or all tasks') router statistics
-        from seap.maths.expert_selection import RouterStatistics, build_expert_mask
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if p.moe:  # experts of an MoE model: from its task's (or all tasks') router statistics
+        from seap.maths.expert_selection import RouterStatistics
 
         folder = Path(inputs["statistics"])
-        stats = RouterStatistics.load(folder / p["mask"] if p["kind"] == "expert" else folder)
-        mask = build_expert_mask(stats, p["sparsity"], p["score"], p["allow_k_reduction"], schedule=p["schedule"],
-                                 unit=p["unit"], **p["schedule_options"])
-        mask.meta["method"] = p["method"]
-        if p["kind"] != "expert":
-            mask.meta.update({"task": GENERAL, "tasks": stats.task.split("+")})
-        mask.save(out)
+        stats = RouterStatistics.load(folder / p.mask if p.kind == "expert" else folder)
+        build_method_mask(p, router_statistics=stats).save(out)
         return
     bias = inputs.get("bias_statistics")
-    if bias is not None and p["kind"] == "expert":
-        bias = Path(bias) / p["mask"]
-    refit: dict[str, Any] = {}
-    if "refit_corpus" in inputs:  # sequential: the task's own text or all tasks', and the generic text
-        from seap.run.commands import read_refit_corpus
+    if bias is not None and p.kind == "expert":
+        bias = Path(bias) / p.mask
+    scores = [ImportanceScores.load(s) for s in inputs["scores"]]
+    bias_statistics = ActivationStatistics.load(bias) if bias is not None else None
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spill-") as spill:
+        refit = None
+        if "refit_corpus" in inputs:  # sequential: the task's own text or all tasks', and the generic text
+            from seap.run.commands import read_refit_corpus
 
-        files = [Path(inputs["refit_corpus"]) / CORPUS_FILE]
-        if "refit_generic" in inputs:
-            files.append(Path(inputs["refit_generic"]) / CORPUS_FILE)
-        corpus, cap = read_refit_corpus(files, [p["mask"]] if p["refit_source"] == "task" else None)
-        refit = {"refit_model": ctx.base(inputs["model"]), "refit_options": p["refit"], "refit_corpus": corpus,
-                 "refit_max_tokens": cap}
-    elif "refit" in p:  # refitted on the task's own statistics (a sub-folder) or the pooled ones
-        stats = Path(inputs["refit_statistics"])
-        own = stats / p["mask"] if p["refit_source"] == "task" else stats
-        generic = [Path(inputs["refit_generic"]) / t for t in p.get("refit_generic", [])]  # merged with it
-        refit = {"refit_model": ctx.base(inputs["model"]), "refit_options": p["refit"],
-                 "refit_stats_dir": [own, *generic] if generic else own}
-    make_mask(inputs["scores"], out, p["sparsity"], p["schedule"], general=len(inputs["scores"]) > 1,
-              gqa_mode=p["gqa_mode"], bias_stats_dir=bias, method=p["method"], **refit, **p["schedule_options"])
+            files = [Path(inputs["refit_corpus"]) / CORPUS_FILE]
+            if "refit_generic" in inputs:
+                files.append(Path(inputs["refit_generic"]) / CORPUS_FILE)
+            corpus, cap = read_refit_corpus(files, [p.mask] if p.refit_source == "task" else None)
+            refit = RefitSource(ctx.base(inputs["model"]), corpus=corpus, max_tokens=cap)
+        elif p.refit is not None:  # refitted on the task's own statistics (a sub-folder) or the pooled ones
+            stats = Path(inputs["refit_statistics"])
+            own = stats / p.mask if p.refit_source == "task" else stats
+            generic = [Path(inputs["refit_generic"]) / t for t in p.refit_generic or []]  # merged with it
+            refit = RefitSource(ctx.base(inputs["model"]), statistics=load_refit_statistics([own, *generic], spill))
+        build_method_mask(p, scores=scores, bias_statistics=bias_statistics, refit=refit).save(out)
+
+
+def checkpoint(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """The base model hard-pruned with one mask, saved as a checkpoint that
+    :func:`seap.load_pruned` reloads (``out/model``), and what it removed (``out/summary.json``:
+    the mask's realised sparsity of prunable weights, and all parameters before and after)."""
+    from seap.maths.mask_formats import load_mask
+    from seap.model.checkpoint import save_pruned
+    from seap.model.masking import apply_mask
+
+    mask = load_mask(inputs["mask"])
+    loaded = ctx.base(inputs["model"])
+    pruned = apply_mask(loaded, mask, "hard")
+    out.mkdir(parents=True)
+    save_pruned(pruned, out / CHECKPOINT_DIR, mask)
+    atomic_write_json(out / CHECKPOINT_SUMMARY, {
+        "row": job.params.row, "mask": job.params.mask, "realised_sparsity": mask.realised_sparsity(),
+        "dense_params": sum(p.numel() for p in loaded.model.parameters()),
+        "pruned_params": sum(p.numel() for p in pruned.model.parameters())})
 
 
 def _load_masks(paths: Mapping[str, Any]) -> dict[str, Any]:
-    from seap.maths.expert_selection import load_mask
+    from seap.maths.mask_formats import load_mask
 
     return {name: load_mask(path) for name, path in paths.items()}
 
@@ -238,12 +268,12 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.evaluation.rows import evaluate_masks
 
     p = job.params
-    catalogue = ctx.catalogue(p["data_dir"])
-    specs = catalogue.resolve(p["tasks"])
+    catalogue = ctx.catalogue(p.data_dir)
+    specs = catalogue.resolve(p.tasks)
     loaded_masks = _load_masks(inputs.get("masks") or {})
     loaded = ctx.base(inputs["model"])
-    row, items = evaluate_masks(loaded, catalogue, specs, p["method"], p["sparsity"], loaded_masks, p["limit"],
-                                p["num_fewshot"], p["batch_size"], p["metric"])
+    row, items = evaluate_masks(loaded, catalogue, specs, p.method, p.sparsity, loaded_masks, p.limit,
+                                p.num_fewshot, p.batch_size, p.metric)
     row["model_fingerprint"] = loaded.fingerprint
     row["masks"] = {name: m.digest() for name, m in loaded_masks.items()}
     _write_row(out, row, items)
@@ -256,11 +286,11 @@ def router(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.evaluation.router import train_router
 
     p = job.params
-    catalogue = ctx.catalogue(p["data_dir"])
-    specs = catalogue.resolve(p["tasks"])
+    catalogue = ctx.catalogue(p.data_dir)
+    specs = catalogue.resolve(p.tasks)
     loaded = ctx.base(inputs["model"])
-    trained = train_router(loaded, training_prompts(catalogue, specs, p["prompts_per_task"], p["seed"]),
-                           p["feature_layer"], seed=p["seed"], threshold=p["threshold"])
+    trained = train_router(loaded, training_prompts(catalogue, specs, p.prompts_per_task, p.seed),
+                           p.feature_layer, seed=p.seed, threshold=p.threshold)
     trained.save(out)
     ctx.say(f"router: held-out accuracy {trained.meta['heldout_accuracy']:.3f}")
 
@@ -271,30 +301,30 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
     from seap.evaluation.router import Router
     from seap.evaluation.rows import evaluate_routed as routed_row
     from seap.evaluation.rows import router_info
-    from seap.maths.expert_selection import load_mask
+    from seap.maths.mask_formats import load_mask
 
     p = job.params
-    catalogue = ctx.catalogue(p["data_dir"])
-    specs = catalogue.resolve(p["tasks"])
+    catalogue = ctx.catalogue(p.data_dir)
+    specs = catalogue.resolve(p.tasks)
     experts = _load_masks(inputs["experts"])
-    if p.get("router_kind") == "patterns":  # TAER: the nearest stored routing pattern of each prompt's prefix
+    if p.router_kind == "patterns":  # TAER: the nearest stored routing pattern of each prompt's prefix
         from seap.evaluation.routed import PatternRouter
 
-        trained: Any = PatternRouter.from_masks(experts, threshold=p["threshold"])
+        trained: Any = PatternRouter.from_masks(experts, threshold=p.threshold)
     else:
         trained = Router.load(inputs["router"])
     general = load_mask(inputs["general"]) if inputs.get("general") else None
     expert_items = read_json(Path(inputs["expert_row"]) / ITEMS_FILE, "expert row items") \
         if inputs.get("expert_row") else None
     loaded = ctx.base(inputs["model"])
-    row, items = routed_row(loaded, catalogue, specs, p["sparsity"], experts, general, trained, p["limit"],
-                            p["num_fewshot"], p["batch_size"], p["metric"], p["threshold"], expert_items)
+    row, items = routed_row(loaded, catalogue, specs, p.sparsity, experts, general, trained, p.limit,
+                            p.num_fewshot, p.batch_size, p.metric, p.threshold, expert_items)
     row["model_fingerprint"] = loaded.fingerprint
     row["masks"] = {name: m.digest() for name, m in experts.items()}
     if general is not None:
         row["masks"][GENERAL] = general.digest()
     row["router"] = router_info(trained) if isinstance(trained, Router) else \
-        {"kind": "patterns", "tasks": trained.tasks, "prefix_tokens": trained.prefix_tokens, "threshold": p["threshold"]}
+        {"kind": "patterns", "tasks": trained.tasks, "prefix_tokens": trained.prefix_tokens, "threshold": p.threshold}
     _write_row(out, row, items)
     ctx.say(f"{job.row}: average {row['average']['table'] * 100:.2f} "
             f"({row['reused_documents']} of {row['routing']['docs']} documents reused from the expert row)")
@@ -303,23 +333,23 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
 def perplexity(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """WikiText-2 perplexity of the dense model or of one general mask."""
     from seap.evaluation.harness import wikitext_perplexity
-    from seap.maths.expert_selection import load_mask
-    from seap.model.surgery import apply_mask
+    from seap.maths.mask_formats import load_mask
+    from seap.model.masking import apply_mask
 
     p = job.params
     loaded = ctx.base(inputs["model"])
     if inputs.get("mask"):
         loaded = apply_mask(loaded, load_mask(inputs["mask"]), "hard")
-    result = wikitext_perplexity(loaded, p["data_dir"], max_windows=p["windows"], progress=ctx.progress)
+    result = wikitext_perplexity(loaded, p.data_dir, max_windows=p.windows, progress=ctx.progress)
     out.mkdir(parents=True)
-    atomic_write_json(out / PERPLEXITY_FILE, {"row": p["row"], **result})
+    atomic_write_json(out / PERPLEXITY_FILE, {"row": p.row, **result})
 
 
 def bench(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """Dense against every mask's hard-pruned model, in one run on the same prompts. Masks that
     prune to the same per-layer shapes are timed once (``same_shapes_as``)."""
     from seap.evaluation.speed import benchmark
-    from seap.model.surgery import apply_mask
+    from seap.model.masking import apply_mask
 
     loaded = ctx.base(inputs["model"])
     loaded_masks = _load_masks(inputs["masks"])
@@ -328,8 +358,8 @@ def bench(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     models = {"dense": loaded}
     for name in dict.fromkeys(alias.values()):
         models[name] = apply_mask(loaded, loaded_masks[name], "hard")
-    result = benchmark(models, repeats=job.params["repeats"])
-    engine = job.params.get("llama_cpp", "off")
+    result = benchmark(models, repeats=job.params.repeats)
+    engine = job.params.llama_cpp
     if engine != "off":
         from seap.evaluation.llama_cpp_runtime import BUILD_COMMAND, find_llama_cpp, require_llama_cpp
         from seap.evaluation.speed import llama_cpp_speed
@@ -339,7 +369,7 @@ def bench(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
             result["llama_cpp"] = {"skipped": f"no llama.cpp build found: `{BUILD_COMMAND}` builds one"}
         else:
             try:
-                result["llama_cpp"] = llama_cpp_speed(models, build, repetitions=job.params["repeats"])
+                result["llama_cpp"] = llama_cpp_speed(models, build, repetitions=job.params.repeats)
             except SeapError as exc:  # a model llama.cpp cannot run (its family, its tokenizer): said, not fatal
                 if engine != "auto":
                     raise
@@ -370,17 +400,17 @@ def report(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.evaluation.rows import router_info
 
     p = job.params
-    specs = ctx.catalogue(p["data_dir"]).resolve(p["tasks"])
+    specs = ctx.catalogue(p.data_dir).resolve(p.tasks)
     rows = [read_json(Path(path) / ROW_FILE, "result row") for path in inputs["rows"].values()]
     results: dict[str, Any] = {
-        "config": dict(p.get("config") or {}),
+        "config": dict(p.config or {}),
         "model_fingerprint": next((r.get("model_fingerprint") for r in rows if r.get("model_fingerprint")), None),
         "lm_eval_version": lm_eval_version(),
-        "data_fingerprint": data_fingerprint(specs, p["limit"], p["num_fewshot"]),
-        "limit": p["limit"],
-        "num_fewshot": p["num_fewshot"],
+        "data_fingerprint": data_fingerprint(specs, p.limit, p.num_fewshot),
+        "limit": p.limit,
+        "num_fewshot": p.num_fewshot,
         "tasks": [s.describe() for s in specs],
-        "metric": p["metric"],
+        "metric": p.metric,
         "rows": rows,
         "router": router_info(Router.load(inputs["router"])) if inputs.get("router") else None,
     }
@@ -404,18 +434,18 @@ def register(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     results = read_json(report_dir / "results.json", "results file")
     groups = {row: {name: str(path) for name, path in group.items()} for row, group in inputs["masks"].items()}
     router_dir = str(inputs["router"]) if inputs.get("router") else None
-    records = expert_records(results, groups, router_dir, p["score"], p["schedule"])
-    written = register_locally(records, p["registry_dir"])
+    records = expert_records(results, groups, router_dir, p.score, p.schedule)
+    written = register_locally(records, p.registry_dir)
     registered = [{"name": r.name, "version": w.name, "path": str(w), "tags": r.tags} for r, w in zip(records, written)]
-    ctx.say(f"registered {len(registered)} expert versions in {p['registry_dir']}")
+    ctx.say(f"registered {len(registered)} expert versions in {p.registry_dir}")
     tracked = None
-    if p["mlflow"]:
+    if p.mlflow:
         from seap.registry.mlflow_code import mlflow_registry
 
         tracked = mlflow_registry().register_results(
-            report_dir, [read_local_record(r["path"]) for r in registered], tracking_uri=p["tracking_uri"],
-            local_dir=p["mlflow_dir"], experiment=p["experiment"], params=p.get("run_params") or {},
-            tags=p.get("run_tags") or {}, progress=False)
+            report_dir, [read_local_record(r["path"]) for r in registered], tracking_uri=p.tracking_uri,
+            local_dir=p.mlflow_dir, experiment=p.experiment, params=p.run_params,
+            tags=p.run_tags, progress=False)
         created = sum(v["created"] for v in tracked["versions"])
         ctx.say(f"MLflow run {tracked['run_id']} ({tracked['tracking_uri']}): {len(tracked['versions'])} versions, "
                 f"{created} new")
@@ -437,6 +467,7 @@ STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "bench": bench,
     "report": report,
     "register": register,
+    "checkpoint": checkpoint,
 }
 
 

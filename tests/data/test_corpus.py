@@ -4,7 +4,7 @@ import pytest
 
 from seap.data.corpus import build_corpus, knowledge_sentence, read_corpus, read_records, write_corpus
 from seap.errors import SeapError
-from seap.run.commands import build_corpora
+from seap.data.corpus import build_corpora
 from seap.data.starter import STARTER_TASKS, starter_records
 
 

@@ -5,10 +5,10 @@ import torch
 
 from seap.errors import SeapError
 from seap.evaluation.harness import evaluate, perplexity, training_prompts
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from seap.data.catalogue import TaskCatalogue
 from tests.helpers import SENTENCES, make_tiny_model
-from tests.helpers_tasks import make_task_dir
+from tests.helpers_tasks import direct_mc_accuracy, make_task_dir
 from tests.model.test_surgery import mask_for
 
 
@@ -23,15 +23,19 @@ def test_in_memory_evaluation_dense_soft_hard(registry) -> None:
     specs = registry.resolve(["geo", "life"])
     dense = evaluate(loaded, registry, specs, limit=8, batch_size=4)
     assert set(dense["tasks"]) == {"geo", "life"}
-    for task in dense["tasks"].values():
+    for spec in specs:  # the numbers of a direct computation on the same 8 items
+        task = dense["tasks"][spec.name]
         assert task["n"] == 8 and task["num_fewshot"] == 0
-        assert 0 <= task["acc"] <= 1 and 0 <= task["acc_norm"] <= 1
+        direct = direct_mc_accuracy(loaded, spec.eval_file, limit=8)
+        assert (task["acc"], task["acc_norm"]) == pytest.approx((direct["acc"], direct["acc_norm"]), abs=1e-12)
     assert dense["lm_eval_version"] == "0.4.13" and dense["data_fingerprint"].startswith("sha256:")
     mask = mask_for(loaded, 0.4)
     soft = evaluate(apply_mask(loaded, mask, "soft"), registry, specs, limit=8, batch_size=4)
     hard = evaluate(apply_mask(loaded, mask, "hard"), registry, specs, limit=8, batch_size=4)
-    for task in ("geo", "life"):  # same logits, same answers
-        assert soft["tasks"][task]["acc"] == hard["tasks"][task]["acc"]
+    pruned = apply_mask(loaded, mask, "hard")
+    for spec in specs:  # same logits, same answers, and those of a direct computation on the pruned model
+        assert soft["tasks"][spec.name]["acc"] == hard["tasks"][spec.name]["acc"]
+        assert hard["tasks"][spec.name]["acc"] == pytest.approx(direct_mc_accuracy(pruned, spec.eval_file, 8)["acc"])
     assert hard["model_fingerprint"] != dense["model_fingerprint"]
 
 

@@ -23,7 +23,7 @@ from seap.evaluation.llama_cpp_runtime import BUILD_COMMAND, find_llama_cpp, lla
 from seap.export.to_gguf import export_gguf
 from seap.model.checkpoint import load_pruned
 from seap.model.loading import load_model
-from seap.run.commands import prune
+from seap.run.oneshot import prune
 
 # float32 export: llama.cpp and PyTorch differ only by accumulation order and llama.cpp's own
 # exp/silu kernels; measured 0.015-0.022 on logits of magnitude ~27 (2026-12-03)

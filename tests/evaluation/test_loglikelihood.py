@@ -9,7 +9,7 @@ import torch
 
 from seap.evaluation.harness import hflm
 from seap.evaluation.loglikelihood import batch_rows, pack_requests
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from tests.helpers import make_tiny_model
 from tests.model.test_surgery import mask_for
 

@@ -8,7 +8,7 @@ import pytest
 from seap.data.catalogue import TaskCatalogue
 from seap.evaluation.harness import evaluate
 from seap.evaluation.rows import evaluate_masks
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from tests.helpers import make_tiny_model
 from tests.helpers_tasks import make_task_dir
 from tests.model.test_surgery import mask_for

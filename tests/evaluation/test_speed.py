@@ -2,7 +2,7 @@ import json
 
 from seap.evaluation.speed import benchmark
 from seap.cli import main
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from tests.helpers import make_tiny_model
 from tests.model.test_surgery import mask_for
 

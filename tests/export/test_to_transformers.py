@@ -13,7 +13,7 @@ import torch
 from seap.errors import SeapError, UnsupportedArchitectureError
 from seap.export.to_transformers import export_transformers
 from seap.maths.masks import PruningMask
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from tests.helpers import make_tiny_model, make_tiny_moe
 from tests.model.test_surgery import logits, mask_for
 

@@ -12,7 +12,7 @@ import torch
 from seap.errors import UnsupportedArchitectureError
 from seap.model.adapters import ADAPTERS, supported_gguf_architectures, supported_model_types
 from seap.model.loading import load_model
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from tests.helpers import ARCHS, MOE_ARCHS, make_tiny_model, make_tiny_moe
 from tests.model.test_surgery import logits, mask_for
 

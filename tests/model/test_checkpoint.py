@@ -6,7 +6,7 @@ import torch
 from seap.errors import ArtifactError, SeapError
 from seap.maths.masks import PruningMask
 from seap.model.loading import load_model
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from seap.model.checkpoint import load_pruned, save_pruned
 from tests.model.test_surgery import logits, mask_for
 

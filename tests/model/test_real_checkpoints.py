@@ -11,8 +11,8 @@ import torch
 
 from seap.maths.masks import PruningMask
 from seap.model.loading import load_model
-from seap.run.commands import prune
-from seap.model.surgery import apply_mask
+from seap.run.oneshot import prune
+from seap.model.masking import apply_mask
 from seap.model.checkpoint import load_pruned
 
 SHARED = Path(os.environ.get("SEAP_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))

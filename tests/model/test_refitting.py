@@ -15,7 +15,7 @@ from seap.maths.scores import compute_scores
 from seap.model.calibration import collect_statistics
 from seap.model.checkpoint import load_pruned, save_pruned
 from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from tests.helpers import ARCHS, SENTENCES, make_tiny_model
 from tests.model.test_surgery import logits
 

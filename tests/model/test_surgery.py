@@ -5,7 +5,7 @@ from seap.model.calibration import collect_statistics
 from seap.data.corpus import build_corpus
 from seap.errors import ModelMismatchError, SeapError
 from seap.maths.masks import build_mask
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from tests.helpers import SENTENCES, make_tiny_model
 
 

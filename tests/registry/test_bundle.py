@@ -10,7 +10,7 @@ import torch
 from seap.registry.bundle import load_bundle, read_bundle, write_bundle
 from seap.errors import ModelMismatchError
 from seap.maths.masks import build_mask
-from seap.model.surgery import apply_mask
+from seap.model.masking import apply_mask
 from seap.registry.records import ExpertRecord
 from tests.helpers import make_tiny_model
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 
 from seap.errors import SeapError
-from seap.run.commands import make_corpus, make_mask, make_scores, make_statistics, resolve_method
+from seap.run.commands import make_corpus, make_mask, make_scores, make_statistics
+from seap.run.job_params import MaskParams
+from seap.run.oneshot import prune_config
+from seap.run.plan import make_prune_plan
 from tests.helpers import make_tiny_model
 from tests.helpers_tasks import make_task_dir
 
@@ -26,32 +29,48 @@ def test_artifact_commands_chain(tmp_path) -> None:
     stats = make_statistics(loaded, tmp_path / "corpus.jsonl", tmp_path / "stats", progress=False)
     for task, path in stats.items():
         make_scores(path, tmp_path / "scores" / task)
-    mask = make_mask([tmp_path / "scores" / "geo"], tmp_path / "masks" / "geo", 0.2, "uniform",
-                     bias_stats_dir=stats["geo"], method="flap")
+    expert = MaskParams(method="flap", row="flap@0.2", mask="geo", kind="expert", sparsity=0.2, score="flap",
+                        schedule="uniform")
+    mask = make_mask([tmp_path / "scores" / "geo"], tmp_path / "masks" / "geo", expert, bias_stats_dir=stats["geo"])
     assert mask.meta["method"] == "flap" and PruningMask.load(tmp_path / "masks" / "geo").has_bias_compensation
-    general = make_mask([tmp_path / "scores" / t for t in ("geo", "life")], tmp_path / "masks" / "general", 0.2,
-                        "uniform", general=True)
-    assert general.meta["kind"] == "general" and not general.has_bias_compensation
+    general = MaskParams(method="seap-general", row="seap-general@0.2", mask="general", kind="general", sparsity=0.2,
+                         score="seap-sf", schedule="uniform")
+    mask = make_mask([tmp_path / "scores" / t for t in ("geo", "life")], tmp_path / "masks" / "general", general)
+    assert mask.meta["kind"] == "general" and not mask.has_bias_compensation
     with pytest.raises(SeapError, match="several scores folders"):
-        make_mask([tmp_path / "scores" / t for t in ("geo", "life")], tmp_path / "masks" / "x", 0.2, "uniform")
+        make_mask([tmp_path / "scores" / t for t in ("geo", "life")], tmp_path / "masks" / "x", expert)
 
 
 @pytest.mark.parametrize("method, tasks, expected", [
-    ("seap", 1, ("seap-expert", "seap-sf", "logistic", False)),
-    ("seap", 3, ("seap-general", "seap-sf", "logistic", False)),
-    ("flap", 3, ("flap", "flap", "flap-adaptive", True)),
-    ("wanda-sp", 1, ("wanda-sp", "wanda-sp", "uniform", False)),
-    ("flap+logistic", 2, ("flap+logistic", "flap", "logistic", True)),
+    ("seap", ["capitals"], ("seap-expert", "seap-sf", "logistic", False)),
+    ("seap", ["capitals", "antonyms", "sentiment"], ("seap-general", "seap-sf", "logistic", False)),
+    ("flap", ["capitals", "antonyms"], ("flap", "flap", "flap-adaptive", True)),
+    ("wanda-sp", ["capitals"], ("wanda-sp", "wanda-sp", "uniform", False)),
+    ("flap+logistic", ["capitals", "antonyms"], ("flap+logistic", "flap", "logistic", True)),
 ])
 def test_prune_methods_come_from_the_method_table(method, tasks, expected) -> None:
-    entry, score, schedule, bias = resolve_method(method, tasks)
-    assert (entry.name, score, schedule, bias) == expected
+    """A one-shot prune plans one mask job whose method, score, schedule and bias compensation
+    are the method table's (without reconstruction, which replaces the compensation)."""
+    config, names = prune_config("smollm2-135m", "builtin", 0.3, method, tasks, samples=10, reconstruct=False)
+    assert names == tasks
+    plan = make_prune_plan(config, "builtin")
+    (mask,) = plan.of_stage("masks")
+    p = mask.params
+    assert (p.method, p.score, p.schedule, p.bias_compensation) == expected
+    assert [j.stage for j in plan.jobs][-2:] == ["masks", "checkpoint"]
 
 
 def test_prune_overrides_and_bad_methods() -> None:
-    _, score, schedule, bias = resolve_method("flap", 2, schedule="uniform", bias_compensation=False)
-    assert (score, schedule, bias) == ("flap", "uniform", False)
+    config, _ = prune_config("smollm2-135m", "builtin", 0.3, "seap", ["capitals"], samples=10, score="wanda-sp",
+                             schedule="uniform", bias_compensation=True)
+    (mask,) = make_prune_plan(config, "builtin").of_stage("masks")
+    assert (mask.params.score, mask.params.schedule, mask.params.bias_compensation, mask.params.refit) == \
+        ("wanda-sp", "uniform", True, None)  # asking for bias compensation turns the refit off
+    with pytest.raises(SeapError, match="flap has its own schedule"):
+        prune_config("smollm2-135m", "builtin", 0.3, "flap", ["capitals"], schedule="uniform")
     with pytest.raises(SeapError, match="unknown method 'sparsegpt'"):
-        resolve_method("sparsegpt", 1)
+        prune_config("smollm2-135m", "builtin", 0.3, "sparsegpt", ["capitals"])
     with pytest.raises(SeapError, match="builds no mask"):
-        resolve_method("seap-routed", 2)
+        prune_config("smollm2-135m", "builtin", 0.3, "seap-routed", ["capitals", "antonyms"])
+    with pytest.raises(SeapError, match="an expert is built from one task"):
+        prune_config("smollm2-135m", "builtin", 0.3, "seap-expert", ["capitals", "antonyms"])

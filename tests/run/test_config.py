@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -13,7 +14,8 @@ import yaml
 from seap.cli import main
 from seap.errors import SeapError
 from seap.data.starter import export_starter
-from seap.run.config import RunConfig, default_params, load_params, option_name, options, param_sections
+from seap.run.config import (RunConfig, declared_defaults, default_params, load_params, option_name, options,
+                              param_sections)
 from seap.run.dvc import run_stage
 from tests.helpers_dvc import ROOT, tiny_params, write_params
 from tests.helpers_flows import tiny_project
@@ -118,7 +120,7 @@ def test_flow_parameters_are_the_configuration_fields() -> None:
 
     params = inspect.signature(seap_pipeline.fn).parameters
     assert list(params) == list(options())
-    defaults = RunConfig()
+    defaults = SimpleNamespace(**declared_defaults())
     for name, param in params.items():
         assert param.default == getattr(defaults, name), name  # read from RunConfig, not repeated
 
@@ -132,7 +134,7 @@ def test_partial_flows_take_configuration_fields_with_its_defaults() -> None:
     from flows.router import ROUTER_OPTIONS, router_flow
     from seap.run.config import add_arguments, given_arguments
 
-    defaults = RunConfig()
+    defaults = SimpleNamespace(**declared_defaults())
     for flow_fn, fields, extra in ((evaluate_flow, EVALUATE_OPTIONS, {"masks", "out"}), (router_flow, ROUTER_OPTIONS, set())):
         params = inspect.signature(flow_fn.fn).parameters
         assert set(params) == set(fields) | extra

@@ -114,26 +114,36 @@ def test_metrics_and_plots_are_readable_by_dvc(project) -> None:
     assert (out / "index.html").is_file()
 
 
-def test_seap_eval_and_the_flow_give_the_rows_of_dvc_repro(project, prefect_env) -> None:
-    """The three front doors walk one plan: same parameters, identical rows (every metric of
-    every task, realised sparsity, mask digests, routing)."""
-    from flows.pipeline import seap_pipeline
+@pytest.mark.services
+def test_seap_eval_and_the_flow_give_the_rows_of_dvc_repro(project, llama_pipeline) -> None:
+    """The three front doors walk one plan: the same parameters give identical rows (every metric
+    of every task, realised sparsity, mask digests, routing). The flow's run is the session's
+    shared one (tests/flows/test_pipeline.py checks the rest of it): the same tiny Llama and data
+    (checked here by content) and the same parameters but for locations. Every family runs
+    through the plan's executor (tests/run/test_execute.py), which all three doors share."""
     from seap.cli import main
+    from seap.contenthash import tree_digest
+    from seap.run.config import RunConfig
     from seap.run.dvc import project_config
 
     repo, _, _ = project
     config = project_config(repo / "params.yaml", repo)
-    shared = {k: v for k, v in config.to_dict().items() if k not in ("workdir", "out", "registry_dir", "mlflow_dir")}
+    flow_root, flow_kwargs, flow_state = llama_pipeline
+    assert flow_state.is_completed()
+    flow = RunConfig.from_mapping(flow_kwargs, front="flow")
+    places = ("model", "data_dir", "workdir", "out", "registry_dir", "mlflow_dir", "mlflow", "tracking_uri")
+    assert {k: v for k, v in config.to_dict().items() if k not in places} == \
+        {k: v for k, v in flow.to_dict().items() if k not in places}
+    assert tree_digest(config.model) == tree_digest(flow.model)
+    assert tree_digest(config.data_dir) == tree_digest(flow.data_dir)
     tmp = repo.parent / "front-doors"
-    shared["mlflow"] = False
-    seap_pipeline(**shared, workdir=str(tmp / "flow-work"), out=str(tmp / "flow"), registry_dir=str(tmp / "flow-reg"))
     args = ["eval", "--model", config.model, "--tasks", *config.tasks, "--data-dir", str(config.data_dir),
             "--samples", str(config.samples), "--sparsities", *map(str, config.sparsities), "--limit", str(config.limit),
             "--schedule", config.schedule, "--bench-repeats", str(config.bench_repeats), "--no-mlflow",
             "--workdir", str(tmp / "eval-work"), "--out", str(tmp / "eval"), "--registry-dir", str(tmp / "eval-reg")]
     assert main(args) == 0
     dvc_rows = comparable(repo / "results" / "results.json")
-    assert comparable(tmp / "flow" / "results.json") == dvc_rows
+    assert comparable(flow_root / "out" / "results.json") == dvc_rows
     assert comparable(tmp / "eval" / "results.json") == dvc_rows
     assert len(dvc_rows) == 6
 
@@ -186,30 +196,3 @@ def test_data_push_and_pull_through_an_s3_remote(tmp_path: Path) -> None:
         assert "in sync" in dvc(repo, env, "status", "-r", "s3", "--cloud")
     finally:
         server.stop()
-
-
-@pytest.mark.parametrize("arch", ["phi3", "gemma3", "qwen2_moe"])
-def test_dvc_repro_and_the_flow_run_on_newer_families(tmp_path: Path, prefect_env, arch: str) -> None:
-    """`dvc repro` and the Prefect flow on the families whose module trees differ most from
-    Llama's (Phi-3's fused projections, Gemma 3's multimodal wrapper, and a mixture of experts,
-    whose experts `unit: auto` prunes): every stage runs, and the flow gives the rows of the repro."""
-    from flows.pipeline import seap_pipeline
-    from seap.run.dvc import project_config
-
-    env = dvc_env(pycache=tmp_path / "pycache")
-    model, data = tiny_project(tmp_path, arch)
-    repo = init_repo(tmp_path / "repo", env)
-    copy_pipeline(repo)
-    shutil.copytree(data, repo / "data")
-    write_params(repo, tiny_params(model, ["geo", "life"], [0.3], masks={"gqa_mode": "query-heads"}))
-    dvc(repo, env, "add", "data")
-    output = dvc(repo, env, "repro")
-    assert stages_in(output)["ran"] == ALL_STAGES, output[-3000:]
-    config = project_config(repo / "params.yaml", repo)
-    shared = {k: v for k, v in config.to_dict().items() if k not in ("workdir", "out", "registry_dir", "mlflow_dir")}
-    seap_pipeline(**{**shared, "mlflow": False}, workdir=str(tmp_path / "flow-work"), out=str(tmp_path / "flow"),
-                  registry_dir=str(tmp_path / "flow-reg"))
-    rows = comparable(repo / "results" / "results.json")
-    assert comparable(tmp_path / "flow" / "results.json") == rows
-    # dense, SEAP expert, general, routed, and the baselines (Wanda-sp and FLAP; an MoE model: moe-frequency)
-    assert len(rows) == (5 if arch == "qwen2_moe" else 6)

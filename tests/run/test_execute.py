@@ -15,6 +15,7 @@ from seap.run.execute import execute
 from seap.run.methods import NEURON_METHODS
 from seap.run.plan import make_plan
 from tests.helpers_flows import tiny_project
+from tests.helpers_tasks import direct_mc_accuracy
 
 
 def tiny_config(root: Path, **changes) -> RunConfig:
@@ -39,9 +40,24 @@ def test_every_method_of_the_table_is_a_row(every_method) -> None:
     results = json.loads((done.path("report") / "results.json").read_text())
     rows = {(r["method"], r["sparsity"]) for r in results["rows"]}
     assert rows == {("dense", 0.0)} | {(m, 0.3) for m in NEURON_METHODS}
-    for row in results["rows"]:
-        assert set(row["tasks"]) == {"geo", "life"} and 0 <= row["average"]["table"] <= 1
-        assert all(0 < t["chance"] < 1 for t in row["tasks"].values())
+    for row in results["rows"]:  # the table's average is the mean of the tasks' acc (the default metric)
+        assert set(row["tasks"]) == {"geo", "life"}
+        assert row["average"]["table"] == pytest.approx(sum(t["acc"] for t in row["tasks"].values()) / 2)
+        assert all(t["chance"] == pytest.approx(1 / 3) for t in row["tasks"].values())  # three choices an item
+    # the dense row and each task's expert give the accuracy of a direct computation on the same 6 items
+    from seap.maths.masks import PruningMask
+    from seap.model.loading import load_model
+    from seap.model.masking import apply_mask
+
+    base = load_model(config.model, device="cpu")
+    by_method = {r["method"]: r for r in results["rows"]}
+    for task in ("geo", "life"):
+        eval_file = Path(config.data_dir) / task / "validation.jsonl"
+        assert {m: by_method["dense"]["tasks"][task][m] for m in ("acc", "acc_norm")} == \
+            pytest.approx(direct_mc_accuracy(base, eval_file, limit=6))
+        expert = apply_mask(base, PruningMask.load(done.path(f"masks/seap-expert@0.3/{task}")), "hard")
+        assert by_method["seap-expert"]["tasks"][task]["acc"] == pytest.approx(
+            direct_mc_accuracy(expert, eval_file, limit=6)["acc"])
     routed = next(r for r in results["rows"] if r["method"] == "seap-routed")
     assert routed["routing"]["docs"] == 12 and 0 <= routed["router_overhead"] < 1
     assert results["router"]["heldout_accuracy"] >= 0.8
@@ -160,7 +176,7 @@ def test_reconstruction_runs_through_the_plan_and_every_mask_is_refitted_on_its_
     refitted_on = {}
     for job in make_plan(config).of_stage("masks"):
         mask = PruningMask.load(done.path(job.key))
-        assert mask.is_reconstructed and not mask.has_bias_compensation and mask.meta["method"] == job.params["method"]
+        assert mask.is_reconstructed and not mask.has_bias_compensation and mask.meta["method"] == job.params.method
         assert mask.meta["reconstruction"]["bias"] is True
         refitted_on[job.key] = mask.meta["reconstruction"]["statistics_task"]
     assert refitted_on == {"masks/seap-expert@0.3/geo": "geo", "masks/seap-expert@0.3/life": "life",
@@ -182,7 +198,7 @@ def test_the_per_task_control_evaluates_a_baseline_refitted_on_each_task(tmp_pat
     plan = make_plan(config)
     done = execute(plan)
     masks = {j.key: PruningMask.load(done.path(j.key)) for j in plan.of_stage("masks")
-             if j.params["method"] == "wanda-sp+logistic"}
+             if j.params.method == "wanda-sp+logistic"}
     assert {m.meta["reconstruction"]["statistics_task"] for m in masks.values()} == {"geo", "life"}
     geo, life = (masks[f"masks/wanda-sp+logistic@0.3/{t}"] for t in ("geo", "life"))
     assert all(torch.equal(a.channels, b.channels) for a, b in zip(geo.layers, life.layers))  # one mask ...

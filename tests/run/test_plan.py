@@ -33,20 +33,20 @@ def test_default_plan_has_todays_rows_and_stable_keys() -> None:
 
 def test_method_entries_decide_calibration_and_bias_compensation() -> None:
     refitted = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3]))  # the default: every mask refitted
-    assert all("refit" in j.params and not j.params["bias_compensation"] for j in refitted.of_stage("masks"))
+    assert all(j.params.refit is not None and not j.params.bias_compensation for j in refitted.of_stage("masks"))
     plan = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3], reconstruct=False))
     for name in NEURON_METHODS:
         method = METHODS[name]
-        masks = [j for j in plan.of_stage("masks") if j.params["method"] == name]
+        masks = [j for j in plan.of_stage("masks") if j.params.method == name]
         if method.calibration == "routed":
             assert not masks
             continue
-        assert all(j.params["bias_compensation"] == method.bias_compensation for j in masks)
+        assert all(j.params.bias_compensation == method.bias_compensation for j in masks)
         assert all(("bias_statistics" in j.inputs) == method.bias_compensation for j in masks)
         if method.calibration == "task":
-            assert sorted(j.params["mask"] for j in masks) == sorted(RunConfig().task_names)
+            assert sorted(j.params.mask for j in masks) == sorted(RunConfig().task_names)
         else:
-            assert [j.params["mask"] for j in masks] == ["general"]
+            assert [j.params.mask for j in masks] == ["general"]
         if method.calibration == "pooled":
             assert all(j.inputs["scores"] == [f"scores/{method.score}/pooled"] for j in masks)
 
@@ -56,7 +56,7 @@ def test_no_pooled_statistics_without_a_baseline_and_routing_adds_its_masks() ->
     assert "statistics/pooled" not in [j.key for j in plan.jobs]
     refitted = make_plan(RunConfig(methods=["seap-routed"]))  # the general mask is refitted on the pooled text
     assert "statistics/pooled" in [j.key for j in refitted.jobs]
-    assert {j.params["method"] for j in plan.of_stage("masks")} == {"seap-expert", "seap-general"}
+    assert {j.params.method for j in plan.of_stage("masks")} == {"seap-expert", "seap-general"}
     assert plan.rows == ["dense", "seap-routed@0.2", "seap-routed@0.5"]
     assert "expert_row" not in plan.get("evaluate-routed/seap-routed@0.2").inputs  # no expert row to reuse
     assert set(BASELINES) == {"wanda-sp", "wanda-sp+logistic", "flap", "flap+logistic", "moe-frequency"}
@@ -110,36 +110,36 @@ def test_map_inputs_keeps_the_nesting_and_visits_every_reference() -> None:
 
 def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() -> None:
     plan = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3], reconstruct=True, refit_alpha=0.1))
-    assert all(j.params.get("second_moments") for j in plan.of_stage("statistics") if j.name != "pooled")
+    assert all(j.params.second_moments for j in plan.of_stage("statistics") if j.name != "pooled")
     for job in plan.of_stage("masks"):
-        method = METHODS[job.params["method"]]
-        assert job.params["refit"] == {"alpha": 0.1} and job.inputs["model"] == "model"
-        assert job.params["bias_compensation"] is False and "bias_statistics" not in job.inputs  # the refit replaces it
+        method = METHODS[job.params.method]
+        assert job.params.refit == {"alpha": 0.1} and job.inputs["model"] == "model"
+        assert job.params.bias_compensation is False and "bias_statistics" not in job.inputs  # the refit replaces it
         expected = "statistics/tasks" if method.calibration == "task" else "statistics/pooled"
         assert job.inputs["refit_statistics"] == expected
     pooled = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_corpus="pooled"))
     assert "statistics/pooled" in [j.key for j in pooled.jobs]
     assert {j.inputs["refit_statistics"] for j in pooled.of_stage("masks")} == {"statistics/pooled"}
     generic = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_generic=["boolq"]))
-    assert next(j for j in generic.jobs if j.key == "statistics/generic").params["second_moments"] is True
-    assert all(j.inputs["refit_generic"] == "statistics/generic" and j.params["refit_generic"] == ["boolq"]
+    assert next(j for j in generic.jobs if j.key == "statistics/generic").params.second_moments is True
+    assert all(j.inputs["refit_generic"] == "statistics/generic" and j.params.refit_generic == ["boolq"]
                for j in generic.of_stage("masks"))
     assert "statistics/generic" not in [j.key for j in make_plan(RunConfig(refit_generic=["boolq"],
                                                                               reconstruct=False)).jobs]
     # without reconstruction nothing changes: the same jobs as before the option existed
     plain = make_plan(RunConfig(reconstruct=False))
-    assert not any("refit" in j.params or "second_moments" in j.params for j in plain.jobs)
+    assert not any(getattr(j.params, "refit", None) or getattr(j.params, "second_moments", False) for j in plain.jobs)
 
 
 
 def test_the_sequential_refit_reads_the_corpus_and_needs_no_second_moments() -> None:
     plan = make_plan(RunConfig(methods=["seap-expert", "wanda-sp+logistic"], sparsities=[0.5], reconstruct=True,
                                refit_sequential=True, refit_generic=["boolq"]))
-    assert not any(j.params.get("second_moments") for j in plan.of_stage("statistics"))
+    assert not any(j.params.second_moments for j in plan.of_stage("statistics"))
     assert "statistics/generic" not in [j.key for j in plan.jobs] and "corpus/generic" in [j.key for j in plan.jobs]
     for job in plan.of_stage("masks"):
         assert job.inputs["refit_corpus"] == "corpus" and job.inputs["refit_generic"] == "corpus/generic"
-        assert job.params["refit"] == {"sequential": True} and "refit_statistics" not in job.inputs
+        assert job.params.refit == {"sequential": True} and "refit_statistics" not in job.inputs
 
 
 def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
@@ -151,11 +151,11 @@ def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
     for task in tasks:  # the baseline's task-agnostic mask, refitted on each task's own statistics
         job = masks[f"masks/wanda-sp+logistic@0.5/{task}"]
         assert job.inputs["scores"] == ["scores/wanda-sp/pooled"] and job.inputs["refit_statistics"] == "statistics/tasks"
-        assert job.params["refit_source"] == "task"
+        assert job.params.refit_source == "task"
     general = masks["masks/seap-general@0.5/general"]  # the routing fallback stays task-agnostic
-    assert general.params["refit_source"] == "pooled"
+    assert general.params.refit_source == "pooled"
     row = next(j for j in plan.of_stage("evaluate") if j.row == "wanda-sp+logistic@0.5")
-    assert row.params["per_task"] and set(row.inputs["masks"]) == set(tasks)
+    assert row.params.per_task and set(row.inputs["masks"]) == set(tasks)
     without = make_plan(RunConfig(methods=["wanda-sp+logistic"], sparsities=[0.5], refit_corpus="per-task",
                                   reconstruct=False))
     assert [j.key for j in without.of_stage("masks")] == ["masks/wanda-sp+logistic@0.5/general"]  # no refit: one mask
@@ -163,11 +163,13 @@ def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
 def test_the_bias_compensation_option_overrides_every_method_and_conflicts_with_reconstruction() -> None:
     plan = make_plan(RunConfig(methods=["seap-expert", "flap"], sparsities=[0.3], bias_compensation=True,
                                reconstruct=False))
-    assert all(j.params["bias_compensation"] and "bias_statistics" in j.inputs for j in plan.of_stage("masks"))
+    assert all(j.params.bias_compensation and "bias_statistics" in j.inputs for j in plan.of_stage("masks"))
     off = make_plan(RunConfig(methods=["flap"], sparsities=[0.3], bias_compensation=False, reconstruct=False))
-    assert not any(j.params["bias_compensation"] for j in off.of_stage("masks"))
+    assert not any(j.params.bias_compensation for j in off.of_stage("masks"))
+    # the one rule for reconstruction's default: on, unless bias compensation (which it replaces) is asked for
+    assert RunConfig().reconstruct is True and RunConfig(bias_compensation=True).reconstruct is False
     with pytest.raises(SeapError, match="reconstruction replaces bias compensation") as error:
-        RunConfig(bias_compensation=True).validate(check_data=False)  # reconstruction is the default
+        RunConfig(bias_compensation=True, reconstruct=True).validate(check_data=False)
     assert "reconstruct=False" in error.value.fix
     with pytest.raises(SeapError, match="refit_prior: unknown value 'banana'"):
         RunConfig(refit_prior="banana").validate(check_data=False)

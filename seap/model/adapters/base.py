@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,6 +106,18 @@ class ArchitectureAdapter:
     def all_layer_modules(self, model: nn.Module) -> list[LayerModules]:
         return [self.layer_modules(layer) for layer in self.decoder_layers(model)]
 
+    def embedding_weight(self, model: nn.Module) -> torch.Tensor:
+        """The token embedding matrix [vocab, hidden]."""
+        return self.backbone(model).embed_tokens.weight  # type: ignore[union-attr,return-value]
+
+    def final_norm_weight(self, model: nn.Module) -> torch.Tensor:
+        """The weight of the norm after the last decoder layer."""
+        return self.backbone(model).norm.weight  # type: ignore[union-attr,return-value]
+
+    def output_weight(self, model: nn.Module) -> torch.Tensor:
+        """The LM head's weight [vocab, hidden] (the embedding matrix itself when they are tied)."""
+        return model.get_output_embeddings().weight  # type: ignore[operator,union-attr,return-value]
+
     # -- geometry ------------------------------------------------------------------
     def head_dim(self, config: Any) -> int:
         config = self.text_config(config)
@@ -176,19 +188,6 @@ class ArchitectureAdapter:
         self.set_projections(layer, {name: nn.Linear(*shape, bias=has_bias(name), dtype=like.dtype, device=like.device)
                                      for name, shape in shapes.items()})
         self.set_widths(layer, heads, kv, inter)
-
-    # -- export ------------------------------------------------------------------------
-    # llama.cpp's name for this family when every layer has the same widths, and the one it builds
-    # per-layer widths with (None: llama.cpp cannot express a pruned model of this family)
-    llama_cpp_architecture: ClassVar[str | None] = None
-    llama_cpp_per_layer_architecture: ClassVar[str | None] = None
-
-    def llama_cpp_tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """The model's weights under llama.cpp's GGUF tensor names and in its layout."""
-        raise UnsupportedArchitectureError(
-            f"GGUF export is not available for the {self.name} family",
-            "export Llama-family models (llama, mistral); for this family use `seap export --format hf`")
-        yield  # (a generator)
 
     def describe(self) -> str:
         return f"{self.name} ({', '.join(self.model_types)})"

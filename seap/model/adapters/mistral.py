@@ -1,8 +1,4 @@
-"""Mistral: Llama layout with GQA and an explicit ``head_dim`` (sliding-window attention is untouched).
-
-llama.cpp runs Mistral as its Llama architecture (its converter does the same); a
-``sliding_window`` in the config is not carried over, as in llama.cpp's own conversion.
-"""
+"""Mistral: Llama layout with GQA and an explicit ``head_dim`` (sliding-window attention is untouched)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,217 @@
+"""The parameters of each stage's jobs, one typed dataclass per stage.
+
+The planner (:mod:`seap.run.plan`) fills them from the run configuration; the stage functions
+(:mod:`seap.run.stages`) read their attributes. A parameter can be followed from a front door
+to the stage that uses it by name, with no string keys in between.
+
+On disk (a job's cache key, ``seap plan --json``, a DVC stage) parameters are plain JSON:
+:func:`params_to_dict` keeps only the fields that differ from their defaults, so a field
+added later with a neutral default leaves every earlier cache key as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """``model``: which base model, on which device, in which dtype."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class CorpusParams:
+    """``corpus``: calibration corpora of the tasks' train splits (``tasks`` of the catalogue in
+    ``data_dir``), or of a records file (``records``: JSON/JSONL task records or ``builtin``;
+    ``tasks`` then keeps only those of its tasks, all when ``None``)."""
+
+    tasks: list[str] | None
+    samples: int | None
+    seed: int
+    max_tokens: int
+    data_dir: str | None = None
+    records: str | None = None
+
+
+@dataclass(frozen=True)
+class StatisticsParams:
+    """``statistics``: one pass over each task's corpus (``tasks``), one shard of it, the shards
+    merged, or all tasks pooled. ``moe``: router statistics of a mixture-of-experts model
+    (with channel sums unless ``unit`` is ``experts``)."""
+
+    tasks: list[str]
+    batch_size: int | None = None
+    shard: list[int] | None = None
+    second_moments: bool = False
+    moe: bool = False
+    unit: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoresParams:
+    """``scores``: one score of one task's statistics (or of the pooled ones)."""
+
+    score: str
+    task: str
+
+
+@dataclass(frozen=True)
+class MaskParams:
+    """``masks``: one mask of one method at one sparsity (the row), named ``mask`` (a task, or
+    ``general``), of ``kind`` expert or general.
+
+    Dense models: ``score`` names the scores read, ``schedule`` (with ``schedule_options``)
+    allocates each layer's sparsity, ``bias_compensation`` stores FLAP's means, ``refit``
+    (the :class:`~seap.maths.reconstruction.RefitOptions` that differ from their defaults)
+    refits the mask on ``refit_source`` (``task`` or ``pooled``) statistics, plus the
+    ``refit_generic`` tasks' text. Mixture-of-experts models (``moe``): ``score`` is the
+    expert score and ``unit`` says what is pruned."""
+
+    method: str
+    row: str
+    mask: str
+    kind: str
+    sparsity: float
+    score: str
+    schedule: str
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+    gqa_mode: str | None = None
+    bias_compensation: bool = False
+    weights: dict[str, float] = field(default_factory=dict)
+    refit: dict[str, Any] | None = None
+    refit_source: str | None = None
+    refit_generic: list[str] | None = None
+    moe: bool = False
+    unit: str | None = None
+    allow_k_reduction: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluationParams:
+    """``evaluate-dense``, ``evaluate`` and ``evaluate-routed``: one row of the table."""
+
+    tasks: list[str]
+    data_dir: str | None
+    limit: int | None
+    num_fewshot: int
+    metric: str
+    batch_size: int
+    method: str
+    sparsity: float
+    per_task: bool | None = None
+    threshold: float | None = None  # (routed)
+    router_kind: str | None = None  # (routed; None: the trained features router)
+
+
+@dataclass(frozen=True)
+class RouterParams:
+    """``router``: the task router, trained on the tasks' training prompts."""
+
+    tasks: list[str]
+    data_dir: str | None
+    prompts_per_task: int
+    feature_layer: int
+    seed: int
+    threshold: float
+
+
+@dataclass(frozen=True)
+class PerplexityParams:
+    """``perplexity``: WikiText-2 perplexity of the dense model or one general mask (``row``)."""
+
+    data_dir: str | None
+    windows: int | None
+    row: str
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    """``bench``: speed of dense against every distinct pruned shape."""
+
+    repeats: int
+    llama_cpp: str = "off"
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """``report``: the results of the rows (Table 1 and its files)."""
+
+    metric: str
+    tasks: list[str]
+    data_dir: str | None
+    limit: int | None
+    num_fewshot: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    """``register``: the local registry and MLflow (``run_params``/``run_tags``: what the
+    front door adds to the MLflow run)."""
+
+    score: str
+    schedule: str
+    registry_dir: str
+    mlflow: bool
+    tracking_uri: str | None
+    mlflow_dir: str
+    experiment: str
+    run_params: dict[str, Any] = field(default_factory=dict)
+    run_tags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointParams:
+    """``checkpoint``: the hard-pruned model of one mask, saved as a checkpoint (``seap prune``)."""
+
+    row: str
+    mask: str
+
+
+STAGE_PARAMS: dict[str, type] = {
+    "model": ModelParams,
+    "corpus": CorpusParams,
+    "statistics": StatisticsParams,
+    "scores": ScoresParams,
+    "masks": MaskParams,
+    "evaluate-dense": EvaluationParams,
+    "evaluate": EvaluationParams,
+    "router": RouterParams,
+    "evaluate-routed": EvaluationParams,
+    "perplexity": PerplexityParams,
+    "bench": BenchParams,
+    "report": ReportParams,
+    "register": RegisterParams,
+    "checkpoint": CheckpointParams,
+}
+
+
+def params_to_dict(params: Any) -> dict[str, Any]:
+    """A stage's parameters as plain JSON: the fields that differ from their defaults (required
+    fields always), in declaration order."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+            continue
+        out[f.name] = value
+    return out
+
+
+def params_from_dict(stage: str, data: Mapping[str, Any]) -> Any:
+    """The typed parameters of a job of ``stage`` from :func:`params_to_dict`'s form."""
+    return STAGE_PARAMS[stage](**dict(data))
+
+
+__all__ = ["STAGE_PARAMS", "BenchParams", "CheckpointParams", "CorpusParams", "EvaluationParams", "MaskParams",
+           "ModelParams", "PerplexityParams", "RegisterParams", "ReportParams", "RouterParams", "ScoresParams",
+           "StatisticsParams", "params_from_dict", "params_to_dict"]

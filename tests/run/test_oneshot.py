@@ -1,0 +1,77 @@
+"""``seap prune`` as a plan of one job chain: every unit of a mixture-of-experts model, the
+cache it shares with the plan, and the one rule for reconstruction's default."""
+
+import json
+
+import pytest
+import torch
+
+from seap.cli import main
+from seap.maths.mask_formats import load_mask
+from seap.model.checkpoint import load_pruned
+from tests.helpers import SENTENCES, make_tiny_moe
+
+
+@pytest.fixture(scope="module")
+def moe_files(tmp_path_factory):
+    """A tiny Qwen3-MoE and a tiny Mixtral checkpoint, and a calibration file of two tasks."""
+    root = tmp_path_factory.mktemp("moe")
+    for arch in ("qwen3_moe", "mixtral"):
+        tiny = make_tiny_moe(arch, layers=3)
+        tiny.model.save_pretrained(root / arch)
+        tiny.tokenizer.save_pretrained(root / arch)
+    calib = root / "calib.jsonl"
+    lines = [{"task": "facts" if i % 2 else "chat", "text": s} for i, s in enumerate(SENTENCES)]
+    calib.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root, calib
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("unit", [None, "both"], ids=["default-experts", "both"])
+def test_prune_prunes_a_mixture_of_experts_model(moe_files, tmp_path, arch, unit, capsys) -> None:
+    root, calib = moe_files
+    out = tmp_path / "pruned"
+    args = ["--no-progress", "prune", "--model", str(root / arch), "--calib", str(calib), "--sparsity", "0.5",
+            "--out", str(out), "--workdir", str(tmp_path / "work"), "--json", "--schedule", "uniform",
+            *(["--unit", unit] if unit else [])]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pruned_params"] < summary["dense_params"]
+    pruned = load_pruned(out)
+    meta = pruned.model.config.seap_pruning
+    assert meta["unit"] == (unit or "experts") and meta["task"] == "general"
+    assert load_mask(out / "seap_mask").meta["method"] == "seap-general"
+    # experts: half of every layer's 8 routed experts are gone from the saved checkpoint; both: fewer
+    # experts are dropped and the kept ones lose channels (32 -> 24), for about the same sparsity
+    kept, channels = (4, 32) if unit is None else (6, 24)
+    experts = [m for name, m in pruned.model.named_modules() if name.endswith("mlp.experts")]
+    assert experts and all(_shape(e) == (kept, channels) for e in experts)
+    ids = pruned.tokenizer(["the city"], return_tensors="pt")
+    with torch.no_grad():
+        generated = pruned.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 3
+
+
+def _shape(experts: torch.nn.Module) -> tuple[int, int]:
+    """(routed experts, channels per expert) of an MoE block's fused expert tensors."""
+    down = dict(experts.named_parameters())["down_proj"]  # [experts, hidden, channels]
+    return down.shape[0], down.shape[2]
+
+
+def test_a_second_prune_reuses_the_statistics_and_refuses_bad_options_before_any_work(moe_files, tmp_path,
+                                                                                      capsys) -> None:
+    root, calib = moe_files
+    work = tmp_path / "work"
+    common = ["--no-progress", "prune", "--model", str(root / "qwen3_moe"), "--calib", str(calib), "--task", "facts",
+              "--workdir", str(work), "--json", "--schedule", "uniform"]
+    assert main([*common, "--sparsity", "0.25", "--out", str(tmp_path / "a")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["reused"] == []
+    assert main([*common, "--sparsity", "0.5", "--out", str(tmp_path / "b")]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert {"corpus", "statistics/tasks"} <= set(second["reused"])  # only the mask and the checkpoint are new
+    assert not any(k.startswith(("masks", "checkpoint")) for k in second["reused"])
+    # a dense-only method on an MoE model is refused by name, before a model is loaded
+    assert main([*common, "--sparsity", "0.5", "--method", "wanda-sp", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "wanda-sp cannot prune" in err and "fix:" in err and not (tmp_path / "c").exists()
