@@ -38,15 +38,24 @@ def tree_digest(path: str | Path) -> str:
 
 
 @lru_cache(maxsize=None)
-def _module_digest(module: str) -> str:
-    return hashlib.sha256(inspect.getsource(importlib.import_module(module)).encode()).hexdigest()
+def module_digest(module: str) -> str:
+    """The source of a module; of a package, of every module in its folder (its ``__init__``
+    alone would leave the modules it holds out of the key)."""
+    loaded = importlib.import_module(module)
+    if not hasattr(loaded, "__path__"):
+        return hashlib.sha256(inspect.getsource(loaded).encode()).hexdigest()
+    h = hashlib.sha256()
+    for folder in loaded.__path__:
+        for path in sorted(Path(folder).rglob("*.py")):
+            h.update(f"{path.relative_to(folder)}\0".encode() + path.read_bytes())
+    return h.hexdigest()
 
 
 def code_digest(modules: Iterable[str]) -> str:
     """Hash of the source of the given modules (e.g. ``["seap.model.calibration", "seap.maths.moments"]``)."""
     h = hashlib.sha256()
     for module in sorted(set(modules)):
-        h.update(f"{module}:{_module_digest(module)}".encode())
+        h.update(f"{module}:{module_digest(module)}".encode())
     return h.hexdigest()
 
 

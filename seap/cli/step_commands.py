@@ -47,6 +47,9 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--second-moments", action="store_true",
                    help="also the second-moment matrices of o_proj/down_proj inputs (what `masks --reconstruct` "
                         "needs; about 2 x (hidden^2 + intermediate^2) x 8 bytes per layer on disk)")
+    p.add_argument("--unit", default="auto", choices=("auto", "neurons", "experts", "both"),
+                   help="a mixture-of-experts model: what its router statistics serve (auto and experts: whole "
+                        "experts; neurons and both: also each expert's channel sums)")
     p.add_argument("--out", required=True, help="folder; one sub-folder per task")
     p.add_argument("--overwrite", action="store_true")
 
@@ -57,7 +60,7 @@ def _stats(args: argparse.Namespace) -> int:
     check_out(args, args.model, args.corpus)
     written = make_statistics(load_model_of(args), args.corpus, args.out, args.tasks, args.batch_size, args.max_tokens,
                               args.shard, args.accumulate_dtype, args.overwrite, show_progress(args),
-                              second_moments=args.second_moments)
+                              second_moments=args.second_moments, unit=args.unit)
     for task, path in written.items():
         print(f"{task}: {path}")
     return 0

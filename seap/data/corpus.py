@@ -228,7 +228,7 @@ def _check_line(path: Path, number: int, record: Record, unit: str = "line") -> 
         check_record(fields, schema)
     except ValueError as exc:
         raise SeapError(f"{path}, {unit} {number}: {exc} (schema {schema!r})",
-                        "fix that record; see the README's calibration record formats") from None
+                        "fix that record; see docs/engine.md, calibration data") from None
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ k rows permuted to its rotary order, norms in float32, matrices in float16 (defa
 The tokenizer (byte-level BPE with llama.cpp's pre-tokenizer name, merges, special tokens and the chat
 template) travels with the file, as do the pruning record (``seap.*`` keys) so that an
 exported expert says which base and mask it came from. Quantise afterwards with llama.cpp's
-own ``llama-quantize`` (see the README).
+own ``llama-quantize`` (see docs/registry.md).
 """
 
 from __future__ import annotations

@@ -53,11 +53,22 @@ def make_corpus(source: str, out: str | Path, tasks: Sequence[str] | None = None
 
 
 def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str | Path, tasks: Sequence[str] | None = None,
-                batch_size: int = 8, max_tokens: int | None = None, shard: tuple[int, int] | None = None,
-                accumulate_dtype: str = "float64", overwrite: bool = False, progress: bool = True,
-                second_moments: bool = False) -> dict[str, Path]:
-    """Statistics for every task of a corpus file, one folder per task under ``out_dir`` (with
-    ``second_moments``: also what reconstruction needs)."""
+                    batch_size: int = 8, max_tokens: int | None = None, shard: tuple[int, int] | None = None,
+                    accumulate_dtype: str = "float64", overwrite: bool = False, progress: bool = True,
+                    second_moments: bool = False, unit: str = "auto") -> dict[str, Path]:
+    """Statistics for every task of a corpus file, one folder per task under ``out_dir``: of a
+    dense model, the activation statistics (with ``second_moments``: also what reconstruction
+    needs); of a mixture-of-experts model, its routers' statistics (what ``seap masks --stats``
+    reads; with channel sums unless ``unit`` is ``experts``, the default there)."""
+    from seap.model.adapters.moe import MoeAdapter
+
+    moe = isinstance(loaded.adapter, MoeAdapter)
+    if moe and second_moments:
+        raise SeapError("masks of a mixture-of-experts model are not refitted: it has no second moments to collect",
+                        "drop --second-moments")
+    if not moe and unit in ("experts", "both"):
+        raise SeapError(f"--unit {unit} needs a mixture-of-experts model; {loaded.adapter.name} is dense",
+                        "drop --unit (heads and MLP channels are what a dense model prunes)")
     corpora, header = read_corpus(corpus_file)
     cap = max_tokens if max_tokens is not None else header.get("max_tokens", DEFAULT_MAX_TOKENS)
     wanted = list(tasks) if tasks else list(corpora)
@@ -66,6 +77,12 @@ def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str |
         raise SeapError(f"task(s) {missing} are not in {corpus_file}", f"it holds: {', '.join(corpora)}")
     with atomic_directory(out_dir, overwrite, [corpus_file, loaded.location]) as tmp:  # all tasks, or none
         for task in wanted:
+            if moe:
+                from seap.model.expert_pruning import collect_router_statistics
+
+                collect_router_statistics(loaded, corpora[task], batch_size, cap, shard, progress=progress,
+                                          channels=unit not in ("auto", "experts")).save(tmp / task)
+                continue
             stats = collect_statistics(loaded, corpora[task], batch_size, cap, accumulate_dtype, shard, progress,
                                        second_moments=second_moments, spill_dir=tmp / f".spill-{task}")
             stats.save(tmp / task)

@@ -75,3 +75,24 @@ def test_a_second_prune_reuses_the_statistics_and_refuses_bad_options_before_any
     assert main([*common, "--sparsity", "0.5", "--method", "wanda-sp", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "wanda-sp cannot prune" in err and "fix:" in err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("unit", ["experts", "both"])
+def test_stage_by_stage_equals_one_shot_on_a_mixture_of_experts_model(moe_files, tmp_path, unit) -> None:
+    """``seap stats`` / ``masks --stats`` / ``apply`` build the same expert mask as ``seap prune``:
+    both go through the one mask-building function."""
+    root, calib = moe_files
+    model, d = str(root / "mixtral"), tmp_path
+    assert main(["--no-progress", "corpus", "--records", str(calib), "--out", str(d / "corpus.jsonl")]) == 0
+    assert main(["--no-progress", "stats", "--model", model, "--corpus", str(d / "corpus.jsonl"), "--unit", unit,
+                 "--out", str(d / "stats")]) == 0
+    assert main(["masks", "--stats", str(d / "stats" / "chat"), str(d / "stats" / "facts"), "--general", "--unit",
+                 unit, "--schedule", "uniform", "--sparsity", "0.5", "--out", str(d / "mask")]) == 0
+    assert main(["apply", "--model", model, "--mask", str(d / "mask"), "--out", str(d / "staged")]) == 0
+    assert main(["--no-progress", "prune", "--model", model, "--calib", str(calib), "--unit", unit, "--schedule",
+                 "uniform", "--sparsity", "0.5", "--workdir", str(d / "work"), "--out", str(d / "oneshot")]) == 0
+    a, b = load_pruned(d / "staged"), load_pruned(d / "oneshot")
+    assert load_mask(d / "mask").digest() == load_mask(d / "oneshot" / "seap_mask").digest()
+    ids = a.tokenizer(SENTENCES[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(**ids).logits, b.model(**ids).logits, rtol=0, atol=0)
