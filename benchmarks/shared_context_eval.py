@@ -30,9 +30,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args()
     config = load_params("params.yaml")
-    loaded = load_model(args.model or config.model, device="cpu")
-    catalogue = TaskCatalogue(args.data_dir or config.data_dir, "runs/work")
-    specs = catalogue.resolve(list(config.tasks))
+    loaded = load_model(args.model or config.model.model, device="cpu")
+    catalogue = TaskCatalogue(args.data_dir or config.data.data_dir, "runs/work")
+    specs = catalogue.resolve(list(config.data.tasks))
+    batch = config.evaluate.eval_batch_size
     models = {"dense": loaded}
     for path in args.mask:
         models[path] = apply_mask(loaded, PruningMask.load(path), "hard")
@@ -40,7 +41,7 @@ def main() -> None:
         seconds, results = {}, {}
         for shared in (False, True):
             start = time.perf_counter()
-            results[shared] = evaluate_lm(hflm(model, config.eval_batch_size, shared_context=shared), catalogue,
+            results[shared] = evaluate_lm(hflm(model, batch, shared_context=shared), catalogue,
                                           specs, args.limit)
             seconds[shared] = time.perf_counter() - start
         diff = max(abs(a[0] - b[0])

@@ -68,14 +68,14 @@ def evaluate_flow(
     config = RunConfig.from_mapping({**given, "out": out}, front="flow").validate()
     if not masks:
         raise SeapError("parameter masks: nothing to evaluate", "pass one or more mask folders")
-    rows, given = mask_rows(list(masks), list(config.tasks))
+    rows, given = mask_rows(list(masks), list(config.data.tasks))
     outputs = run_plan(make_evaluation_plan(config, rows), given=given)  # publishes the results to `out`
     from seap.evaluation.report import markdown_report
 
-    results = json.loads((Path(config.out) / "results.json").read_text(encoding="utf-8"))
-    publish_artifacts(markdown_report(results), config.out)
-    print(f"results table: {Path(config.out) / 'results.md'}")
-    return {"results": str(Path(config.out) / "results.json"),
+    results = json.loads((Path(config.outputs.out) / "results.json").read_text(encoding="utf-8"))
+    publish_artifacts(markdown_report(results), config.outputs.out)
+    print(f"results table: {Path(config.outputs.out) / 'results.md'}")
+    return {"results": str(Path(config.outputs.out) / "results.json"),
             "rows": [outputs[k]["path"] for k in outputs if k.startswith(("evaluate/", "evaluate-dense/"))]}
 
 

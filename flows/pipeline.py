@@ -78,7 +78,7 @@ def run_plan(plan: Plan, flow_run_id: str | None = None, given: dict[str, Ref] |
     """Run every job of ``plan`` as a Prefect task; returns job key -> output reference.
     ``given``: references of outputs supplied from outside (existing masks)."""
     c = plan.config
-    workdir = str(Path(c.workdir).resolve())
+    workdir = str(Path(c.outputs.workdir).resolve())
     outputs: dict[str, Ref] = dict(given or {})
     shards = [j for j in plan.jobs if j.stage == "statistics" and j.name.startswith("shard-")]
     total = len(plan.jobs)
@@ -89,9 +89,10 @@ def run_plan(plan: Plan, flow_run_id: str | None = None, given: dict[str, Ref] |
         start = time.perf_counter()
         if shards and job is shards[0]:
             runner = sharded_statistics
-            if c.dask_workers or c.dask_address:
+            stats = c.statistics
+            if stats.dask_workers or stats.dask_address:
                 runner = sharded_statistics.with_options(
-                    task_runner=dask_task_runner(c.dask_workers or 2, c.dask_address))
+                    task_runner=dask_task_runner(stats.dask_workers or 2, stats.dask_address))
             refs = runner([j.to_dict() for j in shards], [resolve_inputs(j, outputs) for j in shards], workdir)
             outputs.update({j.key: r for j, r in zip(shards, refs, strict=True)})
             continue
@@ -123,17 +124,17 @@ def where_to_look(config: RunConfig) -> list[str]:
 
     from seap.registry.records import resolve_tracking_uri
 
-    out = Path(config.out)
+    out = Path(config.outputs.out)
     lines = [f"results table: {out / 'results.md'}", f"results JSON:  {out / 'results.json'}",
              f"plot:          {out / 'accuracy_vs_sparsity.png'}", f"registry:      {config.registry}"]
     api = os.environ.get("PREFECT_API_URL")
     lines.append("Prefect UI:    " + (api.removesuffix("/api") if api else
                                       "run `prefect server start` and open http://127.0.0.1:4200 "
                                       "(this run used a temporary server)"))
-    if not config.mlflow:
+    if not config.register.mlflow:
         lines.append("MLflow:        off (--no-mlflow); register later with `seap register --results OUT --registry DIR`")
     else:
-        uri = resolve_tracking_uri(config.tracking_uri, config.mlflow_store)
+        uri = resolve_tracking_uri(config.register.tracking_uri, config.mlflow_store)
         if uri.startswith(("http://", "https://")):
             lines.append(f"MLflow UI:     {uri}")
         else:
@@ -210,14 +211,14 @@ def seap_pipeline(
     started = time.perf_counter()
     plan = make_plan(config)
     outputs = run_plan(plan, flow_run.get_id())  # publishes the results to `out` right after the report
-    results = json.loads((Path(config.out) / "results.json").read_text(encoding="utf-8"))
-    publish_artifacts(markdown_report(results), config.out)
+    results = json.loads((Path(config.outputs.out) / "results.json").read_text(encoding="utf-8"))
+    publish_artifacts(markdown_report(results), config.outputs.out)
     registered = json.loads((Path(outputs["register"]["path"]) / "registered.json").read_text(encoding="utf-8"))
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s")
     for line in where_to_look(config):
         print(line)
     groups = plan.mask_groups()
-    return {"results": str(Path(config.out) / "results.json"),
+    return {"results": str(Path(config.outputs.out) / "results.json"),
             "rows": [outputs[j.key]["path"] for j in plan.jobs if j.row],
             "masks": {row: {name: outputs[key]["path"] for name, key in group.items()} for row, group in groups.items()},
             "router": outputs["router"]["path"] if "router" in outputs else None,

@@ -101,6 +101,7 @@ def s3_client(endpoint: str) -> Any:
 
 # --- (a) create_buckets.py -------------------------------------------------------------------------
 
+@pytest.mark.services
 def test_create_buckets_creates_both_default_buckets_idempotently(s3_endpoint: str) -> None:
     env = s3_env(s3_endpoint)
     first = run([PYTHON, "infra/create_buckets.py", "--wait", "10"], env)
@@ -118,6 +119,7 @@ def test_create_buckets_creates_both_default_buckets_idempotently(s3_endpoint: s
         assert ACCESS_KEY not in result.stdout + result.stderr
 
 
+@pytest.mark.services
 def test_create_buckets_honours_names_from_env_and_other_regions(s3_endpoint: str) -> None:
     env = s3_env(s3_endpoint, SEAP_MLFLOW_BUCKET="team-mlflow", SEAP_DVC_BUCKET="team-dvc",
                  AWS_DEFAULT_REGION="eu-central-1")
@@ -128,6 +130,7 @@ def test_create_buckets_honours_names_from_env_and_other_regions(s3_endpoint: st
         assert client.get_bucket_location(Bucket=bucket)["LocationConstraint"] == "eu-central-1"
 
 
+@pytest.mark.services
 def test_create_buckets_without_credentials_exits_2_naming_the_variables(s3_endpoint: str) -> None:
     result = run([PYTHON, "infra/create_buckets.py"], clean_env(MLFLOW_S3_ENDPOINT_URL=s3_endpoint))
     assert result.returncode == 2
@@ -141,6 +144,7 @@ def test_create_buckets_without_credentials_exits_2_naming_the_variables(s3_endp
 
 # --- (b) single machine: start.sh / stop.sh --------------------------------------------------------
 
+@pytest.mark.services
 def test_single_machine_start_log_artifact_to_s3_and_stop(s3_endpoint: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "infra"
@@ -207,6 +211,7 @@ def test_single_machine_start_log_artifact_to_s3_and_stop(s3_endpoint: str, tmp_
     assert not leaked
 
 
+@pytest.mark.services
 def test_single_machine_start_without_credentials_starts_nothing(s3_endpoint: str, tmp_path: Path) -> None:
     state = tmp_path / "infra"
     env = clean_env(MLFLOW_S3_ENDPOINT_URL=s3_endpoint, SEAP_INFRA_DIR=str(state),

@@ -250,5 +250,7 @@ def test_library_defaults_agree_with_the_run_configuration() -> None:
     from seap.run.config import RunConfig
 
     c = RunConfig()
-    assert (c.eval_batch_size, c.score, c.schedule) == (DEFAULT_EVAL_BATCH_SIZE, DEFAULT_SCORE, DEFAULT_SCHEDULE)
-    assert (c.samples, c.seed, c.max_tokens) == (DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED, DEFAULT_MAX_TOKENS)
+    assert (c.evaluate.eval_batch_size, c.masks.score, c.masks.schedule) == \
+        (DEFAULT_EVAL_BATCH_SIZE, DEFAULT_SCORE, DEFAULT_SCHEDULE)
+    assert (c.data.samples, c.data.seed, c.data.max_tokens) == \
+        (DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED, DEFAULT_MAX_TOKENS)

@@ -37,7 +37,7 @@ def _eval(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         plan = make_plan(config)
-        execute(plan, StageContext(Path(config.workdir) / "task-files", progress=False),
+        execute(plan, StageContext(Path(config.outputs.workdir) / "task-files", progress=False),
                 on_event=lambda e: [v(e) for v in views])  # publishes the results to --out after the report
 
     def summary(_: Any) -> list[str]:
@@ -45,7 +45,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         from seap.evaluation.report import RESULT_FILES, table1
 
-        out = Path(config.out)
+        out = Path(config.outputs.out)
         results = json.loads((out / "results.json").read_text(encoding="utf-8"))
         return ["", table1(results).rstrip(), "", *(f"{name}: {out / name}" for name in RESULT_FILES)]
 

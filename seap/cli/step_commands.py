@@ -130,7 +130,7 @@ def _masks(args: argparse.Namespace) -> int:
 
     given = given_arguments(args)
     defaults = RunConfig()
-    unit = given.get("unit", defaults.unit)
+    unit = given.get("unit", defaults.masks.unit)
     moe = args.stats is not None
     if not moe and unit in ("experts", "both"):
         raise SeapError(f"--unit {unit} prunes the experts of a mixture-of-experts model, chosen from its router "
@@ -163,11 +163,11 @@ def _masks(args: argparse.Namespace) -> int:
     kind = "general" if args.general else "expert"
     params = MaskParams(method=f"seap-{kind}", row=f"seap-{kind}@{args.sparsity:g}", mask=kind, kind=kind,
                         sparsity=args.sparsity,
-                        score=given.get("expert_score", defaults.expert_score) if moe else SEAP_SCORE,
+                        score=given.get("expert_score", defaults.masks.expert_score) if moe else SEAP_SCORE,
                         schedule=args.schedule, schedule_options=schedule_options(args), gqa_mode=args.gqa_mode,
                         weights=parse_weights(args.weight), refit=options, moe=moe,
                         unit=("experts" if unit == "auto" else unit) if moe else None,
-                        allow_k_reduction=given.get("allow_k_reduction", defaults.allow_k_reduction))
+                        allow_k_reduction=given.get("allow_k_reduction", defaults.masks.allow_k_reduction))
     mask = make_mask(args.scores or [], args.out, params, args.bias_compensation_stats, args.overwrite,
                      router_stats_dirs=args.stats or [], **refit)
     done = " (reconstructed)" if mask.is_reconstructed else ""

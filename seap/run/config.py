@@ -1,11 +1,14 @@
 """The run configuration: the one home of every default and every validation rule.
 
-:class:`RunConfig` is what the planner reads. Every front door builds one and nothing else
-holds a default:
+:class:`RunConfig` is what the planner reads: one dataclass per ``params.yaml`` section
+(:class:`ModelSection`, :class:`DataSection`, ... :class:`RegisterSection`; and
+:class:`OutputSection`, the locations params.yaml leaves to the DVC stages), read as
+``config.<section>.<field>`` (``config.masks.sparsities``). Every front door builds one and
+nothing else holds a default. Each spells an option by its field's name, unique across sections:
 
 * the CLI (``seap eval``, ``python -m flows.pipeline``): option ``--<name>`` with ``-`` for ``_``
   (booleans: ``--<name>`` / ``--no-<name>``), see :func:`add_arguments`;
-* ``params.yaml`` (the DVC stages): ``<section>.<key>`` as listed in :data:`OPTIONS`;
+* ``params.yaml`` (the DVC stages): ``<section>.<key>``, the field's :class:`Option`;
 * the Prefect flow: parameter ``<name>``, the field's own name.
 
 Unknown or misspelt keys are errors that name the key, and every error names the option the
@@ -21,7 +24,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from seap.errors import SeapError
 from seap.maths.expert_units import CHANNEL_SCORE, DEFAULT_EXPERT_SCORE, EXPERT_SCORES
@@ -40,175 +43,263 @@ DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 @dataclass(frozen=True)
 class Option:
-    """Where a :class:`RunConfig` field lives in ``params.yaml`` and how it is checked."""
+    """Where a configuration field lives in ``params.yaml`` and how it is checked."""
 
-    section: str | None  # params.yaml section; None: not in params.yaml (a DVC stage fixes it)
-    key: str
+    section: str | None  # params.yaml section (the RunConfig section holding it); None: not in params.yaml
+    key: str  # its key there (not in params.yaml: the field's name)
     help: str
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
 
 
-def _opt(default: Any, section: str | None, key: str, help: str, **checks: Any) -> Any:
-    option = Option(section, key, help, **checks)
-    if isinstance(default, dict):
-        mapping = dict(default)
-        return field(default_factory=lambda: dict(mapping), metadata={"option": option})
-    if isinstance(default, (list, tuple)):
-        value = list(default)
-        return field(default_factory=lambda: list(value), metadata={"option": option})
-    return field(default=default, metadata={"option": option})
+def _opt(default: Any, key: str | None, help: str, **checks: Any) -> Any:
+    """A section's field: its default, its key in the section's ``params.yaml`` section (None:
+    not in params.yaml, where a DVC stage fixes it), its help and its checks (:class:`Option`)."""
+    meta = {"key": key, "help": help, "checks": checks}
+    if isinstance(default, (dict, list, tuple)):  # a fresh copy per configuration
+        copy = dict if isinstance(default, dict) else list
+        return field(default_factory=lambda: copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- the sections: one per params.yaml section, each field named as its front doors spell it ------
 
 
 @dataclass
-class RunConfig:
-    """Every parameter of a pipeline run. Build with :meth:`from_mapping`, :meth:`from_params`
-    or :meth:`from_cli`; :meth:`validate` checks all of it before any model is loaded."""
+class ModelSection:
+    """``model``: the base model and where it runs."""
 
-    # -- model ----------------------------------------------------------------------------
-    model: str = _opt(DEFAULT_MODEL, "model", "name",
+    model: str = _opt(DEFAULT_MODEL, "name",
                       "hub id (org/name), local HF folder, .gguf file, or the alias smollm2-135m")
-    device: str = _opt("auto", "model", "device", "auto (cuda if available), cpu, cuda, cuda:1 ...")
-    dtype: str = _opt("auto", "model", "dtype", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16",
+    device: str = _opt("auto", "device", "auto (cuda if available), cpu, cuda, cuda:1 ...")
+    dtype: str = _opt("auto", "dtype", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16",
                       choices=DTYPES)
-    # -- data -----------------------------------------------------------------------------
-    tasks: list[str] = _opt(DEFAULT_TASKS, "data", "tasks",
-                            "task names, optionally with a source prefix (hub:, local:, jsonl:, starter:); "
-                            "default: the built-in starter suite")
-    data_dir: str | None = _opt(None, "data", "dir", "folder of local tasks (DIR/<task>/train.jsonl ...)")
-    samples: int | None = _opt(DEFAULT_SAMPLES_PER_TASK, "data", "samples", "calibration records per task (null: all)", minimum=1)
-    seed: int = _opt(DEFAULT_SEED, "data", "seed", "seed of the calibration sample and the router", minimum=0)
-    max_tokens: int = _opt(DEFAULT_MAX_TOKENS, "data", "max_tokens", "token cap per calibration text", minimum=1)
-    # -- statistics -----------------------------------------------------------------------
-    stats_batch_size: int = _opt(8, "statistics", "batch_size", "texts per forward pass", minimum=1)
-    stats_shards: int = _opt(1, "statistics", "shards", "split each corpus into this many shards, merged exactly",
-                             minimum=1)
-    dask_workers: int = _opt(0, None, "dask_workers", "run statistics shards on a local Dask cluster of this size",
-                             minimum=0)
-    dask_address: str | None = _opt(None, None, "dask_address", "run statistics shards on this Dask scheduler")
-    # -- masks ----------------------------------------------------------------------------
-    methods: list[str] = _opt(DEFAULT_METHODS, "masks", "methods",
+
+
+@dataclass
+class DataSection:
+    """``data``: the tasks and their calibration sample."""
+
+    tasks: list[str] = _opt(DEFAULT_TASKS, "tasks", "task names, optionally with a source prefix (hub:, local:, "
+                            "jsonl:, starter:); default: the built-in starter suite")
+    data_dir: str | None = _opt(None, "dir", "folder of local tasks (DIR/<task>/train.jsonl ...)")
+    samples: int | None = _opt(DEFAULT_SAMPLES_PER_TASK, "samples", "calibration records per task (null: all)",
+                               minimum=1)
+    seed: int = _opt(DEFAULT_SEED, "seed", "seed of the calibration sample and the router", minimum=0)
+    max_tokens: int = _opt(DEFAULT_MAX_TOKENS, "max_tokens", "token cap per calibration text", minimum=1)
+
+    @property
+    def task_names(self) -> list[str]:
+        """Tasks as rows and masks name them (``jsonl:geo`` -> ``geo``)."""
+        return [task_name(t) for t in self.tasks]
+
+
+@dataclass
+class StatisticsSection:
+    """``statistics``: how the activation statistics are collected (where the shards run is not in
+    ``params.yaml``: a DVC stage runs them in its own process)."""
+
+    stats_batch_size: int = _opt(8, "batch_size", "texts per forward pass", minimum=1)
+    stats_shards: int = _opt(1, "shards", "split each corpus into this many shards, merged exactly", minimum=1)
+    dask_workers: int = _opt(0, None, "run statistics shards on a local Dask cluster of this size", minimum=0)
+    dask_address: str | None = _opt(None, None, "run statistics shards on this Dask scheduler")
+
+
+@dataclass
+class MaskSection:
+    """``masks``: the methods and sparsities, and how each mask is scored and allocated."""
+
+    methods: list[str] = _opt(DEFAULT_METHODS, "methods",
                               f"rows to build and evaluate: any of {', '.join(METHODS)} (left at the default with "
                               f"a mixture-of-experts model: {', '.join(MOE_DEFAULT_METHODS)}, less moe-frequency with unit neurons)",
                               choices=tuple(METHODS))
-    sparsities: list[float] = _opt(DEFAULT_SPARSITIES, "masks", "sparsities",
-                                   "target fractions of prunable weights removed", minimum=0, maximum=0.99)
-    score: str = _opt(SEAP_SCORE, "masks", "score", "SEAP's score (the baselines keep their own)")
-    schedule: str = _opt(SEAP_SCHEDULE, "masks", "schedule", "SEAP's schedule: logistic, uniform or flap-adaptive")
-    schedule_k: float | None = _opt(None, "masks", "schedule_k", "logistic steepness (null: 1.0)", minimum=0)
-    schedule_x0: float | None = _opt(None, "masks", "schedule_x0", "logistic inflection point (null: 0.3)",
-                                     minimum=0, maximum=1)
-    protect_first: int | None = _opt(None, "masks", "protect_first", "logistic: first layers kept dense (null: 2)",
-                                     minimum=0)
-    protect_last: int | None = _opt(None, "masks", "protect_last", "logistic: last layers kept dense (null: 2)",
-                                    minimum=0)
-    channel_multiple: int | None = _opt(None, "masks", "channel_multiple",
+    sparsities: list[float] = _opt(DEFAULT_SPARSITIES, "sparsities", "target fractions of prunable weights removed",
+                                   minimum=0, maximum=0.99)
+    score: str = _opt(SEAP_SCORE, "score", "SEAP's score (the baselines keep their own)")
+    schedule: str = _opt(SEAP_SCHEDULE, "schedule", "SEAP's schedule: logistic, uniform or flap-adaptive")
+    schedule_k: float | None = _opt(None, "schedule_k", "logistic steepness (null: 1.0)", minimum=0)
+    schedule_x0: float | None = _opt(None, "schedule_x0", "logistic inflection point (null: 0.3)", minimum=0, maximum=1)
+    protect_first: int | None = _opt(None, "protect_first", "logistic: first layers kept dense (null: 2)", minimum=0)
+    protect_last: int | None = _opt(None, "protect_last", "logistic: last layers kept dense (null: 2)", minimum=0)
+    channel_multiple: int | None = _opt(None, "channel_multiple",
                                         "every pruned layer keeps a multiple of this many MLP channels, for fast "
                                         "matrix kernels (llama.cpp above all; 1: any width) (null: 64)", minimum=1)
-    same_width: bool = _opt(False, "masks", "same_width",
+    same_width: bool = _opt(False, "same_width",
                             "every layer keeps the same widths (the uniform allocation, whatever the schedule), so "
                             "that stock transformers loads the pruned model (`seap export --format hf`)")
-    gqa_mode: str = _opt(DEFAULT_GQA_MODE, "masks", "gqa_mode", "GQA pruning unit: kv-groups or query-heads",
-                         choices=GQA_MODES)
-    unit: str = _opt("auto", "masks", "unit", "what is pruned: neurons (heads and MLP channels; of a mixture-of-experts "
+    gqa_mode: str = _opt(DEFAULT_GQA_MODE, "gqa_mode", "GQA pruning unit: kv-groups or query-heads", choices=GQA_MODES)
+    unit: str = _opt("auto", "unit", "what is pruned: neurons (heads and MLP channels; of a mixture-of-experts "
                      "model, the channels inside every expert), experts (whole experts of an MoE model), both "
                      "(experts, and channels inside the kept ones), or auto (experts for an MoE model, else neurons)",
                      choices=("auto", *UNITS))
-    expert_score: str = _opt(DEFAULT_EXPERT_SCORE, "masks", "expert_score",
+    expert_score: str = _opt(DEFAULT_EXPERT_SCORE, "expert_score",
                              "unit experts: how SEAP scores a task's experts: tcess (PreMoe), frequency or reap",
                              choices=EXPERT_SCORES)
-    allow_k_reduction: bool = _opt(False, "masks", "allow_k_reduction",
+    allow_k_reduction: bool = _opt(False, "allow_k_reduction",
                                    "unit experts: allow keeping fewer experts than the router's top-k (top-k is "
                                    "clamped to the experts kept)")
-    bias_compensation: bool | None = _opt(None, "masks", "bias_compensation",
+    bias_compensation: bool | None = _opt(None, "bias_compensation",
                                           "FLAP's bias compensation for every method (null: as each method says: "
                                           "FLAP on, the others off)")
-    general_weights: dict[str, float] = _opt({}, "masks", "general_weights",
+    general_weights: dict[str, float] = _opt({}, "general_weights",
                                              "weight of each task's scores in the SEAP general mask, TASK=W "
                                              "(tasks left out: wikitext 3, others 2)", minimum=0)
-    # -- reconstruction -------------------------------------------------------------------
-    reconstruct: bool | None = _opt(None, "reconstruction", "reconstruct",
+
+    @property
+    def schedule_options(self) -> dict[str, Any]:
+        """Options of the logistic schedule that differ from its defaults."""
+        opts = {"k": self.schedule_k, "x0": self.schedule_x0, "protect_first": self.protect_first,
+                "protect_last": self.protect_last}
+        return {k: v for k, v in opts.items() if v is not None}
+
+    @property
+    def width_options(self) -> dict[str, Any]:
+        """Options that shape every neuron mask's widths for the hardware (:func:`seap.maths.schedules.allocate`)."""
+        opts: dict[str, Any] = {"same_width": True} if self.same_width else {}
+        if self.channel_multiple is not None:
+            opts["channel_multiple"] = self.channel_multiple
+        return opts
+
+
+@dataclass
+class ReconstructionSection:
+    """``reconstruction``: the closed-form refit of every mask."""
+
+    reconstruct: bool | None = _opt(None, "reconstruct",
                                     "refit o_proj/down_proj of every mask in closed form on the calibration text's "
                                     "second moments (least squares; replaces bias compensation; false: plain "
                                     "slicing, or each method's own bias compensation) (null: true, unless "
                                     "bias_compensation is true)")
-    refit_alpha: float | None = _opt(None, "reconstruction", "alpha",
-                                     "refit regularisation, relative to the mean input energy (null: 0.01)", minimum=0)
-    refit_prior: str | None = _opt(None, "reconstruction", "prior",
-                                   "what the regulariser pulls the refitted weights towards: slice (the plain "
-                                   "slice W[:, kept]) or zero (ridge) (null: slice)")
-    refit_bias: bool | None = _opt(None, "reconstruction", "bias",
-                                   "also fit a bias term (the refit's FLAP-like part) (null: true)")
-    refit_sequential: bool | None = _opt(None, "reconstruction", "sequential",
+    refit_alpha: float | None = _opt(None, "alpha", "refit regularisation, relative to the mean input energy "
+                                     "(null: 0.01)", minimum=0)
+    refit_prior: str | None = _opt(None, "prior", "what the regulariser pulls the refitted weights towards: slice "
+                                   "(the plain slice W[:, kept]) or zero (ridge) (null: slice)")
+    refit_bias: bool | None = _opt(None, "bias", "also fit a bias term (the refit's FLAP-like part) (null: true)")
+    refit_sequential: bool | None = _opt(None, "sequential",
                                          "refit layer by layer on the inputs the already refitted layers produce "
                                          "(runs the calibration text through the model per mask) instead of "
                                          "one-shot on the dense model's second moments (null: false)")
-    refit_corpus: str = _opt("own", "reconstruction", "corpus",
+    refit_corpus: str = _opt("own", "corpus",
                              "what masks are refitted on: own (each SEAP expert on its task's corpus; general "
                              "mask and baselines on the pooled corpora), pooled (every mask on all tasks' "
                              "corpora) or per-task (the control: the baselines too are refitted on each task's "
-                             "corpus, one refitted copy per task)",
-                             choices=REFIT_CORPORA)
-    refit_generic: list[str] = _opt([], "reconstruction", "generic",
+                             "corpus, one refitted copy per task)", choices=REFIT_CORPORA)
+    refit_generic: list[str] = _opt([], "generic",
                                     "tasks whose train-split text is added to every refit corpus as generic text "
                                     "(e.g. boolq: Wikipedia passages); the masks stay as they are (empty: none)")
-    refit_generic_samples: int | None = _opt(None, "reconstruction", "generic_samples",
-                                             "records per generic task (null: the samples option)", minimum=1)
-    # -- evaluation -----------------------------------------------------------------------
-    limit: int | None = _opt(None, "evaluate", "limit", "evaluation items per task (null: all)", minimum=1)
-    num_fewshot: int = _opt(0, "evaluate", "num_fewshot", "few-shot examples per item", minimum=0)
-    metric: str = _opt("acc", "evaluate", "metric",
-                       "metric of the table: acc, acc_norm, or paper (acc_norm where the paper reports it)",
-                       choices=REPORT_METRICS)
-    eval_batch_size: int = _opt(64, "evaluate", "batch_size",
+    refit_generic_samples: int | None = _opt(None, "generic_samples", "records per generic task (null: the samples "
+                                             "option)", minimum=1)
+
+    @property
+    def refit_options(self) -> dict[str, Any]:
+        """Options of the refit that differ from its defaults (:class:`seap.maths.reconstruction.RefitOptions`)."""
+        opts = {"alpha": self.refit_alpha, "prior": self.refit_prior, "bias": self.refit_bias,
+                "sequential": self.refit_sequential}
+        return {k: v for k, v in opts.items() if v is not None}
+
+
+@dataclass
+class EvaluationSection:
+    """``evaluate``: how every row is evaluated."""
+
+    limit: int | None = _opt(None, "limit", "evaluation items per task (null: all)", minimum=1)
+    num_fewshot: int = _opt(0, "num_fewshot", "few-shot examples per item", minimum=0)
+    metric: str = _opt("acc", "metric", "metric of the table: acc, acc_norm, or paper (acc_norm where the paper "
+                       "reports it)", choices=REPORT_METRICS)
+    eval_batch_size: int = _opt(64, "batch_size",
                                 "evaluation batch: packed rows of 256 tokens (lm-eval sequences where not packed)",
                                 minimum=1)
-    perplexity: bool = _opt(False, "evaluate", "perplexity",
+    perplexity: bool = _opt(False, "perplexity",
                             "also WikiText-2 perplexity of dense and each general mask (needs data_dir with wikitext/)")
-    perplexity_windows: int | None = _opt(40, "evaluate", "perplexity_windows", "windows of 512 tokens (null: all)",
-                                          minimum=1)
-    # -- router ---------------------------------------------------------------------------
-    router_prompts: int = _opt(500, "router", "prompts_per_task", "router training prompts per task", minimum=1)
-    router_layer: int = _opt(0, "router", "feature_layer", "0: input embeddings; k: hidden state after layer k",
-                             minimum=0)
-    router_threshold: float = _opt(0.5, "router", "threshold", "below this confidence the general mask is used",
+    perplexity_windows: int | None = _opt(40, "perplexity_windows", "windows of 512 tokens (null: all)", minimum=1)
+
+
+@dataclass
+class RouterSection:
+    """``router``: what picks the routed row's expert per input."""
+
+    router_prompts: int = _opt(500, "prompts_per_task", "router training prompts per task", minimum=1)
+    router_layer: int = _opt(0, "feature_layer", "0: input embeddings; k: hidden state after layer k", minimum=0)
+    router_threshold: float = _opt(0.5, "threshold", "below this confidence the general mask is used",
                                    minimum=0, maximum=1)
-    router_kind: str = _opt("features", "router", "kind",
+    router_kind: str = _opt("features", "kind",
                             "what picks the routed row's expert: features (the trained task router) or patterns "
                             "(MoE, PreMoe's TAER: the nearest stored routing pattern of the prompt's prefix; "
                             "confidence 1 - d1/d2)", choices=("features", "patterns"))
-    # -- speed ----------------------------------------------------------------------------
-    bench: bool = _opt(True, "bench", "enabled", "measure prefill and decode speed of dense and each pruned shape")
-    bench_repeats: int = _opt(3, "bench", "repeats", "timed repeats (the median is reported)", minimum=1)
-    bench_llama_cpp: str = _opt("auto", "bench", "llama_cpp",
+
+
+@dataclass
+class BenchSection:
+    """``bench``: the speed of dense and each pruned shape."""
+
+    bench: bool = _opt(True, "enabled", "measure prefill and decode speed of dense and each pruned shape")
+    bench_repeats: int = _opt(3, "repeats", "timed repeats (the median is reported)", minimum=1)
+    bench_llama_cpp: str = _opt("auto", "llama_cpp",
                                 "also time dense and each pruned shape in llama.cpp (float16 GGUF, llama-bench): "
                                 "auto (when scripts/build_llama_cpp.sh has built it), off, or a build folder")
-    # -- outputs and registration ---------------------------------------------------------
-    workdir: str = _opt("runs/work", None, "workdir", "stage outputs (content-addressed, cached)")
-    out: str = _opt("runs/pipeline", None, "out", "results table, JSON, metrics, plot")
-    registry_dir: str | None = _opt(None, "register", "dir", "the local expert registry (null: beside workdir)")
-    mlflow: bool = _opt(True, "register", "mlflow", "also track the run and register the experts in MLflow")
-    tracking_uri: str | None = _opt(None, "register", "tracking_uri",
-                                    "MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite in mlflow_dir)")
-    mlflow_dir: str | None = _opt(None, "register", "mlflow_dir", "local MLflow store (null: beside workdir)")
-    experiment: str = _opt("seap", "register", "experiment", "MLflow experiment of the pipeline runs")
 
-    def __post_init__(self) -> None:
+
+@dataclass
+class OutputSection:
+    """Where a run writes (not in ``params.yaml``: the DVC stages fix their own locations)."""
+
+    workdir: str = _opt("runs/work", None, "stage outputs (content-addressed, cached)")
+    out: str = _opt("runs/pipeline", None, "results table, JSON, metrics, plot")
+
+
+@dataclass
+class RegisterSection:
+    """``register``: the local expert registry and MLflow."""
+
+    registry_dir: str | None = _opt(None, "dir", "the local expert registry (null: beside workdir)")
+    mlflow: bool = _opt(True, "mlflow", "also track the run and register the experts in MLflow")
+    tracking_uri: str | None = _opt(None, "tracking_uri",
+                                    "MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite in mlflow_dir)")
+    mlflow_dir: str | None = _opt(None, "mlflow_dir", "local MLflow store (null: beside workdir)")
+    experiment: str = _opt("seap", "experiment", "MLflow experiment of the pipeline runs")
+
+
+@dataclass(init=False)
+class RunConfig:
+    """Every parameter of a pipeline run, one section per ``params.yaml`` section (each attribute
+    named as its section; ``outputs``: what params.yaml leaves to the DVC stages), e.g.
+    ``config.masks.sparsities``. Build it from flat field names (``RunConfig(sparsities=[0.3])``,
+    each name given to its section), :meth:`from_mapping`, :meth:`from_params` or
+    :meth:`from_cli`; :meth:`validate` checks all of it before any model is loaded."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    statistics: StatisticsSection = field(default_factory=StatisticsSection)
+    masks: MaskSection = field(default_factory=MaskSection)
+    reconstruction: ReconstructionSection = field(default_factory=ReconstructionSection)
+    evaluate: EvaluationSection = field(default_factory=EvaluationSection)
+    router: RouterSection = field(default_factory=RouterSection)
+    bench: BenchSection = field(default_factory=BenchSection)
+    outputs: OutputSection = field(default_factory=OutputSection)
+    register: RegisterSection = field(default_factory=RegisterSection)
+
+    def __init__(self, **fields: Any) -> None:
+        by_section: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+        for name, value in fields.items():
+            if name not in _FIELDS:
+                raise TypeError(f"RunConfig() got an unexpected keyword argument {name!r}")
+            by_section[_FIELDS[name].section][name] = value
+        for section, cls in _SECTIONS.items():
+            setattr(self, section, cls(**by_section[section]))
         # the one rule for reconstruction's default: on, unless FLAP's bias compensation (which
         # it replaces) is asked for
-        if self.reconstruct is None:
-            self.reconstruct = not self.bias_compensation
+        if self.reconstruction.reconstruct is None:
+            self.reconstruction.reconstruct = not self.masks.bias_compensation
 
     # -- building -------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], front: Front = "python") -> RunConfig:
         """A configuration from field names (flow parameters, Python). Names left out keep their
         defaults; an unknown name is an error that names it."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - set(_FIELDS))
         if unknown:
-            raise SeapError(f"unknown parameter(s) {unknown}", f"parameters are: {', '.join(sorted(names))}")
+            raise SeapError(f"unknown parameter(s) {unknown}", f"parameters are: {', '.join(sorted(_FIELDS))}")
         config = cls(**dict(values))
         config._front = front  # type: ignore[attr-defined]
         return config
@@ -249,13 +340,19 @@ class RunConfig:
         return config
 
     def replace(self, **changes: Any) -> RunConfig:
-        new = dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (field names) applied, from the same front door."""
+        new = RunConfig(**{**self.to_dict(), **changes})
         new._front = self.front  # type: ignore[attr-defined]
         return new
+
+    def to_dict(self) -> dict[str, Any]:
+        """Field name -> value, flat; what results.json records as the run's configuration."""
+        return {name: getattr(getattr(self, f.section), name) for name, f in _FIELDS.items()}
 
     # -- naming ---------------------------------------------------------------------------
     @property
     def front(self) -> Front:
+        """The front door this configuration came from (its errors spell options that door's way)."""
         return getattr(self, "_front", "python")
 
     def spell(self, name: str) -> str:
@@ -263,102 +360,97 @@ class RunConfig:
         return option_name(name, self.front)
 
     def bad(self, name: str, problem: str, fix: str | None) -> SeapError:
+        """An error about option ``name``, spelled as this configuration's front door spells it."""
         return SeapError(f"parameter {self.spell(name)}: {problem}", fix)
 
-    # -- derived locations ----------------------------------------------------------------
+    # -- derived --------------------------------------------------------------------------
     @property
     def registry(self) -> str:
-        return self.registry_dir or str(Path(self.workdir).parent / "registry")
+        """The local expert registry (``registry_dir``, else beside the work folder)."""
+        return self.register.registry_dir or str(Path(self.outputs.workdir).parent / "registry")
 
     @property
     def mlflow_store(self) -> str:
-        return self.mlflow_dir or str(Path(self.workdir).parent / "mlflow")
-
-    @property
-    def task_names(self) -> list[str]:
-        """Tasks as rows and masks name them (``jsonl:geo`` -> ``geo``)."""
-        return [task_name(t) for t in self.tasks]
-
-    @property
-    def schedule_options(self) -> dict[str, Any]:
-        """Options of the logistic schedule that differ from its defaults."""
-        opts = {"k": self.schedule_k, "x0": self.schedule_x0, "protect_first": self.protect_first,
-                "protect_last": self.protect_last}
-        return {k: v for k, v in opts.items() if v is not None}
-
-    @property
-    def width_options(self) -> dict[str, Any]:
-        """Options that shape every neuron mask's widths for the hardware (:func:`seap.maths.schedules.allocate`)."""
-        opts: dict[str, Any] = {"same_width": True} if self.same_width else {}
-        if self.channel_multiple is not None:
-            opts["channel_multiple"] = self.channel_multiple
-        return opts
-
-    @property
-    def refit_options(self) -> dict[str, Any]:
-        """Options of the refit that differ from its defaults (:class:`seap.maths.reconstruction.RefitOptions`)."""
-        opts = {"alpha": self.refit_alpha, "prior": self.refit_prior, "bias": self.refit_bias,
-                "sequential": self.refit_sequential}
-        return {k: v for k, v in opts.items() if v is not None}
+        """The local MLflow store (``mlflow_dir``, else beside the work folder)."""
+        return self.register.mlflow_dir or str(Path(self.outputs.workdir).parent / "mlflow")
 
     @property
     def routed(self) -> bool:
-        return "seap-routed" in self.methods
+        """Whether the run evaluates the routed row (and so trains a router)."""
+        return "seap-routed" in self.masks.methods
 
-    def to_dict(self) -> dict[str, Any]:
-        """Field name -> value; what results.json records as the run's configuration."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    @property
+    def resolved_unit(self) -> str:
+        """``neurons``, ``experts`` or ``both``: ``auto`` is experts for a mixture-of-experts model
+        (a local folder or GGUF file whose type an MoE adapter serves), neurons otherwise."""
+        if self.masks.unit != "auto":
+            return self.masks.unit
+        return "experts" if self.moe else "neurons"
+
+    @property
+    def moe(self) -> bool:
+        """Whether the run prunes a mixture-of-experts model (through router statistics and
+        expert masks): unit experts or both, or a model whose type an MoE adapter serves (where
+        unit neurons prunes the channels inside every expert)."""
+        if self.masks.unit in ("experts", "both"):
+            return True
+        from seap.model.loading import peek_model_type
+
+        return peek_model_type(self.model.model) in _moe_types()
 
     # -- validation -----------------------------------------------------------------------
     def validate(self, check_data: bool = True) -> RunConfig:
         """Check every option (types, ranges, names, consistency) and, with ``check_data``, that
         the tasks resolve in the data folder; loads no model. Returns ``self``."""
-        for f in dataclasses.fields(self):
-            _check_type(self, f.name, getattr(self, f.name), str(f.type), f.metadata["option"])
-        if not self.model.strip():
+        for name, value in self.to_dict().items():
+            _check_type(self, name, value, str(_FIELDS[name].field.type), _FIELDS[name].option)
+        model, data, masks, rec = self.model, self.data, self.masks, self.reconstruction
+        if not model.model.strip():
             raise self.bad("model", "is empty", "pass a hub id, a local folder, a .gguf file or smollm2-135m")
-        if not self.tasks:
+        if not data.tasks:
             raise self.bad("tasks", "no tasks given", "list at least one task")
         from seap.model.loaded import resolve_device
 
         try:
-            resolve_device(self.device)
+            resolve_device(model.device)
         except SeapError as exc:
             raise self.bad("device", exc.problem, exc.fix or "") from None
-        names = self.task_names
+        names = data.task_names
         if len(set(names)) != len(names):
-            raise self.bad("tasks", f"a task is named twice: {list(self.tasks)}", "list each task once")
-        if not self.sparsities:
+            raise self.bad("tasks", f"a task is named twice: {list(data.tasks)}", "list each task once")
+        if not masks.sparsities:
             raise self.bad("sparsities", "no sparsity given", "e.g. [0.2, 0.5]")
-        if any(s == 0 for s in self.sparsities):
+        if any(s == 0 for s in masks.sparsities):
             raise self.bad("sparsities", "0 is the dense model, which is always evaluated", "drop 0")
-        if len({f"{s:g}" for s in self.sparsities}) != len(self.sparsities):
-            raise self.bad("sparsities", f"a sparsity is listed twice: {list(self.sparsities)}",
+        if len({f"{s:g}" for s in masks.sparsities}) != len(masks.sparsities):
+            raise self.bad("sparsities", f"a sparsity is listed twice: {list(masks.sparsities)}",
                            "list each sparsity once")
-        if not self.methods:
+        if not masks.methods:
             raise self.bad("methods", "no method given", f"e.g. {' '.join(DEFAULT_METHODS)}")
         self._check_unit()
-        if len(set(self.methods)) != len(self.methods):
-            raise self.bad("methods", f"a method is listed twice: {list(self.methods)}", "list each method once")
-        if self.routed and len(self.tasks) < 2:
+        if len(set(masks.methods)) != len(masks.methods):
+            raise self.bad("methods", f"a method is listed twice: {list(masks.methods)}", "list each method once")
+        if self.routed and len(data.tasks) < 2:
             raise self.bad("methods", "seap-routed needs at least two tasks to route between",
                            "add tasks, or drop seap-routed")
-        if (self.dask_workers or self.dask_address) and self.stats_shards < 2:
+        stats = self.statistics
+        if (stats.dask_workers or stats.dask_address) and stats.stats_shards < 2:
             raise self.bad("stats_shards", "a Dask cluster needs the statistics split into shards",
                            "set stats_shards >= 2 (e.g. the number of workers)")
-        if self.tracking_uri is not None and "://" not in self.tracking_uri:
-            raise self.bad("tracking_uri", f"{self.tracking_uri!r} is not a URI",
+        uri = self.register.tracking_uri
+        if uri is not None and "://" not in uri:
+            raise self.bad("tracking_uri", f"{uri!r} is not a URI",
                            "e.g. http://mlflow.internal:5000 or sqlite:///runs/mlflow/mlflow.db")
-        if self.perplexity and not self.data_dir:
+        if self.evaluate.perplexity and not data.data_dir:
             raise self.bad("perplexity", "WikiText-2 perplexity needs a data folder with wikitext/",
                            f"set {self.spell('data_dir')} (e.g. ../shared/benchmarks), or turn perplexity off")
         try:
             off = {"cli": "--no-reconstruct", "params": f"{self.spell('reconstruct')}: false"}.get(
                 self.front, "reconstruct=False")
-            check_compensation(self.reconstruct, self.bias_compensation, self.spell("bias_compensation"), off)
+            check_compensation(rec.reconstruct, masks.bias_compensation, self.spell("bias_compensation"), off)
         except SeapError as e:
             raise self.bad("bias_compensation", e.problem, e.fix) from None
-        overlap = sorted({task_name(t) for t in self.refit_generic} & set(self.task_names))
+        overlap = sorted({task_name(t) for t in rec.refit_generic} & set(names))
         if overlap:
             raise self.bad("refit_generic", f"{', '.join(overlap)} is also a task of the run",
                            "generic text comes from tasks that are not pruned for: drop it from one of the lists")
@@ -367,60 +459,41 @@ class RunConfig:
             self.check_tasks()
         return self
 
-    @property
-    def resolved_unit(self) -> str:
-        """``neurons``, ``experts`` or ``both``: ``auto`` is experts for a mixture-of-experts model
-        (a local folder or GGUF file whose type an MoE adapter serves), neurons otherwise."""
-        if self.unit != "auto":
-            return self.unit
-        return "experts" if self.moe else "neurons"
-
-    @property
-    def moe(self) -> bool:
-        """Whether the run prunes a mixture-of-experts model (through router statistics and
-        expert masks): unit experts or both, or a model whose type an MoE adapter serves (where
-        unit neurons prunes the channels inside every expert)."""
-        if self.unit in ("experts", "both"):
-            return True
-        from seap.model.loading import peek_model_type
-
-        return peek_model_type(self.model) in _moe_types()
-
     def _check_unit(self) -> None:
         """With an MoE model, the default methods become the MoE ones, and a method that cannot
         prune the run's unit (or an MoE model at all) is refused, naming what to use."""
-        unit, moe = self.resolved_unit, self.moe
-        if unit != "neurons" and self.unit != "auto":
+        masks, unit, moe = self.masks, self.resolved_unit, self.moe
+        if unit != "neurons" and masks.unit != "auto":
             from seap.model.loading import peek_model_type
 
-            model_type = peek_model_type(self.model)
+            model_type = peek_model_type(self.model.model)
             if model_type is not None and model_type not in _moe_types():
-                raise self.bad("unit", f"{unit} needs a mixture-of-experts model; {self.model} is a {model_type} model",
-                               f"prune its heads and channels ({self.spell('unit')} neurons or auto)")
-        if moe and list(self.methods) == list(DEFAULT_METHODS):
-            self.methods = [m for m in MOE_DEFAULT_METHODS if unit in METHODS[m].units]  # (the user left the default)
-        wrong = [m for m in self.methods if unit not in METHODS[m].units or (moe and not METHODS[m].moe)]
+                raise self.bad("unit", f"{unit} needs a mixture-of-experts model; {self.model.model} is a {model_type} "
+                               f"model", f"prune its heads and channels ({self.spell('unit')} neurons or auto)")
+        if moe and list(masks.methods) == list(DEFAULT_METHODS):
+            masks.methods = [m for m in MOE_DEFAULT_METHODS if unit in METHODS[m].units]  # (the user left the default)
+        wrong = [m for m in masks.methods if unit not in METHODS[m].units or (moe and not METHODS[m].moe)]
         if wrong:
             fitting = [n for n, m in METHODS.items() if unit in m.units and (m.moe or not moe)]
             what = f"the {unit} of a mixture-of-experts model" if moe and unit == "neurons" else unit
             raise self.bad("methods", f"{', '.join(wrong)} cannot prune {what}"
-                           + (" (the model is a mixture of experts)" if self.unit == "auto" and moe else ""),
+                           + (" (the model is a mixture of experts)" if masks.unit == "auto" and moe else ""),
                            f"with {self.spell('unit')} {unit} use any of: {', '.join(fitting)}"
                            + ("; or prune neurons" if unit != "neurons" else ""))
-        if moe and self.schedule not in ("logistic", "uniform"):
-            raise self.bad("schedule", f"{self.schedule} allocates heads and channels of a dense model, not the parts "
-                           "of a mixture-of-experts model", "on an MoE model use logistic or uniform")
-        if moe and unit != "experts" and self.score != CHANNEL_SCORE:
-            raise self.bad("score", f"channels inside experts are scored with {CHANNEL_SCORE} only, not {self.score}",
+        if moe and masks.schedule not in ("logistic", "uniform"):
+            raise self.bad("schedule", f"{masks.schedule} allocates heads and channels of a dense model, not the "
+                           "parts of a mixture-of-experts model", "on an MoE model use logistic or uniform")
+        if moe and unit != "experts" and masks.score != CHANNEL_SCORE:
+            raise self.bad("score", f"channels inside experts are scored with {CHANNEL_SCORE} only, not {masks.score}",
                            f"leave {self.spell('score')} at {CHANNEL_SCORE}")
-        if moe and self.channel_multiple not in (None, 8):
+        if moe and masks.channel_multiple not in (None, 8):
             raise self.bad("channel_multiple", "channels inside experts keep a multiple of 8 (what the fused expert "
-                           f"tensors' grouped matmul needs), not {self.channel_multiple}",
+                           f"tensors' grouped matmul needs), not {masks.channel_multiple}",
                            f"leave {self.spell('channel_multiple')} unset with a mixture-of-experts model")
-        if self.router_kind == "patterns" and not moe:
+        if self.router.router_kind == "patterns" and not moe:
             raise self.bad("router_kind", "routing patterns are what an MoE model's routers do",
                            f"use {self.spell('router_kind')} features, or prune experts of an MoE model")
-        if moe and self.stats_shards > 1:
+        if moe and self.statistics.stats_shards > 1:
             raise self.bad("stats_shards", "router statistics are collected in one pass",
                            "set stats_shards to 1 with a mixture-of-experts model")
 
@@ -429,33 +502,37 @@ class RunConfig:
         from seap.maths.schedules import check_schedule
         from seap.maths.scores import get_score
 
-        for name, check in (("score", get_score), ("schedule", check_schedule)):
+        for name, value, check in (("score", self.masks.score, get_score),
+                                   ("schedule", self.masks.schedule, check_schedule)):
             try:
-                check(getattr(self, name))
+                check(value)
             except SeapError as exc:
                 raise self.bad(name, exc.problem, exc.fix) from None
-        if self.refit_prior is not None:
+        prior = self.reconstruction.refit_prior
+        if prior is not None:
             from seap.maths.reconstruction import PRIORS
 
-            if self.refit_prior not in PRIORS:
-                raise self.bad("refit_prior", f"unknown value {self.refit_prior!r}", f"use one of: {', '.join(PRIORS)}")
+            if prior not in PRIORS:
+                raise self.bad("refit_prior", f"unknown value {prior!r}", f"use one of: {', '.join(PRIORS)}")
 
     def check_tasks(self, work_dir: str | Path | None = None) -> list[Any]:
         """Resolve the tasks (files present, records well-formed) before any model loads."""
         from seap.data.catalogue import TaskCatalogue
 
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+        data = self.data
+        if data.data_dir is not None and not Path(data.data_dir).is_dir():
             fix = ("run `dvc pull data.dvc` (or `seap export-starter --out data`), or fix data.dir"
                    if self.front == "params" else "pass a folder of task data")
-            raise self.bad("data_dir", f"{self.data_dir} is not a folder", fix)
-        catalogue = TaskCatalogue(self.data_dir, work_dir or Path(self.workdir) / "task-files")
+            raise self.bad("data_dir", f"{data.data_dir} is not a folder", fix)
+        catalogue = TaskCatalogue(data.data_dir, work_dir or Path(self.outputs.workdir) / "task-files")
         try:
-            specs = catalogue.resolve(self.tasks)
+            specs = catalogue.resolve(data.tasks)
         except SeapError as exc:
             raise self.bad("tasks", exc.problem, exc.fix) from None
-        if self.refit_generic:
+        generic = self.reconstruction.refit_generic
+        if generic:
             try:
-                catalogue.resolve(self.refit_generic)
+                catalogue.resolve(generic)
             except SeapError as exc:
                 raise self.bad("refit_generic", exc.problem, exc.fix) from None
         not_mc = [s.name for s in specs if s.kind != "multiple_choice"]
@@ -463,6 +540,22 @@ class RunConfig:
             raise self.bad("tasks", f"task(s) {not_mc} are not multiple-choice tasks",
                            "use multiple-choice tasks; WikiText-2 perplexity is the `perplexity` option")
         return specs
+
+
+class _Field(NamedTuple):
+    """A configuration field: the :class:`RunConfig` section holding it, its dataclass field and
+    its :class:`Option`."""
+
+    section: str
+    field: dataclasses.Field[Any]
+    option: Option
+
+
+_SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # name -> its class
+_FIELDS: dict[str, _Field] = {  # flat field name -> _Field, in declaration order
+    f.name: _Field(section, f, Option(section if f.metadata["key"] else None, f.metadata["key"] or f.name,
+                                      f.metadata["help"], **f.metadata["checks"]))
+    for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 _UNSET = object()
@@ -483,16 +576,14 @@ def task_name(task: str) -> str:
 
 def options() -> dict[str, Option]:
     """Field name -> :class:`Option`, in declaration order."""
-    return {f.name: f.metadata["option"] for f in dataclasses.fields(RunConfig)}
+    return {name: f.option for name, f in _FIELDS.items()}
 
 
 def declared_defaults() -> dict[str, Any]:
     """Field name -> its declared default (``reconstruct``: ``None``, the rule "on unless
     bias_compensation"): what a front door that passes every field on (the flows) defaults to."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(RunConfig):
-        out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return out
+    return {name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for name, (_, f, _) in _FIELDS.items()}
 
 
 def param_sections() -> dict[str, list[str]]:
@@ -517,11 +608,11 @@ def option_name(name: str, front: Front) -> str:
 
 def default_params() -> dict[str, dict[str, Any]]:
     """The defaults as a ``params.yaml`` mapping (what a fresh project starts from)."""
-    config = RunConfig()
+    values = RunConfig().to_dict()
     out: dict[str, dict[str, Any]] = {}
     for name, o in options().items():
         if o.section:
-            out.setdefault(o.section, {})[o.key] = getattr(config, name)
+            out.setdefault(o.section, {})[o.key] = values[name]
     return out
 
 
@@ -570,8 +661,7 @@ def _check_type(config: RunConfig, name: str, value: Any, annotation: str, optio
 
 def given_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The configuration fields given on a command line parsed with :func:`add_arguments`."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-            if getattr(args, f.name, _UNSET) is not _UNSET}
+    return {name: getattr(args, name) for name in _FIELDS if getattr(args, name, _UNSET) is not _UNSET}
 
 
 def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
@@ -579,17 +669,15 @@ def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
     """One ``--option`` per configuration field (or per field in ``only``; booleans as ``--x`` /
     ``--no-x``; ``aliases``: more spellings of a field's option); options left out keep the
     configuration's default (it is not repeated here)."""
-    for f in dataclasses.fields(RunConfig):
-        if f.name in skip or (only is not None and f.name not in only):
+    defaults = RunConfig().to_dict()
+    for name, (_, f, o) in _FIELDS.items():
+        if name in skip or (only is not None and name not in only):
             continue
-        o: Option = f.metadata["option"]
-        flag = "--" + f.name.replace("_", "-")
-        flags = [flag, *(aliases or {}).get(f.name, ())]
+        flags = ["--" + name.replace("_", "-"), *(aliases or {}).get(name, ())]
         annotation = str(f.type)
         where = f" [params.yaml: {o.section}.{o.key}]" if o.section else ""
-        default = getattr(RunConfig(), f.name)
-        help_text = f"{o.help} (default: {default}){where}".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": _UNSET, "help": help_text}
+        help_text = f"{o.help} (default: {defaults[name]}){where}".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": name, "default": _UNSET, "help": help_text}
         if annotation.removesuffix(" | None") == "bool":  # (null, where allowed, is leaving it out)
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
             continue
@@ -659,5 +747,7 @@ def load_params(path: str | Path = "params.yaml") -> RunConfig:
         raise SeapError(f"{p}: {exc.problem}", exc.fix) from None
 
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_TASKS", "Option", "REPORT_METRICS", "ROUTED_EXPERTS", "RunConfig",
-           "add_arguments", "declared_defaults", "default_params", "load_params", "option_name", "options", "param_sections", "task_name"]
+__all__ = ["BenchSection", "DEFAULT_MODEL", "DEFAULT_TASKS", "DataSection", "EvaluationSection", "MaskSection",
+           "ModelSection", "Option", "OutputSection", "REPORT_METRICS", "ROUTED_EXPERTS", "ReconstructionSection",
+           "RegisterSection", "RouterSection", "RunConfig", "StatisticsSection", "add_arguments", "declared_defaults",
+           "default_params", "load_params", "option_name", "options", "param_sections", "task_name"]

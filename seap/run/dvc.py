@@ -41,10 +41,10 @@ def project_config(params_file: str | Path = PARAMS_FILE, root: str | Path = "."
     (paths in it are relative to ``root``, where ``dvc.yaml`` is)."""
     root = Path(root)
     config = load_params(params_file)
-    data_dir = str((root / config.data_dir).resolve()) if config.data_dir else None
+    data_dir = str((root / config.data.data_dir).resolve()) if config.data.data_dir else None
     return config.replace(workdir=str(root / WORK), out=str(root / RESULTS), data_dir=data_dir,
-                          registry_dir=str(root / (config.registry_dir or "registry")),
-                          mlflow_dir=str(root / (config.mlflow_dir or "runs/mlflow")))
+                          registry_dir=str(root / (config.register.registry_dir or "registry")),
+                          mlflow_dir=str(root / (config.register.mlflow_dir or "runs/mlflow")))
 
 
 def job_path(job_or_key: Job | str, root: Path) -> Path:

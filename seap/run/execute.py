@@ -25,6 +25,7 @@ from typing import Any
 
 from seap.contenthash import stage_key, tree_digest
 from seap.io import build_once
+from seap.run.config import RunConfig
 from seap.run.job_params import params_to_dict
 from seap.run.plan import STAGES, Job, Plan, map_inputs
 from seap.run.stages import StageContext, run_job
@@ -110,7 +111,7 @@ def execute(plan: Plan, ctx: StageContext | None = None,
             on_event: Callable[[JobEvent], None] | None = None) -> Execution:
     """Run every job of ``plan`` in order in this process, reusing finished outputs."""
     c = plan.config
-    workdir = Path(c.workdir)
+    workdir = Path(c.outputs.workdir)
     ctx = ctx or StageContext(workdir / "task-files")
     done = Execution(plan)
     total = len(plan.jobs)
@@ -131,11 +132,11 @@ def execute(plan: Plan, ctx: StageContext | None = None,
 
 
 
-def after_job(job: Job, out: Ref, config: Any) -> None:
+def after_job(job: Job, out: Ref, config: RunConfig) -> None:
     """What every executor does once a job is finished: the report is published to the run's
     ``out`` at once, so the results are there even if registration fails afterwards."""
-    if job.stage == "report" and getattr(config, "out", None):
-        publish_results(out["path"], config.out)
+    if job.stage == "report" and config.outputs.out:
+        publish_results(out["path"], config.outputs.out)
 
 
 def publish_results(report_dir: str | Path, out: str | Path) -> dict[str, Path]:

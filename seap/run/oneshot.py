@@ -119,7 +119,8 @@ def prune(model: str | LoadedModel, calib: str, sparsity: float, out: str | Path
     config, names = prune_config(location, calib, sparsity, method, tasks, front, **options)
     records = calib if calib == BUILTIN_CALIBRATION else str(Path(calib).resolve())
     plan = make_prune_plan(config, records)
-    ctx = StageContext(Path(config.workdir) / "task-files", progress=progress, say=lambda _: None, preloaded=loaded)
+    workdir = Path(config.outputs.workdir)
+    ctx = StageContext(workdir / "task-files", progress=progress, say=lambda _: None, preloaded=loaded)
     done = execute(plan, ctx)
     timings: dict[str, float] = {}
     for key, seconds in done.seconds.items():
@@ -130,7 +131,7 @@ def prune(model: str | LoadedModel, calib: str, sparsity: float, out: str | Path
     summary = read_json(result_dir / CHECKPOINT_SUMMARY, "prune summary")
     mask = load_mask(out / PRUNED_MASK_DIR)
     return PruneResult(out, mask, sparsity, summary["realised_sparsity"], summary["dense_params"],
-                       summary["pruned_params"], names, timings, Path(config.workdir),
+                       summary["pruned_params"], names, timings, workdir,
                        [k for k in done.cached if not k.startswith("model")])
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seap.errors import SeapError
-from seap.run.config import RunConfig, task_name
+from seap.run.config import DataSection, ModelSection, RunConfig, task_name
 from seap.run.job_params import (
     BenchParams,
     CheckpointParams,
@@ -269,9 +269,7 @@ def make_plan(config: RunConfig) -> Plan:
     """The jobs for ``config``, in dependency order (``config`` is validated first): the masks
     of every method and sparsity, then their evaluation, routing, speed, report and registry."""
     config.validate(check_data=False)
-    jobs, mask_jobs = mask_chain(config, CorpusParams(tasks=list(config.tasks), data_dir=config.data_dir,
-                                                      samples=config.samples, seed=config.seed,
-                                                      max_tokens=config.max_tokens))
+    jobs, mask_jobs = mask_chain(config, _corpus(config.data, data_dir=config.data.data_dir))
     return _finish_plan(config, jobs, mask_jobs)
 
 
@@ -280,11 +278,9 @@ def make_prune_plan(config: RunConfig, records: str) -> Plan:
     sparsity, the tasks of the calibration ``records`` file) and the hard-pruned checkpoint of
     its one mask. The same planner, stage functions and cache as :func:`make_plan`."""
     config.validate(check_data=False)
-    if len(config.methods) != 1 or len(config.sparsities) != 1:
+    if len(config.masks.methods) != 1 or len(config.masks.sparsities) != 1:
         raise SeapError("a one-shot prune builds one mask", "give one method and one sparsity")
-    jobs, mask_jobs = mask_chain(config, CorpusParams(tasks=list(config.tasks), records=records,
-                                                      samples=config.samples, seed=config.seed,
-                                                      max_tokens=config.max_tokens))
+    jobs, mask_jobs = mask_chain(config, _corpus(config.data, records=records))
     (row, group), = mask_jobs.items()
     if len(group) != 1:
         raise SeapError(f"{row} builds {len(group)} masks ({', '.join(group)}), a one-shot prune one",
@@ -296,49 +292,59 @@ def make_prune_plan(config: RunConfig, records: str) -> Plan:
     return plan
 
 
+def _model_job(model: ModelSection) -> Job:
+    return Job("model", params=ModelParams(model=model.model, device=model.device, dtype=model.dtype))
+
+
+def _corpus(data: DataSection, **source: Any) -> CorpusParams:
+    """The calibration corpus of the run's tasks, from ``source`` (``data_dir`` or ``records``)."""
+    return CorpusParams(tasks=list(data.tasks), samples=data.samples, seed=data.seed, max_tokens=data.max_tokens,
+                        **source)
+
+
 def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str, dict[str, str]]]:
     """The jobs up to the masks: model, corpus (``corpus``), statistics, scores and one mask job
     per method, sparsity and mask name; and row -> mask name -> job key of the masks. Every
     unit goes through here (a mixture-of-experts model: :func:`_expert_jobs`)."""
-    tasks = c.task_names
-    methods = methods_to_build(c.methods)
-    jobs: list[Job] = [Job("model", params=ModelParams(model=c.model, device=c.device, dtype=c.dtype)),
-                       Job("corpus", params=corpus)]
+    tasks = c.data.task_names
+    masks, rec, stats = c.masks, c.reconstruction, c.statistics
+    methods = methods_to_build(masks.methods)
+    jobs: list[Job] = [_model_job(c.model), Job("corpus", params=corpus)]
     if c.moe:
         return _expert_jobs(c, tasks, methods, jobs)
     add = jobs.append
-    reconstructing = [m for m in methods if m.resolved_reconstruct(c.reconstruct)]
-    sequential = bool(c.refit_sequential)  # refits on the corpus itself: no second moments
+    reconstructing = [m for m in methods if m.resolved_reconstruct(rec.reconstruct)]
+    sequential = bool(rec.refit_sequential)  # refits on the corpus itself: no second moments
     one_shot = [] if sequential else reconstructing
     pooled = any(m.calibration == "pooled" for m in methods) or \
-        any(m.refit_source(c.refit_corpus) == POOLED for m in one_shot)
+        any(m.refit_source(rec.refit_corpus) == POOLED for m in one_shot)
     second = bool(one_shot)
-    generic = [task_name(t) for t in c.refit_generic] if reconstructing else []
+    generic = [task_name(t) for t in rec.refit_generic] if reconstructing else []
     if generic:  # generic text added to every refit corpus: its own corpus and statistics
-        add(Job("corpus", GENERIC, params=CorpusParams(tasks=list(c.refit_generic), data_dir=c.data_dir,
-                                                       samples=c.refit_generic_samples or c.samples, seed=c.seed,
-                                                       max_tokens=c.max_tokens)))
+        add(Job("corpus", GENERIC, params=CorpusParams(tasks=list(rec.refit_generic), data_dir=c.data.data_dir,
+                                                       samples=rec.refit_generic_samples or c.data.samples,
+                                                       seed=c.data.seed, max_tokens=c.data.max_tokens)))
         if not sequential:
             add(Job("statistics", GENERIC, {"model": "model", "corpus": f"corpus/{GENERIC}"},
-                    StatisticsParams(tasks=generic, batch_size=c.stats_batch_size, second_moments=True)))
+                    StatisticsParams(tasks=generic, batch_size=stats.stats_batch_size, second_moments=True)))
     # statistics: one pass per task, or shards merged exactly
-    if c.stats_shards > 1:
-        shards = [f"statistics/shard-{i}-of-{c.stats_shards}" for i in range(c.stats_shards)]
+    if stats.stats_shards > 1:
+        shards = [f"statistics/shard-{i}-of-{stats.stats_shards}" for i in range(stats.stats_shards)]
         for i, key in enumerate(shards):
             add(Job("statistics", key.split("/", 1)[1], {"model": "model", "corpus": "corpus"},
-                    StatisticsParams(tasks=tasks, batch_size=c.stats_batch_size, shard=[i, c.stats_shards],
+                    StatisticsParams(tasks=tasks, batch_size=stats.stats_batch_size, shard=[i, stats.stats_shards],
                                      second_moments=second)))
         add(Job("statistics", "tasks", {"shards": shards}, StatisticsParams(tasks=tasks)))
     else:
         add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
-                StatisticsParams(tasks=tasks, batch_size=c.stats_batch_size, second_moments=second)))
+                StatisticsParams(tasks=tasks, batch_size=stats.stats_batch_size, second_moments=second)))
     if pooled:
         add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, StatisticsParams(tasks=tasks)))
 
     # scores: SEAP's per task; each pooled method's score on the pooled statistics
     score_keys: dict[tuple[str, str], str] = {}
     for m in methods:
-        score = m.resolved_score(c.score)
+        score = m.resolved_score(masks.score)
         for source in ([POOLED] if m.calibration == "pooled" else tasks):
             if (score, source) not in score_keys:
                 job = Job("scores", f"{score}/{source}",
@@ -349,22 +355,22 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
 
     # masks and their rows
     mask_jobs: dict[str, dict[str, str]] = {}
-    for sparsity in c.sparsities:
+    for sparsity in masks.sparsities:
         for m in methods:
             row = row_key(m.name, sparsity)
-            reconstruct = m.resolved_reconstruct(c.reconstruct)
+            reconstruct = m.resolved_reconstruct(rec.reconstruct)
             common = dict(sparsity=sparsity, method=m.name, row=row, kind=_kind(m),
-                          schedule=m.resolved_schedule(c.schedule),
-                          schedule_options={**c.schedule_options, **m.schedule_options, **c.width_options},
-                          gqa_mode=c.gqa_mode, bias_compensation=m.resolved_bias_compensation(c.bias_compensation,
-                                                                                             reconstruct),
-                          score=m.resolved_score(c.score),
-                          weights=c.general_weights if m.calibration == "general" else {})
+                          schedule=m.resolved_schedule(masks.schedule),
+                          schedule_options={**masks.schedule_options, **m.schedule_options, **masks.width_options},
+                          gqa_mode=masks.gqa_mode,
+                          bias_compensation=m.resolved_bias_compensation(masks.bias_compensation, reconstruct),
+                          score=m.resolved_score(masks.score),
+                          weights=masks.general_weights if m.calibration == "general" else {})
             if reconstruct:
-                common.update(refit=c.refit_options, refit_source=m.refit_source(c.refit_corpus),
+                common.update(refit=rec.refit_options, refit_source=m.refit_source(rec.refit_corpus),
                               refit_generic=generic or None)
             group: dict[str, str] = {}
-            per_task = m.refits_per_task(reconstruct, c.refit_corpus)
+            per_task = m.refits_per_task(reconstruct, rec.refit_corpus)
             for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
                 if reconstruct and sequential:  # the calibration text itself, run through the model
                     inputs = {**inputs, "model": "model", "refit_corpus": "corpus"}
@@ -390,27 +396,27 @@ def _expert_jobs(c: RunConfig, tasks: list[str], methods: list[Method], jobs: li
     ``expert_score``), one general mask (all tasks' router statistics) and each pooled
     method's mask (its own score on the pooled statistics). Nothing is refitted."""
     add = jobs.append
-    unit = c.resolved_unit
+    unit, masks = c.resolved_unit, c.masks
     add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
-            StatisticsParams(tasks=tasks, batch_size=c.stats_batch_size, unit=unit, moe=True)))
+            StatisticsParams(tasks=tasks, batch_size=c.statistics.stats_batch_size, unit=unit, moe=True)))
     if any(m.calibration != "task" for m in methods):
         add(Job("statistics", POOLED, {"statistics": "statistics/tasks"},
                 StatisticsParams(tasks=tasks, unit=unit, moe=True)))
     mask_jobs: dict[str, dict[str, str]] = {}
-    for sparsity in c.sparsities:
+    for sparsity in masks.sparsities:
         for m in methods:
             row = row_key(m.name, sparsity)
-            schedule = m.resolved_schedule(c.schedule)
+            schedule = m.resolved_schedule(masks.schedule)
             names = [(t, "statistics/tasks") for t in tasks] if m.calibration == "task" else \
                 [(GENERAL, "statistics/pooled")]
             group = {}
             for name, source in names:
                 job = Job("masks", f"{row}/{name}", {"statistics": source},
                           MaskParams(method=m.name, row=row, mask=name, kind=_kind(m), sparsity=sparsity,
-                                     score=m.score or c.expert_score, schedule=schedule,
-                                     schedule_options={**c.schedule_options, **m.schedule_options}
+                                     score=m.score or masks.expert_score, schedule=schedule,
+                                     schedule_options={**masks.schedule_options, **m.schedule_options}
                                      if schedule == "logistic" else {},
-                                     moe=True, unit=unit, allow_k_reduction=c.allow_k_reduction))
+                                     moe=True, unit=unit, allow_k_reduction=masks.allow_k_reduction))
                 add(job)
                 group[name] = job.key
             mask_jobs[row] = group
@@ -422,15 +428,16 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     the same for every unit: evaluation rows, router and routed rows, perplexity, bench,
     report and registration."""
     add = jobs.append
-    methods = methods_to_build(c.methods)
+    masks, router = c.masks, c.router
+    methods = methods_to_build(masks.methods)
     # evaluation rows: dense, then per sparsity in method-table order
     rows: dict[str, str] = {}
     dense = Job("evaluate-dense", DENSE, {"model": "model"}, _evaluation(c, DENSE, 0.0), row=DENSE)
     add(dense)
     rows[DENSE] = dense.key
-    for sparsity in c.sparsities:
+    for sparsity in masks.sparsities:
         for m in methods:
-            if m.name not in c.methods:
+            if m.name not in masks.methods:
                 continue  # built only for the routed row
             row = row_key(m.name, sparsity)
             job = Job("evaluate", row, {"model": "model", "masks": mask_jobs[row]},
@@ -442,9 +449,9 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
 
     if c.routed:
         add(Job("router", "", {"model": "model"},
-                RouterParams(tasks=list(c.tasks), data_dir=c.data_dir, prompts_per_task=c.router_prompts,
-                             feature_layer=c.router_layer, seed=c.seed, threshold=c.router_threshold)))
-        for sparsity in c.sparsities:
+                RouterParams(tasks=list(c.data.tasks), data_dir=c.data.data_dir, prompts_per_task=router.router_prompts,
+                             feature_layer=router.router_layer, seed=c.data.seed, threshold=router.router_threshold)))
+        for sparsity in masks.sparsities:
             row = row_key("seap-routed", sparsity)
             experts = row_key(ROUTED_EXPERTS, sparsity)
             inputs: dict[str, Any] = {"model": "model", "router": "router", "experts": mask_jobs[experts],
@@ -452,27 +459,27 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
             if experts in rows:  # the expert row's per-item results are reused where routing agrees
                 inputs["expert_row"] = rows[experts]
             job = Job("evaluate-routed", row, inputs,
-                      _evaluation(c, "seap-routed", sparsity, threshold=c.router_threshold,
-                                  router_kind=c.router_kind if c.router_kind != "features" else None),
+                      _evaluation(c, "seap-routed", sparsity, threshold=router.router_threshold,
+                                  router_kind=router.router_kind if router.router_kind != "features" else None),
                       row=row)
             add(job)
             rows[row] = job.key
 
     perplexity: list[str] = []
-    if c.perplexity:
+    if c.evaluate.perplexity:
         targets = {DENSE: None} | {row: group[GENERAL] for row, group in mask_jobs.items()
-                                   if GENERAL in group and row.split("@")[0] in c.methods}
+                                   if GENERAL in group and row.split("@")[0] in masks.methods}
         for row, mask in targets.items():
             job = Job("perplexity", row, {"model": "model", "mask": mask},
-                      PerplexityParams(data_dir=c.data_dir, windows=c.perplexity_windows, row=row))
+                      PerplexityParams(data_dir=c.data.data_dir, windows=c.evaluate.perplexity_windows, row=row))
             add(job)
             perplexity.append(job.key)
 
     bench = None
-    if c.bench:
+    if c.bench.bench:
         flat = {f"{row}:{name}": key for row, group in mask_jobs.items() for name, key in group.items()}
         job = Job("bench", "", {"model": "model", "masks": flat},
-                  BenchParams(repeats=c.bench_repeats, llama_cpp=c.bench_llama_cpp))
+                  BenchParams(repeats=c.bench.bench_repeats, llama_cpp=c.bench.bench_llama_cpp))
         add(job)
         bench = job.key
 
@@ -481,9 +488,11 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     seap_groups = {row: group for row, group in mask_jobs.items()
                    if row.split("@")[0] in (ROUTED_EXPERTS, ROUTED_FALLBACK)}
     add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
-            RegisterParams(score=c.expert_score if c.resolved_unit != "neurons" else c.score,  # (MoE neurons: the channel score)
-                           schedule=c.schedule, registry_dir=c.registry, mlflow=c.mlflow,
-                           tracking_uri=c.tracking_uri, mlflow_dir=c.mlflow_store, experiment=c.experiment)))
+            RegisterParams(score=masks.expert_score if c.resolved_unit != "neurons" else masks.score,
+                           # (MoE neurons: the channel score)
+                           schedule=masks.schedule, registry_dir=c.registry, mlflow=c.register.mlflow,
+                           tracking_uri=c.register.tracking_uri, mlflow_dir=c.mlflow_store,
+                           experiment=c.register.experiment)))
     plan = Plan(c, jobs)
     check_plan(plan)
     return plan
@@ -492,14 +501,16 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
 def _evaluation(c: RunConfig, method: str, sparsity: float, tasks: list[str] | None = None,
                 **extra: Any) -> EvaluationParams:
     """The parameters of one evaluated row."""
-    return EvaluationParams(tasks=list(c.tasks) if tasks is None else tasks, data_dir=c.data_dir, limit=c.limit,
-                            num_fewshot=c.num_fewshot, metric=c.metric, batch_size=c.eval_batch_size, method=method,
-                            sparsity=sparsity, **extra)
+    e = c.evaluate
+    return EvaluationParams(tasks=list(c.data.tasks) if tasks is None else tasks, data_dir=c.data.data_dir,
+                            limit=e.limit, num_fewshot=e.num_fewshot, metric=e.metric, batch_size=e.eval_batch_size,
+                            method=method, sparsity=sparsity, **extra)
 
 
 def _report(c: RunConfig) -> ReportParams:
-    return ReportParams(metric=c.metric, tasks=list(c.tasks), data_dir=c.data_dir, limit=c.limit,
-                        num_fewshot=c.num_fewshot, config=recorded_config(c))
+    e = c.evaluate
+    return ReportParams(metric=e.metric, tasks=list(c.data.tasks), data_dir=c.data.data_dir, limit=e.limit,
+                        num_fewshot=e.num_fewshot, config=recorded_config(c))
 
 
 def recorded_config(config: RunConfig) -> dict[str, Any]:
@@ -517,8 +528,9 @@ def _mask_inputs(m: Method, c: RunConfig, tasks: list[str], score_keys: Mapping[
                  per_task: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(mask name, inputs) of each mask a method builds at one sparsity (``per_task``: a pooled
     method's one mask, built once per task to be refitted on that task's statistics)."""
-    score = m.resolved_score(c.score)
-    compensate = m.resolved_bias_compensation(c.bias_compensation, m.resolved_reconstruct(c.reconstruct))
+    score = m.resolved_score(c.masks.score)
+    compensate = m.resolved_bias_compensation(c.masks.bias_compensation,
+                                              m.resolved_reconstruct(c.reconstruction.reconstruct))
     if m.calibration == "task":
         return [(t, {"scores": [score_keys[(score, t)]],
                      **({"bias_statistics": "statistics/tasks"} if compensate else {})}) for t in tasks]
@@ -537,7 +549,7 @@ def make_evaluation_plan(config: RunConfig, masks: Mapping[str, Mapping[str, Any
     evaluated on its own task only)."""
     c = config
     c.validate(check_data=False)
-    jobs = [Job("model", params=ModelParams(model=c.model, device=c.device, dtype=c.dtype)),
+    jobs = [_model_job(c.model),
             Job("evaluate-dense", DENSE, {"model": "model"}, _evaluation(c, DENSE, 0.0), row=DENSE)]
     rows = {DENSE: f"evaluate-dense/{DENSE}"}
     given = set()

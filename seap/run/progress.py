@@ -189,7 +189,7 @@ class _Tee(io.TextIOBase):
 
 def log_path(config: Any, name: str) -> Path:
     """Where a run's library output goes: ``<workdir>/../logs/<name>-<time>.log``."""
-    return Path(config.workdir).parent / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return Path(config.outputs.workdir).parent / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def run_with_view(config: Any, run: Any, summary: Any, name: str, verbose: bool = False,
@@ -210,8 +210,8 @@ def run_with_view(config: Any, run: Any, summary: Any, name: str, verbose: bool 
         views.append(view)
     path = log_path(config, name)
     started = time.perf_counter()
-    out.write(f"{name}: {config.model}, {len(config.tasks)} tasks, sparsities "
-              f"{', '.join(f'{s:g}' for s in config.sparsities)}; {len(plan.rows)} rows, {len(plan)} jobs"
+    out.write(f"{name}: {config.model.model}, {len(config.data.tasks)} tasks, sparsities "
+              f"{', '.join(f'{s:g}' for s in config.masks.sparsities)}; {len(plan.rows)} rows, {len(plan)} jobs"
               + ("" if verbose else f"; library output -> {path}") + "\n")
     out.flush()
     context = contextlib.nullcontext(path) if verbose else quiet_libraries(path)

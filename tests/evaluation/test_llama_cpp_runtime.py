@@ -38,7 +38,8 @@ def _build():
 
 
 BUILD = _build()
-pytestmark = pytest.mark.skipif(BUILD is None, reason=f"no llama.cpp build: run `{BUILD_COMMAND}` once to run these")
+pytestmark = [pytest.mark.external,  # a llama.cpp build and the built-in SmolLM2
+              pytest.mark.skipif(BUILD is None, reason=f"no llama.cpp build: run `{BUILD_COMMAND}` once to run these")]
 
 
 @pytest.fixture(scope="module")

@@ -20,53 +20,66 @@ from tests.model.test_surgery import logits, mask_for
 STOCK_LOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-ids = torch.load(sys.argv[2], weights_only=True)
-with torch.no_grad():
-    torch.save(model(input_ids=ids).logits, sys.argv[3])
+for folder, ids, out in zip(*[iter(sys.argv[1:])] * 3):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.load(ids, weights_only=True)).logits, out)
 assert not any(name == "seap" or name.startswith("seap.") for name in sys.modules), "seap was imported"
 """
-
-
-def _stock_logits(folder, ids, tmp_path):
-    torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run([sys.executable, "-c", STOCK_LOAD, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path, capture_output=True, text=True)
-    return torch.load(tmp_path / "out.pt", weights_only=True)
+SAME_WIDTH_ARCHS = ("llama-gqa", "mistral", "qwen2")
 
 
 def _same_width(loaded, sparsity, **kw) -> PruningMask:
     return mask_for(loaded, sparsity, schedule="uniform", **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "mistral", "qwen2"])
-def test_same_width_mask_loads_in_stock_transformers(tmp_path, arch) -> None:
-    loaded = make_tiny_model(arch)
-    pruned = apply_mask(loaded, _same_width(loaded, 0.5), "hard", bias_compensation=False)
-    export_transformers(pruned, tmp_path / "stock")
-    config = json.loads((tmp_path / "stock" / "config.json").read_text())
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory):
+    """Same-width pruned models exported as stock folders (each written, then replaced by a second
+    export with ``overwrite``): three families, and a Llama with biases on o_proj/down_proj. Every
+    folder is loaded by plain ``AutoModelForCausalLM`` in ONE process that never imports seap.
+    Returns case -> (base, pruned model, folder, input ids, logits of the stock load)."""
+    root = tmp_path_factory.mktemp("stock")
+    cases = {}
+    for arch in SAME_WIDTH_ARCHS:
+        loaded = make_tiny_model(arch)
+        pruned = apply_mask(loaded, _same_width(loaded, 0.5), "hard", bias_compensation=False)
+        cases[arch] = (loaded, pruned, loaded.tokenizer(["the capital of france is paris"], return_tensors="pt")["input_ids"])
+    loaded = make_tiny_model("llama-gqa")
+    pruned = apply_mask(loaded, _same_width(loaded, 0.5), "hard", bias_compensation=True)  # biases on o/down
+    cases["llama-gqa-bias"] = (loaded, pruned, torch.tensor([[5, 9, 14, 3, 22, 7]]))
+    argv = []
+    for name, (_, pruned, ids) in cases.items():
+        export_transformers(pruned, root / name)
+        export_transformers(pruned, root / name, overwrite=True)  # its own earlier export: replaced
+        torch.save(ids, root / f"{name}.ids.pt")
+        argv += [str(root / name), str(root / f"{name}.ids.pt"), str(root / f"{name}.logits.pt")]
+    subprocess.run([sys.executable, "-c", STOCK_LOAD, *argv], check=True, cwd=root, capture_output=True, text=True)
+    return {name: (loaded, pruned, root / name, ids, torch.load(root / f"{name}.logits.pt", weights_only=True))
+            for name, (loaded, pruned, ids) in cases.items()}
+
+
+@pytest.mark.parametrize("arch", SAME_WIDTH_ARCHS)
+def test_same_width_mask_loads_in_stock_transformers(stock, arch) -> None:
+    loaded, pruned, folder, ids, stock_logits = stock[arch]
+    config = json.loads((folder / "config.json").read_text())
     assert "seap_pruning" not in config and "per_layer_config" not in config
     assert config["seap_export"]["base_fingerprint"] == loaded.fingerprint
     with pytest.raises(SeapError, match="already exists"):
-        export_transformers(pruned, tmp_path / "stock")
-    export_transformers(pruned, tmp_path / "stock", overwrite=True)  # its own earlier export: replaced
+        export_transformers(pruned, folder)
     assert config["num_attention_heads"] < loaded.config.num_attention_heads
-    ids = loaded.tokenizer(["the capital of france is paris"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         want = pruned.model(input_ids=ids).logits
-    torch.testing.assert_close(_stock_logits(tmp_path / "stock", ids, tmp_path), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stock_logits, want, atol=1e-5, rtol=0)
 
 
-def test_refit_bias_switches_the_bias_flag_on(tmp_path) -> None:
-    loaded = make_tiny_model("llama-gqa")
-    pruned = apply_mask(loaded, _same_width(loaded, 0.5), "hard", bias_compensation=True)  # biases on o/down
-    export_transformers(pruned, tmp_path / "stock")
-    config = json.loads((tmp_path / "stock" / "config.json").read_text())
+def test_refit_bias_switches_the_bias_flag_on(stock) -> None:
+    _, pruned, folder, ids, stock_logits = stock["llama-gqa-bias"]
+    config = json.loads((folder / "config.json").read_text())
     assert config["attention_bias"] is True and config["mlp_bias"] is True
-    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
     with torch.no_grad():
         want = pruned.model(input_ids=ids).logits
-    torch.testing.assert_close(_stock_logits(tmp_path / "stock", ids, tmp_path), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stock_logits, want, atol=1e-5, rtol=0)
 
 
 def test_per_layer_widths_are_refused_with_what_to_do(tmp_path) -> None:

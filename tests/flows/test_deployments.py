@@ -16,6 +16,7 @@ import pytest
 from tests.helpers_flows import tiny_project
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.services, pytest.mark.slow]  # a prefect server and a worker that runs the pipeline
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ import pytest
 from tests.helpers_flows import pipeline_kwargs, planned_tasks, stage_of, task_states
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.services  # the session's Prefect server (its test harness)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def first_run(llama_pipeline):
     return llama_pipeline
 
 
+@pytest.mark.slow
 def test_pipeline_completes_with_table_router_speed_and_registry(first_run) -> None:
     from seap.registry.records import read_local_registry
 
@@ -54,6 +56,7 @@ def test_pipeline_completes_with_table_router_speed_and_registry(first_run) -> N
     assert set(routed.masks) == {"geo", "life", "general"} and Path(routed.router).is_dir()
 
 
+@pytest.mark.slow
 def test_second_run_is_served_from_cache(first_run) -> None:
     from flows.pipeline import seap_pipeline
 
@@ -68,6 +71,7 @@ def test_second_run_is_served_from_cache(first_run) -> None:
     assert states and all(s == "Completed" for n, s in states.items() if stage_of(n) == "register")
 
 
+@pytest.mark.slow
 def test_embedded_mlflow_store_holds_the_run_and_one_version_per_expert(first_run) -> None:
     """No server: the flow tracked its runs in sqlite beside the work folder; the cached second
     run made a second MLflow run but no new version."""
@@ -89,6 +93,7 @@ def test_embedded_mlflow_store_holds_the_run_and_one_version_per_expert(first_ru
     assert first["tracking_uri"] == f"sqlite:///{db}" and all(v["created"] for v in first["versions"])
 
 
+@pytest.mark.slow
 def test_changed_sparsity_reruns_only_masks_and_downstream(first_run) -> None:
     from flows.pipeline import seap_pipeline
 
@@ -119,6 +124,7 @@ def test_invalid_parameters_fail_before_any_work(prefect_env, tmp_path) -> None:
     assert not (tmp_path / "work" / "statistics").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_and_router_flows(first_run, tmp_path) -> None:
     from flows.evaluate import evaluate_flow
     from flows.router import router_flow
@@ -159,6 +165,7 @@ def _mask_tensors(path: str) -> list:
     return [(m.heads.tolist(), m.kv_heads.tolist(), m.channels.tolist()) for m in mask.layers]
 
 
+@pytest.mark.slow
 def test_sharded_statistics_on_a_local_dask_cluster_give_the_same_masks(first_run, tmp_path, monkeypatch) -> None:
     from prefect.settings import PREFECT_API_URL
 
@@ -198,6 +205,7 @@ def _rows(out: Path) -> list:
     return sorted((r["method"], r["sparsity"], json.dumps(r["tasks"], sort_keys=True)) for r in rows)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_completed_steps(first_run, tmp_path) -> None:
     from flows.pipeline import seap_pipeline
 
@@ -225,6 +233,7 @@ def test_killed_run_resumes_from_completed_steps(first_run, tmp_path) -> None:
     assert not [p for p in (tmp_path / "work").rglob(".*.tmp-*")]  # the killed run's temporaries are gone
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_on_one_workspace(prefect_env, tmp_path) -> None:
     kwargs = pipeline_kwargs(tmp_path)
     procs = []

@@ -17,6 +17,7 @@ from seap.model.checkpoint import load_pruned
 
 SHARED = Path(os.environ.get("SEAP_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
 STORIES = SHARED / "models" / "stories260K-hf"
+pytestmark = pytest.mark.external  # real checkpoints: ../shared, and the built-in models converted once
 
 
 def _logits(loaded, tokenizer, texts):

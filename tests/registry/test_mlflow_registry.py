@@ -19,6 +19,7 @@ from tests.helpers_flows import tiny_project
 from tests.helpers_mlflow import S3_KEYS, free_port, mlflow_server, model_server, moto_s3, s3_objects
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.services, pytest.mark.slow]  # mlflow and moto servers, pipeline flows
 NAMES = ["seap-base-general", "seap-base-geo", "seap-base-life", "seap-base-routed"]
 
 
@@ -282,21 +283,26 @@ def test_served_expert_and_routed_bundle_answer_over_http(registered, reg, stack
             assert predictions[0]["expert"] in {"geo", "life", "general"}
 
 
-def test_cli_promote_models_and_rollback(registered, stack) -> None:
-    url = stack[0]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "CI": "1"}
+def test_cli_promote_models_and_rollback(registered, stack, monkeypatch, capsys) -> None:
+    """The registry commands as a user types them (in this process: the commands are what is
+    tested here, a new process would only add its imports)."""
+    from seap.cli import main
 
-    def seap(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "seap", *args], env=env, capture_output=True, text=True,
-                              timeout=300)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack[0])
+    monkeypatch.setenv("CI", "1")
 
-    listed = seap("models", "--filter", "tags.kind = 'routed'")
-    assert listed.returncode == 0 and "seap-base-routed | 1 |" in listed.stdout
-    missing = seap("promote", "seap-base-geo", "42", "--to", "staging")
-    assert missing.returncode == 2 and "has no version 42" in missing.stderr and "fix:" in missing.stderr
-    back = seap("rollback", "seap-base-life")
-    assert back.returncode == 2 and "no earlier production version" in back.stderr
-    assert S3_KEYS["AWS_SECRET_ACCESS_KEY"] not in listed.stdout + missing.stderr
+    def seap(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, listed, _ = seap("models", "--filter", "tags.kind = 'routed'")
+    assert code == 0 and "seap-base-routed | 1 |" in listed
+    code, _, missing = seap("promote", "seap-base-geo", "42", "--to", "staging")
+    assert code == 2 and "has no version 42" in missing and "fix:" in missing
+    code, _, back = seap("rollback", "seap-base-life")
+    assert code == 2 and "no earlier production version" in back
+    assert S3_KEYS["AWS_SECRET_ACCESS_KEY"] not in listed + missing + back
 
 
 def test_unreachable_server_retries_then_fails_keeping_local_results(registered, prefect_env) -> None:

@@ -44,7 +44,7 @@ def test_repository_params_are_valid_and_complete() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert {s: set(k) for s, k in raw.items()} == {s: set(k) for s, k in param_sections().items()}
     config = load_params(ROOT / "params.yaml")
-    assert config.sparsities == [0.2, 0.5] and config.model == "smollm2-135m"
+    assert config.masks.sparsities == [0.2, 0.5] and config.model.model == "smollm2-135m"
     defaults = default_params()
     for section, keys in raw.items():  # the repository's params.yaml differs from the defaults only in locations
         for key, value in keys.items():
@@ -95,7 +95,7 @@ def test_routing_needs_two_tasks() -> None:
 
 def test_defaults_fill_missing_keys() -> None:
     config = RunConfig.from_params({"masks": {"sparsities": [0.3]}}).validate(check_data=False)
-    assert config.sparsities == [0.3] and config.schedule == "logistic" and config.limit is None
+    assert config.masks.sparsities == [0.3] and config.masks.schedule == "logistic" and config.evaluate.limit is None
 
 
 def test_each_front_door_names_the_option_its_own_way() -> None:
@@ -111,6 +111,25 @@ def test_each_front_door_names_the_option_its_own_way() -> None:
         RunConfig.from_mapping({"sparsity": 0.5})
     keys = [(o.section, o.key) for o in options().values() if o.section]
     assert len(keys) == len(set(keys))  # no two fields share a params.yaml key
+
+
+def test_sections_hold_the_flat_fields() -> None:
+    """One section per params.yaml section (and ``outputs``): every field in exactly one, under
+    the section params.yaml puts it in; built and recorded by flat field name."""
+    import dataclasses
+
+    sections = {s.name: [f.name for f in dataclasses.fields(s.default_factory)] for s in dataclasses.fields(RunConfig)}
+    flat = [name for names in sections.values() for name in names]
+    assert flat == list(options()) and len(flat) == len(set(flat))
+    for section, names in sections.items():
+        assert {options()[n].section for n in names} <= {section, None}, section
+    assert set(param_sections()) == set(sections) - {"outputs"}
+    config = RunConfig(sparsities=[0.3], refit_alpha=0.1, workdir="w", bench=False)
+    assert (config.masks.sparsities, config.reconstruction.refit_alpha, config.outputs.workdir) == ([0.3], 0.1, "w")
+    assert config.bench.bench is False and list(config.to_dict()) == flat  # results.json: flat, as ever
+    assert RunConfig(**config.to_dict()) == config == config.replace() != config.replace(refit_alpha=0.2)
+    with pytest.raises(TypeError, match="'sparsity'"):
+        RunConfig(sparsity=0.3)
 
 
 def test_flow_parameters_are_the_configuration_fields() -> None:
@@ -154,8 +173,8 @@ def test_cli_flags_are_the_configuration_fields() -> None:
     add_arguments(parser)
     args = parser.parse_args(["--sparsities", "0.3", "0.4", "--no-bench", "--limit", "null", "--methods", "flap"])
     config = RunConfig.from_cli(args)
-    assert config.sparsities == [0.3, 0.4] and config.bench is False and config.limit is None
-    assert config.methods == ["flap"] and config.tasks == RunConfig().tasks
+    assert config.masks.sparsities == [0.3, 0.4] and config.bench.bench is False and config.evaluate.limit is None
+    assert config.masks.methods == ["flap"] and config.data.tasks == RunConfig().data.tasks
 
 
 def test_unknown_stage_and_missing_params_file(tmp_path) -> None:

@@ -68,6 +68,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     return repo, env, dvc(repo, env, "repro")
 
 
+@pytest.mark.slow
 def test_repro_runs_every_stage_and_writes_the_outputs(project) -> None:
     repo, _, output = project
     assert stages_in(output)["ran"] == ALL_STAGES, output[-3000:]
@@ -96,6 +97,7 @@ def test_repro_runs_every_stage_and_writes_the_outputs(project) -> None:
     assert len(versions) == 4 and "MLflow run" in output
 
 
+@pytest.mark.slow
 def test_second_repro_runs_nothing_and_status_is_clean(project) -> None:
     repo, env, _ = project
     output = dvc(repo, env, "repro")
@@ -105,6 +107,7 @@ def test_second_repro_runs_nothing_and_status_is_clean(project) -> None:
     assert "up to date" in dvc(repo, env, "status")
 
 
+@pytest.mark.slow
 def test_metrics_and_plots_are_readable_by_dvc(project) -> None:
     repo, env, _ = project
     shown = dvc(repo, env, "metrics", "show", "--json")
@@ -114,6 +117,7 @@ def test_metrics_and_plots_are_readable_by_dvc(project) -> None:
     assert (out / "index.html").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.services
 def test_seap_eval_and_the_flow_give_the_rows_of_dvc_repro(project, llama_pipeline) -> None:
     """The three front doors walk one plan: the same parameters give identical rows (every metric
@@ -134,12 +138,14 @@ def test_seap_eval_and_the_flow_give_the_rows_of_dvc_repro(project, llama_pipeli
     places = ("model", "data_dir", "workdir", "out", "registry_dir", "mlflow_dir", "mlflow", "tracking_uri")
     assert {k: v for k, v in config.to_dict().items() if k not in places} == \
         {k: v for k, v in flow.to_dict().items() if k not in places}
-    assert tree_digest(config.model) == tree_digest(flow.model)
-    assert tree_digest(config.data_dir) == tree_digest(flow.data_dir)
+    assert tree_digest(config.model.model) == tree_digest(flow.model.model)
+    assert tree_digest(config.data.data_dir) == tree_digest(flow.data.data_dir)
     tmp = repo.parent / "front-doors"
-    args = ["eval", "--model", config.model, "--tasks", *config.tasks, "--data-dir", str(config.data_dir),
-            "--samples", str(config.samples), "--sparsities", *map(str, config.sparsities), "--limit", str(config.limit),
-            "--schedule", config.schedule, "--bench-repeats", str(config.bench_repeats), "--no-mlflow",
+    data = config.data
+    args = ["eval", "--model", config.model.model, "--tasks", *data.tasks, "--data-dir", str(data.data_dir),
+            "--samples", str(data.samples), "--sparsities", *map(str, config.masks.sparsities),
+            "--limit", str(config.evaluate.limit), "--schedule", config.masks.schedule,
+            "--bench-repeats", str(config.bench.bench_repeats), "--no-mlflow",
             "--workdir", str(tmp / "eval-work"), "--out", str(tmp / "eval"), "--registry-dir", str(tmp / "eval-reg")]
     assert main(args) == 0
     dvc_rows = comparable(repo / "results" / "results.json")
@@ -148,6 +154,7 @@ def test_seap_eval_and_the_flow_give_the_rows_of_dvc_repro(project, llama_pipeli
     assert len(dvc_rows) == 6
 
 
+@pytest.mark.slow
 def test_changed_sparsity_reruns_only_masks_and_downstream(project) -> None:
     repo, env, _ = project
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -163,6 +170,7 @@ def test_changed_sparsity_reruns_only_masks_and_downstream(project) -> None:
     assert sorted(set(tags)) == ["0.2", "0.3"]  # the registry keeps earlier versions (persist: true)
 
 
+@pytest.mark.services
 def test_data_push_and_pull_through_an_s3_remote(tmp_path: Path) -> None:
     """``dvc push`` to an S3 bucket (moto's server on loopback, endpointurl), then ``dvc pull``
     restores data/ byte for byte with an empty cache; credentials only from the environment."""

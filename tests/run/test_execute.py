@@ -49,10 +49,10 @@ def test_every_method_of_the_table_is_a_row(every_method) -> None:
     from seap.model.loading import load_model
     from seap.model.masking import apply_mask
 
-    base = load_model(config.model, device="cpu")
+    base = load_model(config.model.model, device="cpu")
     by_method = {r["method"]: r for r in results["rows"]}
     for task in ("geo", "life"):
-        eval_file = Path(config.data_dir) / task / "validation.jsonl"
+        eval_file = Path(config.data.data_dir) / task / "validation.jsonl"
         assert {m: by_method["dense"]["tasks"][task][m] for m in ("acc", "acc_norm")} == \
             pytest.approx(direct_mc_accuracy(base, eval_file, limit=6))
         expert = apply_mask(base, PruningMask.load(done.path(f"masks/seap-expert@0.3/{task}")), "hard")
@@ -114,9 +114,9 @@ def test_routed_row_reuse_equals_evaluating_every_document(every_method) -> None
     from seap.model.loading import load_model
 
     root, config, done = every_method
-    catalogue = TaskCatalogue(config.data_dir, root / "task-files")
-    specs = catalogue.resolve(config.tasks)
-    base = load_model(config.model)
+    catalogue = TaskCatalogue(config.data.data_dir, root / "task-files")
+    specs = catalogue.resolve(config.data.tasks)
+    base = load_model(config.model.model)
     experts = {t: PruningMask.load(done.path(f"masks/seap-expert@0.3/{t}")) for t in ("geo", "life")}
     general = PruningMask.load(done.path("masks/seap-general@0.3/general"))
     router = Router.load(done.path("router"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from seap.errors import SeapError
-from seap.run.config import RunConfig
+from seap.run.config import RunConfig, options
 from seap.run.methods import BASELINES, DEFAULT_METHODS, METHODS, NEURON_METHODS
 from seap.run.plan import STAGES, Job, Plan, check_plan, make_plan
 
@@ -44,7 +44,7 @@ def test_method_entries_decide_calibration_and_bias_compensation() -> None:
         assert all(j.params.bias_compensation == method.bias_compensation for j in masks)
         assert all(("bias_statistics" in j.inputs) == method.bias_compensation for j in masks)
         if method.calibration == "task":
-            assert sorted(j.params.mask for j in masks) == sorted(RunConfig().task_names)
+            assert sorted(j.params.mask for j in masks) == sorted(RunConfig().data.task_names)
         else:
             assert [j.params.mask for j in masks] == ["general"]
         if method.calibration == "pooled":
@@ -94,7 +94,7 @@ def test_every_stage_has_a_function_and_its_modules_exist() -> None:
             path = ROOT / Path(*module.split("."))
             assert path.is_dir() or path.with_suffix(".py").is_file(), (stage.name, module)
         for option in stage.options:
-            assert hasattr(RunConfig(), option), (stage.name, option)
+            assert option in options(), (stage.name, option)
 
 
 def test_map_inputs_keeps_the_nesting_and_visits_every_reference() -> None:
@@ -147,7 +147,7 @@ def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
                        refit_corpus="per-task")
     plan = make_plan(config)
     masks = {j.key: j for j in plan.of_stage("masks")}
-    tasks = config.task_names
+    tasks = config.data.task_names
     for task in tasks:  # the baseline's task-agnostic mask, refitted on each task's own statistics
         job = masks[f"masks/wanda-sp+logistic@0.5/{task}"]
         assert job.inputs["scores"] == ["scores/wanda-sp/pooled"] and job.inputs["refit_statistics"] == "statistics/tasks"
@@ -167,7 +167,8 @@ def test_the_bias_compensation_option_overrides_every_method_and_conflicts_with_
     off = make_plan(RunConfig(methods=["flap"], sparsities=[0.3], bias_compensation=False, reconstruct=False))
     assert not any(j.params.bias_compensation for j in off.of_stage("masks"))
     # the one rule for reconstruction's default: on, unless bias compensation (which it replaces) is asked for
-    assert RunConfig().reconstruct is True and RunConfig(bias_compensation=True).reconstruct is False
+    assert RunConfig().reconstruction.reconstruct is True
+    assert RunConfig(bias_compensation=True).reconstruction.reconstruct is False
     with pytest.raises(SeapError, match="reconstruction replaces bias compensation") as error:
         RunConfig(bias_compensation=True, reconstruct=True).validate(check_data=False)
     assert "reconstruct=False" in error.value.fix

@@ -77,7 +77,7 @@ def analyse(runs: Sequence[StudyRun], metric: str) -> dict[str, Any]:
                      "retention": retention(row, dense, metric, list(head)),
                      "kl": run.kl.get(key)}
             table.append(entry)
-        for sparsity in run.config.sparsities:
+        for sparsity in run.config.masks.sparsities:
             expert = row_key("seap-expert", sparsity)
             if expert not in items:
                 continue
@@ -127,17 +127,18 @@ def measure_kl(c: RunConfig, outputs: Mapping[str, str], texts_per_task: int, sa
     from seap.run.stages import StageContext
 
     plan = make_plan(c)
-    ctx = StageContext(Path(c.workdir) / "task-files")
-    specs = TaskCatalogue(c.data_dir, Path(c.workdir) / "task-files").resolve(c.tasks)
-    texts = {s.name: heldout_texts(s, texts_per_task, c.seed) for s in specs}
+    workdir = Path(c.outputs.workdir)
+    ctx = StageContext(workdir / "task-files")
+    specs = TaskCatalogue(c.data.data_dir, workdir / "task-files").resolve(c.data.tasks)
+    texts = {s.name: heldout_texts(s, texts_per_task, c.data.seed) for s in specs}
     base = None
     out: dict[str, Any] = {}
     for job in plan.of_stage("evaluate"):
         masks = job.inputs["masks"]
         cache_key = {"masks": sorted(Path(outputs[k]).name for k in masks.values()),
-                     "tasks": sorted(texts), "texts": texts_per_task, "seed": c.seed}
+                     "tasks": sorted(texts), "texts": texts_per_task, "seed": c.data.seed}
         digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:24]
-        cache = Path(c.workdir) / "kl" / f"{job.name.replace('@', '_')}-{digest}.json"
+        cache = workdir / "kl" / f"{job.name.replace('@', '_')}-{digest}.json"
         if cache.is_file() and read_json(cache, "KL cache").get("key") == cache_key:
             out[job.row] = read_json(cache, "KL cache")["kl"]
             continue

@@ -9,7 +9,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ def selection_data(config: RunConfig, folder: str | Path, items: int, seed: int,
     from seap.data.corpus import read_records
 
     folder = Path(folder)
-    specs = TaskCatalogue(config.data_dir, Path(config.workdir) / "task-files").resolve(config.tasks)
+    specs = TaskCatalogue(config.data.data_dir, Path(config.outputs.workdir) / "task-files").resolve(config.data.tasks)
     names = []
     for spec in specs:
         records = spec.calibration_records() if spec.train_file is None else read_records(spec.train_file)
@@ -141,7 +141,7 @@ def selection_data(config: RunConfig, folder: str | Path, items: int, seed: int,
                 atomic_write_text(test, "".join(json.dumps(r, sort_keys=True) + "\n" for r in heldout))
         names.append(spec.name if spec.name in STANDARD_TASKS else f"jsonl:{spec.name}")
     for task in generic:
-        source, target = Path(config.data_dir or ".") / task, folder / task
+        source, target = Path(config.data.data_dir or ".") / task, folder / task
         if not target.is_dir():
             if not source.is_dir():
                 raise SeapError(f"generic refit text {task!r}: no folder {source}",
@@ -219,7 +219,7 @@ def execute_config(config: RunConfig, progress: bool) -> tuple[dict[str, str], P
 
     config.validate()
     plan = make_plan(config).upstream_of(["report"])  # a study registers nothing (its masks are not deployed)
-    ctx = StageContext(Path(config.workdir) / "task-files", progress=progress, say=lambda _: None)
+    ctx = StageContext(Path(config.outputs.workdir) / "task-files", progress=progress, say=lambda _: None)
     done = execute(plan, ctx, on_event=lambda e: [f(e) for f in JOB_EVENTS])
     outputs = {key: str(done.path(key)) for key in done.outputs}
     return outputs, done.path("report")
@@ -242,7 +242,7 @@ def study_run(options: StudyOptions, name: str, config: RunConfig, say: Callable
 
     outputs, report = execute_config(config, progress)
     plan_rows = {j.row: j.key for j in make_plan(config).jobs if j.row}
-    items = row_correctness(outputs, plan_rows, config.metric)
+    items = row_correctness(outputs, plan_rows, config.evaluate.metric)
     results = read_json(report / "results.json", "results file")
     kl_values = measure_kl(config, outputs, options.kl_texts, lambda text: say(f"{name}: {text}")) if kl else {}
     done = StudyRun(name, config, results, items, kl_values, measurement_stamp(started))
@@ -278,7 +278,7 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
     }
 
     def publish(done: str) -> None:  # the tables so far, after every phase (a stopped study keeps them)
-        metric = runs[0].config.metric
+        metric = runs[0].config.evaluate.metric
         record.update({
             "metric": metric, "compensations": list(dict.fromkeys(r.name for r in runs)), **analyse(runs, metric),
             "perplexity": perplexity_by_run(runs),
@@ -324,7 +324,7 @@ def run_study(options: StudyOptions, say: Callable[[str], None] = print, progres
 def expert_rows(name: str, runs: Sequence[StudyRun], sparsities: Sequence[float]) -> StudyRun | None:
     """The dense and SEAP-expert rows at ``sparsities`` out of finished runs (one compensation, one
     run per sparsity), as one run named ``name``; None unless every sparsity is among them (pure)."""
-    by_sparsity = {s: r for r in runs for s in r.config.sparsities}
+    by_sparsity = {s: r for r in runs for s in r.config.masks.sparsities}
     if not runs or any(s not in by_sparsity for s in sparsities):
         return None
     keys = [DENSE, *(row_key("seap-expert", s) for s in sparsities)]
@@ -332,7 +332,7 @@ def expert_rows(name: str, runs: Sequence[StudyRun], sparsities: Sequence[float]
     if any(key not in r.items for key, r in source.items()):
         return None
     first = runs[0]
-    return StudyRun(name, replace(first.config, methods=["seap-expert"], sparsities=list(sparsities)),
+    return StudyRun(name, first.config.replace(methods=["seap-expert"], sparsities=list(sparsities)),
                     {**first.results, "rows": [r.rows[key] for key, r in source.items()]},
                     {key: r.items[key] for key, r in source.items()}, measured=dict(first.measured), reused=True)
 
