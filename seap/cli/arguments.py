@@ -55,13 +55,19 @@ def model_arguments(p: argparse.ArgumentParser, required: bool = True, default: 
     """``--model`` (required, or ``default`` when not) with ``--device`` and ``--dtype``."""
     p.add_argument("--model", required=required, default=None if required else default,
                    help=f"{purpose}hub id (org/name), local HF folder, .gguf file, or alias smollm2-135m")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    from seap.run.config import declared_defaults
+
+    defaults = declared_defaults()
+    p.add_argument("--device", default=defaults["device"], help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=defaults["dtype"],
+                   help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
 
 
 def schedule_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, required=True, help="target fraction of prunable weights to remove, in [0, 1)")
-    p.add_argument("--gqa-mode", default="kv-groups", choices=("kv-groups", "query-heads"),
+    from seap.maths.geometry import DEFAULT_GQA_MODE, GQA_MODES
+
+    p.add_argument("--gqa-mode", default=DEFAULT_GQA_MODE, choices=GQA_MODES,
                    help="GQA pruning unit: whole key/value groups (default) or the same number of query heads per group")
     p.add_argument("--k", type=float, default=None, help="logistic steepness (default 1.0)")
     p.add_argument("--x0", type=float, default=None, help="logistic inflection point in [0, 1] (default 0.3)")

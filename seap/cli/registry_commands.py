@@ -11,7 +11,9 @@ from seap.cli.arguments import Command, show_progress, tracking_arguments
 def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", required=True, help="the pipeline's results folder (results.json, results.md...)")
     p.add_argument("--registry", required=True, help="the local registry folder the pipeline wrote")
-    p.add_argument("--experiment", default="seap")
+    from seap.run.config import declared_defaults
+
+    p.add_argument("--experiment", default=declared_defaults()["experiment"], help="default: %(default)s")
     tracking_arguments(p)
 
 

@@ -68,10 +68,16 @@ def _bench(args: argparse.Namespace) -> int:
 def _router_args(p: argparse.ArgumentParser) -> None:
     model_arguments(p)
     task_arguments(p)
-    p.add_argument("--prompts", type=positive, default=500, help="training prompts per task (balanced to the smallest)")
-    p.add_argument("--layer", type=int, default=0, help="0: input embeddings; k: hidden state after layer k")
-    p.add_argument("--threshold", type=float, default=0.5, help="below this confidence, use the general mask")
-    p.add_argument("--seed", type=int, default=0)
+    from seap.run.config import declared_defaults
+
+    d = declared_defaults()  # the pipeline's router job takes the same
+    p.add_argument("--prompts", type=positive, default=d["router_prompts"],
+                   help="training prompts per task (balanced to the smallest; default: %(default)s)")
+    p.add_argument("--layer", type=int, default=d["router_layer"],
+                   help="0: input embeddings; k: hidden state after layer k (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=d["router_threshold"],
+                   help="below this confidence, use the general mask (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="default: %(default)s")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 

@@ -40,14 +40,19 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     model_arguments(p)
     p.add_argument("--corpus", required=True, help="corpus JSONL (from `seap corpus`)")
     p.add_argument("--task", action="append", dest="tasks")
-    p.add_argument("--batch-size", type=positive, default=8)
+    from seap.run.config import declared_defaults
+
+    p.add_argument("--batch-size", type=positive, default=declared_defaults()["stats_batch_size"],
+                   help="texts per forward pass (default: %(default)s)")
     p.add_argument("--max-tokens", type=positive, default=None, help="token cap (default: the corpus's)")
     p.add_argument("--shard", type=shard, default=None, help="process shard I of N (I/N), merge with merge-stats")
     p.add_argument("--accumulate-dtype", default="float64", choices=("float64", "float32"))
     p.add_argument("--second-moments", action="store_true",
                    help="also the second-moment matrices of o_proj/down_proj inputs (what `masks --reconstruct` "
                         "needs; about 2 x (hidden^2 + intermediate^2) x 8 bytes per layer on disk)")
-    p.add_argument("--unit", default="auto", choices=("auto", "neurons", "experts", "both"),
+    from seap.run.methods import UNITS
+
+    p.add_argument("--unit", default=declared_defaults()["unit"], choices=("auto", *UNITS),
                    help="a mixture-of-experts model: what its router statistics serve (auto and experts: whole "
                         "experts; neurons and both: also each expert's channel sums)")
     p.add_argument("--out", required=True, help="folder; one sub-folder per task")
@@ -82,7 +87,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _scores_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", required=True, help="statistics folder of one task")
-    p.add_argument("--score", default=SCORE_NAMES[0], choices=SCORE_NAMES, help="default: seap-sf")
+    from seap.run.methods import SEAP_SCORE
+
+    p.add_argument("--score", default=SEAP_SCORE, choices=SCORE_NAMES, help="default: %(default)s")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -101,7 +108,9 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--scores", nargs="+", help="scores folder(s) of a dense model (`seap scores`)")
     source.add_argument("--stats", nargs="+", help="router statistics folder(s) of a mixture-of-experts model "
                         "(`seap stats` on it; --general merges several)")
-    p.add_argument("--schedule", default="logistic", choices=SCHEDULE_NAMES)
+    from seap.run.methods import SEAP_SCHEDULE
+
+    p.add_argument("--schedule", default=SEAP_SCHEDULE, choices=SCHEDULE_NAMES, help="default: %(default)s")
     schedule_arguments(p)
     add_arguments(p, only=("unit", "expert_score", "allow_k_reduction"))
     p.add_argument("--general", action="store_true", help="combine the tasks' scores into the general mask")
