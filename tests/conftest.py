@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# One torch thread, here and in every process a test starts (DVC stages, flows, servers inherit the
+# variable): the models are tiny, and on a 2-core machine shared with servers and subprocesses torch's
+# OpenMP pool of two threads spins against the other work (tests/model/test_calibration.py took 81 s
+# with two threads beside one busy process, 4 s with one). Set OMP_NUM_THREADS to run with more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

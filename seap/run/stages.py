@@ -61,6 +61,18 @@ class StageContext:
                                                                      dtype=record["dtype"])
             return loaded
 
+    def take_base(self, model_dir: Path) -> tuple[Any, bool]:
+        """The base model for a job that consumes it (prunes it in place, so the dense model is
+        never held twice) and whether it may: this process's own copy is handed over and
+        dropped from the cache (a later job loads it again); the caller's preloaded model is
+        never given away (``False``: work on a copy)."""
+        loaded = self.base(model_dir)
+        if loaded is self.preloaded:
+            return loaded, False
+        with self._lock:
+            self._models.clear()
+        return loaded, True
+
     def catalogue(self, data_dir: str | None) -> Any:
         from seap.data.catalogue import TaskCatalogue
 
@@ -241,14 +253,14 @@ def checkpoint(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.model.masking import apply_mask
 
     mask = load_mask(inputs["mask"])
-    loaded = ctx.base(inputs["model"])
-    pruned = apply_mask(loaded, mask, "hard")
+    loaded, owned = ctx.take_base(inputs["model"])
+    dense_params = sum(p.numel() for p in loaded.model.parameters())
+    pruned = apply_mask(loaded, mask, "hard", inplace=owned)  # (owned: the dense model is not kept beside it)
     out.mkdir(parents=True)
     save_pruned(pruned, out / CHECKPOINT_DIR, mask)
     atomic_write_json(out / CHECKPOINT_SUMMARY, {
         "row": job.params.row, "mask": job.params.mask, "realised_sparsity": mask.realised_sparsity(),
-        "dense_params": sum(p.numel() for p in loaded.model.parameters()),
-        "pruned_params": sum(p.numel() for p in pruned.model.parameters())})
+        "dense_params": dense_params, "pruned_params": sum(p.numel() for p in pruned.model.parameters())})
 
 
 def _load_masks(paths: Mapping[str, Any]) -> dict[str, Any]:
