@@ -33,6 +33,16 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("SEAP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "seap-cache"))
 
 
+@pytest.fixture
+def all_cores():
+    """Every core for torch while a test runs on a real checkpoint (100M+ parameters), where its
+    threads pay off; the rest of the suite runs on one (see above)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=ARCHS)
 def tiny(request: pytest.FixtureRequest):
     """A LoadedModel for each tiny architecture (Llama MHA, Llama GQA, Qwen2, Mistral)."""

@@ -53,9 +53,10 @@ def tiny_project(root: Path, arch: str = "llama-gqa") -> tuple[Path, Path]:
 
 def pipeline_kwargs(root: Path, **overrides) -> dict:
     """The pipeline flow's parameters for the tiny Llama project under ``root`` (made when absent):
-    every default method at 20%, router, bench and registry, outputs under ``root``."""
+    every default method at 20%, router, bench and registry, outputs under ``root``; the values
+    of :func:`tests.helpers_dvc.tiny_params` (the DVC project of the same model)."""
     base, data = (root / "base", root / "data") if (root / "base").exists() else tiny_project(root)
-    kwargs = dict(model=str(base), tasks=["geo", "life"], sparsities=[0.2],
+    kwargs = dict(model=str(base), device="cpu", dtype="float32", tasks=["geo", "life"], sparsities=[0.2],
                   methods=["seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap"],
                   limit=4, data_dir=str(data), samples=20, schedule="uniform", bench_repeats=1,
                   workdir=str(root / "work"), out=str(root / "out"), registry_dir=str(root / "registry"))

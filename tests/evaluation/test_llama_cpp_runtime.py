@@ -38,7 +38,7 @@ def _build():
 
 
 BUILD = _build()
-pytestmark = [pytest.mark.external,  # a llama.cpp build and the built-in SmolLM2
+pytestmark = [pytest.mark.external, pytest.mark.usefixtures("all_cores"),  # a llama.cpp build and the built-in SmolLM2
               pytest.mark.skipif(BUILD is None, reason=f"no llama.cpp build: run `{BUILD_COMMAND}` once to run these")]
 
 

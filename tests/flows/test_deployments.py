@@ -33,6 +33,7 @@ def prefect_server(tmp_path_factory):
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
            "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # an earlier module's server (mlflow.set_tracking_uri exports it) is gone
     log = (home / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

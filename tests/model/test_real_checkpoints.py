@@ -17,7 +17,8 @@ from seap.model.checkpoint import load_pruned
 
 SHARED = Path(os.environ.get("SEAP_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
 STORIES = SHARED / "models" / "stories260K-hf"
-pytestmark = pytest.mark.external  # real checkpoints: ../shared, and the built-in models converted once
+pytestmark = [pytest.mark.external,  # real checkpoints: ../shared, and the built-in models converted once
+              pytest.mark.usefixtures("all_cores")]
 
 
 def _logits(loaded, tokenizer, texts):

@@ -228,23 +228,28 @@ def test_generic_text_is_merged_into_every_refit_corpus(tmp_path) -> None:
         tiny_config(tmp_path, tasks=["geo"], methods=["seap-expert"], refit_generic=["geo"])
 
 
+@pytest.mark.slow  # families end to end through `seap eval`
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3-text", "gemma3", "phi3", "olmo2", "olmo3", "smollm3",
                                   "granite"])
 def test_the_pipeline_runs_on_every_newer_family(tmp_path, capsys, arch) -> None:
-    """`seap eval` walks the one plan the flow and `dvc repro` walk: statistics with second
-    moments, refitted experts, general mask and a baseline, routing, evaluation, registry."""
+    """`seap eval` walks the one plan the flow and `dvc repro` walk (tests/run/test_dvc.py shows
+    the three give the same rows): statistics with second moments, refitted experts, general mask
+    and a baseline, routing, evaluation, the speed benchmark of the pruned shapes, registry."""
     from seap.model.checkpoint import load_pruned
     from seap.registry.records import read_local_registry
 
     base, data = tiny_project(tmp_path, arch)
     code = main(["--no-progress", "eval", "--model", str(base), "--tasks", "geo", "life", "--data-dir", str(data),
                  "--sparsities", "0.3", "--methods", "seap-expert", "seap-general", "seap-routed", "flap",
-                 "--limit", "4", "--samples", "20", "--schedule", "uniform", "--gqa-mode", "query-heads", "--no-bench",
-                 "--no-mlflow",
+                 "--limit", "4", "--samples", "20", "--schedule", "uniform", "--gqa-mode", "query-heads",
+                 "--bench-repeats", "1", "--no-mlflow",
                  "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
                  "--registry-dir", str(tmp_path / "registry")])
     out = capsys.readouterr().out
     assert code == 0 and "| 30% | seap-expert |" in out and "| 30% | seap-routed |" in out, out[-2000:]
+    speed = json.loads((tmp_path / "out" / "results.json").read_text())["speed"]["models"]
+    assert len(speed) > 1 and all(entry["params"] < speed["dense"]["params"] and entry["prefill_tokens_per_s"] > 0
+                                  for name, entry in speed.items() if name != "dense")
     records = read_local_registry(str(tmp_path / "registry"))
     assert {r.kind for r in records} >= {"expert", "routed"}
     assert main(["--no-progress", "apply", "--model", str(base), "--mask", str(next(iter(records[0].masks.values()))),
@@ -254,6 +259,7 @@ def test_the_pipeline_runs_on_every_newer_family(tmp_path, capsys, arch) -> None
     assert pruned.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] >= 3
 
 
+@pytest.mark.slow  # families end to end through `seap eval`
 @pytest.mark.parametrize("arch,schedule", [("qwen2_moe", ["--schedule", "uniform"]),
                                            ("mixtral", ["--protect-first", "0", "--protect-last", "0"])])
 def test_the_pipeline_prunes_experts_of_an_moe_model(tmp_path, capsys, arch, schedule) -> None:
@@ -288,6 +294,7 @@ def test_the_pipeline_prunes_experts_of_an_moe_model(tmp_path, capsys, arch, sch
     assert masks and {m["schedule"] for m in masks} == {"uniform" if arch == "qwen2_moe" else "logistic"}
 
 
+@pytest.mark.slow  # families end to end through `seap eval`
 def test_unit_both_runs_through_the_plan_and_a_dense_model_is_refused(tmp_path, capsys) -> None:
     base, data = tiny_project(tmp_path, "qwen3_moe")  # one dense layer among the MoE ones
     common = ["--no-progress", "eval", "--tasks", "geo", "life", "--data-dir", str(data), "--limit", "4",
@@ -308,6 +315,7 @@ def test_unit_both_runs_through_the_plan_and_a_dense_model_is_refused(tmp_path, 
     assert "needs a mixture-of-experts model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # families end to end through `seap eval`
 def test_unit_neurons_on_an_moe_model_prunes_the_channels_inside_every_expert(tmp_path, capsys) -> None:
     """`--unit neurons` on an MoE model: router statistics with channel sums, SEAP masks that keep
     every expert and prune channels inside them (logistic schedule), rows with memory; the dense

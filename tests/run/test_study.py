@@ -27,6 +27,7 @@ def test_selection_data_holds_out_train_items_and_never_touches_evaluation_items
         assert len(cut[1]) == 10 and canon(cut[0] + cut[1]) == train  # the train split, cut in two
 
 
+@pytest.mark.slow
 def test_the_study_runs_end_to_end_and_reports_every_comparison(tmp_path) -> None:
     base, data = tiny_project(tmp_path)
     refit = Compensation("ls", "least squares", {"reconstruct": True, "refit_alpha": 0.1})
