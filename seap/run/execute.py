@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from seap.contenthash import stage_key, tree_digest
-from seap.io import build_once
+from seap.io import build_once, remove_stale_temporaries
 from seap.run.config import RunConfig
 from seap.run.job_params import params_to_dict
 from seap.run.plan import STAGES, Job, Plan, map_inputs
@@ -77,6 +77,7 @@ def run_cached(job: Job, inputs: Mapping[str, Any], workdir: str | Path, ctx: St
         return ref(final), False
     out = stage_dir / content_key(job, inputs, workdir)
     if out.exists():
+        remove_stale_temporaries(out)  # a run killed right after finishing it leaves its temporary behind
         return ref(out), True
     build_once(out, lambda o: run_job(job, paths, o, ctx))
     return ref(out), False

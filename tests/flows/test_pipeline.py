@@ -191,6 +191,7 @@ def _cli_args(kwargs: dict) -> list[str]:
             "--limit", str(kwargs["limit"]), "--data-dir", kwargs["data_dir"], "--samples",
             str(kwargs["samples"]), "--schedule", kwargs["schedule"], "--bench-repeats", str(kwargs["bench_repeats"]),
             "--workdir", kwargs["workdir"], "--out", kwargs["out"], "--registry-dir", kwargs["registry_dir"]]
+    args += [a for name in ("device", "dtype") if name in kwargs for a in (f"--{name}", kwargs[name])]
     return args + (["--no-bench"] if kwargs.get("bench") is False else [])
 
 
