@@ -71,8 +71,10 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def llama_pipeline(prefect_env, tmp_path_factory: pytest.TempPathFactory):
     """One complete run of the Prefect pipeline flow on the tiny Llama (router, bench, registry and
-    the embedded MLflow store included), shared by the flow tests and the front-door comparison
-    with `dvc repro` and `seap eval`: (root folder, flow parameters, final state)."""
+    the embedded MLflow store included), shared by the flow tests, the front-door comparison with
+    `dvc repro` and `seap eval`, and the MLflow server tests (which reuse its work folder at other
+    sparsities, never 0.3: tests/flows/test_pipeline.py changes to 0.3 and expects it unbuilt).
+    Returns (root folder, flow parameters, final state)."""
     from flows.pipeline import seap_pipeline
     from tests.helpers_flows import pipeline_kwargs
 

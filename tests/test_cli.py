@@ -11,6 +11,12 @@ from seap.model.checkpoint import load_pruned
 from tests.helpers import SENTENCES, make_tiny_model
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """seap prune caches in ./runs/work: every test here runs in its own folder, not the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     tiny = make_tiny_model("llama-gqa")

@@ -58,7 +58,7 @@ def _hf_greedy(loaded, ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.5])
 def test_llama_cpp_agrees_with_seap(smollm, tmp_path, sparsity) -> None:
     if sparsity:
-        prune(smollm, "builtin", sparsity, tmp_path / "pruned", samples=16, progress=False)
+        prune(smollm, "builtin", sparsity, tmp_path / "pruned", samples=16, progress=False, workdir=str(tmp_path / "work"))
         loaded = load_pruned(tmp_path / "pruned", device="cpu", dtype="float32")
     else:
         loaded = smollm

@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers_flows import tiny_project
+from tests.helpers_flows import pipeline_kwargs
 from tests.helpers_mlflow import S3_KEYS, free_port, mlflow_server, model_server, moto_s3, s3_objects
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,14 +23,14 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]  # mlflow and moto servers
 NAMES = ["seap-base-general", "seap-base-geo", "seap-base-life", "seap-base-routed"]
 
 
+SPARSITIES = (0.2, 0.25, 0.4)  # not 0.3: tests/flows/test_pipeline.py needs the shared work folder without it
+
+
 def flow_kwargs(tmp: Path, sparsity: float, **overrides) -> dict:
-    kwargs = dict(model=str(tmp / "base"), tasks=["geo", "life"], sparsities=[sparsity],
-                  methods=["seap-expert", "seap-general", "seap-routed"], limit=4,
-                  data_dir=str(tmp / "data"), samples=20, schedule="uniform", bench_repeats=1,
-                  workdir=str(tmp / "work"), out=str(tmp / f"out-{sparsity:g}"),
-                  registry_dir=str(tmp / f"registry-{sparsity:g}"))
-    kwargs.update(overrides)
-    return kwargs
+    """The session pipeline's parameters (tests/conftest.py: the same model, data and work folder, so
+    its jobs are reused) at ``sparsity``, with this module's results and local registry."""
+    return pipeline_kwargs(tmp, **{"sparsities": [sparsity], "out": str(tmp / f"out-{sparsity:g}"),
+                                   "registry_dir": str(tmp / f"registry-{sparsity:g}"), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +42,17 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def registered(stack, prefect_env, tmp_path_factory):
-    """A pipeline run at 20% registered on the server, plus the local records of a 30% and a
-    40% run (not yet in MLflow)."""
+def registered(stack, llama_pipeline):
+    """The session's pipeline run at 20% run again, tracked and registered on the server (every
+    job but the registration is reused), plus the local records of a 25% and a 40% run of the
+    SEAP methods (not yet in MLflow)."""
     from flows.pipeline import seap_pipeline
 
     url, _, _ = stack
-    tmp = tmp_path_factory.mktemp("registry-project")
-    tiny_project(tmp)
+    tmp, _, _ = llama_pipeline
     first = seap_pipeline(**flow_kwargs(tmp, 0.2, tracking_uri=url))
-    for sparsity in (0.3, 0.4):
-        seap_pipeline(**flow_kwargs(tmp, sparsity, mlflow=False))
+    for sparsity in SPARSITIES[1:]:
+        seap_pipeline(**flow_kwargs(tmp, sparsity, mlflow=False, methods=["seap-expert", "seap-general", "seap-routed"]))
     return tmp, first
 
 
@@ -148,13 +148,13 @@ def test_two_concurrent_registrations_give_two_consistent_versions(registered, r
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "CI": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "seap", "register", "--results", str(tmp / f"out-{s:g}"),
                                "--registry", str(tmp / f"registry-{s:g}")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for s in (0.3, 0.4)]
+                              stderr=subprocess.STDOUT, text=True) for s in SPARSITIES[1:]]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     for name in NAMES:
         versions = reg.search(name=name)
         assert sorted(v["version"] for v in versions) == [1, 2, 3]
-        assert sorted(v["tags"]["sparsity"] for v in versions) == ["0.2", "0.3", "0.4"]
+        assert sorted(v["tags"]["sparsity"] for v in versions) == ["0.2", "0.25", "0.4"]
     from seap.registry.bundle import read_bundle
 
     for v in reg.search(name="seap-base-life"):  # each version's bundle is its own, complete
@@ -271,16 +271,29 @@ def test_load_by_alias_rebuilds_the_pruned_expert(registered, reg) -> None:
     assert out["text"].tolist() == [r["text"] for r in local.generate(prompts, max_new_tokens=4)]
 
 
-def test_served_expert_and_routed_bundle_answer_over_http(registered, reg, stack, tmp_path) -> None:
-    url = stack[0]
-    for uri in ("models:/seap-base-geo/1", "models:/seap-base-routed/1"):
-        with model_server(uri, url, tmp_path / "serve.log") as served:
-            response = requests.post(served + "/invocations", timeout=120,
-                                     json={"inputs": ["the capital of france"], "params": {"max_new_tokens": 3}})
-            assert response.status_code == 200, response.text
-            predictions = response.json()["predictions"]
-            assert len(predictions) == 1 and isinstance(predictions[0]["text"], str)
-            assert predictions[0]["expert"] in {"geo", "life", "general"}
+def test_an_expert_bundle_answers_with_its_own_expert(registered, reg) -> None:
+    import mlflow
+
+    out = mlflow.pyfunc.load_model("models:/seap-base-geo/1").predict(["the capital of france"],
+                                                                      params={"max_new_tokens": 3})
+    assert out["expert"].tolist() == ["geo"] and isinstance(out["text"][0], str) and out["text"][0]
+
+
+def test_a_served_bundle_answers_over_http_as_it_does_in_process(registered, reg, stack, tmp_path) -> None:
+    """`mlflow models serve` of a registered version answers what the same version answers loaded
+    in this process. The routed bundle (router and experts); an expert's bundle is the same pyfunc
+    model (mlflow/seap_model.py) with one expert, see the test above."""
+    import mlflow
+
+    uri, prompt = "models:/seap-base-routed/1", "the capital of france"
+    want = mlflow.pyfunc.load_model(uri).predict([prompt], params={"max_new_tokens": 3})
+    with model_server(uri, stack[0], tmp_path / "serve.log") as served:
+        response = requests.post(served + "/invocations", timeout=120,
+                                 json={"inputs": [prompt], "params": {"max_new_tokens": 3}})
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["predictions"]
+    assert (prediction["text"], prediction["expert"]) == (want["text"][0], want["expert"][0])
+    assert prediction["expert"] in {"geo", "life", "general"}
 
 
 def test_cli_promote_models_and_rollback(registered, stack, monkeypatch, capsys) -> None:
