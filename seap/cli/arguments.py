@@ -136,6 +136,14 @@ def load_model_of(args: argparse.Namespace) -> Any:
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
+def layers_of(args: argparse.Namespace) -> Any:
+    """The model of ``--model`` as a layer source: a checkpoint read one decoder layer at a time
+    (:func:`seap.model.layer_stream.open_layers`), so the dense model is never loaded whole."""
+    from seap.model.layer_stream import open_layers
+
+    return open_layers(args.model, device=args.device, dtype=args.dtype)
+
+
 def check_out(args: argparse.Namespace, *inputs: Any, file: bool = False,
                recognise: Callable[[Path], str | None] | None = None) -> None:
     """Everything about ``--out`` and ``--device`` that can be checked before a model is loaded."""

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from seap.cli.arguments import (SCHEDULE_NAMES, SCORE_NAMES, Command, check_out, given_reconstruct, load_model_of,
+from seap.cli.arguments import (SCHEDULE_NAMES, SCORE_NAMES, Command, check_out, given_reconstruct, layers_of, load_model_of,
                                 model_arguments, positive, refit_arguments, refit_options, schedule_arguments,
                                 schedule_options, shard, show_progress)
 from seap.errors import SeapError
@@ -47,9 +47,6 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=positive, default=None, help="token cap (default: the corpus's)")
     p.add_argument("--shard", type=shard, default=None, help="process shard I of N (I/N), merge with merge-stats")
     p.add_argument("--accumulate-dtype", default="float64", choices=("float64", "float32"))
-    p.add_argument("--second-moments", action="store_true",
-                   help="also the second-moment matrices of o_proj/down_proj inputs (what `masks --reconstruct` "
-                        "needs; about 2 x (hidden^2 + intermediate^2) x 8 bytes per layer on disk)")
     from seap.run.methods import UNITS
 
     p.add_argument("--unit", default=declared_defaults()["unit"], choices=("auto", *UNITS),
@@ -63,9 +60,8 @@ def _stats(args: argparse.Namespace) -> int:
     from seap.run.commands import make_statistics
 
     check_out(args, args.model, args.corpus)
-    written = make_statistics(load_model_of(args), args.corpus, args.out, args.tasks, args.batch_size, args.max_tokens,
-                              args.shard, args.accumulate_dtype, args.overwrite, show_progress(args),
-                              second_moments=args.second_moments, unit=args.unit)
+    written = make_statistics(layers_of(args), args.corpus, args.out, args.tasks, args.batch_size, args.max_tokens,
+                              args.shard, args.accumulate_dtype, args.overwrite, show_progress(args), unit=args.unit)
     for task, path in written.items():
         print(f"{task}: {path}")
     return 0
@@ -118,15 +114,17 @@ def _masks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias-compensation-stats", default=None,
                    help="statistics folder whose means the mask stores, so applying it adds FLAP's bias compensation")
     refit_arguments(p)
-    p.add_argument("--refit-stats", nargs="+", default=None,
-                   help="statistics with second moments to refit on (`seap stats --second-moments`; an expert's "
-                        "own task, or the tasks merged); several folders are merged (e.g. the task's and generic "
-                        "text's). Given, the mask is refitted (the default) unless --no-reconstruct")
     p.add_argument("--refit-corpus", nargs="+", default=None,
-                   help="with --reconstruct --refit-sequential: corpus files (`seap corpus`) to refit on, the "
-                        "first one's --refit-task texts (default: all) and every text of the others")
+                   help="corpus files (`seap corpus`) to refit on: the first one's --refit-task texts (default: "
+                        "all; an expert: its own task's) and every text of the others (e.g. generic text), run "
+                        "through --model one layer at a time. Given, the mask is refitted (the default) unless "
+                        "--no-reconstruct")
     p.add_argument("--refit-task", nargs="+", default=None, help="tasks of the first --refit-corpus file to refit on")
-    model_arguments(p, required=False, default=None, purpose="with --reconstruct: the base the statistics came from; ")
+    model_arguments(p, required=False, default=None, purpose="with --reconstruct: the base the scores came from; ")
+    from seap.run.config import declared_defaults
+
+    p.add_argument("--batch-size", type=positive, default=declared_defaults()["stats_batch_size"],
+                   help="with --reconstruct: texts per forward pass of the refit (default: %(default)s)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -144,31 +142,24 @@ def _masks(args: argparse.Namespace) -> int:
     if not moe and unit in ("experts", "both"):
         raise SeapError(f"--unit {unit} prunes the experts of a mixture-of-experts model, chosen from its router "
                         "statistics", "pass --stats DIR (from `seap stats` on the MoE model) instead of --scores")
-    check_out(args, *(args.scores or args.stats), args.bias_compensation_stats, *(args.refit_stats or []),
-              *(args.refit_corpus or []), args.model)
+    check_out(args, *(args.scores or args.stats), args.bias_compensation_stats, *(args.refit_corpus or []), args.model)
     refit: dict[str, Any] = {}
     options: dict[str, Any] | None = None
-    # reconstruction is the default where there is something to refit on (--refit-stats or
-    # --refit-corpus); --reconstruct without it is an error, --no-reconstruct builds a plain mask
+    # reconstruction is the default where there is something to refit on (--refit-corpus);
+    # --reconstruct without it is an error, --no-reconstruct builds a plain mask
     reconstruct = given_reconstruct(args)
-    if reconstruct is True or (reconstruct is None and (args.refit_stats or args.refit_corpus)):
+    if reconstruct is True or (reconstruct is None and args.refit_corpus):
         if moe:
             raise SeapError("masks of a mixture-of-experts model are not refitted", "drop the refit options")
         options = refit_options(args)
-        if options.get("sequential"):
-            if not args.refit_corpus or not args.model or args.refit_stats:
-                raise SeapError("--refit-sequential refits on calibration text, not statistics",
-                                "pass --model (the base) and --refit-corpus FILE (from `seap corpus`)")
-            from seap.run.commands import read_refit_corpus
+        if not args.refit_corpus or not args.model:
+            raise SeapError("--reconstruct runs the calibration text through the base model",
+                            "pass --model (the base) and --refit-corpus FILE (from `seap corpus`)")
+        from seap.run.commands import read_refit_corpus
 
-            corpus, cap = read_refit_corpus(args.refit_corpus, args.refit_task)
-            refit = {"refit_corpus": corpus, "refit_max_tokens": cap}
-        elif not args.refit_stats or not args.model:
-            raise SeapError("--reconstruct needs the base model and the statistics to refit on",
-                            "pass --model (the base) and --refit-stats DIR (from `seap stats --second-moments`)")
-        else:
-            refit = {"refit_stats_dir": args.refit_stats}
-        refit["refit_model"] = load_model_of(args)
+        parts, cap = read_refit_corpus(args.refit_corpus, args.refit_task)
+        refit = {"refit_parts": parts, "refit_max_tokens": cap, "refit_batch_size": args.batch_size,
+                 "refit_model": layers_of(args)}
     kind = "general" if args.general else "expert"
     params = MaskParams(method=f"seap-{kind}", row=f"seap-{kind}@{args.sparsity:g}", mask=kind, kind=kind,
                         sparsity=args.sparsity,

@@ -31,11 +31,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from seap.model.adapters import adapter_for_model_type
 from seap.errors import ArtifactError, SeapError
 from seap.io import atomic_directory, atomic_write_json, read_json
 from seap.maths.mask_formats import Mask
-from seap.model.loaded import LoadedModel, model_fingerprint, prepare_tokenizer, resolve_device, resolve_dtype
+from seap.model.adapters import adapter_for_model_type
+from seap.model.loaded import (
+    LoadedModel,
+    model_fingerprint,
+    prepare_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 
 PRUNED_MASK_DIR = "seap_mask"
 
@@ -114,12 +120,19 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
     adapter.check_config(config)
     config.seap_pruning = {k: v for k, v in info.items() if k not in ("layers", "pruned_fingerprint")}
     weights_file = p / "model.safetensors"
-    if not weights_file.is_file():
+    if (p / "model.safetensors.index.json").is_file():  # written layer by layer (write_pruned): shards
+        from seap.model.layer_stream import checkpoint_files
+
+        state = {}
+        for shard in sorted(set(checkpoint_files(p).values())):
+            state.update(load_file(str(shard)))
+    elif not weights_file.is_file():
         raise ArtifactError(f"{weights_file} is missing", "re-save the pruned model")
-    try:
-        state = load_file(str(weights_file))
-    except SafetensorError as exc:
-        raise ArtifactError(f"{weights_file} is corrupt ({exc})", "re-save the pruned model") from exc
+    else:
+        try:
+            state = load_file(str(weights_file))
+        except SafetensorError as exc:
+            raise ArtifactError(f"{weights_file} is corrupt ({exc})", "re-save the pruned model") from exc
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -162,3 +175,135 @@ def _module_prefix(model: nn.Module, target: nn.Module) -> str:
         if module is target:
             return name
     raise RuntimeError("layer not found in model")
+
+
+# ---------------------------------------------------------------------------------------
+# written layer by layer
+
+PROGRESS_FILE = "progress.json"
+
+
+def _shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | None = None,
+                 bias_compensation: bool | None = None, progress: bool = True) -> Path:
+    """Write the base model of ``source`` (a :class:`~seap.model.layer_stream.LayerSource`)
+    hard-pruned with ``mask`` to the new folder ``path``, one decoder layer at a time: each layer
+    is read, pruned, written to its own safetensors shard and dropped, so the dense and pruned
+    models never sit whole in memory. The folder is what :func:`save_pruned` writes (sharded,
+    with ``model.safetensors.index.json``) and :func:`load_pruned` reloads to the same logits.
+
+    ``work`` (a folder that must not be shared with another job) keeps the finished shards and a
+    progress record; a run killed part-way and started again with the same mask, base and
+    options resumes after the last finished layer (other options start afresh there). On
+    success it becomes ``path``."""
+    import hashlib
+    import os
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from seap.io import canonical_json
+    from seap.maths.masks import PruningMask
+    from seap.model.layer_stream import INDEX_FILE
+    from seap.model.loaded import FINGERPRINT_CHUNK, config_fingerprint_fields
+    from seap.model.pruning import share_copy
+    from seap.model.surgery import (
+        prune_layer,
+        pruning_record,
+        resolve_bias_compensation,
+    )
+
+    if not isinstance(mask, PruningMask):
+        raise SeapError("only masks of heads and channels are written layer by layer",
+                        "apply an expert mask to the loaded model (seap.apply_mask) and save it with save_pruned")
+    mask.check_model(source.fingerprint)
+    compensate = resolve_bias_compensation(mask, bias_compensation)
+    target = Path(path)
+    if target.exists():
+        raise SeapError(f"output {target} already exists", "choose another path, or remove it")
+    adapter, config = source.adapter, source.config
+    head_dim = adapter.head_dim(config)
+    layers = source.layers
+    total = len(layers) + 1  # one shard per decoder layer, one for everything else
+    work = Path(work) if work is not None else target.parent / f".{target.name}.partial"
+    plan = {"base_fingerprint": source.fingerprint, "mask_digest": mask.digest(), "bias_compensation": compensate,
+            "dtype": str(source.dtype), "shards": total}
+    record = work / PROGRESS_FILE
+    done: dict[str, Any] = {"plan": plan, "layers": []}
+    if record.is_file():
+        try:
+            previous = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = {}
+        if previous.get("plan") == plan:
+            done = previous
+        else:  # other options: never mix, start afresh
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = dict(done.get("weight_map", {}))
+    sizes: list[dict[str, Any]] = list(done.get("sizes", []))
+    prefixes = {id(m): n for n, m in source.model.named_modules()}
+    bar = tqdm(range(len(layers)), desc=f"pruned checkpoint [{mask.task}]", unit="layer", disable=not progress,
+               leave=False)
+    for i in bar:
+        if i < len(done["layers"]):
+            continue
+        layer = source.layer(i)
+        try:
+            pruned = share_copy(layer)
+            prune_layer(adapter, pruned, mask.layers[i], head_dim, True, compensate)
+            prefix = prefixes[id(layer)]
+            tensors = {f"{prefix}.{name}": t.detach().to("cpu").contiguous()
+                       for name, t in pruned.state_dict().items()}
+            layer_mask = mask.layers[i]
+            sizes.append({"num_attention_heads": int(layer_mask.heads.sum()),
+                          "num_key_value_heads": int(layer_mask.kv_heads.sum()),
+                          "intermediate_size": int(layer_mask.channels.sum()), **adapter.layer_record(pruned)})
+            del pruned
+        finally:
+            source.release(i)
+        shard = _shard_name(i, total)
+        save_file(tensors, str(work / f".{shard}.tmp"))
+        os.replace(work / f".{shard}.tmp", work / shard)
+        weight_map.update({name: shard for name in tensors})
+        done["layers"].append(i)
+        done.update(weight_map=weight_map, sizes=sizes)
+        atomic_write_json(record, done)
+    # everything outside the decoder layers: embeddings, final norm, an untied head
+    layer_prefixes = tuple(prefixes[id(layer)] + "." for layer in layers)
+    rest = [n for n in source.names if not n.startswith(layer_prefixes)]
+    shard = _shard_name(len(layers), total)
+    outer = source.read(rest) if rest else {}
+    save_file({k: v.contiguous() for k, v in outer.items()}, str(work / shard))
+    weight_map.update({name: shard for name in outer})
+    del outer
+    # the pruned model's fingerprint (seap.model.loaded.model_fingerprint), read back one tensor at a time
+    digest = hashlib.sha256()
+    digest.update(canonical_json(config_fingerprint_fields(config)).encode())
+    for name in sorted(weight_map):
+        with safe_open(str(work / weight_map[name]), framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        flat = tensor.reshape(-1)
+        for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
+            digest.update(flat[start: start + FINGERPRINT_CHUNK].to(torch.float32).contiguous().numpy().tobytes())
+        del tensor, flat
+    info = {**pruning_record(mask, "hard", compensate), "pruned_fingerprint": "sha256:" + digest.hexdigest(),
+            "layers": sizes}
+    total_size = sum((work / f).stat().st_size for f in set(weight_map.values()))
+    atomic_write_json(work / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    raw = json.loads(config.to_json_string(use_diff=False))
+    raw.update(seap_pruning=info, per_layer_config={str(i): layer for i, layer in enumerate(sizes)},
+               allow_global_per_layer_attribute_access=True)
+    atomic_write_json(work / "config.json", raw)
+    if source.tokenizer is not None:
+        source.tokenizer.save_pretrained(work)
+    mask.save(work / PRUNED_MASK_DIR)
+    record.unlink()
+    os.rename(work, target)
+    return target

@@ -65,6 +65,9 @@ class LoadedModel:
 # fingerprint
 
 
+FINGERPRINT_CHUNK = 1 << 24  # elements hashed at a time
+
+
 def config_fingerprint_fields(config: Any) -> dict[str, Any]:
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return {k: data[k] for k in FINGERPRINT_CONFIG_KEYS if k in data and data[k] is not None}
@@ -78,9 +81,8 @@ def model_fingerprint(model: nn.Module) -> str:
         tensor = param.detach()
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         flat = tensor.reshape(-1)
-        step = 1 << 24
-        for start in range(0, flat.numel(), step):
-            chunk = flat[start : start + step].to(device="cpu", dtype=torch.float32).contiguous()
+        for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
+            chunk = flat[start : start + FINGERPRINT_CHUNK].to(device="cpu", dtype=torch.float32).contiguous()
             digest.update(chunk.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
 

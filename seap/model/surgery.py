@@ -19,6 +19,8 @@ applies a mask of any kind (an expert mask of an MoE model too) by its format.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -101,6 +103,48 @@ def _prune_layer(mods: LayerModules, mask: LayerMask, head_dim: int, hard: bool,
     return replacements
 
 
+def prune_layer(adapter: ArchitectureAdapter, layer: nn.Module, mask: LayerMask, head_dim: int, hard: bool,
+                bias_compensation: bool) -> None:
+    """Prune one decoder layer in place: its projections replaced (sliced when ``hard``, zeroed
+    otherwise; refitted where the mask carries a refit), its head norms pruned and, when
+    ``hard``, its recorded widths set."""
+    with torch.no_grad():
+        adapter.set_projections(layer, _prune_layer(adapter.layer_modules(layer), mask, head_dim, hard,
+                                                    bias_compensation, adapter))
+        adapter.prune_norms(layer, _head_rows(mask.heads, head_dim), _head_rows(mask.kv_heads, head_dim), hard)
+        if hard:
+            adapter.set_widths(layer, int(mask.heads.sum()), int(mask.kv_heads.sum()), int(mask.channels.sum()))
+
+
+def pruning_record(mask: PruningMask, mode: str, bias_compensation: bool) -> dict[str, Any]:
+    """What a pruned model records of the mask it was pruned with (``config.seap_pruning``)."""
+    record: dict[str, Any] = {
+        "mode": mode,
+        "base_fingerprint": mask.base_fingerprint,
+        "mask_digest": mask.digest(),
+        "task": mask.task,
+        "score": mask.meta.get("score"),
+        "schedule": mask.meta.get("schedule"),
+        "target_sparsity": mask.meta.get("target_sparsity"),
+        "realised_sparsity": mask.realised_sparsity(),
+        "bias_compensation": bias_compensation,
+    }
+    if mask.is_reconstructed:
+        record["reconstruction"] = mask.meta.get("reconstruction")
+    return record
+
+
+def resolve_bias_compensation(mask: PruningMask, bias_compensation: bool | None) -> bool:
+    """Whether ``mask`` is applied with FLAP's bias compensation: by default when it carries means
+    and is not reconstructed; a reconstructed mask refuses it."""
+    if bias_compensation is None:
+        bias_compensation = mask.has_bias_compensation and not mask.is_reconstructed
+    if bias_compensation and mask.is_reconstructed:
+        raise SeapError("this mask is reconstructed: its refit already replaces bias compensation",
+                        "apply it without --bias-compensation")
+    return bias_compensation
+
+
 def soft_pruned_layer(adapter: ArchitectureAdapter, layer: nn.Module, mask: LayerMask, head_dim: int) -> nn.Module:
     """A copy of one decoder layer with ``mask`` applied softly (plain slice, or the mask's
     refit where it has one); it shares the layer's norms and owns new projections."""
@@ -136,35 +180,12 @@ def apply_pruning_mask(
     check_mode(mode)
     mask.check_model(loaded.fingerprint)
     check_unpruned(loaded)
-    if bias_compensation is None:
-        bias_compensation = mask.has_bias_compensation and not mask.is_reconstructed
-    if bias_compensation and mask.is_reconstructed:
-        raise SeapError("this mask is reconstructed: its refit already replaces bias compensation",
-                        "apply it without --bias-compensation")
+    bias_compensation = resolve_bias_compensation(mask, bias_compensation)
     model = loaded.model if inplace else share_copy(loaded.model)
     adapter = loaded.adapter
     head_dim = adapter.head_dim(model.config)
     hard = mode == "hard"
-    with torch.no_grad():
-        for layer, layer_mask in zip(adapter.decoder_layers(model), mask.layers, strict=True):
-            mods = adapter.layer_modules(layer)
-            adapter.set_projections(layer, _prune_layer(mods, layer_mask, head_dim, hard, bias_compensation, adapter))
-            adapter.prune_norms(layer, _head_rows(layer_mask.heads, head_dim), _head_rows(layer_mask.kv_heads, head_dim),
-                                hard)
-            if hard:
-                adapter.set_widths(layer, int(layer_mask.heads.sum()), int(layer_mask.kv_heads.sum()),
-                                   int(layer_mask.channels.sum()))
-    model.config.seap_pruning = {
-        "mode": mode,
-        "base_fingerprint": mask.base_fingerprint,
-        "mask_digest": mask.digest(),
-        "task": mask.task,
-        "score": mask.meta.get("score"),
-        "schedule": mask.meta.get("schedule"),
-        "target_sparsity": mask.meta.get("target_sparsity"),
-        "realised_sparsity": mask.realised_sparsity(),
-        "bias_compensation": bias_compensation,
-    }
-    if mask.is_reconstructed:
-        model.config.seap_pruning["reconstruction"] = mask.meta.get("reconstruction")
+    for layer, layer_mask in zip(adapter.decoder_layers(model), mask.layers, strict=True):
+        prune_layer(adapter, layer, layer_mask, head_dim, hard, bias_compensation)
+    model.config.seap_pruning = pruning_record(mask, mode, bias_compensation)
     return LoadedModel(model, loaded.tokenizer, adapter, f"{loaded.source}+mask:{mask.task}", model_fingerprint(model))

@@ -9,10 +9,9 @@ same executor, stage functions and cache as ``seap eval``.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from seap.data.corpus import (
     DEFAULT_MAX_TOKENS,
@@ -30,13 +29,11 @@ from seap.maths.mask_formats import Mask
 from seap.maths.schedules import check_schedule, check_sparsity
 from seap.maths.scores import DEFAULT_SCORE, ImportanceScores, compute_scores
 from seap.maths.statistics import ActivationStatistics, merge_statistics
-from seap.model.calibration import collect_statistics
+from seap.model.calibration import collect_task_statistics
 from seap.model.loaded import LoadedModel
 from seap.run.job_params import MaskParams
-from seap.run.mask_building import RefitSource, build_method_mask, load_refit_statistics, refit_options
+from seap.run.mask_building import RefitSource, build_method_mask, refit_options
 from seap.run.methods import METHODS, check_compensation
-
-
 
 ONESHOT_METHODS = ("seap", *(name for name, m in METHODS.items() if m.builds_masks))
 
@@ -52,22 +49,20 @@ def make_corpus(source: str, out: str | Path, tasks: Sequence[str] | None = None
     return corpora
 
 
-def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str | Path, tasks: Sequence[str] | None = None,
+def make_statistics(model: Any, corpus_file: str | Path, out_dir: str | Path, tasks: Sequence[str] | None = None,
                     batch_size: int = 8, max_tokens: int | None = None, shard: tuple[int, int] | None = None,
                     accumulate_dtype: str = "float64", overwrite: bool = False, progress: bool = True,
-                    second_moments: bool = False, unit: str = "auto") -> dict[str, Path]:
+                    unit: str = "auto") -> dict[str, Path]:
     """Statistics for every task of a corpus file, one folder per task under ``out_dir``: of a
-    dense model, the activation statistics (with ``second_moments``: also what reconstruction
-    needs); of a mixture-of-experts model, its routers' statistics (what ``seap masks --stats``
-    reads; with channel sums unless ``unit`` is ``experts``, the default there)."""
+    dense model (a :class:`LoadedModel` or a layer source, walked layer by layer once for all
+    tasks), the activation statistics; of a mixture-of-experts model, its routers' statistics
+    (what ``seap masks --stats`` reads; with channel sums unless ``unit`` is ``experts``, the
+    default there)."""
     from seap.model.adapters.moe import MoeAdapter
 
-    moe = isinstance(loaded.adapter, MoeAdapter)
-    if moe and second_moments:
-        raise SeapError("masks of a mixture-of-experts model are not refitted: it has no second moments to collect",
-                        "drop --second-moments")
+    moe = isinstance(model.adapter, MoeAdapter)
     if not moe and unit in ("experts", "both"):
-        raise SeapError(f"--unit {unit} needs a mixture-of-experts model; {loaded.adapter.name} is dense",
+        raise SeapError(f"--unit {unit} needs a mixture-of-experts model; {model.adapter.name} is dense",
                         "drop --unit (heads and MLP channels are what a dense model prunes)")
     corpora, header = read_corpus(corpus_file)
     cap = max_tokens if max_tokens is not None else header.get("max_tokens", DEFAULT_MAX_TOKENS)
@@ -75,28 +70,28 @@ def make_statistics(loaded: LoadedModel, corpus_file: str | Path, out_dir: str |
     missing = [t for t in wanted if t not in corpora]
     if missing:
         raise SeapError(f"task(s) {missing} are not in {corpus_file}", f"it holds: {', '.join(corpora)}")
-    with atomic_directory(out_dir, overwrite, [corpus_file, loaded.location]) as tmp:  # all tasks, or none
-        for task in wanted:
-            if moe:
-                from seap.model.expert_pruning import collect_router_statistics
+    with atomic_directory(out_dir, overwrite, [corpus_file, model.location]) as tmp:  # all tasks, or none
+        if moe:
+            from seap.model.expert_pruning import collect_router_statistics
+            from seap.model.loading import load_model
 
+            loaded = model if isinstance(model, LoadedModel) else load_model(model.location)
+            for task in wanted:
                 collect_router_statistics(loaded, corpora[task], batch_size, cap, shard, progress=progress,
                                           channels=unit not in ("auto", "experts")).save(tmp / task)
-                continue
-            stats = collect_statistics(loaded, corpora[task], batch_size, cap, accumulate_dtype, shard, progress,
-                                       second_moments=second_moments, spill_dir=tmp / f".spill-{task}")
-            stats.save(tmp / task)
-            shutil.rmtree(tmp / f".spill-{task}", ignore_errors=True)
+        else:
+            collected = collect_task_statistics(model, {t: corpora[t] for t in wanted}, batch_size, cap,
+                                                accumulate_dtype, shard, progress)
+            for task, stats in collected.items():
+                stats.save(tmp / task)
     return {task: Path(out_dir) / task for task in wanted}
 
 
 def read_refit_corpus(files: Sequence[str | Path], tasks: Sequence[str] | None = None
-                      ) -> tuple[CalibrationCorpus, int | None]:
-    """The calibration text a sequential refit runs on: the texts of ``tasks`` (all, if None)
-    from the first corpus file, and every text of the others (generic text), in one corpus;
-    and the first file's token cap."""
-    from seap.data.corpus import merge_corpora
-
+                      ) -> tuple[list[CalibrationCorpus], int | None]:
+    """The calibration text a refit runs on: the corpora of ``tasks`` (all, if None) from the
+    first corpus file, then every corpus of the others (generic text), in order; and the first
+    file's token cap."""
     if not files:
         raise SeapError("no corpus to refit on", "pass --refit-corpus FILE (from `seap corpus`)")
     parts: list[CalibrationCorpus] = []
@@ -110,7 +105,7 @@ def read_refit_corpus(files: Sequence[str | Path], tasks: Sequence[str] | None =
         parts.extend(corpora[t] for t in wanted)
         if i == 0:
             cap = header.get("max_tokens", DEFAULT_MAX_TOKENS)
-    return merge_corpora(parts), cap
+    return parts, cap
 
 
 def merge_statistics_folders(inputs: Sequence[str | Path], out: str | Path, task: str | None = None, overwrite: bool = False) -> Path:
@@ -160,10 +155,10 @@ def make_mask(
     params: MaskParams,
     bias_stats_dir: str | Path | None = None,
     overwrite: bool = False,
-    refit_model: LoadedModel | None = None,
-    refit_stats_dir: str | Path | Sequence[str | Path] | None = None,
-    refit_corpus: CalibrationCorpus | None = None,
+    refit_model: Any = None,
+    refit_parts: Sequence[CalibrationCorpus] = (),
     refit_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    refit_batch_size: int = 8,
     router_stats_dirs: Sequence[str | Path] = (),
 ) -> Mask:
     """``seap masks``: the mask ``params`` describe (:func:`seap.run.mask_building.build_method_mask`,
@@ -172,27 +167,20 @@ def make_mask(
     mixture-of-experts model (``params.moe``; several are merged), written to ``out``.
 
     ``bias_stats_dir`` stores those statistics' means in the mask (FLAP's bias compensation).
-    With ``params.refit``, the mask is refitted on ``refit_model`` (the base) and either
-    ``refit_stats_dir`` (statistics with second moments; several folders are merged exactly)
-    or, with the sequential refit, ``refit_corpus`` (texts, truncated to ``refit_max_tokens``)."""
+    With ``params.refit``, the mask is refitted on ``refit_model`` (the base: a model folder,
+    read layer by layer, or a loaded model) and the calibration text ``refit_parts`` (merged in
+    order; texts truncated to ``refit_max_tokens``)."""
     check_sparsity(params.sparsity)
     check_schedule(params.schedule)
     if params.gqa_mode:
         check_gqa_mode(params.gqa_mode)
-    refit_dirs = [] if refit_stats_dir is None else \
-        [refit_stats_dir] if isinstance(refit_stats_dir, (str, Path)) else list(refit_stats_dir)
     refit_options(params.refit)  # (bad values: a clear error before anything is read)
-    if params.refit is not None:
-        if params.refit.get("sequential"):
-            if refit_model is None or refit_corpus is None or refit_dirs:
-                raise SeapError("the sequential refit needs the base model and the calibration text (not statistics)",
-                                "pass --model and --refit-corpus (a corpus file from `seap corpus`)")
-        elif refit_model is None or not refit_dirs:
-            raise SeapError("reconstruction needs both the base model and statistics with second moments",
-                            "pass --model and --refit-stats (statistics from `seap stats --second-moments`)")
+    if params.refit is not None and (refit_model is None or not refit_parts):
+        raise SeapError("reconstruction runs the calibration text through the base model, and one of them is missing",
+                        "pass --model (the base) and --refit-corpus FILE (from `seap corpus`)")
     check_compensation(params.refit is not None, bias_stats_dir, "--bias-compensation-stats")
-    check_output(out, [*scores_dirs, *router_stats_dirs, bias_stats_dir, *refit_dirs,
-                       refit_model.location if refit_model else None], overwrite)
+    check_output(out, [*scores_dirs, *router_stats_dirs, bias_stats_dir,
+                       getattr(refit_model, "location", refit_model)], overwrite)
     if params.moe:
         from seap.maths.expert_selection import RouterStatistics
 
@@ -214,13 +202,9 @@ def make_mask(
         raise SeapError("several scores folders given for an expert mask", "pass one, or --general for the general mask")
     scores = [ImportanceScores.load(p) for p in scores_dirs]
     bias = ActivationStatistics.load(bias_stats_dir) if bias_stats_dir else None
-    beside = Path(out).parent if Path(out).parent.is_dir() else None  # large second moments spill there
-    with tempfile.TemporaryDirectory(dir=beside, prefix=".refit-spill-") as spill:
-        refit = None
-        if params.refit is not None and refit_model is not None:
-            refit = RefitSource(refit_model, corpus=refit_corpus, max_tokens=refit_max_tokens) if refit_corpus else \
-                RefitSource(refit_model, statistics=load_refit_statistics(refit_dirs, spill))
-        mask = build_method_mask(params, scores=scores, bias_statistics=bias, refit=refit)
+    refit = RefitSource(refit_model, refit_parts, refit_max_tokens, refit_batch_size) \
+        if params.refit is not None else None
+    mask = build_method_mask(params, scores=scores, bias_statistics=bias, refit=refit)
     mask.save(out, overwrite=overwrite)
     return mask
 

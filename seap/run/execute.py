@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,10 +78,13 @@ def run_cached(job: Job, inputs: Mapping[str, Any], workdir: str | Path, ctx: St
                         raise
         return ref(final), False
     out = stage_dir / content_key(job, inputs, workdir)
+    work = stage_dir / f".{out.name}.partial"  # a killed job's finished part, resumed by the same job
     if out.exists():
         remove_stale_temporaries(out)  # a run killed right after finishing it leaves its temporary behind
+        shutil.rmtree(work, ignore_errors=True)
         return ref(out), True
-    build_once(out, lambda o: run_job(job, paths, o, ctx))
+    build_once(out, lambda o: run_job(job, paths, o, dataclasses.replace(ctx, work=work)))
+    shutil.rmtree(work, ignore_errors=True)
     return ref(out), False
 
 

@@ -49,7 +49,6 @@ class StatisticsParams:
     tasks: list[str]
     batch_size: int | None = None
     shard: list[int] | None = None
-    second_moments: bool = False
     moe: bool = False
     unit: str | None = None
 
@@ -70,8 +69,8 @@ class MaskParams:
     Dense models: ``score`` names the scores read, ``schedule`` (with ``schedule_options``)
     allocates each layer's sparsity, ``bias_compensation`` stores FLAP's means, ``refit``
     (the :class:`~seap.maths.reconstruction.RefitOptions` that differ from their defaults)
-    refits the mask on ``refit_source`` (``task`` or ``pooled``) statistics, plus the
-    ``refit_generic`` tasks' text. Mixture-of-experts models (``moe``): ``score`` is the
+    refits the mask on the ``refit_source`` (``task`` or ``pooled``) calibration text, plus the
+    ``refit_generic`` tasks' text, in batches of ``refit_batch_size`` (the statistics' batch size). Mixture-of-experts models (``moe``): ``score`` is the
     expert score and ``unit`` says what is pruned."""
 
     method: str
@@ -88,6 +87,7 @@ class MaskParams:
     refit: dict[str, Any] | None = None
     refit_source: str | None = None
     refit_generic: list[str] | None = None
+    refit_batch_size: int | None = None
     moe: bool = False
     unit: str | None = None
     allow_k_reduction: bool = False

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from seap.data.corpus import DEFAULT_MAX_TOKENS
@@ -23,14 +22,15 @@ from seap.run.plan import GENERAL
 
 @dataclass
 class RefitSource:
-    """What a reconstructed mask is refitted on: the base model, and either statistics with
-    second moments (the one-shot refit) or the calibration text itself (``corpus``, truncated
-    to ``max_tokens``: the layer-sequential refit)."""
+    """What a reconstructed mask is refitted on: the base model (a model folder read layer by
+    layer, a :class:`~seap.model.layer_stream.LayerSource` or a loaded model) and the
+    calibration text, in ``parts`` (a task's corpus, then generic text; merged in order),
+    truncated to ``max_tokens`` and run in batches of ``batch_size``."""
 
-    model: Any  # LoadedModel
-    statistics: Any = None  # ActivationStatistics with second moments
-    corpus: Any = None  # CalibrationCorpus
+    model: Any
+    parts: Sequence[Any] = ()  # CalibrationCorpus
     max_tokens: int | None = DEFAULT_MAX_TOKENS
+    batch_size: int = 8
 
 
 def refit_options(values: Any) -> Any:
@@ -80,28 +80,12 @@ def build_method_mask(params: MaskParams, *, scores: Sequence[Any] = (), router_
     if params.refit is not None:
         if refit is None:
             raise SeapError("this mask is refitted, and nothing to refit on was given",
-                            "pass the base model and statistics with second moments (or the calibration text)")
+                            "pass the base model and the calibration text (--model, --refit-corpus)")
         from seap.model.refitting import refit_mask
 
-        mask = refit_mask(refit.model, mask, refit_options(params.refit), refit.statistics, refit.corpus,
-                          max_tokens=refit.max_tokens, progress=False)
+        mask = refit_mask(refit.model, mask, refit_options(params.refit), refit.parts, refit.batch_size,
+                          refit.max_tokens, progress=False)
     return mask
 
 
-def load_refit_statistics(folders: Sequence[str | Path], spill: str | Path) -> Any:
-    """The statistics a one-shot refit reads: one folder's, or several merged exactly (a task's
-    and generic text's), their large second moments spilled under ``spill``. Each must hold
-    second moments."""
-    from seap.maths.statistics import ActivationStatistics, merge_statistics
-
-    parts = [ActivationStatistics.load(d) for d in folders]
-    for folder, part in zip(folders, parts):
-        if not part.has_second_moments:
-            raise SeapError(f"the statistics in {folder} have no second moments",
-                            "collect them with `seap stats --second-moments` (the pipeline: --reconstruct)")
-    if len(parts) == 1:
-        return parts[0]
-    return merge_statistics(parts, "+".join(p.task for p in parts), spill_dir=spill)
-
-
-__all__ = ["RefitSource", "build_method_mask", "load_refit_statistics", "refit_options"]
+__all__ = ["RefitSource", "build_method_mask", "refit_options"]

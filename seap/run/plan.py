@@ -51,7 +51,7 @@ from seap.run.methods import (
 )
 
 GENERAL = "general"  # the mask name of a method with one mask for all tasks
-GENERIC = "generic"  # the corpus and statistics of generic text added to every refit (refit_generic)
+GENERIC = "generic"  # the corpus of generic text added to every refit (refit_generic)
 POOLED = "pooled"  # the statistics (and scores) of all tasks' corpora merged
 
 
@@ -92,9 +92,10 @@ STAGES: dict[str, Stage] = {
               ("tasks", "data_dir", "samples", "seed", "max_tokens", "reconstruct", "refit_generic",
                "refit_generic_samples")),
         Stage("statistics", "activation statistics per task (and pooled over all tasks, for the baselines)",
-              (*_BASE, "seap.model.calibration", "seap.model.hooks", "seap.maths.moments", "seap.maths.statistics",
+              (*_BASE, "seap.model.calibration", "seap.model.layer_stream", "seap.model.hooks", "seap.maths.moments",
+               "seap.maths.statistics",
                "seap.data.corpus", "seap.model.expert_pruning", "seap.maths.expert_selection", "seap.model.adapters.moe"),
-              ("stats_batch_size", "stats_shards", "methods", "reconstruct", "refit_corpus", "refit_generic", "unit"),
+              ("stats_batch_size", "stats_shards", "methods", "unit"),
               ("model", "corpus")),
         Stage("scores", "importance scores of heads and channels",
               ("seap.run.stages", "seap.run.commands", "seap.maths.scores", "seap.maths.statistics"),
@@ -105,11 +106,13 @@ STAGES: dict[str, Stage] = {
                "seap.maths.schedules",
                "seap.maths.geometry",
                "seap.maths.scores", "seap.maths.statistics", "seap.maths.moments", "seap.maths.reconstruction",
-               "seap.model.refitting", "seap.model.calibration", "seap.model.hooks", "seap.model.surgery",
+               "seap.model.refitting", "seap.model.calibration", "seap.model.layer_stream", "seap.model.hooks",
+               "seap.model.surgery",
                "seap.data.corpus", "seap.maths.expert_selection"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
                "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "general_weights", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
-               "refit_sequential", "refit_corpus", "refit_generic", "unit", "expert_score", "allow_k_reduction"),
+               "refit_sequential", "refit_corpus", "refit_generic", "stats_batch_size", "unit", "expert_score",
+               "allow_k_reduction"),
               ("scores", "statistics", "model", "corpus")),
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model",)),
@@ -314,30 +317,22 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
         return _expert_jobs(c, tasks, methods, jobs)
     add = jobs.append
     reconstructing = [m for m in methods if m.resolved_reconstruct(rec.reconstruct)]
-    sequential = bool(rec.refit_sequential)  # refits on the corpus itself: no second moments
-    one_shot = [] if sequential else reconstructing
-    pooled = any(m.calibration == "pooled" for m in methods) or \
-        any(m.refit_source(rec.refit_corpus) == POOLED for m in one_shot)
-    second = bool(one_shot)
+    pooled = any(m.calibration == "pooled" for m in methods)
     generic = [task_name(t) for t in rec.refit_generic] if reconstructing else []
-    if generic:  # generic text added to every refit corpus: its own corpus and statistics
+    if generic:  # generic text added to every refit's calibration text: its own corpus
         add(Job("corpus", GENERIC, params=CorpusParams(tasks=list(rec.refit_generic), data_dir=c.data.data_dir,
                                                        samples=rec.refit_generic_samples or c.data.samples,
                                                        seed=c.data.seed, max_tokens=c.data.max_tokens)))
-        if not sequential:
-            add(Job("statistics", GENERIC, {"model": "model", "corpus": f"corpus/{GENERIC}"},
-                    StatisticsParams(tasks=generic, batch_size=stats.stats_batch_size, second_moments=True)))
     # statistics: one pass per task, or shards merged exactly
     if stats.stats_shards > 1:
         shards = [f"statistics/shard-{i}-of-{stats.stats_shards}" for i in range(stats.stats_shards)]
         for i, key in enumerate(shards):
             add(Job("statistics", key.split("/", 1)[1], {"model": "model", "corpus": "corpus"},
-                    StatisticsParams(tasks=tasks, batch_size=stats.stats_batch_size, shard=[i, stats.stats_shards],
-                                     second_moments=second)))
+                    StatisticsParams(tasks=tasks, batch_size=stats.stats_batch_size, shard=[i, stats.stats_shards])))
         add(Job("statistics", "tasks", {"shards": shards}, StatisticsParams(tasks=tasks)))
     else:
         add(Job("statistics", "tasks", {"model": "model", "corpus": "corpus"},
-                StatisticsParams(tasks=tasks, batch_size=stats.stats_batch_size, second_moments=second)))
+                StatisticsParams(tasks=tasks, batch_size=stats.stats_batch_size)))
     if pooled:
         add(Job("statistics", POOLED, {"statistics": "statistics/tasks"}, StatisticsParams(tasks=tasks)))
 
@@ -368,19 +363,14 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
                           weights=masks.general_weights if m.calibration == "general" else {})
             if reconstruct:
                 common.update(refit=rec.refit_options, refit_source=m.refit_source(rec.refit_corpus),
-                              refit_generic=generic or None)
+                              refit_generic=generic or None, refit_batch_size=stats.stats_batch_size)
             group: dict[str, str] = {}
             per_task = m.refits_per_task(reconstruct, rec.refit_corpus)
             for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
-                if reconstruct and sequential:  # the calibration text itself, run through the model
+                if reconstruct:  # the calibration text, run through the model layer by layer
                     inputs = {**inputs, "model": "model", "refit_corpus": "corpus"}
                     if generic:
                         inputs["refit_generic"] = f"corpus/{GENERIC}"
-                elif reconstruct:
-                    inputs = {**inputs, "model": "model", "refit_statistics":
-                              "statistics/pooled" if common["refit_source"] == POOLED else "statistics/tasks"}
-                    if generic:
-                        inputs["refit_generic"] = f"statistics/{GENERIC}"
                 job = Job("masks", f"{row}/{name}", inputs, MaskParams(mask=name, **common))  # type: ignore[arg-type]
                 add(job)
                 group[name] = job.key

@@ -10,7 +10,6 @@ parameters and inputs alone, which is what makes the content-addressed cache cor
 
 from __future__ import annotations
 
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ class StageContext:
     progress: bool = False
     say: Callable[[str], None] = print
     preloaded: Any = None  # a LoadedModel the caller holds already: used for the model at its location
+    work: Path | None = None  # a job's own folder for resumable progress (set per job by the executor)
     _models: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,6 +60,34 @@ class StageContext:
                 loaded = self._models[record["digest"]] = load_model(record["location"], device=record["device"],
                                                                      dtype=record["dtype"])
             return loaded
+
+    def layers(self, model_dir: Path) -> Any:
+        """The base model recorded by a ``model`` job as a layer source
+        (:class:`~seap.model.layer_stream.LayerSource`): the model already held in this process,
+        or its checkpoint read layer by layer (the dense model is never loaded whole). Its
+        fingerprint is computed once per model and dtype and kept in the cache folder."""
+        from seap.io import atomic_write_text, cache_dir
+        from seap.model.layer_stream import CheckpointLayers, NotStreamable, ResidentLayers
+
+        record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
+        if record["kind"] == "hub" or (self.preloaded is not None and
+                                       Path(record["location"]).resolve() == Path(self.preloaded.location).resolve()):
+            return ResidentLayers(self.base(model_dir))
+        with self._lock:
+            held = self._models.get(record["digest"])
+        if held is not None:  # (a model this process loaded whole already)
+            return ResidentLayers(held)
+        memo = cache_dir() / "fingerprints" / \
+            f"{record['digest'].replace(':', '-')[:80]}-{record['device']}-{record['dtype']}"
+        known = memo.read_text(encoding="utf-8").strip() if memo.is_file() else None
+        try:
+            source = CheckpointLayers(record["location"], record["device"], record["dtype"], fingerprint=known)
+        except NotStreamable:  # tensor names converted at load time (e.g. MoE experts): loaded whole
+            return ResidentLayers(self.base(model_dir))
+        if known is None:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo, source.fingerprint)
+        return source
 
     def take_base(self, model_dir: Path) -> tuple[Any, bool]:
         """The base model for a job that consumes it (prunes it in place, so the dense model is
@@ -138,21 +166,15 @@ def statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     if p.moe:  # a mixture-of-experts model: what the routers do on each task's tokens
         _router_statistics(job, inputs, out, ctx)
         return
-    # second moments too large to hold for every layer go to a spill folder beside `out`,
-    # layer by layer, and are linked into the saved statistics
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spill-") as spill:
-        if job.name == POOLED:
-            merged = merge_statistics([ActivationStatistics.load(Path(inputs["statistics"]) / t) for t in p.tasks],
-                                      POOLED, spill_dir=spill)
-            merged.save(out)
-            return
-        out.mkdir(parents=True)
-        if "shards" in inputs:
-            for t in p.tasks:
-                merge_statistics([ActivationStatistics.load(Path(s) / t) for s in inputs["shards"]], t,
-                                 spill_dir=Path(spill) / t).save(out / t)
-            return
-        _collect(job, inputs, out, ctx, Path(spill))
+    if job.name == POOLED:
+        merge_statistics([ActivationStatistics.load(Path(inputs["statistics"]) / t) for t in p.tasks], POOLED).save(out)
+        return
+    out.mkdir(parents=True)
+    if "shards" in inputs:
+        for t in p.tasks:
+            merge_statistics([ActivationStatistics.load(Path(s) / t) for s in inputs["shards"]], t).save(out / t)
+        return
+    _collect(job, inputs, out, ctx)
 
 
 def _router_statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
@@ -176,21 +198,21 @@ def _router_statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -
                                   progress=ctx.progress, channels=p.unit != "experts").save(out / t)
 
 
-def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext, spill: Path) -> None:
+def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Every task's statistics in one walk over the model's layers."""
     from seap.data.corpus import DEFAULT_MAX_TOKENS, read_corpus
-    from seap.model.calibration import collect_statistics
+    from seap.model.calibration import collect_task_statistics
 
     p = job.params
     corpora, header = read_corpus(Path(inputs["corpus"]) / CORPUS_FILE)
     missing = [t for t in p.tasks if t not in corpora]
     if missing:
         raise SeapError(f"task(s) {missing} are not in the corpus", f"it holds: {', '.join(corpora)}")
-    loaded = ctx.base(inputs["model"])
     shard = tuple(p.shard) if p.shard else None
-    for t in p.tasks:
-        stats = collect_statistics(loaded, corpora[t], p.batch_size, header.get("max_tokens", DEFAULT_MAX_TOKENS),
-                                   shard=shard, progress=ctx.progress,  # type: ignore[arg-type]
-                                   second_moments=bool(p.second_moments), spill_dir=spill / t)
+    collected = collect_task_statistics(ctx.layers(inputs["model"]), {t: corpora[t] for t in p.tasks}, p.batch_size,
+                                        header.get("max_tokens", DEFAULT_MAX_TOKENS), shard=shard,  # type: ignore[arg-type]
+                                        progress=ctx.progress)
+    for t, stats in collected.items():
         stats.save(out / t)
 
 
@@ -207,10 +229,10 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """One mask (:func:`seap.run.mask_building.build_method_mask`): an expert (one task's scores
     or router statistics), the general mask (the tasks' combined) or a pooled method's mask;
     bias-compensation means stored in it when it compensates, refitted weights when it is
-    reconstructed (on the ``refit_statistics``, or the ``refit_corpus`` text)."""
+    reconstructed (on the ``refit_corpus`` text, and the ``refit_generic`` text)."""
     from seap.maths.scores import ImportanceScores
     from seap.maths.statistics import ActivationStatistics
-    from seap.run.mask_building import RefitSource, build_method_mask, load_refit_statistics
+    from seap.run.mask_building import RefitSource, build_method_mask
 
     p = job.params
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,41 +248,58 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         bias = Path(bias) / p.mask
     scores = [ImportanceScores.load(s) for s in inputs["scores"]]
     bias_statistics = ActivationStatistics.load(bias) if bias is not None else None
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spill-") as spill:
-        refit = None
-        if "refit_corpus" in inputs:  # sequential: the task's own text or all tasks', and the generic text
-            from seap.run.commands import read_refit_corpus
+    refit = None
+    if p.refit is not None:  # the task's own text or all tasks', then the generic text, run through the model
+        refit = RefitSource(ctx.layers(inputs["model"]), *_refit_parts(inputs, p.mask if p.refit_source == "task" else None),
+                            batch_size=p.refit_batch_size or 8)
+    build_method_mask(p, scores=scores, bias_statistics=bias_statistics, refit=refit).save(out)
 
-            files = [Path(inputs["refit_corpus"]) / CORPUS_FILE]
-            if "refit_generic" in inputs:
-                files.append(Path(inputs["refit_generic"]) / CORPUS_FILE)
-            corpus, cap = read_refit_corpus(files, [p.mask] if p.refit_source == "task" else None)
-            refit = RefitSource(ctx.base(inputs["model"]), corpus=corpus, max_tokens=cap)
-        elif p.refit is not None:  # refitted on the task's own statistics (a sub-folder) or the pooled ones
-            stats = Path(inputs["refit_statistics"])
-            own = stats / p.mask if p.refit_source == "task" else stats
-            generic = [Path(inputs["refit_generic"]) / t for t in p.refit_generic or []]  # merged with it
-            refit = RefitSource(ctx.base(inputs["model"]), statistics=load_refit_statistics([own, *generic], spill))
-        build_method_mask(p, scores=scores, bias_statistics=bias_statistics, refit=refit).save(out)
+
+def _refit_parts(inputs: Inputs, task: str | None) -> tuple[list[Any], int | None]:
+    """The calibration text a refit runs on (one task's, or every task's, then each generic
+    task's), in order, and the corpus's token cap."""
+    from seap.data.corpus import DEFAULT_MAX_TOKENS, read_corpus
+
+    corpora, header = read_corpus(Path(inputs["refit_corpus"]) / CORPUS_FILE)
+    missing = [t for t in ([task] if task else []) if t not in corpora]
+    if missing:
+        raise SeapError(f"task(s) {missing} are not in the corpus", f"it holds: {', '.join(corpora)}")
+    parts = [corpora[task]] if task else list(corpora.values())
+    if "refit_generic" in inputs:
+        parts += list(read_corpus(Path(inputs["refit_generic"]) / CORPUS_FILE)[0].values())
+    return parts, header.get("max_tokens", DEFAULT_MAX_TOKENS)
 
 
 def checkpoint(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """The base model hard-pruned with one mask, saved as a checkpoint that
     :func:`seap.load_pruned` reloads (``out/model``), and what it removed (``out/summary.json``:
-    the mask's realised sparsity of prunable weights, and all parameters before and after)."""
+    the mask's realised sparsity of prunable weights, and all parameters before and after).
+
+    A mask of heads and channels is applied one decoder layer at a time
+    (:func:`seap.model.checkpoint.write_pruned`): the dense model is never loaded whole, and a
+    run killed part-way resumes after the last finished layer (``ctx.work``)."""
     from seap.maths.mask_formats import load_mask
-    from seap.model.checkpoint import save_pruned
+    from seap.maths.masks import PruningMask
+    from seap.model.checkpoint import save_pruned, write_pruned
+    from seap.model.layer_stream import shard_parameter_count
     from seap.model.masking import apply_mask
 
     mask = load_mask(inputs["mask"])
-    loaded, owned = ctx.take_base(inputs["model"])
-    dense_params = sum(p.numel() for p in loaded.model.parameters())
-    pruned = apply_mask(loaded, mask, "hard", inplace=owned)  # (owned: the dense model is not kept beside it)
     out.mkdir(parents=True)
-    save_pruned(pruned, out / CHECKPOINT_DIR, mask)
+    if isinstance(mask, PruningMask):
+        source = ctx.layers(inputs["model"])
+        dense_params = sum(p.numel() for p in source.model.parameters())
+        write_pruned(source, mask, out / CHECKPOINT_DIR, work=ctx.work, progress=ctx.progress)
+        pruned_params = shard_parameter_count(out / CHECKPOINT_DIR)
+    else:  # an expert mask of a mixture-of-experts model: applied to the loaded model
+        loaded, owned = ctx.take_base(inputs["model"])
+        dense_params = sum(p.numel() for p in loaded.model.parameters())
+        pruned = apply_mask(loaded, mask, "hard", inplace=owned)  # (owned: the dense model is not kept beside it)
+        save_pruned(pruned, out / CHECKPOINT_DIR, mask)
+        pruned_params = sum(p.numel() for p in pruned.model.parameters())
     atomic_write_json(out / CHECKPOINT_SUMMARY, {
         "row": job.params.row, "mask": job.params.mask, "realised_sparsity": mask.realised_sparsity(),
-        "dense_params": dense_params, "pruned_params": sum(p.numel() for p in pruned.model.parameters())})
+        "dense_params": dense_params, "pruned_params": pruned_params})
 
 
 def _load_masks(paths: Mapping[str, Any]) -> dict[str, Any]:
@@ -373,7 +412,11 @@ def bench(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     result = benchmark(models, repeats=job.params.repeats)
     engine = job.params.llama_cpp
     if engine != "off":
-        from seap.evaluation.llama_cpp_runtime import BUILD_COMMAND, find_llama_cpp, require_llama_cpp
+        from seap.evaluation.llama_cpp_runtime import (
+            BUILD_COMMAND,
+            find_llama_cpp,
+            require_llama_cpp,
+        )
         from seap.evaluation.speed import llama_cpp_speed
 
         build = find_llama_cpp() if engine == "auto" else require_llama_cpp(engine)
@@ -439,7 +482,11 @@ def register(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """Every SEAP expert, general mask and routed bundle in the local registry folder, then (when
     enabled) one MLflow run with the results and one model version per record. Idempotent: a
     record registered before is kept as it is."""
-    from seap.registry.records import expert_records, read_local_record, register_locally
+    from seap.registry.records import (
+        expert_records,
+        read_local_record,
+        register_locally,
+    )
 
     p = job.params
     report_dir = Path(inputs["report"])

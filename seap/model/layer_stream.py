@@ -1,0 +1,475 @@
+"""Walking a causal LM one decoder layer at a time: the engine's main loop.
+
+Every pass over calibration text (statistics, refits, the pruned checkpoint) visits the
+decoder layers in order. For each layer it puts the layer on the compute device once, runs
+every calibration batch of every task through it, lets the caller collect what it needs from
+that layer (hooks on module inputs), and moves the layer off again; the hidden states go on
+to the next layer and wait between layers on the CPU. Peak memory is then one layer, the
+hidden states of the calibration tokens and what the caller keeps per layer, whatever the
+depth of the model.
+
+Where the layers come from is a :class:`LayerSource`:
+
+* :class:`CheckpointLayers` reads a safetensors checkpoint (one file or shards with an index)
+  lazily: the module tree is built without memory (``accelerate.init_empty_weights``), each
+  layer's tensors are read when the layer is visited (``safe_open``, copied, the mapping closed)
+  and dropped again afterwards. The dense model never sits whole in memory.
+* :class:`ResidentLayers` wraps a model already in memory (a test model, a model the caller
+  holds); visiting and releasing a layer cost nothing.
+
+:func:`open_layers` picks the lazy source where the checkpoint's tensor names are the module's
+own (every dense family in its Hugging Face layout) and falls back to loading the model
+otherwise (e.g. an MoE checkpoint whose experts transformers converts at load time).
+
+Each layer's real call arguments (position embeddings, the attention mask of that layer's
+kind, position ids) are captured once per batch from the model's own forward, with every
+layer's ``forward`` replaced by a recorder (:meth:`LayerSource.capture`), so no argument is
+rebuilt by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from seap.errors import ArtifactError
+from seap.model.hooks import HookManager, StopForward
+from seap.model.loaded import (
+    FINGERPRINT_CHUNK,
+    LoadedModel,
+    config_fingerprint_fields,
+    prepare_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` (a tensor, or tuples, lists and dicts of them) on ``device``; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class LayerCall:
+    """How the model calls one decoder layer for one batch: everything but the hidden states."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output hidden states for ``hidden`` (arguments moved to its device)."""
+        device = hidden.device
+        out = layer(hidden, *to_device(self.args, device), **to_device(self.kwargs, device))
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class CalibrationBatch:
+    """One padded batch of calibration text on its way through the layers: which part of the
+    calibration (a task) it belongs to, the token weights (the attention mask; ``None`` when no
+    token is padding), its real token count, every layer's call arguments and the hidden states
+    entering the next layer (kept on the CPU between layers)."""
+
+    part: int
+    token_weights: torch.Tensor | None
+    count: int
+    calls: list[LayerCall]
+    hidden: torch.Tensor
+
+
+class LayerSource:
+    """Where the decoder layers of one model come from; see the module docstring."""
+
+    model: nn.Module  # the module tree (layers may have no memory until visited)
+    adapter: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.adapter.decoder_layers(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def location(self) -> str:
+        return self.source.split("+", 1)[0].split(":", 1)[-1]
+
+    @property
+    def names(self) -> list[str]:
+        """The model's parameter names (a tied head once, under the embedding's name)."""
+        return [n for n, _ in self.model.named_parameters()]
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` on the CPU, in the working dtype."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().to("cpu") for n in names}
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index``, its weights on the compute device."""
+        raise NotImplementedError
+
+    def release(self, index: int) -> None:
+        """Drop layer ``index``'s weights again (a resident model keeps them)."""
+
+    def outer(self) -> Iterator[None]:
+        """A context in which the modules outside the decoder layers (embeddings) hold weights."""
+        return _nothing()
+
+    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[LayerCall]]:
+        """The first layer's input hidden states for one batch and every layer's call
+        arguments, from the model's own forward with each layer replaced by a recorder (no layer
+        runs, the final norm and head are skipped). Call inside :meth:`outer`."""
+        layers = self.layers
+        calls: list[LayerCall] = []
+        first: list[torch.Tensor] = []
+
+        def recorder(index: int) -> Callable[..., torch.Tensor]:
+            def record(*args: Any, **kwargs: Any) -> torch.Tensor:
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if index == 0:
+                    first.append(hidden)
+                calls.append(LayerCall(to_device(tuple(args[1:]), torch.device("cpu")),
+                                       to_device(kwargs, torch.device("cpu"))))
+                if index == len(layers) - 1:
+                    raise StopForward
+                return hidden
+
+            return record
+
+        own = [layer.__dict__.get("forward") for layer in layers]  # (a forward set on the instance is restored)
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)  # (an instance attribute shadows the class's forward)
+        try:
+            self.adapter.backbone(self.model)(input_ids=input_ids.to(self.device),
+                                              attention_mask=attention_mask.to(self.device), use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for layer, forward in zip(layers, own, strict=True):
+                del layer.forward
+                if forward is not None:
+                    layer.forward = forward
+        if len(calls) != len(layers):
+            raise RuntimeError(f"the model called {len(calls)} of its {len(layers)} decoder layers")
+        return first[0].to("cpu"), calls
+
+    def close(self) -> None:
+        """Release what the source holds (nothing for a resident model)."""
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class ResidentLayers(LayerSource):
+    """The layers of a model already in memory."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model, self.adapter, self.tokenizer = loaded.model, loaded.adapter, loaded.tokenizer
+        first = next(loaded.model.parameters())
+        self.device, self.dtype, self.source = first.device, first.dtype, loaded.source
+
+    @property
+    def fingerprint(self) -> str:
+        return self.loaded.fingerprint
+
+    def layer(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+
+def checkpoint_files(folder: str | Path) -> dict[str, Path]:
+    """Tensor name -> file of a safetensors checkpoint (one ``model.safetensors``, or shards
+    listed by ``model.safetensors.index.json``). Every file is opened once to check it is whole:
+    a missing or truncated shard is refused by name before any work."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{index} is not a safetensors index ({exc})", "re-download or re-save the model") from None
+        files = {name: folder / file for name, file in weight_map.items()}
+    elif (folder / SINGLE_FILE).is_file():
+        files = {}
+    else:
+        found = sorted(p.name for p in folder.glob("*.safetensors"))
+        if len(found) != 1:
+            raise ArtifactError(f"{folder} has no {SINGLE_FILE} and no {INDEX_FILE}" +
+                                (f" ({len(found)} safetensors files: {', '.join(found[:4])})" if found else ""),
+                                "pass a Hugging Face model folder with safetensors weights")
+        files = {"": folder / found[0]}
+    names: dict[str, Path] = {}
+    for path in sorted(set(files.values()) or {folder / SINGLE_FILE}):
+        if not path.is_file():
+            raise ArtifactError(f"shard {path.name} of {folder} is missing", "re-download or re-save the model")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"shard {path.name} of {folder} is unreadable or truncated ({exc})",
+                                "re-download or re-save the model") from None
+        for key in keys:
+            names[key] = path
+    listed = {n for n, p in files.items() if n}
+    absent = sorted(listed - set(names))
+    if absent:
+        raise ArtifactError(f"{folder}: the index lists {len(absent)} tensor(s) its shards do not hold "
+                            f"(e.g. {absent[0]} in {files[absent[0]].name})", "re-download or re-save the model")
+    return names
+
+
+class NotStreamable(Exception):
+    """A checkpoint whose tensor names are not the module's own (converted at load time)."""
+
+
+class CheckpointLayers(LayerSource):
+    """The layers of a safetensors checkpoint, read one at a time (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device | None = "auto",
+                 dtype: str | torch.dtype | None = "auto", fingerprint: str | None = None) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from seap.model.adapters import adapter_for_model_type
+
+        self.folder = Path(folder)
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        config = AutoConfig.from_pretrained(str(self.folder))
+        self.adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
+        self.adapter.check_config(config)
+        self.files = checkpoint_files(self.folder)
+        with init_empty_weights(include_buffers=False):  # parameters without memory, real buffers (rotary)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+        output, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if getattr(self.adapter.text_config(config), "tie_word_embeddings", False) and output is not None:
+            output.weight = embedding.weight  # (a tied head is the embedding, as when loaded)
+        self._names = [n for n, _ in self.model.named_parameters()]  # (a tied head appears once)
+        missing = [n for n in self._names if n not in self.files]
+        if missing:
+            raise NotStreamable(f"{len(missing)} parameter(s) are not in the checkpoint under their module "
+                                f"names (e.g. {missing[0]})")
+        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(self.folder)))
+        self.source = f"local:{self.folder}"
+        self._fingerprint = fingerprint
+        self._prefixes = {id(m): n for n, m in self.model.named_modules()}
+
+    @property
+    def names(self) -> list[str]:
+        return self._names
+
+    def _names_under(self, module: nn.Module) -> list[str]:
+        prefix = self._prefixes[id(module)] + "."
+        return [n for n in self.names if n.startswith(prefix)]
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` from the checkpoint, in the working dtype, as anonymous memory on
+        the CPU (each file's mapping is closed again)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, wanted in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in wanted:
+                    tensor = handle.get_tensor(name)
+                    if tensor.is_floating_point() and tensor.dtype != self.dtype:
+                        tensor = tensor.to(self.dtype)
+                    else:
+                        tensor = tensor.clone()  # own memory, not the file's pages
+                    out[name] = tensor
+        return out
+
+    def _place(self, names: Sequence[str], device: torch.device | str) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        values = self.read(names) if str(device) != "meta" else {}
+        for name in names:
+            set_module_tensor_to_device(self.model, name, device, value=values.get(name))
+
+    def layer(self, index: int) -> nn.Module:
+        layer = self.layers[index]
+        self._place(self._names_under(layer), self.device)
+        return layer
+
+    def release(self, index: int) -> None:
+        self._place(self._names_under(self.layers[index]), "meta")
+
+    @contextmanager
+    def _outer(self) -> Iterator[None]:
+        in_layers = {n for layer in self.layers for n in self._names_under(layer)}
+        head = {n for n in self.names if n.startswith("lm_head.")}
+        names = [n for n in self.names if n not in in_layers and n not in head]
+        self._place(names, self.device)
+        try:
+            yield
+        finally:
+            self._place(names, "meta")
+
+    def outer(self) -> Iterator[None]:  # type: ignore[override]
+        return self._outer()
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's fingerprint (:func:`seap.model.loaded.model_fingerprint`), computed by
+        reading the checkpoint one tensor at a time (once per source)."""
+        if self._fingerprint is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            from seap.io import canonical_json
+
+            digest.update(canonical_json(config_fingerprint_fields(self.model.config)).encode())
+            for name in sorted(self.names):
+                tensor = self.read([name])[name]
+                digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+                flat = tensor.reshape(-1)
+                for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
+                    digest.update(flat[start : start + FINGERPRINT_CHUNK].to(torch.float32).contiguous().numpy().tobytes())
+                del tensor, flat
+            self._fingerprint = "sha256:" + digest.hexdigest()
+        return self._fingerprint
+
+
+def open_layers(model: str | Path | LoadedModel | LayerSource, device: str | None = "auto",
+                dtype: str | torch.dtype | None = "auto", fingerprint: str | None = None) -> LayerSource:
+    """A :class:`LayerSource` for ``model``: a source as is, a loaded model's resident layers, or
+    a model folder's checkpoint read layer by layer (loaded whole only when its tensor names
+    are not the module's own)."""
+    if isinstance(model, LayerSource):
+        return model
+    if isinstance(model, LoadedModel):
+        return ResidentLayers(model)
+    from seap.model.loading import load_model, resolve_model_path
+
+    location, kind = resolve_model_path(str(model))
+    if kind != "hub":
+        try:
+            return CheckpointLayers(location, device, dtype, fingerprint)
+        except NotStreamable as exc:
+            log.info("%s is loaded whole: %s", model, exc)
+    return ResidentLayers(load_model(str(model), device=device, dtype=dtype))
+
+
+def calibration_batches(source: LayerSource, parts: Sequence[Sequence[Sequence[int]]], batch_size: int
+                        ) -> list[CalibrationBatch]:
+    """The batches of every part (each a list of token id sequences), in part order, each part
+    batched by length (:func:`seap.model.calibration.length_batches`), with the first layer's
+    input and every layer's call arguments captured."""
+    from seap.model.calibration import length_batches, pad_batch
+
+    pad_id = source.tokenizer.pad_token_id if source.tokenizer.pad_token_id is not None else 0
+    batches: list[CalibrationBatch] = []
+    with torch.inference_mode(), source.outer():
+        for part, token_ids in enumerate(parts):
+            for batch in length_batches([len(x) for x in token_ids], batch_size):
+                input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, "cpu")
+                count = int(attention_mask.sum())
+                hidden, calls = source.capture(input_ids, attention_mask)
+                # no padding in this batch (common: batches are sorted by length): plain sums
+                weights = None if count == attention_mask.numel() else attention_mask
+                batches.append(CalibrationBatch(part, weights, count, calls, hidden))
+    return batches
+
+
+def shard_parameter_count(folder: str | Path) -> int:
+    """The number of parameters (tensor elements) in a safetensors checkpoint, read from its headers.
+    (A tied head stored once counts once.)"""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(set(checkpoint_files(folder).values())):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                count = 1
+                for size in handle.get_slice(name).get_shape():
+                    count *= size
+                total += count
+    return total
+
+
+InputHook = Callable[[CalibrationBatch, torch.Tensor], None]
+
+
+def walk_layers(source: LayerSource, batches: Sequence[CalibrationBatch],
+                watch: Callable[[int, nn.Module], Mapping[nn.Module, InputHook]],
+                finish: Callable[[int, nn.Module], None], desc: str = "layers", progress: bool = True,
+                start: int = 0) -> None:
+    """The main loop: for each decoder layer from ``start``, put it on the device, run every batch
+    through it (``watch(i, layer)`` names modules whose input is handed to a hook with the batch
+    it belongs to), move each batch's hidden states on to the layer's output, call
+    ``finish(i, layer)`` and release the layer."""
+    bar = tqdm(range(start, source.num_layers), desc=desc, unit="layer", disable=not progress, leave=False)
+    current: dict[str, CalibrationBatch] = {}
+    for i in bar:
+        layer = source.layer(i)
+        try:
+            watched = watch(i, layer)  # (outside inference mode: what it creates is updated in place later)
+            with HookManager() as hooks, torch.inference_mode():
+                for module, hook in watched.items():
+                    hooks.add_input_hook(module, lambda _m, x, hook=hook: hook(current["batch"], x))
+                for batch in batches:
+                    current["batch"] = batch
+                    out = batch.calls[i].run(layer, batch.hidden.to(source.device))
+                    batch.hidden = out.to(batch.hidden.device)
+            finish(i, layer)
+        finally:
+            source.release(i)
+
+
+__all__ = [
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "CalibrationBatch",
+    "CheckpointLayers",
+    "LayerCall",
+    "LayerSource",
+    "NotStreamable",
+    "ResidentLayers",
+    "calibration_batches",
+    "checkpoint_files",
+    "open_layers",
+    "to_device",
+    "walk_layers",
+]
