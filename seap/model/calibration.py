@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +75,7 @@ def collect_task_statistics(
     accumulate_dtype: str = "float64",
     shard: tuple[int, int] | None = None,
     progress: bool = True,
+    work: Path | None = None,
 ) -> dict[str, ActivationStatistics]:
     """Per-channel moments of every layer for each task's corpus, in one walk over the layers.
 
@@ -81,8 +83,11 @@ def collect_task_statistics(
     :class:`~seap.model.layer_stream.LayerSource` or a model folder (read layer by layer).
     ``shard=(i, n)`` processes only texts ``i, i+n, i+2n, ...`` of each task; merging all ``n``
     shards with :func:`merge_statistics` equals one pass. Hooks are removed even on error.
+    With ``work`` (a folder of this pass's own) the hidden states wait on disk between layers
+    and a pass killed part-way resumes after its last finished layer
+    (:func:`seap.model.layer_stream.walk_layers`).
     """
-    from seap.model.layer_stream import calibration_batches, open_layers, walk_layers
+    from seap.model.layer_stream import LayerResult, calibration_batches, open_layers, walk_layers
 
     check_calibration_options(batch_size, max_tokens, accumulate_dtype)
     source = open_layers(model)
@@ -115,15 +120,34 @@ def collect_task_statistics(
 
         return {mods.o_proj: hook(0), mods.down_proj: hook(1)}
 
-    def finish(_index: int, layer: torch.nn.Module) -> None:
+    def finish(_index: int, layer: torch.nn.Module) -> LayerResult:
         mods = source.adapter.layer_modules(layer)
-        o_norms, down_norms = WeightColumnNorms.of(mods.o_proj.weight), WeightColumnNorms.of(mods.down_proj.weight)
-        for part, (attn, mlp) in enumerate(current.pop("moments")):
-            layers[part].append(LayerStatistics(attn.to("cpu"), mlp.to("cpu"), o_norms, down_norms))
+        tensors = {}
+        for name, linear in (("o_proj", mods.o_proj), ("down_proj", mods.down_proj)):
+            norms = WeightColumnNorms.of(linear.weight)
+            tensors.update({f"{name}.sq_l2": norms.sq_l2, f"{name}.l1": norms.l1,
+                            f"{name}.out_features": torch.tensor([norms.out_features])})
+        for part, moments in enumerate(current.pop("moments")):
+            for module, m in zip(("attn", "mlp"), moments, strict=True):
+                m = m.to("cpu")
+                tensors.update({f"{part}.{module}.count": torch.tensor([m.count]), f"{part}.{module}.mean": m.mean,
+                                f"{part}.{module}.m2": m.m2, f"{part}.{module}.mean_sq": m.mean_sq})
+        return tensors, {}
+
+    def keep(_index: int, result: LayerResult) -> None:
+        t = result[0]
+        norms = [WeightColumnNorms(t[f"{n}.sq_l2"], t[f"{n}.l1"], int(t[f"{n}.out_features"][0]))
+                 for n in ("o_proj", "down_proj")]
+        for part in range(len(tasks)):
+            attn, mlp = (ChannelMoments(int(t[f"{part}.{m}.count"][0]), t[f"{part}.{m}.mean"], t[f"{part}.{m}.m2"],
+                                        t[f"{part}.{m}.mean_sq"]) for m in ("attn", "mlp"))
+            layers[part].append(LayerStatistics(attn, mlp, *norms))
 
     current: dict[str, Any] = {}
     label = "statistics [" + (tasks[0] if len(tasks) == 1 else f"{len(tasks)} tasks") + "]"
-    walk_layers(source, batches, watch, finish, label, progress)
+    identity = {"walk": "statistics", "model": source.fingerprint, "corpora": [corpora[t].digest() for t in tasks],
+                "batch_size": batch_size, "max_tokens": max_tokens, "dtype": accumulate_dtype, "shard": shard}
+    walk_layers(source, batches, watch, finish, keep, label, progress, work, identity)
     elapsed = time.perf_counter() - start
     geometry = source.adapter.geometry(source.model)
     out = {}

@@ -180,9 +180,6 @@ def _module_prefix(model: nn.Module, target: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------
 # written layer by layer
 
-PROGRESS_FILE = "progress.json"
-
-
 def _shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
@@ -209,7 +206,7 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
 
     from seap.io import canonical_json
     from seap.maths.masks import PruningMask
-    from seap.model.layer_stream import INDEX_FILE
+    from seap.model.layer_stream import INDEX_FILE, PROGRESS_FILE
     from seap.model.loaded import FINGERPRINT_CHUNK, config_fingerprint_fields
     from seap.model.pruning import share_copy
     from seap.model.surgery import (

@@ -197,6 +197,26 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory) and keep real
+    buffers (rotary frequencies are computed at construction), as accelerate's
+    ``init_empty_weights(include_buffers=False)`` does, without importing accelerate."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 class ResidentLayers(LayerSource):
     """The layers of a model already in memory."""
 
@@ -266,7 +286,6 @@ class CheckpointLayers(LayerSource):
 
     def __init__(self, folder: str | Path, device: str | torch.device | None = "auto",
                  dtype: str | torch.dtype | None = "auto", fingerprint: str | None = None) -> None:
-        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from seap.model.adapters import adapter_for_model_type
@@ -278,7 +297,7 @@ class CheckpointLayers(LayerSource):
         self.adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
         self.adapter.check_config(config)
         self.files = checkpoint_files(self.folder)
-        with init_empty_weights(include_buffers=False):  # parameters without memory, real buffers (rotary)
+        with parameters_on_meta():  # parameters without memory, real buffers (rotary)
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
         output, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         if getattr(self.adapter.text_config(config), "tie_word_embeddings", False) and output is not None:
@@ -322,11 +341,13 @@ class CheckpointLayers(LayerSource):
         return out
 
     def _place(self, names: Sequence[str], device: torch.device | str) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         values = self.read(names) if str(device) != "meta" else {}
         for name in names:
-            set_module_tensor_to_device(self.model, name, device, value=values.get(name))
+            owner, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            old = module._parameters[leaf]
+            value = values[name].to(device) if name in values else torch.empty_like(old, device="meta")
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
     def layer(self, index: int) -> nn.Module:
         layer = self.layers[index]
@@ -430,17 +451,124 @@ def shard_parameter_count(folder: str | Path) -> int:
 
 
 InputHook = Callable[[CalibrationBatch, torch.Tensor], None]
+LayerResult = tuple[dict[str, torch.Tensor], dict[str, Any]]  # what a walk keeps of one layer: tensors, JSON
+PROGRESS_FILE = "progress.json"
+
+
+class HiddenStates:
+    """Where the hidden states of the calibration batches wait between layers: in memory, or on
+    disk (``folder``: one safetensors file per batch and layer parity, so the outputs of the
+    last finished layer are intact while the next one is written; read back one batch at a time)."""
+
+    def __init__(self, batches: Sequence[CalibrationBatch], folder: Path | None) -> None:
+        self.batches, self.folder = batches, folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, layer: int, index: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"hidden-{layer % 2}-{index:06d}.safetensors"
+
+    def put(self, layer: int, index: int, hidden: torch.Tensor) -> None:
+        """Batch ``index``'s output of ``layer`` (its input to ``layer + 1``)."""
+        if self.folder is None:
+            self.batches[index].hidden = hidden
+            return
+        import os
+
+        from safetensors.torch import save_file
+
+        tmp = self._file(layer, index).with_suffix(".tmp")
+        save_file({"hidden": hidden.contiguous()}, str(tmp))
+        os.replace(tmp, self._file(layer, index))
+        self.batches[index].hidden = None  # type: ignore[assignment]
+
+    def get(self, layer: int, index: int) -> torch.Tensor:
+        """Batch ``index``'s input to ``layer``."""
+        hidden = self.batches[index].hidden
+        if hidden is not None or self.folder is None:
+            return hidden
+        from safetensors import safe_open
+
+        with safe_open(str(self._file(layer - 1, index)), framework="pt") as handle:
+            return handle.get_tensor("hidden")
+
+
+class WalkProgress:
+    """The finished layers of one walk, in a folder of its own: each layer's result
+    (``layer-NNNNN.safetensors`` with its JSON in the metadata) and a record of how many layers
+    are done, for a walk with the same ``identity`` (model, text, options). A walk killed
+    part-way and started again resumes after its last finished layer; another identity starts
+    afresh (the folder is cleared), so results are never mixed."""
+
+    def __init__(self, folder: Path, identity: Mapping[str, Any]) -> None:
+        import shutil
+
+        self.folder, self.identity = folder, json.loads(json.dumps(identity, sort_keys=True, default=str))
+        record = folder / PROGRESS_FILE
+        self.done = 0
+        if record.is_file():
+            try:
+                previous = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = {}
+            if previous.get("identity") == self.identity:
+                self.done = int(previous.get("done", 0))
+        if self.done == 0 and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def result(self, layer: int) -> LayerResult:
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / f"layer-{layer:05d}.safetensors"), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
+        return tensors, meta
+
+    def record(self, layer: int, result: LayerResult) -> None:
+        import os
+
+        from safetensors.torch import save_file
+
+        from seap.io import atomic_write_json
+
+        tensors, meta = result
+        file = self.folder / f"layer-{layer:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(file.with_suffix(".tmp")),
+                  metadata={"meta": json.dumps(meta)})
+        os.replace(file.with_suffix(".tmp"), file)
+        atomic_write_json(self.folder / PROGRESS_FILE, {"identity": self.identity, "done": layer + 1})
+        self.done = layer + 1
 
 
 def walk_layers(source: LayerSource, batches: Sequence[CalibrationBatch],
                 watch: Callable[[int, nn.Module], Mapping[nn.Module, InputHook]],
-                finish: Callable[[int, nn.Module], None], desc: str = "layers", progress: bool = True,
-                start: int = 0) -> None:
-    """The main loop: for each decoder layer from ``start``, put it on the device, run every batch
-    through it (``watch(i, layer)`` names modules whose input is handed to a hook with the batch
-    it belongs to), move each batch's hidden states on to the layer's output, call
-    ``finish(i, layer)`` and release the layer."""
-    bar = tqdm(range(start, source.num_layers), desc=desc, unit="layer", disable=not progress, leave=False)
+                finish: Callable[[int, nn.Module], LayerResult], keep: Callable[[int, LayerResult], None],
+                desc: str = "layers", progress: bool = True, work: Path | None = None,
+                identity: Mapping[str, Any] | None = None) -> None:
+    """The main loop: for each decoder layer, put it on the device, run every batch through it
+    (``watch(i, layer)`` names modules whose input is handed to a hook with the batch it belongs
+    to), move each batch's hidden states on to the layer's output, and hand
+    ``finish(i, layer)``'s result to ``keep(i, result)``; then release the layer.
+
+    With ``work`` (a folder of this walk's own), the hidden states wait on disk between layers
+    and every finished layer's result is recorded there (:class:`WalkProgress`, for ``identity``):
+    the same walk started again after a kill resumes after the last finished layer, and its
+    results are identical to an uninterrupted walk's."""
+    resume = WalkProgress(work / "layers", identity or {}) if work is not None else None
+    store = HiddenStates(batches, work / "hidden" if work is not None else None)
+    start = resume.done if resume is not None else 0
+    for i in range(start):  # (finished before a kill: their results as recorded)
+        keep(i, resume.result(i))  # type: ignore[union-attr]
+    if start:
+        for batch in batches:
+            batch.hidden = None  # type: ignore[assignment]  # (read from the last finished layer's outputs)
+    elif store.folder is not None:
+        for index, batch in enumerate(batches):  # the first layer's inputs, on disk like every layer's
+            store.put(-1, index, batch.hidden)
+    bar = tqdm(range(start, source.num_layers), desc=desc, unit="layer", disable=not progress, leave=False,
+               initial=start, total=source.num_layers)
     current: dict[str, CalibrationBatch] = {}
     for i in bar:
         layer = source.layer(i)
@@ -449,20 +577,28 @@ def walk_layers(source: LayerSource, batches: Sequence[CalibrationBatch],
             with HookManager() as hooks, torch.inference_mode():
                 for module, hook in watched.items():
                     hooks.add_input_hook(module, lambda _m, x, hook=hook: hook(current["batch"], x))
-                for batch in batches:
+                for index, batch in enumerate(batches):
                     current["batch"] = batch
-                    out = batch.calls[i].run(layer, batch.hidden.to(source.device))
-                    batch.hidden = out.to(batch.hidden.device)
-            finish(i, layer)
+                    hidden = store.get(i, index)
+                    out = batch.calls[i].run(layer, hidden.to(source.device))
+                    store.put(i, index, out.to("cpu"))
+            result = finish(i, layer)
         finally:
             source.release(i)
+        if resume is not None:
+            resume.record(i, result)
+        keep(i, result)
 
 
 __all__ = [
     "INDEX_FILE",
+    "PROGRESS_FILE",
     "SINGLE_FILE",
     "CalibrationBatch",
     "CheckpointLayers",
+    "HiddenStates",
+    "LayerResult",
+    "WalkProgress",
     "LayerCall",
     "LayerSource",
     "NotStreamable",
@@ -470,6 +606,7 @@ __all__ = [
     "calibration_batches",
     "checkpoint_files",
     "open_layers",
+    "shard_parameter_count",
     "to_device",
     "walk_layers",
 ]

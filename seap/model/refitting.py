@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,7 +81,8 @@ def refit_token_ids(source: Any, parts: Sequence[CalibrationCorpus], max_tokens:
 
 def reconstruct_mask(base: Any, mask: PruningMask, parts: Sequence[CalibrationCorpus],
                      options: RefitOptions = RefitOptions(), batch_size: int = 8,
-                     max_tokens: int | None = DEFAULT_MAX_TOKENS, progress: bool = True) -> PruningMask:
+                     max_tokens: int | None = DEFAULT_MAX_TOKENS, progress: bool = True,
+                     work: Path | None = None) -> PruningMask:
     """``mask`` with refitted ``o_proj`` / ``down_proj`` weights of its kept columns, fitted
     one-shot on the dense model's second moments of the calibration text ``parts`` (a task's
     corpus; several are merged exactly, in order, as statistics are).
@@ -88,14 +90,15 @@ def reconstruct_mask(base: Any, mask: PruningMask, parts: Sequence[CalibrationCo
     The model (``base``: a loaded model, a layer source or a model folder) is walked one layer
     at a time: each layer's second moments are accumulated over every part's batches, used at
     once by the refit and freed, so one layer's matrices (two per input while a part is
-    merged in) are alive at a time, never all layers'.
+    merged in) are alive at a time, never all layers'. With ``work`` (a folder of this refit's
+    own) a refit killed part-way resumes after its last finished layer.
 
     A reconstructed mask no longer carries calibration means: its refit replaces FLAP's bias
     compensation (``RefitOptions(bias=True)`` fits a bias as well). The metadata records the
     options, the calibration tokens and the output error of every refitted layer relative to
     its dense output, before and after the refit.
     """
-    from seap.model.layer_stream import calibration_batches, open_layers, walk_layers
+    from seap.model.layer_stream import LayerResult, calibration_batches, open_layers, walk_layers
 
     source = open_layers(base)
     mask.check_model(source.fingerprint)
@@ -127,7 +130,7 @@ def reconstruct_mask(base: Any, mask: PruningMask, parts: Sequence[CalibrationCo
 
         return {mods.o_proj: hook(0), mods.down_proj: hook(1)}
 
-    def finish(i: int, layer: torch.nn.Module) -> None:
+    def finish(i: int, layer: torch.nn.Module) -> LayerResult:
         _fold_part(state)
         attn_second, mlp_second = state.pop("merged")
         mods = source.adapter.layer_modules(layer)
@@ -141,10 +144,16 @@ def reconstruct_mask(base: Any, mask: PruningMask, parts: Sequence[CalibrationCo
             keep = torch.nonzero(keep_flags.cpu()).flatten()
             check_token_count(i, f"{name}_proj", second.count, int(keep.numel()))
             _keep_refit(refit, entry, name, refit_layer(linear.weight.detach(), second, keep, options), second.count)
-        layers.append(LayerMask(layer_mask.heads, layer_mask.kv_heads, layer_mask.channels, None, None, refit))
-        report.append(entry)
+        return refit, entry
 
-    walk_layers(source, batches, watch, finish, f"refit [{mask.task}]", progress)
+    def keep(i: int, result: LayerResult) -> None:
+        layer_mask = mask.layers[i]
+        layers.append(LayerMask(layer_mask.heads, layer_mask.kv_heads, layer_mask.channels, None, None, result[0]))
+        report.append(result[1])
+
+    identity = {"walk": "refit", "model": source.fingerprint, "mask": mask.digest(), "parts": [c.digest() for c in parts],
+                "options": asdict(options), "batch_size": batch_size, "max_tokens": max_tokens}
+    walk_layers(source, batches, watch, finish, keep, f"refit [{mask.task}]", progress, work, identity)
     meta = {**mask.meta, "reconstruction": {**asdict(options), "statistics_task": "+".join(c.task for c in parts),
                                             "corpus_digest": _parts_digest(parts),
                                             "tokens": sum(b.count for b in batches), "layers": report}}
@@ -258,7 +267,8 @@ def _refit_layer_sequential(adapter: Any, layer: torch.nn.Module, i: int, layer_
 
 
 def refit_mask(base: Any, mask: PruningMask, options: RefitOptions, parts: Sequence[CalibrationCorpus],
-               batch_size: int = 8, max_tokens: int | None = DEFAULT_MAX_TOKENS, progress: bool = True) -> PruningMask:
+               batch_size: int = 8, max_tokens: int | None = DEFAULT_MAX_TOKENS, progress: bool = True,
+               work: Path | None = None) -> PruningMask:
     """Reconstruct ``mask`` as ``options`` say, on the calibration text ``parts``: one-shot
     (each part's second moments merged in order), or sequentially on all parts' text as one
     corpus (``options.sequential``)."""
@@ -270,7 +280,7 @@ def refit_mask(base: Any, mask: PruningMask, options: RefitOptions, parts: Seque
 
         corpus = parts[0] if len(parts) == 1 else merge_corpora(list(parts))
         return reconstruct_mask_sequential(base, mask, corpus, options, batch_size, max_tokens, progress)
-    return reconstruct_mask(base, mask, parts, options, batch_size, max_tokens, progress)
+    return reconstruct_mask(base, mask, parts, options, batch_size, max_tokens, progress, work)
 
 
 def _capture_input(layer: torch.nn.Module, module: torch.nn.Module, call: Any, hidden: torch.Tensor

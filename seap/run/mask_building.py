@@ -31,6 +31,7 @@ class RefitSource:
     parts: Sequence[Any] = ()  # CalibrationCorpus
     max_tokens: int | None = DEFAULT_MAX_TOKENS
     batch_size: int = 8
+    work: Any = None  # a folder of this refit's own: a refit killed part-way resumes there
 
 
 def refit_options(values: Any) -> Any:
@@ -84,7 +85,7 @@ def build_method_mask(params: MaskParams, *, scores: Sequence[Any] = (), router_
         from seap.model.refitting import refit_mask
 
         mask = refit_mask(refit.model, mask, refit_options(params.refit), refit.parts, refit.batch_size,
-                          refit.max_tokens, progress=False)
+                          refit.max_tokens, progress=False, work=refit.work)
     return mask
 
 

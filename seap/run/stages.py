@@ -211,7 +211,7 @@ def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     shard = tuple(p.shard) if p.shard else None
     collected = collect_task_statistics(ctx.layers(inputs["model"]), {t: corpora[t] for t in p.tasks}, p.batch_size,
                                         header.get("max_tokens", DEFAULT_MAX_TOKENS), shard=shard,  # type: ignore[arg-type]
-                                        progress=ctx.progress)
+                                        progress=ctx.progress, work=ctx.work)
     for t, stats in collected.items():
         stats.save(out / t)
 
@@ -251,7 +251,7 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     refit = None
     if p.refit is not None:  # the task's own text or all tasks', then the generic text, run through the model
         refit = RefitSource(ctx.layers(inputs["model"]), *_refit_parts(inputs, p.mask if p.refit_source == "task" else None),
-                            batch_size=p.refit_batch_size or 8)
+                            batch_size=p.refit_batch_size or 8, work=ctx.work)
     build_method_mask(p, scores=scores, bias_statistics=bias_statistics, refit=refit).save(out)
 
 
