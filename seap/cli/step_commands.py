@@ -215,7 +215,7 @@ def _apply(args: argparse.Namespace) -> int:
 PRUNE_OPTIONS = ("unit", "expert_score", "allow_k_reduction", "gqa_mode", "schedule_k", "schedule_x0", "protect_first",
                  "protect_last", "channel_multiple", "same_width", "bias_compensation", "general_weights", "reconstruct",
                  "refit_alpha", "refit_prior", "refit_bias", "refit_sequential", "samples", "seed", "max_tokens",
-                 "stats_batch_size", "workdir")  # the run configuration's options `seap prune` takes as they are
+                 "stats_batch_size", "offload", "workdir")  # the run configuration's options `seap prune` takes as they are
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:

@@ -175,8 +175,9 @@ class LayerSource:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)  # (an instance attribute shadows the class's forward)
         try:
-            self.adapter.backbone(self.model)(input_ids=input_ids.to(self.device),
-                                              attention_mask=attention_mask.to(self.device), use_cache=False)
+            at = self.model.get_input_embeddings().weight.device  # (a resident model may stay on the CPU)
+            self.adapter.backbone(self.model)(input_ids=input_ids.to(at), attention_mask=attention_mask.to(at),
+                                              use_cache=False)
         except StopForward:
             pass
         finally:
@@ -218,20 +219,28 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 class ResidentLayers(LayerSource):
-    """The layers of a model already in memory."""
+    """The layers of a model already in memory. With a compute ``device`` other than the model's
+    (a model held in CPU memory, layers run on a GPU), each layer is moved there while it is
+    visited and back afterwards."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, device: torch.device | None = None) -> None:
         self.loaded = loaded
         self.model, self.adapter, self.tokenizer = loaded.model, loaded.adapter, loaded.tokenizer
         first = next(loaded.model.parameters())
-        self.device, self.dtype, self.source = first.device, first.dtype, loaded.source
+        self.home, self.dtype, self.source = first.device, first.dtype, loaded.source
+        self.device = device or first.device
 
     @property
     def fingerprint(self) -> str:
         return self.loaded.fingerprint
 
     def layer(self, index: int) -> nn.Module:
-        return self.layers[index]
+        layer = self.layers[index]
+        return layer.to(self.device) if self.device != self.home else layer
+
+    def release(self, index: int) -> None:
+        if self.device != self.home:
+            self.layers[index].to(self.home)
 
 
 def checkpoint_files(folder: str | Path) -> dict[str, Path]:

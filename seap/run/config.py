@@ -38,6 +38,7 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TASKS = ("capitals", "antonyms", "arithmetic", "sentiment", "categories")  # the built-in starter suite
 DEFAULT_SPARSITIES = (0.2, 0.5)
 REPORT_METRICS = ("acc", "acc_norm", "paper")  # "paper": acc_norm where the paper reports it
+OFFLOADS = ("disk", "cpu")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -75,6 +76,10 @@ class ModelSection:
     device: str = _opt("auto", "device", "auto (cuda if available), cpu, cuda, cuda:1 ...")
     dtype: str = _opt("auto", "dtype", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16",
                       choices=DTYPES)
+    offload: str = _opt("disk", "offload", "where the dense model's layers and the calibration hidden states "
+                        "wait between layers: disk (each layer read from the checkpoint when visited, hidden "
+                        "states on disk; bounded memory, a killed job resumes) or cpu (the model held whole in "
+                        "memory, hidden states too)", choices=OFFLOADS)
 
 
 @dataclass

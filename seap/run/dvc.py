@@ -17,6 +17,7 @@ committed file), so its dependencies are the same module list the Prefect cache 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ PARAMS_FILE = Path("params.yaml")
 WORK = Path("work")
 RESULTS = Path("results")
 DISABLED = "disabled.json"
+PARTIAL = ".partial"  # work/.partial/<stage>/<job>: a killed job's finished layers (not a DVC output)
 UNNAMED = "output"  # the folder of a stage's single unnamed job (work/router/output)
 RESULT_FILES = ("results.json", "results.md", "accuracy_vs_sparsity.png", "metrics.json", "accuracy.csv")
 
@@ -96,8 +98,10 @@ def run_stage(name: str, params_file: str | Path = PARAMS_FILE, root: str | Path
         if not jobs:
             atomic_write_json(tmp / DISABLED, {"enabled": False, "reason": f"no {name} jobs under these parameters"})
             _say(f"{name}: disabled under these parameters -> {target / DISABLED}")
-        for job in jobs:
-            run_job(job, _resolve(job, root, tmp, name), tmp / (job.name or UNNAMED), ctx)
+        for job in jobs:  # (each job's resumable progress beside the stage's outputs, kept until it is done)
+            work = root / WORK / PARTIAL / name / (job.name or UNNAMED)
+            run_job(job, _resolve(job, root, tmp, name), tmp / (job.name or UNNAMED), dataclasses.replace(ctx, work=work))
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_report(job: Job, root: Path, ctx: Any) -> None:

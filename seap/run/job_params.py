@@ -19,11 +19,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ModelParams:
-    """``model``: which base model, on which device, in which dtype."""
+    """``model``: which base model, on which device, in which dtype, and where its layers and the
+    calibration hidden states wait between layers (``offload``)."""
 
     model: str
     device: str = "auto"
     dtype: str = "auto"
+    offload: str = "disk"
 
 
 @dataclass(frozen=True)

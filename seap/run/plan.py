@@ -86,7 +86,8 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("model", "resolve the base model (fetch or convert once) and record its content digest",
-              ("seap.run.stages", "seap.model.loading"), ("model", "device", "dtype"), cached=False),
+              ("seap.run.stages", "seap.model.loading", "seap.model.layer_stream"), ("model", "device", "dtype", "offload"),
+              cached=False),
         Stage("corpus", "calibration corpora of the tasks' train splits",
               ("seap.run.stages", "seap.data.corpus", "seap.data.starter", "seap.data.catalogue"),
               ("tasks", "data_dir", "samples", "seed", "max_tokens", "reconstruct", "refit_generic",
@@ -296,7 +297,8 @@ def make_prune_plan(config: RunConfig, records: str) -> Plan:
 
 
 def _model_job(model: ModelSection) -> Job:
-    return Job("model", params=ModelParams(model=model.model, device=model.device, dtype=model.dtype))
+    return Job("model", params=ModelParams(model=model.model, device=model.device, dtype=model.dtype,
+                                           offload=model.offload))
 
 
 def _corpus(data: DataSection, **source: Any) -> CorpusParams:

@@ -45,11 +45,17 @@ class StageContext:
     _models: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def base(self, model_dir: Path) -> Any:
-        """The base model recorded by a ``model`` job (loaded once per process)."""
+    def base(self, model_dir: Path, device: str | None = None) -> Any:
+        """The base model recorded by a ``model`` job (loaded once per process), on its recorded
+        device or ``device``."""
         from seap.model.loading import load_model
 
         record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
+        if device is not None:  # (in the dtype of the recorded device, where its layers run)
+            from seap.model.loaded import resolve_device, resolve_dtype
+
+            dtype = resolve_dtype(record["dtype"], resolve_device(record["device"]))
+            record = {**record, "device": device, "dtype": dtype, "digest": f"{record['digest']}@{device}"}
         if self.preloaded is not None and record["kind"] != "hub" and \
                 Path(record["location"]).resolve() == Path(self.preloaded.location).resolve():
             return self.preloaded
@@ -70,6 +76,10 @@ class StageContext:
         from seap.model.layer_stream import CheckpointLayers, NotStreamable, ResidentLayers
 
         record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
+        if record.get("offload") == "cpu":  # held whole in CPU memory, each layer run on the device
+            from seap.model.loaded import resolve_device
+
+            return ResidentLayers(self.base(model_dir, device="cpu"), device=resolve_device(record["device"]))
         if record["kind"] == "hub" or (self.preloaded is not None and
                                        Path(record["location"]).resolve() == Path(self.preloaded.location).resolve()):
             return ResidentLayers(self.base(model_dir))
@@ -88,6 +98,13 @@ class StageContext:
             memo.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(memo, source.fingerprint)
         return source
+
+    def walk_work(self, source: Any) -> Path | None:
+        """Where a walk over ``source`` keeps its hidden states and progress: this job's work folder
+        for a checkpoint read layer by layer (offload to disk), none for a model held in memory."""
+        from seap.model.layer_stream import CheckpointLayers
+
+        return self.work if isinstance(source, CheckpointLayers) else None
 
     def take_base(self, model_dir: Path) -> tuple[Any, bool]:
         """The base model for a job that consumes it (prunes it in place, so the dense model is
@@ -116,12 +133,17 @@ def model(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.contenthash import tree_digest
     from seap.model.loading import resolve_model_path
 
+    from seap.model.layer_stream import checkpoint_files
+
     p = job.params
     location, kind = resolve_model_path(p.model)
+    if kind != "hub":
+        checkpoint_files(location)  # a missing or truncated shard is refused here, before any work
     digest = f"hub:{location}" if kind == "hub" else tree_digest(location)
     out.mkdir(parents=True)
     atomic_write_json(out / MODEL_RECORD, {"name": p.model, "location": str(location), "kind": kind,
-                                           "device": p.device, "dtype": p.dtype, "digest": digest})
+                                           "device": p.device, "dtype": p.dtype, "offload": p.offload,
+                                           "digest": digest})
 
 
 def verify_model_record(model_dir: Path) -> None:
@@ -209,9 +231,10 @@ def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     if missing:
         raise SeapError(f"task(s) {missing} are not in the corpus", f"it holds: {', '.join(corpora)}")
     shard = tuple(p.shard) if p.shard else None
-    collected = collect_task_statistics(ctx.layers(inputs["model"]), {t: corpora[t] for t in p.tasks}, p.batch_size,
+    source = ctx.layers(inputs["model"])
+    collected = collect_task_statistics(source, {t: corpora[t] for t in p.tasks}, p.batch_size,
                                         header.get("max_tokens", DEFAULT_MAX_TOKENS), shard=shard,  # type: ignore[arg-type]
-                                        progress=ctx.progress, work=ctx.work)
+                                        progress=ctx.progress, work=ctx.walk_work(source))
     for t, stats in collected.items():
         stats.save(out / t)
 
@@ -250,8 +273,9 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     bias_statistics = ActivationStatistics.load(bias) if bias is not None else None
     refit = None
     if p.refit is not None:  # the task's own text or all tasks', then the generic text, run through the model
-        refit = RefitSource(ctx.layers(inputs["model"]), *_refit_parts(inputs, p.mask if p.refit_source == "task" else None),
-                            batch_size=p.refit_batch_size or 8, work=ctx.work)
+        source = ctx.layers(inputs["model"])
+        refit = RefitSource(source, *_refit_parts(inputs, p.mask if p.refit_source == "task" else None),
+                            batch_size=p.refit_batch_size or 8, work=ctx.walk_work(source))
     build_method_mask(p, scores=scores, bias_statistics=bias_statistics, refit=refit).save(out)
 
 
