@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from seap.artifacts import ArtifactKind, read_artifact, require, write_artifact
-from seap.model.calibration import length_batches, pad_batch
+from seap.model.batching import length_batches, pad_batch
 from seap.errors import ModelMismatchError, SeapError
 from seap.io import short_hash
 from seap.model.loaded import LoadedModel

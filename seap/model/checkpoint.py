@@ -121,7 +121,7 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
     config.seap_pruning = {k: v for k, v in info.items() if k not in ("layers", "pruned_fingerprint")}
     weights_file = p / "model.safetensors"
     if (p / "model.safetensors.index.json").is_file():  # written layer by layer (write_pruned): shards
-        from seap.model.layer_stream import checkpoint_files
+        from seap.model.shards import checkpoint_files
 
         state = {}
         for shard in sorted(set(checkpoint_files(p).values())):
@@ -201,12 +201,11 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
     import shutil
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from seap.io import canonical_json
     from seap.maths.masks import PruningMask
-    from seap.model.layer_stream import INDEX_FILE, PROGRESS_FILE
+    from seap.model.shards import INDEX_FILE, PROGRESS_FILE, write_safetensors
     from seap.model.loaded import FINGERPRINT_CHUNK, config_fingerprint_fields
     from seap.model.pruning import share_copy
     from seap.model.surgery import (
@@ -265,8 +264,7 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
         finally:
             source.release(i)
         shard = _shard_name(i, total)
-        save_file(tensors, str(work / f".{shard}.tmp"))
-        os.replace(work / f".{shard}.tmp", work / shard)
+        write_safetensors(tensors, work / shard)
         weight_map.update({name: shard for name in tensors})
         done["layers"].append(i)
         done.update(weight_map=weight_map, sizes=sizes)
@@ -276,7 +274,7 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
     rest = [n for n in source.names if not n.startswith(layer_prefixes)]
     shard = _shard_name(len(layers), total)
     outer = source.read(rest) if rest else {}
-    save_file({k: v.contiguous() for k, v in outer.items()}, str(work / shard))
+    write_safetensors(outer, work / shard)
     weight_map.update({name: shard for name in outer})
     del outer
     # the pruned model's fingerprint (seap.model.loaded.model_fingerprint), read back one tensor at a time

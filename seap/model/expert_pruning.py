@@ -28,7 +28,7 @@ from seap.maths.expert_selection import (
     validate_expert_mask,
 )
 from seap.model.adapters.moe import MoeAdapter, MoeLayerModules
-from seap.model.calibration import length_batches, pad_batch, shard_texts, tokenize_corpus
+from seap.model.batching import length_batches, pad_batch, shard_texts, tokenize_corpus
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel, model_fingerprint
 from seap.model.pruning import check_mode, check_unpruned, share_copy

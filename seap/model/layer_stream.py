@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from seap.errors import ArtifactError
+from seap.errors import SeapError
 from seap.model.hooks import HookManager, StopForward
 from seap.model.loaded import (
     FINGERPRINT_CHUNK,
@@ -51,11 +51,10 @@ from seap.model.loaded import (
     resolve_device,
     resolve_dtype,
 )
+from seap.model.shards import PROGRESS_FILE, checkpoint_files, write_safetensors
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -243,49 +242,6 @@ class ResidentLayers(LayerSource):
             self.layers[index].to(self.home)
 
 
-def checkpoint_files(folder: str | Path) -> dict[str, Path]:
-    """Tensor name -> file of a safetensors checkpoint (one ``model.safetensors``, or shards
-    listed by ``model.safetensors.index.json``). Every file is opened once to check it is whole:
-    a missing or truncated shard is refused by name before any work."""
-    from safetensors import SafetensorError, safe_open
-
-    folder = Path(folder)
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{index} is not a safetensors index ({exc})", "re-download or re-save the model") from None
-        files = {name: folder / file for name, file in weight_map.items()}
-    elif (folder / SINGLE_FILE).is_file():
-        files = {}
-    else:
-        found = sorted(p.name for p in folder.glob("*.safetensors"))
-        if len(found) != 1:
-            raise ArtifactError(f"{folder} has no {SINGLE_FILE} and no {INDEX_FILE}" +
-                                (f" ({len(found)} safetensors files: {', '.join(found[:4])})" if found else ""),
-                                "pass a Hugging Face model folder with safetensors weights")
-        files = {"": folder / found[0]}
-    names: dict[str, Path] = {}
-    for path in sorted(set(files.values()) or {folder / SINGLE_FILE}):
-        if not path.is_file():
-            raise ArtifactError(f"shard {path.name} of {folder} is missing", "re-download or re-save the model")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                keys = list(handle.keys())
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"shard {path.name} of {folder} is unreadable or truncated ({exc})",
-                                "re-download or re-save the model") from None
-        for key in keys:
-            names[key] = path
-    listed = {n for n, p in files.items() if n}
-    absent = sorted(listed - set(names))
-    if absent:
-        raise ArtifactError(f"{folder}: the index lists {len(absent)} tensor(s) its shards do not hold "
-                            f"(e.g. {absent[0]} in {files[absent[0]].name})", "re-download or re-save the model")
-    return names
-
-
 class NotStreamable(Exception):
     """A checkpoint whose tensor names are not the module's own (converted at load time)."""
 
@@ -425,9 +381,9 @@ def open_layers(model: str | Path | LoadedModel | LayerSource, device: str | Non
 def calibration_batches(source: LayerSource, parts: Sequence[Sequence[Sequence[int]]], batch_size: int
                         ) -> list[CalibrationBatch]:
     """The batches of every part (each a list of token id sequences), in part order, each part
-    batched by length (:func:`seap.model.calibration.length_batches`), with the first layer's
+    batched by length (:func:`seap.model.batching.length_batches`), with the first layer's
     input and every layer's call arguments captured."""
-    from seap.model.calibration import length_batches, pad_batch
+    from seap.model.batching import length_batches, pad_batch
 
     pad_id = source.tokenizer.pad_token_id if source.tokenizer.pad_token_id is not None else 0
     batches: list[CalibrationBatch] = []
@@ -443,25 +399,8 @@ def calibration_batches(source: LayerSource, parts: Sequence[Sequence[Sequence[i
     return batches
 
 
-def shard_parameter_count(folder: str | Path) -> int:
-    """The number of parameters (tensor elements) in a safetensors checkpoint, read from its headers.
-    (A tied head stored once counts once.)"""
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(set(checkpoint_files(folder).values())):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                count = 1
-                for size in handle.get_slice(name).get_shape():
-                    count *= size
-                total += count
-    return total
-
-
 InputHook = Callable[[CalibrationBatch, torch.Tensor], None]
 LayerResult = tuple[dict[str, torch.Tensor], dict[str, Any]]  # what a walk keeps of one layer: tensors, JSON
-PROGRESS_FILE = "progress.json"
 
 
 class HiddenStates:
@@ -472,7 +411,11 @@ class HiddenStates:
     def __init__(self, batches: Sequence[CalibrationBatch], folder: Path | None) -> None:
         self.batches, self.folder = batches, folder
         if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SeapError(f"cannot create the offload folder {folder}: {exc.strerror or exc}",
+                                "choose a writable work folder (--workdir), or --offload cpu") from None
 
     def _file(self, layer: int, index: int) -> Path:
         assert self.folder is not None
@@ -483,13 +426,7 @@ class HiddenStates:
         if self.folder is None:
             self.batches[index].hidden = hidden
             return
-        import os
-
-        from safetensors.torch import save_file
-
-        tmp = self._file(layer, index).with_suffix(".tmp")
-        save_file({"hidden": hidden.contiguous()}, str(tmp))
-        os.replace(tmp, self._file(layer, index))
+        write_safetensors({"hidden": hidden}, self._file(layer, index))
         self.batches[index].hidden = None  # type: ignore[assignment]
 
     def get(self, layer: int, index: int) -> torch.Tensor:
@@ -525,7 +462,11 @@ class WalkProgress:
                 self.done = int(previous.get("done", 0))
         if self.done == 0 and folder.exists():
             shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SeapError(f"cannot create the work folder {folder}: {exc.strerror or exc}",
+                            "choose a writable work folder (--workdir), or --offload cpu") from None
 
     def result(self, layer: int) -> LayerResult:
         from safetensors import safe_open
@@ -536,18 +477,15 @@ class WalkProgress:
         return tensors, meta
 
     def record(self, layer: int, result: LayerResult) -> None:
-        import os
-
-        from safetensors.torch import save_file
-
         from seap.io import atomic_write_json
 
         tensors, meta = result
-        file = self.folder / f"layer-{layer:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(file.with_suffix(".tmp")),
-                  metadata={"meta": json.dumps(meta)})
-        os.replace(file.with_suffix(".tmp"), file)
-        atomic_write_json(self.folder / PROGRESS_FILE, {"identity": self.identity, "done": layer + 1})
+        write_safetensors(tensors, self.folder / f"layer-{layer:05d}.safetensors", {"meta": json.dumps(meta)})
+        try:
+            atomic_write_json(self.folder / PROGRESS_FILE, {"identity": self.identity, "done": layer + 1})
+        except OSError as exc:
+            raise SeapError(f"cannot write {self.folder / PROGRESS_FILE}: {exc.strerror or exc}",
+                            "free space there, or choose another work folder (--workdir)") from None
         self.done = layer + 1
 
 
@@ -600,22 +538,17 @@ def walk_layers(source: LayerSource, batches: Sequence[CalibrationBatch],
 
 
 __all__ = [
-    "INDEX_FILE",
-    "PROGRESS_FILE",
-    "SINGLE_FILE",
     "CalibrationBatch",
     "CheckpointLayers",
     "HiddenStates",
-    "LayerResult",
-    "WalkProgress",
     "LayerCall",
+    "LayerResult",
     "LayerSource",
     "NotStreamable",
     "ResidentLayers",
+    "WalkProgress",
     "calibration_batches",
-    "checkpoint_files",
     "open_layers",
-    "shard_parameter_count",
     "to_device",
     "walk_layers",
 ]

@@ -31,7 +31,7 @@ from seap.maths.reconstruction import (
     refit_layer,
     target_input_moments,
 )
-from seap.model.calibration import tokenize_corpus
+from seap.model.batching import tokenize_corpus
 from seap.model.hooks import HookManager, StopForward
 from seap.model.surgery import soft_pruned_layer
 

@@ -86,14 +86,15 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("model", "resolve the base model (fetch or convert once) and record its content digest",
-              ("seap.run.stages", "seap.model.loading", "seap.model.layer_stream"), ("model", "device", "dtype", "offload"),
+              ("seap.run.stages", "seap.model.loading", "seap.model.layer_stream", "seap.model.shards"), ("model", "device", "dtype", "offload"),
               cached=False),
         Stage("corpus", "calibration corpora of the tasks' train splits",
               ("seap.run.stages", "seap.data.corpus", "seap.data.starter", "seap.data.catalogue"),
               ("tasks", "data_dir", "samples", "seed", "max_tokens", "reconstruct", "refit_generic",
                "refit_generic_samples")),
         Stage("statistics", "activation statistics per task (and pooled over all tasks, for the baselines)",
-              (*_BASE, "seap.model.calibration", "seap.model.layer_stream", "seap.model.hooks", "seap.maths.moments",
+              (*_BASE, "seap.model.calibration", "seap.model.batching", "seap.model.layer_stream", "seap.model.shards", "seap.model.hooks",
+               "seap.maths.moments",
                "seap.maths.statistics",
                "seap.data.corpus", "seap.model.expert_pruning", "seap.maths.expert_selection", "seap.model.adapters.moe"),
               ("stats_batch_size", "stats_shards", "methods", "unit"),
@@ -107,7 +108,8 @@ STAGES: dict[str, Stage] = {
                "seap.maths.schedules",
                "seap.maths.geometry",
                "seap.maths.scores", "seap.maths.statistics", "seap.maths.moments", "seap.maths.reconstruction",
-               "seap.model.refitting", "seap.model.calibration", "seap.model.layer_stream", "seap.model.hooks",
+               "seap.model.refitting", "seap.model.calibration", "seap.model.batching", "seap.model.layer_stream", "seap.model.shards",
+               "seap.model.hooks",
                "seap.model.surgery",
                "seap.data.corpus", "seap.maths.expert_selection"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
@@ -145,7 +147,7 @@ STAGES: dict[str, Stage] = {
               ("registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment"),
               ("report", "masks", "router"), cached=False),
         Stage("checkpoint", "the hard-pruned model of one mask, saved as a checkpoint (`seap prune`)",
-              (*_BASE, "seap.model.checkpoint", *_APPLY),
+              (*_BASE, "seap.model.checkpoint", "seap.model.layer_stream", "seap.model.shards", *_APPLY),
               (), ("model", "masks"), pipeline=False),
     )
 }

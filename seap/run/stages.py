@@ -133,7 +133,7 @@ def model(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.contenthash import tree_digest
     from seap.model.loading import resolve_model_path
 
-    from seap.model.layer_stream import checkpoint_files
+    from seap.model.shards import checkpoint_files
 
     p = job.params
     location, kind = resolve_model_path(p.model)
@@ -305,7 +305,7 @@ def checkpoint(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.maths.mask_formats import load_mask
     from seap.maths.masks import PruningMask
     from seap.model.checkpoint import save_pruned, write_pruned
-    from seap.model.layer_stream import shard_parameter_count
+    from seap.model.shards import shard_parameter_count
     from seap.model.masking import apply_mask
 
     mask = load_mask(inputs["mask"])
