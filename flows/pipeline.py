@@ -147,6 +147,7 @@ def seap_pipeline(
     model: str = DEFAULTS.model,
     device: str = DEFAULTS.device,
     dtype: str = DEFAULTS.dtype,
+    offload: str = DEFAULTS.offload,
     tasks: list[str] = DEFAULTS.tasks,
     data_dir: str | None = DEFAULTS.data_dir,
     samples: int | None = DEFAULTS.samples,

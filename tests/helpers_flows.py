@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from tests.helpers import make_tiny_model
@@ -62,3 +68,57 @@ def pipeline_kwargs(root: Path, **overrides) -> dict:
                   workdir=str(root / "work"), out=str(root / "out"), registry_dir=str(root / "registry"))
     kwargs.update(overrides)
     return kwargs
+
+
+@contextlib.contextmanager
+def dask_cluster(folder: Path, env: Mapping[str, str], workers: int = 2, timeout: float = 120) -> Iterator[str]:
+    """A real Dask cluster on loopback: ``dask scheduler`` and ``workers`` single-threaded
+    ``dask worker`` processes (no nanny) on free ports, started from ``folder`` as their working
+    folder with ``env`` (``PYTHONPATH`` removed), so they import only what is installed in the
+    environment. Yields the scheduler's address; the processes are stopped on exit (their logs
+    are ``folder/*.log``, quoted when the cluster does not come up)."""
+    dask = str(Path(sys.executable).with_name("dask"))
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    folder.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> None:
+        with open(folder / f"{name}.log", "wb") as log:
+            procs.append(subprocess.Popen([dask, *args], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL))
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(folder.glob("*.log")))
+
+    scheduler_file = folder / "scheduler.json"
+    try:
+        start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+              "--scheduler-file", str(scheduler_file))
+        deadline, address = time.monotonic() + timeout, None
+        while address is None:
+            assert procs[0].poll() is None and time.monotonic() < deadline, f"dask scheduler did not start\n{logs()}"
+            try:
+                address = json.loads(scheduler_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):  # not written yet, or half-written
+                time.sleep(0.1)
+        for i in range(workers):
+            start(f"worker-{i}", "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny",
+                  "--no-dashboard", "--name", f"worker-{i}", "--local-directory", str(folder / f"worker-{i}"))
+        from distributed import Client
+
+        with Client(address, timeout=timeout) as client:
+            try:
+                client.wait_for_workers(workers, timeout=timeout)
+            except TimeoutError as exc:
+                raise AssertionError(f"{workers} dask workers did not connect\n{logs()}") from exc
+        yield address
+    finally:  # the workers, then the scheduler (a worker that outlives it waits for it to come back)
+        for group in (procs[1:], procs[:1]):
+            for proc in group:
+                proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from seap.cli import main
 from seap.maths.masks import PruningMask
@@ -138,22 +139,22 @@ def test_foreign_mask_and_empty_calib(model_dir, calib, tmp_path, capsys) -> Non
 def test_reconstructed_stage_by_stage_equals_one_shot(model_dir, calib, tmp_path, capsys, sequential) -> None:
     d = tmp_path
     refit = ["--reconstruct", "--refit-alpha", "0.05", *(["--refit-sequential"] if sequential else [])]
-    source = ["--refit-corpus", str(d / "corpus.jsonl")] if sequential else ["--refit-stats", str(d / "pooled")]
+    source = ["--refit-corpus", str(d / "corpus.jsonl")]  # one-shot or sequential: the text, streamed
     schedule = ["--sparsity", "0.4", "--protect-first", "1", "--protect-last", "1"]
     assert main(["--no-progress", "corpus", "--records", str(calib), "--out", str(d / "corpus.jsonl")]) == 0
     assert main(["--no-progress", "stats", "--model", str(model_dir), "--corpus", str(d / "corpus.jsonl"),
-                 "--second-moments", "--out", str(d / "stats")]) == 0
+                 "--out", str(d / "stats")]) == 0
     for task in ("facts", "chat"):
         assert main(["scores", "--stats", str(d / "stats" / task), "--out", str(d / "scores" / task)]) == 0
-    assert main(["merge-stats", str(d / "stats" / "facts"), str(d / "stats" / "chat"), "--task", "pooled",
-                 "--out", str(d / "pooled")]) == 0
     scores = [str(d / "scores" / "facts"), str(d / "scores" / "chat")]
     assert main(["masks", "--scores", *scores, "--general", *schedule, *refit, "--model", str(model_dir),
-                 *source, "--out", str(d / "mask")]) == 0
+                 *source, "--batch-size", "3", "--out", str(d / "mask")]) == 0
     assert "(reconstructed)" in capsys.readouterr().out
     mask = PruningMask.load(d / "mask")
     assert mask.is_reconstructed and mask.meta["reconstruction"]["alpha"] == 0.05
     assert mask.meta["reconstruction"]["sequential"] is sequential
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    assert mask.meta["reconstruction"]["tokens"] == sum(len(tokenizer(s)["input_ids"]) for s in SENTENCES)  # all tasks
     assert main(["apply", "--model", str(model_dir), "--mask", str(d / "mask"), "--out", str(d / "staged")]) == 0
     assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), *schedule, *refit,
                  "--out", str(d / "oneshot")]) == 0
@@ -164,19 +165,33 @@ def test_reconstructed_stage_by_stage_equals_one_shot(model_dir, calib, tmp_path
         torch.testing.assert_close(a.model(**ids).logits, b.model(**ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_reconstruction_needs_second_moments_and_excludes_bias_compensation(model_dir, calib, tmp_path,
-                                                                            capsys) -> None:
+def test_reconstruction_needs_the_base_and_its_text_and_excludes_bias_compensation(model_dir, calib, tmp_path,
+                                                                                  capsys) -> None:
     d = tmp_path
     assert main(["--no-progress", "corpus", "--records", str(calib), "--out", str(d / "corpus.jsonl")]) == 0
     assert main(["--no-progress", "stats", "--model", str(model_dir), "--corpus", str(d / "corpus.jsonl"),
                  "--task", "facts", "--out", str(d / "stats")]) == 0
+    assert sorted(p.name for p in (d / "stats" / "facts").iterdir()) == ["stats.json", "stats.safetensors"]
     assert main(["scores", "--stats", str(d / "stats" / "facts"), "--out", str(d / "scores")]) == 0
     capsys.readouterr()
     base = ["masks", "--scores", str(d / "scores"), "--sparsity", "0.3", "--out", str(d / "mask")]
     assert main([*base, "--reconstruct"]) == 2
-    assert "--reconstruct needs the base model" in capsys.readouterr().err
-    assert main([*base, "--reconstruct", "--model", str(model_dir), "--refit-stats", str(d / "stats" / "facts")]) == 2
-    assert "have no second moments" in capsys.readouterr().err and not (d / "mask").exists()
+    assert "--reconstruct runs the calibration text through the base model" in capsys.readouterr().err
+    assert main([*base, "--reconstruct", "--model", str(model_dir)]) == 2
+    assert "--refit-corpus" in capsys.readouterr().err and not (d / "mask").exists()
+    assert main([*base, "--model", str(model_dir), "--refit-corpus", str(d / "corpus.jsonl"),
+                 "--refit-task", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err and not (d / "mask").exists()
+    for option, removed in (("--refit-stats", [*base, "--model", str(model_dir), "--refit-stats", str(d / "stats")]),
+                            ("--second-moments", ["stats", "--model", str(model_dir), "--corpus",
+                                                  str(d / "corpus.jsonl"), "--second-moments", "--out", str(d / "s2")])):
+        with pytest.raises(SystemExit) as exit_:  # the options of second moments are gone
+            main(removed)
+        assert exit_.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
+    # an expert mask refitted on its own task's text
+    assert main([*base, "--model", str(model_dir), "--refit-corpus", str(d / "corpus.jsonl"),
+                 "--refit-task", "facts"]) == 0
+    assert PruningMask.load(d / "mask").meta["reconstruction"]["statistics_task"] == "facts"
     assert main(["--no-progress", "prune", "--model", str(model_dir), "--calib", str(calib), "--method", "flap",
                  "--sparsity", "0.3", "--reconstruct", "--bias-compensation", "--out", str(d / "p")]) == 2
     assert "reconstruction replaces bias compensation" in capsys.readouterr().err and not (d / "p").exists()

@@ -26,6 +26,25 @@ def test_mlflow_folder_has_no_init_and_does_not_shadow_the_package() -> None:
     assert hasattr(mlflow, "pyfunc") and "site-packages" in str(Path(mlflow.__file__))
 
 
+def test_the_installed_project_provides_tasks_and_flows_but_not_mlflow(tmp_path) -> None:
+    """Dask schedulers and workers unpickle the flow's tasks: outside a checkout (another working
+    folder, no PYTHONPATH) the installed project provides ``seap``, ``tasks`` and ``flows``, and
+    ``mlflow`` is still the real package."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, json; print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) "
+            "for n in ('seap', 'tasks', 'flows', 'mlflow')}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    origins = json.loads(out.stdout)
+    for name in ("seap", "tasks", "flows"):
+        assert origins[name] and Path(origins[name]).parent.name == name, origins
+    assert "site-packages" in origins["mlflow"], origins
+
+
 def _seap_imports(path: Path, top_level_only: bool) -> set[str]:
     """The ``seap.*`` modules a file imports (module level only, or anywhere)."""
     tree = ast.parse(path.read_text())

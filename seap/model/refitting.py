@@ -12,7 +12,7 @@ puts them in place of the plain slice; everything that loads masks loads them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -85,13 +85,27 @@ def reconstruct_mask(base: Any, mask: PruningMask, parts: Sequence[CalibrationCo
                      work: Path | None = None) -> PruningMask:
     """``mask`` with refitted ``o_proj`` / ``down_proj`` weights of its kept columns, fitted
     one-shot on the dense model's second moments of the calibration text ``parts`` (a task's
-    corpus; several are merged exactly, in order, as statistics are).
+    corpus; several are merged exactly, in order, as statistics are). One mask of
+    :func:`reconstruct_masks`."""
+    return reconstruct_masks(base, {"mask": (mask, list(range(len(parts))))}, parts, options, batch_size,
+                             max_tokens, progress, work)["mask"]
+
+
+def reconstruct_masks(base: Any, masks: Mapping[str, tuple[PruningMask, Sequence[int]]],
+                      parts: Sequence[CalibrationCorpus], options: RefitOptions = RefitOptions(),
+                      batch_size: int = 8, max_tokens: int | None = DEFAULT_MAX_TOKENS, progress: bool = True,
+                      work: Path | None = None) -> dict[str, PruningMask]:
+    """Every mask of ``masks`` (name -> the mask and the indices of the ``parts`` it is refitted
+    on, merged in that order) with refitted ``o_proj`` / ``down_proj`` weights of its kept
+    columns, fitted one-shot on the dense model's second moments of its calibration text, in
+    one walk over the model.
 
     The model (``base``: a loaded model, a layer source or a model folder) is walked one layer
-    at a time: each layer's second moments are accumulated over every part's batches, used at
-    once by the refit and freed, so one layer's matrices (two per input while a part is
-    merged in) are alive at a time, never all layers'. With ``work`` (a folder of this refit's
-    own) a refit killed part-way resumes after its last finished layer.
+    at a time, every part's batches through each layer. The layer's second moments are
+    accumulated per part, merged for each mask in its order (a merge shared by masks with the
+    same parts), used at once by the refits and freed: one layer's matrices are alive at a
+    time, never all layers'. With ``work`` (a folder of this walk's own) a walk killed part-way
+    resumes after its last finished layer.
 
     A reconstructed mask no longer carries calibration means: its refit replaces FLAP's bias
     compensation (``RefitOptions(bias=True)`` fits a bias as well). The metadata records the
@@ -101,76 +115,88 @@ def reconstruct_mask(base: Any, mask: PruningMask, parts: Sequence[CalibrationCo
     from seap.model.layer_stream import LayerResult, calibration_batches, open_layers, walk_layers
 
     source = open_layers(base)
-    mask.check_model(source.fingerprint)
+    if not masks:
+        return {}
+    for mask, used in masks.values():
+        mask.check_model(source.fingerprint)
+        if not used or any(not 0 <= k < len(parts) for k in used):
+            raise SeapError(f"mask {mask.task!r}: no calibration text to refit on", "name the parts it is refitted on")
     if batch_size < 1:
         raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
     token_ids = refit_token_ids(source, parts, max_tokens)
     head_dim = source.adapter.head_dim(source.config)
     batches = calibration_batches(source, token_ids, batch_size)
-    layers: list[LayerMask] = []
-    report: list[dict[str, float | int]] = []
+    tokens = [sum(b.count for b in batches if b.part == k) for k in range(len(parts))]
+    refitted: dict[str, list[LayerMask]] = {name: [] for name in masks}
+    reports: dict[str, list[dict[str, float | int]]] = {name: [] for name in masks}
     state: dict[str, Any] = {}
 
     def watch(_index: int, layer: torch.nn.Module) -> dict[torch.nn.Module, Any]:
         mods = source.adapter.layer_modules(layer)
-        state.update(part=-1, merged=[None, None], pending=[None, None], widths=(mods.o_proj.in_features,
-                                                                               mods.down_proj.in_features))
+        widths = (mods.o_proj.in_features, mods.down_proj.in_features)
+        with torch.inference_mode(False):  # (updated outside inference mode when merged)
+            state["parts"] = [[SecondMomentAccumulator(w, torch.float64, source.device) for w in widths]
+                              for _ in parts]
 
         def hook(which: int) -> Any:
             def add(batch: Any, x: torch.Tensor) -> None:
-                if batch.part != state["part"]:  # a new part: the previous one merged in (as statistics merge)
-                    _fold_part(state)
-                    state["part"] = batch.part
-                if state["pending"][which] is None:
-                    with torch.inference_mode(False):  # (its totals are updated outside inference mode too)
-                        state["pending"][which] = SecondMomentAccumulator(state["widths"][which], torch.float64,
-                                                                          source.device)
-                state["pending"][which].add(x, batch.token_weights, batch.count)
+                state["parts"][batch.part][which].add(x, batch.token_weights, batch.count)
             return add
 
         return {mods.o_proj: hook(0), mods.down_proj: hook(1)}
 
     def finish(i: int, layer: torch.nn.Module) -> LayerResult:
-        _fold_part(state)
-        attn_second, mlp_second = state.pop("merged")
+        done = [[acc.result() for acc in pair] for pair in state.pop("parts")]
+        merged: dict[tuple[int, ...], list[Any]] = {}
         mods = source.adapter.layer_modules(layer)
-        layer_mask = mask.layers[i]
-        refit: dict[str, torch.Tensor] = {}
-        entry: dict[str, float | int] = {"layer": i}
-        for name, linear, keep_flags, second in (
-            ("o", mods.o_proj, layer_mask.heads.repeat_interleave(head_dim), attn_second),
-            ("down", mods.down_proj, layer_mask.channels, mlp_second),
-        ):
-            keep = torch.nonzero(keep_flags.cpu()).flatten()
-            check_token_count(i, f"{name}_proj", second.count, int(keep.numel()))
-            _keep_refit(refit, entry, name, refit_layer(linear.weight.detach(), second, keep, options), second.count)
-        return refit, entry
+        tensors: dict[str, torch.Tensor] = {}
+        entries: dict[str, Any] = {}
+        for name, (mask, used) in masks.items():
+            key = tuple(used)
+            if key not in merged:  # the parts merged in order, as statistics are
+                seconds = list(done[used[0]])
+                for k in used[1:]:
+                    seconds = [a.merge(b) for a, b in zip(seconds, done[k], strict=True)]
+                merged[key] = seconds
+            attn_second, mlp_second = merged[key]
+            layer_mask = mask.layers[i]
+            refit: dict[str, torch.Tensor] = {}
+            entry: dict[str, float | int] = {"layer": i}
+            for module, linear, keep_flags, second in (
+                ("o", mods.o_proj, layer_mask.heads.repeat_interleave(head_dim), attn_second),
+                ("down", mods.down_proj, layer_mask.channels, mlp_second),
+            ):
+                keep = torch.nonzero(keep_flags.cpu()).flatten()
+                check_token_count(i, f"{module}_proj", second.count, int(keep.numel()))
+                _keep_refit(refit, entry, module, refit_layer(linear.weight.detach(), second, keep, options),
+                            second.count)
+            tensors.update({f"{name}::{k}": v for k, v in refit.items()})
+            entries[name] = entry
+        return tensors, entries
 
     def keep(i: int, result: LayerResult) -> None:
-        layer_mask = mask.layers[i]
-        layers.append(LayerMask(layer_mask.heads, layer_mask.kv_heads, layer_mask.channels, None, None, result[0]))
-        report.append(result[1])
+        tensors, entries = result
+        for name, (mask, _used) in masks.items():
+            refit = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{name}::")}
+            layer_mask = mask.layers[i]
+            refitted[name].append(LayerMask(layer_mask.heads, layer_mask.kv_heads, layer_mask.channels, None, None,
+                                            refit))
+            reports[name].append(entries[name])
 
-    identity = {"walk": "refit", "model": source.fingerprint, "mask": mask.digest(), "parts": [c.digest() for c in parts],
+    identity = {"walk": "refit", "model": source.fingerprint, "parts": [c.digest() for c in parts],
+                "masks": {name: [mask.digest(), list(used)] for name, (mask, used) in masks.items()},
                 "options": asdict(options), "batch_size": batch_size, "max_tokens": max_tokens}
-    walk_layers(source, batches, watch, finish, keep, f"refit [{mask.task}]", progress, work, identity)
-    meta = {**mask.meta, "reconstruction": {**asdict(options), "statistics_task": "+".join(c.task for c in parts),
-                                            "corpus_digest": _parts_digest(parts),
-                                            "tokens": sum(b.count for b in batches), "layers": report}}
-    out = replace(mask, layers=layers, meta=meta)
-    validate_mask(out)
+    label = next(iter(masks.values()))[0].task if len(masks) == 1 else f"{len(masks)} masks"
+    walk_layers(source, batches, watch, finish, keep, f"refit [{label}]", progress, work, identity)
+    out = {}
+    for name, (mask, used) in masks.items():
+        chosen = [parts[k] for k in used]
+        meta = {**mask.meta, "reconstruction": {**asdict(options), "statistics_task": "+".join(c.task for c in chosen),
+                                                "corpus_digest": _parts_digest(chosen),
+                                                "tokens": sum(tokens[k] for k in used), "layers": reports[name]}}
+        out[name] = replace(mask, layers=refitted[name], meta=meta)
+        validate_mask(out[name])
     return out
-
-
-def _fold_part(state: dict[str, Any]) -> None:
-    """Merge the finished part's second moments into the layer's running total."""
-    for which in (0, 1):
-        pending = state["pending"][which]
-        if pending is not None:
-            done = pending.result()
-            merged = state["merged"][which]
-            state["merged"][which] = done if merged is None else merged.merge(done)
-            state["pending"][which] = None
 
 
 def _parts_digest(parts: Sequence[CalibrationCorpus]) -> str:
@@ -302,5 +328,5 @@ def _capture_input(layer: torch.nn.Module, module: torch.nn.Module, call: Any, h
     return seen[0]
 
 
-__all__ = ["MIN_TOKENS", "MIN_TOKENS_FRACTION", "check_token_count", "reconstruct_mask",
+__all__ = ["MIN_TOKENS", "MIN_TOKENS_FRACTION", "check_token_count", "reconstruct_mask", "reconstruct_masks",
            "reconstruct_mask_sequential", "refit_mask"]

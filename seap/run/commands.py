@@ -75,7 +75,9 @@ def make_statistics(model: Any, corpus_file: str | Path, out_dir: str | Path, ta
             from seap.model.expert_pruning import collect_router_statistics
             from seap.model.loading import load_model
 
-            loaded = model if isinstance(model, LoadedModel) else load_model(model.location)
+            # (an MoE model is held whole: a loaded model, or the one a layer source holds)
+            loaded = model if isinstance(model, LoadedModel) else getattr(model, "loaded", None) or \
+                load_model(model.location, device=str(model.device), dtype=model.dtype)
             for task in wanted:
                 collect_router_statistics(loaded, corpora[task], batch_size, cap, shard, progress=progress,
                                           channels=unit not in ("auto", "experts")).save(tmp / task)

@@ -96,6 +96,21 @@ class MaskParams:
 
 
 @dataclass(frozen=True)
+class RefitParams:
+    """``refits``: a walk (``refits/walk@<sparsity>``) that refits every mask of its inputs on the
+    calibration text in one pass over the model's layers, each on its ``tasks`` entry (a task's
+    text, or every task's for ``None``) plus the generic text, with the
+    :class:`~seap.maths.reconstruction.RefitOptions` that differ from their defaults (``refit``)
+    in batches of ``batch_size``; or one refitted mask (``member``: ``<row>/<name>``) taken from
+    its walk."""
+
+    refit: dict[str, Any] | None = None
+    tasks: dict[str, str | None] = field(default_factory=dict)
+    batch_size: int = 8
+    member: str | None = None
+
+
+@dataclass(frozen=True)
 class EvaluationParams:
     """``evaluate-dense``, ``evaluate`` and ``evaluate-routed``: one row of the table."""
 
@@ -183,6 +198,7 @@ STAGE_PARAMS: dict[str, type] = {
     "statistics": StatisticsParams,
     "scores": ScoresParams,
     "masks": MaskParams,
+    "refits": RefitParams,
     "evaluate-dense": EvaluationParams,
     "evaluate": EvaluationParams,
     "router": RouterParams,
@@ -215,5 +231,5 @@ def params_from_dict(stage: str, data: Mapping[str, Any]) -> Any:
 
 
 __all__ = ["STAGE_PARAMS", "BenchParams", "CheckpointParams", "CorpusParams", "EvaluationParams", "MaskParams",
-           "ModelParams", "PerplexityParams", "RegisterParams", "ReportParams", "RouterParams", "ScoresParams",
+           "ModelParams", "PerplexityParams", "RefitParams", "RegisterParams", "ReportParams", "RouterParams", "ScoresParams",
            "StatisticsParams", "params_from_dict", "params_to_dict"]

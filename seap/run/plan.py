@@ -32,6 +32,7 @@ from seap.run.job_params import (
     MaskParams,
     ModelParams,
     PerplexityParams,
+    RefitParams,
     RegisterParams,
     ReportParams,
     RouterParams,
@@ -102,25 +103,28 @@ STAGES: dict[str, Stage] = {
         Stage("scores", "importance scores of heads and channels",
               ("seap.run.stages", "seap.run.commands", "seap.maths.scores", "seap.maths.statistics"),
               ("score", "methods"), ("statistics",)),
-        Stage("masks", "per-layer sparsity and one mask per expert, general mask and baseline (refitted on its "
-              "calibration text when reconstructing)",
+        Stage("masks", "per-layer sparsity and one mask per expert, general mask and baseline",
               (*_BASE, "seap.run.commands", "seap.run.mask_building", "seap.model.pruning", "seap.maths.masks",
-               "seap.maths.schedules",
-               "seap.maths.geometry",
-               "seap.maths.scores", "seap.maths.statistics", "seap.maths.moments", "seap.maths.reconstruction",
-               "seap.model.refitting", "seap.model.calibration", "seap.model.batching", "seap.model.layer_stream", "seap.model.shards",
-               "seap.model.hooks",
-               "seap.model.surgery",
+               "seap.maths.schedules", "seap.maths.geometry", "seap.maths.scores", "seap.maths.statistics",
                "seap.data.corpus", "seap.maths.expert_selection"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
-               "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "general_weights", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
-               "refit_sequential", "refit_corpus", "refit_generic", "stats_batch_size", "unit", "expert_score",
-               "allow_k_reduction"),
-              ("scores", "statistics", "model", "corpus")),
+               "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "general_weights", "reconstruct",
+               "unit", "expert_score", "allow_k_reduction"),
+              ("scores", "statistics")),
+        Stage("refits", "the masks refitted on their calibration text: one walk over the model's layers per "
+              "sparsity refits all of them (least squares on each layer's second moments, built and freed "
+              "layer by layer)",
+              (*_BASE, "seap.maths.masks", "seap.maths.mask_formats", "seap.run.mask_building", "seap.maths.moments",
+               "seap.maths.reconstruction", "seap.model.refitting",
+               "seap.model.batching", "seap.model.layer_stream", "seap.model.shards", "seap.model.hooks",
+               "seap.model.surgery", "seap.data.corpus", "seap.io"),
+              ("sparsities", "methods", "reconstruct", "refit_alpha", "refit_prior", "refit_bias", "refit_sequential",
+               "refit_corpus", "refit_generic", "stats_batch_size"),
+              ("masks", "model", "corpus")),
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model",)),
         Stage("evaluate", "one row per method and sparsity (experts: each task with its own)", (*_BASE, *_EVAL),
-              _EVAL_OPTIONS, ("model", "masks")),
+              _EVAL_OPTIONS, ("model", "masks", "refits")),
         Stage("router", "the task router on the tasks' training prompts",
               (*_BASE, "seap.evaluation.router", "seap.evaluation.harness", "seap.data.catalogue",
                "seap.model.calibration"),
@@ -129,14 +133,14 @@ STAGES: dict[str, Stage] = {
         Stage("evaluate-routed", "the routed row: the router's expert per input (reusing the expert row where "
               "the router picks the task's own expert)",
               (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed"),
-              (*_EVAL_OPTIONS, "router_threshold", "router_kind"), ("model", "masks", "router", "evaluate")),
+              (*_EVAL_OPTIONS, "router_threshold", "router_kind"), ("model", "masks", "refits", "router", "evaluate")),
         Stage("perplexity", "WikiText-2 perplexity of dense and each general mask",
               (*_BASE, "seap.evaluation.harness", *_APPLY),
-              ("perplexity", "perplexity_windows", "data_dir"), ("model", "masks")),
+              ("perplexity", "perplexity_windows", "data_dir"), ("model", "masks", "refits")),
         Stage("bench", "prefill and decode speed of dense and each distinct pruned shape",
               (*_BASE, "seap.evaluation.speed", *_APPLY, "seap.evaluation.llama_cpp_runtime",
                "seap.export.to_gguf", "seap.export.gguf_names", "seap.export.bpe_pretokenizers"),
-              ("bench", "bench_repeats", "bench_llama_cpp"), ("model", "masks")),
+              ("bench", "bench_repeats", "bench_llama_cpp"), ("model", "masks", "refits")),
         Stage("report", "Table 1, results.json, metrics, CSV and plot",
               ("seap.run.stages", "seap.evaluation.report", "seap.evaluation.metrics", "seap.evaluation.harness",
                "seap.evaluation.router", "seap.evaluation.rows", "seap.data.catalogue"),
@@ -145,10 +149,10 @@ STAGES: dict[str, Stage] = {
         Stage("register", "every SEAP expert, general mask and routed bundle in the local registry and MLflow",
               ("seap.run.stages", "seap.registry.records", "seap.evaluation.metrics"),
               ("registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment"),
-              ("report", "masks", "router"), cached=False),
+              ("report", "masks", "refits", "router"), cached=False),
         Stage("checkpoint", "the hard-pruned model of one mask, saved as a checkpoint (`seap prune`)",
               (*_BASE, "seap.model.checkpoint", "seap.model.layer_stream", "seap.model.shards", *_APPLY),
-              (), ("model", "masks"), pipeline=False),
+              (), ("model", "masks", "refits"), pipeline=False),
     )
 }
 
@@ -265,9 +269,10 @@ class Plan:
 
     def mask_groups(self) -> dict[str, dict[str, str]]:
         """Row key -> {mask name: job key} of every mask group (what registration and bench read)."""
+        refitted = {j.name: j.key for j in self.of_stage("refits") if j.params.member}  # (the refitted masks)
         groups: dict[str, dict[str, str]] = {}
         for j in self.of_stage("masks"):
-            groups.setdefault(j.params.row, {})[j.params.mask] = j.key
+            groups.setdefault(j.params.row, {})[j.params.mask] = refitted.get(j.name, j.key)
         return groups
 
 
@@ -354,6 +359,7 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
 
     # masks and their rows
     mask_jobs: dict[str, dict[str, str]] = {}
+    refitted: dict[float, dict[str, tuple[str, str | None]]] = {}  # sparsity -> row/name -> (mask job, task)
     for sparsity in masks.sparsities:
         for m in methods:
             row = row_key(m.name, sparsity)
@@ -365,20 +371,29 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
                           bias_compensation=m.resolved_bias_compensation(masks.bias_compensation, reconstruct),
                           score=m.resolved_score(masks.score),
                           weights=masks.general_weights if m.calibration == "general" else {})
-            if reconstruct:
-                common.update(refit=rec.refit_options, refit_source=m.refit_source(rec.refit_corpus),
-                              refit_generic=generic or None, refit_batch_size=stats.stats_batch_size)
             group: dict[str, str] = {}
             per_task = m.refits_per_task(reconstruct, rec.refit_corpus)
             for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
-                if reconstruct:  # the calibration text, run through the model layer by layer
-                    inputs = {**inputs, "model": "model", "refit_corpus": "corpus"}
-                    if generic:
-                        inputs["refit_generic"] = f"corpus/{GENERIC}"
                 job = Job("masks", f"{row}/{name}", inputs, MaskParams(mask=name, **common))  # type: ignore[arg-type]
                 add(job)
                 group[name] = job.key
+                if reconstruct:  # refitted in its sparsity's walk
+                    source = m.refit_source(rec.refit_corpus)
+                    refitted.setdefault(sparsity, {})[f"{row}/{name}"] = (job.key, name if source == "task" else None)
             mask_jobs[row] = group
+    # refits: one walk per sparsity refits all its masks; each refitted mask is then a job of its own
+    for sparsity, members in refitted.items():
+        walk = Job("refits", f"walk@{sparsity:g}",
+                   {"model": "model", "refit_corpus": "corpus", "masks": {m: key for m, (key, _) in members.items()},
+                    **({"refit_generic": f"corpus/{GENERIC}"} if generic else {})},
+                   RefitParams(refit=rec.refit_options, tasks={m: t for m, (_, t) in members.items()},
+                               batch_size=stats.stats_batch_size))
+        add(walk)
+        for member in members:
+            row, name = member.split("/", 1)
+            job = Job("refits", member, {"walk": walk.key}, RefitParams(member=member))
+            add(job)
+            mask_jobs[row][name] = job.key
     return jobs, mask_jobs
 
 

@@ -255,7 +255,7 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     reconstructed (on the ``refit_corpus`` text, and the ``refit_generic`` text)."""
     from seap.maths.scores import ImportanceScores
     from seap.maths.statistics import ActivationStatistics
-    from seap.run.mask_building import RefitSource, build_method_mask
+    from seap.run.mask_building import build_method_mask
 
     p = job.params
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,27 +271,58 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         bias = Path(bias) / p.mask
     scores = [ImportanceScores.load(s) for s in inputs["scores"]]
     bias_statistics = ActivationStatistics.load(bias) if bias is not None else None
-    refit = None
-    if p.refit is not None:  # the task's own text or all tasks', then the generic text, run through the model
-        source = ctx.layers(inputs["model"])
-        refit = RefitSource(source, *_refit_parts(inputs, p.mask if p.refit_source == "task" else None),
-                            batch_size=p.refit_batch_size or 8, work=ctx.walk_work(source))
-    build_method_mask(p, scores=scores, bias_statistics=bias_statistics, refit=refit).save(out)
+    build_method_mask(p, scores=scores, bias_statistics=bias_statistics).save(out)
 
 
-def _refit_parts(inputs: Inputs, task: str | None) -> tuple[list[Any], int | None]:
-    """The calibration text a refit runs on (one task's, or every task's, then each generic
-    task's), in order, and the corpus's token cap."""
+def refits(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """A walk: every mask of ``inputs["masks"]`` refitted on its calibration text (its task's, or
+    every task's, then the generic text) in one pass over the model's layers
+    (:func:`seap.model.refitting.reconstruct_masks`; the sequential refit walks once per mask),
+    each written to ``out/<row>/<name>``; or one refitted mask, linked from its walk's output."""
+    from seap.io import copy_artifact
+    from seap.maths.mask_formats import load_mask
+    from seap.model.refitting import reconstruct_mask_sequential, reconstruct_masks
+    from seap.run.mask_building import refit_options
+
+    p = job.params
+    if p.member is not None:
+        copy_artifact(Path(inputs["walk"]) / p.member, out)
+        return
+    corpora, generic_parts, cap = _refit_corpora(inputs)
+    names = list(corpora)
+    parts = [*corpora.values(), *generic_parts]
+    generic = list(range(len(names), len(parts)))  # (added to every mask's text)
+    options = refit_options(p.refit)
+    source = ctx.layers(inputs["model"])
+    members = {}
+    for member, path in inputs["masks"].items():
+        task = p.tasks.get(member)
+        if task is not None and task not in corpora:
+            raise SeapError(f"task {task!r} is not in the corpus", f"it holds: {', '.join(names)}")
+        used = [names.index(task)] if task is not None else list(range(len(names)))
+        members[member] = (load_mask(path), used + generic)
+    out.mkdir(parents=True)
+    if options.sequential:  # the pruned stream is each mask's own: one walk per mask
+        from seap.data.corpus import merge_corpora
+
+        for member, (mask, used) in members.items():
+            chosen = [parts[k] for k in used]
+            corpus = chosen[0] if len(chosen) == 1 else merge_corpora(chosen)
+            reconstruct_mask_sequential(source, mask, corpus, options, p.batch_size, cap, ctx.progress).save(out / member)
+        return
+    done = reconstruct_masks(source, members, parts, options, p.batch_size, cap, ctx.progress, ctx.walk_work(source))
+    for member, mask in done.items():
+        mask.save(out / member)
+
+
+def _refit_corpora(inputs: Inputs) -> tuple[dict[str, Any], list[Any], int | None]:
+    """The run's corpora by task, the generic text's corpora and the token cap."""
     from seap.data.corpus import DEFAULT_MAX_TOKENS, read_corpus
 
     corpora, header = read_corpus(Path(inputs["refit_corpus"]) / CORPUS_FILE)
-    missing = [t for t in ([task] if task else []) if t not in corpora]
-    if missing:
-        raise SeapError(f"task(s) {missing} are not in the corpus", f"it holds: {', '.join(corpora)}")
-    parts = [corpora[task]] if task else list(corpora.values())
-    if "refit_generic" in inputs:
-        parts += list(read_corpus(Path(inputs["refit_generic"]) / CORPUS_FILE)[0].values())
-    return parts, header.get("max_tokens", DEFAULT_MAX_TOKENS)
+    generic = list(read_corpus(Path(inputs["refit_generic"]) / CORPUS_FILE)[0].values()) \
+        if "refit_generic" in inputs else []
+    return corpora, generic, header.get("max_tokens", DEFAULT_MAX_TOKENS)
 
 
 def checkpoint(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
@@ -542,6 +573,7 @@ STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "statistics": statistics,
     "scores": scores,
     "masks": masks,
+    "refits": refits,
     "evaluate-dense": evaluate,
     "evaluate": evaluate,
     "router": router,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_flows import pipeline_kwargs, planned_tasks, stage_of, task_states
+from tests.helpers_flows import dask_cluster, pipeline_kwargs, planned_tasks, stage_of, task_states
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.services  # the session's Prefect server (its test harness)
@@ -183,6 +183,48 @@ def test_sharded_statistics_on_a_local_dask_cluster_give_the_same_masks(first_ru
             assert _mask_tensors(path) == _mask_tensors(single[group][name]), (group, name)
     shards = [p for p in (tmp_path / "work" / "statistics").iterdir() if not p.name.startswith(".")]
     assert len(shards) == 2 + 1 + 1  # two shards, their merge, the pooled statistics
+
+
+@pytest.mark.slow
+def test_statistics_on_an_existing_dask_cluster_equal_a_local_run(prefect_env, tmp_path) -> None:
+    """``dask_address``: the shards run on a separate ``dask scheduler`` and two ``dask worker``
+    processes that see only the installed project (another working folder, no PYTHONPATH), and
+    give the same statistics, byte for byte, as the same shards run locally and merged."""
+    from distributed import Client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import seap_pipeline
+    from seap.run.config import RunConfig
+    from seap.run.execute import execute
+    from seap.run.plan import make_plan
+
+    kwargs = pipeline_kwargs(tmp_path, tasks=["geo"], methods=["seap-expert"], samples=4, limit=1, bench=False,
+                             mlflow=False, stats_shards=2)
+    plan = make_plan(RunConfig.from_mapping({**kwargs, "workdir": str(tmp_path / "local")}))
+    statistics = [j.key for j in plan.of_stage("statistics")]  # two shards and their merge
+    local = execute(plan.upstream_of(statistics))  # in this process, no Dask
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the workers report to the same server
+    with dask_cluster(tmp_path / "cluster", env) as address:
+        seap_pipeline(**kwargs, dask_address=address)
+        with Client(address) as client:  # the workers ran the task
+            ran = client.run(lambda: "tasks.stages" in __import__("sys").modules)
+    assert any(ran.values()), ran
+    on_cluster = [p for p in (tmp_path / "work" / "statistics").iterdir() if not p.name.startswith(".")]
+    assert sorted(map(_statistics_content, on_cluster)) == sorted(_statistics_content(local.path(k)) for k in statistics)
+
+
+def _statistics_content(folder: Path) -> str:
+    """A statistics output's files, tensors by their bytes, without the collection's timing."""
+    from seap.contenthash import sha256_file
+
+    content = {}
+    for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+        if file.name == "stats.json":
+            meta = json.loads(file.read_text())
+            content[str(file.relative_to(folder))] = {k: v for k, v in meta.items() if k not in ("seconds", "meta_sha256")}
+        else:
+            content[str(file.relative_to(folder))] = sha256_file(file)
+    return json.dumps(content, sort_keys=True)
 
 
 def _cli_args(kwargs: dict) -> list[str]:

@@ -115,66 +115,34 @@ def test_bad_arguments() -> None:
         collect_statistics(loaded, corpus(), shard=(3, 3), progress=False)
 
 
-def test_second_moments_equal_direct_computation_in_one_pass_or_several(tmp_path) -> None:
-    loaded = make_tiny_model("llama-gqa")
-    c = corpus()
-    ref = direct_inputs(loaded, c.texts)
-    plain = collect_statistics(loaded, c, batch_size=5, progress=False)
-    assert not plain.has_second_moments and "second_moments" not in plain.meta
-    one = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True)
-    per_layer = (64 * 64 + 96 * 96) * 12  # this model's accumulators of one layer (float64 totals + float32 block)
-    several = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True,
-                                 second_moment_budget=2 * per_layer)  # two layers per pass: 3 passes
-    assert one.meta["second_moments"]["passes"] == 1 and several.meta["second_moments"]["passes"] == 3
-    assert one.has_second_moments and several.has_second_moments
-    for i, (a, b) in enumerate(zip(one.layers, several.layers, strict=True)):
-        for module in ("attn", "mlp"):
-            x = torch.from_numpy(ref[(i, module)])
-            sa, sb = a.second(module), b.second(module)
-            assert sa.count == sb.count == x.shape[0] == getattr(a, module).count
-            torch.testing.assert_close(sa.gram, x.T @ x, rtol=1e-4, atol=1e-5)  # padding excluded
-            torch.testing.assert_close(sb.gram, sa.gram)
-            torch.testing.assert_close(sa.total, x.sum(0), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a.attn.mean, b.attn.mean)  # the moments are unchanged by passes
-    assert count_hooks(loaded.model) == 0
-    shards = [collect_statistics(loaded, c, batch_size=3, shard=(i, 2), progress=False, second_moments=True)
-              for i in range(2)]
-    for i, s in enumerate(shards):
-        s.save(tmp_path / f"s{i}")
-    merged = merge_statistics([ActivationStatistics.load(tmp_path / f"s{i}") for i in range(2)])
-    for a, b in zip(one.layers, merged.layers, strict=True):
-        torch.testing.assert_close(b.second("mlp").gram, a.second("mlp").gram, rtol=1e-5, atol=1e-6)
-        assert b.second("mlp").count == a.second("mlp").count
-    mixed = merge_statistics([shards[0], plain])  # a shard without them: the merge has none
-    assert not mixed.has_second_moments
+def test_every_task_in_one_walk_equals_each_task_alone(tmp_path) -> None:
+    """collect_task_statistics walks the layers once for all tasks; each task's statistics are
+    those of a walk over that task alone, bit for bit (a batch never mixes tasks), and hold
+    moments only: no second moments are collected or written any more."""
+    from dataclasses import fields
 
+    from seap.maths.statistics import LayerStatistics
+    from seap.model.calibration import collect_task_statistics
 
-def test_second_moments_spill_to_disk_layer_by_layer_when_they_would_not_fit(tmp_path) -> None:
-    from seap.errors import ArtifactError
-
-    loaded = make_tiny_model("llama-gqa")
-    c = corpus()
-    held = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True)
-    per_layer = (64 * 64 + 96 * 96) * 12
-    spilled = collect_statistics(loaded, c, batch_size=5, progress=False, second_moments=True,
-                                 second_moment_budget=2 * per_layer, spill_dir=tmp_path / "spill")
-    assert spilled.meta["second_moments"]["spilled"] and not held.meta["second_moments"]["spilled"]
-    assert all(layer.stored is not None and layer.attn_second is None for layer in spilled.layers)
-    assert len(list((tmp_path / "spill").glob("layer-*.safetensors"))) == len(spilled.layers)
-    spilled.save(tmp_path / "saved")
-    loaded_back = ActivationStatistics.load(tmp_path / "saved")
-    assert loaded_back.has_second_moments
-    for a, b in zip(held.layers, loaded_back.layers, strict=True):
-        for module in ("attn", "mlp"):
-            torch.testing.assert_close(b.second(module).gram, a.second(module).gram)
-            assert b.second(module).count == a.second(module).count
-    # the pooled merge spills too, one layer at a time, and equals the merge in memory
-    merged = merge_statistics([loaded_back, held], "pooled", spill_dir=tmp_path / "merge-spill", budget=per_layer)
-    in_memory = merge_statistics([held, held], "pooled")
-    assert all(layer.stored is not None for layer in merged.layers)
-    torch.testing.assert_close(merged.layers[2].second("mlp").gram, in_memory.layers[2].second("mlp").gram)
-    # a corrupt sidecar is refused when it is read, naming the file
-    part = next((tmp_path / "saved" / "parts").glob("layer-0001.safetensors"))
-    part.write_bytes(part.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(ArtifactError, match="layer-0001.safetensors is missing or corrupt"):
-        ActivationStatistics.load(tmp_path / "saved").layers[1].seconds()
+    loaded = make_tiny_model("qwen2", layers=3)
+    corpora = {"a": build_corpus([{"text": s} for s in SENTENCES[:5]], "a", None),
+               "b": build_corpus([{"text": s} for s in SENTENCES[5:]], "b", None)}
+    both = collect_task_statistics(loaded, corpora, batch_size=3, progress=False)
+    assert list(both) == ["a", "b"] and count_hooks(loaded.model) == 0
+    for task, corpus_ in corpora.items():
+        alone = collect_statistics(loaded, corpus_, batch_size=3, progress=False)
+        assert both[task].task == task and both[task].meta["corpus_digest"] == corpus_.digest()
+        assert both[task].num_tokens == alone.num_tokens == sum(len(loaded.tokenizer(t)["input_ids"])
+                                                                 for t in corpus_.texts)
+        for x, y in zip(both[task].layers, alone.layers, strict=True):
+            for module in ("attn", "mlp"):
+                mx, my = getattr(x, module), getattr(y, module)
+                assert mx.count == my.count
+                for name in ("mean", "m2", "mean_sq"):
+                    assert torch.equal(getattr(mx, name), getattr(my, name)), (task, module, name)
+    assert {f.name for f in fields(LayerStatistics)} == {"attn", "mlp", "o_proj", "down_proj"}
+    both["a"].save(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["stats.json", "stats.safetensors"]
+    with pytest.raises(SeapError, match="task 'b' has no calibration texts in this shard"):
+        collect_task_statistics(loaded, {"a": corpora["a"], "b": build_corpus([{"text": "the"}], "b", None)},
+                                shard=(1, 2), progress=False)

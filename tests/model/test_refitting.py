@@ -1,4 +1,6 @@
-"""Reconstructed masks on tiny models: better fit, soft equals hard, round trips, refusals."""
+"""Reconstructed masks on tiny models: better fit, soft equals hard, round trips, refusals, and
+the streamed one-shot refit (second moments built one layer at a time while the model is walked)
+equal to the refit of second moments computed directly from a full forward."""
 
 from __future__ import annotations
 
@@ -7,14 +9,16 @@ import logging
 import pytest
 import torch
 
-from seap.data.corpus import build_corpus
+from seap.data.corpus import CalibrationCorpus, build_corpus, merge_corpora
 from seap.errors import ArtifactError, ModelMismatchError, SeapError
 from seap.maths.masks import PruningMask, build_mask, full_mask
-from seap.maths.reconstruction import RefitOptions
+from seap.maths.moments import SecondMoments
+from seap.maths.reconstruction import RefitOptions, refit_layer
 from seap.maths.scores import compute_scores
 from seap.model.calibration import collect_statistics
 from seap.model.checkpoint import load_pruned, save_pruned
-from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential
+from seap.model.hooks import HookManager, count_hooks
+from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential, refit_mask
 from seap.model.masking import apply_mask
 from tests.helpers import ARCHS, SENTENCES, make_tiny_model
 from tests.model.test_surgery import logits
@@ -24,9 +28,9 @@ from tests.model.test_surgery import logits
 def setup():
     loaded = make_tiny_model("llama-gqa")
     corpus = build_corpus([{"text": t} for t in SENTENCES * 6], "toy", None)
-    stats = collect_statistics(loaded, corpus, progress=False, second_moments=True)
+    stats = collect_statistics(loaded, corpus, progress=False)
     mask = build_mask(compute_scores(stats, "seap-sf"), 0.4, "uniform", bias_compensation_stats=stats)
-    return loaded, stats, mask
+    return loaded, corpus, mask
 
 
 def _dense_error(loaded, pruned) -> float:
@@ -35,8 +39,8 @@ def _dense_error(loaded, pruned) -> float:
 
 @pytest.mark.parametrize("options", [RefitOptions(alpha=1e-2), RefitOptions(alpha=1e-2, bias=True)])
 def test_refit_fits_better_and_soft_equals_hard(setup, options: RefitOptions) -> None:
-    loaded, stats, mask = setup
-    rebuilt = reconstruct_mask(loaded, mask, stats, options)
+    loaded, corpus, mask = setup
+    rebuilt = reconstruct_mask(loaded, mask, [corpus], options, progress=False)
     assert rebuilt.is_reconstructed and not rebuilt.has_bias_compensation
     assert rebuilt.digest() != mask.digest()  # a refitted expert is another model
     for entry in rebuilt.meta["reconstruction"]["layers"]:  # never worse than slicing on the calibration tokens
@@ -51,15 +55,15 @@ def test_refit_fits_better_and_soft_equals_hard(setup, options: RefitOptions) ->
 
 
 def test_nothing_pruned_refits_to_the_dense_model(setup) -> None:
-    loaded, stats, _ = setup
-    dense = full_mask(stats.geometry, loaded.fingerprint)
-    rebuilt = reconstruct_mask(loaded, dense, stats, RefitOptions(alpha=1e-3))
+    loaded, corpus, mask = setup
+    dense = full_mask(mask.geometry, loaded.fingerprint)
+    rebuilt = reconstruct_mask(loaded, dense, [corpus], RefitOptions(alpha=1e-3), progress=False)
     torch.testing.assert_close(logits(apply_mask(loaded, rebuilt, "hard")), logits(loaded), rtol=1e-4, atol=1e-4)
 
 
 def test_saved_loaded_and_checkpointed(setup, tmp_path) -> None:
-    loaded, stats, mask = setup
-    rebuilt = reconstruct_mask(loaded, mask, stats)
+    loaded, corpus, mask = setup
+    rebuilt = reconstruct_mask(loaded, mask, [corpus], progress=False)
     rebuilt.save(tmp_path / "mask")
     again = PruningMask.load(tmp_path / "mask")
     assert again.is_reconstructed and again.digest() == rebuilt.digest()
@@ -71,41 +75,117 @@ def test_saved_loaded_and_checkpointed(setup, tmp_path) -> None:
 
 
 def test_refusals(setup, tmp_path, caplog) -> None:
-    loaded, stats, mask = setup
-    plain_stats = collect_statistics(loaded, build_corpus([{"text": t} for t in SENTENCES], "toy", None),
-                                     progress=False)
-    with pytest.raises(SeapError, match="no second moments"):
-        reconstruct_mask(loaded, mask, plain_stats)
+    loaded, corpus, mask = setup
+    with pytest.raises(SeapError, match="no calibration text to refit on"):
+        reconstruct_mask(loaded, mask, [], progress=False)
+    with pytest.raises(SeapError, match="none was given"):
+        refit_mask(loaded, mask, RefitOptions(), [], progress=False)
+    with pytest.raises(SeapError, match="task 'blank': no calibration text"):
+        reconstruct_mask(loaded, mask, [corpus, CalibrationCorpus("blank", [""])], progress=False)
+    with pytest.raises(SeapError, match="batch size"):
+        reconstruct_mask(loaded, mask, [corpus], batch_size=0, progress=False)
     other = make_tiny_model("llama-gqa", seed=3)
     with pytest.raises(ModelMismatchError):
-        reconstruct_mask(other, mask, stats)
-    rebuilt = reconstruct_mask(loaded, mask, stats)
+        reconstruct_mask(other, mask, [corpus], progress=False)
+    rebuilt = reconstruct_mask(loaded, mask, [corpus], progress=False)
+    assert count_hooks(loaded.model) == 0
     with pytest.raises(ModelMismatchError):
         apply_mask(other, rebuilt)
     with pytest.raises(SeapError, match="already replaces bias compensation"):
         apply_mask(loaded, rebuilt, bias_compensation=True)
-    few = collect_statistics(loaded, build_corpus([{"text": SENTENCES[0]}], "toy", None), progress=False,
-                             second_moments=True)
+    few = build_corpus([{"text": SENTENCES[0]}], "toy", None)
     with pytest.raises(SeapError, match="calibration tokens for"):
-        reconstruct_mask(loaded, mask, few)
+        reconstruct_mask(loaded, mask, [few], progress=False)
     with caplog.at_level(logging.WARNING, logger="seap.model.refitting"):
-        reconstruct_mask(loaded, mask, collect_statistics(
-            loaded, build_corpus([{"text": t} for t in SENTENCES[:4]], "toy", None), progress=False, second_moments=True))
+        reconstruct_mask(loaded, mask, [build_corpus([{"text": t} for t in SENTENCES[:4]], "toy", None)],
+                         progress=False)
     assert "kept input columns" in caplog.text
     rebuilt.layers[0].refit["down_weight"] = rebuilt.layers[0].refit["down_weight"][:, :3]  # does not match the mask
     with pytest.raises(ArtifactError, match="refitted down_weight has shape"):
         rebuilt.save(tmp_path / "bad") and PruningMask.load(tmp_path / "bad")
 
 
+def direct_second_moments(loaded, texts) -> list[dict[str, SecondMoments]]:
+    """Every layer's second moments of the o_proj / down_proj inputs, computed independently of
+    the layer stream: one full forward of the whole model per text (no padding at all), the
+    inputs caught by forward-pre-hooks and summed in float64."""
+    mods = loaded.adapter.all_layer_modules(loaded.model)
+    out = [{"o": SecondMoments.empty(m.o_proj.in_features), "down": SecondMoments.empty(m.down_proj.in_features)}
+           for m in mods]
+
+    def add(i: int, name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        out[i][name].update_(SecondMoments(flat.shape[0], flat.T @ flat, flat.sum(dim=0)))
+
+    with HookManager() as hooks, torch.no_grad():
+        for i, m in enumerate(mods):
+            hooks.add_input_hook(m.o_proj, lambda _m, x, i=i: add(i, "o", x))
+            hooks.add_input_hook(m.down_proj, lambda _m, x, i=i: add(i, "down", x))
+        for text in texts:
+            loaded.model(**loaded.tokenizer(text, return_tensors="pt"))
+    return out
+
+
+def assert_refits_equal(a: PruningMask, b: PruningMask, rtol: float) -> None:
+    """The refitted tensors of two masks equal to ``rtol`` (relative to each tensor's largest entry)."""
+    for i, (x, y) in enumerate(zip(a.layers, b.layers, strict=True)):
+        assert set(x.refit) == set(y.refit)
+        for key in x.refit:
+            scale = float(y.refit[key].abs().max())
+            torch.testing.assert_close(x.refit[key], y.refit[key], rtol=rtol, atol=rtol * scale,
+                                       msg=f"layer {i} {key}")
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen3"])
+@pytest.mark.parametrize("options", [RefitOptions(alpha=1e-2, bias=True), RefitOptions(alpha=1e-3, bias=False)],
+                         ids=["bias", "no-bias"])
+def test_the_streamed_refit_equals_refit_layer_on_directly_computed_second_moments(arch, options) -> None:
+    """The one-shot refit builds each layer's second moments while it walks the model, uses them
+    and frees them: its weights equal, to float64 rounding, `refit_layer` on second moments
+    computed directly from full forwards; and the calibration text given in two parts (a task's
+    and generic text, each accumulated alone and merged) equals one corpus of both."""
+    loaded = make_tiny_model(arch, layers=3, dtype=torch.float64)
+    first = build_corpus([{"text": t} for t in SENTENCES[:7] * 2], "toy", None)
+    second = build_corpus([{"text": t} for t in SENTENCES[7:]], "generic", None)  # other text: other moments
+    mask = build_mask(compute_scores(collect_statistics(loaded, first, progress=False), "seap-sf"), 0.4, "uniform")
+    head_dim = loaded.adapter.head_dim(loaded.model.config)
+    mods = loaded.adapter.all_layer_modules(loaded.model)
+    for parts in ([first], [first, second]):
+        streamed = reconstruct_mask(loaded, mask, parts, options, batch_size=5, progress=False)
+        direct = direct_second_moments(loaded, [t for c in parts for t in c.texts])
+        assert streamed.meta["reconstruction"]["tokens"] == direct[0]["o"].count
+        assert streamed.meta["reconstruction"]["statistics_task"] == "+".join(c.task for c in parts)
+        for i, (layer, layer_mask) in enumerate(zip(streamed.layers, mask.layers, strict=True)):
+            for name, linear, flags in (("o", mods[i].o_proj, layer_mask.heads.repeat_interleave(head_dim)),
+                                        ("down", mods[i].down_proj, layer_mask.channels)):
+                expected = refit_layer(linear.weight, direct[i][name], torch.nonzero(flags).flatten(), options)
+                scale = float(expected.weight.abs().max())
+                torch.testing.assert_close(layer.refit[f"{name}_weight"], expected.weight, rtol=1e-10,
+                                           atol=1e-10 * scale, msg=f"{arch} layer {i} {name}_weight")
+                if options.bias:
+                    torch.testing.assert_close(layer.refit[f"{name}_bias"], expected.bias, rtol=1e-10,
+                                               atol=1e-10 * float(expected.bias.abs().max()))
+                else:
+                    assert f"{name}_bias" not in layer.refit
+                entry = streamed.meta["reconstruction"]["layers"][i]
+                assert entry[f"{name}_error_refit"] == pytest.approx(expected.error_refit, rel=1e-8, abs=1e-12)
+    # two parts merged in order equal one corpus of both (other batches: float64 rounding only)
+    merged = reconstruct_mask(loaded, mask, [merge_corpora([first, second])], options, batch_size=5, progress=False)
+    assert_refits_equal(streamed, merged, 1e-10)
+    assert merged.meta["reconstruction"]["tokens"] == streamed.meta["reconstruction"]["tokens"]
+    assert count_hooks(loaded.model) == 0
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sequential_refit_starts_like_the_one_shot_one_and_fits_the_pruned_stream(arch: str) -> None:
     loaded = make_tiny_model(arch)
     corpus = build_corpus([{"text": t} for t in SENTENCES * 6], "toy", None)
-    stats = collect_statistics(loaded, corpus, progress=False, second_moments=True)
+    stats = collect_statistics(loaded, corpus, progress=False)
     mask = build_mask(compute_scores(stats, "seap-sf"), 0.4, "uniform")
     options = RefitOptions(alpha=1e-2, bias=True, sequential=True)
     sequential = reconstruct_mask_sequential(loaded, mask, corpus, options, batch_size=5, progress=False)
-    one_shot = reconstruct_mask(loaded, mask, stats, RefitOptions(alpha=1e-2, bias=True))
+    one_shot = reconstruct_mask(loaded, mask, [corpus], RefitOptions(alpha=1e-2, bias=True), batch_size=5,
+                                progress=False)
     # layer 0's o_proj sees the same inputs in both streams: the same fit as one-shot (not under OLMo's norm
     # over the whole query projection, where removing heads changes the kept heads' inputs to o_proj)
     if arch not in ("olmo2", "olmo3"):

@@ -90,10 +90,10 @@ def test_reconstructed_experts_round_trip_through_bundles_alone_and_routed(saved
     from tests.helpers import SENTENCES
 
     tmp, base, _, record = saved
-    stats = collect_statistics(base, build_corpus([{"text": t} for t in SENTENCES * 4], "geo", None),
-                               progress=False, second_moments=True)
-    rebuilt = reconstruct_mask(base, build_mask(compute_scores(stats, "seap-sf"), 0.5, "uniform"), stats,
-                               RefitOptions(alpha=0.05, bias=True))
+    corpus = build_corpus([{"text": t} for t in SENTENCES * 4], "geo", None)
+    stats = collect_statistics(base, corpus, progress=False)
+    rebuilt = reconstruct_mask(base, build_mask(compute_scores(stats, "seap-sf"), 0.5, "uniform"), [corpus],
+                               RefitOptions(alpha=0.05, bias=True), progress=False)
     rebuilt.save(tmp / "refitted")
     path = write_bundle(ExpertRecord(**{**record.__dict__, "masks": {"geo": str(tmp / "refitted")}}), tmp / "b2")
     assert read_bundle(path).masks and not list(path.rglob("model.safetensors"))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from seap.cli import main
 from seap.errors import SeapError
@@ -179,8 +180,10 @@ def test_reconstruction_runs_through_the_plan_and_every_mask_is_refitted_on_its_
         assert mask.is_reconstructed and not mask.has_bias_compensation and mask.meta["method"] == job.params.method
         assert mask.meta["reconstruction"]["bias"] is True
         refitted_on[job.key] = mask.meta["reconstruction"]["statistics_task"]
+    # an expert on its own task's text; the pooled masks on every task's text, streamed through the base
     assert refitted_on == {"masks/seap-expert@0.3/geo": "geo", "masks/seap-expert@0.3/life": "life",
-                           "masks/seap-general@0.3/general": "pooled", "masks/flap@0.3/general": "pooled"}
+                           "masks/seap-general@0.3/general": "geo+life", "masks/flap@0.3/general": "geo+life"}
+    assert "statistics/pooled" in [j.key for j in make_plan(config).jobs]  # (FLAP's scores, not the refit)
     results = json.loads((done.path("report") / "results.json").read_text())
     assert {r["method"] for r in results["rows"]} == {"dense", "seap-expert", "seap-general", "seap-routed", "flap"}
     assert results["config"]["reconstruct"] is True
@@ -209,21 +212,27 @@ def test_the_per_task_control_evaluates_a_baseline_refitted_on_each_task(tmp_pat
 
 
 def test_generic_text_is_merged_into_every_refit_corpus(tmp_path) -> None:
+    from seap.data.corpus import read_corpus
     from seap.maths.masks import PruningMask
     from seap.maths.statistics import ActivationStatistics
+    from seap.run.stages import CORPUS_FILE
 
     config = tiny_config(tmp_path, tasks=["geo"], methods=["seap-expert", "wanda-sp"], reconstruct=True,
                          refit_generic=["life"], refit_generic_samples=10, bench=False)
     plan = make_plan(config)
+    assert "statistics/generic" not in [j.key for j in plan.jobs]  # generic text is a corpus, never statistics
     done = execute(plan)
-    generic = ActivationStatistics.load(done.path("statistics/generic") / "life")
+    generic, header = read_corpus(done.path("corpus/generic") / CORPUS_FILE)
+    assert list(generic) == ["life"] and len(generic["life"].texts) == 10
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "base"))
+    cap = header.get("max_tokens")
+    generic_tokens = sum(min(len(tokenizer(t)["input_ids"]), cap or 10**9) for t in generic["life"].texts)
     own = ActivationStatistics.load(done.path("statistics/tasks") / "geo")
-    assert generic.has_second_moments and generic.task == "life"
     expert = PruningMask.load(done.path("masks/seap-expert@0.3/geo"))
     refit = expert.meta["reconstruction"]
-    assert refit["statistics_task"] == "geo+life" and refit["tokens"] == own.num_tokens + generic.num_tokens
-    assert PruningMask.load(done.path("masks/wanda-sp@0.3/general")).meta["reconstruction"]["statistics_task"] \
-        == "pooled+life"
+    assert refit["statistics_task"] == "geo+life" and refit["tokens"] == own.num_tokens + generic_tokens
+    pooled = PruningMask.load(done.path("masks/wanda-sp@0.3/general")).meta["reconstruction"]
+    assert pooled["statistics_task"] == "geo+life" and pooled["tokens"] == refit["tokens"]  # (one task: the same text)
     with pytest.raises(SeapError, match="refit_generic: geo is also a task of the run"):
         tiny_config(tmp_path, tasks=["geo"], methods=["seap-expert"], refit_generic=["geo"])
 

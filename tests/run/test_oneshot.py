@@ -96,3 +96,67 @@ def test_stage_by_stage_equals_one_shot_on_a_mixture_of_experts_model(moe_files,
     ids = a.tokenizer(SENTENCES[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(a.model(**ids).logits, b.model(**ids).logits, rtol=0, atol=0)
+
+
+def _kill_when(process, condition, timeout: float = 300.0) -> bool:
+    """Freeze and kill -9 ``process`` as soon as ``condition()`` holds; False if it ended first."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if condition():
+            os.kill(process.pid, signal.SIGSTOP)  # (frozen at once, then killed: no clean-up runs)
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.slow
+def test_prune_killed_mid_walk_resumes_after_the_last_finished_layer_with_identical_results(tmp_path) -> None:
+    """``seap prune`` killed with SIGKILL part-way through the statistics walk, then the same
+    command again: it resumes after the last finished layer (the walk's progress record) and
+    writes the same pruned checkpoint as an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers import make_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(make_tokenizer()), hidden_size=128, intermediate_size=512,
+                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    base = tmp_path / "base"
+    LlamaForCausalLM(config).save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": " ".join(SENTENCES[i % len(SENTENCES):] + SENTENCES)})
+                               for i in range(80)) + "\n")
+
+    def prune(workdir, out):
+        return [sys.executable, "-m", "seap", "--no-progress", "prune", "--model", str(base), "--calib", str(calib),
+                "--sparsity", "0.3", "--samples", "80", "--out", str(out), "--workdir", str(workdir)]
+
+    subprocess.run(prune(tmp_path / "plain", tmp_path / "plain-out"), check=True, capture_output=True)
+    work = tmp_path / "killed"
+
+    def records():
+        return [json.loads(p.read_text()) for p in work.glob("statistics/.*.partial/layers/progress.json")]
+
+    process = subprocess.Popen(prune(work, tmp_path / "resumed-out"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    assert _kill_when(process, lambda: any(r.get("done", 0) >= 3 for r in records())), \
+        "the run finished before it could be killed"
+    done = max(r["done"] for r in records())
+    assert 3 <= done < 8 and not (tmp_path / "resumed-out").exists()
+    again = subprocess.run(prune(work, tmp_path / "resumed-out"), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert not list(work.glob("*/.*.partial")), "the finished job's progress is removed"
+    plain, resumed = load_pruned(tmp_path / "plain-out"), load_pruned(tmp_path / "resumed-out")
+    assert resumed.fingerprint == plain.fingerprint
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    assert torch.equal(resumed.model(ids).logits, plain.model(ids).logits)

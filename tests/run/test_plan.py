@@ -54,8 +54,10 @@ def test_method_entries_decide_calibration_and_bias_compensation() -> None:
 def test_no_pooled_statistics_without_a_baseline_and_routing_adds_its_masks() -> None:
     plan = make_plan(RunConfig(methods=["seap-routed"], reconstruct=False))
     assert "statistics/pooled" not in [j.key for j in plan.jobs]
-    refitted = make_plan(RunConfig(methods=["seap-routed"]))  # the general mask is refitted on the pooled text
-    assert "statistics/pooled" in [j.key for j in refitted.jobs]
+    refitted = make_plan(RunConfig(methods=["seap-routed"]))  # the general mask is refitted on the pooled text ...
+    general = refitted.get("masks/seap-general@0.2/general")
+    assert general.params.refit_source == "pooled" and general.inputs["refit_corpus"] == "corpus"
+    assert "statistics/pooled" not in [j.key for j in refitted.jobs]  # ... streamed, not pooled statistics
     assert {j.params.method for j in plan.of_stage("masks")} == {"seap-expert", "seap-general"}
     assert plan.rows == ["dense", "seap-routed@0.2", "seap-routed@0.5"]
     assert "expert_row" not in plan.get("evaluate-routed/seap-routed@0.2").inputs  # no expert row to reuse
@@ -109,37 +111,49 @@ def test_map_inputs_keeps_the_nesting_and_visits_every_reference() -> None:
 
 
 def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() -> None:
-    plan = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3], reconstruct=True, refit_alpha=0.1))
-    assert all(j.params.second_moments for j in plan.of_stage("statistics") if j.name != "pooled")
+    from seap.run.job_params import StatisticsParams
+
+    plan = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3], reconstruct=True, refit_alpha=0.1,
+                               stats_batch_size=5))
+    assert "second_moments" not in StatisticsParams.__dataclass_fields__  # no statistics job holds them
+    assert [j.key for j in plan.of_stage("statistics")] == ["statistics/tasks", "statistics/pooled"]
     for job in plan.of_stage("masks"):
         method = METHODS[job.params.method]
         assert job.params.refit == {"alpha": 0.1} and job.inputs["model"] == "model"
         assert job.params.bias_compensation is False and "bias_statistics" not in job.inputs  # the refit replaces it
-        expected = "statistics/tasks" if method.calibration == "task" else "statistics/pooled"
-        assert job.inputs["refit_statistics"] == expected
+        # the calibration text itself, streamed through the base layer by layer, in the statistics' batches
+        assert job.inputs["refit_corpus"] == "corpus" and "refit_statistics" not in job.inputs
+        assert job.params.refit_source == ("task" if method.calibration == "task" else "pooled")
+        assert job.params.refit_batch_size == 5
     pooled = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_corpus="pooled"))
-    assert "statistics/pooled" in [j.key for j in pooled.jobs]
-    assert {j.inputs["refit_statistics"] for j in pooled.of_stage("masks")} == {"statistics/pooled"}
+    assert "statistics/pooled" not in [j.key for j in pooled.jobs]  # the pooled text needs no pooled statistics
+    assert {j.params.refit_source for j in pooled.of_stage("masks")} == {"pooled"}
+    assert {j.inputs["refit_corpus"] for j in pooled.of_stage("masks")} == {"corpus"}
     generic = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_generic=["boolq"]))
-    assert next(j for j in generic.jobs if j.key == "statistics/generic").params.second_moments is True
-    assert all(j.inputs["refit_generic"] == "statistics/generic" and j.params.refit_generic == ["boolq"]
+    keys = [j.key for j in generic.jobs]
+    assert "corpus/generic" in keys and "statistics/generic" not in keys  # generic text: a corpus, no statistics
+    assert generic.get("corpus/generic").params.tasks == ["boolq"]
+    assert all(j.inputs["refit_generic"] == "corpus/generic" and j.params.refit_generic == ["boolq"]
                for j in generic.of_stage("masks"))
-    assert "statistics/generic" not in [j.key for j in make_plan(RunConfig(refit_generic=["boolq"],
-                                                                              reconstruct=False)).jobs]
+    assert not any(j.key.endswith("/generic") for j in make_plan(RunConfig(refit_generic=["boolq"],
+                                                                             reconstruct=False)).jobs)
     # without reconstruction nothing changes: the same jobs as before the option existed
     plain = make_plan(RunConfig(reconstruct=False))
-    assert not any(getattr(j.params, "refit", None) or getattr(j.params, "second_moments", False) for j in plain.jobs)
+    assert not any(getattr(j.params, "refit", None) or getattr(j.params, "refit_batch_size", None) for j in plain.jobs)
+    assert not any("refit_corpus" in j.inputs or "model" in j.inputs for j in plain.of_stage("masks"))
 
 
-
-def test_the_sequential_refit_reads_the_corpus_and_needs_no_second_moments() -> None:
+def test_the_sequential_refit_reads_the_corpus_as_the_one_shot_refit_does() -> None:
     plan = make_plan(RunConfig(methods=["seap-expert", "wanda-sp+logistic"], sparsities=[0.5], reconstruct=True,
                                refit_sequential=True, refit_generic=["boolq"]))
-    assert not any(j.params.second_moments for j in plan.of_stage("statistics"))
+    one_shot = make_plan(RunConfig(methods=["seap-expert", "wanda-sp+logistic"], sparsities=[0.5], reconstruct=True,
+                                   refit_generic=["boolq"]))
+    assert [j.key for j in plan.of_stage("statistics")] == [j.key for j in one_shot.of_stage("statistics")]
     assert "statistics/generic" not in [j.key for j in plan.jobs] and "corpus/generic" in [j.key for j in plan.jobs]
-    for job in plan.of_stage("masks"):
+    for job, other in zip(plan.of_stage("masks"), one_shot.of_stage("masks"), strict=True):
         assert job.inputs["refit_corpus"] == "corpus" and job.inputs["refit_generic"] == "corpus/generic"
         assert job.params.refit == {"sequential": True} and "refit_statistics" not in job.inputs
+        assert job.inputs == other.inputs and job.key == other.key and job.params.refit != other.params.refit
 
 
 def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
@@ -148,9 +162,9 @@ def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
     plan = make_plan(config)
     masks = {j.key: j for j in plan.of_stage("masks")}
     tasks = config.data.task_names
-    for task in tasks:  # the baseline's task-agnostic mask, refitted on each task's own statistics
+    for task in tasks:  # the baseline's task-agnostic mask, refitted on each task's own text
         job = masks[f"masks/wanda-sp+logistic@0.5/{task}"]
-        assert job.inputs["scores"] == ["scores/wanda-sp/pooled"] and job.inputs["refit_statistics"] == "statistics/tasks"
+        assert job.inputs["scores"] == ["scores/wanda-sp/pooled"] and job.inputs["refit_corpus"] == "corpus"
         assert job.params.refit_source == "task"
     general = masks["masks/seap-general@0.5/general"]  # the routing fallback stays task-agnostic
     assert general.params.refit_source == "pooled"
