@@ -70,3 +70,54 @@ def test_corrupt_pruned_folder(tmp_path) -> None:
         load_pruned(tmp_path / "p")
     with pytest.raises(ArtifactError, match="not found"):
         load_pruned(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "gemma3-text", "phi3"])
+def test_written_layer_by_layer_equals_pruned_in_memory_and_resumes_after_a_kill(arch, tmp_path) -> None:
+    """write_pruned (one layer read, pruned and written as a shard at a time) gives the folder
+    that save_pruned of the model pruned in memory gives: the same fingerprint and logits after
+    load_pruned, with a refitted mask and with bias compensation; interrupted after two layers,
+    the same call resumes from its progress record and gives the same folder."""
+    from seap.data.corpus import build_corpus
+    from seap.model.checkpoint import write_pruned
+    from seap.model.layer_stream import CheckpointLayers
+    from seap.model.refitting import reconstruct_mask
+    from tests.helpers import SENTENCES, make_tiny_model
+
+    tiny = make_tiny_model(arch)
+    tiny.model.save_pretrained(tmp_path / "base")
+    tiny.tokenizer.save_pretrained(tmp_path / "base")
+    base = load_model(str(tmp_path / "base"), device="cpu")
+    source = CheckpointLayers(tmp_path / "base", "cpu")
+    compensated = mask_for(base, 0.4)
+    refitted = reconstruct_mask(source, mask_for(base, 0.4), [build_corpus([{"text": t} for t in SENTENCES * 4],
+                                                                              "toy", None)], progress=False)
+    for name, mask in (("compensated", compensated), ("refitted", refitted)):
+        write_pruned(source, mask, tmp_path / name, progress=False)
+        save_pruned(apply_mask(base, mask, "hard"), tmp_path / f"{name}-memory", mask)
+        streamed, memory = load_pruned(tmp_path / name, device="cpu"), load_pruned(tmp_path / f"{name}-memory", device="cpu")
+        assert streamed.fingerprint == memory.fingerprint
+        torch.testing.assert_close(logits(streamed, tokenizer=tiny.tokenizer), logits(memory, tokenizer=tiny.tokenizer),
+                                   atol=0, rtol=0)
+        assert len(list((tmp_path / name).glob("model-*-of-*.safetensors"))) == len(mask.layers) + 1
+    # killed after two layers (the source fails on the third), then the same call again
+    read = source.layer
+    calls = []
+
+    def failing(index):
+        calls.append(index)
+        if index == 2:
+            raise KeyboardInterrupt("killed")
+        return read(index)
+
+    source.layer = failing
+    with pytest.raises(KeyboardInterrupt):
+        write_pruned(source, refitted, tmp_path / "resumed", work=tmp_path / "work", progress=False)
+    assert json.loads((tmp_path / "work" / "progress.json").read_text())["layers"] == [0, 1]
+    calls.clear()
+    source.layer = lambda index: (calls.append(index), read(index))[1]
+    write_pruned(source, refitted, tmp_path / "resumed", work=tmp_path / "work", progress=False)
+    assert calls == list(range(2, len(refitted.layers)))  # the finished layers were not read again
+    assert load_pruned(tmp_path / "resumed", device="cpu").fingerprint == \
+        load_pruned(tmp_path / "refitted", device="cpu").fingerprint
+    assert not (tmp_path / "work").exists()
