@@ -130,49 +130,81 @@ def reconstruct_masks(base: Any, masks: Mapping[str, tuple[PruningMask, Sequence
     refitted: dict[str, list[LayerMask]] = {name: [] for name in masks}
     reports: dict[str, list[dict[str, float | int]]] = {name: [] for name in masks}
     state: dict[str, Any] = {}
+    # parts are walked in the order given; each mask's second moments are its parts merged in ITS
+    # order, folded in as its parts finish (a finished part it needs later waits, shared), and the
+    # mask is refitted as soon as its last part is in: a layer holds a few matrices per input,
+    # not one per part
 
-    def watch(_index: int, layer: torch.nn.Module) -> dict[torch.nn.Module, Any]:
+    def watch(i: int, layer: torch.nn.Module) -> dict[torch.nn.Module, Any]:
         mods = source.adapter.layer_modules(layer)
         widths = (mods.o_proj.in_features, mods.down_proj.in_features)
-        with torch.inference_mode(False):  # (updated outside inference mode when merged)
-            state["parts"] = [[SecondMomentAccumulator(w, torch.float64, source.device) for w in widths]
-                              for _ in parts]
+        state.update(layer=i, mods=mods, part=None, active=None, waiting={}, running={}, tensors={}, entries={})
 
         def hook(which: int) -> Any:
             def add(batch: Any, x: torch.Tensor) -> None:
-                state["parts"][batch.part][which].add(x, batch.token_weights, batch.count)
+                if batch.part != state["part"]:
+                    _part_done()
+                    state["part"] = batch.part
+                    with torch.inference_mode(False):  # (merged outside inference mode too)
+                        state["active"] = [SecondMomentAccumulator(w, torch.float64, source.device) for w in widths]
+                state["active"][which].add(x, batch.token_weights, batch.count)
             return add
 
         return {mods.o_proj: hook(0), mods.down_proj: hook(1)}
 
-    def finish(i: int, layer: torch.nn.Module) -> LayerResult:
-        done = [[acc.result() for acc in pair] for pair in state.pop("parts")]
-        merged: dict[tuple[int, ...], list[Any]] = {}
-        mods = source.adapter.layer_modules(layer)
-        tensors: dict[str, torch.Tensor] = {}
-        entries: dict[str, Any] = {}
-        for name, (mask, used) in masks.items():
-            key = tuple(used)
-            if key not in merged:  # the parts merged in order, as statistics are
-                seconds = list(done[used[0]])
-                for k in used[1:]:
-                    seconds = [a.merge(b) for a, b in zip(seconds, done[k], strict=True)]
-                merged[key] = seconds
-            attn_second, mlp_second = merged[key]
-            layer_mask = mask.layers[i]
-            refit: dict[str, torch.Tensor] = {}
-            entry: dict[str, float | int] = {"layer": i}
-            for module, linear, keep_flags, second in (
-                ("o", mods.o_proj, layer_mask.heads.repeat_interleave(head_dim), attn_second),
-                ("down", mods.down_proj, layer_mask.channels, mlp_second),
-            ):
-                keep = torch.nonzero(keep_flags.cpu()).flatten()
-                check_token_count(i, f"{module}_proj", second.count, int(keep.numel()))
-                _keep_refit(refit, entry, module, refit_layer(linear.weight.detach(), second, keep, options),
-                            second.count)
-            tensors.update({f"{name}::{k}": v for k, v in refit.items()})
-            entries[name] = entry
-        return tensors, entries
+    def _part_done() -> None:
+        """Fold the part just finished into every mask that needs it next; refit the masks it
+        completes."""
+        if state["part"] is None:
+            return
+        finished = state.pop("active")
+        state["active"] = None
+        state["waiting"][state["part"]] = [acc.result() for acc in finished]
+        progress_made = True
+        while progress_made:
+            progress_made = False
+            for name, (_mask, used) in masks.items():
+                have = state["running"].get(name, (0, None))
+                count, seconds = have
+                if count < len(used) and used[count] in state["waiting"]:
+                    part = state["waiting"][used[count]]
+                    seconds = list(part) if seconds is None else [a.merge(b) for a, b in zip(seconds, part, strict=True)]
+                    state["running"][name] = (count + 1, seconds)
+                    progress_made = True
+                    if count + 1 == len(used):
+                        _refit(name, seconds)
+                        state["running"][name] = (count + 1, None)  # (refitted: its matrices are freed)
+            # a waiting part no mask needs any more is freed
+            for k in list(state["waiting"]):
+                if all(state["running"].get(n, (0, None))[0] > used.index(k) if k in used else True
+                       for n, (_m, used) in masks.items()):
+                    del state["waiting"][k]
+
+    def _refit(name: str, seconds: list[Any]) -> None:
+        i, mods = state["layer"], state["mods"]
+        mask = masks[name][0]
+        attn_second, mlp_second = seconds
+        layer_mask = mask.layers[i]
+        refit: dict[str, torch.Tensor] = {}
+        entry: dict[str, float | int] = {"layer": i}
+        for module, linear, keep_flags, second in (
+            ("o", mods.o_proj, layer_mask.heads.repeat_interleave(head_dim), attn_second),
+            ("down", mods.down_proj, layer_mask.channels, mlp_second),
+        ):
+            keep = torch.nonzero(keep_flags.cpu()).flatten()
+            check_token_count(i, f"{module}_proj", second.count, int(keep.numel()))
+            _keep_refit(refit, entry, module, refit_layer(linear.weight.detach(), second, keep, options), second.count)
+        state["tensors"].update({f"{name}::{k}": v for k, v in refit.items()})
+        state["entries"][name] = entry
+
+    def finish(_i: int, _layer: torch.nn.Module) -> LayerResult:
+        _part_done()
+        missing = [name for name in masks if name not in state["entries"]]
+        if missing:
+            raise RuntimeError(f"masks {missing} were not refitted: a part they need had no batch")
+        result = (state.pop("tensors"), state.pop("entries"))
+        state.clear()
+        return result
 
     def keep(i: int, result: LayerResult) -> None:
         tensors, entries = result

@@ -290,8 +290,11 @@ def refits(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         return
     corpora, generic_parts, cap = _refit_corpora(inputs)
     names = list(corpora)
-    parts = [*corpora.values(), *generic_parts]
-    generic = list(range(len(names), len(parts)))  # (added to every mask's text)
+    # walked generic text first: each mask merges its task's part (or every task's) and then the
+    # generic parts, so with these in hand an expert is refitted as soon as its task's part is done
+    parts = [*generic_parts, *corpora.values()]
+    generic = list(range(len(generic_parts)))
+    first = len(generic_parts)
     options = refit_options(p.refit)
     source = ctx.layers(inputs["model"])
     members = {}
@@ -299,7 +302,7 @@ def refits(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         task = p.tasks.get(member)
         if task is not None and task not in corpora:
             raise SeapError(f"task {task!r} is not in the corpus", f"it holds: {', '.join(names)}")
-        used = [names.index(task)] if task is not None else list(range(len(names)))
+        used = [first + names.index(task)] if task is not None else list(range(first, first + len(names)))
         members[member] = (load_mask(path), used + generic)
     out.mkdir(parents=True)
     if options.sequential:  # the pruned stream is each mask's own: one walk per mask
