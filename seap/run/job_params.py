@@ -70,10 +70,10 @@ class MaskParams:
 
     Dense models: ``score`` names the scores read, ``schedule`` (with ``schedule_options``)
     allocates each layer's sparsity, ``bias_compensation`` stores FLAP's means, ``refit``
-    (the :class:`~seap.maths.reconstruction.RefitOptions` that differ from their defaults)
-    refits the mask on the ``refit_source`` (``task`` or ``pooled``) calibration text, plus the
-    ``refit_generic`` tasks' text, in batches of ``refit_batch_size`` (the statistics' batch size). Mixture-of-experts models (``moe``): ``score`` is the
-    expert score and ``unit`` says what is pruned."""
+    (the :class:`~seap.maths.reconstruction.RefitOptions` that differ from their defaults) refits
+    it where it is built with the text to refit on (``seap masks``; the plan refits in its
+    ``refits`` stage). Mixture-of-experts models (``moe``): ``score`` is the expert score and
+    ``unit`` says what is pruned."""
 
     method: str
     row: str
@@ -87,9 +87,6 @@ class MaskParams:
     bias_compensation: bool = False
     weights: dict[str, float] = field(default_factory=dict)
     refit: dict[str, Any] | None = None
-    refit_source: str | None = None
-    refit_generic: list[str] | None = None
-    refit_batch_size: int | None = None
     moe: bool = False
     unit: str | None = None
     allow_k_reduction: bool = False

@@ -18,7 +18,7 @@ from seap.maths.scores import compute_scores
 from seap.model.calibration import collect_statistics
 from seap.model.checkpoint import load_pruned, save_pruned
 from seap.model.hooks import HookManager, count_hooks
-from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential, refit_mask
+from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential, reconstruct_masks, refit_mask
 from seap.model.masking import apply_mask
 from tests.helpers import ARCHS, SENTENCES, make_tiny_model
 from tests.model.test_surgery import logits
@@ -173,6 +173,46 @@ def test_the_streamed_refit_equals_refit_layer_on_directly_computed_second_momen
     merged = reconstruct_mask(loaded, mask, [merge_corpora([first, second])], options, batch_size=5, progress=False)
     assert_refits_equal(streamed, merged, 1e-10)
     assert merged.meta["reconstruction"]["tokens"] == streamed.meta["reconstruction"]["tokens"]
+    assert count_hooks(loaded.model) == 0
+
+
+def test_one_walk_refits_every_mask_exactly_as_refitting_it_alone() -> None:
+    """`reconstruct_masks` refits several masks (different masks, each on its own parts, some
+    sharing parts or a mask, one merging its parts in another order) in one walk: each gets
+    exactly (bit for bit) what `reconstruct_mask` gives it alone on its parts in that order."""
+    loaded = make_tiny_model("llama-gqa", layers=3)
+    geo = build_corpus([{"text": t} for t in SENTENCES[:7] * 2], "geo", None)
+    life = build_corpus([{"text": t} for t in SENTENCES[7:] * 2], "life", None)
+    generic = build_corpus([{"text": t} for t in SENTENCES[::2]], "generic", None)
+    parts = [geo, life, generic]
+    stats = {c.task: collect_statistics(loaded, c, progress=False) for c in (geo, life)}
+    expert_geo = build_mask(compute_scores(stats["geo"], "seap-sf"), 0.4, "uniform")
+    expert_life = build_mask(compute_scores(stats["life"], "seap-sf"), 0.3, "uniform")
+    general = build_mask(compute_scores(stats["geo"], "wanda-sp"), 0.5, "uniform")
+    assert len({expert_geo.digest(), expert_life.digest(), general.digest()}) == 3  # three different masks
+    masks = {"expert/geo": (expert_geo, [0, 2]), "expert/life": (expert_life, [1, 2]),
+             "general": (general, [0, 1, 2]), "general/reversed": (general, [1, 0]),
+             "expert/geo-on-everything": (expert_geo, [0, 1, 2])}  # (shares the general mask's merge)
+    options = RefitOptions(alpha=1e-2, bias=True)
+    together = reconstruct_masks(loaded, masks, parts, options, batch_size=5, progress=False)
+    assert list(together) == list(masks)
+    for name, (mask, used) in masks.items():
+        alone = reconstruct_mask(loaded, mask, [parts[k] for k in used], options, batch_size=5, progress=False)
+        got = together[name]
+        assert got.meta == alone.meta and got.task == alone.task, name
+        assert got.meta["reconstruction"]["statistics_task"] == "+".join(parts[k].task for k in used)
+        for i, (x, y) in enumerate(zip(got.layers, alone.layers, strict=True)):
+            assert torch.equal(x.heads, y.heads) and torch.equal(x.channels, y.channels)
+            assert set(x.refit) == set(y.refit) == {"o_weight", "o_bias", "down_weight", "down_bias"}
+            for key in x.refit:
+                assert torch.equal(x.refit[key], y.refit[key]), f"{name} layer {i} {key}"
+        assert got.digest() == alone.digest()
+    # the same mask on other text is another refit: each mask really was refitted on its own parts
+    assert not torch.equal(together["expert/geo"].layers[0].refit["down_weight"],
+                           together["expert/geo-on-everything"].layers[0].refit["down_weight"])
+    assert reconstruct_masks(loaded, {}, parts, options, progress=False) == {}
+    with pytest.raises(SeapError, match="no calibration text to refit on"):
+        reconstruct_masks(loaded, {"bad": (general, [3])}, parts, options, progress=False)
     assert count_hooks(loaded.model) == 0
 
 

@@ -26,10 +26,10 @@ from tests.helpers_dvc import (
 from tests.helpers_flows import tiny_project
 from tests.helpers_tasks import make_task_dir
 
-ALL_STAGES = {"model", "corpus", "statistics", "scores", "masks", "evaluate-dense", "evaluate", "router",
+ALL_STAGES = {"model", "corpus", "statistics", "scores", "masks", "refits", "evaluate-dense", "evaluate", "router",
               "evaluate-routed", "perplexity", "bench", "report", "register"}
 UPSTREAM_OF_MASKS = {"model", "corpus", "statistics", "scores", "evaluate-dense", "router"}
-MASKS_AND_DOWNSTREAM = {"masks", "evaluate", "evaluate-routed", "perplexity", "bench", "report", "register"}
+MASKS_AND_DOWNSTREAM = {"masks", "refits", "evaluate", "evaluate-routed", "perplexity", "bench", "report", "register"}
 ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = {"seconds", "router_seconds", "router_overhead"}  # timings differ from run to run
 
@@ -86,6 +86,10 @@ def test_repro_runs_every_stage_and_writes_the_outputs(project) -> None:
     groups = sorted(p.name for p in (repo / "work" / "masks").iterdir())
     assert groups == ["flap@0.2", "seap-expert@0.2", "seap-general@0.2", "wanda-sp@0.2"]
     assert (repo / "work" / "masks" / "seap-expert@0.2" / "geo" / "mask.json").is_file()
+    # every mask refitted (the default) in one walk, each refitted mask an output of its own
+    refits = sorted(p.name for p in (repo / "work" / "refits").iterdir())
+    assert refits == ["flap@0.2", "seap-expert@0.2", "seap-general@0.2", "walk@0.2", "wanda-sp@0.2"]
+    assert (repo / "work" / "refits" / "seap-expert@0.2" / "geo" / "mask.json").is_file()
     records = sorted(p.parent.parent.name for p in (repo / "registry").glob("*/*/record.json"))
     assert len(records) == 4 and any(name.endswith("-routed") for name in records)
     assert (repo / "results" / "accuracy.csv").read_text().startswith("method,sparsity,average")

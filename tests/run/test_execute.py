@@ -46,6 +46,8 @@ def test_every_method_of_the_table_is_a_row(every_method) -> None:
         assert row["average"]["table"] == pytest.approx(sum(t["acc"] for t in row["tasks"].values()) / 2)
         assert all(t["chance"] == pytest.approx(1 / 3) for t in row["tasks"].values())  # three choices an item
     # the dense row and each task's expert give the accuracy of a direct computation on the same 6 items
+    import torch
+
     from seap.maths.masks import PruningMask
     from seap.model.loading import load_model
     from seap.model.masking import apply_mask
@@ -56,7 +58,7 @@ def test_every_method_of_the_table_is_a_row(every_method) -> None:
         eval_file = Path(config.data.data_dir) / task / "validation.jsonl"
         assert {m: by_method["dense"]["tasks"][task][m] for m in ("acc", "acc_norm")} == \
             pytest.approx(direct_mc_accuracy(base, eval_file, limit=6))
-        expert = apply_mask(base, PruningMask.load(done.path(f"masks/seap-expert@0.3/{task}")), "hard")
+        expert = apply_mask(base, PruningMask.load(done.path(f"refits/seap-expert@0.3/{task}")), "hard")
         assert by_method["seap-expert"]["tasks"][task]["acc"] == pytest.approx(
             direct_mc_accuracy(expert, eval_file, limit=6)["acc"])
     routed = next(r for r in results["rows"] if r["method"] == "seap-routed")
@@ -68,10 +70,14 @@ def test_every_method_of_the_table_is_a_row(every_method) -> None:
     # which replaces FLAP's bias compensation
     from seap.maths.masks import PruningMask
 
-    flap = PruningMask.load(done.path("masks/flap@0.3/general"))
+    flap = PruningMask.load(done.path("refits/flap@0.3/general"))
     assert flap.is_reconstructed and not flap.has_bias_compensation
-    assert not PruningMask.load(done.path("masks/seap-expert@0.3/geo")).has_bias_compensation
-    assert PruningMask.load(done.path("masks/seap-expert@0.3/geo")).task == "geo"
+    plain = PruningMask.load(done.path("masks/flap@0.3/general"))  # built plain, refitted in the walk
+    assert not plain.is_reconstructed and not plain.has_bias_compensation
+    assert all(torch.equal(a.channels, b.channels) and torch.equal(a.heads, b.heads)
+               for a, b in zip(plain.layers, flap.layers, strict=True))
+    expert = PruningMask.load(done.path("refits/seap-expert@0.3/geo"))
+    assert expert.is_reconstructed and not expert.has_bias_compensation and expert.task == "geo"
 
 
 def test_a_second_run_reuses_every_output_and_a_changed_option_reruns_only_what_depends_on_it(every_method) -> None:
@@ -118,8 +124,8 @@ def test_routed_row_reuse_equals_evaluating_every_document(every_method) -> None
     catalogue = TaskCatalogue(config.data.data_dir, root / "task-files")
     specs = catalogue.resolve(config.data.tasks)
     base = load_model(config.model.model)
-    experts = {t: PruningMask.load(done.path(f"masks/seap-expert@0.3/{t}")) for t in ("geo", "life")}
-    general = PruningMask.load(done.path("masks/seap-general@0.3/general"))
+    experts = {t: PruningMask.load(done.path(f"refits/seap-expert@0.3/{t}")) for t in ("geo", "life")}
+    general = PruningMask.load(done.path("refits/seap-general@0.3/general"))  # (the refitted masks evaluated)
     router = Router.load(done.path("router"))
     items = json.loads((done.path("evaluate/seap-expert@0.3") / "items.json").read_text())
     reused, _ = evaluate_routed(base, catalogue, specs, 0.3, experts, general, router, limit=6, expert_items=items)
@@ -173,17 +179,21 @@ def test_reconstruction_runs_through_the_plan_and_every_mask_is_refitted_on_its_
 
     config = tiny_config(tmp_path, methods=["seap-expert", "seap-general", "seap-routed", "flap"], reconstruct=True,
                          refit_bias=True, bench=False)
-    done = execute(make_plan(config))
+    plan = make_plan(config)
+    done = execute(plan)
+    assert [j.key for j in plan.of_stage("refits") if j.params.member is None] == ["refits/walk@0.3"]  # one walk
     refitted_on = {}
-    for job in make_plan(config).of_stage("masks"):
-        mask = PruningMask.load(done.path(job.key))
+    for job in plan.of_stage("masks"):  # every mask built plain, then refitted under refits/
+        assert not PruningMask.load(done.path(job.key)).is_reconstructed
+        mask = PruningMask.load(done.path(f"refits/{job.name}"))
         assert mask.is_reconstructed and not mask.has_bias_compensation and mask.meta["method"] == job.params.method
         assert mask.meta["reconstruction"]["bias"] is True
-        refitted_on[job.key] = mask.meta["reconstruction"]["statistics_task"]
+        refitted_on[f"refits/{job.name}"] = mask.meta["reconstruction"]["statistics_task"]
     # an expert on its own task's text; the pooled masks on every task's text, streamed through the base
-    assert refitted_on == {"masks/seap-expert@0.3/geo": "geo", "masks/seap-expert@0.3/life": "life",
-                           "masks/seap-general@0.3/general": "geo+life", "masks/flap@0.3/general": "geo+life"}
-    assert "statistics/pooled" in [j.key for j in make_plan(config).jobs]  # (FLAP's scores, not the refit)
+    assert refitted_on == {"refits/seap-expert@0.3/geo": "geo", "refits/seap-expert@0.3/life": "life",
+                           "refits/seap-general@0.3/general": "geo+life", "refits/flap@0.3/general": "geo+life"}
+    assert {k for group in plan.mask_groups().values() for k in group.values()} == set(refitted_on)
+    assert "statistics/pooled" in [j.key for j in plan.jobs]  # (FLAP's scores, not the refit)
     results = json.loads((done.path("report") / "results.json").read_text())
     assert {r["method"] for r in results["rows"]} == {"dense", "seap-expert", "seap-general", "seap-routed", "flap"}
     assert results["config"]["reconstruct"] is True
@@ -200,12 +210,16 @@ def test_the_per_task_control_evaluates_a_baseline_refitted_on_each_task(tmp_pat
                          refit_corpus="per-task", bench=False)
     plan = make_plan(config)
     done = execute(plan)
-    masks = {j.key: PruningMask.load(done.path(j.key)) for j in plan.of_stage("masks")
-             if j.params.method == "wanda-sp+logistic"}
+    masks = {j.key: PruningMask.load(done.path(j.key)) for j in plan.of_stage("refits")
+             if j.params.member is not None and j.params.member.startswith("wanda-sp+logistic@")}
     assert {m.meta["reconstruction"]["statistics_task"] for m in masks.values()} == {"geo", "life"}
-    geo, life = (masks[f"masks/wanda-sp+logistic@0.3/{t}"] for t in ("geo", "life"))
+    geo, life = (masks[f"refits/wanda-sp+logistic@0.3/{t}"] for t in ("geo", "life"))
     assert all(torch.equal(a.channels, b.channels) for a, b in zip(geo.layers, life.layers))  # one mask ...
-    assert geo.digest() != life.digest()  # ... refitted twice
+    assert geo.digest() != life.digest()  # ... refitted twice, each on its own task's text, in the one walk
+    assert [m.meta["reconstruction"]["statistics_task"] for m in (geo, life)] == ["geo", "life"]
+    assert plan.get("refits/walk@0.3").params.tasks == {"seap-expert@0.3/geo": "geo", "seap-expert@0.3/life": "life",
+                                                        "wanda-sp+logistic@0.3/geo": "geo",
+                                                        "wanda-sp+logistic@0.3/life": "life"}
     results = json.loads((done.path("report") / "results.json").read_text())
     row = next(r for r in results["rows"] if r["method"] == "wanda-sp+logistic")
     assert set(row["tasks"]) == {"geo", "life"}
@@ -228,10 +242,10 @@ def test_generic_text_is_merged_into_every_refit_corpus(tmp_path) -> None:
     cap = header.get("max_tokens")
     generic_tokens = sum(min(len(tokenizer(t)["input_ids"]), cap or 10**9) for t in generic["life"].texts)
     own = ActivationStatistics.load(done.path("statistics/tasks") / "geo")
-    expert = PruningMask.load(done.path("masks/seap-expert@0.3/geo"))
+    expert = PruningMask.load(done.path("refits/seap-expert@0.3/geo"))
     refit = expert.meta["reconstruction"]
     assert refit["statistics_task"] == "geo+life" and refit["tokens"] == own.num_tokens + generic_tokens
-    pooled = PruningMask.load(done.path("masks/wanda-sp@0.3/general")).meta["reconstruction"]
+    pooled = PruningMask.load(done.path("refits/wanda-sp@0.3/general")).meta["reconstruction"]
     assert pooled["statistics_task"] == "geo+life" and pooled["tokens"] == refit["tokens"]  # (one task: the same text)
     with pytest.raises(SeapError, match="refit_generic: geo is also a task of the run"):
         tiny_config(tmp_path, tasks=["geo"], methods=["seap-expert"], refit_generic=["geo"])

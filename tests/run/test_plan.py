@@ -14,6 +14,16 @@ from seap.run.plan import STAGES, Job, Plan, check_plan, make_plan
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def walks(plan: Plan) -> list[Job]:
+    """The plan's refit walks (``refits/walk@<sparsity>``), not the refitted masks linked from them."""
+    return [j for j in plan.of_stage("refits") if j.params.member is None]
+
+
+def refitted(plan: Plan) -> dict[str, Job]:
+    """``row/name`` -> the ``refits`` job of every refitted mask."""
+    return {j.params.member: j for j in plan.of_stage("refits") if j.params.member is not None}
+
+
 def test_default_plan_has_todays_rows_and_stable_keys() -> None:
     plan = make_plan(RunConfig())
     assert plan.rows == ["dense", *(f"{m}@{s:g}" for s in (0.2, 0.5) for m in ("seap-expert", "seap-general",
@@ -21,10 +31,28 @@ def test_default_plan_has_todays_rows_and_stable_keys() -> None:
                          "seap-routed@0.2", "seap-routed@0.5"]
     keys = [j.key for j in plan.jobs]
     assert len(keys) == len(set(keys)) and keys == [j.key for j in make_plan(RunConfig()).jobs]
-    assert "masks/seap-expert@0.2/capitals" in keys and "masks/flap@0.5/general" in keys
+    tasks = RunConfig().data.task_names
+
+    def masks_of(s: float) -> list[str]:
+        return [*(f"seap-expert@{s:g}/{t}" for t in tasks),
+                *(f"{m}@{s:g}/general" for m in ("seap-general", "wanda-sp", "flap"))]
+
+    # the masks built plain, then one walk per sparsity refitting them all, then each refitted mask
+    assert keys == ["model", "corpus", "statistics/tasks", "statistics/pooled",
+                    *(f"scores/seap-sf/{t}" for t in tasks), "scores/wanda-sp/pooled", "scores/flap/pooled",
+                    *(f"masks/{m}" for s in (0.2, 0.5) for m in masks_of(s)),
+                    *(k for s in (0.2, 0.5) for k in (f"refits/walk@{s:g}", *(f"refits/{m}" for m in masks_of(s)))),
+                    "evaluate-dense/dense",
+                    *(f"evaluate/{m}@{s:g}" for s in (0.2, 0.5) for m in ("seap-expert", "seap-general", "wanda-sp",
+                                                                          "flap")),
+                    "router", "evaluate-routed/seap-routed@0.2", "evaluate-routed/seap-routed@0.5",
+                    "bench", "report", "register"]
     routed = plan.get("evaluate-routed/seap-routed@0.5")
     assert routed.inputs["expert_row"] == "evaluate/seap-expert@0.5"
-    assert routed.inputs["general"] == "masks/seap-general@0.5/general"
+    assert routed.inputs["general"] == "refits/seap-general@0.5/general"  # the refitted masks are read
+    assert routed.inputs["experts"] == {t: f"refits/seap-expert@0.5/{t}" for t in tasks}
+    assert plan.get("evaluate/flap@0.5").inputs["masks"] == {"general": "refits/flap@0.5/general"}
+    assert plan.mask_groups()["seap-expert@0.2"] == {t: f"refits/seap-expert@0.2/{t}" for t in tasks}
     # registration takes the SEAP masks only; the bench every mask
     assert set(plan.get("register").inputs["masks"]) == {f"{m}@{s}" for m in ("seap-expert", "seap-general")
                                                          for s in ("0.2", "0.5")}
@@ -32,9 +60,16 @@ def test_default_plan_has_todays_rows_and_stable_keys() -> None:
 
 
 def test_method_entries_decide_calibration_and_bias_compensation() -> None:
-    refitted = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3]))  # the default: every mask refitted
-    assert all(j.params.refit is not None and not j.params.bias_compensation for j in refitted.of_stage("masks"))
+    default = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3]))  # the default: every mask refitted
+    built = default.of_stage("masks")
+    assert all(not j.params.bias_compensation and "bias_statistics" not in j.inputs for j in built)
+    assert set(refitted(default)) == {j.name for j in built}
+    (walk,) = walks(default)
+    assert walk.inputs["masks"] == {j.name: j.key for j in built} and walk.params.refit is not None
+    assert set(default.mask_groups()["flap@0.3"].values()) == {"refits/flap@0.3/general"}
     plan = make_plan(RunConfig(methods=list(NEURON_METHODS), sparsities=[0.3], reconstruct=False))
+    assert not plan.of_stage("refits")  # nothing refitted: the plain masks are read
+    assert set(plan.mask_groups()["flap@0.3"].values()) == {"masks/flap@0.3/general"}
     for name in NEURON_METHODS:
         method = METHODS[name]
         masks = [j for j in plan.of_stage("masks") if j.params.method == name]
@@ -54,10 +89,12 @@ def test_method_entries_decide_calibration_and_bias_compensation() -> None:
 def test_no_pooled_statistics_without_a_baseline_and_routing_adds_its_masks() -> None:
     plan = make_plan(RunConfig(methods=["seap-routed"], reconstruct=False))
     assert "statistics/pooled" not in [j.key for j in plan.jobs]
-    refitted = make_plan(RunConfig(methods=["seap-routed"]))  # the general mask is refitted on the pooled text ...
-    general = refitted.get("masks/seap-general@0.2/general")
-    assert general.params.refit_source == "pooled" and general.inputs["refit_corpus"] == "corpus"
-    assert "statistics/pooled" not in [j.key for j in refitted.jobs]  # ... streamed, not pooled statistics
+    refit = make_plan(RunConfig(methods=["seap-routed"]))  # the general mask is refitted on the pooled text ...
+    walk = refit.get("refits/walk@0.2")
+    assert walk.inputs["masks"]["seap-general@0.2/general"] == "masks/seap-general@0.2/general"
+    assert walk.params.tasks["seap-general@0.2/general"] is None and walk.inputs["refit_corpus"] == "corpus"
+    assert refit.get("evaluate-routed/seap-routed@0.2").inputs["general"] == "refits/seap-general@0.2/general"
+    assert "statistics/pooled" not in [j.key for j in refit.jobs]  # ... streamed, not pooled statistics
     assert {j.params.method for j in plan.of_stage("masks")} == {"seap-expert", "seap-general"}
     assert plan.rows == ["dense", "seap-routed@0.2", "seap-routed@0.5"]
     assert "expert_row" not in plan.get("evaluate-routed/seap-routed@0.2").inputs  # no expert row to reuse
@@ -117,30 +154,38 @@ def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() ->
                                stats_batch_size=5))
     assert "second_moments" not in StatisticsParams.__dataclass_fields__  # no statistics job holds them
     assert [j.key for j in plan.of_stage("statistics")] == ["statistics/tasks", "statistics/pooled"]
-    for job in plan.of_stage("masks"):
+    (walk,) = walks(plan)
+    # the calibration text itself, streamed through the base layer by layer, in the statistics' batches
+    assert walk.inputs["model"] == "model" and walk.inputs["refit_corpus"] == "corpus"
+    assert "refit_statistics" not in walk.inputs and "refit_generic" not in walk.inputs
+    assert walk.params.refit == {"alpha": 0.1} and walk.params.batch_size == 5
+    members = refitted(plan)
+    for job in plan.of_stage("masks"):  # built plain: the refit is the walk's
         method = METHODS[job.params.method]
-        assert job.params.refit == {"alpha": 0.1} and job.inputs["model"] == "model"
+        assert job.params.refit is None and "model" not in job.inputs and "refit_corpus" not in job.inputs
         assert job.params.bias_compensation is False and "bias_statistics" not in job.inputs  # the refit replaces it
-        # the calibration text itself, streamed through the base layer by layer, in the statistics' batches
-        assert job.inputs["refit_corpus"] == "corpus" and "refit_statistics" not in job.inputs
-        assert job.params.refit_source == ("task" if method.calibration == "task" else "pooled")
-        assert job.params.refit_batch_size == 5
+        # an expert on its task's text, everything else on every task's
+        assert walk.inputs["masks"][job.name] == job.key
+        assert walk.params.tasks[job.name] == (job.params.mask if method.calibration == "task" else None)
+        assert members[job.name].inputs == {"walk": walk.key} and members[job.name].key == f"refits/{job.name}"
+    assert set(members) == set(walk.inputs["masks"]) == set(walk.params.tasks)
     pooled = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_corpus="pooled"))
     assert "statistics/pooled" not in [j.key for j in pooled.jobs]  # the pooled text needs no pooled statistics
-    assert {j.params.refit_source for j in pooled.of_stage("masks")} == {"pooled"}
-    assert {j.inputs["refit_corpus"] for j in pooled.of_stage("masks")} == {"corpus"}
+    assert all(set(w.params.tasks.values()) == {None} and w.inputs["refit_corpus"] == "corpus" for w in walks(pooled))
     generic = make_plan(RunConfig(methods=["seap-expert"], reconstruct=True, refit_generic=["boolq"]))
     keys = [j.key for j in generic.jobs]
     assert "corpus/generic" in keys and "statistics/generic" not in keys  # generic text: a corpus, no statistics
     assert generic.get("corpus/generic").params.tasks == ["boolq"]
-    assert all(j.inputs["refit_generic"] == "corpus/generic" and j.params.refit_generic == ["boolq"]
-               for j in generic.of_stage("masks"))
+    assert len(walks(generic)) == 2 and all(w.inputs["refit_generic"] == "corpus/generic" for w in walks(generic))
+    assert not any("refit_generic" in j.inputs for j in generic.of_stage("masks"))
     assert not any(j.key.endswith("/generic") for j in make_plan(RunConfig(refit_generic=["boolq"],
                                                                              reconstruct=False)).jobs)
     # without reconstruction nothing changes: the same jobs as before the option existed
     plain = make_plan(RunConfig(reconstruct=False))
+    assert not plain.of_stage("refits")
     assert not any(getattr(j.params, "refit", None) or getattr(j.params, "refit_batch_size", None) for j in plain.jobs)
     assert not any("refit_corpus" in j.inputs or "model" in j.inputs for j in plain.of_stage("masks"))
+    assert all(k.startswith("masks/") for group in plain.mask_groups().values() for k in group.values())
 
 
 def test_the_sequential_refit_reads_the_corpus_as_the_one_shot_refit_does() -> None:
@@ -150,10 +195,16 @@ def test_the_sequential_refit_reads_the_corpus_as_the_one_shot_refit_does() -> N
                                    refit_generic=["boolq"]))
     assert [j.key for j in plan.of_stage("statistics")] == [j.key for j in one_shot.of_stage("statistics")]
     assert "statistics/generic" not in [j.key for j in plan.jobs] and "corpus/generic" in [j.key for j in plan.jobs]
-    for job, other in zip(plan.of_stage("masks"), one_shot.of_stage("masks"), strict=True):
-        assert job.inputs["refit_corpus"] == "corpus" and job.inputs["refit_generic"] == "corpus/generic"
-        assert job.params.refit == {"sequential": True} and "refit_statistics" not in job.inputs
-        assert job.inputs == other.inputs and job.key == other.key and job.params.refit != other.params.refit
+    # the same plain masks; the same walk (corpus and generic text), with the sequential refit
+    assert [(j.key, j.inputs, j.params) for j in plan.of_stage("masks")] == \
+        [(j.key, j.inputs, j.params) for j in one_shot.of_stage("masks")]
+    (walk,), (other,) = walks(plan), walks(one_shot)
+    assert walk.key == other.key == "refits/walk@0.5"
+    assert walk.inputs["refit_corpus"] == "corpus" and walk.inputs["refit_generic"] == "corpus/generic"
+    assert walk.params.refit == {"sequential": True} and "refit_statistics" not in walk.inputs
+    assert not other.params.refit.get("sequential")
+    assert walk.inputs == other.inputs and walk.params.tasks == other.params.tasks
+    assert [j.key for j in plan.of_stage("refits")] == [j.key for j in one_shot.of_stage("refits")]
 
 
 def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
@@ -162,17 +213,36 @@ def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
     plan = make_plan(config)
     masks = {j.key: j for j in plan.of_stage("masks")}
     tasks = config.data.task_names
-    for task in tasks:  # the baseline's task-agnostic mask, refitted on each task's own text
+    (walk,) = walks(plan)
+    assert walk.inputs["refit_corpus"] == "corpus"
+    baseline = {m: t for m, t in walk.params.tasks.items() if m.startswith("wanda-sp+logistic@0.5/")}
+    # the baseline's task-agnostic mask, refitted once on each task's own text
+    assert baseline == {f"wanda-sp+logistic@0.5/{t}": t for t in tasks}
+    for task in tasks:
         job = masks[f"masks/wanda-sp+logistic@0.5/{task}"]
-        assert job.inputs["scores"] == ["scores/wanda-sp/pooled"] and job.inputs["refit_corpus"] == "corpus"
-        assert job.params.refit_source == "task"
-    general = masks["masks/seap-general@0.5/general"]  # the routing fallback stays task-agnostic
-    assert general.params.refit_source == "pooled"
+        assert job.inputs["scores"] == ["scores/wanda-sp/pooled"] and job.params.refit is None
+        assert walk.inputs["masks"][job.name] == job.key
+    assert walk.params.tasks["seap-general@0.5/general"] is None  # the routing fallback stays task-agnostic
     row = next(j for j in plan.of_stage("evaluate") if j.row == "wanda-sp+logistic@0.5")
-    assert row.params.per_task and set(row.inputs["masks"]) == set(tasks)
+    assert row.params.per_task and row.inputs["masks"] == {t: f"refits/wanda-sp+logistic@0.5/{t}" for t in tasks}
     without = make_plan(RunConfig(methods=["wanda-sp+logistic"], sparsities=[0.5], refit_corpus="per-task",
                                   reconstruct=False))
     assert [j.key for j in without.of_stage("masks")] == ["masks/wanda-sp+logistic@0.5/general"]  # no refit: one mask
+    assert not without.of_stage("refits")
+
+
+def test_one_walk_per_sparsity_refits_every_mask_of_that_sparsity() -> None:
+    plan = make_plan(RunConfig())
+    sparsities = RunConfig().masks.sparsities
+    assert [w.key for w in walks(plan)] == [f"refits/walk@{s:g}" for s in sparsities]
+    members = refitted(plan)
+    for s in sparsities:
+        walk = plan.get(f"refits/walk@{s:g}")
+        built = {j.name: j.key for j in plan.of_stage("masks") if j.params.sparsity == s}
+        assert walk.inputs["masks"] == built and set(walk.params.tasks) == set(built)  # every mask, in one walk
+        assert {m for m, j in members.items() if j.inputs == {"walk": walk.key}} == set(built)
+        assert all(members[m].params.member == m for m in built)
+    assert set(members) == {j.name for j in plan.of_stage("masks")}  # and no mask in two walks
 
 def test_the_bias_compensation_option_overrides_every_method_and_conflicts_with_reconstruction() -> None:
     plan = make_plan(RunConfig(methods=["seap-expert", "flap"], sparsities=[0.3], bias_compensation=True,
