@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from seap.model.checkpoint import load_pruned
+
 from seap.cli import main
 from tests.helpers import SENTENCES, make_tiny_model
 
@@ -384,8 +386,9 @@ def test_a_kill_leaves_no_partial_output_and_the_rerun_works(command: str, input
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name], "a stale temporary stayed"
     if command == "stats":
         assert sorted(p.name for p in out.iterdir()) == ["chat", "facts"]
-    if command == "prune":
-        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    if command == "prune":  # (written layer by layer: shards and their index)
+        assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+        assert load_pruned(out).fingerprint
 
 
 def test_two_writers_on_one_output_one_wins_and_the_other_says_so(inputs: Path, tmp_path: Path) -> None:
