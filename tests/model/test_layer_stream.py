@@ -88,16 +88,13 @@ def watched(source: CheckpointLayers) -> list[tuple[int, list[int]]]:
 
 def reference_moments(loaded, texts) -> list[dict[str, torch.Tensor]]:
     """Every layer's o_proj / down_proj inputs, from a full forward of the whole model per text
-    (no padding, no layer stream), caught by forward-pre-hooks, in float64."""
-    seen: dict[tuple[int, str], list[torch.Tensor]] = {}
-    mods = loaded.adapter.all_layer_modules(loaded.model)
-    with HookManager() as hooks, torch.no_grad():
-        for i, m in enumerate(mods):
-            hooks.add_input_hook(m.o_proj, lambda _m, x, i=i: seen.setdefault((i, "attn"), []).append(x[0]))
-            hooks.add_input_hook(m.down_proj, lambda _m, x, i=i: seen.setdefault((i, "mlp"), []).append(x[0]))
-        for text in texts:
-            loaded.model(**loaded.tokenizer(text, return_tensors="pt"))
-    return [{module: torch.cat(seen[(i, module)]).double() for module in ("attn", "mlp")} for i in range(len(mods))]
+    (no padding, no layer stream), caught by forward-pre-hooks, in float64
+    (:func:`tests.model.test_calibration.direct_inputs`)."""
+    from tests.model.test_calibration import direct_inputs
+
+    captured = direct_inputs(loaded, texts)
+    layers = len(loaded.adapter.all_layer_modules(loaded.model))
+    return [{module: torch.from_numpy(captured[(i, module)]) for module in ("attn", "mlp")} for i in range(layers)]
 
 
 def assert_statistics_equal(a, b) -> None:
