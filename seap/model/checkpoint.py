@@ -196,18 +196,16 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
     progress record; a run killed part-way and started again with the same mask, base and
     options resumes after the last finished layer (other options start afresh there). On
     success it becomes ``path``."""
-    import hashlib
     import os
     import shutil
 
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from seap.io import canonical_json
     from seap.maths.masks import PruningMask
-    from seap.model.shards import INDEX_FILE, PROGRESS_FILE, write_safetensors
-    from seap.model.loaded import FINGERPRINT_CHUNK, config_fingerprint_fields
+    from seap.model.loaded import fingerprint_of
     from seap.model.pruning import share_copy
+    from seap.model.shards import INDEX_FILE, PROGRESS_FILE, write_safetensors
     from seap.model.surgery import (
         prune_layer,
         pruning_record,
@@ -278,17 +276,11 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
     weight_map.update({name: shard for name in outer})
     del outer
     # the pruned model's fingerprint (seap.model.loaded.model_fingerprint), read back one tensor at a time
-    digest = hashlib.sha256()
-    digest.update(canonical_json(config_fingerprint_fields(config)).encode())
-    for name in sorted(weight_map):
+    def written(name: str) -> torch.Tensor:
         with safe_open(str(work / weight_map[name]), framework="pt") as handle:
-            tensor = handle.get_tensor(name)
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        flat = tensor.reshape(-1)
-        for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
-            digest.update(flat[start: start + FINGERPRINT_CHUNK].to(torch.float32).contiguous().numpy().tobytes())
-        del tensor, flat
-    info = {**pruning_record(mask, "hard", compensate), "pruned_fingerprint": "sha256:" + digest.hexdigest(),
+            return handle.get_tensor(name)
+
+    info = {**pruning_record(mask, "hard", compensate), "pruned_fingerprint": fingerprint_of(config, weight_map, written),
             "layers": sizes}
     total_size = sum((work / f).stat().st_size for f in set(weight_map.values()))
     atomic_write_json(work / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})

@@ -44,9 +44,8 @@ from tqdm.auto import tqdm
 from seap.errors import SeapError
 from seap.model.hooks import HookManager, StopForward
 from seap.model.loaded import (
-    FINGERPRINT_CHUNK,
     LoadedModel,
-    config_fingerprint_fields,
+    fingerprint_of,
     prepare_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -341,20 +340,7 @@ class CheckpointLayers(LayerSource):
         """The model's fingerprint (:func:`seap.model.loaded.model_fingerprint`), computed by
         reading the checkpoint one tensor at a time (once per source)."""
         if self._fingerprint is None:
-            import hashlib
-
-            digest = hashlib.sha256()
-            from seap.io import canonical_json
-
-            digest.update(canonical_json(config_fingerprint_fields(self.model.config)).encode())
-            for name in sorted(self.names):
-                tensor = self.read([name])[name]
-                digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-                flat = tensor.reshape(-1)
-                for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
-                    digest.update(flat[start : start + FINGERPRINT_CHUNK].to(torch.float32).contiguous().numpy().tobytes())
-                del tensor, flat
-            self._fingerprint = "sha256:" + digest.hexdigest()
+            self._fingerprint = fingerprint_of(self.model.config, self.names, lambda n: self.read([n])[n])
         return self._fingerprint
 
 

@@ -8,15 +8,16 @@ refuse to be applied to another model.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from seap.model.adapters import ArchitectureAdapter, get_adapter
 from seap.errors import SeapError
 from seap.io import canonical_json
+from seap.model.adapters import ArchitectureAdapter, get_adapter
 
 # Config fields that define the computation; cosmetic ones (paths, versions, dtype) are left out.
 FINGERPRINT_CONFIG_KEYS = (
@@ -73,18 +74,27 @@ def config_fingerprint_fields(config: Any) -> dict[str, Any]:
     return {k: data[k] for k in FINGERPRINT_CONFIG_KEYS if k in data and data[k] is not None}
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """``sha256:<hex>`` of the architecture config and all parameters (as float32, name order)."""
+def fingerprint_of(config: Any, names: Iterable[str], read: Callable[[str], torch.Tensor]) -> str:
+    """``sha256:<hex>`` of the architecture ``config`` and the tensors ``names``, each read with
+    ``read(name)`` one at a time and hashed as float32, in name order. A model in memory
+    (:func:`model_fingerprint`) and a checkpoint read tensor by tensor give the same."""
     digest = hashlib.sha256()
-    digest.update(canonical_json(config_fingerprint_fields(model.config)).encode())  # type: ignore[attr-defined]
-    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        tensor = param.detach()
+    digest.update(canonical_json(config_fingerprint_fields(config)).encode())
+    for name in sorted(names):
+        tensor = read(name).detach()
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         flat = tensor.reshape(-1)
         for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
             chunk = flat[start : start + FINGERPRINT_CHUNK].to(device="cpu", dtype=torch.float32).contiguous()
             digest.update(chunk.numpy().tobytes())
+        del tensor, flat
     return "sha256:" + digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """``sha256:<hex>`` of the architecture config and all parameters (as float32, name order)."""
+    params = dict(model.named_parameters())
+    return fingerprint_of(model.config, params, params.__getitem__)
 
 
 def resolve_device(device: str | None) -> torch.device:
