@@ -22,10 +22,11 @@ from typing import Any, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from seap.errors import ArtifactError
 from seap.io import atomic_directory, atomic_write_json, canonical_json, read_json, sha256_bytes, sha256_file
+from seap.tensor_files import LazyTensors, Storable, TensorFile, TensorFileError, write_tensor_file
 
 _RESERVED = ("format", "format_version", "tensors_sha256", "meta_sha256")  # (``sidecars`` stays: its owner reads it)
 SIDECAR_DIR = "parts"
@@ -51,13 +52,14 @@ def _meta_sha256(meta: Mapping[str, Any]) -> str:
     return sha256_bytes(canonical_json(stored).encode("utf-8"))
 
 
-def _save(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
+def _save(tensors: Mapping[str, Storable], file: Path) -> None:
+    write_tensor_file(tensors, file)  # (one tensor at a time; a reference to another file is copied unread)
 
 
-def write_artifact(kind: ArtifactKind, path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+def write_artifact(kind: ArtifactKind, path: str | Path, tensors: Mapping[str, Storable], meta: dict[str, Any],
                    overwrite: bool = False, sidecars: Mapping[str, Sidecar] | None = None) -> Path:
-    """Write ``tensors`` and ``meta`` into the folder ``path`` atomically, with each sidecar
+    """Write ``tensors`` (tensors, or references to tensors of open files, copied unread) and
+    ``meta`` into the folder ``path`` atomically, with each sidecar
     (name -> tensors made on demand, or an existing safetensors file) as ``parts/<name>.safetensors``."""
     with atomic_directory(path, overwrite=overwrite) as tmp:
         _save(tensors, tmp / kind.tensors_file)
@@ -113,8 +115,11 @@ def read_sidecar(ref: SidecarRef) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{ref.file} is corrupt ({exc})", ref.kind.remake) from exc
 
 
-def read_artifact(kind: ArtifactKind, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and verify an artifact folder; returns (tensors, metadata without the bookkeeping keys)."""
+def read_artifact(kind: ArtifactKind, path: str | Path, lazy: bool = False
+                  ) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify an artifact folder; returns (tensors, metadata without the bookkeeping keys).
+    ``lazy``: the tensors as a :class:`~seap.tensor_files.LazyTensors` over the verified file,
+    each read when looked up (for artifacts as large as a model)."""
     p = Path(path)
     if p.is_dir() and not (p / kind.meta_file).is_file():
         from seap.io import own_output
@@ -134,8 +139,17 @@ def read_artifact(kind: ArtifactKind, path: str | Path) -> tuple[dict[str, torch
         raise ArtifactError(f"{p / kind.meta_file} was edited: its metadata no longer matches its checksum",
                             kind.remake)
     tensor_file = p / kind.tensors_file
+    corrupt = ArtifactError(f"{tensor_file} is missing or corrupt (checksum mismatch)", kind.remake)
+    if lazy:  # (the checksum of the very file then read: its descriptor stays open)
+        try:
+            opened = TensorFile(tensor_file)
+        except (OSError, TensorFileError):
+            raise corrupt from None
+        if opened.sha256() != meta.get("tensors_sha256"):
+            raise corrupt
+        return LazyTensors(opened), {k: v for k, v in meta.items() if k not in _RESERVED}
     if not tensor_file.is_file() or sha256_file(tensor_file) != meta.get("tensors_sha256"):
-        raise ArtifactError(f"{tensor_file} is missing or corrupt (checksum mismatch)", kind.remake)
+        raise corrupt
     try:
         tensors = load_file(str(tensor_file))
     except SafetensorError as exc:  # pragma: no cover - the checksum catches corruption first
@@ -143,7 +157,7 @@ def read_artifact(kind: ArtifactKind, path: str | Path) -> tuple[dict[str, torch
     return tensors, {k: v for k, v in meta.items() if k not in _RESERVED}
 
 
-def require(tensors: dict[str, torch.Tensor], key: str, kind: ArtifactKind) -> torch.Tensor:
+def require(tensors: Mapping[str, torch.Tensor], key: str, kind: ArtifactKind) -> torch.Tensor:
     if key not in tensors:
         raise ArtifactError(f"{kind.format} artifact lacks tensor {key!r}", kind.remake)
     return tensors[key]

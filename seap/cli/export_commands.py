@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from seap.cli.arguments import Command, check_out, load_model_of, model_arguments
+from seap.cli.arguments import Command, check_out, layers_of, load_model_of, model_arguments
 from seap.errors import SeapError
 from seap.run.config import DEFAULT_MODEL
 
@@ -48,18 +48,19 @@ def _export_model(args: argparse.Namespace) -> int:
     from seap.export.to_gguf import is_seap_gguf
 
     check_out(args, args.model, file=args.format == "gguf", recognise=is_seap_gguf if args.format == "gguf" else None)
-    loaded = load_model_of(args)
     if args.format == "gguf":
         from seap.export.to_gguf import export_gguf, gguf_layout
 
-        layout = gguf_layout(loaded)
-        export_gguf(loaded, args.out, dtype=args.gguf_dtype, overwrite=args.overwrite, tokenizer_pre=args.tokenizer_pre,
-                    inputs=(args.model,))
+        source = layers_of(args)  # (a checkpoint is read and written one decoder layer at a time)
+        layout = gguf_layout(source)
+        export_gguf(source, args.out, dtype=args.gguf_dtype, overwrite=args.overwrite, tokenizer_pre=args.tokenizer_pre,
+                    inputs=(args.model,), progress=True)
         widths = "one width for all layers" if layout.uniform else "per-layer widths"
         print(f"wrote {args.out} (llama.cpp architecture {layout.architecture}, {widths}, {args.gguf_dtype})")
     else:
         from seap.export.to_transformers import export_transformers
 
+        loaded = load_model_of(args)
         export_transformers(loaded, args.out, overwrite=args.overwrite, inputs=(args.model,))
         print(f"wrote {args.out} (loads with transformers.AutoModelForCausalLM.from_pretrained, without seap)")
     return 0

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from seap.errors import SeapError, UnsupportedArchitectureError
 from seap.export import pruning_record
@@ -38,6 +39,7 @@ from seap.export.bpe_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
 from seap.export.gguf_names import llama_cpp_family
 from seap.io import atomic_file
 from seap.model.checkpoint import is_expert_record
+from seap.model.layer_stream import LayerSource
 from seap.model.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -61,26 +63,33 @@ class GgufLayout:
         return len(set(self.heads)) == len(set(self.kv_heads)) == len(set(self.ffn)) == 1
 
 
-def gguf_layout(loaded: LoadedModel) -> GgufLayout:
-    """The llama.cpp architecture and per-layer widths a GGUF export of ``loaded`` declares;
-    refuses what llama.cpp cannot express, naming the layer and what to do instead."""
-    adapter = loaded.adapter
-    info = pruning_record(loaded)
+def gguf_layout(model: LoadedModel | LayerSource) -> GgufLayout:
+    """The llama.cpp architecture and per-layer widths a GGUF export of ``model`` (a loaded model,
+    or a checkpoint read layer by layer) declares; refuses what llama.cpp cannot express, naming
+    the layer and what to do instead."""
+    from seap.model.layer_stream import open_layers
+
+    source = open_layers(model)
+    adapter = source.adapter
+    info = pruning_record(source)
     if is_expert_record(info):
         raise UnsupportedArchitectureError(
             "GGUF export of pruned mixture-of-experts models is not available: llama.cpp's MoE architectures take "
             "one expert count and one expert width for all layers, and the kept router rows would need its own format",
             "serve the pruned MoE model through `seap.load_pruned` or the MLflow bundle")
     family = llama_cpp_family(adapter)  # (refuses a family llama.cpp export does not cover)
-    geometry = adapter.geometry(loaded.model)
+    geometry = adapter.geometry(source.model)  # (shapes only: a streamed checkpoint's layers need no weights)
     heads = tuple(g.num_heads for g in geometry.layers)
     kv = tuple(g.num_kv_heads for g in geometry.layers)
     ffn = tuple(g.intermediate_size for g in geometry.layers)
-    for i, (mods, h, f) in enumerate(zip(adapter.all_layer_modules(loaded.model), heads, ffn, strict=True)):
-        if h == 0 and mods.o_proj.bias is not None and bool(mods.o_proj.bias.detach().abs().max() > 0):
-            raise SeapError(f"layer {i} keeps no attention heads but its output projection has a bias (from "
-                            "reconstruction or bias compensation); llama.cpp skips a head-less layer's attention, bias included",
-                            "rebuild the mask so that every layer keeps a head, or without a refit bias")
+    prefixes = {id(m): n for n, m in source.model.named_modules()}
+    for i, (mods, h, f) in enumerate(zip(adapter.all_layer_modules(source.model), heads, ffn, strict=True)):
+        if h == 0 and mods.o_proj.bias is not None:
+            name = f"{prefixes[id(mods.o_proj)]}.bias"
+            if bool(source.read([name])[name].abs().max() > 0):
+                raise SeapError(f"layer {i} keeps no attention heads but its output projection has a bias (from "
+                                "reconstruction or bias compensation); llama.cpp skips a head-less layer's attention, "
+                                "bias included", "rebuild the mask so that every layer keeps a head, or without a refit bias")
         if f == 0 and h > 0:
             raise SeapError(f"layer {i} keeps attention heads but no MLP channels; llama.cpp's deci architecture "
                             "drops the attention output of such a layer",
@@ -199,9 +208,9 @@ def _rope(writer: Any, config: Any, head_dim: int) -> torch.Tensor | None:
                                        "export with --format hf and convert with llama.cpp's converter")
 
 
-def _pruning_record(writer: Any, loaded: LoadedModel) -> None:
-    info = dict(getattr(loaded.config, "seap_pruning", None) or {})
-    writer.add_string(f"{SEAP_KEY}.model_fingerprint", loaded.fingerprint)
+def _pruning_record(writer: Any, source: LayerSource) -> None:
+    info = dict(getattr(source.config, "seap_pruning", None) or {})
+    writer.add_string(f"{SEAP_KEY}.model_fingerprint", source.fingerprint)
     for key in ("base_fingerprint", "mask_digest", "method", "task", "sparsity", "schedule", "score"):
         value = info.get(key)
         if isinstance(value, str):
@@ -220,28 +229,43 @@ def is_seap_gguf(path: Path) -> str | None:
         return None
 
 
-def export_gguf(loaded: LoadedModel, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE, overwrite: bool = False,
-                name: str | None = None, tokenizer_pre: str | None = None, inputs: tuple[str, ...] = ()) -> Path:
-    """Write ``loaded`` (dense or hard-pruned) as a GGUF file for llama.cpp; returns its path.
+def export_gguf(model: LoadedModel | LayerSource, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE,
+                overwrite: bool = False, name: str | None = None, tokenizer_pre: str | None = None,
+                inputs: tuple[str, ...] = (), progress: bool = False) -> Path:
+    """Write ``model`` (dense or hard-pruned; loaded, or a checkpoint read one decoder layer at a
+    time, :func:`seap.model.layer_stream.open_layers`) as a GGUF file for llama.cpp; returns its path.
 
     ``dtype``: ``f16`` (default) or ``f32`` for the matrices (norms stay float32, as in llama.cpp's
-    converter). The file is written to a temporary sibling and renamed into place.
+    converter). The header and tensor table are written from the shapes alone, then the weights
+    one layer at a time, so a streamed checkpoint never sits whole in memory (the file is the
+    same byte for byte). It is written to a temporary sibling and renamed into place.
     """
     import gguf
 
+    from seap.model.layer_stream import open_layers
+    from seap.model.memory import return_freed_memory
+
     if dtype not in GGUF_DTYPES:
         raise SeapError(f"unknown GGUF dtype {dtype!r}", f"choose one of: {', '.join(GGUF_DTYPES)}")
-    if loaded.tokenizer is None:
+    source = open_layers(model)
+    if source.tokenizer is None:
         raise SeapError("the model has no tokenizer, and a GGUF file carries one", "save the model with its tokenizer")
-    layout = gguf_layout(loaded)
-    family = llama_cpp_family(loaded.adapter)
-    config = loaded.adapter.text_config(loaded.config)
-    head_dim = loaded.adapter.head_dim(config)
+    layout = gguf_layout(source)
+    adapter = source.adapter
+    family = llama_cpp_family(adapter)
+    config = adapter.text_config(source.config)
+    head_dim = adapter.head_dim(config)
     vocab_size = int(config.vocab_size)
-    np_dtype = np.float16 if dtype == "f16" else np.float32
+    np_dtype = np.dtype(np.float16 if dtype == "f16" else np.float32)
+
+    def as_written(tensor: torch.Tensor) -> np.ndarray:
+        data = tensor.detach().to("cpu", torch.float32).numpy()
+        return data if data.ndim == 1 else data.astype(np_dtype)
+
+    layers = source.layers
     with atomic_file(out, overwrite=overwrite, inputs=inputs, recognise=is_seap_gguf) as tmp:
         writer = gguf.GGUFWriter(str(tmp), layout.architecture)
-        writer.add_name(name or loaded.source)
+        writer.add_name(name or source.source)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
         writer.add_block_count(len(layout.heads))
         writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
@@ -256,17 +280,44 @@ def export_gguf(loaded: LoadedModel, out: str | Path, dtype: str = DEFAULT_GGUF_
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(vocab_size)
         rope_factors = _rope(writer, config, head_dim)
-        _write_tokenizer(writer, loaded.tokenizer, vocab_size, tokenizer_pre)
-        _pruning_record(writer, loaded)
+        _write_tokenizer(writer, source.tokenizer, vocab_size, tokenizer_pre)
+        _pruning_record(writer, source)
+        # the tensor table from the shapes (a streamed checkpoint's weights are not read yet)
         if rope_factors is not None:
-            writer.add_tensor("rope_freqs.weight", rope_factors.numpy())
-        with torch.no_grad():
-            for tensor_name, tensor in family.tensors(loaded.adapter, loaded.model):
-                data = tensor.detach().to("cpu", torch.float32).numpy()
-                writer.add_tensor(tensor_name, data if data.ndim == 1 else data.astype(np_dtype))
+            writer.add_tensor_info("rope_freqs.weight", rope_factors.shape, np.dtype(np.float32), rope_factors.nbytes)
+        table = [*family.outer_tensors(adapter, source.model),
+                 *(t for i, layer in enumerate(layers) for t in family.layer_tensors(adapter, source.model, i, layer))]
+        for tensor_name, tensor in table:
+            kind = np.dtype(np.float32) if tensor.dim() == 1 else np_dtype
+            writer.add_tensor_info(tensor_name, tuple(tensor.shape), kind, tensor.numel() * kind.itemsize)
+        names = [tensor_name for tensor_name, _t in table]
+        del table
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        written: list[str] = []
+
+        def write(tensor_name: str, tensor: torch.Tensor) -> None:
+            writer.write_tensor_data(as_written(tensor))
+            written.append(tensor_name)
+
+        with torch.no_grad():
+            if rope_factors is not None:
+                writer.write_tensor_data(rope_factors.numpy())
+            with source.outer(head=True):
+                for tensor_name, tensor in family.outer_tensors(adapter, source.model):
+                    write(tensor_name, tensor)
+            bar = tqdm(range(len(layers)), desc="GGUF export", unit="layer", disable=not progress, leave=False)
+            for i in bar:
+                layer = source.layer(i)
+                try:
+                    for tensor_name, tensor in family.layer_tensors(adapter, source.model, i, layer):
+                        write(tensor_name, tensor)
+                finally:
+                    source.release(i)
+                return_freed_memory()
+        if written != names:  # pragma: no cover - the table and the data come from the same functions
+            raise RuntimeError("the GGUF tensor data does not follow its table")
         writer.close()
     log.debug("wrote %s (%s, %s, %d layers%s)", out, layout.architecture, dtype, len(layout.heads),
              "" if layout.uniform else ", per-layer widths")

@@ -19,6 +19,7 @@ The pruned model is always derived from base model + mask (:mod:`seap.model.surg
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ from seap.maths.geometry import DEFAULT_GQA_MODE, ModelGeometry, attention_units
 from seap.io import short_hash
 from seap.maths.schedules import Allocation, allocate
 from seap.maths.scores import ImportanceScores
+from seap.tensor_files import Storable, stored, subset
 
 MASK_ARTIFACT = ArtifactKind("seap-mask", 1, "mask.safetensors", "mask.json", "rebuild the mask with `seap masks`")
 
@@ -44,7 +46,8 @@ class LayerMask:
     channels: torch.Tensor  # bool [intermediate_size]
     attn_mean: torch.Tensor | None = None  # [num_heads * head_dim], for bias compensation
     mlp_mean: torch.Tensor | None = None  # [intermediate_size]
-    refit: dict[str, torch.Tensor] | None = None  # o_weight, down_weight (+ o_bias, down_bias): reconstruction
+    # o_weight, down_weight (+ o_bias, down_bias): reconstruction; a mapping read lazily when loaded from a file
+    refit: Mapping[str, torch.Tensor] | None = None
 
 
 REFIT_TENSORS = ("o_weight", "down_weight", "o_bias", "down_bias")
@@ -111,7 +114,7 @@ class PruningMask:
 
     # -- persistence ---------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, Storable] = {}
         for i, layer in enumerate(self.layers):
             tensors[f"layers.{i}.heads"] = layer.heads.to(torch.uint8)
             tensors[f"layers.{i}.kv_heads"] = layer.kv_heads.to(torch.uint8)
@@ -119,21 +122,23 @@ class PruningMask:
             if layer.attn_mean is not None and layer.mlp_mean is not None:
                 tensors[f"layers.{i}.attn_mean"] = layer.attn_mean.to(torch.float32)
                 tensors[f"layers.{i}.mlp_mean"] = layer.mlp_mean.to(torch.float32)
-            for name, t in (layer.refit or {}).items():
-                tensors[f"layers.{i}.{name}"] = t.contiguous()
+            for name in layer.refit or {}:  # (refitted weights still in a file are copied unread)
+                tensors[f"layers.{i}.{name}"] = stored(layer.refit, name)  # type: ignore[arg-type]
         meta = {**self.meta, "geometry": self.geometry.to_dict(), "mask_digest": self.digest(),
                 "bias_compensation": self.has_bias_compensation}
         return write_artifact(MASK_ARTIFACT, path, tensors, meta, overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> PruningMask:
-        """Read a mask folder, verifying its checksum, digest and GQA layout."""
-        t, meta = read_artifact(MASK_ARTIFACT, path)
+        """Read a mask folder, verifying its checksum, digest and GQA layout. Refitted weights stay
+        in the file (a :class:`~seap.tensor_files.LazyTensors` per layer), read when used: a
+        reconstructed mask is as large as a third of its model."""
+        t, meta = read_artifact(MASK_ARTIFACT, path, lazy=True)
         geometry = ModelGeometry.from_dict(meta.pop("geometry"))
         layers = [
             LayerMask(*(require(t, f"layers.{i}.{name}", MASK_ARTIFACT).bool() for name in ("heads", "kv_heads", "channels")),
                       t.get(f"layers.{i}.attn_mean"), t.get(f"layers.{i}.mlp_mean"),
-                      {n: t[f"layers.{i}.{n}"] for n in REFIT_TENSORS if f"layers.{i}.{n}" in t} or None)
+                      subset(t, f"layers.{i}.", list(REFIT_TENSORS)) or None)
             for i in range(geometry.num_layers)
         ]
         mask = cls(layers, geometry, meta)

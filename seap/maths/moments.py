@@ -194,8 +194,8 @@ class SecondMoments:
         if batch.width != self.width:
             raise ValueError(f"cannot merge second moments of width {self.width} and {batch.width}")
         self.count += batch.count
-        self.gram += batch.gram.to(self.gram)
-        self.total += batch.total.to(self.total)
+        self.gram += batch.gram.to(self.gram.device)  # (a float32 block is widened element by element, no copy)
+        self.total += batch.total.to(self.total.device)
 
 
 class SecondMomentAccumulator:
@@ -232,8 +232,7 @@ class SecondMomentAccumulator:
     def flush(self) -> None:
         """Fold the current block into the totals."""
         if self._gram is not None and self._sum is not None and self._pending:
-            self.totals.update_(SecondMoments(self._pending, self._gram.to(self.totals.gram.dtype),
-                                              self._sum.to(self.totals.total.dtype)))
+            self.totals.update_(SecondMoments(self._pending, self._gram, self._sum))
         self._gram = self._sum = None  # a new block buffer on the next add (may run outside inference mode)
         self._pending = 0
 

@@ -112,12 +112,15 @@ def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[keep] = False
     w = weight.detach().to(torch.float64).cpu()
-    g = moments.second_moment.to(torch.float64).cpu()  # uncentred G
+    # blocks of the uncentred G = gram / N, each divided on its own (never a second whole matrix)
+    gram, n = moments.gram.to(torch.float64).cpu(), max(moments.count, 1)
     mu = moments.mean.to(torch.float64).cpu()
     w_kept, w_removed = w[:, keep], w[:, removed]
-    g_ss = g[keep][:, keep]
-    g_rr = g[removed][:, removed]
-    g_rs = g[removed][:, keep]
+    g_ss = gram[keep][:, keep] / n
+    rows_removed = gram[removed]
+    g_rr = rows_removed[:, removed] / n
+    g_rs = rows_removed[:, keep] / n
+    del rows_removed
     removed_kept = w_removed @ g_rs  # W_R G_RS, used by (W G)[:, S] and the energy
     wg_kept = w_kept @ g_ss + removed_kept  # (W G)[:, S]
     mu_s = mu[keep]

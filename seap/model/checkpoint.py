@@ -22,7 +22,7 @@ strictly and checks the recorded fingerprint, so the logits are identical to the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,23 +102,57 @@ def save_pruned(loaded: LoadedModel, path: str | Path, mask: Mask | None = None,
     return Path(path)
 
 
-def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:
-    """Load a folder written by :func:`save_pruned`; the logits equal those of the saved model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _pruned_config(p: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A pruned folder's config.json and its ``seap_pruning`` record (refused when it has none)."""
+    raw = read_json(p / "config.json", "pruned model config")
+    info = raw.get("seap_pruning")
+    if not isinstance(info, dict) or "layers" not in info:
+        raise ArtifactError(f"{p} is not a SEAP pruned model (no seap_pruning in config.json)",
+                            "load it with seap.load_model, or re-create it with `seap prune`/`seap apply`")
+    return raw, info
+
+
+def pruned_skeleton(path: str | Path, dtype: torch.dtype, has_tensor: Callable[[str], bool]
+                    ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The architecture of the pruned folder ``path`` (written by :func:`save_pruned` or
+    :func:`write_pruned`) with every layer resized to its saved widths, its parameters not yet
+    filled (built under :func:`seap.model.layer_stream.parameters_on_meta` they take no memory);
+    ``has_tensor(name)`` says which projection biases the folder holds. Returns the model, its
+    adapter and the ``seap_pruning`` record (with the per-layer ``layers``)."""
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     p = Path(path)
-    raw = read_json(p / "config.json", "pruned model config")
-    info = raw.get("seap_pruning")
-    if not info or "layers" not in info:
-        raise ArtifactError(f"{p} is not a SEAP pruned model (no seap_pruning in config.json)",
-                            "load it with seap.load_model, or re-create it with `seap prune`/`seap apply`")
+    raw, info = _pruned_config(p)
     model_type = raw.get("model_type")
     adapter = adapter_for_model_type(str(model_type))
     base = {k: v for k, v in raw.items() if k not in _CONFIG_EXTRA and k != "seap_pruning"}
     config = CONFIG_MAPPING[model_type].from_dict(base)
     adapter.check_config(config)
     config.seap_pruning = {k: v for k, v in info.items() if k not in ("layers", "pruned_fingerprint")}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    head_dim = adapter.head_dim(config)
+    layers = adapter.decoder_layers(model)
+    if len(info["layers"]) != len(layers):
+        raise ArtifactError(f"{p}: config lists {len(info['layers'])} layers, the model has {len(layers)}", "re-save it")
+    hidden = adapter.text_config(config).hidden_size
+    for layer, sizes in zip(layers, info["layers"], strict=True):
+        if is_expert_record(info):
+            if sizes:  # (an MoE layer; dense layers of an MoE model are saved whole)
+                adapter.resize_experts(layer, sizes, adapter.normalises_top_k(config))  # type: ignore[attr-defined]
+            continue
+        prefix = _module_prefix(model, layer)
+        adapter.resize_layer(layer, sizes, head_dim, hidden,
+                             lambda name: has_tensor(f"{prefix}.{adapter.projection_path(name)}.bias"))
+    return model, adapter, info
+
+
+def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:
+    """Load a folder written by :func:`save_pruned`; the logits equal those of the saved model."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    _pruned_config(p)  # (not a pruned folder: refused before any weight is read)
     weights_file = p / "model.safetensors"
     if (p / "model.safetensors.index.json").is_file():  # written layer by layer (write_pruned): shards
         from seap.model.shards import checkpoint_files
@@ -136,20 +170,8 @@ def load_pruned(path: str | Path, device: str | None = "auto", dtype: str | torc
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    head_dim = adapter.head_dim(config)
-    layers = adapter.decoder_layers(model)
-    if len(info["layers"]) != len(layers):
-        raise ArtifactError(f"{p}: config lists {len(info['layers'])} layers, the model has {len(layers)}", "re-save it")
-    hidden = adapter.text_config(config).hidden_size
-    for layer, sizes in zip(layers, info["layers"], strict=True):
-        if is_expert_record(info):
-            if sizes:  # (an MoE layer; dense layers of an MoE model are saved whole)
-                adapter.resize_experts(layer, sizes, adapter.normalises_top_k(config))  # type: ignore[attr-defined]
-            continue
-        prefix = _module_prefix(model, layer)
-        adapter.resize_layer(layer, sizes, head_dim, hidden,
-                             lambda name: f"{prefix}.{adapter.projection_path(name)}.bias" in state)
+    model, adapter, info = pruned_skeleton(p, torch_dtype, lambda name: name in state)
+    config = model.config
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -203,6 +225,7 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
     from tqdm.auto import tqdm
 
     from seap.maths.masks import PruningMask
+    from seap.model.memory import return_freed_memory
     from seap.model.loaded import fingerprint_of
     from seap.model.pruning import share_copy
     from seap.model.shards import INDEX_FILE, PROGRESS_FILE, write_safetensors
@@ -267,6 +290,8 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
         done["layers"].append(i)
         done.update(weight_map=weight_map, sizes=sizes)
         atomic_write_json(record, done)
+        del tensors
+        return_freed_memory()
     # everything outside the decoder layers: embeddings, final norm, an untied head
     layer_prefixes = tuple(prefixes[id(layer)] + "." for layer in layers)
     rest = [n for n in source.names if not n.startswith(layer_prefixes)]

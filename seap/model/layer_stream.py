@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from seap.errors import SeapError
+from seap.errors import ArtifactError, SeapError
 from seap.model.hooks import HookManager, StopForward
 from seap.model.loaded import (
     LoadedModel,
@@ -50,6 +50,7 @@ from seap.model.loaded import (
     resolve_device,
     resolve_dtype,
 )
+from seap.model.memory import return_freed_memory
 from seap.model.shards import PROGRESS_FILE, checkpoint_files, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ class LayerSource:
     def release(self, index: int) -> None:
         """Drop layer ``index``'s weights again (a resident model keeps them)."""
 
-    def outer(self) -> Iterator[None]:
-        """A context in which the modules outside the decoder layers (embeddings) hold weights."""
+    def outer(self, head: bool = False) -> Iterator[None]:
+        """A context in which the modules outside the decoder layers (embeddings, final norm;
+        with ``head`` the output head too) hold weights."""
         return _nothing()
 
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[LayerCall]]:
@@ -253,26 +255,43 @@ class CheckpointLayers(LayerSource):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from seap.model.adapters import adapter_for_model_type
+        from seap.model.checkpoint import is_expert_record, is_pruned_dir, pruned_skeleton
 
         self.folder = Path(folder)
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        config = AutoConfig.from_pretrained(str(self.folder))
-        self.adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
-        self.adapter.check_config(config)
+        self._recorded: str | None = None  # a pruned folder's fingerprint recorded at save time
+        pruned = is_pruned_dir(self.folder)
+        if not pruned:  # (the architecture is refused before the weights are looked at)
+            config = AutoConfig.from_pretrained(str(self.folder))
+            self.adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
+            self.adapter.check_config(config)
         self.files = checkpoint_files(self.folder)
-        with parameters_on_meta():  # parameters without memory, real buffers (rotary)
-            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
-        output, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        if getattr(self.adapter.text_config(config), "tie_word_embeddings", False) and output is not None:
-            output.weight = embedding.weight  # (a tied head is the embedding, as when loaded)
+        if pruned:  # (written by seap: each layer at its own widths)
+            with parameters_on_meta():
+                self.model, self.adapter, info = pruned_skeleton(self.folder, self.dtype, self.files.__contains__)
+            if is_expert_record(info):
+                raise NotStreamable("a pruned mixture-of-experts model keeps router rows of removed experts")
+            self.model.eval()
+            config = self.model.config
+            self._recorded = info.get("pruned_fingerprint") if self.dtype == torch.float32 else None
+        else:
+            with parameters_on_meta():  # parameters without memory, real buffers (rotary)
+                self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+        self._tied = bool(getattr(self.adapter.text_config(config), "tie_word_embeddings", False)) and \
+            self.model.get_output_embeddings() is not None
+        self._retie()
         self._names = [n for n, _ in self.model.named_parameters()]  # (a tied head appears once)
         missing = [n for n in self._names if n not in self.files]
+        unexpected = sorted(set(self.files) - set(self._names) - ({"lm_head.weight"} if self._tied else set()))
+        if pruned and unexpected:  # (as load_pruned loads strictly)
+            raise ArtifactError(f"{self.folder} does not fit its config (unexpected {unexpected[:5]})",
+                                "re-save the pruned model")
         if missing:
             raise NotStreamable(f"{len(missing)} parameter(s) are not in the checkpoint under their module "
                                 f"names (e.g. {missing[0]})")
         self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(self.folder)))
-        self.source = f"local:{self.folder}"
+        self.source = f"{'pruned' if pruned else 'local'}:{self.folder}"
         self._fingerprint = fingerprint
         self._prefixes = {id(m): n for n, m in self.model.named_modules()}
 
@@ -321,19 +340,26 @@ class CheckpointLayers(LayerSource):
     def release(self, index: int) -> None:
         self._place(self._names_under(self.layers[index]), "meta")
 
+    def _retie(self) -> None:
+        """A tied head is the embedding's parameter, as when loaded (again after it was replaced)."""
+        if self._tied:
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+
     @contextmanager
-    def _outer(self) -> Iterator[None]:
+    def _outer(self, with_head: bool) -> Iterator[None]:
         in_layers = {n for layer in self.layers for n in self._names_under(layer)}
-        head = {n for n in self.names if n.startswith("lm_head.")}
+        head = {n for n in self.names if n.startswith("lm_head.")} if not with_head else set()
         names = [n for n in self.names if n not in in_layers and n not in head]
         self._place(names, self.device)
+        self._retie()
         try:
             yield
         finally:
             self._place(names, "meta")
+            self._retie()
 
-    def outer(self) -> Iterator[None]:  # type: ignore[override]
-        return self._outer()
+    def outer(self, head: bool = False) -> Iterator[None]:  # type: ignore[override]
+        return self._outer(head)
 
     @property
     def fingerprint(self) -> str:
@@ -341,6 +367,9 @@ class CheckpointLayers(LayerSource):
         reading the checkpoint one tensor at a time (once per source)."""
         if self._fingerprint is None:
             self._fingerprint = fingerprint_of(self.model.config, self.names, lambda n: self.read([n])[n])
+            if self._recorded is not None and self._fingerprint != self._recorded:  # (as load_pruned checks)
+                raise ArtifactError(f"{self.folder}: the weights do not match the fingerprint recorded at save time",
+                                    "re-save the pruned model")
         return self._fingerprint
 
 
@@ -386,7 +415,7 @@ def calibration_batches(source: LayerSource, parts: Sequence[Sequence[Sequence[i
 
 
 InputHook = Callable[[CalibrationBatch, torch.Tensor], None]
-LayerResult = tuple[dict[str, torch.Tensor], dict[str, Any]]  # what a walk keeps of one layer: tensors, JSON
+LayerResult = tuple[Mapping[str, torch.Tensor], dict[str, Any]]  # what a walk keeps of one layer: tensors, JSON
 
 
 class HiddenStates:
@@ -455,12 +484,11 @@ class WalkProgress:
                             "choose a writable work folder (--workdir), or --offload cpu") from None
 
     def result(self, layer: int) -> LayerResult:
-        from safetensors import safe_open
+        """A finished layer's result as recorded: its tensors read from the file when looked up."""
+        from seap.tensor_files import LazyTensors
 
-        with safe_open(str(self.folder / f"layer-{layer:05d}.safetensors"), framework="pt") as handle:
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-            meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
-        return tensors, meta
+        tensors = LazyTensors.open(self.folder / f"layer-{layer:05d}.safetensors")
+        return tensors, json.loads(tensors.file.metadata.get("meta", "{}"))
 
     def record(self, layer: int, result: LayerResult) -> None:
         from seap.io import atomic_write_json
@@ -486,9 +514,10 @@ def walk_layers(source: LayerSource, batches: Sequence[CalibrationBatch],
     ``finish(i, layer)``'s result to ``keep(i, result)``; then release the layer.
 
     With ``work`` (a folder of this walk's own), the hidden states wait on disk between layers
-    and every finished layer's result is recorded there (:class:`WalkProgress`, for ``identity``):
-    the same walk started again after a kill resumes after the last finished layer, and its
-    results are identical to an uninterrupted walk's."""
+    and every finished layer's result is recorded there (:class:`WalkProgress`, for ``identity``)
+    and handed to ``keep`` as read back from there (its tensors read when looked up, so what a
+    walk keeps of all layers stays on disk): the same walk started again after a kill resumes
+    after the last finished layer, and its results are identical to an uninterrupted walk's."""
     resume = WalkProgress(work / "layers", identity or {}) if work is not None else None
     store = HiddenStates(batches, work / "hidden" if work is not None else None)
     start = resume.done if resume is not None else 0
@@ -518,9 +547,12 @@ def walk_layers(source: LayerSource, batches: Sequence[CalibrationBatch],
             result = finish(i, layer)
         finally:
             source.release(i)
-        if resume is not None:
+        if resume is not None:  # (what is kept stays in its file, read when used)
             resume.record(i, result)
+            result = resume.result(i)
         keep(i, result)
+        del result
+        return_freed_memory()
 
 
 __all__ = [

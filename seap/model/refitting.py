@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from seap.data.corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
 from seap.errors import SeapError
 from seap.maths.masks import LayerMask, PruningMask, validate_mask
-from seap.maths.moments import SecondMomentAccumulator
+from seap.maths.moments import SecondMomentAccumulator, SecondMoments
 from seap.maths.reconstruction import (
     Refit,
     RefitOptions,
@@ -34,6 +34,7 @@ from seap.maths.reconstruction import (
 from seap.model.batching import tokenize_corpus
 from seap.model.hooks import HookManager, StopForward
 from seap.model.surgery import soft_pruned_layer
+from seap.tensor_files import subset
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,11 @@ def reconstruct_masks(base: Any, masks: Mapping[str, tuple[PruningMask, Sequence
                 count, seconds = have
                 if count < len(used) and used[count] in state["waiting"]:
                     part = state["waiting"][used[count]]
-                    seconds = list(part) if seconds is None else [a.merge(b) for a, b in zip(seconds, part, strict=True)]
+                    if seconds is None:  # (its own copy only when another mask still needs the part)
+                        seconds = [_copy(m) for m in part] if _shared(used[count], name) else list(part)
+                    else:  # (merged in place: the sums a.merge(b) would return)
+                        for running, more in zip(seconds, part, strict=True):
+                            running.update_(more)
                     state["running"][name] = (count + 1, seconds)
                     progress_made = True
                     if count + 1 == len(used):
@@ -179,6 +184,15 @@ def reconstruct_masks(base: Any, masks: Mapping[str, tuple[PruningMask, Sequence
                 if all(state["running"].get(n, (0, None))[0] > used.index(k) if k in used else True
                        for n, (_m, used) in masks.items()):
                     del state["waiting"][k]
+
+    def _shared(k: int, taker: str) -> bool:
+        """Whether part ``k`` is still to be merged by a mask other than ``taker``."""
+        return any(n != taker and k in used and state["running"].get(n, (0, None))[0] <= used.index(k)
+                   for n, (_m, used) in masks.items())
+
+    def _copy(m: SecondMoments) -> SecondMoments:
+        with torch.inference_mode(False):  # (a normal tensor: merged into later, in or outside inference mode)
+            return SecondMoments(m.count, m.gram.clone(), m.total.clone())
 
     def _refit(name: str, seconds: list[Any]) -> None:
         i, mods = state["layer"], state["mods"]
@@ -209,7 +223,7 @@ def reconstruct_masks(base: Any, masks: Mapping[str, tuple[PruningMask, Sequence
     def keep(i: int, result: LayerResult) -> None:
         tensors, entries = result
         for name, (mask, _used) in masks.items():
-            refit = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{name}::")}
+            refit = subset(tensors, f"{name}::")  # (from a walk's work folder: read when used)
             layer_mask = mask.layers[i]
             refitted[name].append(LayerMask(layer_mask.heads, layer_mask.kv_heads, layer_mask.channels, None, None,
                                             refit))

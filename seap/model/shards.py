@@ -81,11 +81,11 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], file: Path, metadata:
     sees half a file; a full or read-only disk is a clear error and leaves nothing behind."""
     import os
 
-    from safetensors.torch import save_file
+    from seap.tensor_files import write_tensor_file
 
     tmp = file.with_name(f".{file.name}.tmp")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write_tensor_file(tensors, tmp, metadata)
         os.replace(tmp, file)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

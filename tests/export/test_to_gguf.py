@@ -242,3 +242,27 @@ def test_seap_export_cli(tmp_path, capsys) -> None:
     assert main(hf) == 2
     err = capsys.readouterr().err
     assert "different widths" in err and "--same-width" in err and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_checkpoint_is_exported_layer_by_layer_to_the_same_bytes(tmp_path, tied) -> None:
+    """A model folder (dense, or pruned and saved whole or layer by layer) is exported from its
+    checkpoint one decoder layer at a time, to the file the loaded model exports, byte for byte."""
+    from seap.model.checkpoint import load_pruned, save_pruned, write_pruned
+    from seap.model.layer_stream import CheckpointLayers, open_layers
+
+    loaded = make_tiny_bpe_llama(layers=4, tied=tied)
+    loaded.model.save_pretrained(tmp_path / "dense")
+    loaded.tokenizer.save_pretrained(tmp_path / "dense")
+    mask = mask_for(loaded, 0.4)
+    save_pruned(apply_mask(loaded, mask, "hard", bias_compensation=True), tmp_path / "whole", mask)
+    write_pruned(open_layers(tmp_path / "dense"), mask, tmp_path / "sharded", bias_compensation=True, progress=False)
+    for folder, in_memory in (("dense", loaded), ("whole", load_pruned(tmp_path / "whole")),
+                              ("sharded", load_pruned(tmp_path / "sharded"))):
+        source = open_layers(tmp_path / folder)
+        assert isinstance(source, CheckpointLayers), folder
+        streamed = export_gguf(source, tmp_path / f"{folder}-streamed.gguf", tokenizer_pre="gpt-2",
+                               name="m", progress=False)
+        whole = export_gguf(in_memory, tmp_path / f"{folder}.gguf", tokenizer_pre="gpt-2", name="m")
+        assert streamed.read_bytes() == whole.read_bytes(), folder
+        assert all(p.device.type == "meta" for p in source.model.parameters())  # (every layer released)

@@ -20,6 +20,7 @@ from seap.model.checkpoint import load_pruned, save_pruned
 from seap.model.hooks import HookManager, count_hooks
 from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential, reconstruct_masks, refit_mask
 from seap.model.masking import apply_mask
+from seap.tensor_files import LazyTensors
 from tests.helpers import ARCHS, SENTENCES, make_tiny_model
 from tests.model.test_surgery import logits
 
@@ -67,6 +68,14 @@ def test_saved_loaded_and_checkpointed(setup, tmp_path) -> None:
     rebuilt.save(tmp_path / "mask")
     again = PruningMask.load(tmp_path / "mask")
     assert again.is_reconstructed and again.digest() == rebuilt.digest()
+    # the refitted weights stay in the file until used, and are copied unread when saved again
+    assert all(isinstance(layer.refit, LazyTensors) for layer in again.layers)
+    again.save(tmp_path / "copy")
+    assert (tmp_path / "copy" / "mask.safetensors").read_bytes() == (tmp_path / "mask" / "mask.safetensors").read_bytes()
+    # refitted in a work folder, a walk hands back masks whose refits are read from there
+    walked = reconstruct_mask(loaded, mask, [corpus], progress=False, work=tmp_path / "walk")
+    assert all(isinstance(layer.refit, LazyTensors) for layer in walked.layers)
+    assert walked.digest() == rebuilt.digest()
     hard = apply_mask(loaded, again, "hard")
     torch.testing.assert_close(logits(hard), logits(apply_mask(loaded, rebuilt, "hard")))
     save_pruned(hard, tmp_path / "pruned")
