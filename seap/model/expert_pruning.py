@@ -1,9 +1,10 @@
 """Mixture-of-experts models: router statistics from a corpus, and expert masks applied to a
 model (the glue between the MoE adapters, owned hooks and :mod:`seap.maths.expert_selection`).
 
-* :func:`collect_router_statistics` hooks each MoE block's input, recomputes the router's
-  logits on the real tokens (padding excluded), routes them as the family does, and, for
-  REAP, runs each expert on the tokens routed to it to take its output norm;
+* :func:`collect_router_statistics` walks the model one decoder layer at a time (a checkpoint
+  is never loaded whole), hooks each MoE block's input, recomputes the router's logits on the
+  real tokens (padding excluded), routes them as the family does, and, for REAP, runs each
+  expert on the tokens routed to it to take its output norm;
 * :func:`apply_expert_mask` removes experts (``hard``: smaller tensors, smaller router) or
   switches them off (``soft``: same shapes) in a structural copy of the base model, which is
   never modified. A token whose dense top-k experts are all kept gets the dense output.
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from seap.data.corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
 from seap.errors import SeapError, UnsupportedArchitectureError
 from seap.maths.expert_selection import (
+    ROUTER_FIELDS,
     ExpertMask,
     LayerRouterStatistics,
     RouterStatistics,
@@ -28,14 +30,16 @@ from seap.maths.expert_selection import (
     validate_expert_mask,
 )
 from seap.model.adapters.moe import MoeAdapter, MoeLayerModules
-from seap.model.batching import length_batches, pad_batch, shard_texts, tokenize_corpus
+from seap.model.batching import shard_texts, tokenize_corpus
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel, model_fingerprint
 from seap.model.pruning import check_mode, check_unpruned, share_copy
 
+CHANNEL_FIELDS = ("channel_sum", "channel_sq_sum", "down_sq_l2")  # unit both: per expert channel, [E, I]
 
-def moe_adapter(loaded: LoadedModel) -> MoeAdapter:
-    """The loaded model's adapter, refused with a clear message when it is not an MoE family."""
+
+def moe_adapter(loaded: Any) -> MoeAdapter:
+    """The adapter of a loaded model (or layer source), refused with a clear message when it is not an MoE family."""
     if not isinstance(loaded.adapter, MoeAdapter):
         raise UnsupportedArchitectureError(
             f"{loaded.adapter.name} is not a mixture-of-experts model: it has no experts to prune",
@@ -63,68 +67,85 @@ def expert_output_norms(mods: MoeLayerModules, x: torch.Tensor, index: torch.Ten
     return norms
 
 
-def collect_router_statistics(loaded: LoadedModel, corpus: CalibrationCorpus, batch_size: int = 8,
+def collect_router_statistics(model: Any, corpus: CalibrationCorpus, batch_size: int = 8,
                               max_tokens: int | None = DEFAULT_MAX_TOKENS, shard: tuple[int, int] | None = None,
-                              reap: bool = True, progress: bool = True, channels: bool = False) -> RouterStatistics:
-    """Run the corpus through the model and sum, per MoE layer, what the router does on the
+                              reap: bool = True, progress: bool = True, channels: bool = False,
+                              work: Path | None = None) -> RouterStatistics:
+    """Run the corpus through the model one decoder layer at a time
+    (:func:`seap.model.layer_stream.walk_layers`; ``model``: a loaded model, a layer source or
+    a checkpoint folder read layer by layer) and sum, per MoE layer, what the router does on the
     real tokens (:class:`RouterStatistics`); with ``channels`` (unit both) also each expert's
     channel sums over the tokens routed to it. ``shard=(i, n)`` takes texts ``i, i+n, ...``;
-    merged shards equal one pass. Hooks are removed even on error."""
-    adapter = moe_adapter(loaded)
+    merged shards equal one pass. With ``work`` the walk keeps its hidden states there and
+    resumes after a kill. Hooks are removed even on error."""
+    from seap.model.layer_stream import calibration_batches, open_layers, walk_layers
+
     if batch_size < 1:
         raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
+    source = open_layers(model)
+    adapter = moe_adapter(source)
+    routed = adapter.moe_layers(source.model)  # (which layers route, and their shapes: no weight is read)
+    if not routed:
+        raise UnsupportedArchitectureError("the model has no MoE layers", "pass a mixture-of-experts checkpoint")
     texts = shard_texts(corpus.texts, shard)
-    token_ids = tokenize_corpus(loaded.tokenizer, texts, max_tokens) if texts else []
+    token_ids = tokenize_corpus(source.tokenizer, texts, max_tokens) if texts else []
     if not token_ids:
         raise SeapError(f"task {corpus.task!r} has no calibration tokens{' in this shard' if shard else ''}",
                         "add calibration records, or use fewer shards")
-    model = loaded.model
-    layers = adapter.moe_layers(model)
-    if not layers:
-        raise UnsupportedArchitectureError("the model has no MoE layers", "pass a mixture-of-experts checkpoint")
-    normalise = adapter.normalises_top_k(model.config)
-    sums = {i: LayerRouterStatistics.zeros(m.num_experts, m.expert_intermediate if channels else None)
-            for i, m in layers.items()}
-    if channels:
-        for i, m in layers.items():
-            sums[i].down_sq_l2 = m.experts.down_proj.detach().to(torch.float64).pow(2).sum(dim=1).cpu()  # [E, I]
-    top_k = {i: adapter.top_k(m) for i, m in layers.items()}
-    state: dict[str, Any] = {"mask": None}
+    normalise = adapter.normalises_top_k(source.model.config)
+    top_k = {i: adapter.top_k(m) for i, m in routed.items()}
+    start = time.perf_counter()
+    batches = calibration_batches(source, [token_ids], batch_size)
+    current: dict[str, LayerRouterStatistics] = {}
+    sums: dict[int, LayerRouterStatistics] = {}
 
-    def make_hook(i: int, mods: MoeLayerModules) -> Any:
-        def hook(_module: torch.nn.Module, x: torch.Tensor) -> None:
+    def watch(i: int, layer: torch.nn.Module) -> dict[torch.nn.Module, Any]:
+        mods = adapter.moe_modules(layer)
+        if mods is None:
+            return {}
+        current["sums"] = LayerRouterStatistics.zeros(mods.num_experts, mods.expert_intermediate if channels else None)
+        if channels:
+            current["sums"].down_sq_l2 = mods.experts.down_proj.detach().to(torch.float64).pow(2).sum(dim=1).cpu()
+
+        def hook(batch: Any, x: torch.Tensor) -> None:
             flat = x.reshape(-1, x.shape[-1])
-            if state["mask"] is not None:
-                flat = flat[state["mask"].reshape(-1).bool()]
+            if batch.token_weights is not None:
+                flat = flat[batch.token_weights.reshape(-1).bool()]
             logits = torch.nn.functional.linear(flat, adapter.router_weight(mods))
             norms, extra = None, None
             if reap or channels:
                 _, index = torch.topk(torch.softmax(logits.to(torch.float64), dim=-1), top_k[i], dim=-1)
                 extra = LayerRouterStatistics.zeros(mods.num_experts, mods.expert_intermediate) if channels else None
                 norms = expert_output_norms(mods, flat, index, extra)
-            batch = router_sums(logits, top_k[i], normalise, norms if reap else None)
+            part = router_sums(logits, top_k[i], normalise, norms if reap else None)
             if extra is not None:
-                batch.channel_sum, batch.channel_sq_sum = extra.channel_sum, extra.channel_sq_sum
-                batch.down_sq_l2 = sums[i].down_sq_l2
-            sums[i] = sums[i].merge(batch)
+                part.channel_sum, part.channel_sq_sum = extra.channel_sum, extra.channel_sq_sum
+                part.down_sq_l2 = current["sums"].down_sq_l2
+            current["sums"] = current["sums"].merge(part)
 
-        return hook
+        return {mods.block: hook}
 
-    device = next(model.parameters()).device
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    start = time.perf_counter()
-    with HookManager() as hooks, torch.inference_mode():
-        for i, mods in layers.items():
-            hooks.add_input_hook(mods.block, make_hook(i, mods))
-        for batch in tqdm(length_batches([len(x) for x in token_ids], batch_size), desc=f"router statistics [{corpus.task}]",
-                          unit="batch", disable=not progress, leave=False):
-            input_ids, attention_mask = pad_batch([token_ids[j] for j in batch], pad_id, device)
-            state["mask"] = None if bool(attention_mask.all()) else attention_mask
-            adapter.backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    meta = {"fingerprint": loaded.fingerprint, "task": corpus.task, "model_source": loaded.source,
+    def finish(_i: int, _layer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        layer_sums = current.pop("sums", None)
+        if layer_sums is None:  # (a dense layer of an MoE model)
+            return {}, {}
+        return {f: getattr(layer_sums, f) for f in (*ROUTER_FIELDS, *CHANNEL_FIELDS)
+                if getattr(layer_sums, f) is not None}, {"tokens": layer_sums.tokens}
+
+    def keep(i: int, result: tuple[Any, dict[str, Any]]) -> None:
+        tensors, info = result
+        if tensors:
+            sums[i] = LayerRouterStatistics(info["tokens"], *(tensors[f] for f in ROUTER_FIELDS),
+                                            *(tensors[f] if f in tensors else None for f in CHANNEL_FIELDS))
+
+    identity = {"walk": "router statistics", "model": source.fingerprint, "corpus": corpus.digest(),
+                "batch_size": batch_size, "max_tokens": max_tokens, "shard": shard, "reap": reap, "channels": channels}
+    walk_layers(source, batches, watch, finish, keep, f"router statistics [{corpus.task}]", progress, work, identity)
+    meta = {"fingerprint": source.fingerprint, "task": corpus.task, "model_source": source.source,
             "corpus_digest": corpus.digest(), "num_texts": len(token_ids), "max_tokens": max_tokens,
             "shard": list(shard) if shard else None, "reap": reap, "channels": channels, "normalise_top_k": normalise,
-            "expert_params": {str(i): n for i, n in expert_parameters(loaded).items()},
+            "expert_params": {str(i): int(m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel())
+                              for i, m in routed.items()},
             "seconds": round(time.perf_counter() - start, 3)}
     return RouterStatistics(sums, top_k, meta)
 

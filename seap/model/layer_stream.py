@@ -282,14 +282,20 @@ class CheckpointLayers(LayerSource):
             self.model.get_output_embeddings() is not None
         self._retie()
         self._names = [n for n, _ in self.model.named_parameters()]  # (a tied head appears once)
-        missing = [n for n in self._names if n not in self.files]
+        if pruned:  # (saved under the module's own names)
+            self._sources: dict[str, list[tuple[str, str | None]]] = {n: [(n, None)] for n in self._names
+                                                                      if n in self.files}
+            self._converters: dict[str, Any] = {}
+        else:
+            self._sources, self._converters = checkpoint_sources(self.model, self.files)
+        missing = [n for n in self._names if n not in self._sources]
         unexpected = sorted(set(self.files) - set(self._names) - ({"lm_head.weight"} if self._tied else set()))
         if pruned and unexpected:  # (as load_pruned loads strictly)
             raise ArtifactError(f"{self.folder} does not fit its config (unexpected {unexpected[:5]})",
                                 "re-save the pruned model")
         if missing:
             raise NotStreamable(f"{len(missing)} parameter(s) are not in the checkpoint under their module "
-                                f"names (e.g. {missing[0]})")
+                                f"names or transformers' conversions of them (e.g. {missing[0]})")
         self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(self.folder)))
         self.source = f"{'pruned' if pruned else 'local'}:{self.folder}"
         self._fingerprint = fingerprint
@@ -304,12 +310,32 @@ class CheckpointLayers(LayerSource):
         return [n for n in self.names if n.startswith(prefix)]
 
     def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names`` from the checkpoint, in the working dtype, as anonymous memory on
+        """The parameters ``names`` from the checkpoint, in the working dtype, as anonymous memory
+        on the CPU: each read from its tensor, or made by transformers' own conversion from the
+        tensors it is stored as (an MoE layer's experts stacked into one fused parameter)."""
+        from copy import deepcopy
+
+        raw = self._read_keys([key for name in names for key, _ in self._sources[name]])
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            sources = self._sources[name]
+            if len(sources) == 1 and sources[0][1] is None:
+                out[name] = raw.pop(sources[0][0])
+                continue
+            converter = deepcopy(self._converters[sources[0][1]])
+            for key, pattern in sources:
+                converter.add_tensor(name, key, pattern, raw.pop(key))
+            value = converter.convert(name, model=self.model, config=self.model.config)[name]
+            out[name] = (value[0] if isinstance(value, list) else value).contiguous()
+        return out
+
+    def _read_keys(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors by their stored names, in the working dtype, as anonymous memory on
         the CPU (each file's mapping is closed again)."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
-        for name in names:
+        for name in keys:
             by_file.setdefault(self.files[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, wanted in by_file.items():
@@ -373,6 +399,29 @@ class CheckpointLayers(LayerSource):
         return self._fingerprint
 
 
+def checkpoint_sources(model: nn.Module, keys: Sequence[str] | Mapping[str, Any]
+                       ) -> tuple[dict[str, list[tuple[str, str | None]]], dict[str, Any]]:
+    """Each parameter of ``model`` -> the checkpoint tensors (name, conversion pattern or None)
+    it is loaded from, by transformers' own rules for the architecture
+    (``get_model_conversion_mapping``: renamed keys, an MoE checkpoint's per-expert tensors fused
+    at load time), in the order ``from_pretrained`` reads them; and the converters by pattern."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    own = dict(model.named_parameters())
+    sources: dict[str, list[tuple[str, str | None]]] = {}
+    for key in sorted(keys, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+        if target not in own and key in own:  # (as from_pretrained: a key that needs no renaming)
+            target, pattern = key, None
+        if target in own:
+            sources.setdefault(target, []).append((key, pattern))
+    return sources, {p: c for c in converters for p in c.source_patterns}
+
+
 def open_layers(model: str | Path | LoadedModel | LayerSource, device: str | None = "auto",
                 dtype: str | torch.dtype | None = "auto", fingerprint: str | None = None) -> LayerSource:
     """A :class:`LayerSource` for ``model``: a source as is, a loaded model's resident layers, or
@@ -384,12 +433,11 @@ def open_layers(model: str | Path | LoadedModel | LayerSource, device: str | Non
         return ResidentLayers(model)
     from seap.model.loading import load_model, resolve_model_path
 
-    location, kind = resolve_model_path(str(model))
-    if kind != "hub":
-        try:
-            return CheckpointLayers(location, device, dtype, fingerprint)
-        except NotStreamable as exc:
-            log.info("%s is loaded whole: %s", model, exc)
+    location, _ = resolve_model_path(str(model))  # (a hub id: its snapshot, fetched once)
+    try:
+        return CheckpointLayers(location, device, dtype, fingerprint)
+    except NotStreamable as exc:
+        log.info("%s is loaded whole: %s", model, exc)
     return ResidentLayers(load_model(str(model), device=device, dtype=dtype))
 
 

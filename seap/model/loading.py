@@ -190,8 +190,39 @@ def check_weights(folder: Path) -> None:
                     "copy the model's weights into the folder, or pass another model")
 
 
+HUB_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
+"""What a hub snapshot fetches: config, safetensors weights and tokenizer files (never pickles)."""
+
+
+def hub_snapshot(model: str) -> Path:
+    """The local snapshot of hub model ``model`` (``org/name``), fetched once into the Hugging
+    Face cache (``HF_HOME``; offline with ``HF_HUB_OFFLINE=1`` when already there), so that its
+    checkpoint can be read layer by layer like a local folder. Its config comes first and its
+    architecture is checked before any weight is downloaded; only :data:`HUB_FILES` are fetched."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(Path(hf_hub_download(model, "config.json")).parent))
+        adapter_for_model_type(getattr(config, "model_type", "?")).check_config(config)  # before any weight
+        folder = Path(snapshot_download(model, allow_patterns=list(HUB_FILES)))
+    except SeapError:
+        raise
+    except (OSError, ValueError, HfHubHTTPError) as exc:
+        raise SeapError(
+            f"could not read the config of model {model!r}: {str(exc).splitlines()[0][:300]}",
+            "check the id and your access to the Hugging Face hub (HF_TOKEN, HF_HUB_OFFLINE), "
+            "or pass a local folder or .gguf file",
+        ) from None
+    check_weights(folder)
+    return folder
+
+
 def resolve_model_path(model: str) -> tuple[Path | str, str]:
-    """Map a model argument to something ``from_pretrained`` reads; returns (path_or_id, kind)."""
+    """Map a model argument to a local folder or file that ``from_pretrained`` reads (a hub id's
+    snapshot is fetched here: :func:`hub_snapshot`); returns (path, kind)."""
     if model in BUILTIN_MODELS:
         return fetch_builtin(model), "builtin"
     path = Path(model).expanduser()
@@ -208,7 +239,7 @@ def resolve_model_path(model: str) -> tuple[Path | str, str]:
     if path.exists():
         raise SeapError(f"{path} is neither a model folder nor a .gguf file", "pass a folder, a .gguf file or a hub id")
     if model.count("/") == 1 and not model.startswith((".", "/")):
-        return model, "hub"
+        return hub_snapshot(model), "hub"
     raise SeapError(
         f"model {model!r} not found",
         f"pass a local folder, a .gguf file, a Hugging Face hub id (org/name) or one of: {', '.join(BUILTIN_MODELS)}",

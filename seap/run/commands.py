@@ -30,7 +30,6 @@ from seap.maths.schedules import check_schedule, check_sparsity
 from seap.maths.scores import DEFAULT_SCORE, ImportanceScores, compute_scores
 from seap.maths.statistics import ActivationStatistics, merge_statistics
 from seap.model.calibration import collect_task_statistics
-from seap.model.loaded import LoadedModel
 from seap.run.job_params import MaskParams
 from seap.run.mask_building import RefitSource, build_method_mask, refit_options
 from seap.run.methods import METHODS, check_compensation
@@ -54,10 +53,10 @@ def make_statistics(model: Any, corpus_file: str | Path, out_dir: str | Path, ta
                     accumulate_dtype: str = "float64", overwrite: bool = False, progress: bool = True,
                     unit: str = "auto") -> dict[str, Path]:
     """Statistics for every task of a corpus file, one folder per task under ``out_dir``: of a
-    dense model (a :class:`LoadedModel` or a layer source, walked layer by layer once for all
-    tasks), the activation statistics; of a mixture-of-experts model, its routers' statistics
-    (what ``seap masks --stats`` reads; with channel sums unless ``unit`` is ``experts``, the
-    default there)."""
+    model (a loaded model or a layer source, walked layer by layer): of a dense model, the
+    activation statistics (one walk for all tasks); of a mixture-of-experts model, its routers'
+    statistics (one walk per task; what ``seap masks --stats`` reads; with channel sums unless
+    ``unit`` is ``experts``, the default there)."""
     from seap.model.adapters.moe import MoeAdapter
 
     moe = isinstance(model.adapter, MoeAdapter)
@@ -73,13 +72,9 @@ def make_statistics(model: Any, corpus_file: str | Path, out_dir: str | Path, ta
     with atomic_directory(out_dir, overwrite, [corpus_file, model.location]) as tmp:  # all tasks, or none
         if moe:
             from seap.model.expert_pruning import collect_router_statistics
-            from seap.model.loading import load_model
 
-            # (an MoE model is held whole: a loaded model, or the one a layer source holds)
-            loaded = model if isinstance(model, LoadedModel) else getattr(model, "loaded", None) or \
-                load_model(model.location, device=str(model.device), dtype=model.dtype)
-            for task in wanted:
-                collect_router_statistics(loaded, corpora[task], batch_size, cap, shard, progress=progress,
+            for task in wanted:  # (layer by layer, like the dense statistics)
+                collect_router_statistics(model, corpora[task], batch_size, cap, shard, progress=progress,
                                           channels=unit not in ("auto", "experts")).save(tmp / task)
         else:
             collected = collect_task_statistics(model, {t: corpora[t] for t in wanted}, batch_size, cap,

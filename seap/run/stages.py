@@ -56,7 +56,7 @@ class StageContext:
 
             dtype = resolve_dtype(record["dtype"], resolve_device(record["device"]))
             record = {**record, "device": device, "dtype": dtype, "digest": f"{record['digest']}@{device}"}
-        if self.preloaded is not None and record["kind"] != "hub" and \
+        if self.preloaded is not None and \
                 Path(record["location"]).resolve() == Path(self.preloaded.location).resolve():
             return self.preloaded
         with self._lock:
@@ -80,8 +80,7 @@ class StageContext:
             from seap.model.loaded import resolve_device
 
             return ResidentLayers(self.base(model_dir, device="cpu"), device=resolve_device(record["device"]))
-        if record["kind"] == "hub" or (self.preloaded is not None and
-                                       Path(record["location"]).resolve() == Path(self.preloaded.location).resolve()):
+        if self.preloaded is not None and Path(record["location"]).resolve() == Path(self.preloaded.location).resolve():
             return ResidentLayers(self.base(model_dir))
         with self._lock:
             held = self._models.get(record["digest"])
@@ -136,10 +135,9 @@ def model(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.model.shards import checkpoint_files
 
     p = job.params
-    location, kind = resolve_model_path(p.model)
-    if kind != "hub":
-        checkpoint_files(location)  # a missing or truncated shard is refused here, before any work
-    digest = f"hub:{location}" if kind == "hub" else tree_digest(location)
+    location, kind = resolve_model_path(p.model)  # (a hub id: its snapshot in the Hugging Face cache)
+    checkpoint_files(location)  # a missing or truncated shard is refused here, before any work
+    digest = tree_digest(location)
     out.mkdir(parents=True)
     atomic_write_json(out / MODEL_RECORD, {"name": p.model, "location": str(location), "kind": kind,
                                            "device": p.device, "dtype": p.dtype, "offload": p.offload,
@@ -152,8 +150,6 @@ def verify_model_record(model_dir: Path) -> None:
     from seap.contenthash import tree_digest
 
     record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
-    if record["kind"] == "hub":
-        return
     if not Path(record["location"]).exists() or tree_digest(record["location"]) != record["digest"]:
         raise SeapError(f"model {record['name']!r} is not the one the `model` stage recorded (its files changed)",
                         "re-run the model stage and everything after it: `dvc repro -f -s model && dvc repro`")
@@ -213,11 +209,13 @@ def _router_statistics(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -
         merged.save(out)
         return
     corpora, header = read_corpus(Path(inputs["corpus"]) / CORPUS_FILE)
-    loaded = ctx.base(inputs["model"])
+    source = ctx.layers(inputs["model"])  # (read layer by layer)
+    work = ctx.walk_work(source)
     out.mkdir(parents=True)
     for t in p.tasks:
-        collect_router_statistics(loaded, corpora[t], p.batch_size, header.get("max_tokens", DEFAULT_MAX_TOKENS),
-                                  progress=ctx.progress, channels=p.unit != "experts").save(out / t)
+        collect_router_statistics(source, corpora[t], p.batch_size, header.get("max_tokens", DEFAULT_MAX_TOKENS),
+                                  progress=ctx.progress, channels=p.unit != "experts",
+                                  work=work / t if work is not None else None).save(out / t)
 
 
 def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:

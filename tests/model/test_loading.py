@@ -1,3 +1,5 @@
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +38,42 @@ def test_local_folder_roundtrip(tmp_path) -> None:
     assert loaded.adapter.name == "mistral" and loaded.source.startswith("local:")
 
 
+def hub_cache(cache: Path, repo: str, files: Path) -> None:
+    """``files`` as the snapshot of hub model ``repo`` in a Hugging Face cache folder (what a
+    download leaves there): the hub path is then taken offline, as on this machine."""
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(files, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+
+
+def test_a_hub_model_is_fetched_as_a_snapshot_and_read_layer_by_layer(tmp_path, monkeypatch) -> None:
+    """A hub id's config, safetensors and tokenizer are fetched once into the Hugging Face cache;
+    its checkpoint is then read one layer at a time like a local folder,
+    with the loaded model's fingerprint. An unsupported architecture is refused before any
+    weight is fetched."""
+    from seap.model.layer_stream import CheckpointLayers, open_layers
+
+    tiny = make_tiny_model("llama-gqa")
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # (HF_HUB_CACHE, read at import)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_cache(tmp_path / "hub", "org/tiny", tmp_path / "m")
+    location, kind = resolve_model_path("org/tiny")
+    assert kind == "hub" and (location / "config.json").is_file()
+    source = open_layers("org/tiny", "cpu")
+    assert isinstance(source, CheckpointLayers) and source.fingerprint == tiny.fingerprint
+    assert load_model("org/tiny", device="cpu").fingerprint == tiny.fingerprint
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=10)).save_pretrained(tmp_path / "g")
+    (tmp_path / "g" / "model.safetensors").unlink()  # (only the config is in the cache: enough to refuse)
+    hub_cache(tmp_path / "hub", "org/gpt", tmp_path / "g")
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'"):
+        resolve_model_path("org/gpt")
+
+
 def test_unsupported_architecture_lists_supported(tmp_path) -> None:
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=10)).save_pretrained(tmp_path / "g")
     with pytest.raises(UnsupportedArchitectureError) as err:
@@ -46,7 +84,7 @@ def test_unsupported_architecture_lists_supported(tmp_path) -> None:
         get_adapter(GPT2Config())
 
 
-def test_bad_model_arguments(tmp_path) -> None:
+def test_bad_model_arguments(tmp_path, monkeypatch) -> None:
     with pytest.raises(SeapError, match="not found"):
         resolve_model_path("no-such-model")
     (tmp_path / "empty").mkdir()
@@ -57,7 +95,9 @@ def test_bad_model_arguments(tmp_path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(SeapError, match="not a readable GGUF"):
         resolve_model_path(str(tmp_path / "junk.gguf"))
-    assert resolve_model_path("org/name") == ("org/name", "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SeapError, match="could not read the config of model 'org/name'"):
+        resolve_model_path("org/name")  # (a hub id: fetched here, and refused with what to check)
 
 
 def test_gguf_of_unsupported_architecture(tmp_path) -> None:
