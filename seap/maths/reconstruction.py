@@ -79,13 +79,18 @@ def _solve(cross: torch.Tensor, g_ss: torch.Tensor, mu_y: torch.Tensor, mu_s: to
     new weights, the bias (or None), the damping, the right-hand side and whether Cholesky
     solved it. With a bias, the centred moments replace the uncentred ones."""
     if options.bias:  # the centred covariance C = G - mu mu^T in place of G
-        fit_rhs, fit_ss = cross - torch.outer(mu_y, mu_s), g_ss - torch.outer(mu_s, mu_s)
+        fit_rhs, fit_ss = cross - torch.outer(mu_y, mu_s), torch.outer(mu_s, mu_s)
+        torch.sub(g_ss, fit_ss, out=fit_ss)  # g_ss - mu_s mu_s^T, in the outer product's own matrix
     else:
         fit_rhs, fit_ss = cross, g_ss
     width = g_ss.shape[0]
     damping = options.alpha * float(fit_ss.diagonal().mean()) if width else 0.0
     rhs = fit_rhs + damping * w_kept if options.prior == "slice" else fit_rhs
-    system = fit_ss + damping * torch.eye(width, dtype=torch.float64)
+    # fit_ss + damping I, adding on the diagonal only (no identity and no scaled copy of it: the
+    # same numbers, two k x k matrices fewer); the centred fit_ss is this function's own
+    system = fit_ss if options.bias else fit_ss.clone()
+    system.diagonal().add_(damping)
+    del fit_ss
     factor, info = torch.linalg.cholesky_ex(system)
     solved = int(info) == 0
     if solved:
@@ -116,7 +121,8 @@ def refit_layer(weight: torch.Tensor, moments: SecondMoments, keep: torch.Tensor
     gram, n = moments.gram.to(torch.float64).cpu(), max(moments.count, 1)
     mu = moments.mean.to(torch.float64).cpu()
     w_kept, w_removed = w[:, keep], w[:, removed]
-    g_ss = gram[keep][:, keep] / n
+    g_ss = gram[keep[:, None], keep]  # (gathered at once: no k x d_in intermediate)
+    g_ss.div_(n)  # (in place: one k x k matrix at a time)
     rows_removed = gram[removed]
     g_rr = rows_removed[:, removed] / n
     g_rs = rows_removed[:, keep] / n
