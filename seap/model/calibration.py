@@ -81,7 +81,7 @@ def collect_task_statistics(
             raise SeapError(f"task {task!r}: every text tokenized to zero tokens", "check the corpus texts")
         token_ids.append(ids)
     start = time.perf_counter()
-    batches = calibration_batches(source, token_ids, batch_size)
+    batches = calibration_batches(source, token_ids, batch_size, work)
     layers: list[list[LayerStatistics]] = [[] for _ in tasks]
 
     def watch(_index: int, layer: torch.nn.Module) -> dict[torch.nn.Module, Any]:

@@ -95,7 +95,7 @@ def collect_router_statistics(model: Any, corpus: CalibrationCorpus, batch_size:
     normalise = adapter.normalises_top_k(source.model.config)
     top_k = {i: adapter.top_k(m) for i, m in routed.items()}
     start = time.perf_counter()
-    batches = calibration_batches(source, [token_ids], batch_size)
+    batches = calibration_batches(source, [token_ids], batch_size, work)
     current: dict[str, LayerRouterStatistics] = {}
     sums: dict[int, LayerRouterStatistics] = {}
 

@@ -441,11 +441,13 @@ def open_layers(model: str | Path | LoadedModel | LayerSource, device: str | Non
     return ResidentLayers(load_model(str(model), device=device, dtype=dtype))
 
 
-def calibration_batches(source: LayerSource, parts: Sequence[Sequence[Sequence[int]]], batch_size: int
-                        ) -> list[CalibrationBatch]:
+def calibration_batches(source: LayerSource, parts: Sequence[Sequence[Sequence[int]]], batch_size: int,
+                        work: Path | None = None) -> list[CalibrationBatch]:
     """The batches of every part (each a list of token id sequences), in part order, each part
     batched by length (:func:`seap.model.batching.length_batches`), with the first layer's
-    input and every layer's call arguments captured."""
+    input and every layer's call arguments captured. With ``work`` (the folder the walk over
+    them will use), each batch's first-layer input is written there as soon as it is captured
+    (:class:`HiddenStates`), so the calibration's hidden states are never all in memory."""
     from seap.model.batching import length_batches, pad_batch
 
     pad_id = source.tokenizer.pad_token_id if source.tokenizer.pad_token_id is not None else 0
@@ -459,9 +461,13 @@ def calibration_batches(source: LayerSource, parts: Sequence[Sequence[Sequence[i
                 # no padding in this batch (common: batches are sorted by length): plain sums
                 weights = None if count == attention_mask.numel() else attention_mask
                 batches.append(CalibrationBatch(part, weights, count, calls, hidden))
+                if work is not None:
+                    HiddenStates(batches, work / HIDDEN_FOLDER).put(-1, len(batches) - 1, hidden)
+                    del hidden
     return batches
 
 
+HIDDEN_FOLDER = "hidden"  # under a walk's work folder: the hidden states between layers
 InputHook = Callable[[CalibrationBatch, torch.Tensor], None]
 LayerResult = tuple[Mapping[str, torch.Tensor], dict[str, Any]]  # what a walk keeps of one layer: tensors, JSON
 
@@ -481,8 +487,8 @@ class HiddenStates:
                                 "choose a writable work folder (--workdir), or --offload cpu") from None
 
     def _file(self, layer: int, index: int) -> Path:
-        assert self.folder is not None
-        return self.folder / f"hidden-{layer % 2}-{index:06d}.safetensors"
+        assert self.folder is not None  # (the first layer's inputs apart: rewritten by every capture)
+        return self.folder / f"hidden-{'input' if layer < 0 else layer % 2}-{index:06d}.safetensors"
 
     def put(self, layer: int, index: int, hidden: torch.Tensor) -> None:
         """Batch ``index``'s output of ``layer`` (its input to ``layer + 1``)."""
@@ -567,7 +573,7 @@ def walk_layers(source: LayerSource, batches: Sequence[CalibrationBatch],
     walk keeps of all layers stays on disk): the same walk started again after a kill resumes
     after the last finished layer, and its results are identical to an uninterrupted walk's."""
     resume = WalkProgress(work / "layers", identity or {}) if work is not None else None
-    store = HiddenStates(batches, work / "hidden" if work is not None else None)
+    store = HiddenStates(batches, work / HIDDEN_FOLDER if work is not None else None)
     start = resume.done if resume is not None else 0
     for i in range(start):  # (finished before a kill: their results as recorded)
         keep(i, resume.result(i))  # type: ignore[union-attr]
@@ -576,7 +582,8 @@ def walk_layers(source: LayerSource, batches: Sequence[CalibrationBatch],
             batch.hidden = None  # type: ignore[assignment]  # (read from the last finished layer's outputs)
     elif store.folder is not None:
         for index, batch in enumerate(batches):  # the first layer's inputs, on disk like every layer's
-            store.put(-1, index, batch.hidden)
+            if batch.hidden is not None:  # (unless written there when captured)
+                store.put(-1, index, batch.hidden)
     bar = tqdm(range(start, source.num_layers), desc=desc, unit="layer", disable=not progress, leave=False,
                initial=start, total=source.num_layers)
     current: dict[str, CalibrationBatch] = {}

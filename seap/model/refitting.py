@@ -126,7 +126,7 @@ def reconstruct_masks(base: Any, masks: Mapping[str, tuple[PruningMask, Sequence
         raise SeapError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
     token_ids = refit_token_ids(source, parts, max_tokens)
     head_dim = source.adapter.head_dim(source.config)
-    batches = calibration_batches(source, token_ids, batch_size)
+    batches = calibration_batches(source, token_ids, batch_size, work)
     tokens = [sum(b.count for b in batches if b.part == k) for k in range(len(parts))]
     refitted: dict[str, list[LayerMask]] = {name: [] for name in masks}
     reports: dict[str, list[dict[str, float | int]]] = {name: [] for name in masks}

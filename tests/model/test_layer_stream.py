@@ -30,6 +30,7 @@ from seap.model.calibration import collect_statistics
 from seap.model.hooks import HookManager, count_hooks
 from seap.model.layer_stream import (
     CheckpointLayers,
+    HiddenStates,
     NotStreamable,
     ResidentLayers,
     calibration_batches,
@@ -254,6 +255,20 @@ def test_a_walk_with_its_hidden_states_on_disk_killed_part_way_resumes_to_the_sa
     mask = build_mask(compute_scores(in_memory, "seap-sf"), 0.4, "uniform")
     on_disk = reconstruct_mask(str(folder), mask, [corpus()], batch_size=BATCH, progress=False, work=tmp_path / "refit")
     assert_refits_equal(on_disk, reconstruct_mask(loaded, mask, [corpus()], batch_size=BATCH, progress=False))
+
+
+def test_with_a_work_folder_each_batchs_first_layer_input_goes_to_disk_as_it_is_captured(saved, tmp_path) -> None:
+    """The calibration's hidden states are never all in memory: captured for a walk with a work
+    folder, each batch's first-layer input is written there at once, and read back the same."""
+    source = CheckpointLayers(saved("llama-gqa"), "cpu")
+    token_ids = [tokenize_corpus(source.tokenizer, TEXTS, None)]
+    held = calibration_batches(source, token_ids, BATCH)
+    spilled = calibration_batches(source, token_ids, BATCH, tmp_path / "walk")
+    assert all(b.hidden is None for b in spilled) and all(b.hidden is not None for b in held)
+    store = HiddenStates(spilled, tmp_path / "walk" / "hidden")
+    assert len(list(store.folder.iterdir())) == len(held)
+    for index, batch in enumerate(held):
+        assert torch.equal(store.get(0, index), batch.hidden)
 
 
 def test_a_sharded_checkpoint_streams_and_a_missing_or_truncated_shard_is_refused_by_name(tmp_path) -> None:
