@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=EVALUATE_OUT, help=f"results folder (default: {EVALUATE_OUT})")
     add_arguments(parser, only=EVALUATE_OPTIONS)
     args = parser.parse_args(argv)
-    evaluate_flow(masks=args.masks, out=args.out, **given_arguments(args))
+    given = {name: value for name, value in given_arguments(args).items() if name in EVALUATE_OPTIONS}
+    evaluate_flow(masks=args.masks, out=args.out, **given)  # (--out is the flow's own, not a config field here)
 
 
 if __name__ == "__main__":

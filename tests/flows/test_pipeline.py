@@ -126,17 +126,19 @@ def test_invalid_parameters_fail_before_any_work(prefect_env, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_evaluate_and_router_flows(first_run, tmp_path) -> None:
-    from flows.evaluate import evaluate_flow
+    from flows.evaluate import main as evaluate_main
     from flows.router import router_flow
 
     tmp, kwargs, state = first_run
     masks = state.result()["masks"]
-    result = evaluate_flow(model=kwargs["model"], masks=[masks["seap-general@0.2"]["general"], masks["flap@0.2"]["general"],
-                                                         masks["seap-expert@0.2"]["geo"]],
-                           tasks=["geo", "life"], limit=4, data_dir=kwargs["data_dir"], workdir=kwargs["workdir"],
-                           out=str(tmp_path / "eval"))
+    # as the docs show it (`python -m flows.evaluate --model ... --masks ...`), with --out
+    evaluate_main(["--model", kwargs["model"], "--masks", masks["seap-general@0.2"]["general"],
+                   masks["flap@0.2"]["general"], masks["seap-expert@0.2"]["geo"], "--tasks", "geo", "life",
+                   "--limit", "4", "--data-dir", kwargs["data_dir"], "--workdir", kwargs["workdir"],
+                   "--out", str(tmp_path / "eval")])
     table = (tmp_path / "eval" / "results.md").read_text()
-    assert "| dense |" in table and "| seap-general |" in table and "| flap |" in table and len(result["rows"]) == 4
+    assert "| dense |" in table and "| seap-general |" in table and "| flap |" in table
+    assert len(json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]) == 4
     # the same masks give the pipeline's rows: FLAP is evaluated with the bias compensation its mask carries
     evaluated = {(r["method"], r["sparsity"]): r["tasks"] for r in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]}
     pipeline = {(r["method"], r["sparsity"]): r["tasks"] for r in json.loads((tmp / "out" / "results.json").read_text())["rows"]}
