@@ -22,6 +22,7 @@ import torch
 from seap.data.corpus import DEFAULT_MAX_TOKENS, CalibrationCorpus
 from seap.errors import SeapError, UnsupportedArchitectureError
 from seap.maths.expert_selection import (
+    CHANNEL_FIELDS,
     ROUTER_FIELDS,
     ExpertMask,
     LayerRouterStatistics,
@@ -34,8 +35,6 @@ from seap.model.batching import shard_texts, tokenize_corpus
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel, model_fingerprint
 from seap.model.pruning import check_mode, check_unpruned, share_copy
-
-CHANNEL_FIELDS = ("channel_sum", "channel_sq_sum", "down_sq_l2")  # unit both: per expert channel, [E, I]
 
 
 def moe_adapter(loaded: Any) -> MoeAdapter:

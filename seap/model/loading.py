@@ -194,6 +194,13 @@ HUB_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "
 """What a hub snapshot fetches: config, safetensors weights and tokenizer files (never pickles)."""
 
 
+def unreadable_config(model: str, exc: Exception) -> SeapError:
+    """The error for a model whose config cannot be read or fetched, with what to check."""
+    return SeapError(f"could not read the config of model {model!r}: {str(exc).splitlines()[0][:300]}",
+                     "check the id and your access to the Hugging Face hub (HF_TOKEN, HF_HUB_OFFLINE), "
+                     "or pass a local folder or .gguf file")
+
+
 def hub_snapshot(model: str) -> Path:
     """The local snapshot of hub model ``model`` (``org/name``), fetched once into the Hugging
     Face cache (``HF_HOME``; offline with ``HF_HUB_OFFLINE=1`` when already there), so that its
@@ -211,11 +218,7 @@ def hub_snapshot(model: str) -> Path:
     except SeapError:
         raise
     except (OSError, ValueError, HfHubHTTPError) as exc:
-        raise SeapError(
-            f"could not read the config of model {model!r}: {str(exc).splitlines()[0][:300]}",
-            "check the id and your access to the Hugging Face hub (HF_TOKEN, HF_HUB_OFFLINE), "
-            "or pass a local folder or .gguf file",
-        ) from None
+        raise unreadable_config(model, exc) from None
     check_weights(folder)
     return folder
 
@@ -285,11 +288,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(str(location), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise SeapError(
-            f"could not read the config of model {model!r}: {str(exc).splitlines()[0][:300]}",
-            "check the id and your access to the Hugging Face hub (HF_TOKEN, HF_HUB_OFFLINE), "
-            "or pass a local folder or .gguf file",
-        ) from exc
+        raise unreadable_config(model, exc) from exc
     adapter = adapter_for_model_type(getattr(config, "model_type", "?"))
     adapter.check_config(config)  # a feature the adapter cannot prune is refused before the weights are read
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code,

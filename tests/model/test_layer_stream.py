@@ -38,8 +38,8 @@ from seap.model.layer_stream import (
 )
 from seap.model.loading import load_model
 from seap.model.refitting import reconstruct_mask, reconstruct_mask_sequential
-from seap.maths.expert_selection import ROUTER_FIELDS
-from seap.model.expert_pruning import CHANNEL_FIELDS, collect_router_statistics
+from seap.maths.expert_selection import CHANNEL_FIELDS, ROUTER_FIELDS
+from seap.model.expert_pruning import collect_router_statistics
 from tests.helpers import ARCHS, MOE_ARCHS, SENTENCES, make_tiny_model, make_tiny_moe
 
 STREAMED = ARCHS  # (the multimodal Gemma 3 too: its text decoder's tensors renamed as transformers does)
