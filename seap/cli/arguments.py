@@ -58,7 +58,7 @@ def model_arguments(p: argparse.ArgumentParser, required: bool = True, default: 
     from seap.run.config import declared_defaults
 
     defaults = declared_defaults()
-    p.add_argument("--device", default=defaults["device"], help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default=defaults["device"], help="auto (every visible GPU, else the CPU), cpu, cuda, cuda:1, a list cuda:0,cuda:1 ...")
     p.add_argument("--dtype", default=defaults["dtype"],
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
 

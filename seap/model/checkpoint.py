@@ -213,6 +213,8 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
     is read, pruned, written to its own safetensors shard and dropped, so the dense and pruned
     models never sit whole in memory. The folder is what :func:`save_pruned` writes (sharded,
     with ``model.safetensors.index.json``) and :func:`load_pruned` reloads to the same logits.
+    ``mask`` removes heads and channels (a :class:`~seap.maths.masks.PruningMask`) or, on a
+    mixture-of-experts model, experts (an :class:`~seap.maths.expert_selection.ExpertMask`).
 
     ``work`` (a folder that must not be shared with another job) keeps the finished shards and a
     progress record; a run killed part-way and started again with the same mask, base and
@@ -224,27 +226,34 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from seap.maths.masks import PruningMask
+    from seap.maths.expert_selection import ExpertMask, validate_expert_mask
+    from seap.model.adapters.moe import moe_adapter
     from seap.model.memory import return_freed_memory
     from seap.model.loaded import fingerprint_of
     from seap.model.pruning import share_copy
     from seap.model.shards import INDEX_FILE, PROGRESS_FILE, write_safetensors
     from seap.model.surgery import (
+        expert_pruning_record,
         prune_layer,
+        prune_layer_experts,
         pruning_record,
         resolve_bias_compensation,
     )
 
-    if not isinstance(mask, PruningMask):
-        raise SeapError("only masks of heads and channels are written layer by layer",
-                        "apply an expert mask to the loaded model (seap.apply_mask) and save it with save_pruned")
     mask.check_model(source.fingerprint)
-    compensate = resolve_bias_compensation(mask, bias_compensation)
+    experts = isinstance(mask, ExpertMask)
     target = Path(path)
     if target.exists():
         raise SeapError(f"output {target} already exists", "choose another path, or remove it")
     adapter, config = source.adapter, source.config
-    head_dim = adapter.head_dim(config)
+    if experts:
+        adapter = moe_adapter(source)
+        validate_expert_mask(mask, {i: m.num_experts for i, m in adapter.moe_layers(source.model).items()})
+        normalise = adapter.normalises_top_k(config)
+        compensate = None
+    else:
+        compensate = resolve_bias_compensation(mask, bias_compensation)
+        head_dim = adapter.head_dim(config)
     layers = source.layers
     total = len(layers) + 1  # one shard per decoder layer, one for everything else
     work = Path(work) if work is not None else target.parent / f".{target.name}.partial"
@@ -273,14 +282,20 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
         layer = source.layer(i)
         try:
             pruned = share_copy(layer)
-            prune_layer(adapter, pruned, mask.layers[i], head_dim, True, compensate)
+            if experts:  # (dense layers of an MoE model are written whole)
+                with torch.no_grad():
+                    if i in mask.experts:
+                        prune_layer_experts(adapter, pruned, mask, i, True, normalise)
+                sizes.append(adapter.experts_record(pruned) or {})
+            else:
+                prune_layer(adapter, pruned, mask.layers[i], head_dim, True, compensate)
+                layer_mask = mask.layers[i]
+                sizes.append({"num_attention_heads": int(layer_mask.heads.sum()),
+                              "num_key_value_heads": int(layer_mask.kv_heads.sum()),
+                              "intermediate_size": int(layer_mask.channels.sum()), **adapter.layer_record(pruned)})
             prefix = prefixes[id(layer)]
             tensors = {f"{prefix}.{name}": t.detach().to("cpu").contiguous()
                        for name, t in pruned.state_dict().items()}
-            layer_mask = mask.layers[i]
-            sizes.append({"num_attention_heads": int(layer_mask.heads.sum()),
-                          "num_key_value_heads": int(layer_mask.kv_heads.sum()),
-                          "intermediate_size": int(layer_mask.channels.sum()), **adapter.layer_record(pruned)})
             del pruned
         finally:
             source.release(i)
@@ -305,13 +320,16 @@ def write_pruned(source: Any, mask: Mask, path: str | Path, work: str | Path | N
         with safe_open(str(work / weight_map[name]), framework="pt") as handle:
             return handle.get_tensor(name)
 
-    info = {**pruning_record(mask, "hard", compensate), "pruned_fingerprint": fingerprint_of(config, weight_map, written),
-            "layers": sizes}
+    record_of = (expert_pruning_record(mask, "hard", {i: sizes[i] for i in mask.experts}) if experts  # type: ignore[union-attr]
+                 else pruning_record(mask, "hard", compensate))
+    info = {**record_of, "pruned_fingerprint": fingerprint_of(config, weight_map, written), "layers": sizes}
     total_size = sum((work / f).stat().st_size for f in set(weight_map.values()))
     atomic_write_json(work / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
     raw = json.loads(config.to_json_string(use_diff=False))
-    raw.update(seap_pruning=info, per_layer_config={str(i): layer for i, layer in enumerate(sizes)},
-               allow_global_per_layer_attribute_access=True)
+    raw.update(seap_pruning=info)
+    if not experts:  # (Hugging Face's per-layer widths; MoE records are SEAP's own)
+        raw.update(per_layer_config={str(i): layer for i, layer in enumerate(sizes)},
+                   allow_global_per_layer_attribute_access=True)
     atomic_write_json(work / "config.json", raw)
     if source.tokenizer is not None:
         source.tokenizer.save_pretrained(work)

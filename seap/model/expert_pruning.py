@@ -13,7 +13,6 @@ model (the glue between the MoE adapters, owned hooks and :mod:`seap.maths.exper
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,12 @@ from seap.maths.expert_selection import (
     router_sums,
     validate_expert_mask,
 )
-from seap.model.adapters.moe import MoeAdapter, MoeLayerModules
+from seap.model.adapters.moe import MoeLayerModules, moe_adapter
 from seap.model.batching import shard_texts, tokenize_corpus
 from seap.model.hooks import HookManager
 from seap.model.loaded import LoadedModel, model_fingerprint
 from seap.model.pruning import check_mode, check_unpruned, share_copy
-
-
-def moe_adapter(loaded: Any) -> MoeAdapter:
-    """The adapter of a loaded model (or layer source), refused with a clear message when it is not an MoE family."""
-    if not isinstance(loaded.adapter, MoeAdapter):
-        raise UnsupportedArchitectureError(
-            f"{loaded.adapter.name} is not a mixture-of-experts model: it has no experts to prune",
-            "prune its heads and MLP channels (the default unit), or pass an MoE model")
-    return loaded.adapter
+from seap.model.surgery import expert_pruning_record, prune_layer_experts
 
 
 def expert_output_norms(mods: MoeLayerModules, x: torch.Tensor, index: torch.Tensor,
@@ -170,17 +161,9 @@ def apply_expert_mask(loaded: LoadedModel, mask: ExpertMask, mode: str = "hard",
     decoder = adapter.decoder_layers(model)
     with torch.no_grad():
         for i in sorted(mask.experts):
-            if mask.top_k[i] < adapter.top_k(layers[i]):
-                warnings.warn(f"layer {i}: top-k clamped from {adapter.top_k(layers[i])} to {mask.top_k[i]} "
-                              "(fewer experts kept than the router selected)", stacklevel=2)
-            adapter.prune_experts(decoder[i], mask.experts[i], mode == "hard", mask.top_k[i], normalise,
-                                  None if mask.channels is None else mask.channels[i])
-    model.config.seap_pruning = {
-        "mode": mode, "unit": mask.meta.get("unit", "experts"), "base_fingerprint": mask.base_fingerprint, "mask_digest": mask.digest(),
-        "task": mask.task, "score": mask.meta.get("score"), "target_sparsity": mask.meta.get("target_sparsity"),
-        "realised_sparsity": mask.realised_sparsity(),
-        "moe_layers": {str(i): adapter.experts_record(decoder[i]) for i in sorted(mask.experts)},
-    }
+            prune_layer_experts(adapter, decoder[i], mask, i, mode == "hard", normalise)
+    model.config.seap_pruning = expert_pruning_record(
+        mask, mode, {i: adapter.experts_record(decoder[i]) for i in sorted(mask.experts)})
     return LoadedModel(model, loaded.tokenizer, adapter, f"{loaded.source}+experts:{mask.task}", model_fingerprint(model))
 
 

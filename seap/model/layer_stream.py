@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -198,24 +199,38 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+_REGISTER_PARAMETER = nn.Module.register_parameter
+_ON_META = threading.local()  # how deep this thread is in parameters_on_meta
+_META_LOCK = threading.Lock()
+_META_USERS = [0]  # threads inside parameters_on_meta: the patch is installed while any is
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _REGISTER_PARAMETER(module, name, param)
+    if param is not None and getattr(_ON_META, "depth", 0):
+        kind = type(module._parameters[name])
+        module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory) and keep real
-    buffers (rotary frequencies are computed at construction), as accelerate's
-    ``init_empty_weights(include_buffers=False)`` does, without importing accelerate."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            kind = type(module._parameters[name])
-            module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    """Modules built inside (in this thread) get their parameters on the meta device (no memory)
+    and keep real buffers (rotary frequencies are computed at construction), as accelerate's
+    ``init_empty_weights(include_buffers=False)`` does, without importing accelerate. Modules
+    other threads build meanwhile are not affected."""
+    with _META_LOCK:
+        if _META_USERS[0] == 0:
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+        _META_USERS[0] += 1
+    _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        _ON_META.depth -= 1
+        with _META_LOCK:
+            _META_USERS[0] -= 1
+            if _META_USERS[0] == 0:
+                nn.Module.register_parameter = _REGISTER_PARAMETER  # type: ignore[method-assign]
 
 
 class ResidentLayers(LayerSource):
@@ -255,7 +270,7 @@ class CheckpointLayers(LayerSource):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from seap.model.adapters import adapter_for_model_type
-        from seap.model.checkpoint import is_expert_record, is_pruned_dir, pruned_skeleton
+        from seap.model.checkpoint import is_pruned_dir, pruned_skeleton
 
         self.folder = Path(folder)
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -270,8 +285,6 @@ class CheckpointLayers(LayerSource):
         if pruned:  # (written by seap: each layer at its own widths)
             with parameters_on_meta():
                 self.model, self.adapter, info = pruned_skeleton(self.folder, self.dtype, self.files.__contains__)
-            if is_expert_record(info):
-                raise NotStreamable("a pruned mixture-of-experts model keeps router rows of removed experts")
             self.model.eval()
             config = self.model.config
             self._recorded = info.get("pruned_fingerprint") if self.dtype == torch.float32 else None

@@ -97,15 +97,36 @@ def model_fingerprint(model: nn.Module) -> str:
     return fingerprint_of(model.config, params, params.__getitem__)
 
 
+def resolve_devices(device: str | None) -> list[torch.device]:
+    """Every device a run may use: ``auto``, every visible CUDA device (``CUDA_VISIBLE_DEVICES``
+    chooses them), else the CPU; a comma-separated list (``cuda:0,cuda:1``), those; one name,
+    that one. Each must exist here (checked before any model is loaded). Work that splits
+    (each task's statistics, each mask's refit) is spread over them; everything else runs on the
+    first (:func:`resolve_device`)."""
+    if device in (None, "auto"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [torch.device("cuda", i) for i in range(count)] or [torch.device("cpu")]
+    names = [part.strip() for part in str(device).split(",")]
+    if len(names) > 1 and (not all(names) or "auto" in names):
+        raise SeapError(f"device list {device!r} has an empty or 'auto' entry", "list devices such as cuda:0,cuda:1")
+    return [_one_device(name) for name in names]
+
+
 def resolve_device(device: str | None) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; a named device must exist here (checked
-    before any model is loaded)."""
+    """The device single-device work runs on: ``auto``, CUDA when available, else the CPU; of a
+    list (:func:`resolve_devices`), its first. A named device must exist here (checked before
+    any model is loaded)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_devices(device)[0]
+
+
+def _one_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise SeapError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from None
+        raise SeapError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N, a list such as cuda:0,cuda:1, "
+                        "or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()}
     if not available.get(dev.type, False):

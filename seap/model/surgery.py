@@ -19,6 +19,7 @@ applies a mask of any kind (an expert mask of an MoE model too) by its format.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ from torch import nn
 
 from seap.model.adapters import ArchitectureAdapter, LayerModules
 from seap.errors import SeapError
+from seap.maths.expert_selection import ExpertMask
 from seap.maths.masks import LayerMask, PruningMask
+from seap.model.adapters.moe import MoeAdapter
 from seap.model.loaded import LoadedModel, model_fingerprint
 from seap.model.pruning import check_mode, check_unpruned, share_copy
 
@@ -132,6 +135,30 @@ def pruning_record(mask: PruningMask, mode: str, bias_compensation: bool) -> dic
     if mask.is_reconstructed:
         record["reconstruction"] = mask.meta.get("reconstruction")
     return record
+
+
+def prune_layer_experts(adapter: MoeAdapter, layer: nn.Module, mask: ExpertMask, index: int, hard: bool,
+                        normalise: bool) -> None:
+    """Remove (``hard``) or switch off the experts ``mask`` drops from decoder layer ``index``
+    (``layer``, modified in place: new tensors, the old ones untouched); warns when the router's
+    top-k is clamped because fewer experts are kept than it selected."""
+    mods = adapter.moe_modules(layer)
+    if mods is not None and mask.top_k[index] < adapter.top_k(mods):
+        warnings.warn(f"layer {index}: top-k clamped from {adapter.top_k(mods)} to {mask.top_k[index]} "
+                      "(fewer experts kept than the router selected)", stacklevel=3)
+    adapter.prune_experts(layer, mask.experts[index], hard, mask.top_k[index], normalise,
+                          None if mask.channels is None else mask.channels[index])
+
+
+def expert_pruning_record(mask: ExpertMask, mode: str, moe_layers: dict[int, Any]) -> dict[str, Any]:
+    """The ``seap_pruning`` record of a model pruned by ``mask`` (``moe_layers``: each MoE layer's
+    :meth:`~seap.model.adapters.moe.MoeAdapter.experts_record` after pruning)."""
+    return {
+        "mode": mode, "unit": mask.meta.get("unit", "experts"), "base_fingerprint": mask.base_fingerprint,
+        "mask_digest": mask.digest(), "task": mask.task, "score": mask.meta.get("score"),
+        "target_sparsity": mask.meta.get("target_sparsity"), "realised_sparsity": mask.realised_sparsity(),
+        "moe_layers": {str(i): moe_layers[i] for i in sorted(mask.experts)},
+    }
 
 
 def resolve_bias_compensation(mask: PruningMask, bias_compensation: bool | None) -> bool:

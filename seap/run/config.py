@@ -73,7 +73,7 @@ class ModelSection:
 
     model: str = _opt(DEFAULT_MODEL, "name",
                       "hub id (org/name), local HF folder, .gguf file, or the alias smollm2-135m")
-    device: str = _opt("auto", "device", "auto (cuda if available), cpu, cuda, cuda:1 ...")
+    device: str = _opt("auto", "device", "auto (every visible GPU, else the CPU), cpu, cuda, cuda:1, a list cuda:0,cuda:1 ...")
     dtype: str = _opt("auto", "dtype", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16",
                       choices=DTYPES)
     offload: str = _opt("disk", "offload", "where the dense model's layers and the calibration hidden states "

@@ -67,18 +67,32 @@ class StageContext:
                                                                      dtype=record["dtype"])
             return loaded
 
-    def layers(self, model_dir: Path) -> Any:
-        """The base model recorded by a ``model`` job as a layer source
-        (:class:`~seap.model.layer_stream.LayerSource`): the model already held in this process,
-        or its checkpoint read layer by layer (the dense model is never loaded whole). Its
-        fingerprint is computed once per model and dtype and kept in the cache folder."""
-        from seap.io import atomic_write_text, cache_dir
-        from seap.model.layer_stream import CheckpointLayers, NotStreamable, ResidentLayers
+    def devices(self, model_dir: Path) -> list[Any]:
+        """The devices the recorded model's walks may be spread over
+        (:func:`seap.model.loaded.resolve_devices`): several only for a checkpoint read layer by
+        layer (a model held in memory runs on one device)."""
+        from seap.model.loaded import resolve_devices
 
         record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
-        if record.get("offload") == "cpu":  # held whole in CPU memory, each layer run on the device
-            from seap.model.loaded import resolve_device
+        devices = resolve_devices(record["device"])
+        with self._lock:
+            held = record["digest"] in self._models
+        return devices if record.get("offload") != "cpu" and self.preloaded is None and not held else devices[:1]
 
+    def layers(self, model_dir: Path, device: Any = None) -> Any:
+        """The base model recorded by a ``model`` job as a layer source
+        (:class:`~seap.model.layer_stream.LayerSource`): the model already held in this process,
+        or its checkpoint read layer by layer (the dense model is never loaded whole), on
+        ``device`` (one of :meth:`devices`; left out: the recorded device). Its fingerprint is
+        computed once per model and dtype and kept in the cache folder."""
+        from seap.io import atomic_write_text, cache_dir
+        from seap.model.layer_stream import CheckpointLayers, NotStreamable, ResidentLayers
+        from seap.model.loaded import resolve_device, resolve_dtype
+
+        record = read_json(Path(model_dir) / MODEL_RECORD, "model record")
+        if device is not None:
+            record["device"] = str(device)
+        if record.get("offload") == "cpu":  # held whole in CPU memory, each layer run on the device
             return ResidentLayers(self.base(model_dir, device="cpu"), device=resolve_device(record["device"]))
         if self.preloaded is not None and Path(record["location"]).resolve() == Path(self.preloaded.location).resolve():
             return ResidentLayers(self.base(model_dir))
@@ -86,8 +100,8 @@ class StageContext:
             held = self._models.get(record["digest"])
         if held is not None:  # (a model this process loaded whole already)
             return ResidentLayers(held)
-        memo = cache_dir() / "fingerprints" / \
-            f"{record['digest'].replace(':', '-')[:80]}-{record['device']}-{record['dtype']}"
+        dtype = resolve_dtype(record["dtype"], resolve_device(record["device"]))  # (the same on every device of a kind)
+        memo = cache_dir() / "fingerprints" / f"{record['digest'].replace(':', '-')[:80]}-{str(dtype).split('.')[-1]}"
         known = memo.read_text(encoding="utf-8").strip() if memo.is_file() else None
         try:
             source = CheckpointLayers(record["location"], record["device"], record["dtype"], fingerprint=known)
@@ -104,18 +118,6 @@ class StageContext:
         from seap.model.layer_stream import CheckpointLayers
 
         return self.work if isinstance(source, CheckpointLayers) else None
-
-    def take_base(self, model_dir: Path) -> tuple[Any, bool]:
-        """The base model for a job that consumes it (prunes it in place, so the dense model is
-        never held twice) and whether it may: this process's own copy is handed over and
-        dropped from the cache (a later job loads it again); the caller's preloaded model is
-        never given away (``False``: work on a copy)."""
-        loaded = self.base(model_dir)
-        if loaded is self.preloaded:
-            return loaded, False
-        with self._lock:
-            self._models.clear()
-        return loaded, True
 
     def catalogue(self, data_dir: str | None) -> Any:
         from seap.data.catalogue import TaskCatalogue
@@ -222,6 +224,7 @@ def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """Every task's statistics in one walk over the model's layers."""
     from seap.data.corpus import DEFAULT_MAX_TOKENS, read_corpus
     from seap.model.calibration import collect_task_statistics
+    from seap.model.devices import on_devices, spread
 
     p = job.params
     corpora, header = read_corpus(Path(inputs["corpus"]) / CORPUS_FILE)
@@ -229,12 +232,21 @@ def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     if missing:
         raise SeapError(f"task(s) {missing} are not in the corpus", f"it holds: {', '.join(corpora)}")
     shard = tuple(p.shard) if p.shard else None
-    source = ctx.layers(inputs["model"])
-    collected = collect_task_statistics(source, {t: corpora[t] for t in p.tasks}, p.batch_size,
-                                        header.get("max_tokens", DEFAULT_MAX_TOKENS), shard=shard,  # type: ignore[arg-type]
-                                        progress=ctx.progress, work=ctx.walk_work(source))
-    for t, stats in collected.items():
-        stats.save(out / t)
+    devices = ctx.devices(inputs["model"])
+    groups = spread({t: sum(len(x) for x in corpora[t].texts) for t in p.tasks}, len(devices))
+
+    def walk(group: list[str], device: Any, k: int) -> dict[str, Any]:
+        """The group's tasks in one walk on ``device`` (its own work folder when there are several)."""
+        source = ctx.layers(inputs["model"], device if len(groups) > 1 else None)
+        work = ctx.walk_work(source)
+        return collect_task_statistics(source, {t: corpora[t] for t in group}, p.batch_size,
+                                       header.get("max_tokens", DEFAULT_MAX_TOKENS), shard=shard,  # type: ignore[arg-type]
+                                       progress=ctx.progress,
+                                       work=work / f"device-{k}" if work is not None and len(groups) > 1 else work)
+
+    for collected in on_devices(groups, devices, walk):
+        for t, stats in collected.items():
+            stats.save(out / t)
 
 
 def scores(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
@@ -279,6 +291,7 @@ def refits(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     each written to ``out/<row>/<name>``; or one refitted mask, linked from its walk's output."""
     from seap.io import copy_artifact
     from seap.maths.mask_formats import load_mask
+    from seap.model.devices import on_devices, spread
     from seap.model.refitting import reconstruct_mask_sequential, reconstruct_masks
     from seap.run.mask_building import refit_options
 
@@ -294,7 +307,6 @@ def refits(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     generic = list(range(len(generic_parts)))
     first = len(generic_parts)
     options = refit_options(p.refit)
-    source = ctx.layers(inputs["model"])
     members = {}
     for member, path in inputs["masks"].items():
         task = p.tasks.get(member)
@@ -303,17 +315,32 @@ def refits(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         used = [first + names.index(task)] if task is not None else list(range(first, first + len(names)))
         members[member] = (load_mask(path), used + generic)
     out.mkdir(parents=True)
-    if options.sequential:  # the pruned stream is each mask's own: one walk per mask
-        from seap.data.corpus import merge_corpora
+    devices = ctx.devices(inputs["model"])
+    sizes = [sum(len(x) for x in part.texts) for part in parts]
+    groups = spread({m: float(sum(sizes[k] for k in used)) for m, (_, used) in members.items()}, len(devices))
 
-        for member, (mask, used) in members.items():
-            chosen = [parts[k] for k in used]
-            corpus = chosen[0] if len(chosen) == 1 else merge_corpora(chosen)
-            reconstruct_mask_sequential(source, mask, corpus, options, p.batch_size, cap, ctx.progress).save(out / member)
-        return
-    done = reconstruct_masks(source, members, parts, options, p.batch_size, cap, ctx.progress, ctx.walk_work(source))
-    for member, mask in done.items():
-        mask.save(out / member)
+    def walk(group: list[str], device: Any, k: int) -> None:
+        """The group's masks refitted on ``device``: in one walk over the parts they use, or
+        (sequential) one walk per mask."""
+        source = ctx.layers(inputs["model"], device if len(groups) > 1 else None)
+        if options.sequential:  # the pruned stream is each mask's own: one walk per mask
+            from seap.data.corpus import merge_corpora
+
+            for member in group:
+                mask, used = members[member]
+                chosen = [parts[j] for j in used]
+                corpus = chosen[0] if len(chosen) == 1 else merge_corpora(chosen)
+                reconstruct_mask_sequential(source, mask, corpus, options, p.batch_size, cap, ctx.progress).save(out / member)
+            return
+        needed = sorted({j for member in group for j in members[member][1]})  # (the walk's parts, in order)
+        own = {member: (members[member][0], [needed.index(j) for j in members[member][1]]) for member in group}
+        work = ctx.walk_work(source)
+        done = reconstruct_masks(source, own, [parts[j] for j in needed], options, p.batch_size, cap, ctx.progress,
+                                 work / f"device-{k}" if work is not None and len(groups) > 1 else work)
+        for member, mask in done.items():
+            mask.save(out / member)
+
+    on_devices(groups, devices, walk)
 
 
 def _refit_corpora(inputs: Inputs) -> tuple[dict[str, Any], list[Any], int | None]:
@@ -331,28 +358,20 @@ def checkpoint(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     :func:`seap.load_pruned` reloads (``out/model``), and what it removed (``out/summary.json``:
     the mask's realised sparsity of prunable weights, and all parameters before and after).
 
-    A mask of heads and channels is applied one decoder layer at a time
-    (:func:`seap.model.checkpoint.write_pruned`): the dense model is never loaded whole, and a
-    run killed part-way resumes after the last finished layer (``ctx.work``)."""
+    The mask (heads and channels, or a mixture-of-experts model's experts) is applied one
+    decoder layer at a time (:func:`seap.model.checkpoint.write_pruned`): the dense model is
+    never loaded whole, and a run killed part-way resumes after the last finished layer
+    (``ctx.work``)."""
     from seap.maths.mask_formats import load_mask
-    from seap.maths.masks import PruningMask
-    from seap.model.checkpoint import save_pruned, write_pruned
+    from seap.model.checkpoint import write_pruned
     from seap.model.shards import shard_parameter_count
-    from seap.model.masking import apply_mask
 
     mask = load_mask(inputs["mask"])
     out.mkdir(parents=True)
-    if isinstance(mask, PruningMask):
-        source = ctx.layers(inputs["model"])
-        dense_params = sum(p.numel() for p in source.model.parameters())
-        write_pruned(source, mask, out / CHECKPOINT_DIR, work=ctx.work, progress=ctx.progress)
-        pruned_params = shard_parameter_count(out / CHECKPOINT_DIR)
-    else:  # an expert mask of a mixture-of-experts model: applied to the loaded model
-        loaded, owned = ctx.take_base(inputs["model"])
-        dense_params = sum(p.numel() for p in loaded.model.parameters())
-        pruned = apply_mask(loaded, mask, "hard", inplace=owned)  # (owned: the dense model is not kept beside it)
-        save_pruned(pruned, out / CHECKPOINT_DIR, mask)
-        pruned_params = sum(p.numel() for p in pruned.model.parameters())
+    source = ctx.layers(inputs["model"])
+    dense_params = sum(p.numel() for p in source.model.parameters())
+    write_pruned(source, mask, out / CHECKPOINT_DIR, work=ctx.work, progress=ctx.progress)
+    pruned_params = shard_parameter_count(out / CHECKPOINT_DIR)
     atomic_write_json(out / CHECKPOINT_SUMMARY, {
         "row": job.params.row, "mask": job.params.mask, "realised_sparsity": mask.realised_sparsity(),
         "dense_params": dense_params, "pruned_params": pruned_params})

@@ -233,15 +233,30 @@ def test_the_dense_engine_refuses_an_moe_model_with_what_to_do() -> None:
 
 
 def test_a_pruned_moe_checkpoint_saves_and_loads_with_identical_logits(moe, tmp_path) -> None:
-    from seap.model.checkpoint import load_pruned, save_pruned
+    """Saved from the model pruned in memory, or written one layer at a time from the base
+    checkpoint (read layer by layer, never loaded whole): the same pruned model."""
+    from seap.model.checkpoint import load_pruned, save_pruned, write_pruned
+    from seap.model.layer_stream import CheckpointLayers
 
-    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False)
+    stats = collect_router_statistics(moe, CalibrationCorpus("geo", GEO), progress=False, channels=True)
     mask = build_expert_mask(stats, 0.5, "reap", expert_params=expert_parameters(moe))
     hard = apply_expert_mask(moe, mask, "hard")
     save_pruned(hard, tmp_path / "pruned")
     again = load_pruned(tmp_path / "pruned", device="cpu")
     assert again.fingerprint == hard.fingerprint
     torch.testing.assert_close(logits(again), logits(hard), atol=0, rtol=0)
+    moe.model.save_pretrained(tmp_path / "base")
+    moe.tokenizer.save_pretrained(tmp_path / "base")
+    source = CheckpointLayers(tmp_path / "base", "cpu", "float32")
+    for name, built in (("experts", mask), ("both", build_expert_mask(stats, 0.5, unit="both"))):
+        write_pruned(source, built, tmp_path / f"{name}-written", progress=False)
+        written = load_pruned(tmp_path / f"{name}-written", device="cpu")
+        in_memory = apply_expert_mask(moe, built, "hard")
+        assert written.fingerprint == in_memory.fingerprint
+        assert written.model.config.seap_pruning["moe_layers"] == in_memory.model.config.seap_pruning["moe_layers"]
+        torch.testing.assert_close(logits(written), logits(in_memory), atol=0, rtol=0)
+        streamed = CheckpointLayers(tmp_path / f"{name}-written", "cpu", "float32")  # (read layer by layer too)
+        assert streamed.fingerprint == written.fingerprint
     ids = again.tokenizer(["the city"], return_tensors="pt")
     out = again.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(out, hard.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from seap.data.corpus import build_corpus
-from seap.errors import ArtifactError
+from seap.errors import ArtifactError, SeapError
 from seap.maths.masks import build_mask
 from seap.maths.reconstruction import RefitOptions
 from seap.maths.scores import compute_scores
@@ -352,3 +352,33 @@ def test_a_checkpoint_whose_tensors_are_not_the_modules_is_loaded_whole(saved, t
     with pytest.raises(NotStreamable, match="not in the checkpoint under their module names"):
         CheckpointLayers(folder, "cpu")
     assert isinstance(open_layers(str(folder), "cpu"), ResidentLayers)
+
+
+def test_work_is_spread_over_devices_in_balanced_deterministic_groups() -> None:
+    from seap.model.devices import on_devices, spread
+
+    assert spread({"a": 5, "b": 1, "c": 4, "d": 2}, 2) == [["a", "b"], ["c", "d"]]
+    assert spread({"a": 1, "b": 1}, 4) == [["a"], ["b"]]  # (no empty group)
+    assert spread({"a": 1, "b": 2, "c": 3}, 1) == [["a", "b", "c"]]
+    cpu = torch.device("cpu")
+    assert on_devices([[1, 2], [3]], [cpu, cpu], lambda g, d, k: (sum(g), str(d), k)) == [(3, "cpu", 0), (3, "cpu", 1)]
+
+    def failing(group, device, k):
+        if k == 1:
+            raise ValueError("second group failed")
+        return k
+
+    with pytest.raises(ValueError, match="second group"):
+        on_devices([[1], [2]], [cpu, cpu], failing)
+
+
+def test_device_lists_are_checked_before_any_model_is_loaded() -> None:
+    from seap.model.loaded import resolve_device, resolve_devices
+
+    assert resolve_devices("cpu,cpu") == [torch.device("cpu")] * 2 and resolve_device("cpu,cpu") == torch.device("cpu")
+    assert resolve_devices("auto") == ([torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+                                       or [torch.device("cpu")])
+    for bad, message in (("cpu,", "empty or 'auto' entry"), ("cpu,auto", "empty or 'auto' entry"),
+                         ("cpu,gpu7", "unknown device 'gpu7'")):
+        with pytest.raises(SeapError, match=message):
+            resolve_devices(bad)

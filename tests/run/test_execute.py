@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from seap.cli import main
@@ -363,3 +364,45 @@ def test_unit_neurons_on_an_moe_model_prunes_the_channels_inside_every_expert(tm
     assert masks and {m["unit"] for m in masks} == {"neurons"} and {m["schedule"] for m in masks} == {"logistic"}
     assert all(layer["kept"] == layer["experts"] and layer["channels"] < layer["intermediate"]
                for m in masks for layer in m["layers"][1:])
+
+
+def test_walks_spread_over_several_devices_give_what_one_device_gives(tmp_path, monkeypatch) -> None:
+    """``--device cpu,cpu`` (two devices; on a GPU machine cuda:0,cuda:1): each task's statistics
+    and each mask's refit run in walks of their own, on their own device, at once, and every
+    statistic and refitted weight is bit for bit what one device computes."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    import seap.model.calibration as calibration
+    import seap.model.refitting as refitting
+
+    threads: dict[str, set[str]] = {"statistics": set(), "refits": set()}
+    for module, name, stage in ((calibration, "collect_task_statistics", "statistics"),
+                                (refitting, "reconstruct_masks", "refits")):
+        original = getattr(module, name)
+
+        def spy(*args, _original=original, _stage=stage, **kwargs):
+            threads[_stage].add(threading.current_thread().name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+    def tensors(done, stage: str) -> dict[str, object]:
+        keys = [j for j in done.outputs if j.startswith(stage + "/")]
+        return {f"{key}/{f.relative_to(done.path(key))}:{name}": t for key in keys
+                for f in sorted(done.path(key).rglob("*.safetensors")) for name, t in load_file(f).items()}
+
+    runs = {}
+    for devices in ("cpu", "cpu,cpu"):
+        config = tiny_config(tmp_path / devices.replace(",", "-"), device=devices, reconstruct=True, bench=False,
+                             methods=["seap-expert", "seap-general"])
+        runs[devices] = execute(make_plan(config))
+        if devices == "cpu":
+            assert len(threads["statistics"]) == len(threads["refits"]) == 1
+            threads = {k: set() for k in threads}
+    assert all(len(names) == 2 for names in threads.values()), threads  # two walks at once, in two threads
+    for stage in ("statistics", "refits"):
+        one, two = tensors(runs["cpu"], stage), tensors(runs["cpu,cpu"], stage)
+        assert one and one.keys() == two.keys()
+        assert all(torch.equal(one[k], two[k]) for k in one), stage

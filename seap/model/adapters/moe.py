@@ -240,4 +240,13 @@ class MoeAdapter(ArchitectureAdapter):
                 "dropped_experts": 0 if dropped is None else int(dropped.shape[0])}
 
 
-__all__ = ["KeptExpertRouter", "MoeAdapter", "MoeLayerModules"]
+def moe_adapter(loaded: Any) -> MoeAdapter:
+    """The adapter of a loaded model (or layer source), refused with a clear message when it is not an MoE family."""
+    if not isinstance(loaded.adapter, MoeAdapter):
+        raise UnsupportedArchitectureError(
+            f"{loaded.adapter.name} is not a mixture-of-experts model: it has no experts to prune",
+            "prune its heads and MLP channels (the default unit), or pass an MoE model")
+    return loaded.adapter
+
+
+__all__ = ["KeptExpertRouter", "MoeAdapter", "MoeLayerModules", "moe_adapter"]
