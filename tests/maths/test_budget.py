@@ -1,0 +1,86 @@
+"""The accuracy-budget search on plain numbers: the budget in points or relative to chance, the
+chosen sparsity on noisy curves, bisection against a grid search, the general mask's
+sparsity, the resolution warning's figure and the speed target."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from seap.maths.budget import (allowed_drop, chosen_sparsity, general_sparsity, next_probe, selection_resolution,
+                               speed_sparsity)
+
+GRID = [round(k * 0.025, 4) for k in range(1, 33)]  # 2.5% .. 80%
+
+
+def test_the_budget_in_points_or_as_a_share_of_the_margin_over_chance() -> None:
+    assert allowed_drop(0.8, max_drop=2) == pytest.approx(0.02)
+    assert allowed_drop(0.8, max_drop_rel=0.1, chance=0.25) == pytest.approx(0.055)
+    assert allowed_drop(0.2, max_drop_rel=0.5, chance=0.25) == 0.0  # (below chance: no margin to lose)
+    for bad in (dict(), dict(max_drop=1, max_drop_rel=0.1), dict(max_drop=-1), dict(max_drop_rel=1.5, chance=0.5),
+                dict(max_drop_rel=0.1)):
+        with pytest.raises(ValueError):
+            allowed_drop(0.8, **bad)
+
+
+def test_the_chosen_sparsity_stops_at_the_first_failure() -> None:
+    curve = {0.1: 0.80, 0.2: 0.79, 0.3: 0.75, 0.4: 0.79}  # 0.4 passes by luck after 0.3 failed
+    assert chosen_sparsity(curve, dense=0.80, allowed=0.02) == 0.2
+    assert chosen_sparsity(curve, dense=0.80, allowed=0.05) == 0.4
+    assert chosen_sparsity({0.1: 0.5}, dense=0.80, allowed=0.02) == 0.0  # no sparsity meets it: dense
+    assert chosen_sparsity({0.2: 0.78}, dense=0.80, allowed=0.02) == 0.2  # a tie with the budget passes
+
+
+def bisect(true_accuracy, dense: float, allowed: float) -> tuple[float, int]:
+    curve: dict[float, float] = {}
+    while (probe := next_probe(curve, dense, allowed)) is not None:
+        assert probe in GRID and probe not in curve
+        curve[probe] = true_accuracy(probe)
+    return chosen_sparsity(curve, dense, allowed), len(curve)
+
+
+def test_bisection_finds_what_the_grid_finds_on_monotone_curves_in_a_few_probes() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        knee, slope, dense = rng.uniform(0, 0.9), rng.uniform(0.2, 3), rng.uniform(0.4, 0.95)
+
+        def accuracy(s: float) -> float:
+            return dense - slope * max(s - knee, 0) ** 2
+
+        allowed = rng.choice([0.0, 0.005, 0.01, 0.02, 0.05])
+        found, probes = bisect(accuracy, dense, allowed)
+        grid = chosen_sparsity({s: accuracy(s) for s in GRID}, dense, allowed)
+        assert found == grid
+        assert probes <= math.ceil(math.log2(len(GRID) + 1)) + 1
+
+
+def test_on_a_noisy_curve_bisection_returns_a_point_that_passes_with_every_smaller_probe() -> None:
+    rng = random.Random(1)
+    for _ in range(300):
+        noise = {s: rng.gauss(0, 0.01) for s in GRID}
+
+        def accuracy(s: float) -> float:
+            return 0.8 - 0.3 * s * s + noise[s]
+
+        curve: dict[float, float] = {}
+        while (probe := next_probe(curve, 0.8, 0.02)) is not None:
+            curve[probe] = accuracy(probe)
+        found = chosen_sparsity(curve, 0.8, 0.02)
+        assert all(v >= 0.78 - 1e-12 for s, v in curve.items() if s <= found)
+        assert found == GRID[-1] or any(s > found and v < 0.78 for s, v in curve.items())
+
+
+def test_the_general_sparsity_keeps_every_task_within_its_budget() -> None:
+    curves = {"a": {0.1: 0.80, 0.2: 0.79, 0.3: 0.70}, "b": {0.1: 0.60, 0.2: 0.55, 0.3: 0.55}}
+    assert general_sparsity(curves, {"a": 0.80, "b": 0.60}, {"a": 0.02, "b": 0.02}) == 0.1
+    assert general_sparsity(curves, {"a": 0.80, "b": 0.60}, {"a": 0.02, "b": 0.05}) == 0.2
+    assert general_sparsity(curves, {"a": 0.81, "b": 0.60}, {"a": 0.00, "b": 0.05}) == 0.0
+
+
+def test_the_resolution_and_the_speed_target() -> None:
+    assert selection_resolution(0.8, 200) == pytest.approx(2.828, abs=1e-3)  # 2 points cannot be resolved on 200 items
+    assert selection_resolution(0.8, 0) == math.inf
+    assert speed_sparsity({0.2: 1.1, 0.3: 1.25, 0.5: 1.6}, 1.2) == 0.3
+    assert speed_sparsity({0.2: 1.1}, 1.2) is None
