@@ -94,7 +94,7 @@ class MaskParams:
 
 @dataclass(frozen=True)
 class RefitParams:
-    """``refits``: a walk (``refits/walk@<sparsity>``) that refits every mask of its inputs on the
+    """``refits``: the walk (``refits/walk``) that refits every mask of its inputs on the
     calibration text in one pass over the model's layers, each on its ``tasks`` entry (a task's
     text, or every task's for ``None``) plus the generic text, with the
     :class:`~seap.maths.reconstruction.RefitOptions` that differ from their defaults (``refit``)

@@ -112,9 +112,9 @@ STAGES: dict[str, Stage] = {
                "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "general_weights", "reconstruct",
                "unit", "expert_score", "allow_k_reduction"),
               ("scores", "statistics")),
-        Stage("refits", "the masks refitted on their calibration text: one walk over the model's layers per "
-              "sparsity refits all of them (least squares on each layer's second moments, built and freed "
-              "layer by layer)",
+        Stage("refits", "the masks refitted on their calibration text: one walk over the model's layers "
+              "refits all of them, at every sparsity (least squares on each layer's second moments, built "
+              "and freed layer by layer)",
               (*_BASE, "seap.maths.masks", "seap.maths.mask_formats", "seap.run.mask_building", "seap.maths.moments",
                "seap.maths.reconstruction", "seap.model.refitting",
                "seap.model.batching", "seap.model.layer_stream", "seap.model.shards", "seap.model.hooks",
@@ -378,13 +378,15 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
                 job = Job("masks", f"{row}/{name}", inputs, MaskParams(mask=name, **common))  # type: ignore[arg-type]
                 add(job)
                 group[name] = job.key
-                if reconstruct:  # refitted in its sparsity's walk
+                if reconstruct:  # refitted in the walk
                     source = m.refit_source(rec.refit_corpus)
                     refitted.setdefault(sparsity, {})[f"{row}/{name}"] = (job.key, name if source == "task" else None)
             mask_jobs[row] = group
-    # refits: one walk per sparsity refits all its masks; each refitted mask is then a job of its own
-    for sparsity, members in refitted.items():
-        walk = Job("refits", f"walk@{sparsity:g}",
+    # refits: one walk refits every mask of every sparsity (each layer's second moments, built once
+    # per part of the text, serve them all); each refitted mask is then a job of its own
+    members = {m: v for at in refitted.values() for m, v in at.items()}
+    if members:
+        walk = Job("refits", "walk",
                    {"model": "model", "refit_corpus": "corpus", "masks": {m: key for m, (key, _) in members.items()},
                     **({"refit_generic": f"corpus/{GENERIC}"} if generic else {})},
                    RefitParams(refit=rec.refit_options, tasks={m: t for m, (_, t) in members.items()},

@@ -262,7 +262,7 @@ def masks(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """One mask (:func:`seap.run.mask_building.build_method_mask`): an expert (one task's scores
     or router statistics), the general mask (the tasks' combined) or a pooled method's mask;
     bias-compensation means stored in it when it compensates. A mask that is reconstructed is
-    refitted afterwards, in its sparsity's walk (:func:`refits`)."""
+    refitted afterwards, in the refit walk (:func:`refits`)."""
     from seap.maths.scores import ImportanceScores
     from seap.maths.statistics import ActivationStatistics
     from seap.run.mask_building import build_method_mask

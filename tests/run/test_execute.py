@@ -182,7 +182,7 @@ def test_reconstruction_runs_through_the_plan_and_every_mask_is_refitted_on_its_
                          refit_bias=True, bench=False)
     plan = make_plan(config)
     done = execute(plan)
-    assert [j.key for j in plan.of_stage("refits") if j.params.member is None] == ["refits/walk@0.3"]  # one walk
+    assert [j.key for j in plan.of_stage("refits") if j.params.member is None] == ["refits/walk"]  # one walk
     refitted_on = {}
     for job in plan.of_stage("masks"):  # every mask built plain, then refitted under refits/
         assert not PruningMask.load(done.path(job.key)).is_reconstructed
@@ -218,7 +218,7 @@ def test_the_per_task_control_evaluates_a_baseline_refitted_on_each_task(tmp_pat
     assert all(torch.equal(a.channels, b.channels) for a, b in zip(geo.layers, life.layers))  # one mask ...
     assert geo.digest() != life.digest()  # ... refitted twice, each on its own task's text, in the one walk
     assert [m.meta["reconstruction"]["statistics_task"] for m in (geo, life)] == ["geo", "life"]
-    assert plan.get("refits/walk@0.3").params.tasks == {"seap-expert@0.3/geo": "geo", "seap-expert@0.3/life": "life",
+    assert plan.get("refits/walk").params.tasks == {"seap-expert@0.3/geo": "geo", "seap-expert@0.3/life": "life",
                                                         "wanda-sp+logistic@0.3/geo": "geo",
                                                         "wanda-sp+logistic@0.3/life": "life"}
     results = json.loads((done.path("report") / "results.json").read_text())

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def walks(plan: Plan) -> list[Job]:
-    """The plan's refit walks (``refits/walk@<sparsity>``), not the refitted masks linked from them."""
+    """The plan's refit walk (``refits/walk``), not the refitted masks linked from it."""
     return [j for j in plan.of_stage("refits") if j.params.member is None]
 
 
@@ -37,11 +37,11 @@ def test_default_plan_has_todays_rows_and_stable_keys() -> None:
         return [*(f"seap-expert@{s:g}/{t}" for t in tasks),
                 *(f"{m}@{s:g}/general" for m in ("seap-general", "wanda-sp", "flap"))]
 
-    # the masks built plain, then one walk per sparsity refitting them all, then each refitted mask
+    # the masks built plain, then one walk refitting them all, then each refitted mask
     assert keys == ["model", "corpus", "statistics/tasks", "statistics/pooled",
                     *(f"scores/seap-sf/{t}" for t in tasks), "scores/wanda-sp/pooled", "scores/flap/pooled",
                     *(f"masks/{m}" for s in (0.2, 0.5) for m in masks_of(s)),
-                    *(k for s in (0.2, 0.5) for k in (f"refits/walk@{s:g}", *(f"refits/{m}" for m in masks_of(s)))),
+                    "refits/walk", *(f"refits/{m}" for s in (0.2, 0.5) for m in masks_of(s)),
                     "evaluate-dense/dense",
                     *(f"evaluate/{m}@{s:g}" for s in (0.2, 0.5) for m in ("seap-expert", "seap-general", "wanda-sp",
                                                                           "flap")),
@@ -90,7 +90,7 @@ def test_no_pooled_statistics_without_a_baseline_and_routing_adds_its_masks() ->
     plan = make_plan(RunConfig(methods=["seap-routed"], reconstruct=False))
     assert "statistics/pooled" not in [j.key for j in plan.jobs]
     refit = make_plan(RunConfig(methods=["seap-routed"]))  # the general mask is refitted on the pooled text ...
-    walk = refit.get("refits/walk@0.2")
+    walk = refit.get("refits/walk")
     assert walk.inputs["masks"]["seap-general@0.2/general"] == "masks/seap-general@0.2/general"
     assert walk.params.tasks["seap-general@0.2/general"] is None and walk.inputs["refit_corpus"] == "corpus"
     assert refit.get("evaluate-routed/seap-routed@0.2").inputs["general"] == "refits/seap-general@0.2/general"
@@ -176,7 +176,7 @@ def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() ->
     keys = [j.key for j in generic.jobs]
     assert "corpus/generic" in keys and "statistics/generic" not in keys  # generic text: a corpus, no statistics
     assert generic.get("corpus/generic").params.tasks == ["boolq"]
-    assert len(walks(generic)) == 2 and all(w.inputs["refit_generic"] == "corpus/generic" for w in walks(generic))
+    assert len(walks(generic)) == 1 and all(w.inputs["refit_generic"] == "corpus/generic" for w in walks(generic))
     assert not any("refit_generic" in j.inputs for j in generic.of_stage("masks"))
     assert not any(j.key.endswith("/generic") for j in make_plan(RunConfig(refit_generic=["boolq"],
                                                                              reconstruct=False)).jobs)
@@ -199,7 +199,7 @@ def test_the_sequential_refit_reads_the_corpus_as_the_one_shot_refit_does() -> N
     assert [(j.key, j.inputs, j.params) for j in plan.of_stage("masks")] == \
         [(j.key, j.inputs, j.params) for j in one_shot.of_stage("masks")]
     (walk,), (other,) = walks(plan), walks(one_shot)
-    assert walk.key == other.key == "refits/walk@0.5"
+    assert walk.key == other.key == "refits/walk"
     assert walk.inputs["refit_corpus"] == "corpus" and walk.inputs["refit_generic"] == "corpus/generic"
     assert walk.params.refit == {"sequential": True} and "refit_statistics" not in walk.inputs
     assert not other.params.refit.get("sequential")
@@ -231,17 +231,16 @@ def test_the_per_task_control_refits_each_baseline_once_per_task() -> None:
     assert not without.of_stage("refits")
 
 
-def test_one_walk_per_sparsity_refits_every_mask_of_that_sparsity() -> None:
+def test_one_walk_refits_every_mask_of_every_sparsity() -> None:
     plan = make_plan(RunConfig())
-    sparsities = RunConfig().masks.sparsities
-    assert [w.key for w in walks(plan)] == [f"refits/walk@{s:g}" for s in sparsities]
+    (walk,) = walks(plan)
+    assert walk.key == "refits/walk"
     members = refitted(plan)
-    for s in sparsities:
-        walk = plan.get(f"refits/walk@{s:g}")
-        built = {j.name: j.key for j in plan.of_stage("masks") if j.params.sparsity == s}
-        assert walk.inputs["masks"] == built and set(walk.params.tasks) == set(built)  # every mask, in one walk
-        assert {m for m, j in members.items() if j.inputs == {"walk": walk.key}} == set(built)
-        assert all(members[m].params.member == m for m in built)
+    built = {j.name: j.key for j in plan.of_stage("masks")}
+    assert {j.params.sparsity for j in plan.of_stage("masks")} == set(RunConfig().masks.sparsities)
+    assert walk.inputs["masks"] == built and set(walk.params.tasks) == set(built)  # every mask, in one walk
+    assert {m for m, j in members.items() if j.inputs == {"walk": walk.key}} == set(built)
+    assert all(members[m].params.member == m for m in built)
     assert set(members) == {j.name for j in plan.of_stage("masks")}  # and no mask in two walks
 
 def test_the_bias_compensation_option_overrides_every_method_and_conflicts_with_reconstruction() -> None:
