@@ -5,8 +5,6 @@ writes the report after every phase."""
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from seap.errors import SeapError
-from seap.io import atomic_write_json, atomic_write_text, read_json
+from seap.io import atomic_write_json, read_json
 from seap.run.config import DEFAULT_TASKS, RunConfig
 from seap.run.methods import DENSE, row_key
 from seap.run.study.analysis import analyse, measure_kl, perplexity_by_run, row_correctness
@@ -112,43 +110,12 @@ def selection_data(config: RunConfig, folder: str | Path, items: int, seed: int,
     """Write a data folder where each task's train split is cut in two: ``train.jsonl`` (what
     calibrates) and ``validation.jsonl`` (``items`` records, at most half, what selects); the
     ``generic`` tasks (refit text, never evaluated) are copied as they are. Returns the task
-    names as the selection run spells them."""
-    import shutil
-    from seap.data.catalogue import STANDARD_TASKS, TaskCatalogue
-    from seap.data.corpus import read_records
+    names as the selection run spells them (:func:`seap.data.selection.write_selection_data`)."""
+    from seap.data.catalogue import TaskCatalogue
+    from seap.data.selection import write_selection_data
 
-    folder = Path(folder)
     specs = TaskCatalogue(config.data.data_dir, Path(config.outputs.workdir) / "task-files").resolve(config.data.tasks)
-    names = []
-    for spec in specs:
-        records = spec.calibration_records() if spec.train_file is None else read_records(spec.train_file)
-        if len(records) < 4:
-            raise SeapError(f"task {spec.name!r} has {len(records)} train records, too few to hold some out",
-                            "give it more train records, or leave it out of the study")
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
-        held = min(items, len(records) // 2)
-        heldout = [records[i] for i in sorted(order[:held])]
-        train = [records[i] for i in sorted(order[held:])]
-        for split, rows in (("train", train), ("validation", heldout)):
-            text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-            path = folder / spec.name / f"{split}.jsonl"
-            if not path.is_file() or path.read_text(encoding="utf-8") != text:
-                atomic_write_text(path, text)
-        if spec.name in STANDARD_TASKS:
-            test = folder / spec.name / "test.jsonl"  # lm-eval's definitions may list a test split too
-            if not test.is_file():
-                atomic_write_text(test, "".join(json.dumps(r, sort_keys=True) + "\n" for r in heldout))
-        names.append(spec.name if spec.name in STANDARD_TASKS else f"jsonl:{spec.name}")
-    for task in generic:
-        source, target = Path(config.data.data_dir or ".") / task, folder / task
-        if not target.is_dir():
-            if not source.is_dir():
-                raise SeapError(f"generic refit text {task!r}: no folder {source}",
-                                "put the task under the study's --data-dir, or pass --generic with another task")
-            shutil.copytree(source, target.with_name(f".{task}.partial"), dirs_exist_ok=True)
-            target.with_name(f".{task}.partial").rename(target)
-    return names
+    return write_selection_data(specs, folder, items, seed, generic, config.data.data_dir)
 
 
 def _selection_folder(options: StudyOptions) -> Path:
