@@ -11,7 +11,7 @@ from seap.evaluation.metrics import flat_metrics, metric_for
 from seap.io import atomic_write_bytes, atomic_write_text
 
 METHOD_ORDER = ("dense", "wanda-sp", "wanda-sp+logistic", "flap", "flap+logistic", "seap-general", "seap-expert",
-                "seap-routed")
+                "seap-routed", "seap-budget")
 
 
 def _order(row: dict[str, Any]) -> tuple[float, int, str]:
@@ -68,6 +68,8 @@ def markdown_report(results: dict[str, Any]) -> str:
                              f"fallback to general {s['fallback_rate'] * 100:.1f}%, router time "
                              f"{row['router_seconds']:.2f} s = {row['router_overhead'] * 100:.2f}% of evaluation time.")
         parts.append("")
+    if results.get("budget"):
+        parts += budget_section(results["budget"], results["rows"])
     if results.get("perplexity"):
         parts += ["## WikiText-2 perplexity", "", "| model | perplexity | tokens |", "|---|---:|---:|"]
         for name, p in results["perplexity"].items():
@@ -77,6 +79,37 @@ def markdown_report(results: dict[str, Any]) -> str:
     if results.get("speed"):
         parts += speed_section(results["speed"])
     return "\n".join(parts) + "\n"
+
+
+def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Each task's expert under the accuracy budget: its sparsity, its selection accuracy against
+    the dense model's, and its accuracy on the reported items (the ``seap-budget`` row)."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    row = next((r for r in rows if r["method"] == "seap-budget"), None)
+    what = (f"at most {budget['max_drop']:g} points" if budget.get("max_drop") is not None
+            else f"at most {budget['max_drop_rel']:g} of the margin over chance")
+    parts = ["## Accuracy budget", "",
+             f"Each task's expert at the largest sparsity of the grid whose accuracy on held-out train items "
+             f"(selection) drops {what} below the dense model's there, with every smaller candidate within it "
+             f"too (`budget.png`: the curves).", "",
+             "| task | sparsity | realised | selection items | dense (sel.) | expert (sel.) | allowed drop | "
+             "dense (test) | expert (test) | drop (test) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, e in budget["tasks"].items():
+        sel = e["dense"] if e["chosen"] == 0 else e["curve"].get(f"{e['chosen']:g}", float("nan"))
+        key = metric_for(task, budget.get("metric", "acc"))
+        test_dense = dense["tasks"].get(task, {}).get(key) if dense else None
+        test = row["tasks"].get(task, {}).get(key) if row else None
+        drop = f"{(test_dense - test) * 100:.2f}" if test is not None and test_dense is not None else "–"
+        parts.append(f"| {task} | {e['chosen'] * 100:g}% | {e['realised_sparsity'] * 100:.1f}% | "
+                     f"{e['selection_items']} | {e['dense'] * 100:.1f} | {sel * 100:.1f} | "
+                     f"{e['allowed_drop'] * 100:.2f} | {'–' if test_dense is None else f'{test_dense * 100:.2f}'} | "
+                     f"{'–' if test is None else f'{test * 100:.2f}'} | {drop} |")
+    unresolved = [f"{t} ({e['resolution']:.1f} points on {e['selection_items']} items)"
+                  for t, e in budget["tasks"].items() if e["resolution"] > e["allowed_drop"] * 100]
+    if unresolved:
+        parts += ["", "Selection items too few to resolve the budget (standard error of the accuracy): "
+                  + ", ".join(unresolved) + "."]
+    return [*parts, ""]
 
 
 def speed_section(sp: dict[str, Any]) -> list[str]:
@@ -140,6 +173,7 @@ def accuracy_plot(results: dict[str, Any], path: str | Path) -> Path:
 
 
 RESULT_FILES = ("results.json", "results.md", "accuracy_vs_sparsity.png", "metrics.json", "accuracy.csv")
+OPTIONAL_RESULT_FILES = ("budget.png",)  # (with an accuracy budget: the search's curves)
 
 
 def save_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -94,6 +94,15 @@ class PruningMask:
         kept = self.kept_geometry().total_params()
         return 1.0 - kept / self.geometry.total_params()
 
+    def keep_all(self) -> PruningMask:
+        """The mask of the same base and task that keeps every head and channel (sparsity 0: the
+        dense model), without calibration means or refits: what an expert becomes when no
+        sparsity keeps within its accuracy budget."""
+        layers = [LayerMask(torch.ones_like(m.heads), torch.ones_like(m.kv_heads), torch.ones_like(m.channels))
+                  for m in self.layers]
+        meta = {k: v for k, v in self.meta.items() if k not in ("reconstruction", "target_sparsity")}
+        return PruningMask(layers, self.geometry, {**meta, "target_sparsity": 0.0})
+
     def digest(self) -> str:
         import hashlib
 

@@ -204,6 +204,29 @@ class ReconstructionSection:
         return {k: v for k, v in opts.items() if v is not None}
 
 
+DEFAULT_BUDGET_GRID = tuple(round(0.05 * k, 2) for k in range(1, 16))  # 5% .. 75%
+
+
+@dataclass
+class BudgetSection:
+    """``budget``: each task's expert as sparse as an accuracy budget allows (the ``seap-budget``
+    row): the largest sparsity of the grid whose expert keeps the task's accuracy on held-out
+    train items within the budget of the dense model's."""
+
+    max_drop: float | None = _opt(None, "max_drop", "accuracy points each task's expert may lose on its selection "
+                                  "items (null: no budget row)", minimum=0, maximum=100)
+    max_drop_rel: float | None = _opt(None, "max_drop_rel", "or: the share of the dense model's margin over chance "
+                                      "each task's expert may lose (null: no budget row)", minimum=0, maximum=1)
+    budget_grid: list[float] = _opt(DEFAULT_BUDGET_GRID, "grid", "the sparsities the search tries for each task",
+                                    minimum=0.001, maximum=0.99)
+    selection_items: int = _opt(100, "selection_items", "train records per task held out to select each sparsity "
+                                "(at most half of its train split; the rest calibrates)", minimum=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_drop is not None or self.max_drop_rel is not None
+
+
 @dataclass
 class EvaluationSection:
     """``evaluate``: how every row is evaluated."""
@@ -278,6 +301,7 @@ class RunConfig:
     statistics: StatisticsSection = field(default_factory=StatisticsSection)
     masks: MaskSection = field(default_factory=MaskSection)
     reconstruction: ReconstructionSection = field(default_factory=ReconstructionSection)
+    budget: BudgetSection = field(default_factory=BudgetSection)
     evaluate: EvaluationSection = field(default_factory=EvaluationSection)
     router: RouterSection = field(default_factory=RouterSection)
     bench: BenchSection = field(default_factory=BenchSection)
@@ -455,6 +479,7 @@ class RunConfig:
             check_compensation(rec.reconstruct, masks.bias_compensation, self.spell("bias_compensation"), off)
         except SeapError as e:
             raise self.bad("bias_compensation", e.problem, e.fix) from None
+        self._check_budget()
         overlap = sorted({task_name(t) for t in rec.refit_generic} & set(names))
         if overlap:
             raise self.bad("refit_generic", f"{', '.join(overlap)} is also a task of the run",
@@ -502,6 +527,25 @@ class RunConfig:
             raise self.bad("stats_shards", "router statistics are collected in one pass",
                            "set stats_shards to 1 with a mixture-of-experts model")
 
+    def _check_budget(self) -> None:
+        """An accuracy budget: one form of it, a grid of distinct sparsities, a dense model (the
+        search prunes heads and channels) and more than one task's worth of options."""
+        budget = self.budget
+        if not budget.enabled:
+            return
+        if budget.max_drop is not None and budget.max_drop_rel is not None:
+            raise self.bad("max_drop_rel", "a budget is given twice (in points and as a share of the margin)",
+                           f"give {self.spell('max_drop')} or {self.spell('max_drop_rel')}, not both")
+        if not budget.budget_grid:
+            raise self.bad("budget_grid", "no sparsity to try", "e.g. [0.1, 0.2, 0.3, 0.4, 0.5]")
+        if len({f"{s:g}" for s in budget.budget_grid}) != len(budget.budget_grid):
+            raise self.bad("budget_grid", f"a sparsity is listed twice: {list(budget.budget_grid)}",
+                           "list each sparsity once")
+        if self.moe:
+            raise self.bad("max_drop" if budget.max_drop is not None else "max_drop_rel",
+                           "the budget search prunes heads and channels of a dense model",
+                           "drop the budget with a mixture-of-experts model")
+
     def _check_names(self) -> None:
         """Names the engine owns (scores, schedules): checked against its tables."""
         from seap.maths.schedules import check_schedule
@@ -544,6 +588,18 @@ class RunConfig:
         if not_mc:
             raise self.bad("tasks", f"task(s) {not_mc} are not multiple-choice tasks",
                            "use multiple-choice tasks; WikiText-2 perplexity is the `perplexity` option")
+        if self.budget.enabled:  # selection items come out of each train split
+            from seap.data.selection import MIN_TRAIN_RECORDS
+
+            for spec in specs:
+                if spec.train_file is None:
+                    continue
+                with open(spec.train_file, encoding="utf-8") as handle:
+                    count = sum(1 for line in handle if line.strip())
+                if count < MIN_TRAIN_RECORDS:
+                    raise self.bad("selection_items", f"task {spec.name!r} has {count} train records, too few to "
+                                   "hold selection items out of", f"give it at least {MIN_TRAIN_RECORDS} train "
+                                   f"records, or drop {self.spell('max_drop')}")
         return specs
 
 

@@ -150,15 +150,16 @@ def publish_results(report_dir: str | Path, out: str | Path) -> dict[str, Path]:
     into ``out``: all of them are written first, then renamed in, so ``out`` never mixes runs."""
     import shutil
 
-    from seap.evaluation.report import RESULT_FILES
+    from seap.evaluation.report import OPTIONAL_RESULT_FILES, RESULT_FILES
 
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     paths = {}
+    names = [*RESULT_FILES, *(n for n in OPTIONAL_RESULT_FILES if (Path(report_dir) / n).is_file())]
     with tempfile.TemporaryDirectory(prefix=".results-", dir=target) as tmp:
-        for name in RESULT_FILES:
+        for name in names:
             shutil.copy2(Path(report_dir) / name, Path(tmp) / name)
-        for name in RESULT_FILES:
+        for name in names:
             os.replace(Path(tmp) / name, target / name)
             paths[name] = target / name
     return paths

@@ -189,8 +189,34 @@ class CheckpointParams:
     mask: str
 
 
+@dataclass(frozen=True)
+class SelectionParams:
+    """``selection``: the data folder of the run's tasks with each train split cut in two
+    (:func:`seap.data.selection.write_selection_data`): ``items`` held out to select, the rest
+    calibrates."""
+
+    tasks: list[str]
+    data_dir: str | None
+    items: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class BudgetParams:
+    """``budget``: each task's sparsity under the accuracy budget (``max_drop`` points, or
+    ``max_drop_rel`` of the dense model's margin over chance), chosen from the candidates'
+    selection rows; or (``member``) one task's chosen expert, copied from that choice."""
+
+    tasks: list[str] = field(default_factory=list)
+    metric: str = "acc"
+    max_drop: float | None = None
+    max_drop_rel: float | None = None
+    member: str | None = None
+
+
 STAGE_PARAMS: dict[str, type] = {
     "model": ModelParams,
+    "selection": SelectionParams,
     "corpus": CorpusParams,
     "statistics": StatisticsParams,
     "scores": ScoresParams,
@@ -198,6 +224,8 @@ STAGE_PARAMS: dict[str, type] = {
     "refits": RefitParams,
     "evaluate-dense": EvaluationParams,
     "evaluate": EvaluationParams,
+    "select": EvaluationParams,
+    "budget": BudgetParams,
     "router": RouterParams,
     "evaluate-routed": EvaluationParams,
     "perplexity": PerplexityParams,
@@ -227,6 +255,6 @@ def params_from_dict(stage: str, data: Mapping[str, Any]) -> Any:
     return STAGE_PARAMS[stage](**dict(data))
 
 
-__all__ = ["STAGE_PARAMS", "BenchParams", "CheckpointParams", "CorpusParams", "EvaluationParams", "MaskParams",
+__all__ = ["STAGE_PARAMS", "BenchParams", "BudgetParams", "CheckpointParams", "CorpusParams", "EvaluationParams", "MaskParams",
            "ModelParams", "PerplexityParams", "RefitParams", "RegisterParams", "ReportParams", "RouterParams", "ScoresParams",
-           "StatisticsParams", "params_from_dict", "params_to_dict"]
+           "SelectionParams", "StatisticsParams", "params_from_dict", "params_to_dict"]

@@ -26,6 +26,7 @@ from seap.errors import SeapError
 from seap.run.config import DataSection, ModelSection, RunConfig, task_name
 from seap.run.job_params import (
     BenchParams,
+    BudgetParams,
     CheckpointParams,
     CorpusParams,
     EvaluationParams,
@@ -37,6 +38,7 @@ from seap.run.job_params import (
     ReportParams,
     RouterParams,
     ScoresParams,
+    SelectionParams,
     StatisticsParams,
     params_from_dict,
     params_to_dict,
@@ -54,6 +56,7 @@ from seap.run.methods import (
 GENERAL = "general"  # the mask name of a method with one mask for all tasks
 GENERIC = "generic"  # the corpus of generic text added to every refit (refit_generic)
 POOLED = "pooled"  # the statistics (and scores) of all tasks' corpora merged
+BUDGET_ROW = "seap-budget"  # the row of each task's expert sized by the accuracy budget
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,14 @@ STAGES: dict[str, Stage] = {
         Stage("model", "resolve the base model (fetch or convert once) and record its content digest",
               ("seap.run.stages", "seap.model.loading", "seap.model.layer_stream", "seap.model.shards"), ("model", "device", "dtype", "offload"),
               cached=False),
+        Stage("selection", "with an accuracy budget: each task's train split cut in two, the part that "
+              "calibrates and the held-out selection items",
+              ("seap.run.stages", "seap.data.selection", "seap.data.corpus", "seap.data.starter", "seap.data.catalogue"),
+              ("tasks", "data_dir", "seed", "selection_items")),
         Stage("corpus", "calibration corpora of the tasks' train splits",
               ("seap.run.stages", "seap.data.corpus", "seap.data.starter", "seap.data.catalogue"),
               ("tasks", "data_dir", "samples", "seed", "max_tokens", "reconstruct", "refit_generic",
-               "refit_generic_samples")),
+               "refit_generic_samples"), ("selection",)),
         Stage("statistics", "activation statistics per task (and pooled over all tasks, for the baselines)",
               (*_BASE, "seap.model.calibration", "seap.model.batching", "seap.model.layer_stream", "seap.model.shards", "seap.model.hooks",
                "seap.maths.moments",
@@ -125,7 +132,15 @@ STAGES: dict[str, Stage] = {
         Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model",)),
         Stage("evaluate", "one row per method and sparsity (experts: each task with its own)", (*_BASE, *_EVAL),
-              _EVAL_OPTIONS, ("model", "masks", "refits")),
+              _EVAL_OPTIONS, ("model", "masks", "refits", "budget")),
+        Stage("select", "with an accuracy budget: the dense model and each candidate expert of the search on the "
+              "held-out selection items", (*_BASE, *_EVAL), (*_EVAL_OPTIONS, "budget_grid"),
+              ("model", "masks", "refits", "selection")),
+        Stage("budget", "each task's sparsity under the accuracy budget (the largest candidate whose selection "
+              "accuracy keeps within it) and its expert",
+              ("seap.run.stages", "seap.maths.budget", "seap.evaluation.budget_plot", "seap.evaluation.metrics",
+               "seap.maths.mask_formats", "seap.maths.masks", "seap.io"),
+              ("max_drop", "max_drop_rel", "budget_grid", "metric"), ("select", "masks", "refits", "budget")),
         Stage("router", "the task router on the tasks' training prompts",
               (*_BASE, "seap.evaluation.router", "seap.evaluation.harness", "seap.data.catalogue",
                "seap.model.calibration"),
@@ -146,7 +161,7 @@ STAGES: dict[str, Stage] = {
               ("seap.run.stages", "seap.evaluation.report", "seap.evaluation.metrics", "seap.evaluation.harness",
                "seap.evaluation.router", "seap.evaluation.rows", "seap.data.catalogue"),
               ("metric", "tasks", "data_dir", "limit", "num_fewshot"),
-              ("evaluate-dense", "evaluate", "evaluate-routed", "router", "bench", "perplexity")),
+              ("evaluate-dense", "evaluate", "evaluate-routed", "router", "bench", "perplexity", "budget")),
         Stage("register", "every SEAP expert, general mask and routed bundle in the local registry and MLflow",
               ("seap.run.stages", "seap.registry.records", "seap.evaluation.metrics"),
               ("registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment"),
@@ -281,8 +296,9 @@ def make_plan(config: RunConfig) -> Plan:
     """The jobs for ``config``, in dependency order (``config`` is validated first): the masks
     of every method and sparsity, then their evaluation, routing, speed, report and registry."""
     config.validate(check_data=False)
-    jobs, mask_jobs = mask_chain(config, _corpus(config.data, data_dir=config.data.data_dir))
-    return _finish_plan(config, jobs, mask_jobs)
+    candidates: dict[str, dict[str, str]] = {}
+    jobs, mask_jobs = mask_chain(config, _corpus(config.data, data_dir=config.data.data_dir), candidates)
+    return _finish_plan(config, jobs, mask_jobs, candidates)
 
 
 def make_prune_plan(config: RunConfig, records: str) -> Plan:
@@ -315,14 +331,26 @@ def _corpus(data: DataSection, **source: Any) -> CorpusParams:
                         **source)
 
 
-def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str, dict[str, str]]]:
+def mask_chain(c: RunConfig, corpus: CorpusParams, candidates: dict[str, dict[str, str]] | None = None
+               ) -> tuple[list[Job], dict[str, dict[str, str]]]:
     """The jobs up to the masks: model, corpus (``corpus``), statistics, scores and one mask job
     per method, sparsity and mask name; and row -> mask name -> job key of the masks. Every
-    unit goes through here (a mixture-of-experts model: :func:`_expert_jobs`)."""
+    unit goes through here (a mixture-of-experts model: :func:`_expert_jobs`).
+
+    With an accuracy budget, the corpus comes from the calibrating part of each task's train
+    split (a ``selection`` job holds the rest out), and ``candidates`` is filled with the SEAP
+    experts the search tries: row (``seap-expert@<s>`` for each sparsity of the grid) -> task
+    -> job key (a candidate at one of the run's sparsities is that row's expert)."""
     tasks = c.data.task_names
     masks, rec, stats = c.masks, c.reconstruction, c.statistics
     methods = methods_to_build(masks.methods)
-    jobs: list[Job] = [_model_job(c.model), Job("corpus", params=corpus)]
+    jobs: list[Job] = [_model_job(c.model)]
+    if c.budget.enabled:
+        jobs.append(Job("selection", params=SelectionParams(tasks=list(c.data.tasks), data_dir=c.data.data_dir,
+                                                            items=c.budget.selection_items, seed=c.data.seed)))
+        jobs.append(Job("corpus", "", {"data": "selection"}, corpus))
+    else:
+        jobs.append(Job("corpus", params=corpus))
     if c.moe:
         return _expert_jobs(c, tasks, methods, jobs)
     add = jobs.append
@@ -348,7 +376,8 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
 
     # scores: SEAP's per task; each pooled method's score on the pooled statistics
     score_keys: dict[tuple[str, str], str] = {}
-    for m in methods:
+    searched = METHODS[ROUTED_EXPERTS]  # (the experts an accuracy budget sizes)
+    for m in [*methods, *([searched] if c.budget.enabled and searched not in methods else [])]:
         score = m.resolved_score(masks.score)
         for source in ([POOLED] if m.calibration == "pooled" else tasks):
             if (score, source) not in score_keys:
@@ -361,27 +390,37 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
     # masks and their rows
     mask_jobs: dict[str, dict[str, str]] = {}
     refitted: dict[float, dict[str, tuple[str, str | None]]] = {}  # sparsity -> row/name -> (mask job, task)
+
+    def masks_of(m: Method, sparsity: float) -> dict[str, str]:
+        """The masks of method ``m`` at ``sparsity`` (name -> job key), each to be refitted when
+        the method is."""
+        row = row_key(m.name, sparsity)
+        reconstruct = m.resolved_reconstruct(rec.reconstruct)
+        common = dict(sparsity=sparsity, method=m.name, row=row, kind=_kind(m),
+                      schedule=m.resolved_schedule(masks.schedule),
+                      schedule_options={**masks.schedule_options, **m.schedule_options, **masks.width_options},
+                      gqa_mode=masks.gqa_mode,
+                      bias_compensation=m.resolved_bias_compensation(masks.bias_compensation, reconstruct),
+                      score=m.resolved_score(masks.score),
+                      weights=masks.general_weights if m.calibration == "general" else {})
+        group: dict[str, str] = {}
+        per_task = m.refits_per_task(reconstruct, rec.refit_corpus)
+        for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
+            job = Job("masks", f"{row}/{name}", inputs, MaskParams(mask=name, **common))  # type: ignore[arg-type]
+            add(job)
+            group[name] = job.key
+            if reconstruct:  # refitted in the walk
+                source = m.refit_source(rec.refit_corpus)
+                refitted.setdefault(sparsity, {})[f"{row}/{name}"] = (job.key, name if source == "task" else None)
+        return group
+
     for sparsity in masks.sparsities:
         for m in methods:
-            row = row_key(m.name, sparsity)
-            reconstruct = m.resolved_reconstruct(rec.reconstruct)
-            common = dict(sparsity=sparsity, method=m.name, row=row, kind=_kind(m),
-                          schedule=m.resolved_schedule(masks.schedule),
-                          schedule_options={**masks.schedule_options, **m.schedule_options, **masks.width_options},
-                          gqa_mode=masks.gqa_mode,
-                          bias_compensation=m.resolved_bias_compensation(masks.bias_compensation, reconstruct),
-                          score=m.resolved_score(masks.score),
-                          weights=masks.general_weights if m.calibration == "general" else {})
-            group: dict[str, str] = {}
-            per_task = m.refits_per_task(reconstruct, rec.refit_corpus)
-            for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
-                job = Job("masks", f"{row}/{name}", inputs, MaskParams(mask=name, **common))  # type: ignore[arg-type]
-                add(job)
-                group[name] = job.key
-                if reconstruct:  # refitted in the walk
-                    source = m.refit_source(rec.refit_corpus)
-                    refitted.setdefault(sparsity, {})[f"{row}/{name}"] = (job.key, name if source == "task" else None)
-            mask_jobs[row] = group
+            mask_jobs[row_key(m.name, sparsity)] = masks_of(m, sparsity)
+    if c.budget.enabled and candidates is not None:  # the search's candidates, refitted in the same walk
+        for sparsity in c.budget.budget_grid:
+            row = row_key(searched.name, sparsity)
+            candidates[row] = dict(mask_jobs[row]) if row in mask_jobs else masks_of(searched, sparsity)
     # refits: one walk refits every mask of every sparsity (each layer's second moments, built once
     # per part of the text, serve them all); each refitted mask is then a job of its own
     members = {m: v for at in refitted.values() for m, v in at.items()}
@@ -396,7 +435,9 @@ def mask_chain(c: RunConfig, corpus: CorpusParams) -> tuple[list[Job], dict[str,
             row, name = member.split("/", 1)
             job = Job("refits", member, {"walk": walk.key}, RefitParams(member=member))
             add(job)
-            mask_jobs[row][name] = job.key
+            for group in (mask_jobs, candidates if candidates is not None else {}):
+                if row in group:
+                    group[row][name] = job.key
     return jobs, mask_jobs
 
 
@@ -435,10 +476,12 @@ def _expert_jobs(c: RunConfig, tasks: list[str], methods: list[Method], jobs: li
     return jobs, mask_jobs
 
 
-def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, str]]) -> Plan:
+def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, str]],
+                 candidates: Mapping[str, Mapping[str, str]] | None = None) -> Plan:
     """``jobs`` (up to the masks, ``mask_jobs``: row -> mask name -> job key) and what follows,
     the same for every unit: evaluation rows, router and routed rows, perplexity, bench,
-    report and registration."""
+    report and registration; with an accuracy budget, the search over ``candidates`` and the
+    ``seap-budget`` row (:func:`_budget_jobs`)."""
     add = jobs.append
     masks, router = c.masks, c.router
     methods = methods_to_build(masks.methods)
@@ -458,6 +501,7 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
                       row=row)
             add(job)
             rows[row] = job.key
+    budget = _budget_jobs(c, jobs, candidates or {}, rows) if c.budget.enabled else None
 
     if c.routed:
         add(Job("router", "", {"model": "model"},
@@ -496,7 +540,7 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
         bench = job.key
 
     add(Job("report", "", {"rows": rows, "router": "router" if c.routed else None, "bench": bench,
-                           "perplexity": perplexity}, _report(c)))
+                           "perplexity": perplexity, **({"budget": budget} if budget else {})}, _report(c)))
     seap_groups = {row: group for row, group in mask_jobs.items()
                    if row.split("@")[0] in (ROUTED_EXPERTS, ROUTED_FALLBACK)}
     add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
@@ -508,6 +552,37 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     plan = Plan(c, jobs)
     check_plan(plan)
     return plan
+
+
+def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping[str, str]],
+                 rows: dict[str, str]) -> str:
+    """The accuracy budget's search and row: the dense model and every candidate row (each task
+    with its own expert at one sparsity of the grid) on the selection items, the choice of each
+    task's sparsity, each task's chosen expert, and the ``seap-budget`` row on the reported
+    items (added to ``rows``). Returns the choice's job key."""
+    add = jobs.append
+    dense = Job("select", DENSE, {"model": "model", "data": "selection"}, _evaluation(c, DENSE, 0.0))
+    add(dense)
+    selected: dict[str, str] = {}
+    for sparsity in c.budget.budget_grid:
+        row = row_key(ROUTED_EXPERTS, sparsity)
+        job = Job("select", row, {"model": "model", "masks": dict(candidates[row]), "data": "selection"},
+                  _evaluation(c, ROUTED_EXPERTS, sparsity, per_task=True))
+        add(job)
+        selected[row] = job.key
+    tasks = c.data.task_names
+    choice = Job("budget", "choice", {"dense": dense.key, "rows": selected,
+                                      "candidates": {row: dict(group) for row, group in candidates.items()}},
+                 BudgetParams(tasks=tasks, metric=c.evaluate.metric, max_drop=c.budget.max_drop,
+                              max_drop_rel=c.budget.max_drop_rel))
+    add(choice)
+    for task in tasks:
+        add(Job("budget", task, {"choice": choice.key}, BudgetParams(member=task)))
+    job = Job("evaluate", BUDGET_ROW, {"model": "model", "masks": {t: f"budget/{t}" for t in tasks}},
+              _evaluation(c, BUDGET_ROW, 0.0, per_task=True), row=BUDGET_ROW)
+    add(job)
+    rows[BUDGET_ROW] = job.key
+    return choice.key
 
 
 def _evaluation(c: RunConfig, method: str, sparsity: float, tasks: list[str] | None = None,

@@ -18,7 +18,7 @@ from typing import Any
 
 from seap.errors import SeapError
 from seap.io import atomic_write_json, read_json
-from seap.run.plan import GENERAL, POOLED, Job
+from seap.run.plan import BUDGET_ROW, GENERAL, POOLED, Job
 
 MODEL_RECORD = "model.json"
 CORPUS_FILE = "corpus.jsonl"
@@ -29,6 +29,9 @@ PERPLEXITY_FILE = "perplexity.json"
 REGISTERED_FILE = "registered.json"
 CHECKPOINT_DIR = "model"  # (in a checkpoint job's output) the pruned checkpoint
 CHECKPOINT_SUMMARY = "summary.json"  # ... and what it removed
+SELECTION_TASKS = "tasks.json"  # (in the selection job's output) each task's name in that data folder
+BUDGET_FILE = "budget.json"  # (in the budget choice's output) each task's curve and chosen sparsity
+BUDGET_PLOT = "budget.png"
 
 
 @dataclass
@@ -157,9 +160,38 @@ def verify_model_record(model_dir: Path) -> None:
                         "re-run the model stage and everything after it: `dvc repro -f -s model && dvc repro`")
 
 
+def selection(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """The tasks' data with each train split cut in two (:func:`seap.data.selection.write_selection_data`):
+    ``train.jsonl`` calibrates, ``validation.jsonl`` holds the selection items; and how a run on
+    the folder names each task (``tasks.json``)."""
+    from seap.data.selection import write_selection_data
+    from seap.run.config import task_name
+
+    p = job.params
+    specs = ctx.catalogue(p.data_dir).resolve(p.tasks)
+    out.mkdir(parents=True)
+    names = write_selection_data(specs, out, p.items, p.seed)
+    atomic_write_json(out / SELECTION_TASKS, {task_name(t): name for t, name in zip(p.tasks, names, strict=True)})
+    held = {s.name: len((out / s.name / "validation.jsonl").read_text(encoding="utf-8").splitlines()) for s in specs}
+    ctx.say("selection items: " + ", ".join(f"{t} {n}" for t, n in held.items()))
+
+
+def data_source(inputs: Inputs, data_dir: str | None, tasks: list[str]) -> tuple[str | None, list[str]]:
+    """Where a job's tasks are read from: ``data_dir`` and ``tasks`` as configured, or, for a job
+    that reads the selection data (an ``inputs["data"]`` folder), that folder and each task's
+    name there."""
+    if not inputs.get("data"):
+        return data_dir, tasks
+    from seap.run.config import task_name
+
+    folder = Path(inputs["data"])
+    names = read_json(folder / SELECTION_TASKS, "selection data")
+    return str(folder), [names[task_name(t)] for t in tasks]
+
+
 def corpus(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
-    """Calibration corpora of the tasks' train splits, or of a records file (``seap prune``), in
-    one corpus file."""
+    """Calibration corpora of the tasks' train splits (with an accuracy budget: their calibrating
+    part, ``inputs["data"]``), or of a records file (``seap prune``), in one corpus file."""
     from seap.data.corpus import build_corpus, write_corpus
 
     p = job.params
@@ -168,7 +200,8 @@ def corpus(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
         corpora = build_corpora(p.records, p.tasks, p.samples, p.seed)
     else:
-        specs = ctx.catalogue(p.data_dir).resolve(p.tasks)
+        data_dir, tasks = data_source(inputs, p.data_dir, p.tasks)
+        specs = ctx.catalogue(data_dir).resolve(tasks)
         corpora = {s.name: build_corpus(s.calibration_records(), s.name, p.samples, p.seed, source=s.source)
                    for s in specs}
     out.mkdir(parents=True)
@@ -390,20 +423,78 @@ def _write_row(out: Path, row: dict[str, Any], items: Mapping[str, Any]) -> None
 
 
 def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
-    """One row: dense, a general mask on every task, or each task with its own expert."""
+    """One row: dense, a general mask on every task, or each task with its own expert; on the
+    reported items, or (``select`` jobs: ``inputs["data"]``) on the selection items."""
     from seap.evaluation.rows import evaluate_masks
 
     p = job.params
-    catalogue = ctx.catalogue(p.data_dir)
-    specs = catalogue.resolve(p.tasks)
+    data_dir, tasks = data_source(inputs, p.data_dir, p.tasks)
+    catalogue = ctx.catalogue(data_dir)
+    specs = catalogue.resolve(tasks)
     loaded_masks = _load_masks(inputs.get("masks") or {})
     loaded = ctx.base(inputs["model"])
     row, items = evaluate_masks(loaded, catalogue, specs, p.method, p.sparsity, loaded_masks, p.limit,
                                 p.num_fewshot, p.batch_size, p.metric)
+    if p.method == BUDGET_ROW:  # (each task's own sparsity: the row's is their mean)
+        row["sparsity"] = row["realised_sparsity"]
+        row["task_sparsity"] = {t: m.realised_sparsity() for t, m in loaded_masks.items()}
     row["model_fingerprint"] = loaded.fingerprint
     row["masks"] = {name: m.digest() for name, m in loaded_masks.items()}
     _write_row(out, row, items)
-    ctx.say(f"{job.row}: average {row['average']['table'] * 100:.2f}")
+    ctx.say(f"{job.row or job.key}: average {row['average']['table'] * 100:.2f}")
+
+
+def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """Each task's sparsity under the accuracy budget, from the selection rows
+    (:mod:`seap.maths.budget`: the largest candidate that keeps within it, with every smaller
+    one), each task's chosen expert (``out/<task>/``; a task no candidate keeps within budget
+    gets a mask that keeps everything) and the plot of the curves; or (``member``) one task's
+    chosen expert, copied from that choice."""
+    from seap.io import copy_artifact
+
+    p = job.params
+    if p.member is not None:
+        copy_artifact(Path(inputs["choice"]) / p.member, out)
+        return
+    from seap.evaluation.budget_plot import budget_plot
+    from seap.evaluation.metrics import chance, metric_for
+    from seap.maths import budget as search
+    from seap.maths.mask_formats import load_mask
+
+    def accuracy(row: Mapping[str, Any], task: str) -> float:
+        return float(row["tasks"][task][metric_for(task, p.metric)])
+
+    dense_row = read_json(Path(inputs["dense"]) / ROW_FILE, "selection row")
+    dense_items = read_json(Path(inputs["dense"]) / ITEMS_FILE, "selection items")
+    rows = {key: read_json(Path(path) / ROW_FILE, "selection row") for key, path in inputs["rows"].items()}
+    out.mkdir(parents=True)
+    record: dict[str, Any] = {"max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "metric": p.metric, "tasks": {}}
+    for task in p.tasks:
+        dense = accuracy(dense_row, task)
+        items = dense_items.get(task) or []
+        allowed = search.allowed_drop(dense, p.max_drop, p.max_drop_rel, chance(items))
+        curve = {float(row["sparsity"]): accuracy(row, task) for row in rows.values()}
+        chosen = search.chosen_sparsity(curve, dense, allowed)
+        resolution = search.selection_resolution(dense, len(items))
+        entry = {"dense": dense, "allowed_drop": allowed, "chance": chance(items), "selection_items": len(items),
+                 "curve": {f"{s:g}": a for s, a in sorted(curve.items())}, "chosen": chosen,
+                 "resolution": resolution}
+        if chosen == 0.0:
+            ctx.say(f"{task}: no sparsity of the grid keeps within the budget; its expert stays dense")
+            entry["dense_expert"] = True
+        if resolution > allowed * 100:
+            ctx.say(f"warning: {task}: {len(items)} selection items resolve {resolution:.1f} accuracy points "
+                    f"(standard error), more than the budget of {allowed * 100:.1f}; more items "
+                    "(selection_items) or a larger budget make the choice reliable")
+        row = next((k for k, r in rows.items() if round(float(r["sparsity"]), search.DECIMALS) == chosen), None)
+        mask = load_mask(inputs["candidates"][row][task]) if row is not None else \
+            load_mask(next(iter(inputs["candidates"].values()))[task]).keep_all()
+        mask.save(out / task)
+        entry["realised_sparsity"] = mask.realised_sparsity()
+        record["tasks"][task] = entry
+    atomic_write_json(out / BUDGET_FILE, record)
+    budget_plot(record, out / BUDGET_PLOT)
+    ctx.say("budget: " + ", ".join(f"{t} {e['chosen'] * 100:g}%" for t, e in record["tasks"].items()))
 
 
 def router(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
@@ -549,8 +640,14 @@ def report(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     if inputs.get("perplexity"):
         ppl = [read_json(Path(path) / PERPLEXITY_FILE, "perplexity") for path in inputs["perplexity"]]
         results["perplexity"] = {entry.pop("row"): entry for entry in ppl}
+    if inputs.get("budget"):
+        results["budget"] = read_json(Path(inputs["budget"]) / BUDGET_FILE, "accuracy budget")
     out.mkdir(parents=True)
     save_results(results, out)
+    if inputs.get("budget"):
+        from seap.io import atomic_write_bytes
+
+        atomic_write_bytes(out / BUDGET_PLOT, (Path(inputs["budget"]) / BUDGET_PLOT).read_bytes())
 
 
 def register(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
@@ -596,6 +693,9 @@ STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "refits": refits,
     "evaluate-dense": evaluate,
     "evaluate": evaluate,
+    "select": evaluate,
+    "budget": budget,
+    "selection": selection,
     "router": router,
     "evaluate-routed": evaluate_routed,
     "perplexity": perplexity,

@@ -45,6 +45,14 @@ def test_zero_mask_is_identity() -> None:
     torch.testing.assert_close(logits(apply_mask(loaded, mask, "hard")), logits(loaded))
 
 
+def test_a_mask_made_to_keep_everything_is_the_dense_model() -> None:
+    """(What an expert becomes when no sparsity keeps within its accuracy budget.)"""
+    loaded = make_tiny_model("llama-gqa")
+    dense = mask_for(loaded, sparsity=0.4).keep_all()
+    assert dense.realised_sparsity() == 0 and not dense.has_bias_compensation and not dense.is_reconstructed
+    torch.testing.assert_close(logits(apply_mask(loaded, dense, "hard")), logits(loaded), atol=0, rtol=0)
+
+
 def test_base_model_untouched_unless_inplace() -> None:
     loaded = make_tiny_model("llama-gqa")
     before = logits(loaded)

@@ -259,3 +259,13 @@ def test_repository_data_is_the_exported_starter_suite(tmp_path) -> None:
     for f in files:
         digest = hashlib.md5(f.read_bytes()).hexdigest()
         assert (ROOT / "dvc-remote" / "files" / "md5" / digest[:2] / digest[2:]).is_file(), f
+
+
+def test_a_budget_needs_train_records_to_hold_selection_items_out_of(tmp_path) -> None:
+    from tests.helpers_tasks import make_task_dir
+
+    data = make_task_dir(tmp_path / "data", n_train=3)
+    config = RunConfig(tasks=["geo", "life"], data_dir=str(data), max_drop=2.0, workdir=str(tmp_path / "w"))
+    with pytest.raises(SeapError, match="'geo' has 3 train records, too few"):
+        config.validate()
+    config.replace(max_drop=None).validate()  # (without a budget nothing is held out)

@@ -406,3 +406,52 @@ def test_walks_spread_over_several_devices_give_what_one_device_gives(tmp_path, 
         one, two = tensors(runs["cpu"], stage), tensors(runs["cpu,cpu"], stage)
         assert one and one.keys() == two.keys()
         assert all(torch.equal(one[k], two[k]) for k in one), stage
+
+
+def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_path) -> None:
+    """``max_drop``: each train split cut in two (the selection items never calibrate), every
+    candidate expert of the grid refitted in the one walk and scored on the selection items, each
+    task's sparsity the largest candidate within the budget (with every smaller one), and the
+    ``seap-budget`` row of the chosen experts on the reported items. Another budget re-runs only
+    the choice and what follows it."""
+    from seap.data.corpus import knowledge_sentence, read_corpus, read_records
+    from seap.maths.budget import allowed_drop, chosen_sparsity
+    from seap.maths.masks import PruningMask
+
+    config = tiny_config(tmp_path, methods=["seap-expert"], sparsities=[0.3], max_drop=5.0, budget_grid=[0.15, 0.3, 0.6],
+                         selection_items=6, bench=False, limit=None, samples=None)
+    plan = make_plan(config)
+    done = execute(plan)
+    selection = done.path("selection")
+    corpora, _ = read_corpus(done.path("corpus") / "corpus.jsonl")
+    for task in ("geo", "life"):
+        held = read_records(selection / task / "validation.jsonl")
+        assert len(held) == 6
+        assert not {knowledge_sentence(r) for r in held} & set(corpora[task].texts)  # never calibrates
+        assert len(corpora[task].texts) == len(read_records(selection / task / "train.jsonl"))  # (samples: all)
+    record = json.loads((done.path("budget/choice") / "budget.json").read_text())
+    dense = json.loads((done.path("select/dense") / "row.json").read_text())
+    for task in ("geo", "life"):
+        curve = {s: json.loads((done.path(f"select/seap-expert@{s:g}") / "row.json").read_text())["tasks"][task]["acc"]
+                 for s in (0.15, 0.3, 0.6)}
+        entry = record["tasks"][task]
+        assert entry["selection_items"] == 6 and entry["allowed_drop"] == pytest.approx(0.05)
+        assert entry["chosen"] == chosen_sparsity(curve, dense["tasks"][task]["acc"], allowed_drop(entry["dense"], 5.0))
+        chosen = PruningMask.load(done.path(f"budget/{task}"))
+        if entry["chosen"]:
+            assert chosen.digest() == PruningMask.load(done.path(f"refits/seap-expert@{entry['chosen']:g}/{task}")).digest()
+        else:
+            assert chosen.realised_sparsity() == 0
+    assert (done.path("budget/choice") / "budget.png").stat().st_size > 1000
+    row = json.loads((done.path("evaluate/seap-budget") / "row.json").read_text())
+    assert row["method"] == "seap-budget" and set(row["task_sparsity"]) == {"geo", "life"}
+    results = json.loads((done.path("report") / "results.json").read_text())
+    assert "seap-budget" in {r["method"] for r in results["rows"]}
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "## Accuracy budget" in report and "| seap-budget |" in report
+    assert (tmp_path / "out" / "budget.png").is_file()
+    # another budget: the candidates, their refits and their selection rows are reused
+    again = execute(make_plan(config.replace(max_drop=0.0)))
+    rerun = {k for k in again.outputs if k not in again.cached}
+    assert "budget/choice" in rerun  # (the chosen experts re-run only where the choice changed them)
+    assert rerun <= {"model", "budget/choice", "budget/geo", "budget/life", "evaluate/seap-budget", "report", "register"}
