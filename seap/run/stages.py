@@ -29,7 +29,7 @@ PERPLEXITY_FILE = "perplexity.json"
 REGISTERED_FILE = "registered.json"
 CHECKPOINT_DIR = "model"  # (in a checkpoint job's output) the pruned checkpoint
 CHECKPOINT_SUMMARY = "summary.json"  # ... and what it removed
-SELECTION_TASKS = "tasks.json"  # (in the selection job's output) each task's name in that data folder
+SELECTION_TASKS = "tasks.json"  # (in the selection job's output) each task, as the run names it, -> its name there
 BUDGET_FILE = "budget.json"  # (in the budget choice's output) each task's curve and chosen sparsity
 BUDGET_PLOT = "budget.png"
 
@@ -165,13 +165,12 @@ def selection(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     ``train.jsonl`` calibrates, ``validation.jsonl`` holds the selection items; and how a run on
     the folder names each task (``tasks.json``)."""
     from seap.data.selection import write_selection_data
-    from seap.run.config import task_name
 
     p = job.params
     specs = ctx.catalogue(p.data_dir).resolve(p.tasks)
     out.mkdir(parents=True)
     names = write_selection_data(specs, out, p.items, p.seed)
-    atomic_write_json(out / SELECTION_TASKS, {task_name(t): name for t, name in zip(p.tasks, names, strict=True)})
+    atomic_write_json(out / SELECTION_TASKS, dict(zip(p.tasks, names, strict=True)))
     held = {s.name: len((out / s.name / "validation.jsonl").read_text(encoding="utf-8").splitlines()) for s in specs}
     ctx.say("selection items: " + ", ".join(f"{t} {n}" for t, n in held.items()))
 
@@ -182,11 +181,9 @@ def data_source(inputs: Inputs, data_dir: str | None, tasks: list[str]) -> tuple
     name there."""
     if not inputs.get("data"):
         return data_dir, tasks
-    from seap.run.config import task_name
-
     folder = Path(inputs["data"])
-    names = read_json(folder / SELECTION_TASKS, "selection data")
-    return str(folder), [names[task_name(t)] for t in tasks]
+    names = read_json(folder / SELECTION_TASKS, "selection data")  # (the run's task -> its name there)
+    return str(folder), [names[t] for t in tasks]
 
 
 def corpus(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
@@ -458,7 +455,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         return
     from seap.evaluation.budget_plot import budget_plot
     from seap.evaluation.metrics import chance, metric_for
-    from seap.maths import budget as search
+    from seap.maths.budget import DECIMALS, allowed_drop, chosen_sparsity, selection_resolution
     from seap.maths.mask_formats import load_mask
 
     def accuracy(row: Mapping[str, Any], task: str) -> float:
@@ -472,10 +469,10 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     for task in p.tasks:
         dense = accuracy(dense_row, task)
         items = dense_items.get(task) or []
-        allowed = search.allowed_drop(dense, p.max_drop, p.max_drop_rel, chance(items))
+        allowed = allowed_drop(dense, p.max_drop, p.max_drop_rel, chance(items))
         curve = {float(row["sparsity"]): accuracy(row, task) for row in rows.values()}
-        chosen = search.chosen_sparsity(curve, dense, allowed)
-        resolution = search.selection_resolution(dense, len(items))
+        chosen = chosen_sparsity(curve, dense, allowed)
+        resolution = selection_resolution(dense, len(items))
         entry = {"dense": dense, "allowed_drop": allowed, "chance": chance(items), "selection_items": len(items),
                  "curve": {f"{s:g}": a for s, a in sorted(curve.items())}, "chosen": chosen,
                  "resolution": resolution}
@@ -486,7 +483,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
             ctx.say(f"warning: {task}: {len(items)} selection items resolve {resolution:.1f} accuracy points "
                     f"(standard error), more than the budget of {allowed * 100:.1f}; more items "
                     "(selection_items) or a larger budget make the choice reliable")
-        row = next((k for k, r in rows.items() if round(float(r["sparsity"]), search.DECIMALS) == chosen), None)
+        row = next((k for k, r in rows.items() if round(float(r["sparsity"]), DECIMALS) == chosen), None)
         mask = load_mask(inputs["candidates"][row][task]) if row is not None else \
             load_mask(next(iter(inputs["candidates"].values()))[task]).keep_all()
         mask.save(out / task)
@@ -645,9 +642,9 @@ def report(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     out.mkdir(parents=True)
     save_results(results, out)
     if inputs.get("budget"):
-        from seap.io import atomic_write_bytes
+        import shutil
 
-        atomic_write_bytes(out / BUDGET_PLOT, (Path(inputs["budget"]) / BUDGET_PLOT).read_bytes())
+        shutil.copy2(Path(inputs["budget"]) / BUDGET_PLOT, out / BUDGET_PLOT)  # (out is this job's own, new folder)
 
 
 def register(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
