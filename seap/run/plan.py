@@ -140,7 +140,7 @@ STAGES: dict[str, Stage] = {
               "accuracy keeps within it) and its expert",
               ("seap.run.stages", "seap.maths.budget", "seap.evaluation.budget_plot", "seap.evaluation.metrics",
                "seap.maths.mask_formats", "seap.maths.masks", "seap.io"),
-              ("max_drop", "max_drop_rel", "budget_grid", "metric"), ("select", "masks", "refits", "budget")),
+              ("max_drop", "max_drop_rel", "budget_grid", "metric"), ("select", "masks", "refits")),
         Stage("router", "the task router on the tasks' training prompts",
               (*_BASE, "seap.evaluation.router", "seap.evaluation.harness", "seap.data.catalogue",
                "seap.model.calibration"),

@@ -26,10 +26,11 @@ from tests.helpers_dvc import (
 from tests.helpers_flows import tiny_project
 from tests.helpers_tasks import make_task_dir
 
-ALL_STAGES = {"model", "corpus", "statistics", "scores", "masks", "refits", "evaluate-dense", "evaluate", "router",
-              "evaluate-routed", "perplexity", "bench", "report", "register"}
-UPSTREAM_OF_MASKS = {"model", "corpus", "statistics", "scores", "evaluate-dense", "router"}
-MASKS_AND_DOWNSTREAM = {"masks", "refits", "evaluate", "evaluate-routed", "perplexity", "bench", "report", "register"}
+ALL_STAGES = {"model", "selection", "corpus", "statistics", "scores", "masks", "refits", "evaluate-dense", "evaluate",
+              "select", "budget", "router", "evaluate-routed", "perplexity", "bench", "report", "register"}
+UPSTREAM_OF_MASKS = {"model", "selection", "corpus", "statistics", "scores", "evaluate-dense", "router"}
+MASKS_AND_DOWNSTREAM = {"masks", "refits", "evaluate", "select", "budget", "evaluate-routed", "perplexity", "bench",
+                        "report", "register"}
 ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = {"seconds", "router_seconds", "router_overhead"}  # timings differ from run to run
 
