@@ -122,6 +122,14 @@ class StageContext:
 
         return self.work if isinstance(source, CheckpointLayers) else None
 
+    def group_walk(self, model_dir: Path, device: Any, index: int, groups: int) -> tuple[Any, Path | None]:
+        """The layer source and work folder of walk ``index`` of ``groups`` spread over devices
+        (:meth:`devices`): on ``device``, in a work folder of its own, when there are several;
+        as :meth:`layers` and :meth:`walk_work` give them when there is one."""
+        source = self.layers(model_dir, device if groups > 1 else None)
+        work = self.walk_work(source)
+        return source, work / f"device-{index}" if work is not None and groups > 1 else work
+
     def catalogue(self, data_dir: str | None) -> Any:
         from seap.data.catalogue import TaskCatalogue
 
@@ -267,12 +275,10 @@ def _collect(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
     def walk(group: list[str], device: Any, k: int) -> dict[str, Any]:
         """The group's tasks in one walk on ``device`` (its own work folder when there are several)."""
-        source = ctx.layers(inputs["model"], device if len(groups) > 1 else None)
-        work = ctx.walk_work(source)
+        source, work = ctx.group_walk(inputs["model"], device, k, len(groups))
         return collect_task_statistics(source, {t: corpora[t] for t in group}, p.batch_size,
                                        header.get("max_tokens", DEFAULT_MAX_TOKENS), shard=shard,  # type: ignore[arg-type]
-                                       progress=ctx.progress,
-                                       work=work / f"device-{k}" if work is not None and len(groups) > 1 else work)
+                                       progress=ctx.progress, work=work)
 
     for collected in on_devices(groups, devices, walk):
         for t, stats in collected.items():
@@ -352,7 +358,7 @@ def refits(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     def walk(group: list[str], device: Any, k: int) -> None:
         """The group's masks refitted on ``device``: in one walk over the parts they use, or
         (sequential) one walk per mask."""
-        source = ctx.layers(inputs["model"], device if len(groups) > 1 else None)
+        source, work = ctx.group_walk(inputs["model"], device, k, len(groups))
         if options.sequential:  # the pruned stream is each mask's own: one walk per mask
             from seap.data.corpus import merge_corpora
 
@@ -364,9 +370,8 @@ def refits(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
             return
         needed = sorted({j for member in group for j in members[member][1]})  # (the walk's parts, in order)
         own = {member: (members[member][0], [needed.index(j) for j in members[member][1]]) for member in group}
-        work = ctx.walk_work(source)
         done = reconstruct_masks(source, own, [parts[j] for j in needed], options, p.batch_size, cap, ctx.progress,
-                                 work / f"device-{k}" if work is not None and len(groups) > 1 else work)
+                                 work)
         for member, mask in done.items():
             mask.save(out / member)
 
