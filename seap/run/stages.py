@@ -474,11 +474,12 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     for task in p.tasks:
         dense = accuracy(dense_row, task)
         items = dense_items.get(task) or []
-        allowed = allowed_drop(dense, p.max_drop, p.max_drop_rel, chance(items))
+        at_chance = chance(items)
+        allowed = allowed_drop(dense, p.max_drop, p.max_drop_rel, at_chance)
         curve = {float(row["sparsity"]): accuracy(row, task) for row in rows.values()}
         chosen = chosen_sparsity(curve, dense, allowed)
         resolution = selection_resolution(dense, len(items))
-        entry = {"dense": dense, "allowed_drop": allowed, "chance": chance(items), "selection_items": len(items),
+        entry = {"dense": dense, "allowed_drop": allowed, "chance": at_chance, "selection_items": len(items),
                  "curve": {f"{s:g}": a for s, a in sorted(curve.items())}, "chosen": chosen,
                  "resolution": resolution}
         if chosen == 0.0:
