@@ -21,13 +21,33 @@ from seap.io import atomic_write_text
 MIN_TRAIN_RECORDS = 4  # a train split smaller than this cannot spare items
 
 
+def _group_of(record: Any, index: int) -> Any:
+    """The group a record is held out with: its ``"group"`` field (a fact asked in several
+    templates), else the record alone."""
+    if isinstance(record, dict) and record.get("group") is not None:
+        return ("group", str(record["group"]))
+    return ("record", index)
+
+
 def split_train(records: Sequence[Any], items: int, seed: int) -> tuple[list[Any], list[Any]]:
-    """(calibrating part, held-out part) of ``records``: ``min(items, len // 2)`` records held out,
-    drawn with ``seed``; both parts in the records' own order."""
-    order = list(range(len(records)))
+    """(calibrating part, held-out part) of ``records``: about ``min(items, len // 2)`` records
+    held out, drawn with ``seed`` as whole groups (records sharing a ``"group"`` field, so that no
+    held-out fact is also calibrated on; a record without one is a group alone), never more than
+    half; both parts in the records' own order."""
+    groups: dict[Any, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(_group_of(record, i), []).append(i)
+    order = list(groups)
     random.Random(seed).shuffle(order)
-    held = min(items, len(records) // 2)
-    return [records[i] for i in sorted(order[held:])], [records[i] for i in sorted(order[:held])]
+    limit, half = min(items, len(records) // 2), len(records) // 2
+    held: list[int] = []
+    for key in order:
+        if len(held) >= limit:
+            break
+        if len(held) + len(groups[key]) <= half:
+            held.extend(groups[key])
+    kept = set(held)
+    return [r for i, r in enumerate(records) if i not in kept], [records[i] for i in sorted(held)]
 
 
 def write_selection_data(specs: Sequence[Any], folder: str | Path, items: int, seed: int,

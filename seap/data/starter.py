@@ -3,7 +3,9 @@
 Needs no download. Each task is generated reproducibly from the tables and templates in
 this module and a seed, and split into disjoint ``calibration`` and ``evaluation`` records
 (the split is made on the underlying facts or operand pairs, so no fact is in both).
-Records use the generic schema ``{"question", "choices", "answer"}``.
+Records use the generic schema ``{"question", "choices", "answer"}``; a fact asked in several
+templates also carries ``"group"`` (the country, the word pair, the word), so that items held
+out of a split for selection are whole facts (:func:`seap.data.selection.split_train`).
 """
 
 from __future__ import annotations
@@ -92,10 +94,12 @@ def _split(items: list[Any], seed: int, eval_fraction: float = 0.5) -> tuple[lis
     return items[:cut], items[cut:]
 
 
-def _mc(question: str, correct: str, distractors: list[str], rng: random.Random) -> dict[str, Any]:
+def _mc(question: str, correct: str, distractors: list[str], rng: random.Random,
+        group: str | None = None) -> dict[str, Any]:
     choices = [correct, *distractors]
     rng.shuffle(choices)
-    return {"question": question, "choices": choices, "answer": choices.index(correct)}
+    return {"question": question, "choices": choices, "answer": choices.index(correct),
+            **({"group": group} if group is not None else {})}
 
 
 def _capitals(seed: int) -> dict[str, list[dict[str, Any]]]:
@@ -110,7 +114,7 @@ def _capitals(seed: int) -> dict[str, list[dict[str, Any]]]:
             for template in templates:
                 capital = CAPITALS[country]
                 distractors = rng.sample([c for c in all_caps if c != capital], 3)
-                records.append(_mc(template.format(c=country), capital, distractors, rng))
+                records.append(_mc(template.format(c=country), capital, distractors, rng, group=country))
         out[split] = records
     return out
 
@@ -128,7 +132,8 @@ def _antonyms(seed: int) -> dict[str, list[dict[str, Any]]]:
         for word, opposite in words:
             for template in templates:
                 distractors = rng.sample([w for w in vocab if w not in (word, opposite)], 3)
-                records.append(_mc(template.format(w=word), opposite, distractors, rng))
+                records.append(_mc(template.format(w=word), opposite, distractors, rng,
+                                   group="/".join(sorted((word, opposite)))))
         out[split] = records
     return out
 
@@ -182,7 +187,7 @@ def _categories(seed: int) -> dict[str, list[dict[str, Any]]]:
                 distractors = rng.sample([c for c in names if c != cat], 3)
                 article = "an" if word[0] in "aeiou" else "a"
                 phrase = f"{article} {word}"
-                records.append(_mc(template.format(w=phrase, W=phrase.capitalize()), cat, distractors, rng))
+                records.append(_mc(template.format(w=phrase, W=phrase.capitalize()), cat, distractors, rng, group=word))
         out[split] = records
     return out
 
