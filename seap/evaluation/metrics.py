@@ -82,6 +82,20 @@ def retention(row: Mapping[str, Any], dense: Mapping[str, Any] | None, metric: s
     return out
 
 
+def drops(row: Mapping[str, Any], dense: Mapping[str, Any] | None, metric: str,
+          tasks: Sequence[str] | None = None) -> dict[str, float]:
+    """``drop_<task>``: dense accuracy minus the row's, in points (positive: it lost accuracy),
+    and their largest, ``max_drop``: what an accuracy budget and its promotion gate compare."""
+    out: dict[str, float] = {}
+    for task in tasks if tasks is not None else list(row.get("tasks", {})):
+        value, reference = task_accuracy(row, task, metric), task_accuracy(dense, task, metric)
+        if value is not None and reference is not None:
+            out[f"drop_{task}"] = 100.0 * (reference - value)
+    if out:
+        out["max_drop"] = max(out.values())
+    return out
+
+
 def row_name(row: Mapping[str, Any]) -> str:
     """``dense`` or ``<method>@<sparsity>``: how flat metrics and the bench name a row."""
     return "dense" if row["method"] == "dense" else f"{row['method']}@{row['sparsity']:g}"
@@ -121,4 +135,4 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["average", "chance", "flat_metrics", "metric_for", "retention", "row_name", "speed_of", "task_accuracy"]
+__all__ = ["average", "chance", "drops", "flat_metrics", "metric_for", "retention", "row_name", "speed_of", "task_accuracy"]

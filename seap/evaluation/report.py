@@ -69,7 +69,7 @@ def markdown_report(results: dict[str, Any]) -> str:
                              f"{row['router_seconds']:.2f} s = {row['router_overhead'] * 100:.2f}% of evaluation time.")
         parts.append("")
     if results.get("budget"):
-        parts += budget_section(results["budget"], results["rows"])
+        parts += budget_section(results["budget"], results["rows"], results.get("speed"))
     if results.get("perplexity"):
         parts += ["## WikiText-2 perplexity", "", "| model | perplexity | tokens |", "|---|---:|---:|"]
         for name, p in results["perplexity"].items():
@@ -81,9 +81,12 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
+                   speed: dict[str, Any] | None = None) -> list[str]:
     """Each task's expert under the accuracy budget: its sparsity, its selection accuracy against
-    the dense model's, and its accuracy on the reported items (the ``seap-budget`` row)."""
+    the dense model's, its accuracy on the reported items (the ``seap-budget`` row) and, when the
+    bench ran, its prefill speed-up over dense."""
+    speeds = (speed or {}).get("models", {})
     dense = next((r for r in rows if r["method"] == "dense"), None)
     row = next((r for r in rows if r["method"] == "seap-budget"), None)
     what = (f"at most {budget['max_drop']:g} points" if budget.get("max_drop") is not None
@@ -93,17 +96,20 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
              f"(selection) drops {what} below the dense model's there, with every smaller candidate within it "
              f"too (`budget.png`: the curves).", "",
              "| task | sparsity | realised | selection items | dense (sel.) | expert (sel.) | allowed drop | "
-             "dense (test) | expert (test) | drop (test) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "dense (test) | expert (test) | drop (test) | prefill x dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for task, e in budget["tasks"].items():
         sel = e["dense"] if e["chosen"] == 0 else e["curve"].get(f"{e['chosen']:g}", float("nan"))
         key = metric_for(task, budget.get("metric", "acc"))
         test_dense = dense["tasks"].get(task, {}).get(key) if dense else None
         test = row["tasks"].get(task, {}).get(key) if row else None
         drop = f"{(test_dense - test) * 100:.2f}" if test is not None and test_dense is not None else "–"
+        timed = speeds.get(f"seap-budget:{task}")
+        fast = f"{timed['prefill_speedup']:.2f}" if timed else "–"
         parts.append(f"| {task} | {e['chosen'] * 100:g}% | {e['realised_sparsity'] * 100:.1f}% | "
                      f"{e['selection_items']} | {e['dense'] * 100:.1f} | {sel * 100:.1f} | "
                      f"{e['allowed_drop'] * 100:.2f} | {'–' if test_dense is None else f'{test_dense * 100:.2f}'} | "
-                     f"{'–' if test is None else f'{test * 100:.2f}'} | {drop} |")
+                     f"{'–' if test is None else f'{test * 100:.2f}'} | {drop} | {fast} |")
     unresolved = [f"{t} ({e['resolution']:.1f} points on {e['selection_items']} items)"
                   for t, e in budget["tasks"].items() if e["resolution"] > e["allowed_drop"] * 100]
     if unresolved:

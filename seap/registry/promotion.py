@@ -17,7 +17,9 @@ gate of each stage::
 
 Rules: ``min_retention_per_task``, ``min_retention`` (mean over the mask's tasks),
 ``min_accuracy``, ``min_prefill_speedup``, ``min_decode_speedup``, ``max_realised_sparsity``,
-``min_realised_sparsity``, ``require_stage``. A metric a rule needs but the version lacks fails
+``min_realised_sparsity``, ``max_drop`` (points below dense on the worst of the mask's tasks),
+``within_budget`` (an expert sized by an accuracy budget: its measured drop on the reported
+items may exceed the budget it was sized by by at most this many points), ``require_stage``. A metric a rule needs but the version lacks fails
 the rule (say, no speed-up when the pipeline ran without the benchmark).
 """
 
@@ -45,8 +47,8 @@ _MIN_RULES = {
     "min_decode_speedup": "decode_speedup",
     "min_realised_sparsity": "realised_sparsity",
 }
-_MAX_RULES = {"max_realised_sparsity": "realised_sparsity"}
-KNOWN_RULES = {"min_retention_per_task", "require_stage", *_MIN_RULES, *_MAX_RULES}
+_MAX_RULES = {"max_realised_sparsity": "realised_sparsity", "max_drop": "max_drop"}
+KNOWN_RULES = {"min_retention_per_task", "require_stage", "within_budget", *_MIN_RULES, *_MAX_RULES}
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,16 @@ def gate_failures(gate: Gate, metrics: Mapping[str, float], tasks: Sequence[str]
                     failures.append(f"{where}.{rule}: no retention recorded for task {task}")
                 elif value < threshold:
                     failures.append(f"{where}.{rule}: retention on {task} is {value:.3f} < {threshold:g}")
+        elif rule == "within_budget":
+            budget, drop = metrics.get("budget_drop"), metrics.get("max_drop")
+            if budget is None:
+                failures.append(f"{where}.{rule}: the version was not sized by an accuracy budget "
+                                "(register the seap-budget row of a run with --max-drop)")
+            elif drop is None:
+                failures.append(f"{where}.{rule}: no measured drop recorded")
+            elif drop > budget + threshold:
+                failures.append(f"{where}.{rule}: the measured drop is {drop:.2f} points, more than its budget "
+                                f"of {budget:.2f} + {threshold:g}")
         else:
             key = _MIN_RULES.get(rule) or _MAX_RULES[rule]
             value = metrics.get(key)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from seap.errors import SeapError
-from seap.evaluation.metrics import retention, speed_of, task_accuracy
+from seap.evaluation.metrics import drops, retention, speed_of, task_accuracy
 from seap.io import atomic_directory, canonical_json, copy_artifact, read_json
 from seap.maths.schedules import DEFAULT_SCHEDULE
 from seap.maths.scores import DEFAULT_SCORE
@@ -114,6 +114,9 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
     built them; metrics come from the results rows: accuracy on the mask's task(s) with the
     report's metric, retention against dense per task and its minimum, and the speed-ups.
     """
+    from seap.maths.budget import BUDGET_ROW, MASK_META
+    from seap.maths.mask_formats import load_mask
+
     rows = results["rows"]
     metric = results.get("metric", "acc")
     dense = next((r for r in rows if r["method"] == "dense"), None)
@@ -122,10 +125,13 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
     records: list[ExpertRecord] = []
     for row in rows:
         method, sparsity = row["method"], row["sparsity"]
-        if method not in (*methods, "seap-routed") or method == "dense":
+        if method not in (*methods, "seap-routed", BUDGET_ROW) or method == "dense":
             continue
-        key = f"{method}@{sparsity:g}"
-        if method == "seap-routed":
+        key = BUDGET_ROW if method == BUDGET_ROW else f"{method}@{sparsity:g}"
+        if method == BUDGET_ROW:  # each task's expert at its own size
+            group = masks.get(BUDGET_ROW, {})
+            units = [(task, "expert", [task], {task: group[task]}) for task in row["tasks"] if task in group]
+        elif method == "seap-routed":
             if not router:
                 continue
             group = {**masks.get(f"seap-expert@{sparsity:g}", {}), **masks.get(f"seap-general@{sparsity:g}", {})}
@@ -146,6 +152,13 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
             if values:
                 metrics["accuracy"] = sum(values) / len(values)
             metrics.update(retention(row, dense, metric, evaluated))
+            metrics.update(drops(row, dense, metric, evaluated))
+            budgeted = load_mask(unit_masks[task]).meta.get(MASK_META) if method == BUDGET_ROW else None
+            if budgeted:  # what it was sized by: the allowed drop and the selection's, in points
+                metrics["budget_drop"] = 100.0 * float(budgeted["allowed_drop"])
+                metrics["selection_drop"] = 100.0 * (float(budgeted["selection_dense"])
+                                                     - float(budgeted["selection_accuracy"]))
+                sparsity = float(budgeted["chosen_sparsity"])
             bench = speed_of(results, key, task if kind == "expert" else "general") or \
                 speed_of(results, f"seap-general@{sparsity:g}", "general")
             if bench:
@@ -153,6 +166,8 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
                 metrics["decode_speedup"] = bench["decode_speedup"]
             realised = row["realised_sparsity"] if kind != "expert" else _realised(unit_masks[task])
             extra = {"routing": row.get("routing")} if kind == "routed" else {}
+            if budgeted:
+                extra["accuracy_budget"] = dict(budgeted)
             records.append(ExpertRecord(
                 name=registered_name(model, task, kind), kind=kind, task=task, method=method, sparsity=sparsity,
                 realised_sparsity=realised, score=score, schedule=schedule, base_model=model,

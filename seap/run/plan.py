@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seap.errors import SeapError
+from seap.maths.budget import BUDGET_ROW
 from seap.run.config import DataSection, ModelSection, RunConfig, task_name
 from seap.run.job_params import (
     BenchParams,
@@ -56,7 +57,6 @@ from seap.run.methods import (
 GENERAL = "general"  # the mask name of a method with one mask for all tasks
 GENERIC = "generic"  # the corpus of generic text added to every refit (refit_generic)
 POOLED = "pooled"  # the statistics (and scores) of all tasks' corpora merged
-BUDGET_ROW = "seap-budget"  # the row of each task's expert sized by the accuracy budget
 
 
 @dataclass(frozen=True)
@@ -156,16 +156,17 @@ STAGES: dict[str, Stage] = {
         Stage("bench", "prefill and decode speed of dense and each distinct pruned shape",
               (*_BASE, "seap.evaluation.speed", *_APPLY, "seap.evaluation.llama_cpp_runtime",
                "seap.export.to_gguf", "seap.export.gguf_names", "seap.export.bpe_pretokenizers"),
-              ("bench", "bench_repeats", "bench_llama_cpp"), ("model", "masks", "refits")),
+              ("bench", "bench_repeats", "bench_llama_cpp"), ("model", "masks", "refits", "budget")),
         Stage("report", "Table 1, results.json, metrics, CSV and plot",
               ("seap.run.stages", "seap.evaluation.report", "seap.evaluation.metrics", "seap.evaluation.harness",
                "seap.evaluation.router", "seap.evaluation.rows", "seap.data.catalogue"),
               ("metric", "tasks", "data_dir", "limit", "num_fewshot"),
               ("evaluate-dense", "evaluate", "evaluate-routed", "router", "bench", "perplexity", "budget")),
         Stage("register", "every SEAP expert, general mask and routed bundle in the local registry and MLflow",
-              ("seap.run.stages", "seap.registry.records", "seap.evaluation.metrics"),
+              ("seap.run.stages", "seap.registry.records", "seap.evaluation.metrics",
+               "seap.maths.budget", "seap.maths.mask_formats"),
               ("registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment"),
-              ("report", "masks", "refits", "router"), cached=False),
+              ("report", "masks", "refits", "router", "budget"), cached=False),
         Stage("checkpoint", "the hard-pruned model of one mask, saved as a checkpoint (`seap prune`)",
               (*_BASE, "seap.model.checkpoint", "seap.model.layer_stream", "seap.model.shards", *_APPLY),
               (), ("model", "masks", "refits"), pipeline=False),
@@ -534,6 +535,8 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     bench = None
     if c.bench.bench:
         flat = {f"{row}:{name}": key for row, group in mask_jobs.items() for name, key in group.items()}
+        if budget:  # each task's expert at the size its budget chose
+            flat.update({f"{BUDGET_ROW}:{t}": f"budget/{t}" for t in c.data.task_names})
         job = Job("bench", "", {"model": "model", "masks": flat},
                   BenchParams(repeats=c.bench.bench_repeats, llama_cpp=c.bench.bench_llama_cpp))
         add(job)
@@ -543,6 +546,8 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
                            "perplexity": perplexity, **({"budget": budget} if budget else {})}, _report(c)))
     seap_groups = {row: group for row, group in mask_jobs.items()
                    if row.split("@")[0] in (ROUTED_EXPERTS, ROUTED_FALLBACK)}
+    if budget:  # each task's expert at the size its budget chose
+        seap_groups[BUDGET_ROW] = {t: f"budget/{t}" for t in c.data.task_names}
     add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
             RegisterParams(score=masks.expert_score if c.resolved_unit != "neurons" else masks.score,
                            # (MoE neurons: the channel score)

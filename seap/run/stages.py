@@ -460,7 +460,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         return
     from seap.evaluation.budget_plot import budget_plot
     from seap.evaluation.metrics import chance, metric_for
-    from seap.maths.budget import DECIMALS, allowed_drop, chosen_sparsity, selection_resolution
+    from seap.maths.budget import DECIMALS, MASK_META, allowed_drop, chosen_sparsity, selection_resolution
     from seap.maths.mask_formats import load_mask
 
     def accuracy(row: Mapping[str, Any], task: str) -> float:
@@ -492,6 +492,10 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         row = next((k for k, r in rows.items() if round(float(r["sparsity"]), DECIMALS) == chosen), None)
         mask = load_mask(inputs["candidates"][row][task]) if row is not None else \
             load_mask(next(iter(inputs["candidates"].values()))[task]).keep_all()
+        mask.meta[MASK_META] = {  # (what the registry and promotion gates read back)
+            "max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "allowed_drop": allowed, "metric": p.metric,
+            "chosen_sparsity": chosen, "selection_items": len(items), "selection_dense": dense,
+            "selection_accuracy": curve.get(next((s for s in curve if round(s, DECIMALS) == chosen), -1.0), dense)}
         mask.save(out / task)
         entry["realised_sparsity"] = mask.realised_sparsity()
         record["tasks"][task] = entry

@@ -7,6 +7,7 @@ import pytest
 from seap.errors import SeapError
 from seap.registry.promotion import (
     DEFAULT_POLICY_FILE,
+    Gate,
     check_transition,
     gate_failures,
     load_policy,
@@ -77,3 +78,15 @@ def test_transitions_move_forward_only() -> None:
 def test_numeric_tags_become_metrics() -> None:
     assert metrics_from_tags({"retention_a": "0.9", "task": "a", "sparsity": "0.2"}) == {"retention_a": 0.9,
                                                                                         "sparsity": 0.2}
+
+
+def test_budget_gates_compare_the_measured_drop_with_the_budget_it_was_sized_by() -> None:
+    gate = Gate("staging", {"max_drop": 3.0, "within_budget": 0.5})
+    sized = {"drop_capitals": 2.4, "max_drop": 2.4, "budget_drop": 2.0}
+    assert gate_failures(gate, sized, ["capitals"]) == []
+    failures = gate_failures(gate, {**sized, "max_drop": 3.5, "drop_capitals": 3.5}, ["capitals"])
+    assert len(failures) == 2 and "3.50 points, more than its budget of 2.00 + 0.5" in failures[1]
+    assert "max_drop is 3.500 > 3" in failures[0]
+    unsized = gate_failures(gate, {"max_drop": 1.0}, ["capitals"])
+    assert unsized and "not sized by an accuracy budget" in unsized[0]
+    assert parse_policy({"stages": {"staging": {"within_budget": 0.5, "max_drop": 2}}}).gate("staging").rules

@@ -438,6 +438,9 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
         assert entry["selection_items"] == 6 and entry["allowed_drop"] == pytest.approx(0.05)
         assert entry["chosen"] == chosen_sparsity(curve, dense["tasks"][task]["acc"], allowed_drop(entry["dense"], 5.0))
         chosen = PruningMask.load(done.path(f"budget/{task}"))
+        sized_by = chosen.meta["accuracy_budget"]  # what the registry and the promotion gate read back
+        assert sized_by["chosen_sparsity"] == entry["chosen"] and sized_by["max_drop"] == 5.0
+        assert sized_by["selection_accuracy"] == curve.get(entry["chosen"], dense["tasks"][task]["acc"])
         if entry["chosen"]:
             assert chosen.digest() == PruningMask.load(done.path(f"refits/seap-expert@{entry['chosen']:g}/{task}")).digest()
         else:
@@ -450,6 +453,15 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     report = (tmp_path / "out" / "results.md").read_text()
     assert "## Accuracy budget" in report and "| seap-budget |" in report
     assert (tmp_path / "out" / "budget.png").is_file()
+    registered = json.loads((done.path("register") / "registered.json").read_text())["registered"]
+    sized = {r["tags"]["task"]: r["tags"] for r in registered if r["tags"]["method"] == "seap-budget"}
+    assert set(sized) == {"geo", "life"}
+    for task, tags in sized.items():
+        assert float(tags["sparsity"]) == record["tasks"][task]["chosen"] and float(tags["budget_drop"]) == 5.0
+        test_drop = 100 * (results["rows"][0]["tasks"][task]["acc"] - row["tasks"][task]["acc"])
+        assert float(tags[f"drop_{task}"]) == pytest.approx(test_drop, abs=1e-4) == float(tags["max_drop"])
+    benched = next(j for j in make_plan(config.replace(bench=True)).jobs if j.stage == "bench")
+    assert {"seap-budget:geo", "seap-budget:life"} <= set(benched.inputs["masks"])  # each chosen expert's speed
     # another budget: the candidates, their refits and their selection rows are reused
     again = execute(make_plan(config.replace(max_drop=0.0)))
     rerun = {k for k in again.outputs if k not in again.cached}
