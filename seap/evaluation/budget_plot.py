@@ -14,7 +14,8 @@ from seap.io import atomic_write_bytes
 def budget_plot(record: dict[str, Any], path: str | Path) -> Path:
     """One panel per task of ``record`` (the budget stage's ``budget.json``): the candidates'
     selection accuracy against sparsity (dense at 0), the floor ``dense - allowed`` dashed and
-    the chosen sparsity ringed."""
+    the chosen sparsity ringed; with a general mask under the same budget, its curve on the task
+    (gray) and its chosen sparsity (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +29,14 @@ def budget_plot(record: dict[str, Any], path: str | Path) -> Path:
         points = sorted((float(s), a) for s, a in entry["curve"].items())
         xs = [0.0] + [s * 100 for s, _ in points]
         ys = [entry["dense"] * 100] + [a * 100 for _, a in points]
-        ax.plot(xs, ys, marker="o", markersize=3)
+        ax.plot(xs, ys, marker="o", markersize=3, label="own expert")
+        general = record.get("general")
+        if general and task in general["curves"]:  # the general mask's curve and its chosen sparsity
+            points_g = sorted((float(s), a) for s, a in general["curves"][task].items())
+            ax.plot([0.0] + [s * 100 for s, _ in points_g], [entry["dense"] * 100] + [a * 100 for _, a in points_g],
+                    marker=".", markersize=2, color="gray", linewidth=1, label="general mask")
+            ax.axvline(general["chosen"] * 100, color="gray", linestyle=":", linewidth=1)
+            ax.legend(fontsize=6)
         ax.axhline((entry["dense"] - entry["allowed_drop"]) * 100, color="gray", linestyle="--", linewidth=1)
         chosen = entry["chosen"]
         at = entry["dense"] if chosen == 0 else dict(points).get(chosen, entry["dense"])

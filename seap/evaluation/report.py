@@ -110,6 +110,17 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
                      f"{e['selection_items']} | {e['dense'] * 100:.1f} | {sel * 100:.1f} | "
                      f"{e['allowed_drop'] * 100:.2f} | {'–' if test_dense is None else f'{test_dense * 100:.2f}'} | "
                      f"{'–' if test is None else f'{test * 100:.2f}'} | {drop} | {fast} |")
+    general = budget.get("general")
+    if general:
+        row_g = next((r for r in rows if r["method"] == "seap-budget-general"), None)
+        lost = [(dense["tasks"][t][metric_for(t, budget.get("metric", "acc"))]
+                 - row_g["tasks"][t][metric_for(t, budget.get("metric", "acc"))]) * 100
+                for t in budget["tasks"] if dense and row_g and t in row_g["tasks"]]
+        timed = speeds.get("seap-budget-general:general")
+        parts += ["", f"General mask under the same budget: {general['chosen'] * 100:g}% "
+                  f"(realised {general['realised_sparsity'] * 100:.1f}%, bound by {general['bound_by']})"
+                  + (f"; its largest drop on the reported items {max(lost):.2f} points" if lost else "")
+                  + (f"; prefill x dense {timed['prefill_speedup']:.2f}" if timed else "") + "."]
     unresolved = [f"{t} ({e['resolution']:.1f} points on {e['selection_items']} items)"
                   for t, e in budget["tasks"].items() if e["resolution"] > e["allowed_drop"] * 100]
     if unresolved:

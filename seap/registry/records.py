@@ -114,7 +114,7 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
     built them; metrics come from the results rows: accuracy on the mask's task(s) with the
     report's metric, retention against dense per task and its minimum, and the speed-ups.
     """
-    from seap.maths.budget import BUDGET_ROW, MASK_META
+    from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROW, MASK_META
     from seap.maths.mask_formats import load_mask
 
     rows = results["rows"]
@@ -125,9 +125,9 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
     records: list[ExpertRecord] = []
     for row in rows:
         method, sparsity = row["method"], row["sparsity"]
-        if method not in (*methods, "seap-routed", BUDGET_ROW) or method == "dense":
+        if method not in (*methods, "seap-routed", BUDGET_ROW, BUDGET_GENERAL_ROW) or method == "dense":
             continue
-        key = BUDGET_ROW if method == BUDGET_ROW else f"{method}@{sparsity:g}"
+        key = method if method in (BUDGET_ROW, BUDGET_GENERAL_ROW) else f"{method}@{sparsity:g}"
         if method == BUDGET_ROW:  # each task's expert at its own size
             group = masks.get(BUDGET_ROW, {})
             units = [(task, "expert", [task], {task: group[task]}) for task in row["tasks"] if task in group]
@@ -153,7 +153,8 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
                 metrics["accuracy"] = sum(values) / len(values)
             metrics.update(retention(row, dense, metric, evaluated))
             metrics.update(drops(row, dense, metric, evaluated))
-            budgeted = load_mask(unit_masks[task]).meta.get(MASK_META) if method == BUDGET_ROW else None
+            sized = method in (BUDGET_ROW, BUDGET_GENERAL_ROW)
+            budgeted = load_mask(next(iter(unit_masks.values()))).meta.get(MASK_META) if sized else None
             if budgeted:  # what it was sized by: the allowed drop and the selection's, in points
                 metrics["budget_drop"] = 100.0 * float(budgeted["allowed_drop"])
                 metrics["selection_drop"] = 100.0 * (float(budgeted["selection_dense"])

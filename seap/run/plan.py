@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seap.errors import SeapError
-from seap.maths.budget import BUDGET_ROW
+from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROW
 from seap.run.config import DataSection, ModelSection, RunConfig, task_name
 from seap.run.job_params import (
     BenchParams,
@@ -419,9 +419,11 @@ def mask_chain(c: RunConfig, corpus: CorpusParams, candidates: dict[str, dict[st
         for m in methods:
             mask_jobs[row_key(m.name, sparsity)] = masks_of(m, sparsity)
     if c.budget.enabled and candidates is not None:  # the search's candidates, refitted in the same walk
-        for sparsity in c.budget.budget_grid:
-            row = row_key(searched.name, sparsity)
-            candidates[row] = dict(mask_jobs[row]) if row in mask_jobs else masks_of(searched, sparsity)
+        general = METHODS[ROUTED_FALLBACK]  # (sized too when the run builds the general mask)
+        for m in [searched, *([general] if general in methods else [])]:
+            for sparsity in c.budget.budget_grid:
+                row = row_key(m.name, sparsity)
+                candidates[row] = dict(mask_jobs[row]) if row in mask_jobs else masks_of(m, sparsity)
     # refits: one walk refits every mask of every sparsity (each layer's second moments, built once
     # per part of the text, serve them all); each refitted mask is then a job of its own
     members = {m: v for at in refitted.values() for m, v in at.items()}
@@ -535,8 +537,10 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     bench = None
     if c.bench.bench:
         flat = {f"{row}:{name}": key for row, group in mask_jobs.items() for name, key in group.items()}
-        if budget:  # each task's expert at the size its budget chose
+        if budget:  # each task's expert (and the general mask) at the size the budget chose
             flat.update({f"{BUDGET_ROW}:{t}": f"budget/{t}" for t in c.data.task_names})
+            if BUDGET_GENERAL_ROW in rows:
+                flat[f"{BUDGET_GENERAL_ROW}:{GENERAL}"] = f"budget/{GENERAL}"
         job = Job("bench", "", {"model": "model", "masks": flat},
                   BenchParams(repeats=c.bench.bench_repeats, llama_cpp=c.bench.bench_llama_cpp))
         add(job)
@@ -546,8 +550,10 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
                            "perplexity": perplexity, **({"budget": budget} if budget else {})}, _report(c)))
     seap_groups = {row: group for row, group in mask_jobs.items()
                    if row.split("@")[0] in (ROUTED_EXPERTS, ROUTED_FALLBACK)}
-    if budget:  # each task's expert at the size its budget chose
+    if budget:  # each task's expert (and the general mask) at the size the budget chose
         seap_groups[BUDGET_ROW] = {t: f"budget/{t}" for t in c.data.task_names}
+        if BUDGET_GENERAL_ROW in rows:
+            seap_groups[BUDGET_GENERAL_ROW] = {GENERAL: f"budget/{GENERAL}"}
     add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
             RegisterParams(score=masks.expert_score if c.resolved_unit != "neurons" else masks.score,
                            # (MoE neurons: the channel score)
@@ -568,25 +574,34 @@ def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
     add = jobs.append
     dense = Job("select", DENSE, {"model": "model", "data": "selection"}, _evaluation(c, DENSE, 0.0))
     add(dense)
-    selected: dict[str, str] = {}
-    for sparsity in c.budget.budget_grid:
-        row = row_key(ROUTED_EXPERTS, sparsity)
-        job = Job("select", row, {"model": "model", "masks": dict(candidates[row]), "data": "selection"},
-                  _evaluation(c, ROUTED_EXPERTS, sparsity, per_task=True))
-        add(job)
-        selected[row] = job.key
+    selected: dict[str, dict[str, str]] = {"rows": {}, "general_rows": {}}
+    for method, kind in ((ROUTED_EXPERTS, "rows"), (ROUTED_FALLBACK, "general_rows")):
+        for sparsity in c.budget.budget_grid:
+            row = row_key(method, sparsity)
+            if row not in candidates:
+                continue
+            job = Job("select", row, {"model": "model", "masks": dict(candidates[row]), "data": "selection"},
+                      _evaluation(c, method, sparsity, per_task=method == ROUTED_EXPERTS))
+            add(job)
+            selected[kind][row] = job.key
     tasks = c.data.task_names
-    choice = Job("budget", "choice", {"dense": dense.key, "rows": selected,
+    choice = Job("budget", "choice", {"dense": dense.key, **{k: v for k, v in selected.items() if v},
                                       "candidates": {row: dict(group) for row, group in candidates.items()}},
                  BudgetParams(tasks=tasks, metric=c.evaluate.metric, max_drop=c.budget.max_drop,
                               max_drop_rel=c.budget.max_drop_rel))
     add(choice)
-    for task in tasks:
-        add(Job("budget", task, {"choice": choice.key}, BudgetParams(member=task)))
+    members = [*tasks, *([GENERAL] if selected["general_rows"] else [])]
+    for member in members:
+        add(Job("budget", member, {"choice": choice.key}, BudgetParams(member=member)))
     job = Job("evaluate", BUDGET_ROW, {"model": "model", "masks": {t: f"budget/{t}" for t in tasks}},
               _evaluation(c, BUDGET_ROW, 0.0, per_task=True), row=BUDGET_ROW)
     add(job)
     rows[BUDGET_ROW] = job.key
+    if selected["general_rows"]:  # the general mask under the same budget, on the reported items
+        job = Job("evaluate", BUDGET_GENERAL_ROW, {"model": "model", "masks": {GENERAL: f"budget/{GENERAL}"}},
+                  _evaluation(c, BUDGET_GENERAL_ROW, 0.0), row=BUDGET_GENERAL_ROW)
+        add(job)
+        rows[BUDGET_GENERAL_ROW] = job.key
     return choice.key
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from seap.errors import SeapError
 from seap.io import atomic_write_json, read_json
-from seap.run.plan import BUDGET_ROW, GENERAL, POOLED, Job
+from seap.run.plan import BUDGET_GENERAL_ROW, BUDGET_ROW, GENERAL, POOLED, Job
 
 MODEL_RECORD = "model.json"
 CORPUS_FILE = "corpus.jsonl"
@@ -437,7 +437,7 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     loaded = ctx.base(inputs["model"])
     row, items = evaluate_masks(loaded, catalogue, specs, p.method, p.sparsity, loaded_masks, p.limit,
                                 p.num_fewshot, p.batch_size, p.metric)
-    if p.method == BUDGET_ROW:  # (each task's own sparsity: the row's is their mean)
+    if p.method in (BUDGET_ROW, BUDGET_GENERAL_ROW):  # (sizes the budget chose: the row's is their mean)
         row["sparsity"] = row["realised_sparsity"]
         row["task_sparsity"] = {t: m.realised_sparsity() for t, m in loaded_masks.items()}
     row["model_fingerprint"] = loaded.fingerprint
@@ -450,8 +450,9 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """Each task's sparsity under the accuracy budget, from the selection rows
     (:mod:`seap.maths.budget`: the largest candidate that keeps within it, with every smaller
     one), each task's chosen expert (``out/<task>/``; a task no candidate keeps within budget
-    gets a mask that keeps everything) and the plot of the curves; or (``member``) one task's
-    chosen expert, copied from that choice."""
+    gets a mask that keeps everything), with ``general_rows`` the general mask under the same
+    budget (``out/general/``: the largest sparsity that keeps every task within it), and the
+    plot of the curves; or (``member``) one chosen mask, copied from that choice."""
     from seap.io import copy_artifact
 
     p = job.params
@@ -460,48 +461,79 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         return
     from seap.evaluation.budget_plot import budget_plot
     from seap.evaluation.metrics import chance, metric_for
-    from seap.maths.budget import DECIMALS, MASK_META, allowed_drop, chosen_sparsity, selection_resolution
+    from seap.maths.budget import (
+        DECIMALS,
+        MASK_META,
+        allowed_drop,
+        chosen_sparsity,
+        general_sparsity,
+        selection_resolution,
+    )
     from seap.maths.mask_formats import load_mask
 
     def accuracy(row: Mapping[str, Any], task: str) -> float:
         return float(row["tasks"][task][metric_for(task, p.metric)])
 
+    def chosen_mask(rows: Mapping[str, Any], chosen: float, name: str, sized_by: dict[str, Any]) -> Any:
+        """The candidate ``name`` of the row at ``chosen`` (none: a mask keeping everything), with
+        what sized it in its metadata (what the registry and the promotion gates read back)."""
+        row = next((k for k, r in rows.items() if round(float(r["sparsity"]), DECIMALS) == chosen), None)
+        mask = load_mask(inputs["candidates"][row][name]) if row is not None else \
+            load_mask(inputs["candidates"][next(iter(rows))][name]).keep_all()
+        mask.meta[MASK_META] = {"max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "metric": p.metric,
+                                "chosen_sparsity": chosen, **sized_by}
+        mask.save(out / name)
+        return mask
+
     dense_row = read_json(Path(inputs["dense"]) / ROW_FILE, "selection row")
     dense_items = read_json(Path(inputs["dense"]) / ITEMS_FILE, "selection items")
-    rows = {key: read_json(Path(path) / ROW_FILE, "selection row") for key, path in inputs["rows"].items()}
+
+    def selection_rows(kind: str) -> dict[str, Any]:
+        return {key: read_json(Path(path) / ROW_FILE, "selection row") for key, path in (inputs.get(kind) or {}).items()}
+
+    rows, general_rows = selection_rows("rows"), selection_rows("general_rows")
     out.mkdir(parents=True)
     record: dict[str, Any] = {"max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "metric": p.metric, "tasks": {}}
+    dense, allowed = {}, {}
     for task in p.tasks:
-        dense = accuracy(dense_row, task)
+        dense[task] = accuracy(dense_row, task)
         items = dense_items.get(task) or []
         at_chance = chance(items)
-        allowed = allowed_drop(dense, p.max_drop, p.max_drop_rel, at_chance)
+        allowed[task] = allowed_drop(dense[task], p.max_drop, p.max_drop_rel, at_chance)
         curve = {float(row["sparsity"]): accuracy(row, task) for row in rows.values()}
-        chosen = chosen_sparsity(curve, dense, allowed)
-        resolution = selection_resolution(dense, len(items))
-        entry = {"dense": dense, "allowed_drop": allowed, "chance": at_chance, "selection_items": len(items),
-                 "curve": {f"{s:g}": a for s, a in sorted(curve.items())}, "chosen": chosen,
-                 "resolution": resolution}
+        chosen = chosen_sparsity(curve, dense[task], allowed[task])
+        resolution = selection_resolution(dense[task], len(items))
+        entry = {"dense": dense[task], "allowed_drop": allowed[task], "chance": at_chance,
+                 "selection_items": len(items), "curve": {f"{s:g}": a for s, a in sorted(curve.items())},
+                 "chosen": chosen, "resolution": resolution}
         if chosen == 0.0:
             ctx.say(f"{task}: no sparsity of the grid keeps within the budget; its expert stays dense")
             entry["dense_expert"] = True
-        if resolution > allowed * 100:
+        if resolution > allowed[task] * 100:
             ctx.say(f"warning: {task}: {len(items)} selection items resolve {resolution:.1f} accuracy points "
-                    f"(standard error), more than the budget of {allowed * 100:.1f}; more items "
+                    f"(standard error), more than the budget of {allowed[task] * 100:.1f}; more items "
                     "(selection_items) or a larger budget make the choice reliable")
-        row = next((k for k, r in rows.items() if round(float(r["sparsity"]), DECIMALS) == chosen), None)
-        mask = load_mask(inputs["candidates"][row][task]) if row is not None else \
-            load_mask(next(iter(inputs["candidates"].values()))[task]).keep_all()
-        mask.meta[MASK_META] = {  # (what the registry and promotion gates read back)
-            "max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "allowed_drop": allowed, "metric": p.metric,
-            "chosen_sparsity": chosen, "selection_items": len(items), "selection_dense": dense,
-            "selection_accuracy": curve.get(next((s for s in curve if round(s, DECIMALS) == chosen), -1.0), dense)}
-        mask.save(out / task)
+        at = entry["curve"].get(f"{chosen:g}", dense[task])
+        mask = chosen_mask(rows, chosen, task, {"allowed_drop": allowed[task], "selection_items": len(items),
+                                                "selection_dense": dense[task], "selection_accuracy": at})
         entry["realised_sparsity"] = mask.realised_sparsity()
         record["tasks"][task] = entry
+    if general_rows:
+        curves = {t: {float(r["sparsity"]): accuracy(r, t) for r in general_rows.values()} for t in p.tasks}
+        chosen = general_sparsity(curves, dense, allowed)
+        at = {t: next((a for s, a in curves[t].items() if round(s, DECIMALS) == chosen), dense[t]) for t in p.tasks}
+        worst = max(p.tasks, key=lambda t: (dense[t] - at[t]) - allowed[t])  # (the task closest to its budget)
+        mask = chosen_mask(general_rows, chosen, GENERAL,
+                           {"allowed_drop": allowed[worst], "selection_items": len(dense_items.get(worst) or []),
+                            "selection_dense": dense[worst], "selection_accuracy": at[worst], "bound_by": worst})
+        record["general"] = {"chosen": chosen, "realised_sparsity": mask.realised_sparsity(), "bound_by": worst,
+                             "curves": {t: {f"{s:g}": a for s, a in sorted(c.items())} for t, c in curves.items()}}
+        if chosen == 0.0:
+            ctx.say("general: no sparsity of the grid keeps every task within the budget; it stays dense")
     atomic_write_json(out / BUDGET_FILE, record)
     budget_plot(record, out / BUDGET_PLOT)
-    ctx.say("budget: " + ", ".join(f"{t} {e['chosen'] * 100:g}%" for t, e in record["tasks"].items()))
+    ctx.say("budget: " + ", ".join(f"{t} {e['chosen'] * 100:g}%" for t, e in record["tasks"].items())
+            + (f"; general {record['general']['chosen'] * 100:g}%" if general_rows else ""))
 
 
 def router(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:

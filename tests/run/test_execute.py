@@ -415,10 +415,11 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     ``seap-budget`` row of the chosen experts on the reported items. Another budget re-runs only
     the choice and what follows it."""
     from seap.data.corpus import knowledge_sentence, read_corpus, read_records
-    from seap.maths.budget import allowed_drop, chosen_sparsity
+    from seap.maths.budget import allowed_drop, chosen_sparsity, general_sparsity
     from seap.maths.masks import PruningMask
 
-    config = tiny_config(tmp_path, methods=["seap-expert"], sparsities=[0.3], max_drop=5.0, budget_grid=[0.15, 0.3, 0.6],
+    config = tiny_config(tmp_path, methods=["seap-expert", "seap-general"], sparsities=[0.3], max_drop=5.0,
+                         budget_grid=[0.15, 0.3, 0.6],
                          selection_items=6, bench=False, limit=None, samples=None)
     plan = make_plan(config)
     done = execute(plan)
@@ -446,6 +447,15 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
         else:
             assert chosen.realised_sparsity() == 0
     assert (done.path("budget/choice") / "budget.png").stat().st_size > 1000
+    # the general mask under the same budget: the largest sparsity that keeps every task within it
+    general_curves = {t: {s: json.loads((done.path(f"select/seap-general@{s:g}") / "row.json").read_text())
+                          ["tasks"][t]["acc"] for s in (0.15, 0.3, 0.6)} for t in ("geo", "life")}
+    dense_acc = {t: dense["tasks"][t]["acc"] for t in ("geo", "life")}
+    assert record["general"]["chosen"] == general_sparsity(general_curves, dense_acc, {t: 0.05 for t in dense_acc})
+    general = PruningMask.load(done.path("budget/general"))
+    assert general.meta["accuracy_budget"]["chosen_sparsity"] == record["general"]["chosen"]
+    general_row = json.loads((done.path("evaluate/seap-budget-general") / "row.json").read_text())
+    assert general_row["realised_sparsity"] == pytest.approx(general.realised_sparsity())
     row = json.loads((done.path("evaluate/seap-budget") / "row.json").read_text())
     assert row["method"] == "seap-budget" and set(row["task_sparsity"]) == {"geo", "life"}
     results = json.loads((done.path("report") / "results.json").read_text())
@@ -455,6 +465,7 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     assert (tmp_path / "out" / "budget.png").is_file()
     registered = json.loads((done.path("register") / "registered.json").read_text())["registered"]
     sized = {r["tags"]["task"]: r["tags"] for r in registered if r["tags"]["method"] == "seap-budget"}
+    assert [r["tags"]["kind"] for r in registered if r["tags"]["method"] == "seap-budget-general"] == ["general"]
     assert set(sized) == {"geo", "life"}
     for task, tags in sized.items():
         assert float(tags["sparsity"]) == record["tasks"][task]["chosen"] and float(tags["budget_drop"]) == 5.0
@@ -466,4 +477,5 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     again = execute(make_plan(config.replace(max_drop=0.0)))
     rerun = {k for k in again.outputs if k not in again.cached}
     assert "budget/choice" in rerun  # (the chosen experts re-run only where the choice changed them)
-    assert rerun <= {"model", "budget/choice", "budget/geo", "budget/life", "evaluate/seap-budget", "report", "register"}
+    assert rerun <= {"model", "budget/choice", "budget/geo", "budget/life", "budget/general", "evaluate/seap-budget",
+                     "evaluate/seap-budget-general", "report", "register"}
