@@ -33,6 +33,7 @@ DEFAULT_MAX_SPARSITY = 0.8
 DECIMALS = 4
 BUDGET_ROW = "seap-budget"  # the row (and registered method) of the experts a budget sizes
 BUDGET_GENERAL_ROW = "seap-budget-general"  # ... and of the general mask it sizes
+BUDGET_ROUTED_ROW = "seap-budget-routed"  # the router in front of those experts, that general mask its fallback
 MASK_META = "accuracy_budget"  # (the metadata key of an expert sized by a budget) what it was sized by
 
 
@@ -134,5 +135,5 @@ def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | No
     return reached[0] if reached else None
 
 
-__all__ = ["BUDGET_GENERAL_ROW", "BUDGET_ROW", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
+__all__ = ["BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
            "next_probe", "passes", "selection_resolution", "speed_sparsity"]

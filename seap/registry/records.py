@@ -114,7 +114,7 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
     built them; metrics come from the results rows: accuracy on the mask's task(s) with the
     report's metric, retention against dense per task and its minimum, and the speed-ups.
     """
-    from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROW, MASK_META
+    from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, MASK_META
     from seap.maths.mask_formats import load_mask
 
     rows = results["rows"]
@@ -125,16 +125,18 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
     records: list[ExpertRecord] = []
     for row in rows:
         method, sparsity = row["method"], row["sparsity"]
-        if method not in (*methods, "seap-routed", BUDGET_ROW, BUDGET_GENERAL_ROW) or method == "dense":
+        sized_rows = (BUDGET_ROW, BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW)
+        if method not in (*methods, "seap-routed", *sized_rows) or method == "dense":
             continue
-        key = method if method in (BUDGET_ROW, BUDGET_GENERAL_ROW) else f"{method}@{sparsity:g}"
+        key = method if method in sized_rows else f"{method}@{sparsity:g}"
         if method == BUDGET_ROW:  # each task's expert at its own size
             group = masks.get(BUDGET_ROW, {})
             units = [(task, "expert", [task], {task: group[task]}) for task in row["tasks"] if task in group]
-        elif method == "seap-routed":
+        elif method in ("seap-routed", BUDGET_ROUTED_ROW):
             if not router:
                 continue
-            group = {**masks.get(f"seap-expert@{sparsity:g}", {}), **masks.get(f"seap-general@{sparsity:g}", {})}
+            group = {**masks.get(BUDGET_ROW, {}), **masks.get(BUDGET_GENERAL_ROW, {})} if method == BUDGET_ROUTED_ROW \
+                else {**masks.get(f"seap-expert@{sparsity:g}", {}), **masks.get(f"seap-general@{sparsity:g}", {})}
             units = [("routed", "routed", list(row["tasks"]), group)]
         elif method == "seap-expert":
             group = masks.get(key, {})
@@ -153,13 +155,15 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
                 metrics["accuracy"] = sum(values) / len(values)
             metrics.update(retention(row, dense, metric, evaluated))
             metrics.update(drops(row, dense, metric, evaluated))
-            sized = method in (BUDGET_ROW, BUDGET_GENERAL_ROW)
-            budgeted = load_mask(next(iter(unit_masks.values()))).meta.get(MASK_META) if sized else None
-            if budgeted:  # what it was sized by: the allowed drop and the selection's, in points
-                metrics["budget_drop"] = 100.0 * float(budgeted["allowed_drop"])
-                metrics["selection_drop"] = 100.0 * (float(budgeted["selection_dense"])
-                                                     - float(budgeted["selection_accuracy"]))
-                sparsity = float(budgeted["chosen_sparsity"])
+            sized_by = {name: load_mask(path).meta.get(MASK_META) for name, path in unit_masks.items()} \
+                if method in sized_rows else {}
+            budgeted = [b for b in sized_by.values() if b]
+            if budgeted:  # what it was sized by: the allowed drop (the largest of a bundle's masks), in points
+                metrics["budget_drop"] = 100.0 * max(float(b["allowed_drop"]) for b in budgeted)
+                if len(budgeted) == 1:  # one mask: its selection drop and its chosen sparsity
+                    metrics["selection_drop"] = 100.0 * (float(budgeted[0]["selection_dense"])
+                                                         - float(budgeted[0]["selection_accuracy"]))
+                    sparsity = float(budgeted[0]["chosen_sparsity"])
             bench = speed_of(results, key, task if kind == "expert" else "general") or \
                 speed_of(results, f"seap-general@{sparsity:g}", "general")
             if bench:
@@ -168,7 +172,7 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
             realised = row["realised_sparsity"] if kind != "expert" else _realised(unit_masks[task])
             extra = {"routing": row.get("routing")} if kind == "routed" else {}
             if budgeted:
-                extra["accuracy_budget"] = dict(budgeted)
+                extra["accuracy_budget"] = dict(budgeted[0]) if len(budgeted) == 1 else dict(sized_by)
             records.append(ExpertRecord(
                 name=registered_name(model, task, kind), kind=kind, task=task, method=method, sparsity=sparsity,
                 realised_sparsity=realised, score=score, schedule=schedule, base_model=model,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seap.errors import SeapError
-from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROW
+from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW
 from seap.run.config import DataSection, ModelSection, RunConfig, task_name
 from seap.run.job_params import (
     BenchParams,
@@ -149,7 +149,8 @@ STAGES: dict[str, Stage] = {
         Stage("evaluate-routed", "the routed row: the router's expert per input (reusing the expert row where "
               "the router picks the task's own expert)",
               (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed"),
-              (*_EVAL_OPTIONS, "router_threshold", "router_kind"), ("model", "masks", "refits", "router", "evaluate")),
+              (*_EVAL_OPTIONS, "router_threshold", "router_kind"),
+              ("model", "masks", "refits", "router", "evaluate", "budget")),
         Stage("perplexity", "WikiText-2 perplexity of dense and each general mask",
               (*_BASE, "seap.evaluation.harness", *_APPLY),
               ("perplexity", "perplexity_windows", "data_dir"), ("model", "masks", "refits")),
@@ -523,6 +524,15 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
                       row=row)
             add(job)
             rows[row] = job.key
+        if budget and BUDGET_GENERAL_ROW in rows:  # the router in front of the experts the budget sized
+            job = Job("evaluate-routed", BUDGET_ROUTED_ROW,
+                      {"model": "model", "router": "router", "experts": {t: f"budget/{t}" for t in c.data.task_names},
+                       "general": f"budget/{GENERAL}", "expert_row": rows[BUDGET_ROW]},
+                      _evaluation(c, BUDGET_ROUTED_ROW, 0.0, threshold=router.router_threshold,
+                                  router_kind=router.router_kind if router.router_kind != "features" else None),
+                      row=BUDGET_ROUTED_ROW)
+            add(job)
+            rows[BUDGET_ROUTED_ROW] = job.key
 
     perplexity: list[str] = []
     if c.evaluate.perplexity:

@@ -18,7 +18,7 @@ from typing import Any
 
 from seap.errors import SeapError
 from seap.io import atomic_write_json, read_json
-from seap.run.plan import BUDGET_GENERAL_ROW, BUDGET_ROW, GENERAL, POOLED, Job
+from seap.run.plan import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, GENERAL, POOLED, Job
 
 MODEL_RECORD = "model.json"
 CORPUS_FILE = "corpus.jsonl"
@@ -575,6 +575,9 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
     loaded = ctx.base(inputs["model"])
     row, items = routed_row(loaded, catalogue, specs, p.sparsity, experts, general, trained, p.limit,
                             p.num_fewshot, p.batch_size, p.metric, p.threshold, expert_items)
+    row["method"] = p.method
+    if p.method == BUDGET_ROUTED_ROW:  # (experts of the sizes the budget chose: the row's is their mean)
+        row["sparsity"] = row["realised_sparsity"]
     row["model_fingerprint"] = loaded.fingerprint
     row["masks"] = {name: m.digest() for name, m in experts.items()}
     if general is not None:

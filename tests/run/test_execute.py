@@ -418,7 +418,7 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     from seap.maths.budget import allowed_drop, chosen_sparsity, general_sparsity
     from seap.maths.masks import PruningMask
 
-    config = tiny_config(tmp_path, methods=["seap-expert", "seap-general"], sparsities=[0.3], max_drop=5.0,
+    config = tiny_config(tmp_path, methods=["seap-expert", "seap-general", "seap-routed"], sparsities=[0.3], max_drop=5.0,
                          budget_grid=[0.15, 0.3, 0.6],
                          selection_items=6, bench=False, limit=None, samples=None)
     plan = make_plan(config)
@@ -456,6 +456,10 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     assert general.meta["accuracy_budget"]["chosen_sparsity"] == record["general"]["chosen"]
     general_row = json.loads((done.path("evaluate/seap-budget-general") / "row.json").read_text())
     assert general_row["realised_sparsity"] == pytest.approx(general.realised_sparsity())
+    routed = json.loads((done.path("evaluate-routed/seap-budget-routed") / "row.json").read_text())
+    assert routed["method"] == "seap-budget-routed"  # the router serves the experts at their own sizes
+    assert routed["masks"] == {**{t: PruningMask.load(done.path(f"budget/{t}")).digest() for t in ("geo", "life")},
+                               "general": general.digest()}
     row = json.loads((done.path("evaluate/seap-budget") / "row.json").read_text())
     assert row["method"] == "seap-budget" and set(row["task_sparsity"]) == {"geo", "life"}
     results = json.loads((done.path("report") / "results.json").read_text())
@@ -466,6 +470,8 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     registered = json.loads((done.path("register") / "registered.json").read_text())["registered"]
     sized = {r["tags"]["task"]: r["tags"] for r in registered if r["tags"]["method"] == "seap-budget"}
     assert [r["tags"]["kind"] for r in registered if r["tags"]["method"] == "seap-budget-general"] == ["general"]
+    bundle = next(r["tags"] for r in registered if r["tags"]["method"] == "seap-budget-routed")
+    assert bundle["kind"] == "routed" and float(bundle["budget_drop"]) == 5.0
     assert set(sized) == {"geo", "life"}
     for task, tags in sized.items():
         assert float(tags["sparsity"]) == record["tasks"][task]["chosen"] and float(tags["budget_drop"]) == 5.0
@@ -478,4 +484,4 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     rerun = {k for k in again.outputs if k not in again.cached}
     assert "budget/choice" in rerun  # (the chosen experts re-run only where the choice changed them)
     assert rerun <= {"model", "budget/choice", "budget/geo", "budget/life", "budget/general", "evaluate/seap-budget",
-                     "evaluate/seap-budget-general", "report", "register"}
+                     "evaluate/seap-budget-general", "evaluate-routed/seap-budget-routed", "report", "register"}
