@@ -121,6 +121,14 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
                   f"(realised {general['realised_sparsity'] * 100:.1f}%, bound by {general['bound_by']})"
                   + (f"; its largest drop on the reported items {max(lost):.2f} points" if lost else "")
                   + (f"; prefill x dense {timed['prefill_speedup']:.2f}" if timed else "") + "."]
+    versus = budget.get("versus_uniform")
+    if versus:
+        parts += ["", f"Against one sparsity for every expert at nearly the same mean (`seap-budget-uniform`: "
+                  f"{versus['sparsity'][1] * 100:g}% against the budget's mean "
+                  f"{versus['realised_sparsity'][0] * 100:.1f}% realised, {versus['realised_sparsity'][1] * 100:.1f}%), "
+                  f"on the same {versus['items']} reported items: budget minus uniform "
+                  f"**{versus['difference']:+.2f}** points (95% interval {versus['low']:+.2f} to {versus['high']:+.2f}; "
+                  f"McNemar p = {versus['p_mcnemar']:.3g})."]
     unresolved = [f"{t} ({e['resolution']:.1f} points on {e['selection_items']} items)"
                   for t, e in budget["tasks"].items() if e["resolution"] > e["allowed_drop"] * 100]
     if unresolved:

@@ -17,6 +17,7 @@ that budget of the dense model's on the same items.
 * :func:`general_sparsity` is the largest sparsity that keeps *every* task within its budget.
 * :func:`selection_resolution` is the standard error of an accuracy measured on ``n`` items,
   in points, for the warning given when a budget is finer than the items can resolve.
+* :func:`nearest_uniform` is the grid sparsity a budget's per-task sizes are compared with.
 * :func:`speed_sparsity` is the smallest measured sparsity that reaches a speed-up target.
 
 Sparsities are rounded to :data:`DECIMALS` places everywhere, so the same point reached by two
@@ -26,13 +27,14 @@ searches is the same candidate (and the same cached job).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 DEFAULT_STEP = 0.025
 DEFAULT_MAX_SPARSITY = 0.8
 DECIMALS = 4
 BUDGET_ROW = "seap-budget"  # the row (and registered method) of the experts a budget sizes
 BUDGET_GENERAL_ROW = "seap-budget-general"  # ... and of the general mask it sizes
+BUDGET_UNIFORM_ROW = "seap-budget-uniform"  # one grid sparsity for every expert, the nearest the budget's mean
 BUDGET_ROUTED_ROW = "seap-budget-routed"  # the router in front of those experts, that general mask its fallback
 MASK_META = "accuracy_budget"  # (the metadata key of an expert sized by a budget) what it was sized by
 
@@ -119,6 +121,14 @@ def general_sparsity(curves: Mapping[str, Mapping[float, float]], dense: Mapping
     return best
 
 
+def nearest_uniform(chosen: Mapping[str, float], grid: Sequence[float]) -> float:
+    """The grid sparsity nearest the mean of the ``chosen`` per-task sparsities (the larger of
+    two equally near): the one sparsity for every expert that a budget's sizes are compared
+    with at (nearly) equal mean sparsity."""
+    mean = sum(chosen.values()) / len(chosen)
+    return max(sorted(_key(s) for s in grid), key=lambda s: (-round(abs(s - mean), DECIMALS + 2), s))
+
+
 def selection_resolution(accuracy: float, items: int) -> float:
     """The standard error, in accuracy points, of an accuracy near ``accuracy`` measured on
     ``items`` items (binomial): a budget below it cannot be told from noise."""
@@ -135,5 +145,5 @@ def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | No
     return reached[0] if reached else None
 
 
-__all__ = ["BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
+__all__ = ["BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
            "next_probe", "passes", "selection_resolution", "speed_sparsity"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seap.errors import SeapError
-from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW
+from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, BUDGET_UNIFORM_ROW
 from seap.run.config import DataSection, ModelSection, RunConfig, task_name
 from seap.run.job_params import (
     BenchParams,
@@ -129,12 +129,13 @@ STAGES: dict[str, Stage] = {
               ("sparsities", "methods", "reconstruct", "refit_alpha", "refit_prior", "refit_bias", "refit_sequential",
                "refit_corpus", "refit_generic", "stats_batch_size"),
               ("masks", "model", "corpus")),
-        Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
+        Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL, "seap.maths.budget"),
               _EVAL_OPTIONS, ("model",)),
-        Stage("evaluate", "one row per method and sparsity (experts: each task with its own)", (*_BASE, *_EVAL),
+        Stage("evaluate", "one row per method and sparsity (experts: each task with its own)",
+              (*_BASE, *_EVAL, "seap.maths.budget"),
               _EVAL_OPTIONS, ("model", "masks", "refits", "budget")),
         Stage("select", "with an accuracy budget: the dense model and each candidate expert of the search on the "
-              "held-out selection items", (*_BASE, *_EVAL), (*_EVAL_OPTIONS, "budget_grid"),
+              "held-out selection items", (*_BASE, *_EVAL, "seap.maths.budget"), (*_EVAL_OPTIONS, "budget_grid"),
               ("model", "masks", "refits", "selection")),
         Stage("budget", "each task's sparsity under the accuracy budget (the largest candidate whose selection "
               "accuracy keeps within it) and its expert",
@@ -160,7 +161,7 @@ STAGES: dict[str, Stage] = {
               ("bench", "bench_repeats", "bench_llama_cpp"), ("model", "masks", "refits", "budget")),
         Stage("report", "Table 1, results.json, metrics, CSV and plot",
               ("seap.run.stages", "seap.evaluation.report", "seap.evaluation.metrics", "seap.evaluation.harness",
-               "seap.evaluation.router", "seap.evaluation.rows", "seap.data.catalogue"),
+               "seap.evaluation.router", "seap.evaluation.rows", "seap.data.catalogue", "seap.evaluation.significance"),
               ("metric", "tasks", "data_dir", "limit", "num_fewshot"),
               ("evaluate-dense", "evaluate", "evaluate-routed", "router", "bench", "perplexity", "budget")),
         Stage("register", "every SEAP expert, general mask and routed bundle in the local registry and MLflow",
@@ -607,6 +608,12 @@ def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
               _evaluation(c, BUDGET_ROW, 0.0, per_task=True), row=BUDGET_ROW)
     add(job)
     rows[BUDGET_ROW] = job.key
+    uniform = Job("evaluate", BUDGET_UNIFORM_ROW,  # the comparison at (nearly) equal mean sparsity
+                  {"model": "model", "choice": choice.key,
+                   "candidates": {row: dict(candidates[row]) for row in selected["rows"]}},
+                  _evaluation(c, BUDGET_UNIFORM_ROW, 0.0, per_task=True), row=BUDGET_UNIFORM_ROW)
+    add(uniform)
+    rows[BUDGET_UNIFORM_ROW] = uniform.key
     if selected["general_rows"]:  # the general mask under the same budget, on the reported items
         job = Job("evaluate", BUDGET_GENERAL_ROW, {"model": "model", "masks": {GENERAL: f"budget/{GENERAL}"}},
                   _evaluation(c, BUDGET_GENERAL_ROW, 0.0), row=BUDGET_GENERAL_ROW)

@@ -18,7 +18,7 @@ from typing import Any
 
 from seap.errors import SeapError
 from seap.io import atomic_write_json, read_json
-from seap.run.plan import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, GENERAL, POOLED, Job
+from seap.run.plan import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, BUDGET_UNIFORM_ROW, GENERAL, POOLED, Job
 
 MODEL_RECORD = "model.json"
 CORPUS_FILE = "corpus.jsonl"
@@ -434,9 +434,19 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     catalogue = ctx.catalogue(data_dir)
     specs = catalogue.resolve(tasks)
     loaded_masks = _load_masks(inputs.get("masks") or {})
+    sparsity, matched = p.sparsity, None
+    if inputs.get("choice"):  # every expert at the one grid sparsity nearest the budget's mean
+        from seap.maths.budget import nearest_uniform
+
+        chosen = {t: e["chosen"] for t, e in read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget")["tasks"].items()}
+        grid = {float(row.rsplit("@", 1)[1]): row for row in inputs["candidates"]}
+        sparsity, matched = nearest_uniform(chosen, list(grid)), sum(chosen.values()) / len(chosen)
+        loaded_masks = _load_masks(inputs["candidates"][grid[sparsity]])
     loaded = ctx.base(inputs["model"])
-    row, items = evaluate_masks(loaded, catalogue, specs, p.method, p.sparsity, loaded_masks, p.limit,
+    row, items = evaluate_masks(loaded, catalogue, specs, p.method, sparsity, loaded_masks, p.limit,
                                 p.num_fewshot, p.batch_size, p.metric)
+    if matched is not None:
+        row["budget_mean_sparsity"] = matched
     if p.method in (BUDGET_ROW, BUDGET_GENERAL_ROW):  # (sizes the budget chose: the row's is their mean)
         row["sparsity"] = row["realised_sparsity"]
         row["task_sparsity"] = {t: m.realised_sparsity() for t, m in loaded_masks.items()}
@@ -684,12 +694,31 @@ def report(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         results["perplexity"] = {entry.pop("row"): entry for entry in ppl}
     if inputs.get("budget"):
         results["budget"] = read_json(Path(inputs["budget"]) / BUDGET_FILE, "accuracy budget")
+        if BUDGET_ROW in inputs["rows"] and BUDGET_UNIFORM_ROW in inputs["rows"]:
+            results["budget"]["versus_uniform"] = _paired(inputs["rows"][BUDGET_ROW],
+                                                          inputs["rows"][BUDGET_UNIFORM_ROW], p.metric)
     out.mkdir(parents=True)
     save_results(results, out)
     if inputs.get("budget"):
         import shutil
 
         shutil.copy2(Path(inputs["budget"]) / BUDGET_PLOT, out / BUDGET_PLOT)  # (out is this job's own, new folder)
+
+
+def _paired(a: str | Path, b: str | Path, metric: str) -> dict[str, Any]:
+    """Row ``a`` minus row ``b`` on the same reported items (:func:`~seap.evaluation.significance.paired_difference`:
+    the mean difference over tasks in points, its 95% paired-bootstrap interval, McNemar's p), with
+    both rows' realised sparsities."""
+    from seap.evaluation.metrics import metric_for
+    from seap.evaluation.significance import correctness, paired_difference
+
+    rows = [read_json(Path(x) / ROW_FILE, "result row") for x in (a, b)]
+    right = [correctness(items, {t: metric_for(t, metric) for t in items})
+             for items in (read_json(Path(x) / ITEMS_FILE, "result items") for x in (a, b))]
+    diff = paired_difference(right[0], right[1])
+    return {"rows": [r["method"] for r in rows], "realised_sparsity": [r["realised_sparsity"] for r in rows],
+            "sparsity": [r["sparsity"] for r in rows],
+            **{k: v * 100 if k in ("difference", "low", "high") else v for k, v in diff.items()}}
 
 
 def register(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:

@@ -84,3 +84,12 @@ def test_the_resolution_and_the_speed_target() -> None:
     assert selection_resolution(0.8, 0) == math.inf
     assert speed_sparsity({0.2: 1.1, 0.3: 1.25, 0.5: 1.6}, 1.2) == 0.3
     assert speed_sparsity({0.2: 1.1}, 1.2) is None
+
+
+def test_the_uniform_comparison_takes_the_grid_sparsity_nearest_the_budgets_mean() -> None:
+    from seap.maths.budget import nearest_uniform
+
+    grid = [round(k * 0.05, 4) for k in range(1, 16)]
+    assert nearest_uniform({"a": 0.25, "b": 0.35, "c": 0.05, "d": 0.7, "e": 0.15}, grid) == 0.3
+    assert nearest_uniform({"a": 0.1, "b": 0.25}, [0.1, 0.15, 0.2]) == 0.2  # (0.175: the larger of two equally near)
+    assert nearest_uniform({"a": 0.0, "b": 0.0}, grid) == 0.05

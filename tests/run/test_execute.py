@@ -456,6 +456,12 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     assert general.meta["accuracy_budget"]["chosen_sparsity"] == record["general"]["chosen"]
     general_row = json.loads((done.path("evaluate/seap-budget-general") / "row.json").read_text())
     assert general_row["realised_sparsity"] == pytest.approx(general.realised_sparsity())
+    uniform = json.loads((done.path("evaluate/seap-budget-uniform") / "row.json").read_text())
+    mean = sum(e["chosen"] for e in record["tasks"].values()) / 2
+    assert uniform["budget_mean_sparsity"] == pytest.approx(mean)
+    assert uniform["sparsity"] == min((0.15, 0.3, 0.6), key=lambda s: (abs(s - mean), -s))
+    assert uniform["masks"] == {t: PruningMask.load(done.path(f"refits/seap-expert@{uniform['sparsity']:g}/{t}")).digest()
+                                for t in ("geo", "life")}
     routed = json.loads((done.path("evaluate-routed/seap-budget-routed") / "row.json").read_text())
     assert routed["method"] == "seap-budget-routed"  # the router serves the experts at their own sizes
     assert routed["masks"] == {**{t: PruningMask.load(done.path(f"budget/{t}")).digest() for t in ("geo", "life")},
@@ -466,6 +472,9 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     assert "seap-budget" in {r["method"] for r in results["rows"]}
     report = (tmp_path / "out" / "results.md").read_text()
     assert "## Accuracy budget" in report and "| seap-budget |" in report
+    versus = results["budget"]["versus_uniform"]  # the paired comparison on the same reported items
+    assert versus["rows"] == ["seap-budget", "seap-budget-uniform"] and versus["items"] > 0
+    assert versus["low"] <= versus["difference"] <= versus["high"] and "budget minus uniform" in report
     assert (tmp_path / "out" / "budget.png").is_file()
     registered = json.loads((done.path("register") / "registered.json").read_text())["registered"]
     sized = {r["tags"]["task"]: r["tags"] for r in registered if r["tags"]["method"] == "seap-budget"}
@@ -484,4 +493,5 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     rerun = {k for k in again.outputs if k not in again.cached}
     assert "budget/choice" in rerun  # (the chosen experts re-run only where the choice changed them)
     assert rerun <= {"model", "budget/choice", "budget/geo", "budget/life", "budget/general", "evaluate/seap-budget",
-                     "evaluate/seap-budget-general", "evaluate-routed/seap-budget-routed", "report", "register"}
+                     "evaluate/seap-budget-general", "evaluate/seap-budget-uniform", "evaluate-routed/seap-budget-routed",
+                     "report", "register"}
