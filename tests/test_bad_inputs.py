@@ -307,6 +307,12 @@ CASES = [
                                               "--workdir", W(e, "w")], "listed twice", absent=("w",)),
     Case("eval-budget-no-selection-items", lambda e: ["eval", "--max-drop", "2", "--selection-items", "0",
                                                       "--workdir", W(e, "w")], "at least 1", absent=("w",)),
+    Case("eval-metric-a-task-lacks", lambda e: ["eval", "--tasks", "boolq", "capitals", "--data-dir", W(e, "data"),
+                                                "--metric", "acc_norm", "--workdir", W(e, "w")],
+         "boolq report no acc_norm (boolq: acc)", absent=("w",),
+         prepare=_both(*(_write(f"data/boolq/{split}.jsonl", "".join(
+             '{"passage": "Water is wet.", "question": "is water wet", "label": %d}\n' % (i % 2) for i in range(8)))
+             for split in ("train", "validation")))),
     # -- the registry -------------------------------------------------------------------------------------
     Case("promote-version-not-a-number", lambda e: ["promote", "seap-x", "abc", "--to", "staging"],
          "positive whole number"),

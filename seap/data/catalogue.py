@@ -47,16 +47,17 @@ class StandardTask:
     kind: str = "multiple_choice"
     hub: tuple[str, str | None] = ("", None)
     extra: dict[str, Any] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ("acc", "acc_norm")  # what lm-eval's YAML reports
 
 
 STANDARD_TASKS: dict[str, StandardTask] = {
     "piqa": StandardTask("piqa/piqa.yaml", ("train", "validation"), "validation", hub=("baber/piqa", None)),
     "boolq": StandardTask("super_glue/boolq/default.yaml", ("train", "validation"), "validation",
-                          hub=("aps/super_glue", "boolq")),
+                          hub=("aps/super_glue", "boolq"), metrics=("acc",)),
     "hellaswag": StandardTask("hellaswag/hellaswag.yaml", ("train", "validation"), "validation",
                               hub=("Rowan/hellaswag", None)),
     "winogrande": StandardTask("winogrande/default.yaml", ("train", "validation"), "validation",
-                               hub=("allenai/winogrande", "winogrande_xl")),
+                               hub=("allenai/winogrande", "winogrande_xl"), metrics=("acc",)),
     "arc_easy": StandardTask("arc/arc_easy.yaml", ("train", "validation", "test"), "test",
                              hub=("allenai/ai2_arc", "ARC-Easy")),
     "arc_challenge": StandardTask("arc/arc_challenge.yaml", ("train", "validation", "test"), "test",
@@ -83,6 +84,12 @@ class TaskSpec:
     train_file: Path | None = None  # calibration records (local, jsonl, starter)
     eval_file: Path | None = None
     hub: tuple[str, str | None] | None = None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The accuracy metrics lm-eval reports for it (``acc``, and ``acc_norm`` for most)."""
+        std = STANDARD_TASKS.get(self.name)
+        return std.metrics if std is not None and self.source in ("hub", "local") else ("acc", "acc_norm")
 
     def calibration_records(self) -> list[dict[str, Any]]:
         """The train-split records (calibration corpora and router training come from these)."""

@@ -565,7 +565,14 @@ class RunConfig:
                 raise self.bad("refit_prior", f"unknown value {prior!r}", f"use one of: {', '.join(PRIORS)}")
 
     def check_tasks(self, work_dir: str | Path | None = None) -> list[Any]:
-        """Resolve the tasks (files present, records well-formed) before any model loads."""
+        """Resolve the tasks (files present, records well-formed, the table's metric reported)
+        before any model loads. The task definitions it writes go to ``work_dir``, or without one
+        to a temporary folder removed afterwards (a refused run leaves nothing behind)."""
+        if work_dir is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="seap-tasks-") as scratch:
+                return self.check_tasks(scratch)
         from seap.data.catalogue import TaskCatalogue
 
         data = self.data
@@ -573,7 +580,7 @@ class RunConfig:
             fix = ("run `dvc pull data.dvc` (or `seap export-starter --out data`), or fix data.dir"
                    if self.front == "params" else "pass a folder of task data")
             raise self.bad("data_dir", f"{data.data_dir} is not a folder", fix)
-        catalogue = TaskCatalogue(data.data_dir, work_dir or Path(self.outputs.workdir) / "task-files")
+        catalogue = TaskCatalogue(data.data_dir, work_dir)
         try:
             specs = catalogue.resolve(data.tasks)
         except SeapError as exc:
@@ -588,6 +595,12 @@ class RunConfig:
         if not_mc:
             raise self.bad("tasks", f"task(s) {not_mc} are not multiple-choice tasks",
                            "use multiple-choice tasks; WikiText-2 perplexity is the `perplexity` option")
+        if self.evaluate.metric not in ("paper",):  # every task must report the table's metric
+            lacking = {s.name: s.metrics for s in specs if self.evaluate.metric not in s.metrics}
+            if lacking:
+                have = "; ".join(f"{t}: {', '.join(m)}" for t, m in lacking.items())
+                raise self.bad("metric", f"task(s) {', '.join(lacking)} report no {self.evaluate.metric} ({have})",
+                               "use the metric acc, or paper (acc_norm where a task reports it, acc elsewhere)")
         if self.budget.enabled:  # selection items come out of each train split
             from seap.data.selection import MIN_TRAIN_RECORDS
 
