@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from seap.errors import SeapError
+from seap.evaluation.report import RESULT_FILES
 from seap.io import atomic_directory, atomic_write_json
 from seap.run.config import RunConfig, load_params, options
 from seap.run.plan import PIPELINE_STAGES, STAGES, Job, Plan, make_plan, map_inputs, recorded_config
@@ -35,7 +36,6 @@ RESULTS = Path("results")
 DISABLED = "disabled.json"
 PARTIAL = ".partial"  # work/.partial/<stage>/<job>: a killed job's finished layers (not a DVC output)
 UNNAMED = "output"  # the folder of a stage's single unnamed job (work/router/output)
-RESULT_FILES = ("results.json", "results.md", "accuracy_vs_sparsity.png", "metrics.json", "accuracy.csv")
 
 
 def project_config(params_file: str | Path = PARAMS_FILE, root: str | Path = ".") -> RunConfig:
