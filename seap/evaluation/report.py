@@ -121,6 +121,15 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
                   f"(realised {general['realised_sparsity'] * 100:.1f}%, bound by {general['bound_by']})"
                   + (f"; its largest drop on the reported items {max(lost):.2f} points" if lost else "")
                   + (f"; prefill x dense {timed['prefill_speedup']:.2f}" if timed else "") + "."]
+    routed = next((r for r in rows if r["method"] == "seap-budget-routed" and r.get("fallback")), None)
+    if routed:
+        f = routed["fallback"]
+        means = {n: sum(c["accuracy"].values()) / len(c["accuracy"]) * 100 for n, c in f["candidates"].items()}
+        parts += ["", f"Routed fallback, chosen on tasks no calibration saw ({', '.join(f['held_out_tasks'])}; dense "
+                  f"{sum(f['dense'].values()) / len(f['dense']) * 100:.2f}): **{f['chosen']}**, the sparsest that keeps "
+                  "every one within the budget; candidates " + ", ".join(
+                      f"{n} {m:.2f} at {f['candidates'][n]['realised_sparsity'] * 100:.1f}%" for n, m in means.items())
+                  + "."]
     versus = budget.get("versus_uniform")
     if versus:
         parts += ["", f"Against one sparsity for every expert at nearly the same mean (`seap-budget-uniform`: "

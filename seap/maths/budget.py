@@ -17,6 +17,7 @@ that budget of the dense model's on the same items.
 * :func:`general_sparsity` is the largest sparsity that keeps *every* task within its budget.
 * :func:`selection_resolution` is the standard error of an accuracy measured on ``n`` items,
   in points, for the warning given when a budget is finer than the items can resolve.
+* :func:`fallback_choice` picks the routed row's fallback on tasks no calibration saw.
 * :func:`nearest_uniform` is the grid sparsity a budget's per-task sizes are compared with.
 * :func:`speed_sparsity` is the smallest measured sparsity that reaches a speed-up target.
 
@@ -36,6 +37,7 @@ BUDGET_ROW = "seap-budget"  # the row (and registered method) of the experts a b
 BUDGET_GENERAL_ROW = "seap-budget-general"  # ... and of the general mask it sizes
 BUDGET_UNIFORM_ROW = "seap-budget-uniform"  # one grid sparsity for every expert, the nearest the budget's mean
 BUDGET_ROUTED_ROW = "seap-budget-routed"  # the router in front of those experts, that general mask its fallback
+FALLBACK_MASK = "fallback"  # (in the budgeted routed row's output) the fallback mask it chose
 MASK_META = "accuracy_budget"  # (the metadata key of an expert sized by a budget) what it was sized by
 
 
@@ -129,6 +131,19 @@ def nearest_uniform(chosen: Mapping[str, float], grid: Sequence[float]) -> float
     return max(sorted(_key(s) for s in grid), key=lambda s: (-round(abs(s - mean), DECIMALS + 2), s))
 
 
+def fallback_choice(dense: Mapping[str, float], candidates: Mapping[str, tuple[Mapping[str, float], float]],
+                    allowed: Mapping[str, float]) -> str:
+    """The routed row's fallback, chosen on held-out tasks: of ``candidates`` (name -> (accuracy
+    per held-out task, realised sparsity)), the sparsest that keeps every held-out task within
+    ``allowed`` of ``dense`` (ties: the more accurate on average, then the name); ``"dense"``
+    when none does."""
+    passing = [(sparsity, sum(acc.values()) / len(acc), name) for name, (acc, sparsity) in candidates.items()
+               if acc and all(passes(acc[t], dense[t], allowed[t]) for t in dense)]
+    if not passing:
+        return "dense"
+    return max(passing, key=lambda c: (round(c[0], DECIMALS), c[1], [-ord(ch) for ch in c[2]]))[2]
+
+
 def selection_resolution(accuracy: float, items: int) -> float:
     """The standard error, in accuracy points, of an accuracy near ``accuracy`` measured on
     ``items`` items (binomial): a budget below it cannot be told from noise."""
@@ -145,5 +160,5 @@ def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | No
     return reached[0] if reached else None
 
 
-__all__ = ["BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
+__all__ = ["FALLBACK_MASK", "fallback_choice", "BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
            "next_probe", "passes", "selection_resolution", "speed_sparsity"]

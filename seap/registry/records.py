@@ -114,7 +114,7 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
     built them; metrics come from the results rows: accuracy on the mask's task(s) with the
     report's metric, retention against dense per task and its minimum, and the speed-ups.
     """
-    from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, MASK_META
+    from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, FALLBACK_MASK, MASK_META
     from seap.maths.mask_formats import load_mask
 
     rows = results["rows"]
@@ -135,8 +135,9 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
         elif method in ("seap-routed", BUDGET_ROUTED_ROW):
             if not router:
                 continue
-            group = {**masks.get(BUDGET_ROW, {}), **masks.get(BUDGET_GENERAL_ROW, {})} if method == BUDGET_ROUTED_ROW \
-                else {**masks.get(f"seap-expert@{sparsity:g}", {}), **masks.get(f"seap-general@{sparsity:g}", {})}
+            group = {**masks.get(BUDGET_ROW, {}), "general": str(Path(masks[BUDGET_ROUTED_ROW]["row"]) / FALLBACK_MASK)} \
+                if method == BUDGET_ROUTED_ROW else \
+                {**masks.get(f"seap-expert@{sparsity:g}", {}), **masks.get(f"seap-general@{sparsity:g}", {})}
             units = [("routed", "routed", list(row["tasks"]), group)]
         elif method == "seap-expert":
             group = masks.get(key, {})
@@ -171,6 +172,8 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
                 metrics["decode_speedup"] = bench["decode_speedup"]
             realised = row["realised_sparsity"] if kind != "expert" else _realised(unit_masks[task])
             extra = {"routing": row.get("routing")} if kind == "routed" else {}
+            if kind == "routed" and row.get("fallback"):  # (chosen on held-out tasks)
+                extra["fallback"] = {k: v for k, v in row["fallback"].items() if k != "candidates"}
             if budgeted:
                 extra["accuracy_budget"] = dict(budgeted[0]) if len(budgeted) == 1 else dict(sized_by)
             records.append(ExpertRecord(

@@ -221,6 +221,10 @@ class BudgetSection:
                                     minimum=0.001, maximum=0.99)
     selection_items: int = _opt(100, "selection_items", "train records per task held out to select each sparsity "
                                 "(at most half of its train split; the rest calibrates)", minimum=1)
+    fallback_tasks: list[str] = _opt([], "fallback_tasks",
+                                     "tasks no calibration sees, on which the routed row's fallback is chosen under "
+                                     "the budget: dense, the budgeted general mask or a baseline's general mask "
+                                     "(empty: the budgeted general mask)")
 
     @property
     def enabled(self) -> bool:
@@ -545,6 +549,14 @@ class RunConfig:
             raise self.bad("max_drop" if budget.max_drop is not None else "max_drop_rel",
                            "the budget search prunes heads and channels of a dense model",
                            "drop the budget with a mixture-of-experts model")
+        if budget.fallback_tasks:
+            if not self.routed:
+                raise self.bad("fallback_tasks", "the fallback tasks choose the routed row's fallback, and the run "
+                               "has no routed row", f"add seap-routed to {self.spell('methods')}, or drop them")
+            overlap = sorted({task_name(t) for t in budget.fallback_tasks} & set(self.data.task_names))
+            if overlap:
+                raise self.bad("fallback_tasks", f"{', '.join(overlap)} is also a task of the run (calibrated on)",
+                               "fallback tasks are tasks no calibration sees: drop it from one of the lists")
 
     def _check_names(self) -> None:
         """Names the engine owns (scores, schedules): checked against its tables."""
@@ -585,18 +597,24 @@ class RunConfig:
             specs = catalogue.resolve(data.tasks)
         except SeapError as exc:
             raise self.bad("tasks", exc.problem, exc.fix) from None
+        held_out = []
+        if self.budget.enabled and self.budget.fallback_tasks:
+            try:
+                held_out = catalogue.resolve(self.budget.fallback_tasks)
+            except SeapError as exc:
+                raise self.bad("fallback_tasks", exc.problem, exc.fix) from None
         generic = self.reconstruction.refit_generic
         if generic:
             try:
                 catalogue.resolve(generic)
             except SeapError as exc:
                 raise self.bad("refit_generic", exc.problem, exc.fix) from None
-        not_mc = [s.name for s in specs if s.kind != "multiple_choice"]
+        not_mc = [s.name for s in [*specs, *held_out] if s.kind != "multiple_choice"]
         if not_mc:
             raise self.bad("tasks", f"task(s) {not_mc} are not multiple-choice tasks",
                            "use multiple-choice tasks; WikiText-2 perplexity is the `perplexity` option")
         if self.evaluate.metric not in ("paper",):  # every task must report the table's metric
-            lacking = {s.name: s.metrics for s in specs if self.evaluate.metric not in s.metrics}
+            lacking = {s.name: s.metrics for s in [*specs, *held_out] if self.evaluate.metric not in s.metrics}
             if lacking:
                 have = "; ".join(f"{t}: {', '.join(m)}" for t, m in lacking.items())
                 raise self.bad("metric", f"task(s) {', '.join(lacking)} report no {self.evaluate.metric} ({have})",

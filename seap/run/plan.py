@@ -149,9 +149,9 @@ STAGES: dict[str, Stage] = {
               ("model",)),
         Stage("evaluate-routed", "the routed row: the router's expert per input (reusing the expert row where "
               "the router picks the task's own expert)",
-              (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed"),
+              (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed", "seap.maths.budget"),
               (*_EVAL_OPTIONS, "router_threshold", "router_kind"),
-              ("model", "masks", "refits", "router", "evaluate", "budget")),
+              ("model", "masks", "refits", "router", "evaluate", "evaluate-dense", "budget")),
         Stage("perplexity", "WikiText-2 perplexity of dense and each general mask",
               (*_BASE, "seap.evaluation.harness", *_APPLY),
               ("perplexity", "perplexity_windows", "data_dir"), ("model", "masks", "refits")),
@@ -168,7 +168,7 @@ STAGES: dict[str, Stage] = {
               ("seap.run.stages", "seap.registry.records", "seap.evaluation.metrics",
                "seap.maths.budget", "seap.maths.mask_formats"),
               ("registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment"),
-              ("report", "masks", "refits", "router", "budget"), cached=False),
+              ("report", "masks", "refits", "router", "budget", "evaluate-routed"), cached=False),
         Stage("checkpoint", "the hard-pruned model of one mask, saved as a checkpoint (`seap prune`)",
               (*_BASE, "seap.model.checkpoint", "seap.model.layer_stream", "seap.model.shards", *_APPLY),
               (), ("model", "masks", "refits"), pipeline=False),
@@ -526,9 +526,12 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
             add(job)
             rows[row] = job.key
         if budget and BUDGET_GENERAL_ROW in rows:  # the router in front of the experts the budget sized
+            fallback: dict[str, Any] = {"general": f"budget/{GENERAL}"}
+            if c.budget.fallback_tasks:  # the fallback chosen on tasks no calibration saw
+                fallback = _fallback_jobs(c, jobs, mask_jobs)
             job = Job("evaluate-routed", BUDGET_ROUTED_ROW,
                       {"model": "model", "router": "router", "experts": {t: f"budget/{t}" for t in c.data.task_names},
-                       "general": f"budget/{GENERAL}", "expert_row": rows[BUDGET_ROW]},
+                       **fallback, "expert_row": rows[BUDGET_ROW]},
                       _evaluation(c, BUDGET_ROUTED_ROW, 0.0, threshold=router.router_threshold,
                                   router_kind=router.router_kind if router.router_kind != "features" else None),
                       row=BUDGET_ROUTED_ROW)
@@ -565,6 +568,8 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
         seap_groups[BUDGET_ROW] = {t: f"budget/{t}" for t in c.data.task_names}
         if BUDGET_GENERAL_ROW in rows:
             seap_groups[BUDGET_GENERAL_ROW] = {GENERAL: f"budget/{GENERAL}"}
+        if BUDGET_ROUTED_ROW in rows:  # (its fallback, as the routed row chose it)
+            seap_groups[BUDGET_ROUTED_ROW] = {"row": rows[BUDGET_ROUTED_ROW]}
     add(Job("register", "", {"report": "report", "masks": seap_groups, "router": "router" if c.routed else None},
             RegisterParams(score=masks.expert_score if c.resolved_unit != "neurons" else masks.score,
                            # (MoE neurons: the channel score)
@@ -620,6 +625,26 @@ def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
         add(job)
         rows[BUDGET_GENERAL_ROW] = job.key
     return choice.key
+
+
+def _fallback_jobs(c: RunConfig, jobs: list[Job], mask_jobs: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """The candidates for the budgeted routed row's fallback (the budgeted general mask and
+    every general mask of the run's methods) and the dense model, each evaluated on the
+    fallback tasks (no calibration saw them): the routed row's inputs that choose it."""
+    held_out = list(c.budget.fallback_tasks)
+    dense = Job("evaluate-dense", "held-out", {"model": "model"}, _evaluation(c, DENSE, 0.0, tasks=held_out))
+    jobs.append(dense)
+    candidates = {BUDGET_GENERAL_ROW: f"budget/{GENERAL}"}
+    candidates.update({row: group[GENERAL] for row, group in mask_jobs.items()
+                       if GENERAL in group and row.split("@")[0] in c.masks.methods})
+    rows = {}
+    for name, mask in candidates.items():
+        method, _, at = name.partition("@")
+        job = Job("evaluate", f"held-out/{name}", {"model": "model", "masks": {GENERAL: mask}},
+                  _evaluation(c, method, float(at or 0.0), tasks=held_out))
+        jobs.append(job)
+        rows[name] = job.key
+    return {"fallbacks": candidates, "held_out": rows, "held_out_dense": dense.key}
 
 
 def _evaluation(c: RunConfig, method: str, sparsity: float, tasks: list[str] | None = None,

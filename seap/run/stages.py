@@ -580,6 +580,9 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
     else:
         trained = Router.load(inputs["router"])
     general = load_mask(inputs["general"]) if inputs.get("general") else None
+    fallback = _choose_fallback(inputs, p.metric, experts) if inputs.get("fallbacks") else None
+    if fallback is not None:
+        general = fallback.pop("mask")
     expert_items = read_json(Path(inputs["expert_row"]) / ITEMS_FILE, "expert row items") \
         if inputs.get("expert_row") else None
     loaded = ctx.base(inputs["model"])
@@ -594,9 +597,47 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
         row["masks"][GENERAL] = general.digest()
     row["router"] = router_info(trained) if isinstance(trained, Router) else \
         {"kind": "patterns", "tasks": trained.tasks, "prefix_tokens": trained.prefix_tokens, "threshold": p.threshold}
+    if fallback is not None:
+        row["fallback"] = fallback
     _write_row(out, row, items)
+    if general is not None and p.method == BUDGET_ROUTED_ROW:  # (the registry's bundle takes it from here)
+        from seap.maths.budget import FALLBACK_MASK
+
+        general.save(out / FALLBACK_MASK)
     ctx.say(f"{job.row}: average {row['average']['table'] * 100:.2f} "
             f"({row['reused_documents']} of {row['routing']['docs']} documents reused from the expert row)")
+
+
+def _choose_fallback(inputs: Inputs, metric: str, experts: Mapping[str, Any]) -> dict[str, Any]:
+    """The routed row's fallback chosen on the held-out tasks (:func:`seap.maths.budget.fallback_choice`
+    under the budget the experts were sized by): what was measured, the choice and its ``mask``
+    (a mask keeping everything when dense is chosen)."""
+    from seap.evaluation.metrics import metric_for
+    from seap.maths.budget import MASK_META, allowed_drop, fallback_choice
+    from seap.maths.mask_formats import load_mask
+
+    dense_row = read_json(Path(inputs["held_out_dense"]) / ROW_FILE, "held-out dense row")
+    tasks = list(dense_row["tasks"])
+
+    def accuracy(row: Mapping[str, Any]) -> dict[str, float]:
+        return {t: float(row["tasks"][t][metric_for(t, metric)]) for t in tasks}
+
+    dense = accuracy(dense_row)
+    sized_by = next(iter(experts.values())).meta.get(MASK_META) or {}
+    allowed = {t: allowed_drop(dense[t], sized_by.get("max_drop"), sized_by.get("max_drop_rel"),
+                               dense_row["tasks"][t].get("chance")) for t in tasks}
+    measured = {}
+    for name, path in inputs["held_out"].items():
+        row = read_json(Path(path) / ROW_FILE, "held-out row")
+        measured[name] = (accuracy(row), float(row["realised_sparsity"]))
+    chosen = fallback_choice(dense, measured, allowed)
+    if chosen == "dense":  # (a mask that keeps everything: the dense model as the bank's fallback)
+        mask = next(iter(experts.values())).keep_all()
+        mask.meta["task"] = GENERAL
+    else:
+        mask = load_mask(inputs["fallbacks"][chosen])
+    return {"chosen": chosen, "held_out_tasks": tasks, "dense": dense, "allowed_drop": allowed,
+            "candidates": {n: {"accuracy": a, "realised_sparsity": s} for n, (a, s) in measured.items()}, "mask": mask}
 
 
 def perplexity(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:

@@ -93,3 +93,16 @@ def test_the_uniform_comparison_takes_the_grid_sparsity_nearest_the_budgets_mean
     assert nearest_uniform({"a": 0.25, "b": 0.35, "c": 0.05, "d": 0.7, "e": 0.15}, grid) == 0.3
     assert nearest_uniform({"a": 0.1, "b": 0.25}, [0.1, 0.15, 0.2]) == 0.2  # (0.175: the larger of two equally near)
     assert nearest_uniform({"a": 0.0, "b": 0.0}, grid) == 0.05
+
+
+def test_the_fallback_is_the_sparsest_candidate_that_keeps_every_held_out_task_within_budget() -> None:
+    from seap.maths.budget import fallback_choice
+
+    dense = {"piqa": 0.60, "boolq": 0.55}
+    allowed = {"piqa": 0.02, "boolq": 0.02}
+    candidates = {"seap-budget-general": ({"piqa": 0.55, "boolq": 0.56}, 0.30),  # piqa 5 points down
+                  "wanda-sp@0.2": ({"piqa": 0.59, "boolq": 0.54}, 0.20),
+                  "flap@0.2": ({"piqa": 0.60, "boolq": 0.55}, 0.20)}  # as sparse, more accurate
+    assert fallback_choice(dense, candidates, allowed) == "flap@0.2"
+    assert fallback_choice(dense, {"seap-budget-general": candidates["seap-budget-general"]}, allowed) == "dense"
+    assert fallback_choice(dense, candidates, {"piqa": 0.05, "boolq": 0.05}) == "seap-budget-general"

@@ -415,11 +415,15 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     ``seap-budget`` row of the chosen experts on the reported items. Another budget re-runs only
     the choice and what follows it."""
     from seap.data.corpus import knowledge_sentence, read_corpus, read_records
-    from seap.maths.budget import allowed_drop, chosen_sparsity, general_sparsity
+    from seap.maths.budget import allowed_drop, chosen_sparsity, fallback_choice, general_sparsity
     from seap.maths.masks import PruningMask
 
-    config = tiny_config(tmp_path, methods=["seap-expert", "seap-general", "seap-routed"], sparsities=[0.3], max_drop=5.0,
-                         budget_grid=[0.15, 0.3, 0.6],
+    import shutil
+
+    _, data = tiny_project(tmp_path)
+    shutil.copytree(data / "geo", data / "held")  # a task no calibration sees: it chooses the routed fallback
+    config = tiny_config(tmp_path, methods=["seap-expert", "seap-general", "seap-routed", "wanda-sp"], sparsities=[0.3],
+                         max_drop=5.0, budget_grid=[0.15, 0.3, 0.6], fallback_tasks=["held"],
                          selection_items=6, bench=False, limit=None, samples=None)
     plan = make_plan(config)
     done = execute(plan)
@@ -464,8 +468,17 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
                                 for t in ("geo", "life")}
     routed = json.loads((done.path("evaluate-routed/seap-budget-routed") / "row.json").read_text())
     assert routed["method"] == "seap-budget-routed"  # the router serves the experts at their own sizes
+    fallback = routed["fallback"]  # chosen on the held-out task among dense and the general masks
+    assert fallback["held_out_tasks"] == ["held"] and set(fallback["candidates"]) == {
+        "seap-budget-general", "seap-general@0.3", "wanda-sp@0.3"}
+    measured = {n: (c["accuracy"], c["realised_sparsity"]) for n, c in fallback["candidates"].items()}
+    assert fallback["chosen"] == fallback_choice(fallback["dense"], measured, {"held": 0.05})
+    used = PruningMask.load(done.path("evaluate-routed/seap-budget-routed") / "fallback")
+    assert used.digest() == (PruningMask.load(done.path(f"refits/{fallback['chosen']}/general")).digest()
+                             if "@" in fallback["chosen"] else general.digest() if fallback["chosen"] != "dense"
+                             else used.digest()) and (fallback["chosen"] != "dense" or used.realised_sparsity() == 0)
     assert routed["masks"] == {**{t: PruningMask.load(done.path(f"budget/{t}")).digest() for t in ("geo", "life")},
-                               "general": general.digest()}
+                               "general": used.digest()}
     row = json.loads((done.path("evaluate/seap-budget") / "row.json").read_text())
     assert row["method"] == "seap-budget" and set(row["task_sparsity"]) == {"geo", "life"}
     results = json.loads((done.path("report") / "results.json").read_text())
@@ -475,12 +488,16 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     versus = results["budget"]["versus_uniform"]  # the paired comparison on the same reported items
     assert versus["rows"] == ["seap-budget", "seap-budget-uniform"] and versus["items"] > 0
     assert versus["low"] <= versus["difference"] <= versus["high"] and "budget minus uniform" in report
+    assert "Routed fallback, chosen on tasks no calibration saw (held" in report
     assert (tmp_path / "out" / "budget.png").is_file()
     registered = json.loads((done.path("register") / "registered.json").read_text())["registered"]
     sized = {r["tags"]["task"]: r["tags"] for r in registered if r["tags"]["method"] == "seap-budget"}
     assert [r["tags"]["kind"] for r in registered if r["tags"]["method"] == "seap-budget-general"] == ["general"]
-    bundle = next(r["tags"] for r in registered if r["tags"]["method"] == "seap-budget-routed")
-    assert bundle["kind"] == "routed" and float(bundle["budget_drop"]) == 5.0
+    bundle = next(r for r in registered if r["tags"]["method"] == "seap-budget-routed")
+    assert bundle["tags"]["kind"] == "routed" and float(bundle["tags"]["budget_drop"]) == 5.0
+    kept = json.loads((Path(bundle["path"]) / "record.json").read_text())
+    assert kept["extra"]["fallback"]["chosen"] == fallback["chosen"]  # recorded with the bundle
+    assert PruningMask.load(Path(bundle["path"]) / "masks" / "general").digest() == used.digest()
     assert set(sized) == {"geo", "life"}
     for task, tags in sized.items():
         assert float(tags["sparsity"]) == record["tasks"][task]["chosen"] and float(tags["budget_drop"]) == 5.0
@@ -494,4 +511,4 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     assert "budget/choice" in rerun  # (the chosen experts re-run only where the choice changed them)
     assert rerun <= {"model", "budget/choice", "budget/geo", "budget/life", "budget/general", "evaluate/seap-budget",
                      "evaluate/seap-budget-general", "evaluate/seap-budget-uniform", "evaluate-routed/seap-budget-routed",
-                     "report", "register"}
+                     "evaluate/held-out/seap-budget-general", "report", "register"}
