@@ -37,6 +37,7 @@ BUDGET_ROW = "seap-budget"  # the row (and registered method) of the experts a b
 BUDGET_GENERAL_ROW = "seap-budget-general"  # ... and of the general mask it sizes
 BUDGET_UNIFORM_ROW = "seap-budget-uniform"  # one grid sparsity for every expert, the nearest the budget's mean
 BUDGET_ROUTED_ROW = "seap-budget-routed"  # the router in front of those experts, that general mask its fallback
+BEYOND_REACH = "beyond_reach"  # (a candidate mask's metadata) the grid sparsity its schedule could not reach
 FALLBACK_MASK = "fallback"  # (in the budgeted routed row's output) the fallback mask it chose
 MASK_META = "accuracy_budget"  # (the metadata key of an expert sized by a budget) what it was sized by
 
@@ -160,5 +161,5 @@ def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | No
     return reached[0] if reached else None
 
 
-__all__ = ["FALLBACK_MASK", "fallback_choice", "BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
+__all__ = ["BEYOND_REACH", "FALLBACK_MASK", "fallback_choice", "BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
            "next_probe", "passes", "selection_resolution", "speed_sparsity"]

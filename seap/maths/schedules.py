@@ -323,6 +323,21 @@ def same_width_allocation(geometry: ModelGeometry, target: float, gqa_mode: str 
         multiple = max(1, multiple // 2)
 
 
+def reachable_sparsity(schedule: str, geometry: ModelGeometry, gqa_mode: str = DEFAULT_GQA_MODE,
+                       **logistic: Any) -> float:
+    """The largest sparsity ``schedule`` can realise on ``geometry`` (the logistic schedule keeps
+    its protected layers whole and one unit per layer; the others reach nearly everything: 1.0)."""
+    if schedule != "logistic":
+        return 1.0
+    opts = {**DEFAULT_LOGISTIC, **{k: v for k, v in logistic.items() if v is not None and k in DEFAULT_LOGISTIC}}
+    shape = logistic_shape(geometry.num_layers, opts["k"], opts["x0"], opts["protect_first"], opts["protect_last"])
+    positive = [v for v in shape if v > 0]
+    if not positive:
+        return 0.0
+    lam_max = 1.0 / min(positive)
+    return realised_for_ratios(geometry, [min(lam_max * v, 1.0) for v in shape], gqa_mode)
+
+
 def allocate(schedule: str, geometry: ModelGeometry, target: float, gqa_mode: str = DEFAULT_GQA_MODE,
              scores: Any = None, tolerance: float = DEFAULT_TOLERANCE, channel_multiple: int | None = None,
              same_width: bool = False, **logistic: Any) -> Allocation:

@@ -90,6 +90,7 @@ class MaskParams:
     moe: bool = False
     unit: str | None = None
     allow_k_reduction: bool = False
+    up_to_reachable: bool = False  # (a budget's candidate) beyond what the schedule reaches: built at its limit
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,15 @@ inputs from folders and writing the mask are the callers' business.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from seap.data.corpus import DEFAULT_MAX_TOKENS
 from seap.errors import SeapError
+from seap.maths.budget import BEYOND_REACH
 from seap.run.job_params import MaskParams
 from seap.run.plan import GENERAL
 
@@ -75,9 +78,18 @@ def build_method_mask(params: MaskParams, *, scores: Sequence[Any] = (), router_
     if not scores:
         raise SeapError("no scores given", "pass at least one scores folder")
     combined = combine_scores(list(scores), params.weights or None) if len(scores) > 1 else scores[0]
-    mask = build_mask(combined, params.sparsity, params.schedule, params.gqa_mode or "kv-groups",
+    target = params.sparsity
+    if params.up_to_reachable:  # a search's candidate past the schedule's limit: built at the limit, marked
+        from seap.maths.schedules import reachable_sparsity
+
+        limit = reachable_sparsity(params.schedule, combined.geometry, params.gqa_mode or "kv-groups",
+                                   **params.schedule_options)
+        target = min(target, math.floor(limit * 1000) / 1000)
+    mask = build_mask(combined, target, params.schedule, params.gqa_mode or "kv-groups",
                       bias_compensation_stats=bias_statistics, base_source=base_source, **params.schedule_options)
     mask.meta["method"] = params.method
+    if target < params.sparsity:
+        mask.meta[BEYOND_REACH] = params.sparsity
     if params.refit is not None:
         if refit is None:
             raise SeapError("this mask is refitted, and nothing to refit on was given",

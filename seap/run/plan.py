@@ -114,7 +114,7 @@ STAGES: dict[str, Stage] = {
         Stage("masks", "per-layer sparsity and one mask per expert, general mask and baseline",
               (*_BASE, "seap.run.commands", "seap.run.mask_building", "seap.model.pruning", "seap.maths.masks",
                "seap.maths.schedules", "seap.maths.geometry", "seap.maths.scores", "seap.maths.statistics",
-               "seap.data.corpus", "seap.maths.expert_selection"),
+               "seap.data.corpus", "seap.maths.expert_selection", "seap.maths.budget"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
                "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "general_weights", "reconstruct",
                "unit", "expert_score", "allow_k_reduction"),
@@ -394,9 +394,10 @@ def mask_chain(c: RunConfig, corpus: CorpusParams, candidates: dict[str, dict[st
     mask_jobs: dict[str, dict[str, str]] = {}
     refitted: dict[float, dict[str, tuple[str, str | None]]] = {}  # sparsity -> row/name -> (mask job, task)
 
-    def masks_of(m: Method, sparsity: float) -> dict[str, str]:
+    def masks_of(m: Method, sparsity: float, up_to_reachable: bool = False) -> dict[str, str]:
         """The masks of method ``m`` at ``sparsity`` (name -> job key), each to be refitted when
-        the method is."""
+        the method is (``up_to_reachable``: a search's candidate, built at the schedule's limit
+        when the sparsity is past it)."""
         row = row_key(m.name, sparsity)
         reconstruct = m.resolved_reconstruct(rec.reconstruct)
         common = dict(sparsity=sparsity, method=m.name, row=row, kind=_kind(m),
@@ -409,7 +410,8 @@ def mask_chain(c: RunConfig, corpus: CorpusParams, candidates: dict[str, dict[st
         group: dict[str, str] = {}
         per_task = m.refits_per_task(reconstruct, rec.refit_corpus)
         for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
-            job = Job("masks", f"{row}/{name}", inputs, MaskParams(mask=name, **common))  # type: ignore[arg-type]
+            job = Job("masks", f"{row}/{name}", inputs,
+                      MaskParams(mask=name, up_to_reachable=up_to_reachable, **common))  # type: ignore[arg-type]
             add(job)
             group[name] = job.key
             if reconstruct:  # refitted in the walk
@@ -423,9 +425,9 @@ def mask_chain(c: RunConfig, corpus: CorpusParams, candidates: dict[str, dict[st
     if c.budget.enabled and candidates is not None:  # the search's candidates, refitted in the same walk
         general = METHODS[ROUTED_FALLBACK]  # (sized too when the run builds the general mask)
         for m in [searched, *([general] if general in methods else [])]:
-            for sparsity in c.budget.budget_grid:
+            for sparsity in c.budget.budget_grid:  # (past what the schedule reaches: built at its limit, not taken)
                 row = row_key(m.name, sparsity)
-                candidates[row] = dict(mask_jobs[row]) if row in mask_jobs else masks_of(m, sparsity)
+                candidates[row] = dict(mask_jobs[row]) if row in mask_jobs else masks_of(m, sparsity, up_to_reachable=True)
     # refits: one walk refits every mask of every sparsity (each layer's second moments, built once
     # per part of the text, serve them all); each refitted mask is then a job of its own
     members = {m: v for at in refitted.values() for m, v in at.items()}

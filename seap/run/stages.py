@@ -439,7 +439,9 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         from seap.maths.budget import nearest_uniform
 
         chosen = {t: e["chosen"] for t, e in read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget")["tasks"].items()}
+        beyond = read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget").get("beyond_reach", [])
         grid = {float(row.rsplit("@", 1)[1]): row for row in inputs["candidates"]}
+        grid = {s: row for s, row in grid.items() if s not in beyond} or grid
         sparsity, matched = nearest_uniform(chosen, list(grid)), sum(chosen.values()) / len(chosen)
         loaded_masks = _load_masks(inputs["candidates"][grid[sparsity]])
     loaded = ctx.base(inputs["model"])
@@ -472,6 +474,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.evaluation.budget_plot import budget_plot
     from seap.evaluation.metrics import chance, metric_for
     from seap.maths.budget import (
+        BEYOND_REACH,
         DECIMALS,
         MASK_META,
         allowed_drop,
@@ -489,7 +492,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         what sized it in its metadata (what the registry and the promotion gates read back)."""
         row = next((k for k, r in rows.items() if round(float(r["sparsity"]), DECIMALS) == chosen), None)
         mask = load_mask(inputs["candidates"][row][name]) if row is not None else \
-            load_mask(inputs["candidates"][next(iter(rows))][name]).keep_all()
+            load_mask(next(g[name] for g in inputs["candidates"].values() if name in g)).keep_all()
         mask.meta[MASK_META] = {"max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "metric": p.metric,
                                 "chosen_sparsity": chosen, **sized_by}
         mask.save(out / name)
@@ -501,9 +504,19 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     def selection_rows(kind: str) -> dict[str, Any]:
         return {key: read_json(Path(path) / ROW_FILE, "selection row") for key, path in (inputs.get(kind) or {}).items()}
 
-    rows, general_rows = selection_rows("rows"), selection_rows("general_rows")
+    def within_reach(found: dict[str, Any]) -> dict[str, Any]:  # (candidates the schedule could build)
+        return {k: r for k, r in found.items()
+                if not any(BEYOND_REACH in load_mask(m).meta for m in inputs["candidates"][k].values())}
+
+    everything = {**selection_rows("rows"), **selection_rows("general_rows")}
+    rows, general_rows = within_reach(selection_rows("rows")), within_reach(selection_rows("general_rows"))
     out.mkdir(parents=True)
     record: dict[str, Any] = {"max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "metric": p.metric, "tasks": {}}
+    beyond = sorted({float(r["sparsity"]) for k, r in everything.items() if k not in rows and k not in general_rows})
+    if beyond:
+        record["beyond_reach"] = beyond
+        ctx.say(f"budget: the schedule cannot reach {', '.join(f'{s * 100:g}%' for s in beyond)} on this model; "
+                "those candidates are left out")
     dense, allowed = {}, {}
     for task in p.tasks:
         dense[task] = accuracy(dense_row, task)

@@ -127,3 +127,15 @@ def test_same_width_gives_every_layer_one_width_on_target(schedule, target) -> N
     assert (1536 - alloc.layers[0].mlp_pruned) % multiple == 0 and multiple <= 64
     assert abs(alloc.realised - target) <= 0.005
     assert alloc.params["same_width"] is True and alloc.params["schedule_replaced"] == schedule
+
+
+def test_the_reachable_sparsity_is_the_schedules_limit() -> None:
+    from seap.maths.schedules import reachable_sparsity
+
+    limit = reachable_sparsity("logistic", SMOL, "kv-groups")
+    assert 0.7 < limit < 0.95
+    assert allocate("logistic", SMOL, limit - 0.001).realised <= limit + 1e-9  # just below it builds
+    with pytest.raises(SeapError, match="unreachable"):
+        allocate("logistic", SMOL, limit + 0.01)
+    assert reachable_sparsity("logistic", SMOL, "kv-groups", protect_first=10, protect_last=10) < limit
+    assert reachable_sparsity("uniform", SMOL) == 1.0

@@ -512,3 +512,20 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
     assert rerun <= {"model", "budget/choice", "budget/geo", "budget/life", "budget/general", "evaluate/seap-budget",
                      "evaluate/seap-budget-general", "evaluate/seap-budget-uniform", "evaluate-routed/seap-budget-routed",
                      "evaluate/held-out/seap-budget-general", "report", "register"}
+
+
+def test_a_budget_candidate_past_the_schedules_reach_is_built_at_its_limit_and_never_chosen(tmp_path) -> None:
+    """A grid sparsity the logistic schedule cannot reach on this model is not a failure of the
+    run: its candidate is built at the limit, marked, scored, and left out of the choice."""
+    from seap.maths.budget import BEYOND_REACH
+    from seap.maths.masks import PruningMask
+
+    config = tiny_config(tmp_path, methods=["seap-expert"], sparsities=[0.2], schedule="logistic", protect_first=1,
+                         protect_last=1, max_drop=100.0, budget_grid=[0.2, 0.97], selection_items=6, bench=False,
+                         limit=None, samples=None)
+    done = execute(make_plan(config))
+    record = json.loads((done.path("budget/choice") / "budget.json").read_text())
+    assert record["beyond_reach"] == [0.97]
+    assert {e["chosen"] for e in record["tasks"].values()} == {0.2}  # (every candidate passes a budget of 100)
+    past = PruningMask.load(done.path("refits/seap-expert@0.97/geo"))
+    assert past.meta[BEYOND_REACH] == 0.97 and past.realised_sparsity() < 0.97
