@@ -185,6 +185,7 @@ def seap_pipeline(
     max_drop_rel: float | None = DEFAULTS.max_drop_rel,
     budget_grid: list[float] = DEFAULTS.budget_grid,
     selection_items: int = DEFAULTS.selection_items,
+    min_speedup: float | None = DEFAULTS.min_speedup,
     fallback_tasks: list[str] = DEFAULTS.fallback_tasks,
     limit: int | None = DEFAULTS.limit,
     num_fewshot: int = DEFAULTS.num_fewshot,

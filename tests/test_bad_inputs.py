@@ -313,6 +313,8 @@ CASES = [
     Case("eval-fallback-task-is-calibrated", lambda e: ["eval", "--max-drop", "2", "--fallback-tasks", "capitals",
                                                         "--workdir", W(e, "w")], "capitals is also a task of the run",
          absent=("w",)),
+    Case("eval-speed-target-beyond-the-grid", lambda e: ["eval", "--min-speedup", "9", "--workdir", W(e, "w")],
+         "beyond what the search can measure", absent=("w",)),
     Case("eval-metric-a-task-lacks", lambda e: ["eval", "--tasks", "boolq", "capitals", "--data-dir", W(e, "data"),
                                                 "--metric", "acc_norm", "--workdir", W(e, "w")],
          "boolq report no acc_norm (boolq: acc)", absent=("w",),

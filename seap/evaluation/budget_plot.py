@@ -37,7 +37,8 @@ def budget_plot(record: dict[str, Any], path: str | Path) -> Path:
                     marker=".", markersize=2, color="gray", linewidth=1, label="general mask")
             ax.axvline(general["chosen"] * 100, color="gray", linestyle=":", linewidth=1)
             ax.legend(fontsize=6)
-        ax.axhline((entry["dense"] - entry["allowed_drop"]) * 100, color="gray", linestyle="--", linewidth=1)
+        if entry.get("allowed_drop") is not None:  # (none with a speed target alone)
+            ax.axhline((entry["dense"] - entry["allowed_drop"]) * 100, color="gray", linestyle="--", linewidth=1)
         chosen = entry["chosen"]
         at = entry["dense"] if chosen == 0 else dict(points).get(chosen, entry["dense"])
         ax.plot([chosen * 100], [at * 100], marker="o", markersize=10, fillstyle="none", color="crimson")
@@ -49,7 +50,10 @@ def budget_plot(record: dict[str, Any], path: str | Path) -> Path:
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     budget = (f"max drop {record['max_drop']:g} points" if record.get("max_drop") is not None
-              else f"max drop {record['max_drop_rel']:g} of the margin over chance")
+              else f"max drop {record['max_drop_rel']:g} of the margin over chance"
+              if record.get("max_drop_rel") is not None else "no accuracy budget")
+    if record.get("min_speedup") is not None:
+        budget += f", prefill speed-up at least {record['min_speedup']:g}x"
     fig.suptitle(f"accuracy budget: {budget} (dashed: the floor; ringed: chosen)", fontsize=9)
     buffer = io.BytesIO()
     fig.tight_layout()

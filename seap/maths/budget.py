@@ -154,6 +154,24 @@ def selection_resolution(accuracy: float, items: int) -> float:
     return 100.0 * math.sqrt(p * (1 - p) / items)
 
 
+def with_speed_target(chosen: float | None, speedups: Mapping[float, float], target: float
+                      ) -> tuple[float, float | None, bool]:
+    """A task's sparsity under a speed target: ``(sparsity, reached_at, met)``. ``chosen`` is the
+    accuracy budget's choice (``None``: no budget, and the sparsity is the smallest candidate of
+    ``speedups`` that reaches ``target``, or 0.0 when none does); with a budget its choice stands,
+    and ``met`` says whether it also reaches the target (False: the two cannot both be met)."""
+    fast = speed_sparsity(speedups, target)
+    if chosen is None:
+        chosen = fast if fast is not None else 0.0
+    return chosen, fast, fast is not None and _key(chosen) >= fast
+
+
+def ideal_speedup(sparsity: float) -> float:
+    """The most any speed-up can be when ``sparsity`` of the prunable weights is removed (time
+    proportional to the weights left, nothing else counted): ``1 / (1 - sparsity)``."""
+    return 1.0 / (1.0 - sparsity)
+
+
 def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | None:
     """The smallest measured sparsity whose speed-up over dense reaches ``target``; ``None`` when
     none does."""
@@ -161,5 +179,5 @@ def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | No
     return reached[0] if reached else None
 
 
-__all__ = ["BEYOND_REACH", "FALLBACK_MASK", "fallback_choice", "BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
+__all__ = ["ideal_speedup", "with_speed_target", "BEYOND_REACH", "FALLBACK_MASK", "fallback_choice", "BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
            "next_probe", "passes", "selection_resolution", "speed_sparsity"]

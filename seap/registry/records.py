@@ -160,7 +160,8 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
                 if method in sized_rows else {}
             budgeted = [b for b in sized_by.values() if b]
             if budgeted:  # what it was sized by: the allowed drop (the largest of a bundle's masks), in points
-                metrics["budget_drop"] = 100.0 * max(float(b["allowed_drop"]) for b in budgeted)
+                if all(b.get("allowed_drop") is not None for b in budgeted):  # (none with a speed target alone)
+                    metrics["budget_drop"] = 100.0 * max(float(b["allowed_drop"]) for b in budgeted)
                 if len(budgeted) == 1:  # one mask: its selection drop and its chosen sparsity
                     metrics["selection_drop"] = 100.0 * (float(budgeted[0]["selection_dense"])
                                                          - float(budgeted[0]["selection_accuracy"]))

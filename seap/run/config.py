@@ -221,6 +221,10 @@ class BudgetSection:
                                     minimum=0.001, maximum=0.99)
     selection_items: int = _opt(100, "selection_items", "train records per task held out to select each sparsity "
                                 "(at most half of its train split; the rest calibrates)", minimum=1)
+    min_speedup: float | None = _opt(None, "min_speedup",
+                                     "prefill speed-up over dense (PyTorch, measured like the bench) each task's "
+                                     "expert must reach: the smallest grid sparsity that reaches it (null: none)",
+                                     minimum=1.0)
     fallback_tasks: list[str] = _opt([], "fallback_tasks",
                                      "tasks no calibration sees, on which the routed row's fallback is chosen under "
                                      "the budget: dense, the budgeted general mask or a baseline's general mask "
@@ -228,7 +232,8 @@ class BudgetSection:
 
     @property
     def enabled(self) -> bool:
-        return self.max_drop is not None or self.max_drop_rel is not None
+        """Whether the run sizes each task's expert (an accuracy budget, a speed target or both)."""
+        return self.max_drop is not None or self.max_drop_rel is not None or self.min_speedup is not None
 
 
 @dataclass
@@ -542,6 +547,18 @@ class RunConfig:
                            f"give {self.spell('max_drop')} or {self.spell('max_drop_rel')}, not both")
         if not budget.budget_grid:
             raise self.bad("budget_grid", "no sparsity to try", "e.g. [0.1, 0.2, 0.3, 0.4, 0.5]")
+        if budget.min_speedup is not None:
+            from seap.maths.budget import ideal_speedup
+
+            ceiling = ideal_speedup(max(budget.budget_grid))
+            if budget.min_speedup <= 1.0:
+                raise self.bad("min_speedup", f"{budget.min_speedup:g} is no speed-up over dense",
+                               "give a target above 1, e.g. 1.3")
+            if budget.min_speedup > ceiling:
+                raise self.bad("min_speedup", f"a prefill speed-up of {budget.min_speedup:g} is beyond what the "
+                               f"search can measure: its largest sparsity, {max(budget.budget_grid):g}, removes at "
+                               f"most that share of the prunable weights, at best {ceiling:.2f}x",
+                               f"lower the target, or add larger sparsities to {self.spell('budget_grid')}")
         if len({f"{s:g}" for s in budget.budget_grid}) != len(budget.budget_grid):
             raise self.bad("budget_grid", f"a sparsity is listed twice: {list(budget.budget_grid)}",
                            "list each sparsity once")
@@ -550,6 +567,9 @@ class RunConfig:
                            "the budget search prunes heads and channels of a dense model",
                            "drop the budget with a mixture-of-experts model")
         if budget.fallback_tasks:
+            if budget.max_drop is None and budget.max_drop_rel is None:
+                raise self.bad("fallback_tasks", "the fallback is chosen under an accuracy budget, and none is given",
+                               f"give {self.spell('max_drop')} (or {self.spell('max_drop_rel')}), or drop them")
             if not self.routed:
                 raise self.bad("fallback_tasks", "the fallback tasks choose the routed row's fallback, and the run "
                                "has no routed row", f"add seap-routed to {self.spell('methods')}, or drop them")

@@ -212,6 +212,7 @@ class BudgetParams:
     metric: str = "acc"
     max_drop: float | None = None
     max_drop_rel: float | None = None
+    min_speedup: float | None = None
     member: str | None = None
 
 

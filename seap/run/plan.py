@@ -137,11 +137,15 @@ STAGES: dict[str, Stage] = {
         Stage("select", "with an accuracy budget: the dense model and each candidate expert of the search on the "
               "held-out selection items", (*_BASE, *_EVAL, "seap.maths.budget"), (*_EVAL_OPTIONS, "budget_grid"),
               ("model", "masks", "refits", "selection")),
+        Stage("candidate-speed", "with a speed target: the prefill speed of dense and of each candidate shape of "
+              "the search", (*_BASE, "seap.evaluation.speed", *_APPLY), ("bench_repeats", "min_speedup"),
+              ("model", "masks", "refits")),
         Stage("budget", "each task's sparsity under the accuracy budget (the largest candidate whose selection "
-              "accuracy keeps within it) and its expert",
+              "accuracy keeps within it) and the speed target, and its expert",
               ("seap.run.stages", "seap.maths.budget", "seap.evaluation.budget_plot", "seap.evaluation.metrics",
                "seap.maths.mask_formats", "seap.maths.masks", "seap.io"),
-              ("max_drop", "max_drop_rel", "budget_grid", "metric"), ("select", "masks", "refits")),
+              ("max_drop", "max_drop_rel", "min_speedup", "budget_grid", "metric"),
+              ("select", "candidate-speed", "masks", "refits")),
         Stage("router", "the task router on the tasks' training prompts",
               (*_BASE, "seap.evaluation.router", "seap.evaluation.harness", "seap.data.catalogue",
                "seap.model.calibration"),
@@ -603,10 +607,17 @@ def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
             add(job)
             selected[kind][row] = job.key
     tasks = c.data.task_names
+    speed = None
+    if c.budget.min_speedup is not None:  # every candidate shape timed against dense, in one run
+        speed = Job("candidate-speed", "grid", {"model": "model", "masks": {
+            f"{row}:{name}": key for row, group in candidates.items() for name, key in group.items()}},
+                    BenchParams(repeats=c.bench.bench_repeats))
+        add(speed)
     choice = Job("budget", "choice", {"dense": dense.key, **{k: v for k, v in selected.items() if v},
+                                      **({"speed": speed.key} if speed else {}),
                                       "candidates": {row: dict(group) for row, group in candidates.items()}},
                  BudgetParams(tasks=tasks, metric=c.evaluate.metric, max_drop=c.budget.max_drop,
-                              max_drop_rel=c.budget.max_drop_rel))
+                              max_drop_rel=c.budget.max_drop_rel, min_speedup=c.budget.min_speedup))
     add(choice)
     members = [*tasks, *([GENERAL] if selected["general_rows"] else [])]
     for member in members:

@@ -481,6 +481,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         chosen_sparsity,
         general_sparsity,
         selection_resolution,
+        with_speed_target,
     )
     from seap.maths.mask_formats import load_mask
 
@@ -517,40 +518,70 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         record["beyond_reach"] = beyond
         ctx.say(f"budget: the schedule cannot reach {', '.join(f'{s * 100:g}%' for s in beyond)} on this model; "
                 "those candidates are left out")
+    by_accuracy = p.max_drop is not None or p.max_drop_rel is not None
+    timed = read_json(Path(inputs["speed"]) / BENCH_FILE, "candidate speed")["models"] if inputs.get("speed") else None
+    if timed is not None:
+        record["min_speedup"] = p.min_speedup
+
+    def with_speed(found: Mapping[str, Any], name: str, chosen: float | None, entry: dict[str, Any]) -> float:
+        """``chosen`` (the accuracy budget's, or None) held against the speed target: the smallest
+        candidate that reaches it (:func:`~seap.maths.budget.speed_sparsity`); said when the two
+        cannot both be met (the accuracy budget wins)."""
+        if timed is None:
+            return chosen if chosen is not None else 0.0
+        speedups = {float(r["sparsity"]): timed[f"{k}:{name}"]["prefill_speedup"] for k, r in found.items()
+                    if f"{k}:{name}" in timed}
+        alone = chosen is None
+        chosen, fast, met = with_speed_target(chosen, speedups, p.min_speedup)
+        entry["speed"] = {"target": p.min_speedup, "reached_at": fast, "met": met,
+                          "curve": {f"{s:g}": v for s, v in sorted(speedups.items())}}
+        if alone and fast is None:
+            ctx.say(f"{name}: no candidate reaches a prefill speed-up of {p.min_speedup:g}; it stays dense")
+        elif not met:
+            ctx.say(f"{name}: the budget and the speed target cannot both be met (the budget allows "
+                    f"{chosen * 100:g}%, the speed-up of {p.min_speedup:g} needs "
+                    f"{'more than the grid has' if fast is None else f'{fast * 100:g}%'}); the budget is kept")
+        entry["speed"]["at_chosen"] = speedups.get(next((s for s in speedups if round(s, DECIMALS) == chosen), -1.0))
+        return chosen
+
     dense, allowed = {}, {}
     for task in p.tasks:
         dense[task] = accuracy(dense_row, task)
         items = dense_items.get(task) or []
         at_chance = chance(items)
-        allowed[task] = allowed_drop(dense[task], p.max_drop, p.max_drop_rel, at_chance)
         curve = {float(row["sparsity"]): accuracy(row, task) for row in rows.values()}
-        chosen = chosen_sparsity(curve, dense[task], allowed[task])
         resolution = selection_resolution(dense[task], len(items))
-        entry = {"dense": dense[task], "allowed_drop": allowed[task], "chance": at_chance,
-                 "selection_items": len(items), "curve": {f"{s:g}": a for s, a in sorted(curve.items())},
-                 "chosen": chosen, "resolution": resolution}
+        entry = {"dense": dense[task], "chance": at_chance, "selection_items": len(items),
+                 "curve": {f"{s:g}": a for s, a in sorted(curve.items())}, "resolution": resolution}
+        chosen = None
+        if by_accuracy:
+            allowed[task] = entry["allowed_drop"] = allowed_drop(dense[task], p.max_drop, p.max_drop_rel, at_chance)
+            chosen = chosen_sparsity(curve, dense[task], allowed[task])
+            if chosen == 0.0:
+                ctx.say(f"{task}: no sparsity of the grid keeps within the budget; its expert stays dense")
+            if resolution > allowed[task] * 100:
+                ctx.say(f"warning: {task}: {len(items)} selection items resolve {resolution:.1f} accuracy points "
+                        f"(standard error), more than the budget of {allowed[task] * 100:.1f}; more items "
+                        "(selection_items) or a larger budget make the choice reliable")
+        chosen = entry["chosen"] = with_speed(rows, task, chosen, entry)
         if chosen == 0.0:
-            ctx.say(f"{task}: no sparsity of the grid keeps within the budget; its expert stays dense")
             entry["dense_expert"] = True
-        if resolution > allowed[task] * 100:
-            ctx.say(f"warning: {task}: {len(items)} selection items resolve {resolution:.1f} accuracy points "
-                    f"(standard error), more than the budget of {allowed[task] * 100:.1f}; more items "
-                    "(selection_items) or a larger budget make the choice reliable")
         at = entry["curve"].get(f"{chosen:g}", dense[task])
-        mask = chosen_mask(rows, chosen, task, {"allowed_drop": allowed[task], "selection_items": len(items),
+        mask = chosen_mask(rows, chosen, task, {"allowed_drop": allowed.get(task), "selection_items": len(items),
                                                 "selection_dense": dense[task], "selection_accuracy": at})
         entry["realised_sparsity"] = mask.realised_sparsity()
         record["tasks"][task] = entry
     if general_rows:
         curves = {t: {float(r["sparsity"]): accuracy(r, t) for r in general_rows.values()} for t in p.tasks}
-        chosen = general_sparsity(curves, dense, allowed)
+        general: dict[str, Any] = {"curves": {t: {f"{s:g}": a for s, a in sorted(c.items())} for t, c in curves.items()}}
+        chosen = general_sparsity(curves, dense, allowed) if by_accuracy else None
+        chosen = general["chosen"] = with_speed(general_rows, GENERAL, chosen, general)
         at = {t: next((a for s, a in curves[t].items() if round(s, DECIMALS) == chosen), dense[t]) for t in p.tasks}
-        worst = max(p.tasks, key=lambda t: (dense[t] - at[t]) - allowed[t])  # (the task closest to its budget)
+        worst = max(p.tasks, key=lambda t: (dense[t] - at[t]) - allowed.get(t, 0.0))  # (the task closest to its budget)
         mask = chosen_mask(general_rows, chosen, GENERAL,
-                           {"allowed_drop": allowed[worst], "selection_items": len(dense_items.get(worst) or []),
+                           {"allowed_drop": allowed.get(worst), "selection_items": len(dense_items.get(worst) or []),
                             "selection_dense": dense[worst], "selection_accuracy": at[worst], "bound_by": worst})
-        record["general"] = {"chosen": chosen, "realised_sparsity": mask.realised_sparsity(), "bound_by": worst,
-                             "curves": {t: {f"{s:g}": a for s, a in sorted(c.items())} for t, c in curves.items()}}
+        record["general"] = {**general, "realised_sparsity": mask.realised_sparsity(), "bound_by": worst}
         if chosen == 0.0:
             ctx.say("general: no sparsity of the grid keeps every task within the budget; it stays dense")
     atomic_write_json(out / BUDGET_FILE, record)
@@ -711,6 +742,33 @@ def bench(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     ctx.say(f"speed of dense and {len(models) - 1} distinct pruned shapes ({len(loaded_masks)} masks)")
 
 
+def candidate_speed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """The prefill (and decode) speed-up over dense of every distinct shape among the search's
+    candidates, each timed against dense side by side on the same prompts; one pruned model
+    is held at a time (a grid of fifteen sparsities would not fit beside each other)."""
+    from seap.evaluation.speed import benchmark
+    from seap.model.masking import apply_mask
+
+    loaded = ctx.base(inputs["model"])
+    representative: dict[tuple[Any, ...], str] = {}
+    timed: dict[str, Any] = {}
+    masks_in = inputs["masks"]
+    for name in masks_in:
+        mask = _load_masks({name: masks_in[name]})[name]
+        rep = representative.setdefault(shape_signature(mask), name)
+        if rep != name:
+            timed[name] = {**timed[rep], "same_shapes_as": rep}
+            continue
+        pruned = apply_mask(loaded, mask, "hard")
+        measured = benchmark({"dense": loaded, name: pruned}, repeats=job.params.repeats)
+        del pruned
+        timed[name] = {k: measured["models"][name][k] for k in ("prefill_speedup", "decode_speedup",
+                                                               "realised_sparsity") if k in measured["models"][name]}
+    out.mkdir(parents=True)
+    atomic_write_json(out / BENCH_FILE, {"models": timed})
+    ctx.say(f"candidate speed: {len(set(representative.values()))} distinct shapes of {len(timed)} candidates")
+
+
 def shape_signature(mask: Any) -> tuple[tuple[int, int, int], ...]:
     """Per-layer kept (heads, kv heads, channels), or per MoE layer the experts kept: masks with
     equal signatures run at the same speed."""
@@ -825,6 +883,7 @@ STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "evaluate-routed": evaluate_routed,
     "perplexity": perplexity,
     "bench": bench,
+    "candidate-speed": candidate_speed,
     "report": report,
     "register": register,
     "checkpoint": checkpoint,

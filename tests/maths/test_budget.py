@@ -106,3 +106,13 @@ def test_the_fallback_is_the_sparsest_candidate_that_keeps_every_held_out_task_w
     assert fallback_choice(dense, candidates, allowed) == "flap@0.2"
     assert fallback_choice(dense, {"seap-budget-general": candidates["seap-budget-general"]}, allowed) == "dense"
     assert fallback_choice(dense, candidates, {"piqa": 0.05, "boolq": 0.05}) == "seap-budget-general"
+
+
+def test_a_speed_target_alone_or_against_an_accuracy_budget() -> None:
+    from seap.maths.budget import with_speed_target
+
+    speedups = {0.1: 1.05, 0.2: 1.12, 0.3: 1.25, 0.4: 1.31}
+    assert with_speed_target(None, speedups, 1.2) == (0.3, 0.3, True)  # alone: the smallest that reaches it
+    assert with_speed_target(None, speedups, 1.5) == (0.0, None, False)  # none reaches it: dense
+    assert with_speed_target(0.4, speedups, 1.2) == (0.4, 0.3, True)  # the budget allows more: both met
+    assert with_speed_target(0.2, speedups, 1.2) == (0.2, 0.3, False)  # they conflict: the budget stands

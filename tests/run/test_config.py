@@ -234,7 +234,7 @@ def test_export_starter_is_deterministic_and_matches_the_starter_tasks(tmp_path)
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     first = json.loads((tmp_path / "a" / "capitals" / "train.jsonl").read_text().splitlines()[0])
-    assert set(first) == {"question", "choices", "answer"}
+    assert set(first) == {"question", "choices", "answer", "group"}  # (group: the fact, held out whole)
     assert first == starter_records("capitals", "calibration")[0]
     registry = TaskCatalogue(tmp_path / "a", tmp_path / "task-files")
     jsonl, starter = registry.resolve(["jsonl:sentiment", "starter:arithmetic"])

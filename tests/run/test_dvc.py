@@ -27,9 +27,9 @@ from tests.helpers_flows import tiny_project
 from tests.helpers_tasks import make_task_dir
 
 ALL_STAGES = {"model", "selection", "corpus", "statistics", "scores", "masks", "refits", "evaluate-dense", "evaluate",
-              "select", "budget", "router", "evaluate-routed", "perplexity", "bench", "report", "register"}
+              "select", "candidate-speed", "budget", "router", "evaluate-routed", "perplexity", "bench", "report", "register"}
 UPSTREAM_OF_MASKS = {"model", "selection", "corpus", "statistics", "scores", "evaluate-dense", "router"}
-MASKS_AND_DOWNSTREAM = {"masks", "refits", "evaluate", "select", "budget", "evaluate-routed", "perplexity", "bench",
+MASKS_AND_DOWNSTREAM = {"masks", "refits", "evaluate", "select", "candidate-speed", "budget", "evaluate-routed", "perplexity", "bench",
                         "report", "register"}
 ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = {"seconds", "router_seconds", "router_overhead"}  # timings differ from run to run

@@ -529,3 +529,22 @@ def test_a_budget_candidate_past_the_schedules_reach_is_built_at_its_limit_and_n
     assert {e["chosen"] for e in record["tasks"].values()} == {0.2}  # (every candidate passes a budget of 100)
     past = PruningMask.load(done.path("refits/seap-expert@0.97/geo"))
     assert past.meta[BEYOND_REACH] == 0.97 and past.realised_sparsity() < 0.97
+
+
+def test_a_speed_target_alone_takes_the_smallest_candidate_that_reaches_it(tmp_path) -> None:
+    """``min_speedup``: every candidate shape timed against dense (one pruned model at a time);
+    alone, each task's expert is the smallest candidate that reaches the target (with a budget:
+    ``tests/maths/test_budget.py``)."""
+    from seap.maths.budget import speed_sparsity
+
+    config = tiny_config(tmp_path, methods=["seap-expert"], sparsities=[0.3], min_speedup=1.05,
+                         budget_grid=[0.15, 0.3, 0.6], selection_items=6, bench=False, limit=None, samples=None)
+    done = execute(make_plan(config))
+    timed = json.loads((done.path("candidate-speed/grid") / "bench.json").read_text())["models"]
+    assert {k.split(":")[0] for k in timed} == {"seap-expert@0.15", "seap-expert@0.3", "seap-expert@0.6"}
+    record = json.loads((done.path("budget/choice") / "budget.json").read_text())
+    for task in ("geo", "life"):
+        curve = {s: timed[f"seap-expert@{s:g}:{task}"]["prefill_speedup"] for s in (0.15, 0.3, 0.6)}
+        entry = record["tasks"][task]
+        assert entry["speed"]["reached_at"] == speed_sparsity(curve, 1.05)
+        assert entry["chosen"] == (entry["speed"]["reached_at"] or 0.0) and "allowed_drop" not in entry
