@@ -173,10 +173,15 @@ def ideal_speedup(sparsity: float) -> float:
 
 
 def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | None:
-    """The smallest measured sparsity whose speed-up over dense reaches ``target``; ``None`` when
-    none does."""
-    reached = sorted(_key(s) for s, v in speedups.items() if v >= target)
-    return reached[0] if reached else None
+    """The smallest measured sparsity whose speed-up over dense reaches ``target`` *and* every
+    larger measured sparsity's too (timings are noisy: a lucky fast point below a slow one is not
+    taken); ``None`` when the largest does not reach it."""
+    found = None
+    for sparsity in sorted(speedups, key=_key, reverse=True):
+        if speedups[sparsity] < target:
+            break
+        found = _key(sparsity)
+    return found
 
 
 __all__ = ["ideal_speedup", "with_speed_target", "BEYOND_REACH", "FALLBACK_MASK", "fallback_choice", "BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",

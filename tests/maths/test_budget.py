@@ -84,6 +84,8 @@ def test_the_resolution_and_the_speed_target() -> None:
     assert selection_resolution(0.8, 0) == math.inf
     assert speed_sparsity({0.2: 1.1, 0.3: 1.25, 0.5: 1.6}, 1.2) == 0.3
     assert speed_sparsity({0.2: 1.1}, 1.2) is None
+    assert speed_sparsity({0.05: 1.25, 0.1: 1.02, 0.2: 1.48, 0.3: 1.29}, 1.2) == 0.2  # (a lucky 5% is not taken)
+    assert speed_sparsity({0.2: 1.3, 0.3: 1.1}, 1.2) is None  # (the largest does not reach it)
 
 
 def test_the_uniform_comparison_takes_the_grid_sparsity_nearest_the_budgets_mean() -> None:
