@@ -67,9 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attach_dashed_values(argv: Sequence[str]) -> list[str]:
+    """``--shard -1/2`` as ``--shard=-1/2``: argparse takes a value that starts with a dash for an
+    option (and says the argument is missing), so the shard's own check never saw it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--shard" and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"--shard={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dashed_values(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 0

@@ -234,6 +234,9 @@ def _check_line(path: Path, number: int, record: Record, unit: str = "line") -> 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Read task records from a ``.jsonl`` file (one object per line) or a ``.json`` list."""
     p = Path(path)
+    if p.is_dir():
+        raise SeapError(f"{p} is a folder, not a records file",
+                        "pass one .jsonl or .json file of records (a folder of tasks is --data-dir)")
     if not p.is_file():
         raise SeapError(f"calibration file not found: {p}", "check the path")
     try:
