@@ -438,8 +438,8 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     if inputs.get("choice"):  # every expert at the one grid sparsity nearest the budget's mean
         from seap.maths.budget import nearest_uniform
 
-        chosen = {t: e["chosen"] for t, e in read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget")["tasks"].items()}
-        beyond = read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget").get("beyond_reach", [])
+        record = read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget")
+        chosen, beyond = {t: e["chosen"] for t, e in record["tasks"].items()}, record.get("beyond_reach", [])
         grid = {float(row.rsplit("@", 1)[1]): row for row in inputs["candidates"]}
         grid = {s: row for s, row in grid.items() if s not in beyond} or grid
         sparsity, matched = nearest_uniform(chosen, list(grid)), sum(chosen.values()) / len(chosen)
@@ -509,8 +509,9 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         return {k: r for k, r in found.items()
                 if not any(BEYOND_REACH in load_mask(m).meta for m in inputs["candidates"][k].values())}
 
-    everything = {**selection_rows("rows"), **selection_rows("general_rows")}
-    rows, general_rows = within_reach(selection_rows("rows")), within_reach(selection_rows("general_rows"))
+    found, found_general = selection_rows("rows"), selection_rows("general_rows")
+    everything = {**found, **found_general}
+    rows, general_rows = within_reach(found), within_reach(found_general)
     out.mkdir(parents=True)
     record: dict[str, Any] = {"max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "metric": p.metric, "tasks": {}}
     beyond = sorted({float(r["sparsity"]) for k, r in everything.items() if k not in rows and k not in general_rows})
