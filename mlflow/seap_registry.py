@@ -85,11 +85,13 @@ def _local_artifact_location(uri: str) -> str | None:
 
 
 def connect(tracking_uri: str | None = None, local_dir: str | Path | None = None, attempts: int = 3,
-            delay: float = 2.0) -> str:
+            delay: float = 2.0, existing: bool = False) -> str:
     """Point MLflow at the tracking server (or local database) and check that it answers.
 
     An HTTP server is probed on ``/health`` ``attempts`` times with exponential back-off;
-    then :class:`RegistryUnavailableError` says so and how to register later.
+    then :class:`RegistryUnavailableError` says so and how to register later. With
+    ``existing`` (commands that read or change what is registered), a local database that does
+    not exist is refused instead of created, so a mistyped folder leaves nothing behind.
     """
     uri = resolve_tracking_uri(tracking_uri, local_dir)
     # bound MLflow's own HTTP retries (default 7 with factor 2: minutes) unless the user set them
@@ -118,7 +120,12 @@ def connect(tracking_uri: str | None = None, local_dir: str | Path | None = None
                 "start it (infra/single-machine/start.sh, infra/team) or fix MLFLOW_TRACKING_URI; local results "
                 "are kept: register them later with `seap register --results DIR --registry DIR`")
     elif uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        database = Path(uri[len("sqlite:///"):])
+        if existing and not database.is_file():
+            raise SeapError(f"no MLflow registry at {database}: nothing has been registered there",
+                            "point --mlflow-dir (or --tracking-uri, MLFLOW_TRACKING_URI) at the registry that holds "
+                            "the model, or register first (`seap eval`, `seap register`)")
+        database.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri

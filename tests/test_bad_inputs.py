@@ -329,6 +329,13 @@ CASES = [
     # -- the registry -------------------------------------------------------------------------------------
     Case("promote-version-not-a-number", lambda e: ["promote", "seap-x", "abc", "--to", "staging"],
          "positive whole number"),
+    Case("promote-into-a-registry-that-is-not-there", lambda e: ["promote", "seap-x", "1", "--to", "staging",
+                                                                  "--mlflow-dir", W(e, "mlflow")],
+         "no MLflow registry at", absent=("mlflow",)),
+    Case("rollback-in-a-registry-that-is-not-there", lambda e: ["rollback", "seap-x", "--mlflow-dir", W(e, "mlflow")],
+         "no MLflow registry at", absent=("mlflow",)),
+    Case("models-of-a-registry-that-is-not-there", lambda e: ["models", "--mlflow-dir", W(e, "mlflow")],
+         "no MLflow registry at", absent=("mlflow",)),
     Case("register-results-without-rows", lambda e: ["register", "--results", e.results, "--registry", e.registry,
                                                      "--mlflow-dir", W(e, "mlflow")], "holds no evaluated rows",
          absent=("mlflow",)),

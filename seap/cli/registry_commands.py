@@ -46,11 +46,12 @@ def _version(text: str) -> int:
     return int(text)
 
 
-def _registry(args: argparse.Namespace) -> Any:
+def _registry(args: argparse.Namespace, existing: bool = True) -> Any:
+    """The registry module, connected; ``existing``: a local registry must already be there."""
     from seap.registry.mlflow_code import mlflow_registry
 
     reg = mlflow_registry()
-    reg.connect(args.tracking_uri, args.mlflow_dir)
+    reg.connect(args.tracking_uri, args.mlflow_dir, existing=existing)
     return reg
 
 

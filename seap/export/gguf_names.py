@@ -97,8 +97,15 @@ def llama_cpp_family(adapter: ArchitectureAdapter) -> LlamaCppFamily:
         if cls in LLAMA_CPP_FAMILIES:
             return LLAMA_CPP_FAMILIES[cls]
     raise UnsupportedArchitectureError(
-        f"GGUF export is not available for the {adapter.name} family",
-        "export Llama-family models (llama, mistral); for this family use `seap export --format hf`")
+        f"GGUF export is not available for the {adapter.name} family (llama.cpp export covers llama and mistral)",
+        "serve the pruned folder with seap.load_pruned (any widths), or export it with `seap export --format hf`, "
+        "which needs one width for all layers (a mask built with `--same-width`) and no refitted bias that the "
+        "family's stock code lacks (`--no-refit-bias` for qwen2)")
+
+
+def exports_to_gguf(adapter: ArchitectureAdapter) -> bool:
+    """Whether llama.cpp export covers the adapter's family."""
+    return any(cls in LLAMA_CPP_FAMILIES for cls in type(adapter).__mro__)
 
 
 def llama_cpp_tensors(adapter: ArchitectureAdapter, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -106,5 +113,5 @@ def llama_cpp_tensors(adapter: ArchitectureAdapter, model: nn.Module) -> Iterato
     return llama_cpp_family(adapter).tensors(adapter, model)
 
 
-__all__ = ["LLAMA_CPP_FAMILIES", "LlamaCppFamily", "llama_cpp_family", "llama_cpp_tensors", "llama_layer_tensors",
+__all__ = ["LLAMA_CPP_FAMILIES", "LlamaCppFamily", "exports_to_gguf", "llama_cpp_family", "llama_cpp_tensors", "llama_layer_tensors",
            "llama_outer_tensors", "rope_pairs"]

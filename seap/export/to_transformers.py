@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from seap.errors import SeapError, UnsupportedArchitectureError
 from seap.export import pruning_record
+from seap.export.gguf_names import exports_to_gguf
 from seap.io import atomic_directory
 from seap.model.adapters.base import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from seap.model.checkpoint import is_expert_record
@@ -64,15 +65,43 @@ def _check_exportable(loaded: LoadedModel) -> tuple[int, int, int]:
         geo = loaded.adapter.geometry(loaded.model).layers
         heads = sorted({g.num_heads for g in geo})
         inter = sorted({g.intermediate_size for g in geo})
+        layer0 = (geo[0].num_heads, geo[0].num_kv_heads, geo[0].intermediate_size)
+        blocked = _unbuildable_bias(loaded, _stock_config(loaded, layer0))  # (names do not depend on widths)
+        rebuild = ("rebuild the mask with one width for all layers (`--same-width`, or `--schedule uniform` with no "
+                   "protected layers)")
+        if blocked:
+            rebuild += (f" and without a refitted bias (`--no-refit-bias`: stock {loaded.adapter.name} code has no "
+                        f"bias on {blocked})")
         raise SeapError(
             f"the layers of this pruned model have different widths (attention heads {heads[0]}..{heads[-1]}, MLP "
             f"channels {inter[0]}..{inter[-1]}), and stock transformers builds one width for all layers",
-            "export it for llama.cpp (`--format gguf`, any widths), load it with seap.load_pruned, or rebuild the "
-            "mask with one width for all layers (`--same-width`, or `--schedule uniform` with no protected layers)")
+            f"{_serve_instead(loaded)}, or {rebuild}")
     if 0 in widths:
         raise SeapError("the pruned layers keep no attention heads or no MLP channels, which stock modelling code "
                         "cannot build", "rebuild the mask at a lower sparsity")
     return widths
+
+
+def _serve_instead(loaded: LoadedModel) -> str:
+    """What serves ``loaded`` as it is, with any widths and biases (GGUF only for families llama.cpp export covers)."""
+    gguf = ", export it for llama.cpp (`--format gguf`, any widths)" if exports_to_gguf(loaded.adapter) else ""
+    return f"load the pruned folder with seap.load_pruned{gguf}"
+
+
+def _unbuildable_bias(loaded: LoadedModel, config: dict[str, Any]) -> str | None:
+    """The first projection with a bias (from a refit or bias compensation) that the family's stock
+    code cannot build from ``config`` (no bias flag for its group), or None."""
+    names = {id(module): name for name, module in loaded.model.named_modules()}
+    expected = _stock_keys(config)
+    for flag, group in BIAS_FLAGS.items():
+        if flag in config:
+            continue
+        for layer in loaded.adapter.decoder_layers(loaded.model):
+            for projection in group:
+                linear = getattr(loaded.adapter.layer_modules(layer), projection)
+                if linear.bias is not None and f"{names[id(linear)]}.bias" not in expected:
+                    return projection
+    return None
 
 
 def _stock_config(loaded: LoadedModel, widths: tuple[int, int, int]) -> dict[str, Any]:
@@ -129,8 +158,8 @@ def _stock_state(loaded: LoadedModel, config: dict[str, Any]) -> dict[str, torch
             raise UnsupportedArchitectureError(
                 f"this {loaded.adapter.name} model has biases on {extra[0].rsplit('.', 2)[-2]} (from reconstruction or "
                 f"bias compensation), and its stock modelling code has no {flag} setting to build them",
-                "rebuild the mask without a refit bias (or without bias compensation), or export for llama.cpp "
-                "(`--format gguf`)")
+                f"rebuild the mask without a refitted bias (`--no-refit-bias`, or without bias compensation), or "
+                f"{_serve_instead(loaded)}")
         config[flag] = True
     expected = _stock_keys(config)
     for key in expected - set(state):
@@ -174,7 +203,7 @@ def check_stock_load(loaded: LoadedModel, folder: Path) -> float:
     if bad:
         raise UnsupportedArchitectureError(
             f"stock transformers does not load the exported weights as they are ({bad})",
-            "export for llama.cpp (`--format gguf`) or load the pruned folder with seap.load_pruned")
+            _serve_instead(loaded))
     device = next(loaded.model.parameters()).device
     vocab = int(loaded.adapter.text_config(loaded.config).vocab_size)
     ids = torch.arange(1, STOCK_CHECK_TOKENS + 1, dtype=torch.long)[None, :] * 7919 % vocab
@@ -185,5 +214,5 @@ def check_stock_load(loaded: LoadedModel, folder: Path) -> float:
     if not diff <= STOCK_RTOL.get(dtype, STOCK_RTOL_HALF) * max(1.0, float(want.abs().max())):
         raise UnsupportedArchitectureError(
             f"stock transformers loads the export, but its logits differ from the pruned model's by {diff:.3g}",
-            "export for llama.cpp (`--format gguf`) or load the pruned folder with seap.load_pruned")
+            _serve_instead(loaded))
     return diff

@@ -117,3 +117,22 @@ def test_soft_and_moe_are_refused(tmp_path) -> None:
         moe.model.config.seap_pruning = {"mode": "hard", "unit": "experts"}
         export_transformers(moe, tmp_path / "b")
     assert not list(tmp_path.iterdir())
+
+
+def test_every_fix_offered_for_a_qwen2_model_works(tmp_path) -> None:
+    """Qwen2 with per-layer widths and refitted biases: GGUF is refused, and the stock refusal
+    must not send the user back to GGUF; what both offer (one width, no refitted bias) exports."""
+    from seap.export.to_gguf import export_gguf
+
+    loaded = make_tiny_model("qwen2")
+    pruned = apply_mask(loaded, mask_for(loaded, 0.4), "hard", bias_compensation=True)  # logistic: widths differ
+    with pytest.raises(UnsupportedArchitectureError, match="GGUF export is not available") as gguf:
+        export_gguf(pruned, tmp_path / "m.gguf")
+    with pytest.raises(SeapError, match="different widths") as hf:
+        export_transformers(pruned, tmp_path / "stock")
+    for fix in (gguf.value.fix, hf.value.fix):
+        assert "--same-width" in fix and "--no-refit-bias" in fix and "load_pruned" in fix
+    assert "--format gguf" not in hf.value.fix
+    followed = apply_mask(loaded, _same_width(loaded, 0.5), "hard", bias_compensation=False)
+    export_transformers(followed, tmp_path / "stock")
+    assert (tmp_path / "stock" / "config.json").is_file() and not (tmp_path / "m.gguf").exists()
