@@ -215,7 +215,8 @@ def _apply(args: argparse.Namespace) -> int:
 PRUNE_OPTIONS = ("unit", "expert_score", "allow_k_reduction", "gqa_mode", "schedule_k", "schedule_x0", "protect_first",
                  "protect_last", "channel_multiple", "same_width", "bias_compensation", "general_weights", "reconstruct",
                  "refit_alpha", "refit_prior", "refit_bias", "refit_sequential", "samples", "seed", "max_tokens",
-                 "stats_batch_size", "offload", "workdir")  # the run configuration's options `seap prune` takes as they are
+                 "stats_batch_size", "offload", "workdir", "data_dir", "max_drop", "max_drop_rel", "budget_grid",
+                 "selection_items", "min_speedup")  # the run configuration's options `seap prune` takes as they are
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -223,14 +224,16 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     from seap.run.methods import METHODS
 
     model_arguments(p)
-    p.add_argument("--calib", required=True, help="JSON/JSONL task records (or texts), or 'builtin'")
+    p.add_argument("--calib", default=None, help="JSON/JSONL task records (or texts), or 'builtin' (with an accuracy "
+                   "budget: not used, the task's train split calibrates)")
     p.add_argument("--task", action="append", dest="tasks", help="prune for this task only (an expert mask)")
     p.add_argument("--method", default="seap", choices=("seap", *(n for n, m in METHODS.items() if m.builds_masks)),
                    help="seap (the expert of one task, or the general mask of several), or a baseline of the "
                         "method table (wanda-sp, flap and their +logistic variants; moe-frequency)")
     p.add_argument("--score", default=None, choices=SCORE_NAMES, help="SEAP's score (a baseline keeps its own)")
     p.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES, help="SEAP's schedule (a baseline keeps its own)")
-    p.add_argument("--sparsity", type=float, required=True, help="target fraction of prunable weights to remove, in [0, 1)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="target fraction of prunable weights to remove, in [0, 1) (or --max-drop: the budget chooses)")
     add_arguments(p, only=PRUNE_OPTIONS,
                   aliases={"schedule_k": ("--k",), "schedule_x0": ("--x0",), "stats_batch_size": ("--batch-size",),
                            "general_weights": ("--weight",)})

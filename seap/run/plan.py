@@ -175,7 +175,7 @@ STAGES: dict[str, Stage] = {
               ("report", "masks", "refits", "router", "budget", "evaluate-routed"), cached=False),
         Stage("checkpoint", "the hard-pruned model of one mask, saved as a checkpoint (`seap prune`)",
               (*_BASE, "seap.model.checkpoint", "seap.model.layer_stream", "seap.model.shards", *_APPLY),
-              (), ("model", "masks", "refits"), pipeline=False),
+              (), ("model", "masks", "refits", "budget"), pipeline=False),
     )
 }
 
@@ -311,10 +311,23 @@ def make_plan(config: RunConfig) -> Plan:
 def make_prune_plan(config: RunConfig, records: str) -> Plan:
     """The one job chain of ``seap prune``: the masks chain of ``config`` (one method, one
     sparsity, the tasks of the calibration ``records`` file) and the hard-pruned checkpoint of
-    its one mask. The same planner, stage functions and cache as :func:`make_plan`."""
+    its one mask. With an accuracy budget (or a speed target) the one task's expert is sized by
+    the same search as ``seap eval``'s (:func:`_search_jobs`; calibration and selection items
+    from the task's train split, ``records`` unused) and that expert is the checkpoint. The
+    same planner, stage functions and cache as :func:`make_plan`."""
     config.validate(check_data=False)
     if len(config.masks.methods) != 1 or len(config.masks.sparsities) != 1:
         raise SeapError("a one-shot prune builds one mask", "give one method and one sparsity")
+    if config.budget.enabled:  # the expert sized by the budget's search (tasks, not a records file)
+        candidates: dict[str, dict[str, str]] = {}
+        jobs, _ = mask_chain(config, _corpus(config.data, data_dir=config.data.data_dir), candidates)
+        _search_jobs(config, jobs, candidates)
+        (task,) = config.data.task_names
+        jobs.append(Job("checkpoint", "", {"model": "model", "mask": f"budget/{task}"},
+                        CheckpointParams(row=BUDGET_ROW, mask=task)))
+        plan = Plan(config, jobs)
+        check_plan(plan)
+        return plan
     jobs, mask_jobs = mask_chain(config, _corpus(config.data, records=records))
     (row, group), = mask_jobs.items()
     if len(group) != 1:
@@ -587,12 +600,13 @@ def _finish_plan(c: RunConfig, jobs: list[Job], mask_jobs: dict[str, dict[str, s
     return plan
 
 
-def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping[str, str]],
-                 rows: dict[str, str]) -> str:
-    """The accuracy budget's search and row: the dense model and every candidate row (each task
-    with its own expert at one sparsity of the grid) on the selection items, the choice of each
-    task's sparsity, each task's chosen expert, and the ``seap-budget`` row on the reported
-    items (added to ``rows``). Returns the choice's job key."""
+def _search_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping[str, str]]
+                 ) -> tuple[Job, dict[str, dict[str, str]]]:
+    """The accuracy budget's search: the dense model and every candidate row (each task with its
+    own expert at one sparsity of the grid) on the selection items, the candidates timed when
+    there is a speed target, the choice of each task's sparsity and each task's chosen expert
+    (``budget/<task>``, and ``budget/general`` when general candidates were searched). Returns
+    the choice job and the selection rows searched (``rows``: experts, ``general_rows``)."""
     add = jobs.append
     dense = Job("select", DENSE, {"model": "model", "data": "selection"}, _evaluation(c, DENSE, 0.0))
     add(dense)
@@ -622,6 +636,17 @@ def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
     members = [*tasks, *([GENERAL] if selected["general_rows"] else [])]
     for member in members:
         add(Job("budget", member, {"choice": choice.key}, BudgetParams(member=member)))
+    return choice, selected
+
+
+def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping[str, str]],
+                 rows: dict[str, str]) -> str:
+    """The accuracy budget's search (:func:`_search_jobs`) and rows: the ``seap-budget`` row on
+    the reported items, the uniform row it is compared with and, when searched, the budgeted
+    general mask's row (added to ``rows``). Returns the choice's job key."""
+    add = jobs.append
+    tasks = c.data.task_names
+    choice, selected = _search_jobs(c, jobs, candidates)
     job = Job("evaluate", BUDGET_ROW, {"model": "model", "masks": {t: f"budget/{t}" for t in tasks}},
               _evaluation(c, BUDGET_ROW, 0.0, per_task=True), row=BUDGET_ROW)
     add(job)

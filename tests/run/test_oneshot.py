@@ -8,7 +8,7 @@ import torch
 
 from seap.cli import main
 from seap.maths.mask_formats import load_mask
-from seap.model.checkpoint import load_pruned
+from seap.model.checkpoint import PRUNED_MASK_DIR, load_pruned
 from tests.helpers import SENTENCES, make_tiny_moe
 
 
@@ -160,3 +160,28 @@ def test_prune_killed_mid_walk_resumes_after_the_last_finished_layer_with_identi
     assert resumed.fingerprint == plain.fingerprint
     ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
     assert torch.equal(resumed.model(ids).logits, plain.model(ids).logits)
+
+
+def test_prune_with_an_accuracy_budget_keeps_the_expert_the_search_chooses(tmp_path, capsys) -> None:
+    """``seap prune --max-drop``: one task's expert sized by the same search as ``seap eval``
+    (the selection items held out of its train split), and that expert is the checkpoint."""
+    from seap.maths.budget import allowed_drop, chosen_sparsity
+    from tests.helpers_flows import tiny_project
+
+    base, data = tiny_project(tmp_path)
+    out, work = tmp_path / "pruned", tmp_path / "work"
+    args = ["--no-progress", "prune", "--model", str(base), "--task", "geo", "--data-dir", str(data), "--max-drop", "5",
+            "--budget-grid", "0.15", "0.3", "0.6", "--selection-items", "6", "--schedule", "uniform",
+            "--out", str(out), "--workdir", str(work)]
+    assert main([*args, "--sparsity", "0.3"]) == 2  # (the budget chooses the sparsity: refused before any work)
+    assert "both given" in capsys.readouterr().err and not work.exists()
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    choice = next(work.glob("budget/budget-*/budget.json"))
+    record = json.loads(choice.read_text())["tasks"]["geo"]
+    curve = {float(s): a for s, a in record["curve"].items()}
+    assert record["chosen"] == chosen_sparsity(curve, record["dense"], allowed_drop(record["dense"], 5.0))
+    mask = load_mask(out / PRUNED_MASK_DIR)
+    assert mask.meta["accuracy_budget"]["chosen_sparsity"] == record["chosen"]
+    assert f"chosen {record['chosen'] * 100:g}%" in printed and "held-out train items" in printed
+    assert load_pruned(out).fingerprint
