@@ -8,8 +8,8 @@ that budget of the dense model's on the same items.
 * :func:`allowed_drop` turns the budget into an accuracy drop (a fraction) for one task.
 * :func:`passes` says whether a candidate keeps within it.
 * :func:`chosen_sparsity` picks, from candidates already measured, the largest sparsity that
-  passes *and* whose every smaller measured candidate passes too (the accuracy curve is noisy;
-  a lucky pass beyond a failure is not taken).
+  passes on the curve's :func:`monotone_fit` (isotonic regression: the measured curve is noisy,
+  and pruning more never helps in expectation), so every smaller candidate passes too.
 * :func:`next_probe` drives a bisection on a grid of ``step`` (2.5% by default) up to
   ``max_sparsity``: it returns the next sparsity to measure, or ``None`` when the answer is
   known to within one step. A grid search measures every grid point and only calls
@@ -33,13 +33,6 @@ from collections.abc import Mapping, Sequence
 DEFAULT_STEP = 0.025
 DEFAULT_MAX_SPARSITY = 0.8
 DECIMALS = 4
-BUDGET_ROW = "seap-budget"  # the row (and registered method) of the experts a budget sizes
-BUDGET_GENERAL_ROW = "seap-budget-general"  # ... and of the general mask it sizes
-BUDGET_UNIFORM_ROW = "seap-budget-uniform"  # one grid sparsity for every expert, the nearest the budget's mean
-BUDGET_ROUTED_ROW = "seap-budget-routed"  # the router in front of those experts, that general mask its fallback
-BEYOND_REACH = "beyond_reach"  # (a candidate mask's metadata) the grid sparsity its schedule could not reach
-FALLBACK_MASK = "fallback"  # (in the budgeted routed row's output) the fallback mask it chose
-MASK_META = "accuracy_budget"  # (the metadata key of an expert sized by a budget) what it was sized by
 
 
 def _key(sparsity: float) -> float:
@@ -71,14 +64,33 @@ def passes(accuracy: float, dense: float, allowed: float) -> bool:
     return accuracy >= dense - allowed - 1e-12
 
 
-def chosen_sparsity(curve: Mapping[float, float], dense: float, allowed: float) -> float:
-    """The largest measured sparsity of ``curve`` (sparsity -> selection accuracy) that passes,
-    with every smaller measured sparsity passing too; 0.0 (dense) when the smallest fails."""
-    best = 0.0
+def monotone_fit(curve: Mapping[float, float]) -> dict[float, float]:
+    """The non-increasing curve nearest ``curve`` (sparsity -> accuracy) in least squares: the
+    isotonic regression (pool-adjacent-violators, every point weighted alike, as every candidate
+    is scored on the same items). Pruning more never helps in expectation, so a candidate that
+    scores above a smaller one is noise: the two are pooled to their mean."""
+    blocks: list[list[float]] = []  # [sum, count] of each pooled run, in order of sparsity
     for sparsity in sorted(curve, key=_key):
-        if not passes(curve[sparsity], dense, allowed):
+        blocks.append([float(curve[sparsity]), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted = [total / count for total, count in blocks for _ in range(int(count))]
+    return {_key(s): a for s, a in zip(sorted(curve, key=_key), fitted, strict=True)}
+
+
+def chosen_sparsity(curve: Mapping[float, float], dense: float, allowed: float) -> float:
+    """The largest measured sparsity of ``curve`` (sparsity -> selection accuracy) whose
+    accuracy on the :func:`monotone_fit` of the curve passes (so every smaller one passes too);
+    0.0 (dense) when the smallest fails. A one-item dip between passing candidates is pooled
+    with its neighbours instead of stopping the search; a lucky pass after a clear failure is
+    pooled with that failure and not taken."""
+    best = 0.0
+    for sparsity, fitted in sorted(monotone_fit(curve).items()):
+        if not passes(fitted, dense, allowed):
             break
-        best = _key(sparsity)
+        best = sparsity
     return best
 
 
@@ -112,12 +124,14 @@ def next_probe(curve: Mapping[float, float], dense: float, allowed: float,
 
 def general_sparsity(curves: Mapping[str, Mapping[float, float]], dense: Mapping[str, float],
                      allowed: Mapping[str, float]) -> float:
-    """The largest sparsity measured for every task at which every task passes (and every task
-    passes at every smaller such sparsity): the general mask under the same budget."""
+    """The largest sparsity measured for every task at which every task passes on its curve's
+    :func:`monotone_fit` (so at every smaller such sparsity too): the general mask under the
+    same budget."""
     common = set.intersection(*({_key(s) for s in c} for c in curves.values())) if curves else set()
+    fits = {t: monotone_fit({s: v for s, v in c.items() if _key(s) in common}) for t, c in curves.items()}
     best = 0.0
     for sparsity in sorted(common):
-        at = {t: next(v for s, v in c.items() if _key(s) == sparsity) for t, c in curves.items()}
+        at = {t: fit[sparsity] for t, fit in fits.items()}
         if not all(passes(at[t], dense[t], allowed[t]) for t in curves):
             break
         best = sparsity
@@ -184,5 +198,6 @@ def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | No
     return found
 
 
-__all__ = ["ideal_speedup", "with_speed_target", "BEYOND_REACH", "FALLBACK_MASK", "fallback_choice", "BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "nearest_uniform", "DECIMALS", "MASK_META", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "general_sparsity",
-           "next_probe", "passes", "selection_resolution", "speed_sparsity"]
+__all__ = ["DECIMALS", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "fallback_choice",
+           "general_sparsity", "ideal_speedup", "monotone_fit", "nearest_uniform", "next_probe", "passes", "selection_resolution",
+           "speed_sparsity", "with_speed_target"]

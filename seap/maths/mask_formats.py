@@ -81,6 +81,7 @@ class Mask(Protocol):
 
 
 MASK_FORMATS: dict[str, type[Mask]] = {cls.format: cls for cls in (PruningMask, ExpertMask)}
+BUDGET_META = "accuracy_budget"  # (the metadata key of an expert an accuracy budget sized) what sized it
 DEFAULT_MASK_FORMAT = PruningMask.format  # a folder without any mask metadata: its reader says what is missing
 
 
@@ -105,4 +106,4 @@ def load_mask(path: str | Path) -> Mask:
     return mask_class(path).load(path)
 
 
-__all__ = ["DEFAULT_MASK_FORMAT", "MASK_FORMATS", "Mask", "load_mask", "mask_class"]
+__all__ = ["BUDGET_META", "DEFAULT_MASK_FORMAT", "MASK_FORMATS", "Mask", "load_mask", "mask_class"]

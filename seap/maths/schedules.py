@@ -323,6 +323,9 @@ def same_width_allocation(geometry: ModelGeometry, target: float, gqa_mode: str 
         multiple = max(1, multiple // 2)
 
 
+BEYOND_REACH = "beyond_reach"  # (a mask's metadata) the sparsity asked for that its schedule could not reach
+
+
 def reachable_sparsity(schedule: str, geometry: ModelGeometry, gqa_mode: str = DEFAULT_GQA_MODE,
                        **logistic: Any) -> float:
     """The largest sparsity ``schedule`` can realise on ``geometry`` (the logistic schedule keeps

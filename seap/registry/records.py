@@ -114,7 +114,8 @@ def expert_records(results: Mapping[str, Any], masks: Mapping[str, Mapping[str, 
     built them; metrics come from the results rows: accuracy on the mask's task(s) with the
     report's metric, retention against dense per task and its minimum, and the speed-ups.
     """
-    from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, FALLBACK_MASK, MASK_META
+    from seap.maths.mask_formats import BUDGET_META as MASK_META
+    from seap.run.methods import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, FALLBACK_MASK
     from seap.maths.mask_formats import load_mask
 
     rows = results["rows"]

@@ -18,7 +18,6 @@ from typing import Any
 
 from seap.data.corpus import DEFAULT_MAX_TOKENS
 from seap.errors import SeapError
-from seap.maths.budget import BEYOND_REACH
 from seap.run.job_params import MaskParams
 from seap.run.plan import GENERAL
 
@@ -80,7 +79,7 @@ def build_method_mask(params: MaskParams, *, scores: Sequence[Any] = (), router_
     combined = combine_scores(list(scores), params.weights or None) if len(scores) > 1 else scores[0]
     target = params.sparsity
     if params.up_to_reachable:  # a search's candidate past the schedule's limit: built at the limit, marked
-        from seap.maths.schedules import reachable_sparsity
+        from seap.maths.schedules import BEYOND_REACH, reachable_sparsity
 
         limit = reachable_sparsity(params.schedule, combined.geometry, params.gqa_mode or "kv-groups",
                                    **params.schedule_options)

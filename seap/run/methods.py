@@ -146,6 +146,11 @@ METHODS: dict[str, Method] = {
 DENSE = "dense"  # the unpruned row every table starts with (not a method: nothing to build)
 ROUTED_EXPERTS = "seap-expert"  # where the routed row takes its experts ...
 ROUTED_FALLBACK = "seap-general"  # ... and its low-confidence fallback
+BUDGET_ROW = "seap-budget"  # the row (and registered method) of the experts an accuracy budget sizes
+BUDGET_GENERAL_ROW = "seap-budget-general"  # ... and of the general mask it sizes
+BUDGET_UNIFORM_ROW = "seap-budget-uniform"  # one grid sparsity for every expert, the nearest the budget's mean
+BUDGET_ROUTED_ROW = "seap-budget-routed"  # the router in front of those experts, that general mask its fallback
+FALLBACK_MASK = "fallback"  # (in that routed row's output) the fallback mask it chose
 DEFAULT_METHODS = ("seap-expert", "seap-general", "seap-routed", "wanda-sp", "flap")
 MOE_DEFAULT_METHODS = ("seap-expert", "seap-general", "seap-routed", "moe-frequency")  # the default with unit experts
 BASELINES = tuple(name for name, m in METHODS.items() if m.family == "baseline")
@@ -175,4 +180,4 @@ def row_key(method: str, sparsity: float) -> str:
     return DENSE if method == DENSE else f"{method}@{sparsity:g}"
 
 
-__all__ = ["BASELINES", "DEFAULT_METHODS", "MOE_DEFAULT_METHODS", "NEURON_METHODS", "UNITS", "DENSE", "METHODS", "REFIT_CORPORA", "Method", "check_compensation", "get_method", "methods_to_build", "row_key"]
+__all__ = ["FALLBACK_MASK", "BUDGET_GENERAL_ROW", "BUDGET_ROUTED_ROW", "BUDGET_ROW", "BUDGET_UNIFORM_ROW", "BASELINES", "DEFAULT_METHODS", "MOE_DEFAULT_METHODS", "NEURON_METHODS", "UNITS", "DENSE", "METHODS", "REFIT_CORPORA", "Method", "check_compensation", "get_method", "methods_to_build", "row_key"]

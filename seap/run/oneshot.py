@@ -14,8 +14,7 @@ from typing import Any
 from seap.data.corpus import DEFAULT_SAMPLES_PER_TASK, DEFAULT_SEED
 from seap.errors import SeapError
 from seap.io import atomic_directory, check_output, read_json
-from seap.maths.budget import MASK_META
-from seap.maths.mask_formats import Mask, load_mask
+from seap.maths.mask_formats import BUDGET_META, Mask, load_mask
 from seap.maths.schedules import check_sparsity
 from seap.model.checkpoint import PRUNED_MASK_DIR
 from seap.model.loaded import LoadedModel
@@ -59,7 +58,7 @@ class PruneResult:
             lines.append("experts kept:      " + " ".join(f"layer {i}: {k}" for i, k in self.mask.kept_signature()))
         elif m.get("layers"):
             lines.append("per layer:         " + " ".join(f"{layer['realised']:.2f}" for layer in m["layers"]))
-        sized = m.get(MASK_META)
+        sized = m.get(BUDGET_META)
         if sized:  # (an expert the accuracy budget sized)
             budget = f"{sized['max_drop']:g} points" if sized.get("max_drop") is not None else \
                 f"{sized['max_drop_rel']:g} of the margin over chance" if sized.get("max_drop_rel") is not None else "none"
@@ -187,7 +186,7 @@ def prune(model: str | LoadedModel, calib: str | None, sparsity: float | None, o
     summary = read_json(result_dir / CHECKPOINT_SUMMARY, "prune summary")
     mask = load_mask(out / PRUNED_MASK_DIR)
     if config.budget.enabled:  # (the sparsity the budget chose)
-        sparsity = float(mask.meta[MASK_META]["chosen_sparsity"])
+        sparsity = float(mask.meta[BUDGET_META]["chosen_sparsity"])
     assert sparsity is not None
     return PruneResult(out, mask, sparsity, summary["realised_sparsity"], summary["dense_params"],
                        summary["pruned_params"], names, timings, workdir,

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seap.errors import SeapError
-from seap.maths.budget import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, BUDGET_UNIFORM_ROW
 from seap.run.config import DataSection, ModelSection, RunConfig, task_name
 from seap.run.job_params import (
     BenchParams,
@@ -45,6 +44,10 @@ from seap.run.job_params import (
     params_to_dict,
 )
 from seap.run.methods import (
+    BUDGET_GENERAL_ROW,
+    BUDGET_ROUTED_ROW,
+    BUDGET_ROW,
+    BUDGET_UNIFORM_ROW,
     DENSE,
     METHODS,
     ROUTED_EXPERTS,
@@ -114,7 +117,7 @@ STAGES: dict[str, Stage] = {
         Stage("masks", "per-layer sparsity and one mask per expert, general mask and baseline",
               (*_BASE, "seap.run.commands", "seap.run.mask_building", "seap.model.pruning", "seap.maths.masks",
                "seap.maths.schedules", "seap.maths.geometry", "seap.maths.scores", "seap.maths.statistics",
-               "seap.data.corpus", "seap.maths.expert_selection", "seap.maths.budget"),
+               "seap.data.corpus", "seap.maths.expert_selection"),
               ("sparsities", "methods", "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last",
                "channel_multiple", "same_width", "gqa_mode", "bias_compensation", "general_weights", "reconstruct",
                "unit", "expert_score", "allow_k_reduction"),
@@ -129,20 +132,21 @@ STAGES: dict[str, Stage] = {
               ("sparsities", "methods", "reconstruct", "refit_alpha", "refit_prior", "refit_bias", "refit_sequential",
                "refit_corpus", "refit_generic", "stats_batch_size"),
               ("masks", "model", "corpus")),
-        Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL, "seap.maths.budget"),
+        Stage("evaluate-dense", "the dense row (a sparsity change never re-runs it)", (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model",)),
         Stage("evaluate", "one row per method and sparsity (experts: each task with its own)",
-              (*_BASE, *_EVAL, "seap.maths.budget"),
+              (*_BASE, *_EVAL),
               _EVAL_OPTIONS, ("model", "masks", "refits", "budget")),
         Stage("select", "with an accuracy budget: the dense model and each candidate expert of the search on the "
-              "held-out selection items", (*_BASE, *_EVAL, "seap.maths.budget"), (*_EVAL_OPTIONS, "budget_grid"),
+              "held-out selection items", (*_BASE, *_EVAL), (*_EVAL_OPTIONS, "budget_grid"),
               ("model", "masks", "refits", "selection")),
         Stage("candidate-speed", "with a speed target: the prefill speed of dense and of each candidate shape of "
               "the search", (*_BASE, "seap.evaluation.speed", *_APPLY), ("bench_repeats", "min_speedup"),
               ("model", "masks", "refits")),
         Stage("budget", "each task's sparsity under the accuracy budget (the largest candidate whose selection "
               "accuracy keeps within it) and the speed target, and its expert",
-              ("seap.run.stages", "seap.maths.budget", "seap.evaluation.budget_plot", "seap.evaluation.metrics",
+              ("seap.run.stages", "seap.maths.budget", "seap.maths.schedules", "seap.evaluation.budget_plot",
+               "seap.evaluation.metrics",
                "seap.maths.mask_formats", "seap.maths.masks", "seap.io"),
               ("max_drop", "max_drop_rel", "min_speedup", "budget_grid", "metric"),
               ("select", "candidate-speed", "masks", "refits")),
@@ -153,7 +157,7 @@ STAGES: dict[str, Stage] = {
               ("model",)),
         Stage("evaluate-routed", "the routed row: the router's expert per input (reusing the expert row where "
               "the router picks the task's own expert)",
-              (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed", "seap.maths.budget"),
+              (*_BASE, *_EVAL, "seap.evaluation.router", "seap.evaluation.routed", "seap.maths.budget", "seap.run.methods"),
               (*_EVAL_OPTIONS, "router_threshold", "router_kind"),
               ("model", "masks", "refits", "router", "evaluate", "evaluate-dense", "budget")),
         Stage("perplexity", "WikiText-2 perplexity of dense and each general mask",

@@ -435,15 +435,10 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     specs = catalogue.resolve(tasks)
     loaded_masks = _load_masks(inputs.get("masks") or {})
     sparsity, matched = p.sparsity, None
-    if inputs.get("choice"):  # every expert at the one grid sparsity nearest the budget's mean
-        from seap.maths.budget import nearest_uniform
-
-        record = read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget")
-        chosen, beyond = {t: e["chosen"] for t, e in record["tasks"].items()}, record.get("beyond_reach", [])
-        grid = {float(row.rsplit("@", 1)[1]): row for row in inputs["candidates"]}
-        grid = {s: row for s, row in grid.items() if s not in beyond} or grid
-        sparsity, matched = nearest_uniform(chosen, list(grid)), sum(chosen.values()) / len(chosen)
-        loaded_masks = _load_masks(inputs["candidates"][grid[sparsity]])
+    if inputs.get("choice"):  # every expert at the one grid sparsity nearest the budget's mean (the choice's)
+        uniform = read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget")["uniform"]
+        sparsity, matched = float(uniform["sparsity"]), float(uniform["budget_mean"])
+        loaded_masks = _load_masks(inputs["candidates"][uniform["row"]])
     loaded = ctx.base(inputs["model"])
     row, items = evaluate_masks(loaded, catalogue, specs, p.method, sparsity, loaded_masks, p.limit,
                                 p.num_fewshot, p.batch_size, p.metric)
@@ -460,8 +455,8 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
 def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """Each task's sparsity under the accuracy budget, from the selection rows
-    (:mod:`seap.maths.budget`: the largest candidate that keeps within it, with every smaller
-    one), each task's chosen expert (``out/<task>/``; a task no candidate keeps within budget
+    (:mod:`seap.maths.budget`: the largest candidate that keeps within it on the curve's isotonic
+    fit), each task's chosen expert (``out/<task>/``; a task no candidate keeps within budget
     gets a mask that keeps everything), with ``general_rows`` the general mask under the same
     budget (``out/general/``: the largest sparsity that keeps every task within it), and the
     plot of the curves; or (``member``) one chosen mask, copied from that choice."""
@@ -474,16 +469,18 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     from seap.evaluation.budget_plot import budget_plot
     from seap.evaluation.metrics import chance, metric_for
     from seap.maths.budget import (
-        BEYOND_REACH,
         DECIMALS,
-        MASK_META,
         allowed_drop,
         chosen_sparsity,
         general_sparsity,
+        monotone_fit,
+        nearest_uniform,
         selection_resolution,
         with_speed_target,
     )
+    from seap.maths.mask_formats import BUDGET_META as MASK_META
     from seap.maths.mask_formats import load_mask
+    from seap.maths.schedules import BEYOND_REACH
 
     def accuracy(row: Mapping[str, Any], task: str) -> float:
         return float(row["tasks"][task][metric_for(task, p.metric)])
@@ -558,6 +555,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         if by_accuracy:
             allowed[task] = entry["allowed_drop"] = allowed_drop(dense[task], p.max_drop, p.max_drop_rel, at_chance)
             chosen = chosen_sparsity(curve, dense[task], allowed[task])
+            entry["fitted"] = {f"{s:g}": a for s, a in sorted(monotone_fit(curve).items())}
             if chosen == 0.0:
                 ctx.say(f"{task}: no sparsity of the grid keeps within the budget; its expert stays dense")
             if resolution > allowed[task] * 100:
@@ -572,6 +570,11 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
                                                 "selection_dense": dense[task], "selection_accuracy": at})
         entry["realised_sparsity"] = mask.realised_sparsity()
         record["tasks"][task] = entry
+    chosen_sizes = {t: e["chosen"] for t, e in record["tasks"].items()}
+    at = {round(float(r["sparsity"]), DECIMALS): k for k, r in (rows or found).items()}  # (within reach, if any)
+    uniform = nearest_uniform(chosen_sizes, list(at))  # the comparison at (nearly) equal mean sparsity
+    record["uniform"] = {"sparsity": uniform, "row": at[uniform],
+                         "budget_mean": sum(chosen_sizes.values()) / len(chosen_sizes)}
     if general_rows:
         curves = {t: {float(r["sparsity"]): accuracy(r, t) for r in general_rows.values()} for t in p.tasks}
         general: dict[str, Any] = {"curves": {t: {f"{s:g}": a for s, a in sorted(c.items())} for t, c in curves.items()}}
@@ -646,7 +649,7 @@ def evaluate_routed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
         row["fallback"] = fallback
     _write_row(out, row, items)
     if general is not None and p.method == BUDGET_ROUTED_ROW:  # (the registry's bundle takes it from here)
-        from seap.maths.budget import FALLBACK_MASK
+        from seap.run.methods import FALLBACK_MASK
 
         general.save(out / FALLBACK_MASK)
     ctx.say(f"{job.row}: average {row['average']['table'] * 100:.2f} "
@@ -658,7 +661,8 @@ def _choose_fallback(inputs: Inputs, metric: str, experts: Mapping[str, Any]) ->
     under the budget the experts were sized by): what was measured, the choice and its ``mask``
     (a mask keeping everything when dense is chosen)."""
     from seap.evaluation.metrics import metric_for
-    from seap.maths.budget import MASK_META, allowed_drop, fallback_choice
+    from seap.maths.budget import allowed_drop, fallback_choice
+    from seap.maths.mask_formats import BUDGET_META as MASK_META
     from seap.maths.mask_formats import load_mask
 
     dense_row = read_json(Path(inputs["held_out_dense"]) / ROW_FILE, "held-out dense row")

@@ -517,7 +517,7 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
 def test_a_budget_candidate_past_the_schedules_reach_is_built_at_its_limit_and_never_chosen(tmp_path) -> None:
     """A grid sparsity the logistic schedule cannot reach on this model is not a failure of the
     run: its candidate is built at the limit, marked, scored, and left out of the choice."""
-    from seap.maths.budget import BEYOND_REACH
+    from seap.maths.schedules import BEYOND_REACH
     from seap.maths.masks import PruningMask
 
     config = tiny_config(tmp_path, methods=["seap-expert"], sparsities=[0.2], schedule="logistic", protect_first=1,
