@@ -1,5 +1,5 @@
 """The pipeline commands: ``seap eval`` (the whole plan in this process), ``plan`` (its jobs),
-``stage`` (one DVC stage) and ``study`` (the quality study)."""
+``stage`` (one DVC stage), ``study`` (the quality study) and ``cache`` (what the work folder holds)."""
 
 from __future__ import annotations
 
@@ -162,6 +162,58 @@ def _stage(args: argparse.Namespace) -> int:
     run_stage(args.name, args.params, args.root, progress=show_progress(args))
     return 0
 
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", default="list", choices=("list", "prune"),
+                   help="list (default): what the work folder holds per stage; prune: remove outputs")
+    p.add_argument("--workdir", default="runs/work", help="the work folder (default: %(default)s)")
+    p.add_argument("--registry-dir", default=None, help="also list this local registry (never pruned here)")
+    p.add_argument("--max-size", default=None, help="prune: least recently used outputs go until the folder holds at "
+                   "most this (e.g. 20G)")
+    p.add_argument("--older-than", default=None, help="prune: outputs unused for this long go (e.g. 7d, 12h)")
+    p.add_argument("--include-newest", action="store_true",
+                   help="prune: the newest run's outputs may go too (by default they stay: a re-run needs them)")
+    p.add_argument("--dry-run", action="store_true", help="prune: say what would go, remove nothing")
+    p.add_argument("--json", action="store_true", help="list: as JSON")
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from seap.errors import SeapError
+    from seap.run.cache_entries import entries, human, iter_lines, parse_age, parse_size, prune, summary
+
+    max_size = parse_size(args.max_size) if args.max_size is not None else None
+    older = parse_age(args.older_than) if args.older_than is not None else None
+    workdir = Path(args.workdir)
+    if not workdir.is_dir():
+        raise SeapError(f"the work folder {workdir} does not exist", "pass the run's --workdir (default runs/work)")
+    if args.action == "list":
+        if max_size is not None or older is not None or args.include_newest or args.dry_run:
+            raise SeapError("--max-size, --older-than, --include-newest and --dry-run are options of prune",
+                            "run `seap cache prune ...`")
+        if args.json:
+            print(json.dumps({"workdir": str(workdir), "stages": summary(workdir),
+                              "entries": [{"entry": e.rel, "bytes": e.bytes, "last_used": e.last_used, "runs": e.runs,
+                                           "newest_run": e.newest} for e in entries(workdir)]}, indent=2))
+        else:
+            print("\n".join(iter_lines(workdir, args.registry_dir)))
+        return 0
+    if max_size is None and older is None:
+        raise SeapError("prune needs a limit", "pass --max-size SIZE (e.g. 20G), --older-than AGE (e.g. 7d), or both")
+    before = sum(e.bytes for e in entries(workdir))
+    gone = prune(workdir, max_size, older, args.include_newest, dry_run=args.dry_run)
+    freed = sum(e.bytes for e in gone)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(gone)} outputs ({human(freed)}); the work folder {'would hold' if args.dry_run else 'holds'} "
+          f"{human(before - freed)}")
+    for e in gone[:20]:
+        print(f"  {e.rel}  {human(e.bytes)}")
+    left = before - freed
+    if max_size is not None and left > max_size:
+        print(f"the newest run's outputs keep it above {human(max_size)}; --include-newest lets them go too")
+    return 0
+
+
 COMMANDS = [
     Command("eval", "pipeline", "run the whole plan in this process: dense, SEAP expert/general/routed, baselines "
             "(Table 1, plot, registry)", _run_args, _eval),
@@ -171,6 +223,8 @@ COMMANDS = [
             _plan_args, _plan),
     Command("stage", "pipeline", "run one stage of the DVC pipeline (dvc.yaml) with the parameters of params.yaml",
             _stage_args, _stage),
+    Command("cache", "pipeline", "what the work folder holds (per stage: size, last use, the newest run's share), "
+            "and pruning it by age or size", _cache_args, _cache),
 ]
 
 

@@ -14,7 +14,7 @@ from seap.io import atomic_write_bytes
 def budget_plot(record: dict[str, Any], path: str | Path) -> Path:
     """One panel per task of ``record`` (the budget stage's ``budget.json``): the candidates'
     selection accuracy against sparsity (dense at 0), the floor ``dense - allowed`` dashed and
-    the chosen sparsity ringed, the isotonic fit the choice reads dash-dotted; with a general mask under the same budget, its curve on the task
+    the chosen sparsity ringed; with a general mask under the same budget, its curve on the task
     (gray) and its chosen sparsity (dotted)."""
     import matplotlib
 
@@ -29,11 +29,7 @@ def budget_plot(record: dict[str, Any], path: str | Path) -> Path:
         points = sorted((float(s), a) for s, a in entry["curve"].items())
         xs = [0.0] + [s * 100 for s, _ in points]
         ys = [entry["dense"] * 100] + [a * 100 for _, a in points]
-        line, = ax.plot(xs, ys, marker="o", markersize=3, label="own expert")
-        if entry.get("fitted"):  # the isotonic fit the choice reads
-            fitted = sorted((float(s), a) for s, a in entry["fitted"].items())
-            ax.plot([0.0] + [s * 100 for s, _ in fitted], [entry["dense"] * 100] + [a * 100 for _, a in fitted],
-                    color=line.get_color(), linestyle="-.", linewidth=1, alpha=0.7, label="fit (chosen on)")
+        ax.plot(xs, ys, marker="o", markersize=3, label="own expert")
         general = record.get("general")
         if general and task in general["curves"]:  # the general mask's curve and its chosen sparsity
             points_g = sorted((float(s), a) for s, a in general["curves"][task].items())
@@ -44,8 +40,7 @@ def budget_plot(record: dict[str, Any], path: str | Path) -> Path:
         if entry.get("allowed_drop") is not None:  # (none with a speed target alone)
             ax.axhline((entry["dense"] - entry["allowed_drop"]) * 100, color="gray", linestyle="--", linewidth=1)
         chosen = entry["chosen"]
-        at = entry["dense"] if chosen == 0 else dict((float(s), a) for s, a in (entry.get("fitted") or entry["curve"]).items()
-                                                    ).get(chosen, entry["dense"])
+        at = entry["dense"] if chosen == 0 else dict(points).get(chosen, entry["dense"])
         ax.plot([chosen * 100], [at * 100], marker="o", markersize=10, fillstyle="none", color="crimson")
         ax.set_title(f"{task}: {chosen * 100:g}%", fontsize=9)
         ax.set_xlabel("sparsity (%)", fontsize=8)
@@ -59,8 +54,7 @@ def budget_plot(record: dict[str, Any], path: str | Path) -> Path:
               if record.get("max_drop_rel") is not None else "no accuracy budget")
     if record.get("min_speedup") is not None:
         budget += f", prefill speed-up at least {record['min_speedup']:g}x"
-    fig.suptitle(f"accuracy budget: {budget} (dashed: the floor; dash-dotted: the fit; ringed: chosen)",
-                 fontsize=9)
+    fig.suptitle(f"accuracy budget: {budget} (dashed: the floor; ringed: chosen)", fontsize=9)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")

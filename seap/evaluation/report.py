@@ -94,8 +94,8 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
             if budget.get("max_drop_rel") is not None else "by any amount (no accuracy budget)")
     parts = ["## Accuracy budget", "",
              f"Each task's expert at the largest sparsity of the grid whose accuracy on held-out train items "
-             f"(selection) drops {what} below the dense model's there, read on the curve's isotonic fit, so every "
-             f"smaller candidate is within it too (`budget.png`: the curves).", "",
+             f"(selection) drops {what} below the dense model's there, with every smaller candidate within it "
+             f"too (`budget.png`: the curves).", "",
              "| task | sparsity | realised | selection items | dense (sel.) | expert (sel.) | allowed drop | "
              "dense (test) | expert (test) | drop (test) | prefill x dense |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

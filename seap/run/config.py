@@ -283,6 +283,9 @@ class OutputSection:
 
     workdir: str = _opt("runs/work", None, "stage outputs (content-addressed, cached)")
     out: str = _opt("runs/pipeline", None, "results table, JSON, metrics, plot")
+    cache_max_size: str | None = _opt(None, None, "the most the work folder may hold, e.g. 20G: after each job the "
+                                      "least recently used outputs that the rest of the run does not read are "
+                                      "evicted (null: no cap; `seap cache` shows and prunes it)")
 
 
 @dataclass
@@ -489,6 +492,13 @@ class RunConfig:
         except SeapError as e:
             raise self.bad("bias_compensation", e.problem, e.fix) from None
         self._check_budget()
+        if self.outputs.cache_max_size is not None:
+            from seap.run.cache_entries import parse_size
+
+            try:
+                parse_size(self.outputs.cache_max_size)
+            except SeapError as e:
+                raise self.bad("cache_max_size", e.problem, e.fix) from None
         overlap = sorted({task_name(t) for t in rec.refit_generic} & set(names))
         if overlap:
             raise self.bad("refit_generic", f"{', '.join(overlap)} is also a task of the run",

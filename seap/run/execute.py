@@ -15,6 +15,7 @@ Stages that must always run (``model``: its digest is what later keys depend on;
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import dataclasses
@@ -27,11 +28,13 @@ from typing import Any
 
 from seap.contenthash import stage_key, tree_digest
 from seap.io import build_once, remove_stale_temporaries
+from seap.run.cache_entries import RunLog, check_entry, discard_entry, enforce_cap, human, parse_size, write_record
 from seap.run.config import RunConfig
 from seap.run.job_params import params_to_dict
 from seap.run.plan import STAGES, Job, Plan, map_inputs
 from seap.run.stages import StageContext, run_job
 
+log = logging.getLogger(__name__)
 Ref = dict[str, str]  # {"path": ..., "digest": ...}: where an output is and the hash of its content
 
 
@@ -60,8 +63,9 @@ def content_key(job: Job, inputs: Mapping[str, Any], workdir: str | Path) -> str
 
 
 def run_cached(job: Job, inputs: Mapping[str, Any], workdir: str | Path, ctx: StageContext) -> tuple[Ref, bool]:
-    """The output of ``job``: reused when its key's folder exists, built otherwise. Returns the
-    reference and whether it was reused (``True``: cached)."""
+    """The output of ``job``: reused when its key's folder exists and its content is what was
+    written (:func:`seap.run.cache_entries.check_entry`; a corrupt entry is rebuilt), built
+    otherwise. Returns the reference and whether it was reused (``True``: cached)."""
     stage_dir = Path(workdir) / job.stage
     paths = {role: map_inputs(value, lambda ref: Path(ref["path"])) for role, value in inputs.items()}
     if not STAGES[job.stage].cached:
@@ -76,16 +80,26 @@ def run_cached(job: Job, inputs: Mapping[str, Any], workdir: str | Path, ctx: St
                 except OSError:
                     if not final.exists():
                         raise
-        return ref(final), False
+        done = ref(final)
+        if not check_entry(final, done["digest"], job.key):  # (named by its digest: a changed one is stale)
+            write_record(final, done["digest"], job.key)
+        return done, False
     out = stage_dir / content_key(job, inputs, workdir)
     work = stage_dir / f".{out.name}.partial"  # a killed job's finished part, resumed by the same job
     if out.exists():
         remove_stale_temporaries(out)  # a run killed right after finishing it leaves its temporary behind
         shutil.rmtree(work, ignore_errors=True)
-        return ref(out), True
+        found = ref(out)
+        if check_entry(out, found["digest"], job.key):
+            return found, True
+        ctx.say(f"{job.key}: the cached output {out} is corrupt (its content changed after it was written); "
+                "rebuilding it")
+        discard_entry(out)
     build_once(out, lambda o: run_job(job, paths, o, dataclasses.replace(ctx, work=work)))
     shutil.rmtree(work, ignore_errors=True)
-    return ref(out), False
+    built = ref(out)
+    write_record(out, built["digest"], job.key)
+    return built, False
 
 
 @dataclass
@@ -121,19 +135,43 @@ def execute(plan: Plan, ctx: StageContext | None = None,
     ctx = ctx or StageContext(workdir / "task-files")
     done = Execution(plan)
     total = len(plan.jobs)
+    run_log = RunLog(workdir)
+    cap = parse_size(c.outputs.cache_max_size) if c.outputs.cache_max_size else None
+    warned = False
     for index, job in enumerate(plan.jobs, 1):
         if on_event:
             on_event(JobEvent(job, index, total, "running"))
         start = time.perf_counter()
         out, cached = run_cached(job, resolve_inputs(job, done.outputs), workdir, ctx)
         done.outputs[job.key] = out
+        run_log.used(out["path"])
         after_job(job, out, c)
         done.seconds[job.key] = time.perf_counter() - start
         if cached:
             done.cached.add(job.key)
         if on_event:
             on_event(JobEvent(job, index, total, "cached" if cached else "done", done.seconds[job.key], out["path"]))
+        if cap is not None and _evict(done, plan, index, workdir, cap) > cap and not warned:
+            ctx.say(f"warning: the outputs this run still reads take more than the cache cap of {human(cap)}; "
+                    "the work folder stays above it until they are no longer needed")
+            warned = True
     return done
+
+
+def _evict(done: Execution, plan: Plan, finished: int, workdir: Path, cap: int) -> int:
+    """Keep the work folder under ``cap`` once the first ``finished`` jobs of ``plan`` are done:
+    least recently used outputs go, except those a later job reads, the plan's results (outputs
+    no job reads: what its caller reads) and the model's (every later key depends on it).
+    Returns the bytes it holds afterwards."""
+    read = {key for job in plan.jobs for key in job.input_keys()}
+    needed = {key for job in plan.jobs[finished:] for key in job.input_keys()} | {"model"}
+    needed |= {job.key for job in plan.jobs if job.key not in read}
+    keep = {os.path.relpath(done.outputs[k]["path"], workdir) for k in needed if k in done.outputs}
+    held, evicted = enforce_cap(workdir, cap, keep)
+    if evicted:
+        log.debug("evicted %d outputs (%s) to stay under %s", len(evicted), human(sum(e.bytes for e in evicted)),
+                  human(cap))
+    return held
 
 
 

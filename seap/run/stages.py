@@ -455,8 +455,8 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 
 def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     """Each task's sparsity under the accuracy budget, from the selection rows
-    (:mod:`seap.maths.budget`: the largest candidate that keeps within it on the curve's isotonic
-    fit), each task's chosen expert (``out/<task>/``; a task no candidate keeps within budget
+    (:mod:`seap.maths.budget`: the largest candidate that keeps within it, with every smaller
+    one), each task's chosen expert (``out/<task>/``; a task no candidate keeps within budget
     gets a mask that keeps everything), with ``general_rows`` the general mask under the same
     budget (``out/general/``: the largest sparsity that keeps every task within it), and the
     plot of the curves; or (``member``) one chosen mask, copied from that choice."""
@@ -473,7 +473,6 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         allowed_drop,
         chosen_sparsity,
         general_sparsity,
-        monotone_fit,
         nearest_uniform,
         selection_resolution,
         with_speed_target,
@@ -555,7 +554,6 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         if by_accuracy:
             allowed[task] = entry["allowed_drop"] = allowed_drop(dense[task], p.max_drop, p.max_drop_rel, at_chance)
             chosen = chosen_sparsity(curve, dense[task], allowed[task])
-            entry["fitted"] = {f"{s:g}": a for s, a in sorted(monotone_fit(curve).items())}
             if chosen == 0.0:
                 ctx.say(f"{task}: no sparsity of the grid keeps within the budget; its expert stays dense")
             if resolution > allowed[task] * 100:

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from seap.maths.budget import (allowed_drop, chosen_sparsity, general_sparsity, monotone_fit, next_probe,
-                               selection_resolution, speed_sparsity)
+from seap.maths.budget import (allowed_drop, chosen_sparsity, general_sparsity, next_probe, selection_resolution,
+                               speed_sparsity)
 
 GRID = [round(k * 0.025, 4) for k in range(1, 33)]  # 2.5% .. 80%
 
@@ -68,23 +68,8 @@ def test_on_a_noisy_curve_bisection_returns_a_point_that_passes_with_every_small
         while (probe := next_probe(curve, 0.8, 0.02)) is not None:
             curve[probe] = accuracy(probe)
         found = chosen_sparsity(curve, 0.8, 0.02)
-        fitted = monotone_fit(curve)
-        assert all(v >= 0.78 - 1e-12 for s, v in fitted.items() if s <= found)
-        assert found == GRID[-1] or any(s > found and v < 0.78 for s, v in fitted.items())
-
-
-def test_a_one_item_dip_between_passing_candidates_does_not_stop_the_search() -> None:
-    """The measured curve of a task (SmolLM2, categories: points from dense on 102 selection
-    items) dips once at 10%; pruning more never helps in expectation, so the isotonic fit pools
-    the dip with the candidates around it and the search goes on to 35%."""
-    drops = {0.05: -2, 0.1: -3, 0.15: -2, 0.2: -2, 0.25: -1, 0.3: -3, 0.35: 0, 0.4: -3, 0.45: -4, 0.5: -3, 0.55: -8}
-    curve = {s: 0.92 + d / 100 for s, d in drops.items()}
-    fitted = monotone_fit(curve)
-    assert all(fitted[a] >= fitted[b] for a, b in zip(sorted(fitted), sorted(fitted)[1:]))  # non-increasing
-    assert fitted[0.35] == pytest.approx(0.92 - 13 / 700)  # 5% .. 35% pooled to their mean
-    assert fitted[0.55] == curve[0.55]  # (a clear failure stays one)
-    assert chosen_sparsity(curve, dense=0.92, allowed=0.02) == 0.35
-    assert monotone_fit({0.1: 0.7, 0.2: 0.6}) == {0.1: 0.7, 0.2: 0.6}  # a monotone curve is its own fit
+        assert all(v >= 0.78 - 1e-12 for s, v in curve.items() if s <= found)
+        assert found == GRID[-1] or any(s > found and v < 0.78 for s, v in curve.items())
 
 
 def test_the_general_sparsity_keeps_every_task_within_its_budget() -> None:
