@@ -24,7 +24,8 @@ from typing import Any
 from prefect import flow
 
 from seap.run.config import RunConfig, add_arguments, declared_defaults
-from seap.run.execute import JobEvent, Ref, after_job, resolve_inputs
+from seap.run.cache_entries import RunLog, parse_size
+from seap.run.execute import JobEvent, Ref, after_job, evict, resolve_inputs
 from seap.run.plan import Job, Plan, make_plan, recorded_config
 from tasks.stages import job_task
 
@@ -82,7 +83,11 @@ def run_plan(plan: Plan, flow_run_id: str | None = None, given: dict[str, Ref] |
     outputs: dict[str, Ref] = dict(given or {})
     shards = [j for j in plan.jobs if j.stage == "statistics" and j.name.startswith("shard-")]
     total = len(plan.jobs)
+    run_log = RunLog(workdir)
+    cap = parse_size(c.outputs.cache_max_size) if c.outputs.cache_max_size else None
     for index, job in enumerate(plan.jobs, 1):
+        if cap is not None and index > 1:  # (the same eviction as the library's executor)
+            evict(plan, outputs, index - 1, workdir, cap)
         if job.key in outputs:
             continue
         _notify(JobEvent(job, index, total, "running"))
@@ -95,15 +100,23 @@ def run_plan(plan: Plan, flow_run_id: str | None = None, given: dict[str, Ref] |
                     task_runner=dask_task_runner(stats.dask_workers or 2, stats.dask_address))
             refs = runner([j.to_dict() for j in shards], [resolve_inputs(j, outputs) for j in shards], workdir)
             outputs.update({j.key: r for j, r in zip(shards, refs, strict=True)})
+            for r in refs:
+                run_log.used(r["path"])
             continue
         if job.stage == "register":
             job = _with_run_params(job, c, flow_run_id)
         state = job_task(job)(job.to_dict(), resolve_inputs(job, outputs), workdir, return_state=True)
+        if not Path(state.result()["path"]).exists():  # a cached result whose folder was evicted or pruned: rebuilt
+            state = job_task(job).with_options(refresh_cache=True)(job.to_dict(), resolve_inputs(job, outputs), workdir,
+                                                                  return_state=True)
         outputs[job.key] = state.result()
+        run_log.used(outputs[job.key]["path"])
         after_job(job, outputs[job.key], c)
         cached = state.name == "Cached"
         _notify(JobEvent(job, index, total, "cached" if cached else "done", time.perf_counter() - start,
                          outputs[job.key]["path"]))
+    if cap is not None:
+        evict(plan, outputs, total, workdir, cap)
     return outputs
 
 
@@ -202,6 +215,7 @@ def seap_pipeline(
     bench_llama_cpp: str = DEFAULTS.bench_llama_cpp,
     workdir: str = DEFAULTS.workdir,
     out: str = DEFAULTS.out,
+    cache_max_size: str | None = DEFAULTS.cache_max_size,
     registry_dir: str | None = DEFAULTS.registry_dir,
     mlflow: bool = DEFAULTS.mlflow,
     tracking_uri: str | None = DEFAULTS.tracking_uri,

@@ -151,14 +151,14 @@ def execute(plan: Plan, ctx: StageContext | None = None,
             done.cached.add(job.key)
         if on_event:
             on_event(JobEvent(job, index, total, "cached" if cached else "done", done.seconds[job.key], out["path"]))
-        if cap is not None and _evict(done, plan, index, workdir, cap) > cap and not warned:
+        if cap is not None and evict(plan, done.outputs, index, workdir, cap) > cap and not warned:
             ctx.say(f"warning: the outputs this run still reads take more than the cache cap of {human(cap)}; "
                     "the work folder stays above it until they are no longer needed")
             warned = True
     return done
 
 
-def _evict(done: Execution, plan: Plan, finished: int, workdir: Path, cap: int) -> int:
+def evict(plan: Plan, outputs: Mapping[str, Ref], finished: int, workdir: str | Path, cap: int) -> int:
     """Keep the work folder under ``cap`` once the first ``finished`` jobs of ``plan`` are done:
     least recently used outputs go, except those a later job reads, the plan's results (outputs
     no job reads: what its caller reads) and the model's (every later key depends on it).
@@ -166,7 +166,7 @@ def _evict(done: Execution, plan: Plan, finished: int, workdir: Path, cap: int) 
     read = {key for job in plan.jobs for key in job.input_keys()}
     needed = {key for job in plan.jobs[finished:] for key in job.input_keys()} | {"model"}
     needed |= {job.key for job in plan.jobs if job.key not in read}
-    keep = {os.path.relpath(done.outputs[k]["path"], workdir) for k in needed if k in done.outputs}
+    keep = {os.path.relpath(outputs[k]["path"], workdir) for k in needed if k in outputs}
     held, evicted = enforce_cap(workdir, cap, keep)
     if evicted:
         log.debug("evicted %d outputs (%s) to stay under %s", len(evicted), human(sum(e.bytes for e in evicted)),
@@ -203,6 +203,6 @@ def publish_results(report_dir: str | Path, out: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["Execution", "JobEvent", "Ref", "after_job", "content_key", "execute", "publish_results", "ref",
+__all__ = ["Execution", "JobEvent", "Ref", "after_job", "content_key", "evict", "execute", "publish_results", "ref",
            "resolve_inputs",
            "run_cached"]

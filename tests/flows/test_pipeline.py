@@ -302,3 +302,24 @@ def test_two_concurrent_runs_on_one_workspace(prefect_env, tmp_path) -> None:
     records = read_local_registry(tmp_path / "registry")
     assert len(records) == 4  # both runs registered the same four versions, once
     assert not [p for p in (tmp_path / "work").rglob(".*.tmp-*")]
+
+
+@pytest.mark.slow
+def test_a_flow_under_a_size_cap_and_after_a_prune_rebuilds_what_is_gone(prefect_env, tmp_path) -> None:
+    """The flow keeps the work folder under ``cache_max_size`` as the executor does, and a job
+    whose cached folder was pruned (Prefect still holds its result) is built again, not failed."""
+    from flows.pipeline import seap_pipeline
+    from seap.cli import main
+    from seap.run.cache_entries import entries
+
+    kwargs = pipeline_kwargs(tmp_path, methods=["seap-expert"], bench=False, mlflow=False, sparsities=[0.3])
+    assert seap_pipeline(return_state=True, **kwargs).is_completed()
+    work = Path(kwargs["workdir"])
+    full = sum(e.bytes for e in entries(work))
+    assert main(["cache", "prune", "--workdir", str(work), "--max-size", "1", "--include-newest"]) == 0
+    assert sum(e.bytes for e in entries(work)) < full
+    cap = int(full * 0.9)
+    state = seap_pipeline(return_state=True, **{**kwargs, "cache_max_size": str(cap)})
+    assert state.is_completed()
+    assert sum(e.bytes for e in entries(work)) <= cap
+    assert (tmp_path / "out" / "results.md").is_file()
