@@ -16,6 +16,11 @@ class ArtifactError(SeapError):
     """An artifact on disk is missing, corrupt, of another format version, or of another model."""
 
 
+class DiskFullError(SeapError):
+    """A write ran out of space: the disk is full, a quota is reached, or a file passed the
+    file-size limit (``ulimit -f``). Nothing partial is kept; a re-run after freeing space resumes."""
+
+
 class UnsupportedArchitectureError(SeapError):
     """The model's architecture has no adapter."""
 

@@ -7,6 +7,7 @@ crash or a concurrent writer never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,10 +19,66 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from seap.errors import ArtifactError, SeapError
+from seap.errors import ArtifactError, DiskFullError, SeapError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is reached",
+             errno.EFBIG: "a file passed the file-size limit"}
+_NO_SPACE_TEXT = (("No space left on device", errno.ENOSPC), ("os error 28", errno.ENOSPC), ("code: 28", errno.ENOSPC),
+                  ("Disk quota exceeded", errno.EDQUOT), ("File too large", errno.EFBIG), ("os error 27", errno.EFBIG),
+                  ("code: 27", errno.EFBIG))
+
+
+def _space_errno(exc: BaseException) -> int | None:
+    """The errno of an out-of-space failure, however the writer reports it (an ``OSError``;
+    safetensors' and torch's own errors carry the OS message in their text); else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _NO_SPACE:
+            return seen.errno
+        text = str(seen)
+        for needle, number in _NO_SPACE_TEXT:
+            if needle in text:
+                return number
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def disk_full(exc: BaseException, target: str | os.PathLike[str], written: int) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``target``, what was written before the failure (so at
+    least that much more is needed) and the space left, when ``exc`` is an out-of-space failure."""
+    number = _space_errno(exc)
+    if number is None:
+        return None
+    target = Path(target)
+    where = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(where).free
+    what = _NO_SPACE[number]
+    if number == errno.EFBIG:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        what += f" (ulimit -f: {'unlimited' if limit == resource.RLIM_INFINITY else _human(limit)})"
+    return DiskFullError(
+        f"{what} while writing {target}: {_human(written)} were written before it stopped, so it needs more "
+        f"than that ({_human(free)} free there); nothing partial was kept",
+        "free space (`seap cache prune --max-size SIZE` removes old work outputs), raise the limit, or write to a "
+        "larger disk (--out, --workdir); then run the same command again: it resumes from what finished")
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if abs(size) < 1024:
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}T"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -54,9 +111,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = disk_full(exc, target, len(data))
+        if full is not None:
+            raise full from None
         raise
     return target
 
@@ -242,8 +302,12 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False,
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
+        written = _size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(exc, target, written)
+        if full is not None:
+            raise full from None
         raise
     _umask_permissions(tmp)
     old = None
@@ -285,6 +349,13 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False,
             raise SeapError(f"output {target} already exists (written concurrently)",
                             "choose another path, or pass --overwrite")
         os.replace(tmp, target)
+    except BaseException as exc:
+        full = disk_full(exc, target, _size(tmp))
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if full is not None:
+            raise full from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -332,6 +403,12 @@ def build_once(path: str | os.PathLike[str], build: Callable[[Path], None]) -> b
                 return False
             raise
         return True
+    except BaseException as exc:
+        full = disk_full(exc, target, _size(tmp))
+        if full is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise full from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

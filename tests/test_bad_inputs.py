@@ -484,3 +484,54 @@ def test_a_read_only_output_location_is_refused_before_any_work(inputs: Path, un
 
 def test_the_catalogue_is_large_enough() -> None:
     assert len(CASES) + 3 >= 60
+
+
+# -- a full disk, or a file past the file-size limit, while each command writes --------------------------------
+FULL_DISK_COMMANDS = {
+    "corpus": lambda e, out: ["corpus", "--records", e.calib, "--out", str(out / "c.jsonl")],
+    "stats": lambda e, out: ["stats", "--model", e.model, "--corpus", e.corpus, "--out", str(out / "o")],
+    "scores": lambda e, out: ["scores", "--stats", e.stats_facts, "--out", str(out / "o")],
+    "masks": lambda e, out: ["masks", "--scores", e.scores, "--sparsity", "0.3", "--out", str(out / "o")],
+    "apply": lambda e, out: ["apply", "--model", e.model, "--mask", e.mask, "--out", str(out / "o")],
+    "prune": lambda e, out: ["prune", "--model", e.model, "--calib", e.calib, "--sparsity", "0.3", "--out",
+                             str(out / "o"), "--workdir", str(out / "w")],
+}
+
+
+def _largest_file(folder: Path) -> int:
+    return max(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("command", sorted(FULL_DISK_COMMANDS))
+def test_a_file_past_the_size_limit_names_the_path_keeps_nothing_and_the_rerun_works(
+        command: str, inputs: Path, tmp_path: Path) -> None:
+    """``ulimit -f`` (RLIMIT_FSIZE) set below the largest file the command writes: one clear
+    message naming the output and what was written, exit 2, no traceback, no partial output and
+    no temporaries; the same command without the limit then succeeds."""
+    import resource
+
+    env = Env(inputs, tmp_path)
+    reference, out = tmp_path / "reference", tmp_path / "limited"
+    reference.mkdir(), out.mkdir()
+    argv = FULL_DISK_COMMANDS[command]
+    done = _seap(*argv(env, reference), cwd=reference)
+    assert done.wait(timeout=300) == 0, done.communicate()[1]
+    limit = max(_largest_file(reference) // 2, 64)
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    before = _tree_digest(inputs)
+    process = subprocess.Popen([sys.executable, "-m", "seap", "--no-progress", *argv(env, out)], cwd=out,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), "CI": "true",
+                                    "SEAP_LOG_DIR": str(tmp_path / "logs")},
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limited)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2, err
+    assert "file-size limit" in err and str(out) in err and "were written before it stopped" in err, err
+    assert "Traceback" not in err
+    assert not [p for p in out.rglob("*") if p.is_file() and ".tmp" in p.name], "a temporary was left behind"
+    assert not (out / "o").exists() and not (out / "c.jsonl").exists()
+    assert _tree_digest(inputs) == before
+    again = _seap(*argv(env, out), cwd=out)
+    assert again.wait(timeout=300) == 0, again.communicate()[1]

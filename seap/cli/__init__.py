@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose_logs else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("seap").setLevel(logging.INFO)  # one-time steps (download, conversion) say what they do
+    logging.raiseExceptions = False  # (a log file on a full disk is dropped quietly, never a trace on the screen)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from transformers.utils import logging as hf_logging
