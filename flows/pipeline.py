@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow
 
 from seap.run.config import RunConfig, add_arguments, declared_defaults
-from seap.run.cache_entries import RunLog, parse_size
+from seap.run.cache_entries import RunLog, check_space, parse_size
 from seap.run.execute import JobEvent, Ref, after_job, evict, resolve_inputs
 from seap.run.plan import Job, Plan, make_plan, recorded_config
 from tasks.stages import job_task
@@ -83,6 +83,7 @@ def run_plan(plan: Plan, flow_run_id: str | None = None, given: dict[str, Ref] |
     outputs: dict[str, Ref] = dict(given or {})
     shards = [j for j in plan.jobs if j.stage == "statistics" and j.name.startswith("shard-")]
     total = len(plan.jobs)
+    check_space(plan.jobs, workdir, c.model.model, c.model.dtype, print)  # (before any work)
     run_log = RunLog(workdir)
     cap = parse_size(c.outputs.cache_max_size) if c.outputs.cache_max_size else None
     for index, job in enumerate(plan.jobs, 1):

@@ -321,6 +321,76 @@ def enforce_cap(workdir: str | Path, cap: int, keep: Iterable[str]) -> tuple[int
     return held, evicted
 
 
+# -- free space before a run ---------------------------------------------------------------------------------
+DEFAULT_FLOOR = "1G"  # the least free space a run starts with ($SEAP_MIN_FREE_DISK)
+REFIT_SHARE = 0.3  # of a model's weights, what a refitted mask stores (attention output and MLP down projections)
+
+
+def model_parameters(location: str) -> int | None:
+    """The parameter count of a local safetensors model (a folder, or the cached conversion of an
+    alias), read from the files' headers; None when it cannot be known without loading or
+    fetching it."""
+    from seap.io import cache_dir
+
+    folder = Path(location)
+    if not folder.is_dir():
+        folder = cache_dir() / "models" / location
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in tensor["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def estimate_run_bytes(jobs: Iterable[Any], location: str, dtype: str) -> int | None:
+    """A rough figure for what a plan's ``jobs`` write: each refitted mask about
+    :data:`REFIT_SHARE` of the weights it keeps, each pruned checkpoint the weights it keeps;
+    None when the model's size is unknown before it is fetched."""
+    params = model_parameters(location)
+    if params is None:
+        return None
+    width = 2 if dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
+    total = 0.0
+    for job in jobs:
+        at = job.key.split("@", 1)[1].split("/", 1)[0] if "@" in job.key else None
+        kept = 1.0 - float(at) if at else 1.0
+        if job.stage == "refits" and job.name != "walk":
+            total += REFIT_SHARE * params * width * kept
+        elif job.stage == "checkpoint":
+            total += params * width * kept
+    return int(total + params * width * 0.05)  # (statistics, scores, masks, rows: small)
+
+
+def check_space(jobs: Iterable[Any], workdir: str | Path, location: str, dtype: str,
+                say: Any = None) -> tuple[int, int | None]:
+    """Before a run: refuse when the work folder's disk has less than the floor free
+    (``$SEAP_MIN_FREE_DISK``, default 1G), and warn when it has less than the run's estimate.
+    Returns (free bytes, estimate)."""
+    where = next((p for p in (Path(workdir).resolve(), *Path(workdir).resolve().parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(where).free
+    floor = parse_size(os.environ.get("SEAP_MIN_FREE_DISK") or DEFAULT_FLOOR)
+    if free < floor:
+        raise SeapError(f"only {human(free)} is free on the disk of the work folder {workdir}, below the floor of "
+                        f"{human(floor)}",
+                        "free space (`seap cache prune --max-size SIZE`), or point --workdir at a larger disk "
+                        "($SEAP_MIN_FREE_DISK sets the floor)")
+    estimate = estimate_run_bytes(jobs, location, dtype)
+    if estimate is not None and free < estimate and say is not None:
+        say(f"warning: this run may write about {human(estimate)} to {workdir}, and {human(free)} is free there; "
+            "a cap (--cache-max-size) or `seap cache prune` keeps it bounded")
+    return free, estimate
+
+
 def iter_lines(workdir: str | Path, registry: str | Path | None = None) -> Iterator[str]:
     """``seap cache list``'s table."""
     rows = summary(workdir)
@@ -342,6 +412,6 @@ def iter_lines(workdir: str | Path, registry: str | Path | None = None) -> Itera
             yield f"  {name:<50}{human(size):>10}"
 
 
-__all__ = ["ENTRY_SUFFIX", "Entry", "RUNS_DIR", "RunLog", "RunRecord", "check_entry", "discard_entry",
+__all__ = ["DEFAULT_FLOOR", "check_space", "estimate_run_bytes", "model_parameters", "ENTRY_SUFFIX", "Entry", "RUNS_DIR", "RunLog", "RunRecord", "check_entry", "discard_entry",
            "enforce_cap", "entries", "folder_size", "human", "iter_lines", "leftovers", "parse_age", "parse_size",
            "prune", "record_path", "registry_usage", "run_records", "summary", "write_record"]

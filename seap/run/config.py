@@ -504,9 +504,43 @@ class RunConfig:
             raise self.bad("refit_generic", f"{', '.join(overlap)} is also a task of the run",
                            "generic text comes from tasks that are not pruned for: drop it from one of the lists")
         self._check_names()
+        self._check_paths()
         if check_data:
             self.check_tasks()
         return self
+
+    def _check_paths(self) -> None:
+        """Every folder the run reads or writes, before any work: the data folder exists; the
+        work, results, registry and MLflow folders are folders (or can be made) where the user
+        may write; the results folder is new, empty, or an earlier run's results."""
+        import os
+
+        from seap.evaluation.report import OPTIONAL_RESULT_FILES, RESULT_FILES
+
+        data_dir = self.data.data_dir
+        if data_dir and not Path(data_dir).is_dir():
+            raise self.bad("data_dir", f"{data_dir} is not a folder" if Path(data_dir).exists()
+                           else f"{data_dir} does not exist", "pass the folder that holds one sub-folder per task")
+        folders = {"workdir": self.outputs.workdir, "out": self.outputs.out, "registry_dir": self.register.registry_dir,
+                   "mlflow_dir": self.register.mlflow_dir}
+        for name, folder in folders.items():
+            if not folder:
+                continue
+            path = Path(folder).expanduser()
+            if path.exists() and not path.is_dir():
+                raise self.bad(name, f"{folder} is a file, and the run writes a folder there", "pass a folder path")
+            existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+            if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+                raise self.bad(name, f"{folder} is not writable ({existing} is read-only for this user)",
+                               "pass a folder you may write to")
+        out = Path(self.outputs.out).expanduser()
+        if out.is_dir():
+            ours = {*RESULT_FILES, *OPTIONAL_RESULT_FILES}
+            foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours)
+            if foreign:
+                raise self.bad("out", f"{self.outputs.out} holds other files ({', '.join(foreign[:3])}"
+                               f"{' ...' if len(foreign) > 3 else ''}), and the run's results would be mixed with them",
+                               "pass a new or empty folder, or the results folder of an earlier run")
 
     def _check_unit(self) -> None:
         """With an MoE model, the default methods become the MoE ones, and a method that cannot

@@ -28,7 +28,7 @@ from typing import Any
 
 from seap.contenthash import stage_key, tree_digest
 from seap.io import build_once, remove_stale_temporaries
-from seap.run.cache_entries import RunLog, check_entry, discard_entry, enforce_cap, human, parse_size, write_record
+from seap.run.cache_entries import RunLog, check_entry, check_space, discard_entry, enforce_cap, human, parse_size, write_record
 from seap.run.config import RunConfig
 from seap.run.job_params import params_to_dict
 from seap.run.plan import STAGES, Job, Plan, map_inputs
@@ -135,6 +135,7 @@ def execute(plan: Plan, ctx: StageContext | None = None,
     ctx = ctx or StageContext(workdir / "task-files")
     done = Execution(plan)
     total = len(plan.jobs)
+    check_space(plan.jobs, workdir, c.model.model, c.model.dtype, ctx.say)  # (before any work)
     run_log = RunLog(workdir)
     cap = parse_size(c.outputs.cache_max_size) if c.outputs.cache_max_size else None
     warned = False

@@ -269,3 +269,37 @@ def test_a_budget_needs_train_records_to_hold_selection_items_out_of(tmp_path) -
     with pytest.raises(SeapError, match="'geo' has 3 train records, too few"):
         config.validate()
     config.replace(max_drop=None).validate()  # (without a budget nothing is held out)
+
+
+def _bad_values() -> dict[str, str]:
+    """For every option of the table with a range or a list of choices: one value outside it,
+    as the command line spells it."""
+    bad: dict[str, str] = {}
+    for name, option in options().items():
+        if option.choices:
+            bad[name] = "not-a-choice"
+        elif option.minimum is not None:
+            bad[name] = f"{option.minimum - 1:g}"
+        elif option.maximum is not None:
+            bad[name] = f"{option.maximum + 1:g}"
+    return bad
+
+
+def test_every_ranged_option_is_refused_before_any_model_loads(tmp_path, no_model_loading, capsys) -> None:
+    """The option table walked: each option with a range or choices, given a value outside it on
+    `seap eval`, is refused with its own name and nothing is written (the model loader would fail
+    the test if it were reached)."""
+    bad = _bad_values()
+    assert len(bad) >= 20, sorted(bad)
+    for name, value in bad.items():
+        flag = option_name(name, "cli")
+        try:
+            code = main(["--no-progress", "eval", flag, value, "--workdir", str(tmp_path / "w"),
+                         "--out", str(tmp_path / "o")])
+        except SystemExit as exc:  # (argparse: a value of the wrong type, named by its flag)
+            code = int(exc.code or 0)
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert flag in err or "invalid" in err, (name, err)  # (named by our check, or argparse's for a typed flag)
+        assert "Traceback" not in err
+        assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists(), name
