@@ -331,7 +331,7 @@ CASES = [
     Case("eval-out-holds-other-files", lambda e: ["eval", "--out", W(e, "o"), "--workdir", W(e, "w")],
          "holds other files (notes.txt)", absent=("w",), kept=("o/notes.txt",), prepare=_write("o/notes.txt", "mine")),
     Case("eval-data-dir-missing", lambda e: ["eval", "--data-dir", W(e, "nope"), "--workdir", W(e, "w")],
-         "does not exist", absent=("w", "nope")),
+         "nope is not a folder", absent=("w", "nope")),
     Case("eval-cache-cap-unreadable", lambda e: ["eval", "--cache-max-size", "lots", "--workdir", W(e, "w")],
          "cannot read the size", absent=("w",)),
     Case("eval-disk-below-the-floor", lambda e: ["eval", "--model", e.model, "--methods", "seap-expert",

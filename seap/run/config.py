@@ -510,17 +510,13 @@ class RunConfig:
         return self
 
     def _check_paths(self) -> None:
-        """Every folder the run reads or writes, before any work: the data folder exists; the
-        work, results, registry and MLflow folders are folders (or can be made) where the user
-        may write; the results folder is new, empty, or an earlier run's results."""
+        """Every folder the run writes, before any work: the work, results, registry and MLflow
+        folders are folders (or can be made) where the user may write; the results folder is new,
+        empty, or an earlier run's results. (The data folder is checked with the tasks.)"""
         import os
 
         from seap.evaluation.report import OPTIONAL_RESULT_FILES, RESULT_FILES
 
-        data_dir = self.data.data_dir
-        if data_dir and not Path(data_dir).is_dir():
-            raise self.bad("data_dir", f"{data_dir} is not a folder" if Path(data_dir).exists()
-                           else f"{data_dir} does not exist", "pass the folder that holds one sub-folder per task")
         folders = {"workdir": self.outputs.workdir, "out": self.outputs.out, "registry_dir": self.register.registry_dir,
                    "mlflow_dir": self.register.mlflow_dir}
         for name, folder in folders.items():
