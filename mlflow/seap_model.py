@@ -17,7 +17,9 @@ expert from it (for a routed bundle: every expert, lazily, and the router)::
 Input: a list of prompts (or a one-column DataFrame, or a column named ``prompt``). A routed
 bundle routes the whole request, groups the prompts by expert and generates each group in
 batches (``batch_size``, default 16), answering in input order.
-Params: ``max_new_tokens`` (default 32), ``batch_size`` (default 16). ``SEAP_BASE_MODEL`` overrides where the base model is
+Params: ``max_new_tokens`` (default 32), ``batch_size`` (default 16), ``task`` (an expert to use
+instead of the router's choice). A request that cannot be answered (no prompts, an empty or
+over-long prompt, an unknown task, a bad count) gets HTTP 400 with what is wrong. ``SEAP_BASE_MODEL`` overrides where the base model is
 read from (the fingerprint is still checked); ``SEAP_DEVICE`` picks the device (default auto);
 ``SEAP_EXPERT_CACHE`` caps how many experts of a routed bundle stay materialised (default: all,
 so a mixed batch derives each expert once per process, not once per request).
@@ -42,13 +44,37 @@ class SeapExpertModel(PythonModel):
         self.model = load_bundle(context.artifacts["bundle"], device=os.environ.get("SEAP_DEVICE", "auto"))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (no hints: MLflow would treat them as a schema)
+        """Answer a request; one that cannot be answered is refused as a bad request (HTTP 400 when
+        served), with what is wrong and what to send instead."""
         import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        prompts = _prompts(model_input)
-        max_new_tokens = int((params or {}).get("max_new_tokens", 32))
-        batch_size = int((params or {}).get("batch_size", 16))
-        return pd.DataFrame(self.model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size),
-                            columns=["text", "expert", "confidence"])
+        from seap.errors import SeapError
+
+        try:
+            prompts = _prompts(model_input)
+            params = dict(params or {})
+            max_new_tokens = _whole(params.get("max_new_tokens", 32), "max_new_tokens")
+            batch_size = _whole(params.get("batch_size", 16), "batch_size")
+            task = params.get("task") or None
+            answers = self.model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, task=task)
+        except SeapError as exc:
+            raise MlflowException(f"{exc.problem}; {exc.fix}" if exc.fix else exc.problem,
+                                  error_code=INVALID_PARAMETER_VALUE) from None
+        return pd.DataFrame(answers, columns=["text", "expert", "confidence"])
+
+
+def _whole(value: Any, name: str) -> int:
+    from seap.errors import SeapError
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise SeapError(f"{name} must be a whole number, got {value!r}", f"pass e.g. {name}: 16")
 
 
 def _prompts(model_input: Any) -> list[str]:
@@ -58,13 +84,22 @@ def _prompts(model_input: Any) -> list[str]:
         return [model_input]
     if isinstance(model_input, pd.DataFrame):
         column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(v) for v in model_input[column].tolist()]
+        return _prompts(model_input[column].tolist())
     if isinstance(model_input, dict):
         values = model_input.get("prompt", model_input.get("inputs"))
         return _prompts(values)
     if isinstance(model_input, (list, tuple)):
-        return [str(v) for v in model_input]
-    raise TypeError(f"expected prompts as a list of strings or a DataFrame, got {type(model_input).__name__}")
+        from seap.errors import SeapError
+
+        for i, value in enumerate(model_input):
+            if not isinstance(value, str):
+                raise SeapError(f"prompt {i} is a {type(value).__name__}, not a string",
+                                'send {"inputs": ["a prompt", ...]}')
+        return list(model_input)
+    from seap.errors import SeapError
+
+    raise SeapError(f"expected prompts as a list of strings or a DataFrame, got {type(model_input).__name__}",
+                    'send {"inputs": ["a prompt", ...]}')
 
 
 mlflow.models.set_model(SeapExpertModel())

@@ -252,7 +252,8 @@ def _signature() -> Any:
     from mlflow.models import infer_signature
 
     example_out = pd.DataFrame([{"text": "Paris.", "expert": "capitals", "confidence": 1.0}])
-    return infer_signature(["The capital of France is"], example_out, params={"max_new_tokens": 32, "batch_size": 16})
+    return infer_signature(["The capital of France is"], example_out,
+                           params={"max_new_tokens": 32, "batch_size": 16, "task": ""})  # (task "": routed)
 
 
 def find_version(name: str, version_key: str) -> Any | None:

@@ -141,6 +141,7 @@ def load_base(bundle: Bundle, device: str | None = "auto", base_model: str | Non
     return base
 
 
+MAX_NEW_TOKENS = 4096  # the most new tokens one request may ask for
 EXPERT_CACHE_ENV = "SEAP_EXPERT_CACHE"  # most experts a served routed bundle keeps materialised (default: all)
 
 
@@ -171,16 +172,51 @@ class BundleModel:
             self.name = name
             self.expert = apply_mask(self.base, mask, "hard", bias_compensation=mask.has_bias_compensation)
 
+    @property
+    def tasks(self) -> list[str]:
+        """The experts a request may name (``task``): a routed bundle's, the general mask's, or the one expert's."""
+        if self.routed is not None:
+            return sorted(self.routed.bank.masks)
+        return [self.name]
+
+    def check_request(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int | None,
+                      task: str | None) -> None:
+        """Refuse a request that cannot be answered, naming why (the server answers it with 400):
+        no prompts, an empty prompt, a prompt that leaves no room for ``max_new_tokens`` in the
+        model's context, a bad count, an unknown ``task``."""
+        if not prompts:
+            raise SeapError("the request holds no prompts", 'send {"inputs": ["a prompt", ...]}')
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise SeapError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}", "pass e.g. 32")
+        if batch_size is not None and batch_size < 1:
+            raise SeapError(f"batch_size must be at least 1, got {batch_size}", "pass e.g. 16")
+        if task is not None and task not in self.tasks:
+            raise SeapError(f"unknown task {task!r}", f"name one of: {', '.join(self.tasks)}, or leave task out to route")
+        context = int(getattr(self.base.adapter.text_config(self.base.config), "max_position_embeddings", 0) or 0)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise SeapError(f"prompt {i} is empty", "send a non-empty string for every prompt")
+            if context:
+                tokens = len(self.base.tokenizer(prompt)["input_ids"])
+                if tokens + max_new_tokens > context:
+                    raise SeapError(f"prompt {i} is {tokens} tokens long; with max_new_tokens {max_new_tokens} it "
+                                    f"exceeds the model's context of {context}",
+                                    "shorten the prompt, or ask for fewer new tokens")
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32,
-                 batch_size: int | None = None) -> list[dict[str, Any]]:
+                 batch_size: int | None = None, task: str | None = None) -> list[dict[str, Any]]:
         """Greedy continuation of each prompt: ``{"text", "expert", "confidence"}`` per prompt. A routed
         bundle routes the whole batch, groups the prompts by expert and generates each group in
-        batches of ``batch_size`` (default :data:`seap.evaluation.routed.DEFAULT_GENERATE_BATCH`)."""
+        batches of ``batch_size`` (default :data:`seap.evaluation.routed.DEFAULT_GENERATE_BATCH`);
+        ``task`` sends every prompt to that expert instead. A request that cannot be answered is
+        refused first (:meth:`check_request`)."""
         from seap.evaluation.routed import DEFAULT_GENERATE_BATCH, generate_greedy
 
-        if max_new_tokens < 1:
-            raise SeapError(f"max_new_tokens must be at least 1, got {max_new_tokens}", "pass e.g. 32")
+        self.check_request(prompts, max_new_tokens, batch_size, task)
         size = batch_size or DEFAULT_GENERATE_BATCH
+        if self.routed is not None and task is not None:
+            texts = generate_greedy(self.routed.bank.get(task), list(prompts), max_new_tokens, size)
+            return [{"text": text, "expert": task, "confidence": 1.0} for text in texts]
         if self.routed is not None:
             return [{"text": r["text"], "expert": r["expert"], "confidence": r["confidence"]}
                     for r in self.routed.generate(prompts, max_new_tokens=max_new_tokens, batch_size=size)]
