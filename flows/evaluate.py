@@ -79,12 +79,17 @@ def evaluate_flow(
             "rows": [outputs[k]["path"] for k in outputs if k.startswith(("evaluate/", "evaluate-dense/"))]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flows.evaluate``."""
     parser = argparse.ArgumentParser(description="Evaluate existing masks (cached per row).")
     parser.add_argument("--masks", nargs="+", required=True, help="mask folders")
     parser.add_argument("--out", default=EVALUATE_OUT, help=f"results folder (default: {EVALUATE_OUT})")
     add_arguments(parser, only=EVALUATE_OPTIONS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     given = {name: value for name, value in given_arguments(args).items() if name in EVALUATE_OPTIONS}
     evaluate_flow(masks=args.masks, out=args.out, **given)  # (--out is the flow's own, not a config field here)
 

@@ -45,10 +45,15 @@ def router_flow(
             "per_task": router.meta["heldout_accuracy_per_task"]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flows.router``."""
     parser = argparse.ArgumentParser(description="Train the task router (cached).")
     add_arguments(parser, only=ROUTER_OPTIONS)
-    router_flow(**given_arguments(parser.parse_args(argv)))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    router_flow(**given_arguments(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
