@@ -352,7 +352,20 @@ CASES = [
          "sizes SEAP experts", absent=("out",)),
     Case("prune-without-a-sparsity", lambda e: ["prune", "--model", e.model, "--calib", e.calib, "--out", W(e)],
          "needs a sparsity", absent=("out",)),
+    Case("eval-out-is-a-file", lambda e: ["eval", "--out", W(e, "o"), "--workdir", W(e, "w")], "is a file",
+         absent=("w",), kept=("o",), prepare=_write("o", "a file")),
+    Case("eval-registry-dir-is-a-file", lambda e: ["eval", "--registry-dir", W(e, "r"), "--workdir", W(e, "w")],
+         "is a file", absent=("w",), kept=("r",), prepare=_write("r", "a file")),
+    Case("eval-mlflow-dir-is-a-file", lambda e: ["eval", "--mlflow-dir", W(e, "m"), "--workdir", W(e, "w")],
+         "is a file", absent=("w",), kept=("m",), prepare=_write("m", "a file")),
+    Case("eval-speed-target-below-one", lambda e: ["eval", "--min-speedup", "0.5", "--workdir", W(e, "w")],
+         "must be at least 1", absent=("w",)),
+    Case("prune-budget-unknown-task", lambda e: ["prune", "--model", e.model, "--task", "astrology", "--max-drop", "2",
+                                                 "--out", W(e), "--workdir", W(e, "w")], "astrology",
+         absent=("out", "w")),
     # -- the work folder ------------------------------------------------------------------------------------
+    Case("cache-list-with-prune-options", lambda e: ["cache", "--workdir", W(e, "w"), "--max-size", "1G"],
+         "options of prune", absent=(), prepare=_write("w/masks/.keep", "")),
     Case("cache-prune-without-a-limit", lambda e: ["cache", "prune", "--workdir", W(e, "w")], "needs a limit",
          absent=(), prepare=_write("w/masks/.keep", "")),
     Case("cache-of-a-missing-work-folder", lambda e: ["cache", "--workdir", W(e, "nope")], "does not exist",
@@ -515,8 +528,18 @@ def test_a_read_only_output_location_is_refused_before_any_work(inputs: Path, un
     assert not list(unwritable_folder.iterdir()) and not list(unwritable_folder.parent.glob(".*.tmp-*"))
 
 
+FAULT_TESTS = ("kill of stats and prune (2)", "kill of eval", "two writers on one output", "two evals on one work "
+               "folder and registry", "umask", "read-only output location")  # (the tests above this one)
+
+
 def test_the_catalogue_is_large_enough() -> None:
-    assert len(CASES) + 3 >= 60
+    """Cases here, faults above, full-disk commands, and the malformed serving requests of the
+    load test (tests/registry/test_serving_load.py) and corrupt entries (tests/run/test_cache_entries.py)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from load_test_serving import MALFORMED
+
+    total = len(CASES) + len(FAULT_TESTS) + 1 + len(FULL_DISK_COMMANDS) + len(MALFORMED) + 1
+    assert total >= 120, total
 
 
 # -- a full disk, or a file past the file-size limit, while each command writes --------------------------------
@@ -568,3 +591,60 @@ def test_a_file_past_the_size_limit_names_the_path_keeps_nothing_and_the_rerun_w
     assert _tree_digest(inputs) == before
     again = _seap(*argv(env, out), cwd=out)
     assert again.wait(timeout=300) == 0, again.communicate()[1]
+
+
+# -- kills and concurrent writers on the long-running commands ---------------------------------------------------
+def _eval_argv(base: Path, data: Path, work: Path, out: Path) -> list[str]:
+    return ["eval", "--model", str(base), "--tasks", "geo", "life", "--data-dir", str(data), "--methods",
+            "seap-expert", "seap-general", "--sparsities", "0.3", "--limit", "6", "--samples", "20", "--schedule",
+            "uniform", "--no-bench", "--no-mlflow", "--workdir", str(work), "--out", str(out),
+            "--registry-dir", str(work.parent / "registry")]
+
+
+def test_a_killed_eval_resumes_to_identical_results_with_no_corrupt_entry(tmp_path: Path) -> None:
+    """kill -9 of `seap eval` part-way (once some outputs are finished): the same command then
+    reuses what finished, every entry verifies, no leftover of the killed process stays, and the
+    results equal an uninterrupted run's."""
+    from seap.run.cache_entries import entries, leftovers
+    from tests.helpers_flows import tiny_project
+
+    base, data = tiny_project(tmp_path)
+    work, out = tmp_path / "work", tmp_path / "out"
+    process = _seap(*_eval_argv(base, data, work, out), cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (work / "refits").is_dir():  # statistics, scores and masks finished; the refit walk under way
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    finished = {e.rel for e in entries(work)}
+    again = _seap(*_eval_argv(base, data, work, out), cwd=tmp_path)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert "corrupt" not in err and "Traceback" not in err
+    assert finished <= {e.rel for e in entries(work)}  # what finished was reused, not rebuilt elsewhere
+    assert not leftovers(work)
+    reference = _seap(*_eval_argv(base, data, tmp_path / "work2", tmp_path / "out2"), cwd=tmp_path)
+    assert reference.wait(timeout=600) == 0
+    rows = [(r["method"], r["average"]) for r in json.loads((out / "results.json").read_text())["rows"]]
+    assert rows == [(r["method"], r["average"]) for r in json.loads((tmp_path / "out2" / "results.json").read_text())["rows"]]
+
+
+def test_two_evals_on_one_work_folder_agree_and_both_finish(tmp_path: Path) -> None:
+    """Two `seap eval` processes at once on one work folder (and one registry): each builds or
+    reuses the other's finished outputs, neither reads a half-written one, both finish with the
+    same table."""
+    from seap.run.cache_entries import leftovers
+    from tests.helpers_flows import tiny_project
+
+    base, data = tiny_project(tmp_path)
+    work = tmp_path / "work"
+    first = _seap(*_eval_argv(base, data, work, tmp_path / "out1"), cwd=tmp_path)
+    second = _seap(*_eval_argv(base, data, work, tmp_path / "out2"), cwd=tmp_path)
+    results = [p.communicate(timeout=900) + (p.returncode,) for p in (first, second)]
+    for _, err, code in results:
+        assert code == 0 and "Traceback" not in err, err
+    tables = [json.loads((tmp_path / f"out{i}" / "results.json").read_text())["rows"] for i in (1, 2)]
+    assert [r["average"] for r in tables[0]] == [r["average"] for r in tables[1]]
+    assert not leftovers(work)
