@@ -175,6 +175,38 @@ def test_changed_sparsity_reruns_only_masks_and_downstream(project) -> None:
     assert sorted(set(tags)) == ["0.2", "0.3"]  # the registry keeps earlier versions (persist: true)
 
 
+@pytest.mark.slow
+def test_a_killed_repro_resumes_and_ends_clean(project) -> None:
+    """kill -9 of ``dvc repro`` (its whole process group) in the middle of a stage, after a
+    parameter change: the same ``dvc repro`` then finishes, no temporary of the killed stage
+    stays, and a third repro has nothing to do."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers_dvc import BIN
+
+    repo, env, _ = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["masks"]["sparsities"] = [0.4]
+    write_params(repo, params)
+    process = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (repo / "work" / "masks" / "seap-expert@0.4").exists():  # the masks stage under way
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    output = dvc(repo, env, "repro")
+    assert "seap-general@0.4" in json.loads((repo / "results" / "metrics.json").read_text())
+    assert not [p for p in (repo / "work").rglob("*") if ".tmp-" in p.name], "a temporary of the killed run stayed"
+    again = dvc(repo, env, "repro")
+    assert stages_in(again)["ran"] == set(), (output[-2000:], again[-2000:])
+
+
 @pytest.mark.services
 def test_data_push_and_pull_through_an_s3_remote(tmp_path: Path) -> None:
     """``dvc push`` to an S3 bucket (moto's server on loopback, endpointurl), then ``dvc pull``
