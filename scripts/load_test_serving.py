@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     port = args.port or free_port()
     url = f"http://{args.host}:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": args.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")  # (this environment's: mlflow and uvicorn beside python)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": args.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = Path(args.log or tempfile.mkstemp(prefix="seap-serve-", suffix=".log")[1])
     with open(log, "w") as handle:
         server = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", args.model_uri, "--env-manager", "local",
@@ -129,11 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             malformed[name] = {"status": response.status_code, "message": response.text[:300]}
         alive = server.poll() is None
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        _stop(server)
     growth = (memory["end"] - memory["halfway"]) / max(memory["halfway"], 1)
     return {"model": args.model_uri, "host": args.host, "requests": len(results), "clients": args.clients,
             "max_new_tokens": args.max_new_tokens, "wall_s": wall, "throughput_rps": len(results) / wall,
@@ -142,6 +139,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "status": codes, "server_5xx": sum(n for c, n in codes.items() if c.startswith("5")),
             "memory_bytes": memory, "memory_growth_second_half": growth, "malformed": malformed,
             "server_alive_after": alive, "log": str(log)}
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    """The server and its workers, stopped (killed when they do not stop in 30 s)."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def verdict(report: dict[str, Any], max_growth: float) -> list[str]:
