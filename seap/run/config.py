@@ -636,6 +636,17 @@ class RunConfig:
             if prior not in PRIORS:
                 raise self.bad("refit_prior", f"unknown value {prior!r}", f"use one of: {', '.join(PRIORS)}")
 
+    def _check_metric(self, metrics: Mapping[str, Sequence[str]]) -> None:
+        """Every task (name -> the metrics it reports) must report the table's metric."""
+        if self.evaluate.metric == "paper":
+            return
+        lacking = {t: m for t, m in metrics.items() if self.evaluate.metric not in m}
+        if lacking:
+            have = "; ".join(f"{task_name(t)}: {', '.join(m)}" for t, m in lacking.items())
+            raise self.bad("metric", f"task(s) {', '.join(task_name(t) for t in lacking)} report no "
+                           f"{self.evaluate.metric} ({have})",
+                           "use the metric acc, or paper (acc_norm where a task reports it, acc elsewhere)")
+
     def check_tasks(self, work_dir: str | Path | None = None) -> list[Any]:
         """Resolve the tasks (files present, records well-formed, the table's metric reported)
         before any model loads. The task definitions it writes go to ``work_dir``, or without one
@@ -645,9 +656,12 @@ class RunConfig:
 
             with tempfile.TemporaryDirectory(prefix="seap-tasks-") as scratch:
                 return self.check_tasks(scratch)
-        from seap.data.catalogue import TaskCatalogue
+        from seap.data.catalogue import STANDARD_TASKS, TaskCatalogue
 
         data = self.data
+        known = {t: STANDARD_TASKS[task_name(t)].metrics for t in [*data.tasks, *self.budget.fallback_tasks]
+                 if t.split(":", 1)[0] in ("local", "hub", t) and task_name(t) in STANDARD_TASKS}
+        self._check_metric(known)  # (standard tasks first, from the table: no lm-eval import for this one)
         if data.data_dir is not None and not Path(data.data_dir).is_dir():
             fix = ("run `dvc pull data.dvc` (or `seap export-starter --out data`), or fix data.dir"
                    if self.front == "params" else "pass a folder of task data")
@@ -673,12 +687,7 @@ class RunConfig:
         if not_mc:
             raise self.bad("tasks", f"task(s) {not_mc} are not multiple-choice tasks",
                            "use multiple-choice tasks; WikiText-2 perplexity is the `perplexity` option")
-        if self.evaluate.metric not in ("paper",):  # every task must report the table's metric
-            lacking = {s.name: s.metrics for s in [*specs, *held_out] if self.evaluate.metric not in s.metrics}
-            if lacking:
-                have = "; ".join(f"{t}: {', '.join(m)}" for t, m in lacking.items())
-                raise self.bad("metric", f"task(s) {', '.join(lacking)} report no {self.evaluate.metric} ({have})",
-                               "use the metric acc, or paper (acc_norm where a task reports it, acc elsewhere)")
+        self._check_metric({s.name: s.metrics for s in [*specs, *held_out]})
         if self.budget.enabled:  # selection items come out of each train split
             from seap.data.selection import MIN_TRAIN_RECORDS
 
