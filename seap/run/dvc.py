@@ -86,6 +86,10 @@ def run_stage(name: str, params_file: str | Path = PARAMS_FILE, root: str | Path
         except SeapError as exc:
             raise SeapError(f"{params_file}: {exc.problem}", exc.fix) from None
     ctx = StageContext(root / WORK / "task-files", progress=progress, say=_say)
+    if jobs:  # (the disk's floor, and the stage's share of the estimate, before it starts)
+        from seap.run.cache_entries import check_space
+
+        check_space(jobs, root / WORK, config.model.model, config.model.dtype, _say)
     if jobs and "model" in STAGES[name].upstream:
         verify_model_record(job_path("model", root))
     if name == "register":

@@ -303,3 +303,11 @@ def test_every_ranged_option_is_refused_before_any_model_loads(tmp_path, no_mode
         assert flag in err or "invalid" in err, (name, err)  # (named by our check, or argparse's for a typed flag)
         assert "Traceback" not in err
         assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists(), name
+
+
+def test_a_dvc_stage_refuses_to_start_below_the_disk_floor(tmp_path, no_model_loading, monkeypatch) -> None:
+    monkeypatch.setenv("SEAP_MIN_FREE_DISK", "1000T")
+    params_file = _params_file(tmp_path)
+    with pytest.raises(SeapError, match="below the floor of 1000.0T"):
+        run_stage("model", params_file, tmp_path)
+    assert not (tmp_path / "work" / "model").exists()
