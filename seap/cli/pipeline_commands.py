@@ -85,6 +85,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channel-multiple", type=positive, default=d.channel_multiple,
                    help="kept MLP channels per layer, a multiple of this (default %(default)s: free widths, as the "
                         "study's first runs; 64 is the product's default)")
+    p.add_argument("--cache-max-size", default=None,
+                   help="the most the work folder may hold (e.g. 20G): each run evicts least recently used outputs "
+                        "after every job (default: no cap; the study registers nothing)")
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -101,6 +104,7 @@ def _study(args: argparse.Namespace) -> int:
                            kl_texts=args.kl_texts, workdir=args.workdir, out=args.out,
                            perplexity_windows=args.perplexity_windows, ledger=args.ledger, fresh=args.fresh,
                            channel_multiple=args.channel_multiple,
+                           base={"cache_max_size": args.cache_max_size} if args.cache_max_size else {},
                            candidates=refit_candidates(args.refit_alphas, args.generic, args.sequential))
     options.config().validate()  # every option checked before any work
     out = sys.stdout

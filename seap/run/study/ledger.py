@@ -45,7 +45,7 @@ class StudyRun:
 LEDGER_FORMAT = "seap-study-run/1"
 # RunConfig fields that do not change a run's numbers (where outputs go, what is registered, speed)
 _LEDGER_IGNORES = ("workdir", "out", "registry_dir", "mlflow", "tracking_uri", "mlflow_dir", "experiment", "bench",
-                   "bench_repeats", "bench_llama_cpp", "dask_workers", "dask_address", "stats_shards")
+                   "bench_repeats", "bench_llama_cpp", "dask_workers", "dask_address", "stats_shards", "cache_max_size")
 # options added after the ledger began, at the value that computes what the code did before they
 # existed: left out of the material, so an entry measured before them still matches (a run at
 # another value, such as the product's default widths, does not)
