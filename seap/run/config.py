@@ -575,6 +575,16 @@ class RunConfig:
         if moe and self.statistics.stats_shards > 1:
             raise self.bad("stats_shards", "router statistics are collected in one pass",
                            "set stats_shards to 1 with a mixture-of-experts model")
+        rec = self.reconstruction
+        if moe and rec.reconstruct:
+            raise self.bad("reconstruct", f"the {unit} of a mixture-of-experts model are pruned without a refit (the "
+                           "router renormalises over the experts kept)",
+                           f"drop {self.spell('reconstruct')} with a mixture-of-experts model")
+        refit_given = [name for name in ("refit_alpha", "refit_prior", "refit_bias", "refit_sequential",
+                                         "refit_generic") if getattr(rec, name) not in (None, [])]
+        if rec.reconstruct is False and refit_given:
+            raise self.bad(refit_given[0], "refit options are given, and the refit is switched off",
+                           f"drop {', '.join(self.spell(n) for n in refit_given)}, or switch the refit on")
 
     def _check_budget(self) -> None:
         """An accuracy budget: one form of it, a grid of distinct sparsities, a dense model (the

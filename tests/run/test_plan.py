@@ -178,8 +178,8 @@ def test_reconstruction_refits_each_method_on_the_text_it_was_calibrated_on() ->
     assert generic.get("corpus/generic").params.tasks == ["boolq"]
     assert len(walks(generic)) == 1 and all(w.inputs["refit_generic"] == "corpus/generic" for w in walks(generic))
     assert not any("refit_generic" in j.inputs for j in generic.of_stage("masks"))
-    assert not any(j.key.endswith("/generic") for j in make_plan(RunConfig(refit_generic=["boolq"],
-                                                                             reconstruct=False)).jobs)
+    with pytest.raises(SeapError, match="refit options are given, and the refit is switched off"):
+        make_plan(RunConfig(refit_generic=["boolq"], reconstruct=False))  # (it would do nothing: refused)
     # without reconstruction nothing changes: the same jobs as before the option existed
     plain = make_plan(RunConfig(reconstruct=False))
     assert not plain.of_stage("refits")
