@@ -20,6 +20,7 @@ frees nothing they hold, and breaks nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -102,11 +103,13 @@ def check_entry(entry: Path, digest: str, job: str) -> bool:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
-        write_record(entry, digest, job)
+        with contextlib.suppress(OSError):  # (a read-only shared cache is still read)
+            write_record(entry, digest, job)
         return True
     if record.get("digest") != digest:
         return False
-    os.utime(path)
+    with contextlib.suppress(OSError):
+        os.utime(path)
     return True
 
 
