@@ -186,7 +186,7 @@ class Entry:
     path: Path
     bytes: int
     last_used: float
-    runs: int  # how many run records list it
+    runs: list[str]  # the run records that list it (<stamp>-<pid>)
     newest: bool  # in the newest run's record
     live: bool  # in the record of a run still going
 
@@ -211,8 +211,8 @@ def entries(workdir: str | Path) -> list[Entry]:
                 used = record.stat().st_mtime
             except FileNotFoundError:
                 used = path.stat().st_mtime
-            out.append(Entry(stage.name, path, size, used, sum(rel in r.entries for r in records), rel in newest,
-                             rel in live))
+            out.append(Entry(stage.name, path, size, used, [r.path.stem for r in records if rel in r.entries],
+                             rel in newest, rel in live))
     return out
 
 

@@ -81,6 +81,10 @@ def test_seap_cache_lists_and_prunes_keeping_the_newest_run(tmp_path, capsys) ->
     assert main(["cache", "--workdir", work]) == 0
     listed = capsys.readouterr().out
     assert "masks" in listed and "statistics" in listed and "newest run" in listed
+    assert main(["cache", "--workdir", work, "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)["entries"]
+    shared = [e for e in listing if e["entry"].startswith("statistics/")]
+    assert shared and all(len(e["runs"]) == 2 and e["newest_run"] for e in shared)  # both runs read the statistics
     assert main(["cache", "prune", "--workdir", work, "--max-size", "1", "--dry-run"]) == 0
     assert "would remove" in capsys.readouterr().out
     before = {e.rel for e in entries(work)}
