@@ -4,9 +4,11 @@ stage functions and content-addressed cache as ``seap eval``."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +178,8 @@ def prune(model: str | LoadedModel, calib: str | None, sparsity: float | None, o
     plan = make_prune_plan(config, records)
     workdir = Path(config.outputs.workdir)
     ctx = StageContext(workdir / "task-files", progress=progress, say=lambda _: None, preloaded=loaded)
-    done = execute(plan, ctx)
+    with _evaluation_quiet(config.budget.enabled):  # (the budget's selection rows: lm-eval's per-call notices)
+        done = execute(plan, ctx)
     timings: dict[str, float] = {}
     for key, seconds in done.seconds.items():
         stage = key.split("/", 1)[0]
@@ -191,6 +194,20 @@ def prune(model: str | LoadedModel, calib: str | None, sparsity: float | None, o
     return PruneResult(out, mask, sparsity, summary["realised_sparsity"], summary["dense_params"],
                        summary["pruned_params"], names, timings, workdir,
                        [k for k in done.cached if not k.startswith("model")])
+
+
+@contextlib.contextmanager
+def _evaluation_quiet(on: bool) -> Iterator[None]:
+    """lm-eval's per-evaluation warnings (an initialised model passed in, few-shot overrides) kept
+    off the console while the budget's candidates are scored; errors still show."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    if on:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def publish_checkpoint(source: Path, out: Path, overwrite: bool = False, inputs: Sequence[str | None] = ()) -> Path:
