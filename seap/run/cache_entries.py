@@ -365,8 +365,8 @@ def estimate_run_bytes(jobs: Iterable[Any], location: str, dtype: str) -> int | 
     width = 2 if dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
     total = 0.0
     for job in jobs:
-        at = job.key.split("@", 1)[1].split("/", 1)[0] if "@" in job.key else None
-        kept = 1.0 - float(at) if at else 1.0
+        at = re.search(r"@(\d+(?:\.\d+)?)", job.key)  # (row keys: seap-expert@0.2/geo, seap-expert@0.2:geo)
+        kept = 1.0 - float(at.group(1)) if at else 1.0
         if job.stage == "refits" and job.name != "walk":
             total += REFIT_SHARE * params * width * kept
         elif job.stage == "checkpoint":

@@ -98,3 +98,20 @@ def test_seap_cache_lists_and_prunes_keeping_the_newest_run(tmp_path, capsys) ->
     assert main(["cache", "prune", "--workdir", work]) == 2  # no limit given
     assert "needs a limit" in capsys.readouterr().err
     assert folder_size(tmp_path / "work") > 0
+
+
+def test_the_space_estimate_reads_the_model_size_and_every_row_key(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from seap.run.cache_entries import REFIT_SHARE, estimate_run_bytes, model_parameters
+    from tests.helpers import make_tiny_model
+
+    tiny = make_tiny_model("llama-gqa")
+    tiny.model.save_pretrained(tmp_path / "m")
+    params = model_parameters(str(tmp_path / "m"))
+    assert params is not None and params > 0
+    jobs = [SimpleNamespace(stage="refits", name=name, key=f"refits/{name}")
+            for name in ("walk", "seap-expert@0.2/geo", "seap-expert@0.5:life")]  # (both key spellings)
+    estimate = estimate_run_bytes(jobs, str(tmp_path / "m"), "float32")
+    assert estimate == int(REFIT_SHARE * params * 4 * (0.8 + 0.5) + params * 4 * 0.05)
+    assert estimate_run_bytes(jobs, "org/not-fetched", "float32") is None
