@@ -159,6 +159,8 @@ def records_case(name: str, content: str | bytes, message: str, file: str = "c.j
                 prepare=_write(file, content))
 
 
+NO_TRACKING_URI = {"MLFLOW_TRACKING_URI": ""}  # (mlflow.set_tracking_uri exports it: earlier tests leave it set)
+
 CASES = [
     # -- calibration files ------------------------------------------------------------------------------
     Case("corpus-missing-records", lambda e: ["corpus", "--records", W(e, "nope.jsonl"), "--out", W(e)], "not found"),
@@ -380,11 +382,11 @@ CASES = [
          "positive whole number"),
     Case("promote-into-a-registry-that-is-not-there", lambda e: ["promote", "seap-x", "1", "--to", "staging",
                                                                   "--mlflow-dir", W(e, "mlflow")],
-         "no MLflow registry at", absent=("mlflow",)),
+         "no MLflow registry at", absent=("mlflow",), env=NO_TRACKING_URI),
     Case("rollback-in-a-registry-that-is-not-there", lambda e: ["rollback", "seap-x", "--mlflow-dir", W(e, "mlflow")],
-         "no MLflow registry at", absent=("mlflow",)),
+         "no MLflow registry at", absent=("mlflow",), env=NO_TRACKING_URI),
     Case("models-of-a-registry-that-is-not-there", lambda e: ["models", "--mlflow-dir", W(e, "mlflow")],
-         "no MLflow registry at", absent=("mlflow",)),
+         "no MLflow registry at", absent=("mlflow",), env=NO_TRACKING_URI),
     Case("register-results-without-rows", lambda e: ["register", "--results", e.results, "--registry", e.registry,
                                                      "--mlflow-dir", W(e, "mlflow")], "holds no evaluated rows",
          absent=("mlflow",)),

@@ -576,10 +576,6 @@ class RunConfig:
             raise self.bad("stats_shards", "router statistics are collected in one pass",
                            "set stats_shards to 1 with a mixture-of-experts model")
         rec = self.reconstruction
-        if moe and rec.reconstruct:
-            raise self.bad("reconstruct", f"the {unit} of a mixture-of-experts model are pruned without a refit (the "
-                           "router renormalises over the experts kept)",
-                           f"drop {self.spell('reconstruct')} with a mixture-of-experts model")
         refit_given = [name for name in ("refit_alpha", "refit_prior", "refit_bias", "refit_sequential",
                                          "refit_generic") if getattr(rec, name) not in (None, [])]
         if rec.reconstruct is False and refit_given:
