@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     port = args.port or free_port()
     url = f"http://{args.host}:{port}"
     mlflow_bin = Path(sys.executable).with_name("mlflow")  # (this environment's: mlflow and uvicorn beside python)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": args.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": args.tracking_uri, "MLFLOW_REGISTRY_URI": args.tracking_uri,
+           "MLFLOW_DISABLE_TELEMETRY": "true",
            "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = Path(args.log or tempfile.mkstemp(prefix="seap-serve-", suffix=".log")[1])
     with open(log, "w") as handle:
