@@ -222,13 +222,13 @@ def leftovers(workdir: str | Path) -> list[Path]:
     found = []
     for stage in (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
         for path in stage.iterdir():
-            match = re.search(r"\.(tmp-[^-]+-(\d+)-\w+|discarded-(\d+)|unkeyed-\w+)$", path.name)
+            match = re.search(r"\.(tmp-[^-]+-(\d+)-\w+|discarded-(\d+)|partial-(\d+)|unkeyed-\w+)$", path.name)
             if match:
-                pid = int(match.group(2) or match.group(3) or 0)
+                pid = int(match.group(2) or match.group(3) or match.group(4) or 0)
                 if not _alive(pid) or match.group(0).startswith(".unkeyed"):
                     found.append(path)
-            elif path.name.endswith(".partial"):  # a killed job's finished part: kept while its entry is unbuilt
-                entry = stage / path.name[1:-len(".partial")]
+            elif path.name.endswith((".partial", ".partial.lock")):  # a killed job's part (and its lock): kept
+                entry = stage / path.name[1:].split(".partial")[0]                 # while its entry is unbuilt
                 if entry.exists():
                     found.append(path)
             elif path.name.endswith(ENTRY_SUFFIX) and not (stage / path.name[1:-len(ENTRY_SUFFIX)]).exists():

@@ -15,13 +15,14 @@ Stages that must always run (``model``: its digest is what later keys depend on;
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import dataclasses
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,37 @@ def run_cached(job: Job, inputs: Mapping[str, Any], workdir: str | Path, ctx: St
             write_record(final, done["digest"], job.key)
         return done, False
     out = stage_dir / content_key(job, inputs, workdir)
-    work = stage_dir / f".{out.name}.partial"  # a killed job's finished part, resumed by the same job
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with _partial_folder(stage_dir, out.name) as work:  # (a killed job's finished part, resumed by the same job)
+        return _run_keyed(job, paths, out, work, ctx)
+
+
+@contextlib.contextmanager
+def _partial_folder(stage_dir: Path, name: str) -> Iterator[Path]:
+    """Where a job keeps its finished part while it runs: ``.<key>.partial``, shared with a later
+    run of the same job (a killed one resumes there), held under an exclusive lock; a concurrent
+    run of the same job meanwhile works in a folder of its own, removed when it is done."""
+    import fcntl
+
+    with open(stage_dir / f".{name}.partial.lock", "a") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process runs this job now: never touch its folder
+            private = stage_dir / f".{name}.partial-{os.getpid()}"
+            try:
+                yield private
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
+            return
+        try:
+            yield stage_dir / f".{name}.partial"
+        finally:
+            if (stage_dir / name).exists() or not (stage_dir / f".{name}.partial").exists():
+                Path(lock.name).unlink(missing_ok=True)  # (done, or nothing to resume: no lock needed any more)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _run_keyed(job: Job, paths: Mapping[str, Any], out: Path, work: Path, ctx: StageContext) -> tuple[Ref, bool]:
     if out.exists():
         remove_stale_temporaries(out)  # a run killed right after finishing it leaves its temporary behind
         shutil.rmtree(work, ignore_errors=True)
