@@ -65,15 +65,16 @@ def disk_full(exc: BaseException, target: str | os.PathLike[str], written: int) 
         import resource
 
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        what += f" (ulimit -f: {'unlimited' if limit == resource.RLIM_INFINITY else _human(limit)})"
+        what += f" (ulimit -f: {'unlimited' if limit == resource.RLIM_INFINITY else human_size(limit)})"
     return DiskFullError(
-        f"{what} while writing {target}: {_human(written)} were written before it stopped, so it needs more "
-        f"than that ({_human(free)} free there); nothing partial was kept",
+        f"{what} while writing {target}: {human_size(written)} were written before it stopped, so it needs more "
+        f"than that ({human_size(free)} free there); nothing partial was kept",
         "free space (`seap cache prune --max-size SIZE` removes old work outputs), raise the limit, or write to a "
         "larger disk (--out, --workdir); then run the same command again: it resumes from what finished")
 
 
-def _human(size: float) -> str:
+def human_size(size: float) -> str:
+    """Bytes as people read them (1.5G)."""
     for unit in ("B", "K", "M", "G"):
         if abs(size) < 1024:
             return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"

@@ -33,6 +33,7 @@ from typing import Any
 
 from seap.errors import SeapError
 from seap.io import atomic_write_json
+from seap.io import human_size as human  # (bytes as people read them; one definition)
 
 ENTRY_SUFFIX = ".entry.json"  # (a sibling of each entry: .<key>.entry.json)
 RUNS_DIR = ".runs"
@@ -56,15 +57,6 @@ def parse_age(text: str) -> float:
     if not match:
         raise SeapError(f"cannot read the age {text!r}", "write a number with s, m, h, d or w after it, e.g. 7d")
     return float(match.group(1)) * AGE_UNITS[match.group(2)]
-
-
-def human(size: float) -> str:
-    """Bytes as people read them (1.5G)."""
-    for unit in ("B", "K", "M", "G"):
-        if abs(size) < 1024:
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
-    return f"{size:.1f}T"
 
 
 def folder_size(path: Path) -> int:
