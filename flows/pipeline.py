@@ -198,6 +198,8 @@ def seap_pipeline(
     max_drop: float | None = DEFAULTS.max_drop,
     max_drop_rel: float | None = DEFAULTS.max_drop_rel,
     budget_grid: list[float] = DEFAULTS.budget_grid,
+    budget_search: str = DEFAULTS.budget_search,
+    budget_step: float | None = DEFAULTS.budget_step,
     selection_items: int = DEFAULTS.selection_items,
     min_speedup: float | None = DEFAULTS.min_speedup,
     fallback_tasks: list[str] = DEFAULTS.fallback_tasks,

@@ -92,8 +92,12 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
     what = (f"at most {budget['max_drop']:g} points" if budget.get("max_drop") is not None
             else f"at most {budget['max_drop_rel']:g} of the margin over chance"
             if budget.get("max_drop_rel") is not None else "by any amount (no accuracy budget)")
+    searched = budget.get("search")
+    where = (f"found by bisection to a step of {searched['step'] * 100:g}% up to {searched['ceiling'] * 100:g}% "
+             f"({searched['rounds']} rounds, {searched['probes']} candidates scored besides the run's own sparsities)"
+             if searched else "of the grid")
     parts = ["## Accuracy budget", "",
-             f"Each task's expert at the largest sparsity of the grid whose accuracy on held-out train items "
+             f"Each task's expert at the largest sparsity {where} whose accuracy on held-out train items "
              f"(selection) drops {what} below the dense model's there, with every smaller candidate within it "
              f"too (`budget.png`: the curves).", "",
              "| task | sparsity | realised | selection items | dense (sel.) | expert (sel.) | allowed drop | "

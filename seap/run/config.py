@@ -205,6 +205,8 @@ class ReconstructionSection:
 
 
 DEFAULT_BUDGET_GRID = tuple(round(0.05 * k, 2) for k in range(1, 16))  # 5% .. 75%
+BUDGET_SEARCHES = ("grid", "bisect")
+DEFAULT_BISECT_STEP = 0.025
 
 
 @dataclass
@@ -217,8 +219,13 @@ class BudgetSection:
                                   "items (null: no budget row)", minimum=0, maximum=100)
     max_drop_rel: float | None = _opt(None, "max_drop_rel", "or: the share of the dense model's margin over chance "
                                       "each task's expert may lose (null: no budget row)", minimum=0, maximum=1)
-    budget_grid: list[float] = _opt(DEFAULT_BUDGET_GRID, "grid", "the sparsities the search tries for each task",
-                                    minimum=0.001, maximum=0.99)
+    budget_grid: list[float] = _opt(DEFAULT_BUDGET_GRID, "grid", "the sparsities the search tries for each task "
+                                    "(bisect: its largest is the search's ceiling)", minimum=0.001, maximum=0.99)
+    budget_search: str = _opt("grid", "search", "grid: every sparsity of the grid, refitted in one walk; bisect: each "
+                              "task's sparsity bisected between 0 and the grid's largest, to a step of budget_step "
+                              "(rounds of one walk each, fewer candidates)", choices=BUDGET_SEARCHES)
+    budget_step: float | None = _opt(None, "step", f"the step bisect stops at (null: {DEFAULT_BISECT_STEP:g})",
+                                     minimum=0.001, maximum=0.5)
     selection_items: int = _opt(100, "selection_items", "train records per task held out to select each sparsity "
                                 "(at most half of its train split; the rest calibrates)", minimum=1)
     min_speedup: float | None = _opt(None, "min_speedup",
@@ -229,6 +236,11 @@ class BudgetSection:
                                      "tasks no calibration sees, on which the routed row's fallback is chosen under "
                                      "the budget: dense, the budgeted general mask or a baseline's general mask "
                                      "(empty: the budgeted general mask)")
+
+    @property
+    def resolved_step(self) -> float:
+        """The bisection's step (:data:`DEFAULT_BISECT_STEP` unless given)."""
+        return self.budget_step if self.budget_step is not None else DEFAULT_BISECT_STEP
 
     @property
     def enabled(self) -> bool:
@@ -605,6 +617,19 @@ class RunConfig:
                                f"search can measure: its largest sparsity, {max(budget.budget_grid):g}, removes at "
                                f"most that share of the prunable weights, at best {ceiling:.2f}x",
                                f"lower the target, or add larger sparsities to {self.spell('budget_grid')}")
+        if budget.budget_step is not None and budget.budget_search != "bisect":
+            raise self.bad("budget_step", "a bisection step is given, and the search is the grid",
+                           f"add {self.spell('budget_search')} bisect, or drop {self.spell('budget_step')}")
+        if budget.budget_search == "bisect":
+            step = budget.resolved_step
+            if step >= max(budget.budget_grid):
+                raise self.bad("budget_step", f"the step {step:g} leaves nothing to bisect below the ceiling "
+                               f"{max(budget.budget_grid):g} (the grid's largest sparsity)",
+                               f"give a smaller {self.spell('budget_step')}, e.g. {DEFAULT_BISECT_STEP:g}")
+            if budget.min_speedup is not None:
+                raise self.bad("min_speedup", "the speed target is read off the grid's timed candidate shapes, and "
+                               "the bisection measures none", f"drop {self.spell('min_speedup')}, or search the "
+                               f"grid ({self.spell('budget_search')} grid)")
         if len({f"{s:g}" for s in budget.budget_grid}) != len(budget.budget_grid):
             raise self.bad("budget_grid", f"a sparsity is listed twice: {list(budget.budget_grid)}",
                            "list each sparsity once")

@@ -216,6 +216,27 @@ class BudgetParams:
     member: str | None = None
 
 
+@dataclass(frozen=True)
+class SearchParams:
+    """``search``: the accuracy budget's bisection. Each member (a task's expert, or ``general``)
+    is built from its ``masks`` template (:class:`MaskParams` as JSON, its sparsity set per
+    probe), refitted on its ``refit_tasks`` entry's text (``refit``: the options; ``None``: not
+    refitted) and scored on the selection items with the ``evaluation`` parameters, round by
+    round, on the grid ``step, 2 step, ...`` up to ``ceiling``."""
+
+    tasks: list[str]
+    metric: str
+    max_drop: float | None
+    max_drop_rel: float | None
+    step: float
+    ceiling: float
+    masks: dict[str, Any]
+    evaluation: dict[str, Any]
+    refit: dict[str, Any] | None = None
+    refit_tasks: dict[str, str | None] = field(default_factory=dict)
+    batch_size: int = 8
+
+
 STAGE_PARAMS: dict[str, type] = {
     "model": ModelParams,
     "selection": SelectionParams,
@@ -227,6 +248,7 @@ STAGE_PARAMS: dict[str, type] = {
     "evaluate-dense": EvaluationParams,
     "evaluate": EvaluationParams,
     "select": EvaluationParams,
+    "search": SearchParams,
     "budget": BudgetParams,
     "router": RouterParams,
     "evaluate-routed": EvaluationParams,
@@ -258,5 +280,5 @@ def params_from_dict(stage: str, data: Mapping[str, Any]) -> Any:
 
 
 __all__ = ["STAGE_PARAMS", "BenchParams", "BudgetParams", "CheckpointParams", "CorpusParams", "EvaluationParams", "MaskParams",
-           "ModelParams", "PerplexityParams", "RefitParams", "RegisterParams", "ReportParams", "RouterParams", "ScoresParams",
+           "ModelParams", "PerplexityParams", "RefitParams", "RegisterParams", "ReportParams", "RouterParams", "SearchParams", "ScoresParams",
            "SelectionParams", "StatisticsParams", "params_from_dict", "params_to_dict"]

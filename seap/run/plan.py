@@ -38,6 +38,7 @@ from seap.run.job_params import (
     ReportParams,
     RouterParams,
     ScoresParams,
+    SearchParams,
     SelectionParams,
     StatisticsParams,
     params_from_dict,
@@ -140,6 +141,18 @@ STAGES: dict[str, Stage] = {
         Stage("select", "with an accuracy budget: the dense model and each candidate expert of the search on the "
               "held-out selection items", (*_BASE, *_EVAL), (*_EVAL_OPTIONS, "budget_grid"),
               ("model", "masks", "refits", "selection")),
+        Stage("search", "with an accuracy budget searched by bisection: rounds of candidate experts (one per "
+              "task and round, and the general mask), each round's masks built, refitted in one walk and scored on "
+              "the selection items, until each task's sparsity is known to within the step",
+              (*_BASE, *_EVAL, "seap.run.commands", "seap.run.mask_building", "seap.maths.schedules", "seap.maths.geometry", "seap.maths.scores", "seap.maths.statistics",
+               "seap.maths.moments", "seap.maths.reconstruction", "seap.model.refitting", "seap.model.batching",
+               "seap.model.layer_stream", "seap.model.shards", "seap.model.hooks", "seap.data.corpus", "seap.io",
+               "seap.model.devices", "seap.maths.budget", "seap.run.job_params", "seap.run.methods"),
+              (*_EVAL_OPTIONS, "budget_grid", "budget_search", "budget_step", "max_drop", "max_drop_rel",
+               "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last", "channel_multiple",
+               "same_width", "gqa_mode", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
+               "refit_sequential", "refit_corpus", "refit_generic", "stats_batch_size", "score"),
+              ("model", "selection", "select", "corpus", "scores", "statistics")),
         Stage("candidate-speed", "with a speed target: the prefill speed of dense and of each candidate shape of "
               "the search", (*_BASE, "seap.evaluation.speed", *_APPLY), ("bench_repeats", "min_speedup"),
               ("model", "masks", "refits")),
@@ -149,7 +162,7 @@ STAGES: dict[str, Stage] = {
                "seap.evaluation.metrics",
                "seap.maths.mask_formats", "seap.maths.masks", "seap.io"),
               ("max_drop", "max_drop_rel", "min_speedup", "budget_grid", "metric"),
-              ("select", "candidate-speed", "masks", "refits")),
+              ("select", "search", "candidate-speed", "masks", "refits")),
         Stage("router", "the task router on the tasks' training prompts",
               (*_BASE, "seap.evaluation.router", "seap.evaluation.harness", "seap.data.catalogue",
                "seap.model.calibration"),
@@ -421,13 +434,7 @@ def mask_chain(c: RunConfig, corpus: CorpusParams, candidates: dict[str, dict[st
         when the sparsity is past it)."""
         row = row_key(m.name, sparsity)
         reconstruct = m.resolved_reconstruct(rec.reconstruct)
-        common = dict(sparsity=sparsity, method=m.name, row=row, kind=_kind(m),
-                      schedule=m.resolved_schedule(masks.schedule),
-                      schedule_options={**masks.schedule_options, **m.schedule_options, **masks.width_options},
-                      gqa_mode=masks.gqa_mode,
-                      bias_compensation=m.resolved_bias_compensation(masks.bias_compensation, reconstruct),
-                      score=m.resolved_score(masks.score),
-                      weights=masks.general_weights if m.calibration == "general" else {})
+        common = _mask_params(c, m, sparsity)
         group: dict[str, str] = {}
         per_task = m.refits_per_task(reconstruct, rec.refit_corpus)
         for name, inputs in _mask_inputs(m, c, tasks, score_keys, per_task):
@@ -445,8 +452,12 @@ def mask_chain(c: RunConfig, corpus: CorpusParams, candidates: dict[str, dict[st
             mask_jobs[row_key(m.name, sparsity)] = masks_of(m, sparsity)
     if c.budget.enabled and candidates is not None:  # the search's candidates, refitted in the same walk
         general = METHODS[ROUTED_FALLBACK]  # (sized too when the run builds the general mask)
+        # a grid: every grid sparsity; a bisection: the run's own sparsities (its first measured points,
+        # and the uniform comparison), the rest found by the search job
+        bisect = c.budget.budget_search == "bisect"
         for m in [searched, *([general] if general in methods else [])]:
-            for sparsity in c.budget.budget_grid:  # (past what the schedule reaches: built at its limit, not taken)
+            for sparsity in (masks.sparsities if bisect else c.budget.budget_grid):
+                # (past what the schedule reaches: built at its limit, not taken)
                 row = row_key(m.name, sparsity)
                 candidates[row] = dict(mask_jobs[row]) if row in mask_jobs else masks_of(m, sparsity, up_to_reachable=True)
     # refits: one walk refits every mask of every sparsity (each layer's second moments, built once
@@ -616,15 +627,16 @@ def _search_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
     add(dense)
     selected: dict[str, dict[str, str]] = {"rows": {}, "general_rows": {}}
     for method, kind in ((ROUTED_EXPERTS, "rows"), (ROUTED_FALLBACK, "general_rows")):
-        for sparsity in c.budget.budget_grid:
-            row = row_key(method, sparsity)
-            if row not in candidates:
-                continue
+        for row in sorted((r for r in candidates if r.partition("@")[0] == method),
+                          key=lambda r: float(r.partition("@")[2])):
+            sparsity = float(row.partition("@")[2])
             job = Job("select", row, {"model": "model", "masks": dict(candidates[row]), "data": "selection"},
                       _evaluation(c, method, sparsity, per_task=method == ROUTED_EXPERTS))
             add(job)
             selected[kind][row] = job.key
     tasks = c.data.task_names
+    search = _bisect_job(c, jobs, dense.key, searched_general=bool(selected["general_rows"])) \
+        if c.budget.budget_search == "bisect" else None
     speed = None
     if c.budget.min_speedup is not None:  # every candidate shape timed against dense, in one run
         speed = Job("candidate-speed", "grid", {"model": "model", "masks": {
@@ -633,6 +645,7 @@ def _search_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
         add(speed)
     choice = Job("budget", "choice", {"dense": dense.key, **{k: v for k, v in selected.items() if v},
                                       **({"speed": speed.key} if speed else {}),
+                                      **({"search": search.key} if search else {}),
                                       "candidates": {row: dict(group) for row, group in candidates.items()}},
                  BudgetParams(tasks=tasks, metric=c.evaluate.metric, max_drop=c.budget.max_drop,
                               max_drop_rel=c.budget.max_drop_rel, min_speedup=c.budget.min_speedup))
@@ -641,6 +654,56 @@ def _search_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
     for member in members:
         add(Job("budget", member, {"choice": choice.key}, BudgetParams(member=member)))
     return choice, selected
+
+
+def _bisect_job(c: RunConfig, jobs: list[Job], dense: str, searched_general: bool) -> Job:
+    """The bisection's job (``search/bisect``): each task's SEAP expert (and, with
+    ``searched_general``, the general mask) built, refitted and scored on the selection items
+    round by round, from the masks' scores and the refit text the plan already has (the
+    selection rows of the run's own sparsities, planned before it, are its first points)."""
+    tasks = c.data.task_names
+    rec = c.reconstruction
+    score_keys = {(j.params.score, j.params.task): j.key for j in jobs if j.stage == "scores"}
+    planned = {j.key for j in jobs}
+    members: dict[str, Any] = {}
+    templates: dict[str, Any] = {}
+    refit_tasks: dict[str, str | None] = {}
+    methods = [METHODS[ROUTED_EXPERTS], *([METHODS[ROUTED_FALLBACK]] if searched_general else [])]
+    reconstruct = False
+    for m in methods:
+        reconstruct = reconstruct or m.resolved_reconstruct(rec.reconstruct)
+        for name, inputs in _mask_inputs(m, c, tasks, score_keys):
+            members[name] = inputs
+            templates[name] = params_to_dict(MaskParams(mask=name, up_to_reachable=True, **_mask_params(c, m, 0.0)))
+            refit_tasks[name] = name if m.refit_source(rec.refit_corpus) == "task" and name != GENERAL else None
+    generic = f"corpus/{GENERIC}" if f"corpus/{GENERIC}" in planned else None
+    job = Job("search", "bisect",
+              {"model": "model", "data": "selection", "dense": dense,
+               "seeds": {j.name: j.key for j in jobs if j.stage == "select" and j.name != DENSE},
+               "members": members,
+               **({"refit_corpus": "corpus", **({"refit_generic": generic} if generic else {})} if reconstruct else {})},
+              SearchParams(tasks=tasks, metric=c.evaluate.metric, max_drop=c.budget.max_drop,
+                           max_drop_rel=c.budget.max_drop_rel, step=c.budget.resolved_step,
+                           ceiling=max(c.budget.budget_grid), masks=templates,
+                           refit=rec.refit_options if reconstruct else None, refit_tasks=refit_tasks,
+                           batch_size=c.statistics.stats_batch_size,
+                           evaluation=params_to_dict(_evaluation(c, ROUTED_EXPERTS, 0.0))))
+    jobs.append(job)
+    return job
+
+
+def _mask_params(c: RunConfig, m: Method, sparsity: float) -> dict[str, Any]:
+    """The :class:`MaskParams` of method ``m``'s masks at ``sparsity`` but their name
+    (``mask``) and reach (``up_to_reachable``): the same for every mask of one row."""
+    masks = c.masks
+    reconstruct = m.resolved_reconstruct(c.reconstruction.reconstruct)
+    return dict(sparsity=sparsity, method=m.name, row=row_key(m.name, sparsity), kind=_kind(m),
+                schedule=m.resolved_schedule(masks.schedule),
+                schedule_options={**masks.schedule_options, **m.schedule_options, **masks.width_options},
+                gqa_mode=masks.gqa_mode,
+                bias_compensation=m.resolved_bias_compensation(masks.bias_compensation, reconstruct),
+                score=m.resolved_score(masks.score),
+                weights=masks.general_weights if m.calibration == "general" else {})
 
 
 def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping[str, str]],

@@ -18,6 +18,7 @@ from typing import Any
 
 from seap.errors import SeapError
 from seap.io import atomic_write_json, read_json
+from seap.run.methods import ROUTED_EXPERTS, ROUTED_FALLBACK
 from seap.run.plan import BUDGET_GENERAL_ROW, BUDGET_ROUTED_ROW, BUDGET_ROW, BUDGET_UNIFORM_ROW, GENERAL, POOLED, Job
 
 MODEL_RECORD = "model.json"
@@ -487,9 +488,10 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     def chosen_mask(rows: Mapping[str, Any], chosen: float, name: str, sized_by: dict[str, Any]) -> Any:
         """The candidate ``name`` of the row at ``chosen`` (none: a mask keeping everything), with
         what sized it in its metadata (what the registry and the promotion gates read back)."""
-        row = next((k for k, r in rows.items() if round(float(r["sparsity"]), DECIMALS) == chosen), None)
-        mask = load_mask(inputs["candidates"][row][name]) if row is not None else \
-            load_mask(next(g[name] for g in inputs["candidates"].values() if name in g)).keep_all()
+        row = next((k for k, r in rows.items() if round(float(r["sparsity"]), DECIMALS) == chosen
+                    and name in candidates.get(k, {})), None)
+        mask = load_mask(candidates[row][name]) if row is not None else \
+            load_mask(next(g[name] for g in candidates.values() if name in g)).keep_all()
         mask.meta[MASK_META] = {"max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "metric": p.metric,
                                 "chosen_sparsity": chosen, **sized_by}
         mask.save(out / name)
@@ -498,19 +500,42 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     dense_row = read_json(Path(inputs["dense"]) / ROW_FILE, "selection row")
     dense_items = read_json(Path(inputs["dense"]) / ITEMS_FILE, "selection items")
 
-    def selection_rows(kind: str) -> dict[str, Any]:
-        return {key: read_json(Path(path) / ROW_FILE, "selection row") for key, path in (inputs.get(kind) or {}).items()}
+    candidates = {row: dict(group) for row, group in (inputs.get("candidates") or {}).items()}
+    searched: dict[str, Any] = {}  # (a bisection's rows, by method)
+    searched_beyond: list[float] = []
+    if inputs.get("search"):
+        folder = Path(inputs["search"])
+        for row, result in read_json(folder / SEARCH_ROWS, "search rows").items():
+            searched.setdefault(row.partition("@")[0], {})[row] = result
+            for member in (folder / SEARCH_MASKS / row).iterdir() if (folder / SEARCH_MASKS / row).is_dir() else ():
+                candidates.setdefault(row, {})[member.name] = member
+        search_record = read_json(folder / SEARCH_FILE, "search record")
+        for found_beyond in search_record["beyond_reach"].values():
+            searched_beyond.extend(found_beyond)
+
+    def selection_rows(kind: str, method: str) -> dict[str, Any]:
+        rows = {key: read_json(Path(path) / ROW_FILE, "selection row") for key, path in (inputs.get(kind) or {}).items()}
+        for key, row in searched.get(method, {}).items():  # (a seeded row's tasks, and the probes')
+            rows[key] = {**rows.get(key, {}), "sparsity": row["sparsity"],
+                         "tasks": {**rows.get(key, {}).get("tasks", {}), **row["tasks"]}}
+        return rows
 
     def within_reach(found: dict[str, Any]) -> dict[str, Any]:  # (candidates the schedule could build)
         return {k: r for k, r in found.items()
-                if not any(BEYOND_REACH in load_mask(m).meta for m in inputs["candidates"][k].values())}
+                if not any(BEYOND_REACH in load_mask(m).meta for m in candidates[k].values())}
 
-    found, found_general = selection_rows("rows"), selection_rows("general_rows")
+    found = selection_rows("rows", ROUTED_EXPERTS)
+    found_general = selection_rows("general_rows", ROUTED_FALLBACK)
     everything = {**found, **found_general}
     rows, general_rows = within_reach(found), within_reach(found_general)
     out.mkdir(parents=True)
     record: dict[str, Any] = {"max_drop": p.max_drop, "max_drop_rel": p.max_drop_rel, "metric": p.metric, "tasks": {}}
-    beyond = sorted({float(r["sparsity"]) for k, r in everything.items() if k not in rows and k not in general_rows})
+    if inputs.get("search"):  # (how the bisection went: what the report says of it)
+        record["search"] = {"kind": "bisect", "step": search_record["step"], "ceiling": search_record["ceiling"],
+                            "rounds": len(search_record["rounds"]),
+                            "probes": sum(len(r) for r in search_record["rounds"])}
+    beyond = sorted({float(r["sparsity"]) for k, r in everything.items() if k not in rows and k not in general_rows}
+                    | set(searched_beyond))
     if beyond:
         record["beyond_reach"] = beyond
         ctx.say(f"budget: the schedule cannot reach {', '.join(f'{s * 100:g}%' for s in beyond)} on this model; "
@@ -546,7 +571,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         dense[task] = accuracy(dense_row, task)
         items = dense_items.get(task) or []
         at_chance = chance(items)
-        curve = {float(row["sparsity"]): accuracy(row, task) for row in rows.values()}
+        curve = {float(row["sparsity"]): accuracy(row, task) for row in rows.values() if task in row["tasks"]}
         resolution = selection_resolution(dense[task], len(items))
         entry = {"dense": dense[task], "chance": at_chance, "selection_items": len(items),
                  "curve": {f"{s:g}": a for s, a in sorted(curve.items())}, "resolution": resolution}
@@ -569,12 +594,14 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         entry["realised_sparsity"] = mask.realised_sparsity()
         record["tasks"][task] = entry
     chosen_sizes = {t: e["chosen"] for t, e in record["tasks"].items()}
-    at = {round(float(r["sparsity"]), DECIMALS): k for k, r in (rows or found).items()}  # (within reach, if any)
+    at = {round(float(r["sparsity"]), DECIMALS): k for k, r in (rows or found).items()  # (within reach, if any,
+          if all(t in r["tasks"] for t in p.tasks) and k in (inputs.get("rows") or {})}  # and planned for every task)
     uniform = nearest_uniform(chosen_sizes, list(at))  # the comparison at (nearly) equal mean sparsity
     record["uniform"] = {"sparsity": uniform, "row": at[uniform],
                          "budget_mean": sum(chosen_sizes.values()) / len(chosen_sizes)}
     if general_rows:
-        curves = {t: {float(r["sparsity"]): accuracy(r, t) for r in general_rows.values()} for t in p.tasks}
+        curves = {t: {float(r["sparsity"]): accuracy(r, t) for r in general_rows.values() if t in r["tasks"]}
+                  for t in p.tasks}
         general: dict[str, Any] = {"curves": {t: {f"{s:g}": a for s, a in sorted(c.items())} for t, c in curves.items()}}
         chosen = general_sparsity(curves, dense, allowed) if by_accuracy else None
         chosen = general["chosen"] = with_speed(general_rows, GENERAL, chosen, general)
@@ -590,6 +617,155 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     budget_plot(record, out / BUDGET_PLOT)
     ctx.say("budget: " + ", ".join(f"{t} {e['chosen'] * 100:g}%" for t, e in record["tasks"].items())
             + (f"; general {record['general']['chosen'] * 100:g}%" if general_rows else ""))
+
+
+SEARCH_FILE = "search.json"  # (in a search's output) each member's measured curve, round by round
+SEARCH_ROWS = "rows.json"  # ... the selection results as rows (row key -> sparsity, tasks)
+SEARCH_MASKS = "masks"  # ... every scored candidate: masks/<row>/<member>
+
+
+def _budgets(p: Any, dense_row: Mapping[str, Any], dense_items: Mapping[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """Each task of ``p.tasks`` -> (dense selection accuracy, chance, allowed drop), all as fractions."""
+    from seap.evaluation.metrics import chance, metric_for
+    from seap.maths.budget import allowed_drop
+
+    found = {}
+    for task in p.tasks:
+        dense = float(dense_row["tasks"][task][metric_for(task, p.metric)])
+        at_chance = chance(dense_items.get(task) or [])
+        found[task] = (dense, at_chance, allowed_drop(dense, p.max_drop, p.max_drop_rel, at_chance))
+    return found
+
+
+def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
+    """The accuracy budget's bisection (:func:`seap.maths.budget.next_probe`). The selection
+    rows of the run's own sparsities (``seeds``) are the first points; then, round by round,
+    each member not yet settled (a task's expert; ``general``: every task within its budget) is
+    built at the grid point the bisection asks for, refitted with the round's other candidates
+    in one walk, and scored on the selection items, until every member's sparsity is known to
+    within the step. Every probe is kept in the job's work folder as it finishes, so a killed
+    search resumes at the probe it was on. Writes each curve (``search.json``), the results
+    as selection rows (``rows.json``) and every scored candidate (``masks/<row>/<member>``)."""
+    import dataclasses as dc
+    import shutil
+    import tempfile
+
+    from seap.evaluation.metrics import metric_for
+    from seap.io import copy_artifact
+    from seap.maths.budget import DECIMALS, next_probe
+    from seap.maths.mask_formats import load_mask
+    from seap.maths.schedules import BEYOND_REACH
+    from seap.run.job_params import EvaluationParams, MaskParams, RefitParams
+    from seap.run.methods import row_key
+
+    p = job.params
+    dense_row = read_json(Path(inputs["dense"]) / ROW_FILE, "selection row")
+    budgets = _budgets(p, dense_row, read_json(Path(inputs["dense"]) / ITEMS_FILE, "selection items"))
+    rows: dict[str, dict[str, Any]] = {}  # row key -> {"sparsity", "tasks": {task: results}}
+    for seed in (inputs.get("seeds") or {}).values():
+        seeded = read_json(Path(seed) / ROW_FILE, "selection row")
+        rows.setdefault(seeded["method"] + "@" + f"{float(seeded['sparsity']):g}", {
+            "sparsity": float(seeded["sparsity"]), "tasks": {}})["tasks"].update(seeded["tasks"])
+
+    def accuracy(results: Mapping[str, Any], task: str) -> float:
+        return float(results[task][metric_for(task, p.metric)])
+
+    def curve(member: str) -> dict[float, float]:
+        """``member``'s measured points (the general mask: its tightest task's margin over its budget)."""
+        method = p.masks[member]["method"]
+        found = {}
+        for key, row in rows.items():
+            if key.partition("@")[0] != method:
+                continue
+            at = round(float(row["sparsity"]), DECIMALS)
+            if member != GENERAL and member in row["tasks"]:
+                found[at] = accuracy(row["tasks"], member)
+            elif member == GENERAL and all(t in row["tasks"] for t in p.tasks):
+                found[at] = min(accuracy(row["tasks"], t) - d + a for t, (d, _, a) in budgets.items())
+        found.update({round(s, DECIMALS): -1.0 for s in beyond.get(member, [])})  # (never taken)
+        return found
+
+    def probe(member: str) -> float | None:
+        if member == GENERAL:
+            return next_probe(curve(member), 0.0, 0.0, p.ceiling, p.step)
+        dense, _, allowed = budgets[member]
+        return next_probe(curve(member), dense, allowed, p.ceiling, p.step)
+
+    quiet = dc.replace(ctx, say=lambda _message: None)
+    work = ctx.work or Path(tempfile.mkdtemp(prefix="seap-search-"))
+    beyond: dict[str, list[float]] = {}
+    rounds: list[dict[str, float]] = []
+    out.mkdir(parents=True)
+    (out / SEARCH_MASKS).mkdir()
+    while True:
+        probes = {m: s for m in p.masks if (s := probe(m)) is not None}
+        if not probes:
+            break
+        rounds.append(probes)
+        ctx.say(f"search round {len(rounds)}: " + ", ".join(f"{m} {s * 100:g}%" for m, s in probes.items()))
+        done = {}  # member -> its probe's folder: mask/, row.json
+        for member, sparsity in probes.items():
+            row = row_key(p.masks[member]["method"], sparsity)
+            folder = work / "probes" / row / member
+            done[member] = folder
+            if (folder / ROW_FILE).is_file() or (folder / BEYOND_REACH).is_file():
+                continue  # (scored before this search was killed)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            params = MaskParams(**{**p.masks[member], "sparsity": sparsity, "row": row})
+            masks(Job("masks", f"{row}/{member}", params=params), inputs["members"][member], folder / "built", quiet)
+            if BEYOND_REACH in load_mask(folder / "built").meta:
+                atomic_write_json(folder / BEYOND_REACH, {"sparsity": sparsity})
+        waiting = {m: f for m, f in done.items() if not (f / ROW_FILE).is_file() and not (f / BEYOND_REACH).is_file()}
+        if p.refit is not None and waiting:  # the round's candidates refitted in one walk
+            walk_out = work / f"walk-{len(rounds)}"
+            shutil.rmtree(walk_out, ignore_errors=True)
+            walk = Job("refits", "walk", params=RefitParams(refit=p.refit, batch_size=p.batch_size,
+                                                           tasks={m: p.refit_tasks.get(m) for m in waiting}))
+            refits(walk, {"model": inputs["model"], "refit_corpus": inputs["refit_corpus"],
+                          **({"refit_generic": inputs["refit_generic"]} if "refit_generic" in inputs else {}),
+                          "masks": {m: f / "built" for m, f in waiting.items()}},
+                   walk_out, dc.replace(quiet, work=work / f"walk-{len(rounds)}.partial"))
+            for member, folder in waiting.items():
+                shutil.rmtree(folder / "built")
+                (walk_out / member).rename(folder / "built")
+            shutil.rmtree(walk_out)
+            shutil.rmtree(work / f"walk-{len(rounds)}.partial", ignore_errors=True)
+        experts = {m: f for m, f in waiting.items() if m != GENERAL}
+        scored: list[tuple[dict[str, Path], list[str]]] = [(experts, list(experts))] if experts else []
+        if GENERAL in waiting:
+            scored.append(({GENERAL: waiting[GENERAL]}, list(p.tasks)))
+        for group, tasks in scored:
+            params = EvaluationParams(**{**p.evaluation, "tasks": tasks, "per_task": GENERAL not in group,
+                                         "sparsity": 0.0})
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                evaluate(Job("select", "probe", params=params),
+                         {"model": inputs["model"], "data": inputs["data"],
+                          "masks": {m: f / "built" for m, f in group.items()}}, Path(tmp) / "row", quiet)
+                results = read_json(Path(tmp) / "row" / ROW_FILE, "selection row")["tasks"]
+            for member, folder in group.items():
+                own = results if member == GENERAL else {member: results[member]}
+                atomic_write_json(folder / ROW_FILE, {"sparsity": probes[member], "tasks": own})
+        for member, folder in done.items():
+            sparsity, row = probes[member], row_key(p.masks[member]["method"], probes[member])
+            if (folder / BEYOND_REACH).is_file():
+                beyond.setdefault(member, []).append(sparsity)
+                continue
+            rows.setdefault(row, {"sparsity": sparsity, "tasks": {}})["tasks"].update(
+                read_json(folder / ROW_FILE, "selection row")["tasks"])
+            target = out / SEARCH_MASKS / row / member
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                copy_artifact(folder / "built", target)
+    atomic_write_json(out / SEARCH_FILE, {
+        "step": p.step, "ceiling": p.ceiling, "rounds": rounds,
+        "curves": {m: {f"{s:g}": a for s, a in sorted(curve(m).items())} for m in p.masks},
+        "beyond_reach": {m: sorted(v) for m, v in beyond.items()}})
+    atomic_write_json(out / SEARCH_ROWS, rows)
+    if ctx.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    ctx.say("search: " + ", ".join(f"{m} {sum(m in r for r in rounds)} probes" for m in p.masks)
+            + f" in {len(rounds)} rounds")
 
 
 def router(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
@@ -880,6 +1056,7 @@ STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "evaluate-dense": evaluate,
     "evaluate": evaluate,
     "select": evaluate,
+    "search": search,
     "budget": budget,
     "selection": selection,
     "router": router,

@@ -514,6 +514,57 @@ def test_an_accuracy_budget_sizes_each_tasks_expert_on_held_out_train_items(tmp_
                      "evaluate/held-out/seap-budget-general", "report", "register"}
 
 
+def test_a_bisected_budget_probes_what_the_bisection_asks_and_chooses_from_it(tmp_path) -> None:
+    """``budget_search: bisect``: the run's own sparsity is the first point; each round builds,
+    refits (one walk) and scores the grid point :func:`~seap.maths.budget.next_probe` asks for,
+    per task and for the general mask, until each is known to within the step; the choice and
+    the chosen experts come from those probes. A re-run is cached whole."""
+    from seap.maths.budget import allowed_drop, chosen_sparsity, general_sparsity, next_probe
+    from seap.maths.masks import PruningMask
+
+    config = tiny_config(tmp_path, methods=["seap-expert", "seap-general"], sparsities=[0.3], max_drop=5.0,
+                         budget_search="bisect", budget_step=0.1, budget_grid=[0.6], selection_items=6, bench=False,
+                         limit=None, samples=None)
+    plan = make_plan(config)
+    assert not [j for j in plan.jobs if j.stage == "masks" and "@0.3" not in j.name]  # (no grid of candidates)
+    done = execute(plan)
+    searched = json.loads((done.path("search/bisect") / "search.json").read_text())
+    record = json.loads((done.path("budget/choice") / "budget.json").read_text())
+    dense = json.loads((done.path("select/dense") / "row.json").read_text())["tasks"]
+    allowed = {t: allowed_drop(dense[t]["acc"], 5.0) for t in ("geo", "life")}
+    seeded = json.loads((done.path("select/seap-expert@0.3") / "row.json").read_text())["tasks"]
+    general_seed = json.loads((done.path("select/seap-general@0.3") / "row.json").read_text())["tasks"]
+    curves = {t: {float(s): a for s, a in searched["curves"][t].items()} for t in ("geo", "life")}
+    # the rounds replayed from the measured points: each probe is the one the bisection asks for
+    known = {t: {0.3: seeded[t]["acc"]} for t in ("geo", "life")}
+    for probes in searched["rounds"]:
+        for task in ("geo", "life"):
+            expected = next_probe(known[task], dense[task]["acc"], allowed[task], 0.6, 0.1)
+            assert probes.get(task) == expected
+            if expected is not None:
+                known[task][expected] = curves[task][expected]
+    assert all(next_probe(known[t], dense[t]["acc"], allowed[t], 0.6, 0.1) is None for t in known)
+    assert known == curves and 1 <= len(searched["rounds"]) <= 3  # (6 grid points: at most 3 probes each)
+    for task in ("geo", "life"):
+        entry = record["tasks"][task]
+        assert entry["chosen"] == chosen_sparsity(curves[task], dense[task]["acc"], allowed[task])
+        chosen = PruningMask.load(done.path(f"budget/{task}"))
+        source = (done.path(f"refits/seap-expert@0.3/{task}") if entry["chosen"] == 0.3 else
+                  done.path("search/bisect") / "masks" / f"seap-expert@{entry['chosen']:g}" / task)
+        if entry["chosen"]:
+            assert chosen.digest() == PruningMask.load(source).digest()
+    general_curves = {t: {0.3: general_seed[t]["acc"]} for t in ("geo", "life")}
+    for row in json.loads((done.path("search/bisect") / "rows.json").read_text()).items():
+        if row[0].startswith("seap-general@"):
+            for t in ("geo", "life"):
+                general_curves[t][row[1]["sparsity"]] = row[1]["tasks"][t]["acc"]
+    assert record["general"]["chosen"] == general_sparsity(general_curves, {t: dense[t]["acc"] for t in dense}, allowed)
+    uniform = json.loads((done.path("evaluate/seap-budget-uniform") / "row.json").read_text())
+    assert uniform["sparsity"] == 0.3  # (the run's own sparsity: the one planned for every task)
+    again = execute(make_plan(config))
+    assert set(again.outputs) - again.cached <= {"model", "register"}
+
+
 def test_a_budget_candidate_past_the_schedules_reach_is_built_at_its_limit_and_never_chosen(tmp_path) -> None:
     """A grid sparsity the logistic schedule cannot reach on this model is not a failure of the
     run: its candidate is built at the limit, marked, scored, and left out of the choice."""

@@ -185,3 +185,13 @@ def test_prune_with_an_accuracy_budget_keeps_the_expert_the_search_chooses(tmp_p
     assert mask.meta["accuracy_budget"]["chosen_sparsity"] == record["chosen"]
     assert f"chosen {record['chosen'] * 100:g}%" in printed and "held-out train items" in printed
     assert load_pruned(out).fingerprint
+    # a bisection instead of the grid: the same choice rule on the points it measured
+    bisected = tmp_path / "bisected"
+    assert main([*args[:-4], "--out", str(bisected), "--workdir", str(work), "--budget-search", "bisect",
+                 "--budget-step", "0.15"]) == 0, capsys.readouterr().err
+    searched = json.loads(next(work.glob("search/search-*/search.json")).read_text())
+    curve = {float(s): a for s, a in searched["curves"]["geo"].items()}
+    assert searched["rounds"] and set(curve) <= {0.15, 0.3, 0.45, 0.6}
+    sized_by = load_mask(bisected / PRUNED_MASK_DIR).meta["accuracy_budget"]
+    dense = sized_by["selection_dense"]
+    assert sized_by["chosen_sparsity"] == chosen_sparsity(curve, dense, allowed_drop(dense, 5.0))
