@@ -137,7 +137,7 @@ STAGES: dict[str, Stage] = {
               _EVAL_OPTIONS, ("model",)),
         Stage("evaluate", "one row per method and sparsity (experts: each task with its own)",
               (*_BASE, *_EVAL),
-              _EVAL_OPTIONS, ("model", "masks", "refits", "budget")),
+              _EVAL_OPTIONS, ("model", "masks", "refits", "budget", "search")),
         Stage("select", "with an accuracy budget: the dense model and each candidate expert of the search on the "
               "held-out selection items", (*_BASE, *_EVAL), (*_EVAL_OPTIONS, "budget_grid"),
               ("model", "masks", "refits", "selection")),
@@ -720,7 +720,8 @@ def _budget_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
     rows[BUDGET_ROW] = job.key
     uniform = Job("evaluate", BUDGET_UNIFORM_ROW,  # the comparison at (nearly) equal mean sparsity
                   {"model": "model", "choice": choice.key,
-                   "candidates": {row: dict(candidates[row]) for row in selected["rows"]}},
+                   **({"search": choice.inputs["search"]} if "search" in choice.inputs else
+                      {"candidates": {row: dict(candidates[row]) for row in selected["rows"]}})},
                   _evaluation(c, BUDGET_UNIFORM_ROW, 0.0, per_task=True), row=BUDGET_UNIFORM_ROW)
     add(uniform)
     rows[BUDGET_UNIFORM_ROW] = uniform.key

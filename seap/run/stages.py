@@ -439,7 +439,8 @@ def evaluate(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     if inputs.get("choice"):  # every expert at the one grid sparsity nearest the budget's mean (the choice's)
         uniform = read_json(Path(inputs["choice"]) / BUDGET_FILE, "budget")["uniform"]
         sparsity, matched = float(uniform["sparsity"]), float(uniform["budget_mean"])
-        loaded_masks = _load_masks(inputs["candidates"][uniform["row"]])
+        loaded_masks = _load_masks({t: Path(inputs["search"]) / SEARCH_UNIFORM / t for t in p.tasks}
+                                   if inputs.get("search") else inputs["candidates"][uniform["row"]])
     loaded = ctx.base(inputs["model"])
     row, items = evaluate_masks(loaded, catalogue, specs, p.method, sparsity, loaded_masks, p.limit,
                                 p.num_fewshot, p.batch_size, p.metric)
@@ -596,9 +597,12 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     chosen_sizes = {t: e["chosen"] for t, e in record["tasks"].items()}
     at = {round(float(r["sparsity"]), DECIMALS): k for k, r in (rows or found).items()  # (within reach, if any,
           if all(t in r["tasks"] for t in p.tasks) and k in (inputs.get("rows") or {})}  # and planned for every task)
-    uniform = nearest_uniform(chosen_sizes, list(at))  # the comparison at (nearly) equal mean sparsity
-    record["uniform"] = {"sparsity": uniform, "row": at[uniform],
-                         "budget_mean": sum(chosen_sizes.values()) / len(chosen_sizes)}
+    if inputs.get("search"):  # (a bisection built every expert at the step nearest the chosen sizes' mean)
+        record["uniform"] = {"sparsity": search_record["uniform"]["sparsity"], "row": None}
+    else:
+        uniform = nearest_uniform(chosen_sizes, list(at))  # the comparison at (nearly) equal mean sparsity
+        record["uniform"] = {"sparsity": uniform, "row": at[uniform]}
+    record["uniform"]["budget_mean"] = sum(chosen_sizes.values()) / len(chosen_sizes)
     if general_rows:
         curves = {t: {float(r["sparsity"]): accuracy(r, t) for r in general_rows.values() if t in r["tasks"]}
                   for t in p.tasks}
@@ -622,6 +626,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
 SEARCH_FILE = "search.json"  # (in a search's output) each member's measured curve, round by round
 SEARCH_ROWS = "rows.json"  # ... the selection results as rows (row key -> sparsity, tasks)
 SEARCH_MASKS = "masks"  # ... every scored candidate: masks/<row>/<member>
+SEARCH_UNIFORM = "uniform"  # ... every task's expert at one sparsity, the mean of the chosen sizes: uniform/<task>
 
 
 def _budgets(p: Any, dense_row: Mapping[str, Any], dense_items: Mapping[str, Any]) -> dict[str, tuple[float, float, float]]:
@@ -643,16 +648,20 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     each member not yet settled (a task's expert; ``general``: every task within its budget) is
     built at the grid point the bisection asks for, refitted with the round's other candidates
     in one walk, and scored on the selection items, until every member's sparsity is known to
-    within the step. Every probe is kept in the job's work folder as it finishes, so a killed
-    search resumes at the probe it was on. Writes each curve (``search.json``), the results
-    as selection rows (``rows.json``) and every scored candidate (``masks/<row>/<member>``)."""
+    within the step. Then every task's expert at the one step nearest the mean of the sizes the
+    budget will choose (:func:`~seap.maths.budget.chosen_sparsity`) is built for the comparison
+    at equal mean sparsity (``uniform/<task>``; not scored here).
+
+    Every probe is kept in the job's work folder as it finishes, so a killed search resumes at
+    the probe it was on. Writes each curve (``search.json``), the results as selection rows
+    (``rows.json``), every scored candidate (``masks/<row>/<member>``) and the uniform experts."""
     import dataclasses as dc
     import shutil
     import tempfile
 
     from seap.evaluation.metrics import metric_for
     from seap.io import copy_artifact
-    from seap.maths.budget import DECIMALS, next_probe
+    from seap.maths.budget import DECIMALS, chosen_sparsity, nearest_uniform, next_probe
     from seap.maths.mask_formats import load_mask
     from seap.maths.schedules import BEYOND_REACH
     from seap.run.job_params import EvaluationParams, MaskParams, RefitParams
@@ -666,6 +675,9 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         seeded = read_json(Path(seed) / ROW_FILE, "selection row")
         rows.setdefault(seeded["method"] + "@" + f"{float(seeded['sparsity']):g}", {
             "sparsity": float(seeded["sparsity"]), "tasks": {}})["tasks"].update(seeded["tasks"])
+    beyond: dict[str, list[float]] = {}
+    quiet = dc.replace(ctx, say=lambda _message: None)
+    work = ctx.work or Path(tempfile.mkdtemp(prefix="seap-search-"))
 
     def accuracy(results: Mapping[str, Any], task: str) -> float:
         return float(results[task][metric_for(task, p.metric)])
@@ -691,51 +703,49 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         dense, _, allowed = budgets[member]
         return next_probe(curve(member), dense, allowed, p.ceiling, p.step)
 
-    quiet = dc.replace(ctx, say=lambda _message: None)
-    work = ctx.work or Path(tempfile.mkdtemp(prefix="seap-search-"))
-    beyond: dict[str, list[float]] = {}
-    rounds: list[dict[str, float]] = []
-    out.mkdir(parents=True)
-    (out / SEARCH_MASKS).mkdir()
-    while True:
-        probes = {m: s for m in p.masks if (s := probe(m)) is not None}
-        if not probes:
-            break
-        rounds.append(probes)
-        ctx.say(f"search round {len(rounds)}: " + ", ".join(f"{m} {s * 100:g}%" for m, s in probes.items()))
-        done = {}  # member -> its probe's folder: mask/, row.json
-        for member, sparsity in probes.items():
+    def build(wanted: Mapping[str, float], name: str) -> dict[str, Path]:
+        """Each member of ``wanted`` (member -> sparsity) built and, with a refit, refitted (in one
+        walk), as ``work/probes/<row>/<member>/built``; kept from an earlier, killed try."""
+        folders = {}
+        for member, sparsity in wanted.items():
             row = row_key(p.masks[member]["method"], sparsity)
-            folder = work / "probes" / row / member
-            done[member] = folder
-            if (folder / ROW_FILE).is_file() or (folder / BEYOND_REACH).is_file():
-                continue  # (scored before this search was killed)
+            folder = folders[member] = work / "probes" / row / member
+            if (folder / "built").is_dir() and not (folder / "unrefitted").exists():
+                continue  # (built, and refitted, before)
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             params = MaskParams(**{**p.masks[member], "sparsity": sparsity, "row": row})
             masks(Job("masks", f"{row}/{member}", params=params), inputs["members"][member], folder / "built", quiet)
             if BEYOND_REACH in load_mask(folder / "built").meta:
                 atomic_write_json(folder / BEYOND_REACH, {"sparsity": sparsity})
-        waiting = {m: f for m, f in done.items() if not (f / ROW_FILE).is_file() and not (f / BEYOND_REACH).is_file()}
-        if p.refit is not None and waiting:  # the round's candidates refitted in one walk
-            walk_out = work / f"walk-{len(rounds)}"
+            elif p.refit is not None:
+                atomic_write_json(folder / "unrefitted", {})
+        waiting = {m: f for m, f in folders.items() if (f / "unrefitted").exists()}
+        if waiting:  # refitted together: one walk over the model's layers
+            walk_out, partial = work / f"walk-{name}", work / f"walk-{name}.partial"
             shutil.rmtree(walk_out, ignore_errors=True)
             walk = Job("refits", "walk", params=RefitParams(refit=p.refit, batch_size=p.batch_size,
                                                            tasks={m: p.refit_tasks.get(m) for m in waiting}))
             refits(walk, {"model": inputs["model"], "refit_corpus": inputs["refit_corpus"],
                           **({"refit_generic": inputs["refit_generic"]} if "refit_generic" in inputs else {}),
-                          "masks": {m: f / "built" for m, f in waiting.items()}},
-                   walk_out, dc.replace(quiet, work=work / f"walk-{len(rounds)}.partial"))
+                          "masks": {m: f / "built" for m, f in waiting.items()}}, walk_out, dc.replace(quiet, work=partial))
             for member, folder in waiting.items():
                 shutil.rmtree(folder / "built")
                 (walk_out / member).rename(folder / "built")
+                (folder / "unrefitted").unlink()
             shutil.rmtree(walk_out)
-            shutil.rmtree(work / f"walk-{len(rounds)}.partial", ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
+        return folders
+
+    def score(probes: Mapping[str, float], folders: Mapping[str, Path]) -> None:
+        """The built members scored on the selection items (the experts in one row, each on its
+        own task; the general mask on every task), each kept as ``row.json`` beside its mask."""
+        waiting = {m: f for m, f in folders.items() if not (f / ROW_FILE).is_file() and not (f / BEYOND_REACH).is_file()}
         experts = {m: f for m, f in waiting.items() if m != GENERAL}
-        scored: list[tuple[dict[str, Path], list[str]]] = [(experts, list(experts))] if experts else []
+        groups = [(experts, list(experts))] if experts else []
         if GENERAL in waiting:
-            scored.append(({GENERAL: waiting[GENERAL]}, list(p.tasks)))
-        for group, tasks in scored:
+            groups.append(({GENERAL: waiting[GENERAL]}, list(p.tasks)))
+        for group, tasks in groups:
             params = EvaluationParams(**{**p.evaluation, "tasks": tasks, "per_task": GENERAL not in group,
                                          "sparsity": 0.0})
             with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -746,26 +756,42 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
             for member, folder in group.items():
                 own = results if member == GENERAL else {member: results[member]}
                 atomic_write_json(folder / ROW_FILE, {"sparsity": probes[member], "tasks": own})
-        for member, folder in done.items():
-            sparsity, row = probes[member], row_key(p.masks[member]["method"], probes[member])
+
+    rounds: list[dict[str, float]] = []
+    out.mkdir(parents=True)
+    while True:
+        probes = {m: s for m in p.masks if (s := probe(m)) is not None}
+        if not probes:
+            break
+        rounds.append(probes)
+        ctx.say(f"search round {len(rounds)}: " + ", ".join(f"{m} {s * 100:g}%" for m, s in probes.items()))
+        folders = build(probes, f"round-{len(rounds)}")
+        score(probes, folders)
+        for member, folder in folders.items():
+            sparsity = probes[member]
             if (folder / BEYOND_REACH).is_file():
                 beyond.setdefault(member, []).append(sparsity)
                 continue
+            row = row_key(p.masks[member]["method"], sparsity)
             rows.setdefault(row, {"sparsity": sparsity, "tasks": {}})["tasks"].update(
                 read_json(folder / ROW_FILE, "selection row")["tasks"])
-            target = out / SEARCH_MASKS / row / member
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                copy_artifact(folder / "built", target)
+            copy_artifact(folder / "built", out / SEARCH_MASKS / row / member)
+    # every expert at the one step nearest the mean of the sizes the choice takes
+    steps = [round(k * p.step, DECIMALS) for k in range(1, int(p.ceiling / p.step + 1e-9) + 1)]
+    chosen = {t: chosen_sparsity(curve(t), budgets[t][0], budgets[t][2]) for t in p.tasks}
+    uniform = nearest_uniform(chosen, steps)
+    for task, folder in build({t: uniform for t in p.tasks}, "uniform").items():
+        copy_artifact(folder / "built", out / SEARCH_UNIFORM / task)
     atomic_write_json(out / SEARCH_FILE, {
         "step": p.step, "ceiling": p.ceiling, "rounds": rounds,
         "curves": {m: {f"{s:g}": a for s, a in sorted(curve(m).items())} for m in p.masks},
-        "beyond_reach": {m: sorted(v) for m, v in beyond.items()}})
+        "beyond_reach": {m: sorted(v) for m, v in beyond.items()},
+        "uniform": {"sparsity": uniform, "budget_mean": sum(chosen.values()) / len(chosen)}})
     atomic_write_json(out / SEARCH_ROWS, rows)
     if ctx.work is None:
         shutil.rmtree(work, ignore_errors=True)
     ctx.say("search: " + ", ".join(f"{m} {sum(m in r for r in rounds)} probes" for m in p.masks)
-            + f" in {len(rounds)} rounds")
+            + f" in {len(rounds)} rounds; uniform comparison at {uniform * 100:g}%")
 
 
 def router(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:

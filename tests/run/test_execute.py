@@ -559,10 +559,47 @@ def test_a_bisected_budget_probes_what_the_bisection_asks_and_chooses_from_it(tm
             for t in ("geo", "life"):
                 general_curves[t][row[1]["sparsity"]] = row[1]["tasks"][t]["acc"]
     assert record["general"]["chosen"] == general_sparsity(general_curves, {t: dense[t]["acc"] for t in dense}, allowed)
+    # the comparison at equal mean sparsity: every expert at the step nearest the chosen sizes' mean
     uniform = json.loads((done.path("evaluate/seap-budget-uniform") / "row.json").read_text())
-    assert uniform["sparsity"] == 0.3  # (the run's own sparsity: the one planned for every task)
+    mean = sum(record["tasks"][t]["chosen"] for t in ("geo", "life")) / 2
+    assert uniform["budget_mean_sparsity"] == pytest.approx(mean)
+    assert uniform["sparsity"] == min((0.1, 0.2, 0.3, 0.4, 0.5, 0.6), key=lambda s: (abs(s - mean), -s))
+    assert uniform["masks"] == {t: PruningMask.load(done.path("search/bisect") / "uniform" / t).digest()
+                                for t in ("geo", "life")}
+    assert {PruningMask.load(done.path("search/bisect") / "uniform" / t).meta.get("sparsity", uniform["sparsity"])
+            for t in ("geo", "life")} == {uniform["sparsity"]}
     again = execute(make_plan(config))
     assert set(again.outputs) - again.cached <= {"model", "register"}
+
+
+def test_a_killed_bisection_resumes_at_the_probe_it_was_on(tmp_path, monkeypatch) -> None:
+    """The search keeps every scored probe in its job's work folder: after a failure in its
+    second round, the re-run scores only what was not scored yet, and ends where an
+    uninterrupted search ends."""
+    import seap.run.stages as stages
+
+    config = tiny_config(tmp_path, methods=["seap-expert"], sparsities=[0.3], max_drop=5.0, budget_search="bisect",
+                         budget_step=0.1, budget_grid=[0.6], selection_items=6, bench=False, limit=None, samples=None)
+    real, calls, armed = stages.evaluate, [], [True]
+
+    def failing(job, inputs, out, ctx):
+        if job.key == "select/probe":
+            calls.append(job)
+            if len(calls) == 2 and armed:
+                armed.pop()
+                raise RuntimeError("killed")
+        return real(job, inputs, out, ctx)
+
+    monkeypatch.setattr(stages, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        execute(make_plan(config))
+    assert len(calls) == 2
+    calls.clear()
+    done = execute(make_plan(config))
+    searched = json.loads((done.path("search/bisect") / "search.json").read_text())
+    assert len(calls) == len(searched["rounds"]) - 1  # (the first round's probes were kept)
+    fresh = execute(make_plan(config.replace(workdir=str(tmp_path / "fresh"))))
+    assert json.loads((fresh.path("search/bisect") / "search.json").read_text()) == searched
 
 
 def test_a_budget_candidate_past_the_schedules_reach_is_built_at_its_limit_and_never_chosen(tmp_path) -> None:
