@@ -216,8 +216,8 @@ PRUNE_OPTIONS = ("unit", "expert_score", "allow_k_reduction", "gqa_mode", "sched
                  "protect_last", "channel_multiple", "same_width", "bias_compensation", "general_weights", "reconstruct",
                  "refit_alpha", "refit_prior", "refit_bias", "refit_sequential", "samples", "seed", "max_tokens",
                  "stats_batch_size", "offload", "workdir", "data_dir", "max_drop", "max_drop_rel", "budget_grid",
-                 "budget_search", "budget_step",
-                 "selection_items", "min_speedup")  # the run configuration's options `seap prune` takes as they are
+                 "budget_search", "budget_step", "budget_confidence",
+                 "selection_items", "min_speedup", "speedup_engine", "bench_llama_cpp")  # the run configuration's options `seap prune` takes as they are
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:

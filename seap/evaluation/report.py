@@ -93,12 +93,14 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
             else f"at most {budget['max_drop_rel']:g} of the margin over chance"
             if budget.get("max_drop_rel") is not None else "by any amount (no accuracy budget)")
     searched = budget.get("search")
+    z = next((e["confidence"] for e in budget["tasks"].values() if e.get("confidence")), None)
+    confident = f" (the measured drop plus {z:g} standard errors of it, paired by item)" if z else ""
     where = (f"found by bisection to a step of {searched['step'] * 100:g}% up to {searched['ceiling'] * 100:g}% "
              f"({searched['rounds']} rounds, {searched['probes']} candidates scored besides the run's own sparsities)"
              if searched else "of the grid")
     parts = ["## Accuracy budget", "",
              f"Each task's expert at the largest sparsity {where} whose accuracy on held-out train items "
-             f"(selection) drops {what} below the dense model's there, with every smaller candidate within it "
+             f"(selection) drops {what}{confident} below the dense model's there, with every smaller candidate within it "
              f"too (`budget.png`: the curves).", "",
              "| task | sparsity | realised | selection items | dense (sel.) | expert (sel.) | allowed drop | "
              "dense (test) | expert (test) | drop (test) | prefill x dense |",
@@ -146,8 +148,10 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
                   f"**{versus['difference']:+.2f}** points (95% interval {versus['low']:+.2f} to {versus['high']:+.2f}; "
                   f"McNemar p = {versus['p_mcnemar']:.3g})."]
     if budget.get("min_speedup") is not None:
-        parts += ["", f"Speed target: prefill at least {budget['min_speedup']:g}x dense (each candidate shape timed "
-                  "against dense in one run). " + "; ".join(
+        engine = (budget.get("speed_setup") or {}).get("runtime", "pytorch")
+        where = "in llama.cpp (float16 GGUF, llama-bench prompt processing)" if engine == "llama.cpp" else "in PyTorch"
+        parts += ["", f"Speed target: prefill at least {budget['min_speedup']:g}x dense {where} (each candidate shape "
+                  "timed against dense in one run). " + "; ".join(
                       f"{t}: reached from {e['speed']['reached_at'] * 100:g}%" if e["speed"]["reached_at"] is not None
                       else f"{t}: not reached on the grid" for t, e in budget["tasks"].items())
                   + ". Where the budget and the target cannot both be met, the budget is kept: "

@@ -153,12 +153,21 @@ def llama_cpp_speed(models: Mapping[str, LoadedModel], build: Any, prompt_tokens
     import tempfile
     from pathlib import Path
 
-    from seap.evaluation.llama_cpp_runtime import llama_bench
     from seap.export.to_gguf import export_gguf
 
     with tempfile.TemporaryDirectory(prefix="seap-bench-gguf-") as tmp:
-        paths = [export_gguf(loaded, Path(tmp) / f"model-{i}.gguf") for i, loaded in enumerate(models.values())]
-        rows = llama_bench(build, paths, prompt_tokens, gen_tokens, repetitions, threads)
+        paths = {name: export_gguf(loaded, Path(tmp) / f"model-{i}.gguf") for i, (name, loaded) in enumerate(models.items())}
+        return llama_cpp_speed_of_files(paths, build, prompt_tokens, gen_tokens, repetitions, threads)
+
+
+def llama_cpp_speed_of_files(paths: Mapping[str, Any], build: Any, prompt_tokens: int = 128, gen_tokens: int = 32,
+                             repetitions: int = 5, threads: int | None = None) -> dict[str, Any]:
+    """GGUF files (name -> path, the first the reference) timed in one ``llama-bench`` run, as
+    :func:`llama_cpp_speed` reports them."""
+    from seap.evaluation.llama_cpp_runtime import llama_bench
+
+    models = list(paths)
+    rows = llama_bench(build, list(paths.values()), prompt_tokens, gen_tokens, repetitions, threads)
     results: dict[str, Any] = {}
     first = rows[0]
     for name, row in zip(models, rows, strict=True):

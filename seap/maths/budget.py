@@ -15,6 +15,8 @@ that budget of the dense model's on the same items.
   known to within one step. A grid search measures every grid point and only calls
   :func:`chosen_sparsity`.
 * :func:`general_sparsity` is the largest sparsity that keeps *every* task within its budget.
+* :func:`drop_bound` is a candidate's paired drop plus ``z`` standard errors of it: what the
+  choice reads instead of the measured drop when the budget asks for confidence.
 * :func:`selection_resolution` is the standard error of an accuracy measured on ``n`` items,
   in points, for the warning given when a budget is finer than the items can resolve.
 * :func:`fallback_choice` picks the routed row's fallback on tasks no calibration saw.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 DEFAULT_STEP = 0.025
 DEFAULT_MAX_SPARSITY = 0.8
@@ -143,6 +146,21 @@ def fallback_choice(dense: Mapping[str, float], candidates: Mapping[str, tuple[M
     return max(passing, key=lambda c: (round(c[0], DECIMALS), c[1], [-ord(ch) for ch in c[2]]))[2]
 
 
+def drop_bound(dense: Mapping[Any, float], expert: Mapping[Any, float], z: float) -> float:
+    """The expert's accuracy drop against dense on the same items (per-item correctness, 1.0 or
+    0.0, keyed by item), plus ``z`` standard errors of that paired difference: an upper bound
+    on the drop, about ``Phi(z)`` one-sided confidence (z = 1: 84%), which the choice holds
+    against the budget when it asks for confidence. Items only one side has are ignored."""
+    shared = [k for k in dense if k in expert]
+    if not shared:
+        raise ValueError("no item scored by both the dense model and the expert")
+    diffs = [dense[k] - expert[k] for k in shared]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return mean + z * math.sqrt(variance / n)
+
+
 def selection_resolution(accuracy: float, items: int) -> float:
     """The standard error, in accuracy points, of an accuracy near ``accuracy`` measured on
     ``items`` items (binomial): a budget below it cannot be told from noise."""
@@ -182,6 +200,7 @@ def speed_sparsity(speedups: Mapping[float, float], target: float) -> float | No
     return found
 
 
-__all__ = ["DECIMALS", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "fallback_choice",
+__all__ = ["DECIMALS", "DEFAULT_MAX_SPARSITY", "DEFAULT_STEP", "allowed_drop", "chosen_sparsity", "drop_bound",
+           "fallback_choice",
            "general_sparsity", "ideal_speedup", "nearest_uniform", "next_probe", "passes", "selection_resolution",
            "speed_sparsity", "with_speed_target"]

@@ -206,6 +206,7 @@ class ReconstructionSection:
 
 DEFAULT_BUDGET_GRID = tuple(round(0.05 * k, 2) for k in range(1, 16))  # 5% .. 75%
 BUDGET_SEARCHES = ("grid", "bisect")
+SPEEDUP_ENGINES = ("pytorch", "llama.cpp")
 DEFAULT_BISECT_STEP = 0.025
 
 
@@ -221,6 +222,10 @@ class BudgetSection:
                                       "each task's expert may lose (null: no budget row)", minimum=0, maximum=1)
     budget_grid: list[float] = _opt(DEFAULT_BUDGET_GRID, "grid", "the sparsities the search tries for each task "
                                     "(bisect: its largest is the search's ceiling)", minimum=0.001, maximum=0.99)
+    budget_confidence: float = _opt(0.0, "confidence", "standard errors of each candidate's paired drop on the "
+                                    "selection items added before it is held against the budget (0: the measured "
+                                    "drop; 1: about 84% one-sided confidence that the drop is within it)",
+                                    minimum=0, maximum=5)
     budget_search: str = _opt("grid", "search", "grid: every sparsity of the grid, refitted in one walk; bisect: each "
                               "task's sparsity bisected between 0 and the grid's largest, to a step of budget_step "
                               "(rounds of one walk each, fewer candidates)", choices=BUDGET_SEARCHES)
@@ -232,6 +237,11 @@ class BudgetSection:
                                      "prefill speed-up over dense (PyTorch, measured like the bench) each task's "
                                      "expert must reach: the smallest grid sparsity that reaches it (null: none)",
                                      minimum=1.0)
+    speedup_engine: str = _opt("pytorch", "speedup_engine",
+                               "where the speed target is timed: pytorch (prefill, batch 4 x 128 tokens, as the "
+                               "bench) or llama.cpp (float16 GGUF, llama-bench's 128-token prompt processing; needs "
+                               "the build of scripts/build_llama_cpp.sh, or bench_llama_cpp naming one)",
+                               choices=SPEEDUP_ENGINES)
     fallback_tasks: list[str] = _opt([], "fallback_tasks",
                                      "tasks no calibration sees, on which the routed row's fallback is chosen under "
                                      "the budget: dense, the budgeted general mask or a baseline's general mask "
@@ -598,7 +608,29 @@ class RunConfig:
         """An accuracy budget: one form of it, a grid of distinct sparsities, a dense model (the
         search prunes heads and channels) and more than one task's worth of options."""
         budget = self.budget
+        if budget.speedup_engine != "pytorch":
+            if budget.min_speedup is None:
+                raise self.bad("speedup_engine", f"an engine ({budget.speedup_engine}) is given for the speed target, "
+                               "and no speed target", f"add {self.spell('min_speedup')} S, or drop "
+                               f"{self.spell('speedup_engine')}")
+            from seap.evaluation.llama_cpp_runtime import BUILD_COMMAND, find_llama_cpp
+
+            where = None if self.bench.bench_llama_cpp in ("auto", "off") else self.bench.bench_llama_cpp
+            if find_llama_cpp(where) is None:
+                raise self.bad("speedup_engine", "the speed target is timed in llama.cpp, and no llama.cpp build "
+                               f"was found{f' at {where}' if where else ''}",
+                               f"build the pinned release once with `{BUILD_COMMAND}` (about 10 minutes), point "
+                               f"{self.spell('bench_llama_cpp')} or SEAP_LLAMA_CPP at a build, or time it in pytorch")
+        if budget.budget_confidence and budget.max_drop is None and budget.max_drop_rel is None:
+            raise self.bad("budget_confidence", "a confidence is asked of the accuracy budget, and none is given",
+                           f"add {self.spell('max_drop')} D (or {self.spell('max_drop_rel')}), or drop "
+                           f"{self.spell('budget_confidence')}")
         if not budget.enabled:
+            if budget.budget_search != "grid" or budget.budget_step is not None:
+                name = "budget_step" if budget.budget_step is not None else "budget_search"
+                raise self.bad(name, "a way to search is given, and no budget to search for",
+                               f"add {self.spell('max_drop')} D (or {self.spell('max_drop_rel')}), or drop "
+                               f"{self.spell(name)}")
             return
         if budget.max_drop is not None and budget.max_drop_rel is not None:
             raise self.bad("max_drop_rel", "a budget is given twice (in points and as a share of the margin)",

@@ -152,6 +152,7 @@ class BenchParams:
 
     repeats: int
     llama_cpp: str = "off"
+    engine: str = "pytorch"  # (candidate-speed) where the candidates are timed: pytorch, or llama.cpp (llama_cpp: where)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ class BudgetParams:
     max_drop_rel: float | None = None
     min_speedup: float | None = None
     member: str | None = None
+    confidence: float = 0.0  # standard errors of the paired drop added before it is held against the budget
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ class SearchParams:
     refit: dict[str, Any] | None = None
     refit_tasks: dict[str, str | None] = field(default_factory=dict)
     batch_size: int = 8
+    confidence: float = 0.0  # (as the budget's)
 
 
 STAGE_PARAMS: dict[str, type] = {

@@ -147,21 +147,25 @@ STAGES: dict[str, Stage] = {
               (*_BASE, *_EVAL, "seap.run.commands", "seap.run.mask_building", "seap.maths.schedules", "seap.maths.geometry", "seap.maths.scores", "seap.maths.statistics",
                "seap.maths.moments", "seap.maths.reconstruction", "seap.model.refitting", "seap.model.batching",
                "seap.model.layer_stream", "seap.model.shards", "seap.model.hooks", "seap.data.corpus", "seap.io",
-               "seap.model.devices", "seap.maths.budget", "seap.run.job_params", "seap.run.methods"),
+               "seap.model.devices", "seap.maths.budget", "seap.run.job_params", "seap.run.methods",
+               "seap.evaluation.significance"),
               (*_EVAL_OPTIONS, "budget_grid", "budget_search", "budget_step", "max_drop", "max_drop_rel",
+               "budget_confidence",
                "schedule", "schedule_k", "schedule_x0", "protect_first", "protect_last", "channel_multiple",
                "same_width", "gqa_mode", "reconstruct", "refit_alpha", "refit_prior", "refit_bias",
                "refit_sequential", "refit_corpus", "refit_generic", "stats_batch_size", "score"),
               ("model", "selection", "select", "corpus", "scores", "statistics")),
         Stage("candidate-speed", "with a speed target: the prefill speed of dense and of each candidate shape of "
-              "the search", (*_BASE, "seap.evaluation.speed", *_APPLY), ("bench_repeats", "min_speedup"),
+              "the search", (*_BASE, "seap.evaluation.speed", *_APPLY, "seap.evaluation.llama_cpp_runtime",
+                             "seap.export.to_gguf", "seap.export.gguf_names", "seap.export.bpe_pretokenizers"),
+              ("bench_repeats", "min_speedup", "speedup_engine", "bench_llama_cpp"),
               ("model", "masks", "refits")),
         Stage("budget", "each task's sparsity under the accuracy budget (the largest candidate whose selection "
               "accuracy keeps within it) and the speed target, and its expert",
               ("seap.run.stages", "seap.maths.budget", "seap.maths.schedules", "seap.evaluation.budget_plot",
-               "seap.evaluation.metrics",
+               "seap.evaluation.metrics", "seap.evaluation.significance",
                "seap.maths.mask_formats", "seap.maths.masks", "seap.io"),
-              ("max_drop", "max_drop_rel", "min_speedup", "budget_grid", "metric"),
+              ("max_drop", "max_drop_rel", "min_speedup", "budget_grid", "metric", "budget_confidence"),
               ("select", "search", "candidate-speed", "masks", "refits")),
         Stage("router", "the task router on the tasks' training prompts",
               (*_BASE, "seap.evaluation.router", "seap.evaluation.harness", "seap.data.catalogue",
@@ -639,16 +643,19 @@ def _search_jobs(c: RunConfig, jobs: list[Job], candidates: Mapping[str, Mapping
         if c.budget.budget_search == "bisect" else None
     speed = None
     if c.budget.min_speedup is not None:  # every candidate shape timed against dense, in one run
+        engine = c.budget.speedup_engine
         speed = Job("candidate-speed", "grid", {"model": "model", "masks": {
             f"{row}:{name}": key for row, group in candidates.items() for name, key in group.items()}},
-                    BenchParams(repeats=c.bench.bench_repeats))
+                    BenchParams(repeats=c.bench.bench_repeats, engine=engine,
+                                llama_cpp=c.bench.bench_llama_cpp if engine == "llama.cpp" else "off"))
         add(speed)
     choice = Job("budget", "choice", {"dense": dense.key, **{k: v for k, v in selected.items() if v},
                                       **({"speed": speed.key} if speed else {}),
                                       **({"search": search.key} if search else {}),
                                       "candidates": {row: dict(group) for row, group in candidates.items()}},
                  BudgetParams(tasks=tasks, metric=c.evaluate.metric, max_drop=c.budget.max_drop,
-                              max_drop_rel=c.budget.max_drop_rel, min_speedup=c.budget.min_speedup))
+                              max_drop_rel=c.budget.max_drop_rel, min_speedup=c.budget.min_speedup,
+                              confidence=c.budget.budget_confidence))
     add(choice)
     members = [*tasks, *([GENERAL] if selected["general_rows"] else [])]
     for member in members:
@@ -686,7 +693,7 @@ def _bisect_job(c: RunConfig, jobs: list[Job], dense: str, searched_general: boo
                            max_drop_rel=c.budget.max_drop_rel, step=c.budget.resolved_step,
                            ceiling=max(c.budget.budget_grid), masks=templates,
                            refit=rec.refit_options if reconstruct else None, refit_tasks=refit_tasks,
-                           batch_size=c.statistics.stats_batch_size,
+                           batch_size=c.statistics.stats_batch_size, confidence=c.budget.budget_confidence,
                            evaluation=params_to_dict(_evaluation(c, ROUTED_EXPERTS, 0.0))))
     jobs.append(job)
     return job

@@ -515,11 +515,22 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
             searched_beyond.extend(found_beyond)
 
     def selection_rows(kind: str, method: str) -> dict[str, Any]:
-        rows = {key: read_json(Path(path) / ROW_FILE, "selection row") for key, path in (inputs.get(kind) or {}).items()}
+        rows = {}
+        for key, path in (inputs.get(kind) or {}).items():
+            rows[key] = read_json(Path(path) / ROW_FILE, "selection row")
+            if p.confidence:  # (per item: the paired drop's standard error)
+                rows[key]["correct"] = _correct(read_json(Path(path) / ITEMS_FILE, "selection items"), p.metric)
         for key, row in searched.get(method, {}).items():  # (a seeded row's tasks, and the probes')
             rows[key] = {**rows.get(key, {}), "sparsity": row["sparsity"],
-                         "tasks": {**rows.get(key, {}).get("tasks", {}), **row["tasks"]}}
+                         "tasks": {**rows.get(key, {}).get("tasks", {}), **row["tasks"]},
+                         "correct": {**rows.get(key, {}).get("correct", {}), **row.get("correct", {})}}
         return rows
+
+    dense_correct = _correct(read_json(Path(inputs["dense"]) / ITEMS_FILE, "selection items"), p.metric) \
+        if p.confidence else {}
+
+    def read(row: Mapping[str, Any], task: str) -> float:
+        return _held_accuracy(row, task, p, accuracy(dense_row, task), dense_correct)
 
     def within_reach(found: dict[str, Any]) -> dict[str, Any]:  # (candidates the schedule could build)
         return {k: r for k, r in found.items()
@@ -545,6 +556,7 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     timed = read_json(Path(inputs["speed"]) / BENCH_FILE, "candidate speed")["models"] if inputs.get("speed") else None
     if timed is not None:
         record["min_speedup"] = p.min_speedup
+        record["speed_setup"] = read_json(Path(inputs["speed"]) / BENCH_FILE, "candidate speed").get("setup", {})
 
     def with_speed(found: Mapping[str, Any], name: str, chosen: float | None, entry: dict[str, Any]) -> float:
         """``chosen`` (the accuracy budget's, or None) held against the speed target: the smallest
@@ -579,7 +591,11 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         chosen = None
         if by_accuracy:
             allowed[task] = entry["allowed_drop"] = allowed_drop(dense[task], p.max_drop, p.max_drop_rel, at_chance)
-            chosen = chosen_sparsity(curve, dense[task], allowed[task])
+            held = {float(row["sparsity"]): read(row, task) for row in rows.values() if task in row["tasks"]}
+            if p.confidence:  # (what the choice held against the budget: dense less the bound on the drop)
+                entry["confidence"] = p.confidence
+                entry["curve_bound"] = {f"{s:g}": a for s, a in sorted(held.items())}
+            chosen = chosen_sparsity(held, dense[task], allowed[task])
             if chosen == 0.0:
                 ctx.say(f"{task}: no sparsity of the grid keeps within the budget; its expert stays dense")
             if resolution > allowed[task] * 100:
@@ -607,7 +623,8 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         curves = {t: {float(r["sparsity"]): accuracy(r, t) for r in general_rows.values() if t in r["tasks"]}
                   for t in p.tasks}
         general: dict[str, Any] = {"curves": {t: {f"{s:g}": a for s, a in sorted(c.items())} for t, c in curves.items()}}
-        chosen = general_sparsity(curves, dense, allowed) if by_accuracy else None
+        held = {t: {float(r["sparsity"]): read(r, t) for r in general_rows.values() if t in r["tasks"]} for t in p.tasks}
+        chosen = general_sparsity(held, dense, allowed) if by_accuracy else None
         chosen = general["chosen"] = with_speed(general_rows, GENERAL, chosen, general)
         at = {t: next((a for s, a in curves[t].items() if round(s, DECIMALS) == chosen), dense[t]) for t in p.tasks}
         worst = max(p.tasks, key=lambda t: (dense[t] - at[t]) - allowed.get(t, 0.0))  # (the task closest to its budget)
@@ -627,6 +644,29 @@ SEARCH_FILE = "search.json"  # (in a search's output) each member's measured cur
 SEARCH_ROWS = "rows.json"  # ... the selection results as rows (row key -> sparsity, tasks)
 SEARCH_MASKS = "masks"  # ... every scored candidate: masks/<row>/<member>
 SEARCH_UNIFORM = "uniform"  # ... every task's expert at one sparsity, the mean of the chosen sizes: uniform/<task>
+
+
+def _correct(items: Mapping[str, Any], metric: str) -> dict[str, dict[str, float]]:
+    """Per-item correctness of a row's per-item results (task -> item -> 1.0 or 0.0), under the
+    run's metric for each task, keyed as JSON keeps it."""
+    from seap.evaluation.metrics import metric_for
+    from seap.evaluation.significance import correctness
+
+    found = correctness(items, {task: metric_for(task, metric) for task in items})
+    return {task: {str(k): v for k, v in per_item.items()} for task, per_item in found.items()}
+
+
+def _held_accuracy(row: Mapping[str, Any], task: str, p: Any, dense: float,
+                   dense_correct: Mapping[str, Mapping[str, float]]) -> float:
+    """The selection accuracy of ``row`` on ``task`` that the budget's choice holds against it:
+    measured, or (``p.confidence``) ``dense`` less the bound on the paired drop
+    (:func:`~seap.maths.budget.drop_bound`, per item against ``dense_correct``)."""
+    from seap.evaluation.metrics import metric_for
+    from seap.maths.budget import drop_bound
+
+    if not p.confidence:
+        return float(row["tasks"][task][metric_for(task, p.metric)])
+    return dense - drop_bound(dense_correct[task], row["correct"][task], p.confidence)
 
 
 def _budgets(p: Any, dense_row: Mapping[str, Any], dense_items: Mapping[str, Any]) -> dict[str, tuple[float, float, float]]:
@@ -659,7 +699,6 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     import shutil
     import tempfile
 
-    from seap.evaluation.metrics import metric_for
     from seap.io import copy_artifact
     from seap.maths.budget import DECIMALS, chosen_sparsity, nearest_uniform, next_probe
     from seap.maths.mask_formats import load_mask
@@ -670,17 +709,20 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
     p = job.params
     dense_row = read_json(Path(inputs["dense"]) / ROW_FILE, "selection row")
     budgets = _budgets(p, dense_row, read_json(Path(inputs["dense"]) / ITEMS_FILE, "selection items"))
-    rows: dict[str, dict[str, Any]] = {}  # row key -> {"sparsity", "tasks": {task: results}}
+    rows: dict[str, dict[str, Any]] = {}  # row key -> {"sparsity", "tasks": {task: results}, "correct": per item}
     for seed in (inputs.get("seeds") or {}).values():
         seeded = read_json(Path(seed) / ROW_FILE, "selection row")
-        rows.setdefault(seeded["method"] + "@" + f"{float(seeded['sparsity']):g}", {
-            "sparsity": float(seeded["sparsity"]), "tasks": {}})["tasks"].update(seeded["tasks"])
+        row = rows.setdefault(seeded["method"] + "@" + f"{float(seeded['sparsity']):g}", {
+            "sparsity": float(seeded["sparsity"]), "tasks": {}, "correct": {}})
+        row["tasks"].update(seeded["tasks"])
+        row["correct"].update(_correct(read_json(Path(seed) / ITEMS_FILE, "selection items"), p.metric))
+    dense_correct = _correct(read_json(Path(inputs["dense"]) / ITEMS_FILE, "selection items"), p.metric)
     beyond: dict[str, list[float]] = {}
     quiet = dc.replace(ctx, say=lambda _message: None)
     work = ctx.work or Path(tempfile.mkdtemp(prefix="seap-search-"))
 
-    def accuracy(results: Mapping[str, Any], task: str) -> float:
-        return float(results[task][metric_for(task, p.metric)])
+    def accuracy(row: Mapping[str, Any], task: str) -> float:  # (what the choice reads, as in :func:`budget`)
+        return _held_accuracy(row, task, p, budgets[task][0], dense_correct)
 
     def curve(member: str) -> dict[float, float]:
         """``member``'s measured points (the general mask: its tightest task's margin over its budget)."""
@@ -691,9 +733,9 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
                 continue
             at = round(float(row["sparsity"]), DECIMALS)
             if member != GENERAL and member in row["tasks"]:
-                found[at] = accuracy(row["tasks"], member)
+                found[at] = accuracy(row, member)
             elif member == GENERAL and all(t in row["tasks"] for t in p.tasks):
-                found[at] = min(accuracy(row["tasks"], t) - d + a for t, (d, _, a) in budgets.items())
+                found[at] = min(accuracy(row, t) - d + a for t, (d, _, a) in budgets.items())
         found.update({round(s, DECIMALS): -1.0 for s in beyond.get(member, [])})  # (never taken)
         return found
 
@@ -753,9 +795,11 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
                          {"model": inputs["model"], "data": inputs["data"],
                           "masks": {m: f / "built" for m, f in group.items()}}, Path(tmp) / "row", quiet)
                 results = read_json(Path(tmp) / "row" / ROW_FILE, "selection row")["tasks"]
+                correct = _correct(read_json(Path(tmp) / "row" / ITEMS_FILE, "selection items"), p.metric)
             for member, folder in group.items():
-                own = results if member == GENERAL else {member: results[member]}
-                atomic_write_json(folder / ROW_FILE, {"sparsity": probes[member], "tasks": own})
+                own = list(results) if member == GENERAL else [member]
+                atomic_write_json(folder / ROW_FILE, {"sparsity": probes[member], "tasks": {t: results[t] for t in own},
+                                                      "correct": {t: correct[t] for t in own}})
 
     rounds: list[dict[str, float]] = []
     out.mkdir(parents=True)
@@ -773,8 +817,10 @@ def search(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
                 beyond.setdefault(member, []).append(sparsity)
                 continue
             row = row_key(p.masks[member]["method"], sparsity)
-            rows.setdefault(row, {"sparsity": sparsity, "tasks": {}})["tasks"].update(
-                read_json(folder / ROW_FILE, "selection row")["tasks"])
+            scored = read_json(folder / ROW_FILE, "selection row")
+            merged = rows.setdefault(row, {"sparsity": sparsity, "tasks": {}, "correct": {}})
+            merged["tasks"].update(scored["tasks"])
+            merged["correct"].update(scored["correct"])
             copy_artifact(folder / "built", out / SEARCH_MASKS / row / member)
     # every expert at the one step nearest the mean of the sizes the choice takes
     steps = [round(k * p.step, DECIMALS) for k in range(1, int(p.ceiling / p.step + 1e-9) + 1)]
@@ -951,27 +997,52 @@ def candidate_speed(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> N
     """The prefill (and decode) speed-up over dense of every distinct shape among the search's
     candidates, each timed against dense side by side on the same prompts; one pruned model
     is held at a time (a grid of fifteen sparsities would not fit beside each other)."""
-    from seap.evaluation.speed import benchmark
+    import tempfile
+
+    from seap.evaluation.speed import benchmark, llama_cpp_speed_of_files
     from seap.model.masking import apply_mask
 
+    p = job.params
     loaded = ctx.base(inputs["model"])
     representative: dict[tuple[Any, ...], str] = {}
+    alias: dict[str, str] = {}  # each candidate -> the first of its shape (timed once)
     timed: dict[str, Any] = {}
     masks_in = inputs["masks"]
-    for name in masks_in:
-        mask = _load_masks({name: masks_in[name]})[name]
-        rep = representative.setdefault(shape_signature(mask), name)
-        if rep != name:
-            timed[name] = {**timed[rep], "same_shapes_as": rep}
-            continue
-        pruned = apply_mask(loaded, mask, "hard")
-        measured = benchmark({"dense": loaded, name: pruned}, repeats=job.params.repeats)
-        del pruned
-        timed[name] = {k: measured["models"][name][k] for k in ("prefill_speedup", "decode_speedup",
-                                                               "realised_sparsity") if k in measured["models"][name]}
+    in_llama_cpp = p.engine == "llama.cpp"
+    setup: dict[str, Any] = {"runtime": p.engine}
+    with tempfile.TemporaryDirectory(prefix="seap-candidates-gguf-") as tmp:
+        files = {}
+        if in_llama_cpp:  # every distinct shape exported to GGUF, then timed in one llama-bench run
+            from seap.evaluation.llama_cpp_runtime import require_llama_cpp
+            from seap.export.to_gguf import export_gguf
+
+            build = require_llama_cpp(None if p.llama_cpp in ("auto", "off") else p.llama_cpp)
+            files["dense"] = export_gguf(loaded, Path(tmp) / "dense.gguf")
+        for name in masks_in:
+            mask = _load_masks({name: masks_in[name]})[name]
+            rep = alias[name] = representative.setdefault(shape_signature(mask), name)
+            if rep != name:
+                continue
+            pruned = apply_mask(loaded, mask, "hard")  # (one pruned model held at a time)
+            if in_llama_cpp:
+                files[name] = export_gguf(pruned, Path(tmp) / f"candidate-{len(files)}.gguf")
+                timed[name] = {"realised_sparsity": mask.realised_sparsity()}
+            else:
+                measured = benchmark({"dense": loaded, name: pruned}, repeats=p.repeats)["models"][name]
+                timed[name] = {k: measured[k] for k in ("prefill_speedup", "decode_speedup", "realised_sparsity")
+                               if k in measured}
+            del pruned
+        if in_llama_cpp:
+            measured = llama_cpp_speed_of_files(files, build, repetitions=p.repeats)
+            setup = {**setup, **measured["setup"]}
+            for name, m in measured["models"].items():
+                if name != "dense":
+                    timed[name].update(prefill_speedup=m["prefill_speedup"], decode_speedup=m["decode_speedup"])
+    timed = {name: timed[rep] if rep == name else {**timed[rep], "same_shapes_as": rep} for name, rep in alias.items()}
     out.mkdir(parents=True)
-    atomic_write_json(out / BENCH_FILE, {"models": timed})
-    ctx.say(f"candidate speed: {len(set(representative.values()))} distinct shapes of {len(timed)} candidates")
+    atomic_write_json(out / BENCH_FILE, {"models": timed, "setup": setup})
+    ctx.say(f"candidate speed ({p.engine}): {len(set(representative.values()))} distinct shapes of "
+            f"{len(timed)} candidates")
 
 
 def shape_signature(mask: Any) -> tuple[tuple[int, int, int], ...]:

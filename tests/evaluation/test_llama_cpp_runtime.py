@@ -84,3 +84,26 @@ def test_llama_bench_reports_both_phases(smollm, tmp_path) -> None:
     assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
     assert row["params"] == sum(p.numel() for p in smollm.model.parameters())
 
+
+
+def test_a_speed_target_timed_in_llama_cpp_takes_the_smallest_candidate_that_reaches_it(tmp_path) -> None:
+    """``--speedup-engine llama.cpp``: every candidate shape exported to GGUF and timed against
+    dense in one llama-bench run; alone, the speed target takes the smallest candidate that
+    reaches it (every larger one too), read off those timings."""
+    import json
+
+    from seap.maths.budget import speed_sparsity
+
+    work = tmp_path / "work"
+    result = prune("smollm2-135m", None, None, tmp_path / "pruned", tasks=["sentiment"], progress=False,
+                   workdir=str(work), min_speedup=1.15, speedup_engine="llama.cpp", budget_grid=[0.1, 0.5],
+                   selection_items=20, samples=16, bench_llama_cpp=str(BUILD.root), bench_repeats=2)
+    timed = json.loads(next(work.glob("candidate-speed/*/bench.json")).read_text())
+    assert timed["setup"]["runtime"] == "llama.cpp" and timed["setup"]["tool"] == "llama-bench"
+    curve = {float(k.split("@")[1].split(":")[0]): v["prefill_speedup"] for k, v in timed["models"].items()}
+    record = json.loads(next(work.glob("budget/budget-*/budget.json")).read_text())["tasks"]["sentiment"]
+    print(f"\nllama.cpp prefill speed-up by candidate: {curve}; chosen {record['chosen']}")
+    assert record["speed"]["curve"] == {f"{s:g}": v for s, v in sorted(curve.items())}
+    assert record["chosen"] == (speed_sparsity(curve, 1.15) or 0.0)
+    assert curve[0.5] > curve[0.1]  # (half the prunable weights gone: faster in llama.cpp)
+    assert result.out_dir.exists()

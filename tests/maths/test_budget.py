@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from seap.maths.budget import (allowed_drop, chosen_sparsity, general_sparsity, next_probe, selection_resolution,
+from seap.maths.budget import (allowed_drop, chosen_sparsity, drop_bound, general_sparsity, next_probe, selection_resolution,
                                speed_sparsity)
 
 GRID = [round(k * 0.025, 4) for k in range(1, 33)]  # 2.5% .. 80%
@@ -118,3 +118,18 @@ def test_a_speed_target_alone_or_against_an_accuracy_budget() -> None:
     assert with_speed_target(None, speedups, 1.5) == (0.0, None, False)  # none reaches it: dense
     assert with_speed_target(0.4, speedups, 1.2) == (0.4, 0.3, True)  # the budget allows more: both met
     assert with_speed_target(0.2, speedups, 1.2) == (0.2, 0.3, False)  # they conflict: the budget stands
+
+
+def test_the_drop_bound_adds_standard_errors_of_the_paired_difference() -> None:
+    """Paired by item: an expert wrong on 2 of 8 items dense had right, and right on none dense
+    had wrong, drops 0.25 with a standard error of sqrt(0.25 * 0.75 / 7 / 8)."""
+    dense = {str(i): 1.0 for i in range(8)}
+    expert = {**dense, "0": 0.0, "1": 0.0}
+    assert drop_bound(dense, expert, 0.0) == pytest.approx(0.25)
+    se = math.sqrt(sum((d - 0.25) ** 2 for d in [1, 1, 0, 0, 0, 0, 0, 0]) / 7 / 8)
+    assert drop_bound(dense, expert, 1.0) == pytest.approx(0.25 + se)
+    assert drop_bound(dense, dense, 2.0) == 0.0  # (the same answers: no doubt about the drop)
+    swapped = {**dense, "0": 0.0, "extra": 1.0}  # (an item only one side scored is left out)
+    assert drop_bound(dense, swapped, 0.0) == pytest.approx(1 / 8)
+    with pytest.raises(ValueError, match="no item"):
+        drop_bound({"a": 1.0}, {"b": 1.0}, 1.0)

@@ -572,6 +572,63 @@ def test_a_bisected_budget_probes_what_the_bisection_asks_and_chooses_from_it(tm
     assert set(again.outputs) - again.cached <= {"model", "register"}
 
 
+@pytest.mark.parametrize("search", ["grid", "bisect"])
+def test_a_budget_with_confidence_holds_the_bound_on_the_paired_drop_against_it(tmp_path, search) -> None:
+    """``budget_confidence: z``: each candidate's selection accuracy is read as dense's less its
+    paired drop plus z standard errors (:func:`~seap.maths.budget.drop_bound`), in the grid's
+    choice and in the bisection's probes alike; the measured curve is kept beside it."""
+    from seap.maths.budget import allowed_drop, chosen_sparsity, drop_bound
+    from seap.run.stages import _correct
+
+    config = tiny_config(tmp_path, methods=["seap-expert"], sparsities=[0.3], max_drop=5.0, budget_confidence=1.5,
+                         budget_grid=[0.15, 0.3, 0.6], selection_items=6, bench=False, limit=None, samples=None,
+                         **({"budget_search": "bisect", "budget_step": 0.15} if search == "bisect" else {}))
+    done = execute(make_plan(config))
+    record = json.loads((done.path("budget/choice") / "budget.json").read_text())
+    dense = _correct(json.loads((done.path("select/dense") / "items.json").read_text()), "acc")
+    searched = json.loads((done.path("search/bisect") / "rows.json").read_text()) if search == "bisect" else {}
+    for task in ("geo", "life"):
+        entry = record["tasks"][task]
+        expected = {}
+        for s in map(float, entry["curve"]):
+            row = f"seap-expert@{s:g}"
+            correct = searched[row]["correct"] if row in searched else \
+                _correct(json.loads((done.path(f"select/{row}") / "items.json").read_text()), "acc")
+            expected[s] = entry["dense"] - drop_bound(dense[task], correct[task], 1.5)
+        assert {float(k): v for k, v in entry["curve_bound"].items()} == pytest.approx(expected)
+        assert entry["confidence"] == 1.5
+        assert entry["chosen"] == chosen_sparsity(expected, entry["dense"], allowed_drop(entry["dense"], 5.0))
+    if search == "bisect":
+        return
+    # the tiny model answers alike at every size (no doubt about any drop): the choice re-run against a dense
+    # row right on every item, where each candidate's drop has a standard error, reads the bound
+    from seap.run.execute import resolve_inputs
+    from seap.run.plan import map_inputs
+    from seap.run.stages import StageContext, budget
+
+    choice = next(j for j in make_plan(config).jobs if j.key == "budget/choice")
+    inputs = {role: map_inputs(v, lambda ref: Path(ref["path"])) for role, v in
+              resolve_inputs(choice, done.outputs).items()}
+    right = tmp_path / "all-right"
+    right.mkdir()
+    items = json.loads((inputs["dense"] / "items.json").read_text())
+    row = json.loads((inputs["dense"] / "row.json").read_text())
+    for task in items:
+        items[task] = [{**item, "acc": 1.0} for item in items[task]]
+        row["tasks"][task]["acc"] = 1.0
+    (right / "items.json").write_text(json.dumps(items))
+    (right / "row.json").write_text(json.dumps(row))
+    budget(choice, {**inputs, "dense": right}, tmp_path / "choice", StageContext(tmp_path / "task-files"))
+    again = json.loads((tmp_path / "choice" / "budget.json").read_text())
+    for task in ("geo", "life"):
+        for s, bound in again["tasks"][task]["curve_bound"].items():
+            correct = _correct(json.loads((done.path(f"select/seap-expert@{s}") / "items.json").read_text()), "acc")
+            drops = [1.0 - v for v in correct[task].values()]
+            mean = sum(drops) / len(drops)
+            se = (sum((d - mean) ** 2 for d in drops) / (len(drops) - 1) / len(drops)) ** 0.5
+            assert se > 0 and bound == pytest.approx(1.0 - mean - 1.5 * se)
+
+
 def test_a_killed_bisection_resumes_at_the_probe_it_was_on(tmp_path, monkeypatch) -> None:
     """The search keeps every scored probe in its job's work folder: after a failure in its
     second round, the re-run scores only what was not scored yet, and ends where an
