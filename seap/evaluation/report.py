@@ -94,7 +94,8 @@ def budget_section(budget: dict[str, Any], rows: list[dict[str, Any]],
             if budget.get("max_drop_rel") is not None else "by any amount (no accuracy budget)")
     searched = budget.get("search")
     z = next((e["confidence"] for e in budget["tasks"].values() if e.get("confidence")), None)
-    confident = f" (the measured drop plus {z:g} standard errors of it, paired by item)" if z else ""
+    confident = f" (the measured drop plus {z:g} standard error{'' if z == 1 else 's'} of it, paired by item)" \
+        if z else ""
     where = (f"found by bisection to a step of {searched['step'] * 100:g}% up to {searched['ceiling'] * 100:g}% "
              f"({searched['rounds']} rounds, {searched['probes']} candidates scored besides the run's own sparsities)"
              if searched else "of the grid")
