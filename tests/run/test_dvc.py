@@ -27,7 +27,8 @@ from tests.helpers_flows import tiny_project
 from tests.helpers_tasks import make_task_dir
 
 ALL_STAGES = {"model", "selection", "corpus", "statistics", "scores", "masks", "refits", "evaluate-dense", "evaluate",
-              "select", "candidate-speed", "budget", "router", "evaluate-routed", "perplexity", "bench", "report", "register"}
+              "select", "search", "candidate-speed", "budget", "router", "evaluate-routed", "perplexity", "bench", "report",
+              "register"}
 UPSTREAM_OF_MASKS = {"model", "selection", "corpus", "statistics", "scores", "evaluate-dense", "router"}
 MASKS_AND_DOWNSTREAM = {"masks", "refits", "evaluate", "select", "candidate-speed", "budget", "evaluate-routed", "perplexity", "bench",
                         "report", "register"}
@@ -168,7 +169,7 @@ def test_changed_sparsity_reruns_only_masks_and_downstream(project) -> None:
     output = dvc(repo, env, "repro")
     stages = stages_in(output)
     assert stages["ran"] == MASKS_AND_DOWNSTREAM, output[-3000:]
-    assert stages["skipped"] == UPSTREAM_OF_MASKS
+    assert stages["skipped"] == UPSTREAM_OF_MASKS | {"search"}  # (no bisection: its inputs are unchanged)
     metrics = json.loads((repo / "results" / "metrics.json").read_text())
     assert "seap-general@0.3" in metrics and "seap-general@0.2" not in metrics
     tags = [json.loads(p.read_text())["tags"]["sparsity"] for p in (repo / "registry").glob("*/*/record.json")]
@@ -241,3 +242,21 @@ def test_data_push_and_pull_through_an_s3_remote(tmp_path: Path) -> None:
         assert "in sync" in dvc(repo, env, "status", "-r", "s3", "--cloud")
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_bisected_budget_runs_through_dvc(project) -> None:
+    """``budget.search: bisect`` in params.yaml: the search stage runs the bisection and the
+    budget stage chooses from it, as ``seap eval`` does."""
+    repo, env, _ = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["budget"].update(max_drop=5.0, search="bisect", step=0.2, grid=[0.6], selection_items=6)
+    params["masks"]["sparsities"] = [0.2]
+    write_params(repo, params)
+    output = dvc(repo, env, "repro")
+    assert {"selection", "search", "budget"} <= stages_in(output)["ran"], output[-3000:]
+    searched = json.loads((repo / "work" / "search" / "bisect" / "search.json").read_text())
+    record = json.loads((repo / "work" / "budget" / "choice" / "budget.json").read_text())
+    assert searched["rounds"] and record["search"]["rounds"] == len(searched["rounds"])
+    assert set(record["tasks"]) == {"geo", "life"}
+    assert "| seap-budget |" in (repo / "results" / "results.md").read_text()
