@@ -553,10 +553,11 @@ def budget(job: Job, inputs: Inputs, out: Path, ctx: StageContext) -> None:
         ctx.say(f"budget: the schedule cannot reach {', '.join(f'{s * 100:g}%' for s in beyond)} on this model; "
                 "those candidates are left out")
     by_accuracy = p.max_drop is not None or p.max_drop_rel is not None
-    timed = read_json(Path(inputs["speed"]) / BENCH_FILE, "candidate speed")["models"] if inputs.get("speed") else None
-    if timed is not None:
+    speed = read_json(Path(inputs["speed"]) / BENCH_FILE, "candidate speed") if inputs.get("speed") else None
+    timed = speed["models"] if speed is not None else None
+    if speed is not None:
         record["min_speedup"] = p.min_speedup
-        record["speed_setup"] = read_json(Path(inputs["speed"]) / BENCH_FILE, "candidate speed").get("setup", {})
+        record["speed_setup"] = speed.get("setup", {})
 
     def with_speed(found: Mapping[str, Any], name: str, chosen: float | None, entry: dict[str, Any]) -> float:
         """``chosen`` (the accuracy budget's, or None) held against the speed target: the smallest
